@@ -1,0 +1,34 @@
+//! Test support for fedmesh: real parts, started and stopped by the tests.
+//!
+//! - [`etcd::Etcd`]: Debian's `etcd-server` on a free loopback port with a
+//!   temporary data directory, optional auth, outage (`kill`) and `restart`.
+//! - [`eventually`]: poll a condition until a deadline instead of sleeping.
+//!
+//! Nothing here is a mock: what cannot run on a test machine (a Kubernetes
+//! API server) is faked in the crate that needs it, and labelled there.
+
+pub mod etcd;
+
+pub use etcd::{Etcd, EtcdOptions, HarnessError};
+
+use std::future::Future;
+use std::time::Duration;
+
+/// Polls `check` every 20 ms until it returns `Some`, or fails after `timeout`
+/// with `what` in the message.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

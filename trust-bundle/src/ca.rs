@@ -1,0 +1,494 @@
+//! A cluster's certificate authority: one self-signed root per trust domain.
+//!
+//! The CA issues X.509-SVIDs only inside its own trust domain. It never
+//! leaves the cluster: peers receive its certificate through the bundle.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, PublicKeyData,
+    SanType, SerialNumber, SignatureAlgorithm,
+};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{
+    CertificateDer, CertificateSigningRequestDer, PrivateKeyDer, PrivatePkcs8KeyDer,
+};
+use x509_parser::prelude::{FromDer, X509Certificate};
+
+use crate::spiffe::{SpiffeId, TrustDomain};
+use crate::svid::{self, Svid, SvidError};
+use crate::tls;
+
+/// File names inside a CA directory.
+pub const CA_CERT_FILE: &str = "ca.crt";
+pub const CA_KEY_FILE: &str = "ca.key";
+
+#[derive(Debug, thiserror::Error)]
+pub enum CaError {
+    #[error("{origin}: {source}")]
+    Io {
+        origin: String,
+        source: std::io::Error,
+    },
+    #[error("{origin}: {reason}")]
+    Pem { origin: String, reason: String },
+    #[error(
+        "{origin}: wrong key type: found {found}; a cluster CA key must be ECDSA P-256 or P-384"
+    )]
+    WrongKeyType { origin: String, found: String },
+    #[error("{origin}: not usable as a CA certificate: {reason}")]
+    NotCa { origin: String, reason: String },
+    #[error("{key_origin}: this private key does not belong to the certificate in {cert_origin}")]
+    KeyMismatch {
+        cert_origin: String,
+        key_origin: String,
+    },
+    #[error(
+        "{origin}: the certificate names trust domain {found:?}, but this CA was loaded for {expected:?}"
+    )]
+    TrustDomainMismatch {
+        origin: String,
+        found: String,
+        expected: String,
+    },
+    #[error("CA for trust domain {ca} cannot issue {requested}: it is outside the trust domain")]
+    ForeignIdentity {
+        ca: TrustDomain,
+        requested: SpiffeId,
+    },
+    #[error("certificate signing request refused: {0}")]
+    CsrRefused(String),
+    #[error("issued certificate is not a valid SVID: {0}")]
+    BadIssue(#[from] SvidError),
+    #[error("certificate generation failed: {0}")]
+    Rcgen(#[from] rcgen::Error),
+}
+
+impl CaError {
+    fn io(origin: &Path, source: std::io::Error) -> Self {
+        Self::Io {
+            origin: origin.display().to_string(),
+            source,
+        }
+    }
+}
+
+/// The key algorithm of a new CA.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum KeyAlgorithm {
+    #[default]
+    EcdsaP256,
+    EcdsaP384,
+}
+
+impl KeyAlgorithm {
+    fn rcgen(self) -> &'static SignatureAlgorithm {
+        match self {
+            Self::EcdsaP256 => &rcgen::PKCS_ECDSA_P256_SHA256,
+            Self::EcdsaP384 => &rcgen::PKCS_ECDSA_P384_SHA384,
+        }
+    }
+}
+
+/// How a new CA root is made.
+#[derive(Debug, Clone)]
+pub struct CaOptions {
+    pub key_algorithm: KeyAlgorithm,
+    /// Validity of the root. Rotation replaces it well before the end.
+    pub lifetime: Duration,
+}
+
+impl Default for CaOptions {
+    fn default() -> Self {
+        Self {
+            key_algorithm: KeyAlgorithm::EcdsaP256,
+            lifetime: Duration::from_secs(365 * 24 * 3600),
+        }
+    }
+}
+
+/// How leaves are issued.
+#[derive(Debug, Clone)]
+pub struct SvidPolicy {
+    /// Validity of a leaf, from the moment it is issued.
+    pub lifetime: Duration,
+    /// How far not-before is set in the past, to absorb clock skew between
+    /// clusters. Capped at a tenth of `lifetime` so short test lifetimes work.
+    pub clock_skew: Duration,
+}
+
+impl Default for SvidPolicy {
+    fn default() -> Self {
+        Self {
+            lifetime: Duration::from_secs(24 * 3600),
+            clock_skew: Duration::from_secs(5 * 60),
+        }
+    }
+}
+
+impl SvidPolicy {
+    fn window(&self, now: SystemTime) -> (SystemTime, SystemTime) {
+        let backdate = self.clock_skew.min(self.lifetime / 10);
+        (now - backdate, now + self.lifetime)
+    }
+}
+
+/// A trust domain's signing root.
+pub struct ClusterCa {
+    trust_domain: TrustDomain,
+    cert: CertificateDer<'static>,
+    issuer: Issuer<'static, KeyPair>,
+    not_after: SystemTime,
+}
+
+impl std::fmt::Debug for ClusterCa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterCa")
+            .field("trust_domain", &self.trust_domain)
+            .field("not_after", &self.not_after)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ClusterCa {
+    /// Creates a fresh, self-signed root for `trust_domain`.
+    pub fn generate(
+        trust_domain: &TrustDomain,
+        options: &CaOptions,
+        now: SystemTime,
+    ) -> Result<Self, CaError> {
+        let key = KeyPair::generate_for(options.key_algorithm.rcgen())?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, "fedmesh");
+        dn.push(
+            DnType::CommonName,
+            format!("fedmesh root {trust_domain} {}", unix_secs(now)),
+        );
+        params.distinguished_name = dn;
+        // Leaves only, straight under the root: nothing may chain below a leaf.
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        // The SPIFFE ID of a signing authority is its trust domain's own ID.
+        params.subject_alt_names = vec![SanType::URI(trust_domain.id().as_str().try_into()?)];
+        params.not_before = to_offset(now - Duration::from_secs(60));
+        params.not_after = to_offset(now + options.lifetime);
+        params.serial_number = Some(random_serial());
+        let cert = params.self_signed(&key)?;
+        let cert = cert.der().clone();
+        Self::assemble(trust_domain.clone(), cert, key, "generated")
+    }
+
+    /// Reads a CA from PEM text. `cert_origin` and `key_origin` name where the
+    /// text came from (a file, an etcd key) so that errors point at it.
+    pub fn from_pem(
+        trust_domain: &TrustDomain,
+        cert_pem: &[u8],
+        key_pem: &[u8],
+        cert_origin: &str,
+        key_origin: &str,
+    ) -> Result<Self, CaError> {
+        let cert = CertificateDer::from_pem_slice(cert_pem).map_err(|e| CaError::Pem {
+            origin: cert_origin.into(),
+            reason: format!("no readable CERTIFICATE block: {e}"),
+        })?;
+        let key_der = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| CaError::Pem {
+            origin: key_origin.into(),
+            reason: format!("no readable PRIVATE KEY block: {e}"),
+        })?;
+        let key = load_key(&key_der, key_origin)?;
+        let parsed = X509Certificate::from_der(&cert)
+            .map_err(|e| CaError::Pem {
+                origin: cert_origin.into(),
+                reason: format!("not a valid X.509 certificate: {e}"),
+            })?
+            .1;
+        if !parsed.is_ca() {
+            return Err(CaError::NotCa {
+                origin: cert_origin.into(),
+                reason: "basicConstraints cA is not set".into(),
+            });
+        }
+        if parsed.public_key().subject_public_key.data.as_ref() != key.der_bytes() {
+            return Err(CaError::KeyMismatch {
+                cert_origin: cert_origin.into(),
+                key_origin: key_origin.into(),
+            });
+        }
+        let info = svid::parse_any(&cert).map_err(|e| CaError::NotCa {
+            origin: cert_origin.into(),
+            reason: e.to_string(),
+        })?;
+        if let Some(id) = &info.spiffe_id {
+            if id.trust_domain_name() != trust_domain.as_str() {
+                return Err(CaError::TrustDomainMismatch {
+                    origin: cert_origin.into(),
+                    found: id.trust_domain_name().into(),
+                    expected: trust_domain.to_string(),
+                });
+            }
+        }
+        Self::assemble(trust_domain.clone(), cert, key, cert_origin)
+    }
+
+    fn assemble(
+        trust_domain: TrustDomain,
+        cert: CertificateDer<'static>,
+        key: KeyPair,
+        origin: &str,
+    ) -> Result<Self, CaError> {
+        let issuer = Issuer::from_ca_cert_der(&cert, key).map_err(|e| CaError::NotCa {
+            origin: origin.into(),
+            reason: e.to_string(),
+        })?;
+        let info = svid::parse_any(&cert).map_err(|e| CaError::NotCa {
+            origin: origin.into(),
+            reason: e.to_string(),
+        })?;
+        Ok(Self {
+            trust_domain,
+            cert,
+            issuer,
+            not_after: info.not_after,
+        })
+    }
+
+    /// Loads `ca.crt` and `ca.key` from `dir`.
+    pub fn load(dir: &Path, trust_domain: &TrustDomain) -> Result<Self, CaError> {
+        let cert_path = dir.join(CA_CERT_FILE);
+        let key_path = dir.join(CA_KEY_FILE);
+        let cert = fs::read(&cert_path).map_err(|e| CaError::io(&cert_path, e))?;
+        let key = fs::read(&key_path).map_err(|e| CaError::io(&key_path, e))?;
+        warn_if_exposed(&key_path);
+        Self::from_pem(
+            trust_domain,
+            &cert,
+            &key,
+            &cert_path.display().to_string(),
+            &key_path.display().to_string(),
+        )
+    }
+
+    /// Writes `ca.crt` and `ca.key` into `dir` (created 0700 if missing), both
+    /// 0600. Each file is written whole and renamed into place, so a crash
+    /// never leaves half a key behind.
+    pub fn save(&self, dir: &Path) -> Result<(), CaError> {
+        create_private_dir(dir)?;
+        write_private(&dir.join(CA_CERT_FILE), self.cert_pem().as_bytes())?;
+        write_private(&dir.join(CA_KEY_FILE), self.key_pem().as_bytes())?;
+        Ok(())
+    }
+
+    pub fn trust_domain(&self) -> &TrustDomain {
+        &self.trust_domain
+    }
+
+    pub fn cert_der(&self) -> &CertificateDer<'static> {
+        &self.cert
+    }
+
+    pub fn cert_pem(&self) -> String {
+        crate::pem::encode("CERTIFICATE", &self.cert)
+    }
+
+    pub fn key_pem(&self) -> String {
+        self.issuer.key().serialize_pem()
+    }
+
+    pub fn not_after(&self) -> SystemTime {
+        self.not_after
+    }
+
+    /// Issues an SVID for `id` with a freshly generated P-256 key.
+    pub fn issue(
+        &self,
+        id: &SpiffeId,
+        policy: &SvidPolicy,
+        now: SystemTime,
+    ) -> Result<Svid, CaError> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let cert = self.sign_leaf(id, &key, policy, now)?;
+        let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        Ok(Svid::new(vec![cert], key_der)?)
+    }
+
+    /// Signs a CSR, but only for `allowed`: the identity that the caller's
+    /// credential entitles it to. The CSR must prove possession of its key and
+    /// may ask for no other name; the subject is ignored.
+    pub fn sign_csr(
+        &self,
+        csr_der: &[u8],
+        allowed: &SpiffeId,
+        policy: &SvidPolicy,
+        now: SystemTime,
+    ) -> Result<CertificateDer<'static>, CaError> {
+        let csr =
+            CertificateSigningRequestParams::from_der(&CertificateSigningRequestDer::from(csr_der))
+                .map_err(|e| CaError::CsrRefused(format!("unreadable or badly signed CSR: {e}")))?;
+        for san in &csr.params.subject_alt_names {
+            match san {
+                SanType::URI(uri) if uri.as_str() == allowed.as_str() => {}
+                SanType::URI(uri) => {
+                    return Err(CaError::CsrRefused(format!(
+                        "it asks for {:?}, but the caller may only have {allowed}",
+                        uri.as_str()
+                    )));
+                }
+                other => {
+                    return Err(CaError::CsrRefused(format!(
+                        "it asks for a non-URI name {other:?}; only {allowed} may be requested"
+                    )));
+                }
+            }
+        }
+        if csr.params.is_ca != IsCa::NoCa {
+            return Err(CaError::CsrRefused("it asks to be a CA".into()));
+        }
+        self.sign_leaf(allowed, &csr.public_key, policy, now)
+    }
+
+    fn sign_leaf(
+        &self,
+        id: &SpiffeId,
+        public_key: &impl PublicKeyData,
+        policy: &SvidPolicy,
+        now: SystemTime,
+    ) -> Result<CertificateDer<'static>, CaError> {
+        if !id.is_member_of(&self.trust_domain) {
+            return Err(CaError::ForeignIdentity {
+                ca: self.trust_domain.clone(),
+                requested: id.clone(),
+            });
+        }
+        let (not_before, not_after) = policy.window(now);
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, "fedmesh");
+        params.distinguished_name = dn;
+        params.subject_alt_names = vec![SanType::URI(id.as_str().try_into()?)];
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.not_before = to_offset(not_before);
+        // Never outlive the root that vouches for the leaf.
+        params.not_after = to_offset(not_after.min(self.not_after));
+        params.serial_number = Some(random_serial());
+        params.use_authority_key_identifier_extension = true;
+        let cert = params.signed_by(public_key, &self.issuer)?;
+        Ok(cert.der().clone())
+    }
+}
+
+fn load_key(der: &PrivateKeyDer<'_>, origin: &str) -> Result<KeyPair, CaError> {
+    if let PrivateKeyDer::Pkcs1(_) = der {
+        return Err(CaError::WrongKeyType {
+            origin: origin.into(),
+            found: "RSA".into(),
+        });
+    }
+    let key = KeyPair::try_from(der).map_err(|e| CaError::Pem {
+        origin: origin.into(),
+        reason: format!("unreadable private key: {e}"),
+    })?;
+    let alg = key.algorithm();
+    if alg == &rcgen::PKCS_ECDSA_P256_SHA256 || alg == &rcgen::PKCS_ECDSA_P384_SHA384 {
+        return Ok(key);
+    }
+    let found = if alg == &rcgen::PKCS_ED25519 {
+        "Ed25519".to_string()
+    } else if alg == &rcgen::PKCS_RSA_SHA256 {
+        "RSA".to_string()
+    } else {
+        format!("{alg:?}")
+    };
+    Err(CaError::WrongKeyType {
+        origin: origin.into(),
+        found,
+    })
+}
+
+fn random_serial() -> SerialNumber {
+    let mut bytes = [0u8; 16];
+    // The provider's RNG cannot fail on supported platforms; if it ever
+    // does, a hash-derived serial (rcgen's default) would still be unique
+    // per key, so fall back to zeros plus the clock rather than abort.
+    if tls::crypto_provider()
+        .secure_random
+        .fill(&mut bytes)
+        .is_err()
+    {
+        let nanos = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
+        bytes = nanos.to_be_bytes();
+    }
+    // A positive INTEGER: clear the top bit, and keep it non-zero.
+    bytes[0] = (bytes[0] & 0x7f) | 0x01;
+    SerialNumber::from_slice(&bytes)
+}
+
+fn to_offset(t: SystemTime) -> time::OffsetDateTime {
+    time::OffsetDateTime::UNIX_EPOCH + t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default()
+}
+
+fn unix_secs(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
+}
+
+pub(crate) fn create_private_dir(dir: &Path) -> Result<(), CaError> {
+    use std::os::unix::fs::DirBuilderExt;
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| CaError::io(dir, e))
+}
+
+/// Writes `bytes` to `path` with mode 0600, atomically (temp file + rename).
+pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> Result<(), CaError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp: PathBuf = path.with_extension("tmp");
+    let result = (|| {
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)
+    })();
+    result.map_err(|e| {
+        let _ = fs::remove_file(&tmp);
+        CaError::io(path, e)
+    })
+}
+
+fn warn_if_exposed(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(meta) = fs::metadata(path) {
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            tracing::warn!(
+                path = %path.display(),
+                mode = format!("{mode:o}"),
+                "CA private key is readable by group or others; chmod 600 it"
+            );
+        }
+    }
+}

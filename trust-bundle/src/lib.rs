@@ -1,0 +1,35 @@
+//! Identity for fedmesh: SPIFFE IDs, one CA per cluster, federated trust
+//! bundles, and the rustls configs that verify peers against them.
+//!
+//! Each cluster owns an independent root for its own trust domain. Clusters
+//! exchange *bundles* (their roots' certificates), never keys. A peer is
+//! accepted only when its chain verifies against the bundle of the trust
+//! domain named in its own leaf, and an [`Authorizer`] accepts its ID.
+//!
+//! This crate owns no sockets and no storage beyond the CA's PEM files: the
+//! controller moves bundles through etcd, and the gateway and proxy consume
+//! the configs built here. Rotation logic is I/O-free ([`RenewalState`],
+//! [`Authority`]) with a thin tokio driver ([`spawn_renewer`]).
+
+pub mod bundle;
+pub mod ca;
+mod pem;
+pub mod rotation;
+pub mod spiffe;
+pub mod svid;
+pub mod tls;
+pub mod verify;
+
+pub use bundle::{Bundle, BundleError};
+pub use ca::{CaError, CaOptions, ClusterCa, KeyAlgorithm, SvidPolicy};
+pub use rotation::{
+    Authority, Clock, RenewError, RenewalPolicy, RenewalState, RotationError, RotationPhase,
+    RotationPolicy, SvidSource, SystemClock, spawn_renewer,
+};
+pub use spiffe::{SpiffeId, SpiffeIdError, TrustDomain};
+pub use svid::{Svid, SvidError};
+pub use tls::{client_config, crypto_provider, install_default_provider, server_config};
+pub use verify::{
+    AllowAnyVerified, AllowIds, AllowTrustDomains, AuthorizeFn, Authorizer, BundleSet, Usage,
+    VerifyError, peer_spiffe_id,
+};
