@@ -148,7 +148,6 @@ impl Etcd {
     /// Polls until the member answers a status request, or fails with its log.
     async fn wait_healthy(&mut self) -> Result<(), HarnessError> {
         let deadline = Instant::now() + self.options.start_timeout;
-        let mut last_error = String::from("no attempt made");
         loop {
             if let Some(child) = self.child.as_mut() {
                 if let Some(status) = child.try_wait()? {
@@ -159,13 +158,13 @@ impl Etcd {
                     });
                 }
             }
-            match self.connect_with_timeout(Duration::from_secs(1)).await {
+            let last_error = match self.connect_with_timeout(Duration::from_secs(1)).await {
                 Ok(mut c) => match c.status().await {
                     Ok(_) => return Ok(()),
-                    Err(e) => last_error = e.to_string(),
+                    Err(e) => e.to_string(),
                 },
-                Err(e) => last_error = e.to_string(),
-            }
+                Err(e) => e.to_string(),
+            };
             if Instant::now() >= deadline {
                 return Err(HarnessError::Unhealthy {
                     timeout: self.options.start_timeout,

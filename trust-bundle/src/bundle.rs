@@ -256,3 +256,168 @@ fn strip_zeros(b: &[u8]) -> &[u8] {
     let start = b.iter().position(|&x| x != 0).unwrap_or(b.len());
     &b[start..]
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ca::{CaOptions, ClusterCa};
+    use std::time::SystemTime;
+
+    fn td() -> TrustDomain {
+        TrustDomain::new("aws.example").unwrap()
+    }
+
+    fn root() -> CertificateDer<'static> {
+        ClusterCa::generate(&td(), &CaOptions::default(), SystemTime::now())
+            .unwrap()
+            .cert_der()
+            .clone()
+    }
+
+    #[test]
+    fn round_trips_with_several_roots() {
+        let mut b = Bundle::with_roots(td(), [root(), root()]);
+        b.sequence = 7;
+        b.refresh_hint = Some(Duration::from_secs(300));
+        let doc = b.to_document();
+        let back = Bundle::from_document(td(), doc.as_bytes(), "bundles/aws.example").unwrap();
+        assert_eq!(back, b);
+        assert_eq!(back.roots().len(), 2);
+    }
+
+    #[test]
+    fn document_follows_the_spiffe_bundle_format() {
+        let r = root();
+        let mut b = Bundle::with_roots(td(), [r.clone()]);
+        b.sequence = 3;
+        b.refresh_hint = Some(Duration::from_secs(60));
+        let v: serde_json::Value = serde_json::from_str(&b.to_document()).unwrap();
+        assert_eq!(v["spiffe_sequence"], 3);
+        assert_eq!(v["spiffe_refresh_hint"], 60);
+        let key = &v["keys"][0];
+        assert_eq!(key["use"], "x509-svid");
+        assert_eq!(key["kty"], "EC");
+        assert_eq!(key["crv"], "P-256");
+        assert_eq!(
+            URL_SAFE_NO_PAD
+                .decode(key["x"].as_str().unwrap())
+                .unwrap()
+                .len(),
+            32
+        );
+        assert_eq!(
+            URL_SAFE_NO_PAD
+                .decode(key["y"].as_str().unwrap())
+                .unwrap()
+                .len(),
+            32
+        );
+        let x5c = key["x5c"].as_array().unwrap();
+        assert_eq!(x5c.len(), 1);
+        assert_eq!(
+            STANDARD.decode(x5c[0].as_str().unwrap()).unwrap(),
+            r.as_ref()
+        );
+    }
+
+    #[test]
+    fn ignores_jwt_keys_and_unknown_members() {
+        let r = root();
+        let doc = serde_json::json!({
+            "keys": [
+                {"use": "jwt-svid", "kty": "EC", "kid": "k1", "crv": "P-256", "x": "AA", "y": "AA"},
+                {"use": "x509-svid", "kty": "EC", "x5c": [STANDARD.encode(r.as_ref())], "future": 1}
+            ],
+            "spiffe_sequence": 2,
+            "extra": true
+        });
+        let b = Bundle::from_document(td(), doc.to_string().as_bytes(), "f").unwrap();
+        assert_eq!(b.roots(), &[r]);
+        assert_eq!(b.refresh_hint, None);
+    }
+
+    #[test]
+    fn truncated_json_names_origin_line_and_column() {
+        let doc = Bundle::with_roots(td(), [root()]).to_document();
+        let cut = &doc.as_bytes()[..doc.len() / 2];
+        let err = Bundle::from_document(td(), cut, "bundles/aws.example").unwrap_err();
+        match &err {
+            BundleError::Json { origin, line, .. } => {
+                assert_eq!(origin, "bundles/aws.example");
+                assert!(*line > 1);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(err.to_string().contains("line"), "{err}");
+    }
+
+    #[test]
+    fn bad_fields_are_named() {
+        let good = STANDARD.encode(root().as_ref());
+        let leafish = {
+            let ca = ClusterCa::generate(&td(), &CaOptions::default(), SystemTime::now()).unwrap();
+            let id = crate::SpiffeId::workload(&td(), "a", "b").unwrap();
+            let svid = ca
+                .issue(&id, &Default::default(), SystemTime::now())
+                .unwrap();
+            STANDARD.encode(svid.leaf().as_ref())
+        };
+        let cases = [
+            (serde_json::json!({"spiffe_sequence": 1}), "keys: missing"),
+            (
+                serde_json::json!({"keys": [{"kty": "EC", "x5c": [good]}]}),
+                "keys[0].use: missing",
+            ),
+            (
+                serde_json::json!({"keys": [{"use": 5}]}),
+                "keys[0].use: must be a string",
+            ),
+            (
+                serde_json::json!({"keys": [{"use": "x509-svid", "x5c": [good]}]}),
+                "keys[0].kty",
+            ),
+            (
+                serde_json::json!({"keys": [{"use": "x509-svid", "kty": "EC"}]}),
+                "keys[0].x5c: missing",
+            ),
+            (
+                serde_json::json!({"keys": [{"use": "x509-svid", "kty": "EC", "x5c": [good, good]}]}),
+                "exactly one",
+            ),
+            (
+                serde_json::json!({"keys": [{"use": "x509-svid", "kty": "EC", "x5c": ["!!"]}]}),
+                "keys[0].x5c[0]: invalid base64",
+            ),
+            (
+                serde_json::json!({"keys": [{"use": "x509-svid", "kty": "EC", "x5c": ["AAAA"]}]}),
+                "keys[0].x5c[0]: not a valid X.509",
+            ),
+            (
+                serde_json::json!({"keys": [{"use": "x509-svid", "kty": "EC", "x5c": [leafish]}]}),
+                "keys[0].x5c[0]: is not a CA",
+            ),
+            (serde_json::json!({"keys": []}), "has no roots"),
+            (
+                serde_json::json!({"keys": [], "spiffe_sequence": -1}),
+                "line 1",
+            ),
+        ];
+        for (doc, want) in cases {
+            let err = Bundle::from_document(td(), doc.to_string().as_bytes(), "bundle.json")
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(want), "{doc}: {err}");
+        }
+    }
+
+    #[test]
+    fn add_and_remove_roots() {
+        let (a, b) = (root(), root());
+        let mut bundle = Bundle::with_roots(td(), [a.clone()]);
+        assert!(!bundle.add_root(a.clone()));
+        assert!(bundle.add_root(b.clone()));
+        assert!(bundle.remove_root(&a));
+        assert!(!bundle.remove_root(&a));
+        assert_eq!(bundle.roots(), &[b]);
+    }
+}

@@ -492,3 +492,299 @@ fn warn_if_exposed(path: &Path) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn td(s: &str) -> TrustDomain {
+        TrustDomain::new(s).unwrap()
+    }
+
+    fn now() -> SystemTime {
+        SystemTime::now()
+    }
+
+    #[test]
+    fn generated_root_is_a_p256_ca_carrying_its_trust_domain_id() {
+        let ca = ClusterCa::generate(&td("aws.example"), &CaOptions::default(), now()).unwrap();
+        let info = svid::parse_any(ca.cert_der()).unwrap();
+        assert!(info.is_ca);
+        assert_eq!(info.spiffe_id.unwrap().as_str(), "spiffe://aws.example");
+        let (_, cert) = X509Certificate::from_der(ca.cert_der()).unwrap();
+        assert_eq!(
+            cert.signature_algorithm.algorithm,
+            x509_parser::oid_registry::OID_SIG_ECDSA_WITH_SHA256
+        );
+        assert!(cert.key_usage().unwrap().unwrap().value.key_cert_sign());
+    }
+
+    #[test]
+    fn save_writes_0600_files_and_load_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ca");
+        let t = td("gcp.example");
+        let ca = ClusterCa::generate(&t, &CaOptions::default(), now()).unwrap();
+        ca.save(&path).unwrap();
+        for f in [CA_CERT_FILE, CA_KEY_FILE] {
+            let mode = fs::metadata(path.join(f)).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{f}");
+        }
+        let dir_mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(dir_mode, 0o700);
+        let loaded = ClusterCa::load(&path, &t).unwrap();
+        assert_eq!(loaded.cert_der(), ca.cert_der());
+        assert_eq!(loaded.key_pem(), ca.key_pem());
+        // The loaded CA signs leaves that chain to the same root.
+        let id = SpiffeId::workload(&t, "shop", "cart").unwrap();
+        let svid = loaded.issue(&id, &SvidPolicy::default(), now()).unwrap();
+        assert_eq!(svid.spiffe_id(), &id);
+    }
+
+    #[test]
+    fn p384_roots_work_too() {
+        let opts = CaOptions {
+            key_algorithm: KeyAlgorithm::EcdsaP384,
+            ..Default::default()
+        };
+        let t = td("azure.example");
+        let ca = ClusterCa::generate(&t, &opts, now()).unwrap();
+        let pem = ClusterCa::from_pem(
+            &t,
+            ca.cert_pem().as_bytes(),
+            ca.key_pem().as_bytes(),
+            "c",
+            "k",
+        );
+        assert!(pem.is_ok());
+    }
+
+    #[test]
+    fn load_names_the_file_on_bad_input() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = td("aws.example");
+        let err = ClusterCa::load(dir.path(), &t).unwrap_err().to_string();
+        assert!(
+            err.contains("ca.crt") && err.contains("No such file"),
+            "{err}"
+        );
+
+        let ca = ClusterCa::generate(&t, &CaOptions::default(), now()).unwrap();
+        ca.save(dir.path()).unwrap();
+        let crt = dir.path().join(CA_CERT_FILE);
+
+        // Corrupt PEM.
+        fs::write(
+            &crt,
+            "-----BEGIN CERTIFICATE-----\nnot base64!!\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        let err = ClusterCa::load(dir.path(), &t).unwrap_err().to_string();
+        assert!(err.contains("ca.crt"), "{err}");
+
+        // Valid PEM, but not a certificate.
+        fs::write(&crt, crate::pem::encode("CERTIFICATE", b"garbage")).unwrap();
+        let err = ClusterCa::load(dir.path(), &t).unwrap_err().to_string();
+        assert!(
+            err.contains("ca.crt") && err.contains("not a valid X.509"),
+            "{err}"
+        );
+
+        // Wrong trust domain.
+        fs::write(&crt, ca.cert_pem()).unwrap();
+        let err = ClusterCa::load(dir.path(), &td("gcp.example"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("aws.example") && err.contains("gcp.example"),
+            "{err}"
+        );
+
+        // A key of another CA.
+        let other = ClusterCa::generate(&t, &CaOptions::default(), now()).unwrap();
+        fs::write(dir.path().join(CA_KEY_FILE), other.key_pem()).unwrap();
+        let err = ClusterCa::load(dir.path(), &t).unwrap_err();
+        assert!(matches!(err, CaError::KeyMismatch { .. }), "{err}");
+        assert!(err.to_string().contains("ca.key"));
+    }
+
+    #[test]
+    fn wrong_key_types_are_named() {
+        let t = td("aws.example");
+        let ca = ClusterCa::generate(&t, &CaOptions::default(), now()).unwrap();
+        let ed = KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+        let err = ClusterCa::from_pem(
+            &t,
+            ca.cert_pem().as_bytes(),
+            ed.serialize_pem().as_bytes(),
+            "ca.crt",
+            "ca.key",
+        )
+        .unwrap_err();
+        assert!(
+            matches!(&err, CaError::WrongKeyType { found, .. } if found == "Ed25519"),
+            "{err}"
+        );
+        assert!(
+            err.to_string().starts_with("ca.key: wrong key type"),
+            "{err}"
+        );
+
+        let rsa_pkcs1 = crate::pem::encode("RSA PRIVATE KEY", &[0x30, 0x03, 0x02, 0x01, 0x00]);
+        let err = ClusterCa::from_pem(
+            &t,
+            ca.cert_pem().as_bytes(),
+            rsa_pkcs1.as_bytes(),
+            "ca.crt",
+            "ca.key",
+        )
+        .unwrap_err();
+        assert!(
+            matches!(&err, CaError::WrongKeyType { found, .. } if found == "RSA"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_leaf_certificate_is_not_accepted_as_a_ca() {
+        let t = td("aws.example");
+        let ca = ClusterCa::generate(&t, &CaOptions::default(), now()).unwrap();
+        let svid = ca
+            .issue(
+                &SpiffeId::workload(&t, "a", "b").unwrap(),
+                &SvidPolicy::default(),
+                now(),
+            )
+            .unwrap();
+        let err = ClusterCa::from_pem(
+            &t,
+            svid.chain_pem().as_bytes(),
+            svid.key_pem().as_bytes(),
+            "leaf.crt",
+            "leaf.key",
+        )
+        .unwrap_err();
+        assert!(matches!(err, CaError::NotCa { .. }), "{err}");
+    }
+
+    #[test]
+    fn issued_svid_has_the_x509_svid_profile() {
+        let t = td("aws.example");
+        let ca = ClusterCa::generate(&t, &CaOptions::default(), now()).unwrap();
+        let id = SpiffeId::gateway(&t, "aws-use1").unwrap();
+        let issued_at = now();
+        let svid = ca.issue(&id, &SvidPolicy::default(), issued_at).unwrap();
+        let (_, cert) = X509Certificate::from_der(svid.leaf()).unwrap();
+        let ku = cert.key_usage().unwrap().unwrap().value;
+        assert!(ku.digital_signature() && !ku.key_cert_sign());
+        let eku = cert.extended_key_usage().unwrap().unwrap().value;
+        assert!(eku.server_auth && eku.client_auth);
+        assert!(!cert.is_ca());
+        // 24 h by default, not-before slightly in the past.
+        let life = svid.not_after().duration_since(issued_at).unwrap();
+        assert!(
+            life <= Duration::from_secs(24 * 3600) && life > Duration::from_secs(24 * 3600 - 2)
+        );
+        let skew = issued_at.duration_since(svid.not_before()).unwrap();
+        assert!(
+            skew >= Duration::from_secs(299) && skew <= Duration::from_secs(301),
+            "{skew:?}"
+        );
+    }
+
+    #[test]
+    fn serials_are_unique() {
+        let t = td("aws.example");
+        let ca = ClusterCa::generate(&t, &CaOptions::default(), now()).unwrap();
+        let id = SpiffeId::workload(&t, "a", "b").unwrap();
+        let serial = |der: &CertificateDer<'_>| {
+            X509Certificate::from_der(der)
+                .unwrap()
+                .1
+                .raw_serial()
+                .to_vec()
+        };
+        let a = ca.issue(&id, &SvidPolicy::default(), now()).unwrap();
+        let b = ca.issue(&id, &SvidPolicy::default(), now()).unwrap();
+        assert_ne!(serial(a.leaf()), serial(b.leaf()));
+    }
+
+    #[test]
+    fn refuses_identities_of_other_trust_domains() {
+        let ca = ClusterCa::generate(&td("aws.example"), &CaOptions::default(), now()).unwrap();
+        let foreign = SpiffeId::parse("spiffe://gcp.example/ns/shop/sa/cart").unwrap();
+        let err = ca
+            .issue(&foreign, &SvidPolicy::default(), now())
+            .unwrap_err();
+        assert!(matches!(err, CaError::ForeignIdentity { .. }), "{err}");
+    }
+
+    fn csr_for(names: &[&str]) -> (Vec<u8>, KeyPair) {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = names
+            .iter()
+            .map(|n| SanType::URI((*n).try_into().unwrap()))
+            .collect();
+        let csr = params.serialize_request(&key).unwrap();
+        (csr.der().to_vec(), key)
+    }
+
+    #[test]
+    fn csr_is_signed_only_for_the_allowed_identity() {
+        let t = td("aws.example");
+        let ca = ClusterCa::generate(&t, &CaOptions::default(), now()).unwrap();
+        let allowed = SpiffeId::workload(&t, "shop", "checkout").unwrap();
+        let policy = SvidPolicy::default();
+
+        let (csr, key) = csr_for(&[allowed.as_str()]);
+        let cert = ca.sign_csr(&csr, &allowed, &policy, now()).unwrap();
+        let key_der = PrivateKeyDer::Pkcs8(key.serialize_der().into());
+        let svid = Svid::new(vec![cert], key_der).unwrap();
+        assert_eq!(svid.spiffe_id(), &allowed);
+
+        // No SAN asked: the allowed identity is filled in.
+        let (csr, _) = csr_for(&[]);
+        let cert = ca.sign_csr(&csr, &allowed, &policy, now()).unwrap();
+        assert_eq!(svid::parse_leaf(&cert).unwrap().0, allowed);
+
+        // Another identity, or an extra one, is refused.
+        let (csr, _) = csr_for(&["spiffe://aws.example/ns/shop/sa/admin"]);
+        let err = ca.sign_csr(&csr, &allowed, &policy, now()).unwrap_err();
+        assert!(err.to_string().contains("sa/admin"), "{err}");
+        let (csr, _) = csr_for(&[allowed.as_str(), "spiffe://aws.example/x"]);
+        assert!(ca.sign_csr(&csr, &allowed, &policy, now()).is_err());
+
+        // A CSR whose signature does not match (tampered) is refused.
+        let (mut csr, _) = csr_for(&[allowed.as_str()]);
+        let last = csr.len() - 1;
+        csr[last] ^= 0xff;
+        let err = ca.sign_csr(&csr, &allowed, &policy, now()).unwrap_err();
+        assert!(matches!(err, CaError::CsrRefused(_)), "{err}");
+
+        // Garbage does not panic.
+        assert!(
+            ca.sign_csr(b"\x30\x03\x02\x01", &allowed, &policy, now())
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn leaves_never_outlive_their_root() {
+        let t = td("aws.example");
+        let opts = CaOptions {
+            lifetime: Duration::from_secs(3600),
+            ..Default::default()
+        };
+        let ca = ClusterCa::generate(&t, &opts, now()).unwrap();
+        let svid = ca
+            .issue(
+                &SpiffeId::workload(&t, "a", "b").unwrap(),
+                &SvidPolicy::default(),
+                now(),
+            )
+            .unwrap();
+        assert!(svid.not_after() <= ca.not_after());
+    }
+}

@@ -386,3 +386,169 @@ impl Authority {
         *last = Some(last.map_or(not_after, |t| t.max(not_after)));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ca::CaOptions;
+
+    fn t0() -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000)
+    }
+
+    const S: Duration = Duration::from_secs(1);
+
+    #[test]
+    fn renewal_backs_off_exponentially_up_to_the_cap_and_resets() {
+        let mut st = RenewalState::new(RenewalPolicy {
+            initial_backoff: S,
+            max_backoff: 10 * S,
+        });
+        let half_life = t0() + 100 * S;
+        assert_eq!(st.due_at(half_life), half_life);
+        let mut now = half_life;
+        let mut waits = Vec::new();
+        for _ in 0..6 {
+            let w = st.failed(now);
+            assert_eq!(st.due_at(half_life), now + w);
+            waits.push(w.as_secs());
+            now += w;
+        }
+        assert_eq!(waits, [1, 2, 4, 8, 10, 10]);
+        assert_eq!(st.consecutive_failures(), 6);
+        st.succeeded(now);
+        assert_eq!(st.consecutive_failures(), 0);
+        let next_half_life = now + 500 * S;
+        assert_eq!(st.due_at(next_half_life), next_half_life);
+    }
+
+    #[test]
+    fn a_renewed_svid_already_past_half_life_does_not_spin() {
+        let mut st = RenewalState::new(RenewalPolicy::default());
+        st.succeeded(t0());
+        // The new SVID's half-life is in the past (clock skew, tiny lifetime).
+        assert_eq!(st.due_at(t0() - 10 * S), t0() + S);
+    }
+
+    fn authority(now: SystemTime) -> Authority {
+        let td = TrustDomain::new("aws.example").unwrap();
+        let ca = ClusterCa::generate(&td, &CaOptions::default(), now).unwrap();
+        Authority::new(
+            ca,
+            SvidPolicy {
+                lifetime: 60 * S,
+                clock_skew: 0 * S,
+            },
+            RotationPolicy {
+                propagation_delay: 10 * S,
+                refresh_hint: 5 * S,
+            },
+            now,
+        )
+    }
+
+    fn issuer_of(svid: &Svid) -> Vec<u8> {
+        use x509_parser::prelude::{FromDer, X509Certificate};
+        let (_, c) = X509Certificate::from_der(svid.leaf()).unwrap();
+        c.issuer().as_raw().to_vec()
+    }
+
+    fn subject_of(ca: &ClusterCa) -> Vec<u8> {
+        use x509_parser::prelude::{FromDer, X509Certificate};
+        let (_, c) = X509Certificate::from_der(ca.cert_der()).unwrap();
+        c.subject().as_raw().to_vec()
+    }
+
+    #[test]
+    fn ca_rotation_publishes_first_signs_later_and_drops_after_the_last_old_leaf() {
+        let mut now = t0();
+        let mut auth = authority(now);
+        let id = SpiffeId::workload(auth.trust_domain(), "shop", "cart").unwrap();
+        let old_subject = subject_of(auth.active());
+        assert_eq!(auth.phase(), RotationPhase::Steady);
+        assert_eq!(auth.bundle().roots().len(), 1);
+        assert_eq!(auth.next_deadline(), None);
+
+        // A leaf from the old root, issued just before the rotation.
+        let old_leaf = auth.issue(&id, now).unwrap();
+        assert_eq!(issuer_of(&old_leaf), old_subject);
+
+        // 1. The new root is published next to the old one...
+        now += 5 * S;
+        let seq_before = auth.bundle().sequence;
+        let next = ClusterCa::generate(auth.trust_domain(), &CaOptions::default(), now).unwrap();
+        let new_subject = subject_of(&next);
+        auth.begin_rotation(next, now).unwrap();
+        assert_eq!(auth.bundle().roots().len(), 2);
+        assert!(auth.bundle().sequence > seq_before);
+        assert_eq!(
+            auth.phase(),
+            RotationPhase::Publishing {
+                activate_at: now + 10 * S
+            }
+        );
+        // ...but does not sign until peers have had time to fetch it.
+        let during = auth.issue(&id, now).unwrap();
+        assert_eq!(issuer_of(&during), old_subject);
+        let second = ClusterCa::generate(auth.trust_domain(), &CaOptions::default(), now).unwrap();
+        assert!(matches!(
+            auth.begin_rotation(second, now),
+            Err(RotationError::InProgress(_))
+        ));
+
+        // 2. After the propagation delay, new leaves come from the new root.
+        now = auth.next_deadline().unwrap();
+        assert!(
+            !auth.poll(now),
+            "activation does not change the bundle's roots"
+        );
+        let fresh = auth.issue(&id, now).unwrap();
+        assert_eq!(issuer_of(&fresh), new_subject);
+        let drop_at = during.not_after();
+        assert_eq!(auth.phase(), RotationPhase::Retiring { drop_at });
+        assert_eq!(auth.bundle().roots().len(), 2);
+
+        // 3. The old root stays until the last leaf it signed has expired...
+        assert!(!auth.poll(drop_at - S));
+        assert_eq!(auth.bundle().roots().len(), 2);
+        assert_eq!(auth.next_deadline(), Some(drop_at));
+        // ...and is dropped then.
+        assert!(auth.poll(drop_at));
+        assert_eq!(auth.phase(), RotationPhase::Steady);
+        let bundle = auth.bundle();
+        assert_eq!(bundle.roots(), &[auth.active().cert_der().clone()]);
+    }
+
+    #[test]
+    fn a_loaded_root_is_kept_for_a_full_lifetime_of_unknown_leaves() {
+        let now = t0();
+        let mut auth = authority(now);
+        let next = ClusterCa::generate(auth.trust_domain(), &CaOptions::default(), now).unwrap();
+        auth.begin_rotation(next, now).unwrap();
+        let activate = now + 10 * S;
+        auth.poll(activate);
+        // Nothing was issued through this Authority, yet leaves signed before
+        // it was built may live until now + lifetime.
+        assert_eq!(
+            auth.phase(),
+            RotationPhase::Retiring {
+                drop_at: now + 60 * S
+            }
+        );
+    }
+
+    #[test]
+    fn rotation_refuses_a_root_of_another_trust_domain() {
+        let mut auth = authority(t0());
+        let other = ClusterCa::generate(
+            &TrustDomain::new("gcp.example").unwrap(),
+            &CaOptions::default(),
+            t0(),
+        )
+        .unwrap();
+        assert!(matches!(
+            auth.begin_rotation(other, t0()),
+            Err(RotationError::WrongTrustDomain { .. })
+        ));
+    }
+}
