@@ -75,6 +75,12 @@ pub fn server_config(
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(Arc::new(SpiffeClientVerifier(verifier)))
         .with_cert_resolver(Arc::new(SvidResolver(svid)));
+    // No resumption: a resumed session skips certificate verification, so a
+    // peer whose bundle was withdrawn, or whose ID the authorizer no longer
+    // allows, could keep reconnecting. Connections are pooled, so full
+    // handshakes are rare enough to afford.
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(config)
 }
@@ -98,6 +104,8 @@ pub fn client_config(
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(SpiffeServerVerifier(verifier)))
         .with_client_cert_resolver(Arc::new(SvidResolver(svid)));
+    // See `server_config`: every connection verifies against current bundles.
+    config.resumption = rustls::client::Resumption::disabled();
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(config)
 }
