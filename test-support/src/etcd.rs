@@ -149,14 +149,18 @@ impl Etcd {
     async fn wait_healthy(&mut self) -> Result<(), HarnessError> {
         let deadline = Instant::now() + self.options.start_timeout;
         loop {
-            if let Some(child) = self.child.as_mut() {
-                if let Some(status) = child.try_wait()? {
-                    self.child = None;
-                    return Err(HarnessError::Exited {
-                        status: status.to_string(),
-                        log: self.log(),
-                    });
-                }
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .map(Child::try_wait)
+                .transpose()?
+                .flatten()
+            {
+                self.child = None;
+                return Err(HarnessError::Exited {
+                    status: status.to_string(),
+                    log: self.log(),
+                });
             }
             let last_error = match self.connect_with_timeout(Duration::from_secs(1)).await {
                 Ok(mut c) => match c.status().await {

@@ -1,5 +1,7 @@
 //! The harness against a real etcd.
 
+#![allow(clippy::unwrap_used)] // Tests fail loudly by design.
+
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 

@@ -168,7 +168,7 @@ impl Bundle {
                 .decode(b64)
                 .map_err(|e| field_err(field.clone(), format!("invalid base64: {e}")))?;
             match X509Certificate::from_der(&der) {
-                Ok((rest, cert)) if rest.is_empty() => {
+                Ok(([], cert)) => {
                     if !cert.is_ca() {
                         return Err(field_err(
                             field,

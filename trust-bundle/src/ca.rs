@@ -227,14 +227,15 @@ impl ClusterCa {
             origin: cert_origin.into(),
             reason: e.to_string(),
         })?;
-        if let Some(id) = &info.spiffe_id {
-            if id.trust_domain_name() != trust_domain.as_str() {
-                return Err(CaError::TrustDomainMismatch {
-                    origin: cert_origin.into(),
-                    found: id.trust_domain_name().into(),
-                    expected: trust_domain.to_string(),
-                });
-            }
+        if let Some(id) = info
+            .spiffe_id
+            .filter(|id| id.trust_domain_name() != trust_domain.as_str())
+        {
+            return Err(CaError::TrustDomainMismatch {
+                origin: cert_origin.into(),
+                found: id.trust_domain_name().into(),
+                expected: trust_domain.to_string(),
+            });
         }
         Self::assemble(trust_domain.clone(), cert, key, cert_origin)
     }

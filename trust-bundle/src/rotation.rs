@@ -311,16 +311,13 @@ impl Authority {
     /// and must be republished.
     pub fn poll(&mut self, now: SystemTime) -> bool {
         let mut changed = false;
-        if self.incoming.as_ref().is_some_and(|(_, at)| *at <= now) {
-            if let Some((next, _)) = self.incoming.take() {
-                let old = std::mem::replace(&mut self.active, next);
-                // No leaf signed by the old root outlives this moment by more
-                // than what it has already recorded.
-                let drop_at = old.last_leaf_expiry.unwrap_or(now).max(now);
-                tracing::info!(trust_domain = %self.trust_domain(), ?drop_at, "new root is signing; old root retiring");
-                self.retiring.push((old, drop_at));
-                // The bundle's roots are unchanged; only the signer moved.
-            }
+        if let Some((next, _)) = self.incoming.take_if(|(_, at)| *at <= now) {
+            // The bundle's roots are unchanged; only the signer moves. The old
+            // root stays until the last leaf it signed has expired.
+            let old = std::mem::replace(&mut self.active, next);
+            let drop_at = old.last_leaf_expiry.unwrap_or(now).max(now);
+            tracing::info!(trust_domain = %self.trust_domain(), ?drop_at, "new root is signing; old root retiring");
+            self.retiring.push((old, drop_at));
         }
         let before = self.retiring.len();
         self.retiring.retain(|(_, drop_at)| *drop_at > now);
@@ -437,7 +434,7 @@ mod tests {
             ca,
             SvidPolicy {
                 lifetime: 60 * S,
-                clock_skew: 0 * S,
+                clock_skew: Duration::ZERO,
             },
             RotationPolicy {
                 propagation_delay: 10 * S,

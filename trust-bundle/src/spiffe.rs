@@ -342,7 +342,7 @@ mod tests {
     fn max_lengths_are_inclusive() {
         let td = "a".repeat(MAX_TRUST_DOMAIN_LEN);
         assert!(TrustDomain::new(&td).is_ok());
-        let prefix = format!("spiffe://example.org/");
+        let prefix = "spiffe://example.org/";
         let id = format!("{prefix}{}", "p".repeat(MAX_SPIFFE_ID_LEN - prefix.len()));
         assert_eq!(id.len(), MAX_SPIFFE_ID_LEN);
         assert!(SpiffeId::parse(&id).is_ok());

@@ -77,7 +77,7 @@ pub fn parse_any(der: &[u8]) -> Result<CertInfo, SvidError> {
 
 fn parse(der: &[u8]) -> Result<X509Certificate<'_>, SvidError> {
     match X509Certificate::from_der(der) {
-        Ok((rest, cert)) if rest.is_empty() => Ok(cert),
+        Ok(([], cert)) => Ok(cert),
         Ok(_) => Err(SvidError::Malformed(
             "trailing bytes after certificate".into(),
         )),

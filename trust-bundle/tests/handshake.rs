@@ -1,5 +1,7 @@
 //! Peer verification over real rustls handshakes on loopback.
 
+#![allow(clippy::unwrap_used)] // Tests fail loudly by design.
+
 mod common;
 
 use std::sync::Arc;

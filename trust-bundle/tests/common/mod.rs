@@ -1,7 +1,7 @@
 //! Shared fixtures: clusters with their own CA, forged certificates, and a
 //! real rustls handshake over loopback.
 
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used)]
 
 use std::net::SocketAddr;
 use std::sync::Arc;
