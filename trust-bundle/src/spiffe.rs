@@ -82,7 +82,7 @@ impl TrustDomain {
 
 impl fmt::Display for TrustDomain {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.pad(&self.0)
     }
 }
 
@@ -234,7 +234,7 @@ fn validate_segment(seg: &str) -> Result<(), SpiffeIdError> {
 
 impl fmt::Display for SpiffeId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.full)
+        f.pad(&self.full)
     }
 }
 
