@@ -10,6 +10,29 @@
 //! controller moves bundles through etcd, and the gateway and proxy consume
 //! the configs built here. Rotation logic is I/O-free ([`RenewalState`],
 //! [`Authority`]) with a thin tokio driver ([`spawn_renewer`]).
+//!
+//! ```
+//! use std::{sync::Arc, time::SystemTime};
+//! use tokio::sync::watch;
+//! use trust_bundle::*;
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! trust_bundle::install_default_provider(); // first thing in main
+//! let td = TrustDomain::new("aws.example")?;
+//! let ca = ClusterCa::generate(&td, &CaOptions::default(), SystemTime::now())?;
+//! let id = SpiffeId::gateway(&td, "aws-use1")?;
+//! let svid = ca.issue(&id, &SvidPolicy::default(), SystemTime::now())?;
+//!
+//! let mut bundles = BundleSet::new();
+//! bundles.insert(Bundle::with_roots(td.clone(), [ca.cert_der().clone()]));
+//!
+//! let (_svid_tx, svid_rx) = watch::channel(Arc::new(svid));
+//! let (_bundles_tx, bundles_rx) = watch::channel(Arc::new(bundles));
+//! let server = server_config(svid_rx, bundles_rx, Arc::new(AllowAnyVerified), &[tls::ALPN_TUNNEL])?;
+//! assert_eq!(server.alpn_protocols, [b"fedmesh-tunnel/1".to_vec()]);
+//! # Ok(())
+//! # }
+//! ```
 
 pub mod bundle;
 pub mod ca;
