@@ -64,6 +64,8 @@ pub enum CaError {
     CsrRefused(String),
     #[error("issued certificate is not a valid SVID: {0}")]
     BadIssue(#[from] SvidError),
+    #[error("the system random number generator failed; retry")]
+    Random,
     #[error("certificate generation failed: {0}")]
     Rcgen(#[from] rcgen::Error),
 }
@@ -181,7 +183,7 @@ impl ClusterCa {
         params.subject_alt_names = vec![SanType::URI(trust_domain.id().as_str().try_into()?)];
         params.not_before = to_offset(now - Duration::from_secs(60));
         params.not_after = to_offset(now + options.lifetime);
-        params.serial_number = Some(random_serial());
+        params.serial_number = Some(random_serial()?);
         let cert = params.self_signed(&key)?;
         let cert = cert.der().clone();
         Self::assemble(trust_domain.clone(), cert, key, "generated")
@@ -384,7 +386,7 @@ impl ClusterCa {
         params.not_before = to_offset(not_before);
         // Never outlive the root that vouches for the leaf.
         params.not_after = to_offset(not_after.min(self.not_after));
-        params.serial_number = Some(random_serial());
+        params.serial_number = Some(random_serial()?);
         params.use_authority_key_identifier_extension = true;
         let cert = params.signed_by(public_key, &self.issuer)?;
         Ok(cert.der().clone())
@@ -419,25 +421,15 @@ fn load_key(der: &PrivateKeyDer<'_>, origin: &str) -> Result<KeyPair, CaError> {
     })
 }
 
-fn random_serial() -> SerialNumber {
+fn random_serial() -> Result<SerialNumber, CaError> {
     let mut bytes = [0u8; 16];
-    // The provider's RNG cannot fail on supported platforms; if it ever
-    // does, a hash-derived serial (rcgen's default) would still be unique
-    // per key, so fall back to zeros plus the clock rather than abort.
-    if tls::crypto_provider()
+    tls::crypto_provider()
         .secure_random
         .fill(&mut bytes)
-        .is_err()
-    {
-        let nanos = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos();
-        bytes = nanos.to_be_bytes();
-    }
+        .map_err(|_| CaError::Random)?;
     // A positive INTEGER: clear the top bit, and keep it non-zero.
     bytes[0] = (bytes[0] & 0x7f) | 0x01;
-    SerialNumber::from_slice(&bytes)
+    Ok(SerialNumber::from_slice(&bytes))
 }
 
 fn to_offset(t: SystemTime) -> time::OffsetDateTime {

@@ -144,7 +144,22 @@ async fn run_renewer<S: SvidSource, C: Clock>(
             _ = tokio::time::sleep(wait) => {}
             _ = tx.closed() => return,
         }
-        match source.fetch().await {
+        let fetched = source.fetch().await.and_then(|svid| {
+            // A source that hands back another identity is broken; keep ours.
+            if svid.spiffe_id() == current.spiffe_id() {
+                Ok(svid)
+            } else {
+                Err(RenewError(
+                    format!(
+                        "source returned an SVID for {}, expected {}",
+                        svid.spiffe_id(),
+                        current.spiffe_id()
+                    )
+                    .into(),
+                ))
+            }
+        });
+        match fetched {
             Ok(svid) => {
                 state.succeeded(clock.now());
                 tracing::info!(

@@ -171,6 +171,33 @@ async fn renewal_happens_at_half_life_and_failures_keep_the_valid_svid_with_capp
         .unwrap();
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_source_returning_another_identity_is_treated_as_a_failure() {
+    let clock = VirtualClock::new();
+    let auth = authority(
+        "aws.fedmesh.test",
+        SvidPolicy {
+            lifetime: Duration::from_secs(600),
+            clock_skew: Duration::ZERO,
+        },
+        RotationPolicy::default(),
+        clock.now(),
+    );
+    let ours = SpiffeId::parse("spiffe://aws.fedmesh.test/ns/shop/sa/web").unwrap();
+    let other = SpiffeId::parse("spiffe://aws.fedmesh.test/ns/shop/sa/admin").unwrap();
+    let initial = LocalSource::new(auth.clone(), ours, clock.clone()).issue_now();
+    let leaf = initial.leaf().clone();
+    let wrong = LocalSource::new(auth, other, clock.clone());
+    let (rx, _task) = spawn_renewer(wrong.clone(), initial, RenewalPolicy::default(), clock);
+    eventually("three renewal attempts", Duration::from_secs(3600), || {
+        let n = wrong.attempts.lock().unwrap().len();
+        async move { (n >= 3).then_some(()) }
+    })
+    .await;
+    assert_eq!(rx.borrow().leaf(), &leaf);
+    assert!(!rx.has_changed().unwrap());
+}
+
 /// Keeps publishing the union of both authorities' bundles.
 fn publish(auths: &[&Arc<Mutex<Authority>>], tx: &tokio::sync::watch::Sender<Arc<BundleSet>>) {
     let mut set = BundleSet::new();
