@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-exec cargo test --workspace --all-targets "$@"
+exec cargo test --workspace "$@"

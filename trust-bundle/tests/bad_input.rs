@@ -96,10 +96,10 @@ fn truncated_or_corrupted_svids_are_errors() {
 fn arbitrary_strings_are_not_spiffe_ids_unless_valid() {
     let valid = "spiffe://aws.example/ns/shop/sa/web";
     for m in mutations(valid.as_bytes()) {
-        if let Ok(s) = String::from_utf8(m) {
-            if let Ok(id) = SpiffeId::parse(&s) {
-                assert_eq!(id.as_str(), s);
-            }
+        if let Ok(s) = String::from_utf8(m)
+            && let Ok(id) = SpiffeId::parse(&s)
+        {
+            assert_eq!(id.as_str(), s);
         }
     }
 }
