@@ -1,0 +1,9 @@
+//! The federation controller: one per cluster. It owns the global zone's
+//! schema on etcd ([`zone`]): registering clusters, their trust bundles and
+//! per-cluster etcd roles, and reading everyone's records back.
+//!
+//! It does not own the data plane: proxies and gateways never talk to etcd.
+
+pub mod zone;
+
+pub use zone::{GlobalZone, RegisterOutcome, ZoneError};

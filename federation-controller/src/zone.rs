@@ -1,0 +1,357 @@
+//! The global zone on etcd: registration, deregistration, per-cluster etcd
+//! roles, and typed reads. Every multi-key change is one etcd transaction
+//! guarded by revisions, so nothing is ever half-applied.
+
+use etcd_client::{Client, Compare, CompareOp, DeleteOptions, GetOptions, Permission, Txn, TxnOp};
+use fedmesh_api::records::RecordError;
+use fedmesh_api::{ClusterRecord, ExportSummary, GlobalKey, KeySpace};
+use trust_bundle::{Bundle, BundleError, TrustDomain};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ZoneError {
+    /// etcd is unreachable, timed out, or refused the request.
+    #[error("etcd: {0}")]
+    Etcd(#[from] etcd_client::Error),
+    #[error("invalid cluster record: {0}")]
+    Invalid(#[from] RecordError),
+    /// A stored bundle is unreadable; the error names its key.
+    #[error("{0}")]
+    Bundle(#[from] BundleError),
+    #[error("{key}: stored value is not valid: {reason}")]
+    Corrupt { key: String, reason: String },
+    #[error(
+        "cluster {name:?} is already registered with trust domain {existing:?}; refusing to register it with {requested:?} (deregister it first)"
+    )]
+    NameTaken {
+        name: String,
+        existing: String,
+        requested: String,
+    },
+    #[error(
+        "trust domain {trust_domain:?} already belongs to {owner}; choose another --trust-domain"
+    )]
+    TrustDomainTaken { trust_domain: String, owner: String },
+    #[error(
+        "cluster {name:?} is registered with a different CA; pass its CA with --ca-cert/--ca-key, or reuse its join directory"
+    )]
+    ForeignCa { name: String },
+    #[error("cluster {0:?} is not registered")]
+    NotRegistered(String),
+    #[error("the global zone changed while {0}; nothing was written, retry")]
+    Raced(&'static str),
+}
+
+impl ZoneError {
+    /// Whether running the same operation again may succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, ZoneError::Etcd(_) | ZoneError::Raced(_))
+    }
+}
+
+/// What `register` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RegisterOutcome {
+    Created,
+    /// Same name, trust domain and CA; other fields (gateways, zones) changed.
+    Updated,
+    /// Everything was already so; nothing was written.
+    Unchanged,
+}
+
+/// The name of a cluster's etcd user and role.
+pub fn cluster_role(cluster: &str) -> String {
+    format!("fedmesh-cluster-{cluster}")
+}
+
+/// A handle on the global zone.
+#[derive(Clone)]
+pub struct GlobalZone {
+    client: Client,
+    keys: KeySpace,
+}
+
+impl std::fmt::Debug for GlobalZone {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GlobalZone")
+            .field("prefix", &self.keys.prefix())
+            .finish_non_exhaustive()
+    }
+}
+
+impl GlobalZone {
+    pub fn new(client: Client, keys: KeySpace) -> Self {
+        Self { client, keys }
+    }
+
+    pub fn keys(&self) -> &KeySpace {
+        &self.keys
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    async fn get_one(&mut self, key: &str) -> Result<Option<(Vec<u8>, i64)>, ZoneError> {
+        let resp = self.client.get(key, None).await?;
+        Ok(resp
+            .kvs()
+            .first()
+            .map(|kv| (kv.value().to_vec(), kv.mod_revision())))
+    }
+
+    /// Registers `record` with `bundle` (its CA's roots) in one transaction.
+    ///
+    /// Idempotent: the same values again change nothing. Conflicts (the name
+    /// taken with another trust domain, the trust domain owned by another
+    /// cluster, another CA for this cluster) are refused, and nothing is written.
+    pub async fn register(
+        &mut self,
+        record: &ClusterRecord,
+        bundle: &Bundle,
+    ) -> Result<RegisterOutcome, ZoneError> {
+        record.validate()?;
+        let ck = self.keys.cluster(&record.name);
+        let bk = self.keys.bundle(&record.trust_domain);
+        let existing = match self.get_one(&ck).await? {
+            Some((raw, rev)) => Some((parse_json::<ClusterRecord>(&ck, &raw)?, rev)),
+            None => None,
+        };
+        let stored_bundle = match self.get_one(&bk).await? {
+            Some((raw, _)) => Some(decode_bundle(&record.trust_domain, &bk, &raw)?),
+            None => None,
+        };
+
+        let Some((current, rev)) = existing else {
+            if stored_bundle.is_some() {
+                let owner = self
+                    .clusters()
+                    .await?
+                    .into_iter()
+                    .find(|c| c.trust_domain == record.trust_domain)
+                    .map_or_else(
+                        || "a stale bundle with no cluster (delete it, or choose another trust domain)".to_string(),
+                        |c| format!("cluster {:?}", c.name),
+                    );
+                return Err(ZoneError::TrustDomainTaken {
+                    trust_domain: record.trust_domain.clone(),
+                    owner,
+                });
+            }
+            let txn = Txn::new()
+                .when([
+                    Compare::create_revision(ck.as_str(), CompareOp::Equal, 0),
+                    Compare::create_revision(bk.as_str(), CompareOp::Equal, 0),
+                ])
+                .and_then([
+                    TxnOp::put(ck.as_str(), to_json(record), None),
+                    TxnOp::put(bk.as_str(), bundle.to_document(), None),
+                ]);
+            return if self.client.txn(txn).await?.succeeded() {
+                Ok(RegisterOutcome::Created)
+            } else {
+                Err(ZoneError::Raced("registering"))
+            };
+        };
+
+        if current.trust_domain != record.trust_domain {
+            return Err(ZoneError::NameTaken {
+                name: record.name.clone(),
+                existing: current.trust_domain,
+                requested: record.trust_domain.clone(),
+            });
+        }
+        let ours_is_published = stored_bundle
+            .as_ref()
+            .is_some_and(|b| bundle.roots().iter().all(|r| b.roots().contains(r)));
+        if !ours_is_published {
+            return Err(ZoneError::ForeignCa {
+                name: record.name.clone(),
+            });
+        }
+        if current.same_registration(record) {
+            return Ok(RegisterOutcome::Unchanged);
+        }
+        // Keep the original registration time; update the rest.
+        let updated = ClusterRecord {
+            registered_at: current.registered_at,
+            ..record.clone()
+        };
+        let txn = Txn::new()
+            .when([Compare::mod_revision(ck.as_str(), CompareOp::Equal, rev)])
+            .and_then([TxnOp::put(ck.as_str(), to_json(&updated), None)]);
+        if self.client.txn(txn).await?.succeeded() {
+            Ok(RegisterOutcome::Updated)
+        } else {
+            Err(ZoneError::Raced("updating the registration"))
+        }
+    }
+
+    /// Removes a cluster's record, bundle, liveness key and exports in one
+    /// transaction. Returns the removed record.
+    pub async fn deregister(&mut self, name: &str) -> Result<ClusterRecord, ZoneError> {
+        let ck = self.keys.cluster(name);
+        let (raw, rev) = self
+            .get_one(&ck)
+            .await?
+            .ok_or_else(|| ZoneError::NotRegistered(name.into()))?;
+        let record: ClusterRecord = parse_json(&ck, &raw)?;
+        let txn = Txn::new()
+            .when([Compare::mod_revision(ck.as_str(), CompareOp::Equal, rev)])
+            .and_then([
+                TxnOp::delete(ck.as_str(), None),
+                TxnOp::delete(self.keys.bundle(&record.trust_domain), None),
+                TxnOp::delete(self.keys.alive(name), None),
+                TxnOp::delete(
+                    self.keys.exports_of(name),
+                    Some(DeleteOptions::new().with_prefix()),
+                ),
+            ]);
+        if self.client.txn(txn).await?.succeeded() {
+            Ok(record)
+        } else {
+            Err(ZoneError::Raced("deregistering"))
+        }
+    }
+
+    /// Creates (or refreshes) the etcd user and role of a cluster. The role may
+    /// read the whole global zone and write only `alive/<c>`, `exports/<c>/`
+    /// and `bundles/<its trust domain>`.
+    pub async fn ensure_cluster_access(
+        &mut self,
+        cluster: &str,
+        trust_domain: &str,
+        password: &str,
+    ) -> Result<(), ZoneError> {
+        let role = cluster_role(cluster);
+        ignore_exists(self.client.role_add(role.as_str()).await)?;
+        let grants = [
+            Permission::read(self.keys.prefix()).with_prefix(),
+            Permission::read_write(self.keys.alive(cluster)),
+            Permission::read_write(self.keys.exports_of(cluster)).with_prefix(),
+            Permission::read_write(self.keys.bundle(trust_domain)),
+        ];
+        for perm in grants {
+            self.client
+                .role_grant_permission(role.as_str(), perm)
+                .await?;
+        }
+        match self.client.user_add(role.as_str(), password, None).await {
+            Ok(_) => {}
+            Err(e) if is_exists(&e) => {
+                self.client
+                    .user_change_password(role.as_str(), password)
+                    .await?;
+            }
+            Err(e) => return Err(e.into()),
+        }
+        self.client
+            .user_grant_role(role.as_str(), role.as_str())
+            .await?;
+        Ok(())
+    }
+
+    /// Removes a cluster's etcd user and role, if they exist.
+    pub async fn remove_cluster_access(&mut self, cluster: &str) -> Result<(), ZoneError> {
+        let role = cluster_role(cluster);
+        ignore_missing(self.client.user_delete(role.as_str()).await)?;
+        ignore_missing(self.client.role_delete(role.as_str()).await)?;
+        Ok(())
+    }
+
+    /// Every registered cluster, by name.
+    pub async fn clusters(&mut self) -> Result<Vec<ClusterRecord>, ZoneError> {
+        let prefix = format!("{}clusters/", self.keys.prefix());
+        let resp = self
+            .client
+            .get(prefix, Some(GetOptions::new().with_prefix()))
+            .await?;
+        resp.kvs()
+            .iter()
+            .map(|kv| parse_json(&String::from_utf8_lossy(kv.key()), kv.value()))
+            .collect()
+    }
+
+    /// Every export: (cluster, namespace, service, summary).
+    pub async fn exports(
+        &mut self,
+    ) -> Result<Vec<(String, String, String, ExportSummary)>, ZoneError> {
+        let prefix = format!("{}exports/", self.keys.prefix());
+        let resp = self
+            .client
+            .get(prefix, Some(GetOptions::new().with_prefix()))
+            .await?;
+        let mut out = Vec::new();
+        for kv in resp.kvs() {
+            let key = String::from_utf8_lossy(kv.key()).into_owned();
+            if let Some(GlobalKey::Export {
+                cluster,
+                namespace,
+                service,
+            }) = self.keys.parse(&key)
+            {
+                out.push((cluster, namespace, service, parse_json(&key, kv.value())?));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every published bundle.
+    pub async fn bundles(&mut self) -> Result<Vec<Bundle>, ZoneError> {
+        let prefix = format!("{}bundles/", self.keys.prefix());
+        let resp = self
+            .client
+            .get(prefix, Some(GetOptions::new().with_prefix()))
+            .await?;
+        let mut out = Vec::new();
+        for kv in resp.kvs() {
+            let key = String::from_utf8_lossy(kv.key()).into_owned();
+            if let Some(GlobalKey::Bundle(td)) = self.keys.parse(&key) {
+                out.push(decode_bundle(&td, &key, kv.value())?);
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> String {
+    // Plain records always serialise.
+    serde_json::to_string(v).unwrap_or_default()
+}
+
+pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(
+    key: &str,
+    raw: &[u8],
+) -> Result<T, ZoneError> {
+    serde_json::from_slice(raw).map_err(|e| ZoneError::Corrupt {
+        key: key.into(),
+        reason: e.to_string(),
+    })
+}
+
+fn decode_bundle(td: &str, key: &str, raw: &[u8]) -> Result<Bundle, ZoneError> {
+    let td = TrustDomain::new(td).map_err(|e| ZoneError::Corrupt {
+        key: key.into(),
+        reason: format!("trust domain {e}"),
+    })?;
+    Ok(Bundle::from_document(td, raw, key)?)
+}
+
+fn is_exists(e: &etcd_client::Error) -> bool {
+    e.to_string().contains("already exists")
+}
+
+fn ignore_exists<T>(r: Result<T, etcd_client::Error>) -> Result<(), ZoneError> {
+    match r {
+        Ok(_) => Ok(()),
+        Err(e) if is_exists(&e) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn ignore_missing<T>(r: Result<T, etcd_client::Error>) -> Result<(), ZoneError> {
+    match r {
+        Ok(_) => Ok(()),
+        Err(e) if e.to_string().contains("not found") => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
