@@ -4,6 +4,7 @@
 //!
 //! It does not own the data plane: proxies and gateways never talk to etcd.
 
+pub mod join;
 pub mod zone;
 
 pub use zone::{GlobalZone, RegisterOutcome, ZoneError};

@@ -1,0 +1,302 @@
+//! `fedmesh register/deregister/get` as an operator runs them, against a real etcd.
+
+#![allow(clippy::unwrap_used)] // Tests fail loudly by design.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Command, Output};
+
+use fedmesh_test_support::{Etcd, EtcdOptions};
+
+fn fedmesh(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_fedmesh"))
+        .args(args)
+        .env_remove("FEDMESH_ETCD")
+        .output()
+        .unwrap()
+}
+
+fn ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "stdout: {}\nstderr: {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn err(out: &Output) -> String {
+    assert!(
+        !out.status.success(),
+        "expected failure: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn register<'a>(name: &'a str, td: &'a str, etcd: &'a str, out: &'a str) -> Vec<&'a str> {
+    vec![
+        "register",
+        "cluster",
+        name,
+        "--cloud",
+        "aws",
+        "--region",
+        "us-east-1",
+        "--zones",
+        "az1,az2",
+        "--gateway",
+        "127.0.1.1:15443",
+        "--trust-domain",
+        td,
+        "--etcd",
+        etcd,
+        "--out",
+        out,
+    ]
+}
+
+async fn revision(etcd: &Etcd) -> i64 {
+    etcd.client()
+        .await
+        .unwrap()
+        .get("/", None)
+        .await
+        .unwrap()
+        .header()
+        .unwrap()
+        .revision()
+}
+
+#[tokio::test]
+async fn register_get_and_deregister() {
+    let etcd = Etcd::start().await.unwrap();
+    let ep = etcd.endpoint();
+    let dir = tempfile::tempdir().unwrap();
+    let out_a = dir.path().join("join-a");
+    let out_a = out_a.to_str().unwrap();
+
+    let stdout = ok(&fedmesh(&register(
+        "aws-use1",
+        "aws.fedmesh.test",
+        &ep,
+        out_a,
+    )));
+    assert!(stdout.contains("cluster aws-use1 registered"), "{stdout}");
+    assert!(stdout.contains("fedmesh-controller --join"), "{stdout}");
+    for f in ["cluster.json", "etcd.json", "ca/ca.crt", "ca/ca.key"] {
+        let mode = std::fs::metadata(Path::new(out_a).join(f))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{f}");
+    }
+
+    // Again: idempotent, nothing written, the same CA kept.
+    let ca_before = std::fs::read(Path::new(out_a).join("ca/ca.crt")).unwrap();
+    let rev = revision(&etcd).await;
+    let stdout = ok(&fedmesh(&register(
+        "aws-use1",
+        "aws.fedmesh.test",
+        &ep,
+        out_a,
+    )));
+    assert!(stdout.contains("unchanged"), "{stdout}");
+    assert_eq!(revision(&etcd).await, rev);
+    assert_eq!(
+        std::fs::read(Path::new(out_a).join("ca/ca.crt")).unwrap(),
+        ca_before
+    );
+
+    // Conflicts: clear message, non-zero exit, nothing written.
+    let out_b = dir.path().join("join-b");
+    let stderr = err(&fedmesh(&register(
+        "gcp-euw1",
+        "aws.fedmesh.test",
+        &ep,
+        out_b.to_str().unwrap(),
+    )));
+    assert!(
+        stderr
+            .contains("trust domain \"aws.fedmesh.test\" already belongs to cluster \"aws-use1\""),
+        "{stderr}"
+    );
+    let stderr = err(&fedmesh(&register(
+        "aws-use1",
+        "other.fedmesh.test",
+        &ep,
+        out_b.to_str().unwrap(),
+    )));
+    assert!(
+        stderr.contains("already registered with trust domain"),
+        "{stderr}"
+    );
+    assert!(
+        !out_b.exists(),
+        "a refused registration wrote a join directory"
+    );
+    assert_eq!(revision(&etcd).await, rev);
+
+    // get, in every format.
+    let table = ok(&fedmesh(&["get", "clusters", "--etcd", &ep]));
+    assert!(
+        table.starts_with("NAME")
+            && table.contains("aws-use1")
+            && table.contains("127.0.1.1:15443"),
+        "{table}"
+    );
+    let json: serde_json::Value = serde_json::from_str(&ok(&fedmesh(&[
+        "get", "clusters", "-o", "json", "--etcd", &ep,
+    ])))
+    .unwrap();
+    assert_eq!(json[0]["trustDomain"], "aws.fedmesh.test");
+    let yaml = ok(&fedmesh(&["get", "bundles", "-o", "yaml", "--etcd", &ep]));
+    assert!(yaml.contains("trustDomain: aws.fedmesh.test"), "{yaml}");
+    assert!(ok(&fedmesh(&["get", "services", "--etcd", &ep])).starts_with("CLUSTER"));
+
+    // Deregister removes it; a second time says it is not registered.
+    let stdout = ok(&fedmesh(&[
+        "deregister",
+        "cluster",
+        "aws-use1",
+        "--etcd",
+        &ep,
+    ]));
+    assert!(stdout.contains("deregistered"), "{stdout}");
+    let stderr = err(&fedmesh(&[
+        "deregister",
+        "cluster",
+        "aws-use1",
+        "--etcd",
+        &ep,
+    ]));
+    assert!(stderr.contains("not registered"), "{stderr}");
+}
+
+#[test]
+fn invalid_input_is_refused_before_contacting_etcd() {
+    // Port 9 on loopback has nothing listening: any I/O attempt would fail
+    // with a connection error instead of these messages.
+    let etcd = "http://127.0.0.1:9";
+    let cases: [(&[&str], &str); 4] = [
+        (
+            &[
+                "register",
+                "cluster",
+                "Bad_Name",
+                "--cloud",
+                "a",
+                "--region",
+                "r",
+                "--zones",
+                "z",
+                "--gateway",
+                "h:1",
+                "--etcd",
+                etcd,
+            ],
+            "cluster name \"Bad_Name\"",
+        ),
+        (
+            &[
+                "register",
+                "cluster",
+                "ok",
+                "--cloud",
+                "a",
+                "--region",
+                "r",
+                "--zones",
+                "z",
+                "--gateway",
+                "nohost",
+                "--etcd",
+                etcd,
+            ],
+            "--gateway",
+        ),
+        (
+            &[
+                "register",
+                "cluster",
+                "ok",
+                "--cloud",
+                "a",
+                "--region",
+                "r",
+                "--zones",
+                "z,z",
+                "--gateway",
+                "h:1",
+                "--etcd",
+                etcd,
+            ],
+            "listed twice",
+        ),
+        (
+            &[
+                "register",
+                "cluster",
+                "ok",
+                "--cloud",
+                "a",
+                "--region",
+                "r",
+                "--gateway",
+                "h:1",
+                "--etcd",
+                etcd,
+            ],
+            "--zones",
+        ),
+    ];
+    for (args, want) in cases {
+        let stderr = err(&fedmesh(args));
+        assert!(
+            stderr.contains(want) && !stderr.contains("connecting"),
+            "{args:?}: {stderr}"
+        );
+    }
+    let stderr = err(&fedmesh(&["get", "clusters", "--etcd", etcd]));
+    assert!(
+        stderr.contains("connecting to etcd at http://127.0.0.1:9"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test]
+async fn with_auth_registration_creates_the_clusters_own_etcd_user() {
+    let etcd = Etcd::start_with(EtcdOptions {
+        auth: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let ep = etcd.endpoint();
+    let pw = etcd.root_password().unwrap().to_owned();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("join");
+    let mut args = register("aws-use1", "aws.fedmesh.test", &ep, out.to_str().unwrap());
+    args.extend(["--etcd-user", "root", "--etcd-password", &pw]);
+    ok(&fedmesh(&args));
+    let access: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("etcd.json")).unwrap()).unwrap();
+    assert_eq!(access["user"], "fedmesh-cluster-aws-use1");
+    let password = access["password"].as_str().unwrap();
+    let mut c = etcd_client::Client::connect(
+        [ep.as_str()],
+        Some(etcd_client::ConnectOptions::new().with_user("fedmesh-cluster-aws-use1", password)),
+    )
+    .await
+    .unwrap();
+    c.put("/fedmesh/v1/alive/aws-use1", "{}", None)
+        .await
+        .unwrap();
+    assert!(c.put("/fedmesh/v1/alive/other", "{}", None).await.is_err());
+    // Re-running keeps the same password.
+    ok(&fedmesh(&args));
+    let again: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("etcd.json")).unwrap()).unwrap();
+    assert_eq!(again["password"], access["password"]);
+}
