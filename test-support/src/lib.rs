@@ -2,14 +2,18 @@
 //!
 //! - [`etcd::Etcd`]: Debian's `etcd-server` on a free loopback port with a
 //!   temporary data directory, optional auth, outage (`kill`) and `restart`.
+//! - [`relay::TcpRelay`]: a loopback TCP forwarder a test can cut and
+//!   restore, to break connections without stopping the server.
 //! - [`eventually`]: poll a condition until a deadline instead of sleeping.
 //!
 //! Nothing here is a mock: what cannot run on a test machine (a Kubernetes
 //! API server) is faked in the crate that needs it, and labelled there.
 
 pub mod etcd;
+pub mod relay;
 
 pub use etcd::{Etcd, EtcdOptions, HarnessError};
+pub use relay::TcpRelay;
 
 use std::future::Future;
 use std::time::Duration;

@@ -166,3 +166,34 @@ async fn missing_binary_is_a_clear_error() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn relay_forwards_until_cut_and_again_after_restore() -> anyhow::Result<()> {
+    let etcd = Etcd::start().await?;
+    let relay =
+        fedmesh_test_support::TcpRelay::start(IpAddr::V4(Ipv4Addr::LOCALHOST), etcd.client_addr())
+            .await?;
+    let opts = etcd_client::ConnectOptions::new()
+        .with_connect_timeout(Duration::from_millis(500))
+        .with_timeout(Duration::from_millis(500));
+    let mut c =
+        etcd_client::Client::connect([format!("http://{}", relay.addr())], Some(opts)).await?;
+    c.put("k", "v", None).await?;
+    relay.cut().await;
+    assert!(
+        c.get("k", None).await.is_err(),
+        "a cut relay must not forward"
+    );
+    relay.restore();
+    let got = eventually(
+        "the relay to forward again",
+        Duration::from_secs(10),
+        || {
+            let mut c = c.clone();
+            async move { c.get("k", None).await.ok() }
+        },
+    )
+    .await;
+    assert_eq!(got.kvs()[0].value(), b"v");
+    Ok(())
+}

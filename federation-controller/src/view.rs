@@ -1,0 +1,299 @@
+//! The global view: what this controller knows of the global zone, built from
+//! a list followed by watch events. I/O-free: the watcher feeds it snapshots
+//! and events; tests feed it by hand.
+//!
+//! Every applied key remembers its `mod_revision`, and the view remembers the
+//! last revision it has seen, so an event delivered twice (a resumed watch
+//! overlapping a list) is ignored, and a re-list after a compaction is
+//! reconciled key by key instead of replacing the view wholesale.
+
+use std::collections::BTreeMap;
+
+use fedmesh_api::{AliveRecord, ClusterRecord, ExportSummary, GlobalKey, KeySpace};
+use trust_bundle::{Bundle, TrustDomain};
+
+/// One key of the global zone as etcd reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawKv {
+    pub key: String,
+    pub value: Vec<u8>,
+    pub mod_revision: i64,
+}
+
+/// A watch event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RawEvent {
+    Put(RawKv),
+    /// `mod_revision` is the revision of the deletion.
+    Delete {
+        key: String,
+        mod_revision: i64,
+    },
+}
+
+/// What an applied snapshot or event changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    Upsert(GlobalKey),
+    Remove(GlobalKey),
+}
+
+/// The key of an export: (cluster, namespace, service).
+pub type ExportKey = (String, String, String);
+
+#[derive(Debug, Clone)]
+pub struct GlobalView {
+    keys: KeySpace,
+    revision: i64,
+    seen: BTreeMap<String, i64>,
+    pub clusters: BTreeMap<String, ClusterRecord>,
+    pub alive: BTreeMap<String, AliveRecord>,
+    pub bundles: BTreeMap<String, Bundle>,
+    pub exports: BTreeMap<ExportKey, ExportSummary>,
+    /// Keys whose latest value could not be read, with the reason. Their last
+    /// good value (if any) stays in the view.
+    pub invalid: BTreeMap<String, String>,
+}
+
+impl GlobalView {
+    pub fn new(keys: KeySpace) -> Self {
+        Self {
+            keys,
+            revision: 0,
+            seen: BTreeMap::new(),
+            clusters: BTreeMap::new(),
+            alive: BTreeMap::new(),
+            bundles: BTreeMap::new(),
+            exports: BTreeMap::new(),
+            invalid: BTreeMap::new(),
+        }
+    }
+
+    /// The last etcd revision the view reflects.
+    pub fn revision(&self) -> i64 {
+        self.revision
+    }
+
+    pub fn keys(&self) -> &KeySpace {
+        &self.keys
+    }
+
+    /// Reconciles with a full listing taken at `revision`: keys absent from
+    /// it are removed, new or newer ones applied, unchanged ones left alone.
+    pub fn apply_snapshot(
+        &mut self,
+        kvs: impl IntoIterator<Item = RawKv>,
+        revision: i64,
+    ) -> Vec<Change> {
+        let listed: BTreeMap<String, RawKv> =
+            kvs.into_iter().map(|kv| (kv.key.clone(), kv)).collect();
+        let gone: Vec<String> = self
+            .seen
+            .keys()
+            .filter(|k| !listed.contains_key(*k))
+            .cloned()
+            .collect();
+        let mut changes = Vec::new();
+        for key in gone {
+            changes.extend(self.remove(&key));
+        }
+        for (_, kv) in listed {
+            if self.seen.get(&kv.key) != Some(&kv.mod_revision) {
+                changes.extend(self.upsert(kv));
+            }
+        }
+        self.revision = self.revision.max(revision);
+        changes
+    }
+
+    /// Applies one watch event, unless the view already reflects it.
+    pub fn apply_event(&mut self, event: RawEvent) -> Option<Change> {
+        let rev = match &event {
+            RawEvent::Put(kv) => kv.mod_revision,
+            RawEvent::Delete { mod_revision, .. } => *mod_revision,
+        };
+        if rev <= self.revision {
+            return None;
+        }
+        self.revision = rev;
+        match event {
+            RawEvent::Put(kv) => self.upsert(kv),
+            RawEvent::Delete { key, .. } => self.remove(&key),
+        }
+    }
+
+    /// Records that the watch has progressed to `revision` with no event for us.
+    pub fn advance(&mut self, revision: i64) {
+        self.revision = self.revision.max(revision);
+    }
+
+    fn upsert(&mut self, kv: RawKv) -> Option<Change> {
+        let parsed = self.keys.parse(&kv.key)?;
+        let result = match &parsed {
+            GlobalKey::Cluster(name) => json(&kv.value).map(|r| {
+                self.clusters.insert(name.clone(), r);
+            }),
+            GlobalKey::Alive(name) => json(&kv.value).map(|r| {
+                self.alive.insert(name.clone(), r);
+            }),
+            GlobalKey::Bundle(td) => TrustDomain::new(td)
+                .map_err(|e| format!("trust domain {e}"))
+                .and_then(|t| {
+                    Bundle::from_document(t, &kv.value, &kv.key).map_err(|e| e.to_string())
+                })
+                .map(|b| {
+                    self.bundles.insert(td.clone(), b);
+                }),
+            GlobalKey::Export {
+                cluster,
+                namespace,
+                service,
+            } => json::<ExportSummary>(&kv.value).map(|s| {
+                self.exports
+                    .insert((cluster.clone(), namespace.clone(), service.clone()), s);
+            }),
+            // Policies are read by a later part of the controller.
+            GlobalKey::Policy(_) => Ok(()),
+        };
+        self.seen.insert(kv.key.clone(), kv.mod_revision);
+        match result {
+            Ok(()) => {
+                self.invalid.remove(&kv.key);
+                Some(Change::Upsert(parsed))
+            }
+            Err(reason) => {
+                tracing::warn!(key = %kv.key, %reason, "ignoring an unreadable value; keeping the last good one");
+                self.invalid.insert(kv.key, reason);
+                None
+            }
+        }
+    }
+
+    fn remove(&mut self, key: &str) -> Option<Change> {
+        self.seen.remove(key);
+        self.invalid.remove(key);
+        let parsed = self.keys.parse(key)?;
+        match &parsed {
+            GlobalKey::Cluster(n) => self.clusters.remove(n).map(drop),
+            GlobalKey::Alive(n) => self.alive.remove(n).map(drop),
+            GlobalKey::Bundle(td) => self.bundles.remove(td).map(drop),
+            GlobalKey::Export {
+                cluster,
+                namespace,
+                service,
+            } => self
+                .exports
+                .remove(&(cluster.clone(), namespace.clone(), service.clone()))
+                .map(drop),
+            GlobalKey::Policy(_) => Some(()),
+        }
+        .map(|()| Change::Remove(parsed))
+    }
+}
+
+fn json<T: serde::de::DeserializeOwned>(raw: &[u8]) -> Result<T, String> {
+    serde_json::from_slice(raw).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ks() -> KeySpace {
+        KeySpace::default()
+    }
+
+    fn export(generation: u64, healthy: u32) -> Vec<u8> {
+        serde_json::to_vec(&serde_json::json!({
+            "ports": [8080],
+            "localities": [{"zone": "az1", "healthy": healthy, "total": 3, "weight": healthy}],
+            "generation": generation,
+        }))
+        .unwrap()
+    }
+
+    fn put(key: &str, value: Vec<u8>, rev: i64) -> RawEvent {
+        RawEvent::Put(RawKv {
+            key: key.into(),
+            value,
+            mod_revision: rev,
+        })
+    }
+
+    fn ekey(c: &str) -> ExportKey {
+        (c.into(), "shop".into(), "cart".into())
+    }
+
+    #[test]
+    fn events_apply_once_in_revision_order() {
+        let mut v = GlobalView::new(ks());
+        let k = ks().export("a", "shop", "cart");
+        assert!(v.apply_event(put(&k, export(1, 3), 10)).is_some());
+        assert_eq!(v.revision(), 10);
+        // A replay of the same revision, or an older one, is ignored.
+        assert_eq!(v.apply_event(put(&k, export(0, 0), 10)), None);
+        assert_eq!(v.apply_event(put(&k, export(0, 0), 9)), None);
+        assert_eq!(v.exports[&ekey("a")].generation, 1);
+        assert!(v.apply_event(put(&k, export(2, 1), 11)).is_some());
+        assert_eq!(v.exports[&ekey("a")].localities[0].healthy, 1);
+        let gone = v.apply_event(RawEvent::Delete {
+            key: k.clone(),
+            mod_revision: 12,
+        });
+        assert!(matches!(gone, Some(Change::Remove(_))));
+        assert!(v.exports.is_empty());
+    }
+
+    #[test]
+    fn a_snapshot_reconciles_key_by_key() {
+        let mut v = GlobalView::new(ks());
+        let (ka, kb, kc) = (
+            ks().export("a", "shop", "cart"),
+            ks().export("b", "shop", "cart"),
+            ks().export("c", "shop", "cart"),
+        );
+        v.apply_event(put(&ka, export(1, 3), 5));
+        v.apply_event(put(&kb, export(1, 3), 6));
+        // After a compaction the re-list shows: a unchanged, b deleted, c new.
+        let changes = v.apply_snapshot(
+            [
+                RawKv {
+                    key: ka.clone(),
+                    value: export(1, 3),
+                    mod_revision: 5,
+                },
+                RawKv {
+                    key: kc.clone(),
+                    value: export(7, 2),
+                    mod_revision: 40,
+                },
+            ],
+            42,
+        );
+        assert_eq!(changes.len(), 2, "{changes:?}");
+        assert!(v.exports.contains_key(&ekey("a")) && v.exports.contains_key(&ekey("c")));
+        assert!(!v.exports.contains_key(&ekey("b")));
+        assert_eq!(v.revision(), 42);
+        // Events the snapshot already covered are ignored.
+        assert_eq!(v.apply_event(put(&kc, export(6, 2), 40)), None);
+    }
+
+    #[test]
+    fn unreadable_values_keep_the_last_good_one_and_are_reported() {
+        let mut v = GlobalView::new(ks());
+        let k = ks().export("a", "shop", "cart");
+        v.apply_event(put(&k, export(1, 3), 5));
+        assert_eq!(v.apply_event(put(&k, b"{not json".to_vec(), 6)), None);
+        assert_eq!(v.exports[&ekey("a")].generation, 1);
+        assert!(v.invalid.contains_key(&k));
+        v.apply_event(put(&k, export(2, 3), 7));
+        assert!(v.invalid.is_empty());
+    }
+
+    #[test]
+    fn foreign_keys_are_ignored() {
+        let mut v = GlobalView::new(ks());
+        assert_eq!(v.apply_event(put("/fedmesh/v1/unknown/x", vec![], 3)), None);
+        assert_eq!(v.revision(), 3);
+    }
+}

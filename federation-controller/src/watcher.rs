@@ -1,0 +1,182 @@
+//! Keeps a [`GlobalView`] in step with etcd: list once, watch from the list's
+//! revision + 1, resume from the last revision seen after a broken watch, and
+//! list again (reconciling key by key) when etcd has compacted that revision.
+//!
+//! Static stability: while etcd is unreachable the last view stays published;
+//! a view is only ever replaced by a complete, newer one.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use etcd_client::{Client, EventType, GetOptions, WatchOptions};
+use tokio::sync::watch;
+
+use crate::view::{GlobalView, RawEvent, RawKv};
+
+/// Counters for the admin port.
+#[derive(Debug, Default)]
+pub struct WatchStats {
+    /// Full listings, including the first.
+    pub lists: AtomicU64,
+    /// Listings forced by a compacted resume revision.
+    pub compaction_relists: AtomicU64,
+    pub etcd_errors: AtomicU64,
+    pub events: AtomicU64,
+    /// Views published to consumers.
+    pub publishes: AtomicU64,
+}
+
+#[derive(Debug, Clone)]
+pub struct WatcherConfig {
+    pub initial_backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+impl Default for WatcherConfig {
+    fn default() -> Self {
+        Self {
+            initial_backoff: Duration::from_millis(200),
+            max_backoff: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Where the loop stands after a watch ends.
+enum Resume {
+    /// Watch again from the view's revision + 1.
+    Watch,
+    /// The resume revision is gone: list again.
+    List,
+}
+
+/// Runs until every receiver of `tx` is dropped.
+pub async fn run(
+    mut client: Client,
+    mut view: GlobalView,
+    tx: watch::Sender<Arc<GlobalView>>,
+    config: WatcherConfig,
+    stats: Arc<WatchStats>,
+) {
+    let mut backoff = config.initial_backoff;
+    let mut need_list = true;
+    loop {
+        if tx.is_closed() {
+            return;
+        }
+        let step = async {
+            if need_list {
+                list(&mut client, &mut view, &stats).await?;
+                need_list = false;
+                publish(&tx, &view, &stats);
+            }
+            watch_until_broken(&mut client, &mut view, &tx, &stats).await
+        }
+        .await;
+        match step {
+            Ok(Resume::List) => {
+                stats.compaction_relists.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(
+                    revision = view.revision(),
+                    "resume revision compacted; listing again"
+                );
+                need_list = true;
+                backoff = config.initial_backoff;
+                continue;
+            }
+            Ok(Resume::Watch) => backoff = config.initial_backoff,
+            Err(error) => {
+                stats.etcd_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%error, retry_in = ?backoff, revision = view.revision(), "global zone watch interrupted; serving the last view");
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = tx.closed() => return,
+        }
+        backoff = (backoff * 2).min(config.max_backoff);
+    }
+}
+
+async fn list(
+    client: &mut Client,
+    view: &mut GlobalView,
+    stats: &WatchStats,
+) -> Result<(), etcd_client::Error> {
+    let resp = client
+        .get(view.keys().prefix(), Some(GetOptions::new().with_prefix()))
+        .await?;
+    let revision = resp.header().map_or(0, |h| h.revision());
+    let kvs = resp.kvs().iter().map(|kv| RawKv {
+        key: String::from_utf8_lossy(kv.key()).into_owned(),
+        value: kv.value().to_vec(),
+        mod_revision: kv.mod_revision(),
+    });
+    view.apply_snapshot(kvs.collect::<Vec<_>>(), revision);
+    stats.lists.fetch_add(1, Ordering::Relaxed);
+    Ok(())
+}
+
+async fn watch_until_broken(
+    client: &mut Client,
+    view: &mut GlobalView,
+    tx: &watch::Sender<Arc<GlobalView>>,
+    stats: &WatchStats,
+) -> Result<Resume, etcd_client::Error> {
+    let opts = WatchOptions::new()
+        .with_prefix()
+        .with_start_revision(view.revision() + 1)
+        .with_progress_notify();
+    let mut stream = client.watch(view.keys().prefix(), Some(opts)).await?;
+    loop {
+        let msg = tokio::select! {
+            m = stream.message() => m?,
+            _ = tx.closed() => return Ok(Resume::Watch),
+        };
+        let Some(resp) = msg else {
+            return Ok(Resume::Watch);
+        };
+        if resp.compact_revision() > 0 {
+            return Ok(Resume::List);
+        }
+        if resp.canceled() {
+            tracing::warn!(reason = resp.cancel_reason(), "etcd cancelled the watch");
+            return Ok(Resume::Watch);
+        }
+        let mut changed = false;
+        for ev in resp.events() {
+            let Some(kv) = ev.kv() else { continue };
+            let key = String::from_utf8_lossy(kv.key()).into_owned();
+            let raw = match ev.event_type() {
+                EventType::Put => RawEvent::Put(RawKv {
+                    key,
+                    value: kv.value().to_vec(),
+                    mod_revision: kv.mod_revision(),
+                }),
+                EventType::Delete => RawEvent::Delete {
+                    key,
+                    mod_revision: kv.mod_revision(),
+                },
+            };
+            stats.events.fetch_add(1, Ordering::Relaxed);
+            changed |= view.apply_event(raw).is_some();
+        }
+        // Only a progress notification promises that every event up to its
+        // header revision has been delivered; a catch-up batch's header is
+        // ahead of the events still to come.
+        if resp.events().is_empty()
+            && !resp.created()
+            && let Some(h) = resp.header()
+        {
+            view.advance(h.revision());
+        }
+        if changed {
+            publish(tx, view, stats);
+        }
+    }
+}
+
+fn publish(tx: &watch::Sender<Arc<GlobalView>>, view: &GlobalView, stats: &WatchStats) {
+    stats.publishes.fetch_add(1, Ordering::Relaxed);
+    tx.send_replace(Arc::new(view.clone()));
+}

@@ -1,0 +1,262 @@
+//! The global-zone watcher against a real etcd: list, watch, resume,
+//! compaction, and outages.
+
+#![allow(clippy::unwrap_used)] // Tests fail loudly by design.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use etcd_client::{Client, ConnectOptions};
+use federation_controller::view::GlobalView;
+use federation_controller::watcher::{self, WatchStats, WatcherConfig};
+use fedmesh_api::KeySpace;
+use fedmesh_test_support::{Etcd, TcpRelay, eventually};
+use tokio::sync::watch;
+
+fn summary(generation: u64) -> String {
+    serde_json::json!({
+        "ports": [8080],
+        "localities": [{"zone": "az1", "healthy": 2, "total": 3, "weight": 2}],
+        "generation": generation,
+    })
+    .to_string()
+}
+
+struct Running {
+    rx: watch::Receiver<Arc<GlobalView>>,
+    stats: Arc<WatchStats>,
+    _task: tokio::task::JoinHandle<()>,
+}
+
+async fn start_watcher(endpoint: String) -> Running {
+    let opts = ConnectOptions::new()
+        .with_connect_timeout(Duration::from_millis(500))
+        .with_keep_alive(Duration::from_millis(500), Duration::from_millis(500));
+    let client = Client::connect([endpoint], Some(opts)).await.unwrap();
+    let keys = KeySpace::default();
+    let (tx, rx) = watch::channel(Arc::new(GlobalView::new(keys.clone())));
+    let stats = Arc::new(WatchStats::default());
+    let config = WatcherConfig {
+        initial_backoff: Duration::from_millis(50),
+        max_backoff: Duration::from_millis(400),
+    };
+    let task = tokio::spawn(watcher::run(
+        client,
+        GlobalView::new(keys),
+        tx,
+        config,
+        stats.clone(),
+    ));
+    Running {
+        rx,
+        stats,
+        _task: task,
+    }
+}
+
+fn generation(view: &GlobalView, cluster: &str) -> Option<u64> {
+    view.exports
+        .get(&(cluster.into(), "shop".into(), "cart".into()))
+        .map(|s| s.generation)
+}
+
+#[tokio::test]
+async fn lists_then_follows_changes() {
+    let etcd = Etcd::start().await.unwrap();
+    let keys = KeySpace::default();
+    let mut c = etcd.client().await.unwrap();
+    c.put(keys.export("a", "shop", "cart"), summary(1), None)
+        .await
+        .unwrap();
+
+    let w = start_watcher(etcd.endpoint()).await;
+    let rx = w.rx.clone();
+    eventually("the listed export", Duration::from_secs(10), || {
+        let g = generation(&rx.borrow(), "a");
+        async move { (g == Some(1)).then_some(()) }
+    })
+    .await;
+
+    c.put(keys.export("a", "shop", "cart"), summary(2), None)
+        .await
+        .unwrap();
+    c.put(keys.export("b", "shop", "cart"), summary(1), None)
+        .await
+        .unwrap();
+    c.delete(keys.export("a", "shop", "cart"), None)
+        .await
+        .unwrap();
+    eventually("the watched changes", Duration::from_secs(10), || {
+        let v = rx.borrow().clone();
+        async move { (generation(&v, "a").is_none() && generation(&v, "b") == Some(1)).then_some(()) }
+    })
+    .await;
+    assert_eq!(w.stats.lists.load(Ordering::Relaxed), 1);
+    assert_eq!(w.stats.compaction_relists.load(Ordering::Relaxed), 0);
+}
+
+#[tokio::test]
+async fn after_a_compaction_it_lists_again_and_loses_or_repeats_nothing() {
+    let etcd = Etcd::start().await.unwrap();
+    let keys = KeySpace::default();
+    let mut c = etcd.client().await.unwrap();
+    c.put(keys.export("a", "shop", "cart"), summary(1), None)
+        .await
+        .unwrap();
+    c.put(keys.export("gone", "shop", "cart"), summary(1), None)
+        .await
+        .unwrap();
+
+    // The controller reaches etcd through a relay the test can cut.
+    let relay = TcpRelay::start(IpAddr::V4(Ipv4Addr::LOCALHOST), etcd.client_addr())
+        .await
+        .unwrap();
+    let w = start_watcher(format!("http://{}", relay.addr())).await;
+    let mut rx = w.rx.clone();
+    eventually("the first list", Duration::from_secs(10), || {
+        let g = generation(&rx.borrow(), "a");
+        async move { (g == Some(1)).then_some(()) }
+    })
+    .await;
+
+    // Record every generation of "a" that consumers see.
+    let seen = tokio::spawn(async move {
+        let mut seen = Vec::new();
+        while rx.changed().await.is_ok() {
+            let current = generation(&rx.borrow_and_update(), "a");
+            if let Some(g) = current
+                && seen.last() != Some(&g)
+            {
+                seen.push(g);
+            }
+            if seen.last() == Some(&50) {
+                break;
+            }
+        }
+        seen
+    });
+
+    // Break the watch. While cut, the view stays as it was.
+    relay.cut().await;
+    let stats = w.stats.clone();
+    eventually("the watcher to notice", Duration::from_secs(10), || {
+        let n = stats.etcd_errors.load(Ordering::Relaxed);
+        async move { (n > 0).then_some(()) }
+    })
+    .await;
+    assert_eq!(
+        generation(&w.rx.borrow(), "a"),
+        Some(1),
+        "view kept during the outage"
+    );
+
+    // Meanwhile: 49 updates, a delete, a new key, then a compaction that
+    // removes the history the watcher would resume from.
+    for g in 2..=50 {
+        c.put(keys.export("a", "shop", "cart"), summary(g), None)
+            .await
+            .unwrap();
+    }
+    c.delete(keys.export("gone", "shop", "cart"), None)
+        .await
+        .unwrap();
+    c.put(keys.export("new", "shop", "cart"), summary(7), None)
+        .await
+        .unwrap();
+    let rev = c.get("/", None).await.unwrap().header().unwrap().revision();
+    c.compact(rev, None).await.unwrap();
+
+    relay.restore();
+    let rx = w.rx.clone();
+    eventually(
+        "the view to converge after the compaction",
+        Duration::from_secs(20),
+        || {
+            let v = rx.borrow().clone();
+            async move {
+                (generation(&v, "a") == Some(50)
+                    && generation(&v, "gone").is_none()
+                    && generation(&v, "new") == Some(7))
+                .then_some(())
+            }
+        },
+    )
+    .await;
+    assert!(
+        w.stats.compaction_relists.load(Ordering::Relaxed) >= 1,
+        "the compaction path was not taken"
+    );
+    assert!(rx.borrow().revision() >= rev);
+
+    // Consumers never saw a generation go backwards or repeat.
+    let seen = tokio::time::timeout(Duration::from_secs(10), seen)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(seen.windows(2).all(|w| w[0] < w[1]), "{seen:?}");
+    assert_eq!(seen.last(), Some(&50));
+
+    // And it keeps following live changes afterwards.
+    c.put(keys.export("a", "shop", "cart"), summary(51), None)
+        .await
+        .unwrap();
+    eventually(
+        "a live change after the re-list",
+        Duration::from_secs(10),
+        || {
+            let g = generation(&rx.borrow(), "a");
+            async move { (g == Some(51)).then_some(()) }
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn an_etcd_outage_keeps_the_last_view_and_resyncs_on_return() {
+    let mut etcd = Etcd::start().await.unwrap();
+    let keys = KeySpace::default();
+    let mut c = etcd.client().await.unwrap();
+    c.put(keys.export("a", "shop", "cart"), summary(1), None)
+        .await
+        .unwrap();
+    let w = start_watcher(etcd.endpoint()).await;
+    let rx = w.rx.clone();
+    eventually("the first list", Duration::from_secs(10), || {
+        let g = generation(&rx.borrow(), "a");
+        async move { (g == Some(1)).then_some(()) }
+    })
+    .await;
+    let publishes = w.stats.publishes.load(Ordering::Relaxed);
+
+    etcd.kill();
+    let stats = w.stats.clone();
+    eventually(
+        "the watcher to notice the outage",
+        Duration::from_secs(10),
+        || {
+            let n = stats.etcd_errors.load(Ordering::Relaxed);
+            async move { (n > 0).then_some(()) }
+        },
+    )
+    .await;
+    // Nothing was published during the outage: no empty or partial view.
+    assert_eq!(w.stats.publishes.load(Ordering::Relaxed), publishes);
+    assert_eq!(generation(&rx.borrow(), "a"), Some(1));
+
+    etcd.restart().await.unwrap();
+    let mut c = etcd.client().await.unwrap();
+    c.put(keys.export("a", "shop", "cart"), summary(2), None)
+        .await
+        .unwrap();
+    eventually(
+        "the resync after etcd returns",
+        Duration::from_secs(20),
+        || {
+            let g = generation(&rx.borrow(), "a");
+            async move { (g == Some(2)).then_some(()) }
+        },
+    )
+    .await;
+}
