@@ -6,9 +6,11 @@
 //! operator's command do the I/O; everything else depends on these types.
 
 pub mod keys;
+pub mod local;
 pub mod names;
 pub mod records;
 
 pub use keys::{DEFAULT_PREFIX, GlobalKey, KeySpace};
+pub use local::{Endpoint, LocalService, LocalServices, ServiceKey};
 pub use names::{NameError, validate_label};
 pub use records::{AliveRecord, ClusterRecord, ExportSummary, GatewayAddress, ZoneCapacity};

@@ -5,6 +5,7 @@
 //! It does not own the data plane: proxies and gateways never talk to etcd.
 
 pub mod join;
+pub mod registry;
 pub mod view;
 pub mod watcher;
 pub mod zone;

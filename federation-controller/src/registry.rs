@@ -1,0 +1,275 @@
+//! Local discovery sources. Every source produces the same thing: a `watch`
+//! channel of this cluster's services with their endpoints. The file registry
+//! lives here; a Kubernetes source (a later part) plugs into the same seam.
+//!
+//! The file registry serves VMs and the local runner: a YAML list of services
+//! and endpoints, re-read when the file changes. A bad edit is reported with
+//! its line and column, and the last good version stays in force.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use fedmesh_api::{Endpoint, LocalService, LocalServices, ServiceKey, validate_label};
+use serde::Deserialize;
+use tokio::sync::watch;
+
+/// A source of this cluster's services.
+pub trait DiscoverySource {
+    /// The current services; the channel updates whenever they change.
+    fn services(&self) -> watch::Receiver<Arc<LocalServices>>;
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{path}: {message}")]
+pub struct RegistryError {
+    pub path: String,
+    /// Includes the line and column where the YAML parser knows them.
+    pub message: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileDoc {
+    #[serde(default)]
+    services: Vec<FileService>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileService {
+    namespace: String,
+    name: String,
+    ports: Vec<u16>,
+    #[serde(default)]
+    endpoints: Vec<FileEndpoint>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileEndpoint {
+    address: String,
+    zone: String,
+    #[serde(default = "yes")]
+    healthy: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Parses and validates a registry document. `origin` names the file.
+pub fn parse_registry(yaml: &str, origin: &str) -> Result<LocalServices, RegistryError> {
+    let err = |message: String| RegistryError {
+        path: origin.into(),
+        message,
+    };
+    let doc: FileDoc = if yaml.trim().is_empty() {
+        FileDoc { services: vec![] }
+    } else {
+        serde_saphyr::from_str(yaml).map_err(|e| err(e.to_string()))?
+    };
+    let mut out = LocalServices::new();
+    for (i, svc) in doc.services.into_iter().enumerate() {
+        let at = format!("services[{i}] ({}/{})", svc.namespace, svc.name);
+        validate_label("namespace", &svc.namespace).map_err(|e| err(format!("{at}: {e}")))?;
+        validate_label("service name", &svc.name).map_err(|e| err(format!("{at}: {e}")))?;
+        if svc.ports.is_empty() || svc.ports.contains(&0) {
+            return Err(err(format!(
+                "{at}: ports: list one or more ports from 1 to 65535"
+            )));
+        }
+        let mut seen = BTreeSet::new();
+        let mut endpoints = Vec::with_capacity(svc.endpoints.len());
+        for (j, ep) in svc.endpoints.into_iter().enumerate() {
+            let at = format!("{at}.endpoints[{j}]");
+            let address: SocketAddr = ep.address.parse().map_err(|_| {
+                err(format!(
+                    "{at}.address: {:?} is not an ip:port address",
+                    ep.address
+                ))
+            })?;
+            validate_label("zone", &ep.zone).map_err(|e| err(format!("{at}: {e}")))?;
+            if !seen.insert(address) {
+                return Err(err(format!("{at}.address: {address} is listed twice")));
+            }
+            endpoints.push(Endpoint {
+                address,
+                zone: ep.zone,
+                healthy: ep.healthy,
+            });
+        }
+        let key = ServiceKey::new(&svc.namespace, &svc.name);
+        let service = LocalService {
+            ports: svc.ports,
+            endpoints,
+        };
+        if out.insert(key.clone(), service).is_some() {
+            return Err(err(format!("{at}: service {key} is listed twice")));
+        }
+    }
+    Ok(out)
+}
+
+/// The file registry: reads `path` now, then polls it for changes.
+#[derive(Debug)]
+pub struct FileRegistry {
+    rx: watch::Receiver<Arc<LocalServices>>,
+    errors: watch::Receiver<Option<RegistryError>>,
+    _task: tokio::task::JoinHandle<()>,
+}
+
+impl FileRegistry {
+    /// Fails if the file cannot be read or is invalid at start-up: there is
+    /// no last good version to fall back on yet.
+    pub async fn start(path: PathBuf, poll: Duration) -> Result<Self, RegistryError> {
+        let (first, stamp) = load(&path).await?;
+        let (tx, rx) = watch::channel(Arc::new(first));
+        let (err_tx, errors) = watch::channel(None);
+        let task = tokio::spawn(follow(path, poll, stamp, tx, err_tx));
+        Ok(Self {
+            rx,
+            errors,
+            _task: task,
+        })
+    }
+
+    /// The most recent reload error, or `None` when the file is good.
+    pub fn last_error(&self) -> Option<RegistryError> {
+        self.errors.borrow().clone()
+    }
+}
+
+impl DiscoverySource for FileRegistry {
+    fn services(&self) -> watch::Receiver<Arc<LocalServices>> {
+        self.rx.clone()
+    }
+}
+
+/// File content is the change detector: modification times can be too
+/// coarse to notice two quick edits.
+type Stamp = Vec<u8>;
+
+async fn load(path: &Path) -> Result<(LocalServices, Stamp), RegistryError> {
+    let origin = path.display().to_string();
+    let raw = tokio::fs::read(path).await.map_err(|e| RegistryError {
+        path: origin.clone(),
+        message: e.to_string(),
+    })?;
+    let text = String::from_utf8(raw.clone()).map_err(|e| RegistryError {
+        path: origin.clone(),
+        message: format!("not UTF-8: {e}"),
+    })?;
+    Ok((parse_registry(&text, &origin)?, raw))
+}
+
+async fn follow(
+    path: PathBuf,
+    poll: Duration,
+    mut stamp: Stamp,
+    tx: watch::Sender<Arc<LocalServices>>,
+    errors: watch::Sender<Option<RegistryError>>,
+) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(poll) => {}
+            _ = tx.closed() => return,
+        }
+        let Ok(raw) = tokio::fs::read(&path).await else {
+            // A file being replaced may be briefly missing; try next tick.
+            continue;
+        };
+        if raw == stamp {
+            continue;
+        }
+        stamp = raw;
+        match load(&path).await {
+            Ok((services, _)) => {
+                errors.send_replace(None);
+                tx.send_if_modified(|cur| {
+                    if **cur == services {
+                        return false;
+                    }
+                    *cur = Arc::new(services);
+                    true
+                });
+                tracing::info!(path = %path.display(), "registry reloaded");
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "registry edit rejected; keeping the last good version");
+                errors.send_replace(Some(e));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = "\
+services:
+  - namespace: shop
+    name: checkout
+    ports: [8080]
+    endpoints:
+      - address: 127.0.1.10:8080
+        zone: az1
+      - address: 127.0.1.11:8080
+        zone: az2
+        healthy: false
+";
+
+    #[test]
+    fn parses_services_and_endpoints() {
+        let s = parse_registry(GOOD, "registry.yaml").unwrap();
+        let svc = &s[&ServiceKey::new("shop", "checkout")];
+        assert_eq!(svc.ports, [8080]);
+        assert_eq!(svc.endpoints.len(), 2);
+        assert!(svc.endpoints[0].healthy, "healthy defaults to true");
+        assert!(!svc.endpoints[1].healthy);
+        assert!(parse_registry("", "r").unwrap().is_empty());
+    }
+
+    #[test]
+    fn yaml_errors_carry_line_and_column() {
+        let bad = GOOD.replace("ports: [8080]", "ports: [8080");
+        let e = parse_registry(&bad, "registry.yaml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("registry.yaml:"), "{e}");
+        assert!(e.contains("line") && e.contains("column"), "{e}");
+
+        let unknown = GOOD.replace("zone: az1", "zone: az1\n        weight: 3");
+        let e = parse_registry(&unknown, "registry.yaml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("weight") && e.contains("line"), "{e}");
+    }
+
+    #[test]
+    fn semantic_errors_name_the_entry() {
+        let cases = [
+            (
+                GOOD.replace("127.0.1.10:8080", "not-an-address"),
+                "services[0] (shop/checkout).endpoints[0].address",
+            ),
+            (GOOD.replace("zone: az1", "zone: AZ_1"), "zone \"AZ_1\""),
+            (GOOD.replace("ports: [8080]", "ports: []"), "ports"),
+            (
+                GOOD.replace("127.0.1.11:8080", "127.0.1.10:8080"),
+                "listed twice",
+            ),
+            (
+                format!("{GOOD}{}", &GOOD["services:\n".len()..]),
+                "shop/checkout is listed twice",
+            ),
+        ];
+        for (doc, want) in cases {
+            let e = parse_registry(&doc, "r.yaml").unwrap_err().to_string();
+            assert!(e.contains(want), "{want}: {e}");
+        }
+    }
+}
