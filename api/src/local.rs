@@ -7,8 +7,9 @@ use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
-/// `namespace/name` of a service.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+/// `namespace/name` of a service. Serialised as that string, so that it can
+/// key a JSON object.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ServiceKey {
     pub namespace: String,
     pub name: String,
@@ -20,6 +21,32 @@ impl ServiceKey {
             namespace: namespace.into(),
             name: name.into(),
         }
+    }
+}
+
+impl std::str::FromStr for ServiceKey {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.split_once('/') {
+            Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
+                Ok(Self::new(ns, name))
+            }
+            _ => Err(format!("service {s:?}: expected namespace/name")),
+        }
+    }
+}
+
+impl Serialize for ServiceKey {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for ServiceKey {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
     }
 }
 
@@ -46,3 +73,23 @@ pub struct LocalService {
 
 /// Everything a local discovery source reports, by service.
 pub type LocalServices = BTreeMap<ServiceKey, LocalService>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn service_keys_are_namespace_slash_name_strings() {
+        let k = ServiceKey::new("shop", "cart");
+        assert_eq!(serde_json::to_string(&k).unwrap(), "\"shop/cart\"");
+        let map = BTreeMap::from([(k.clone(), 1)]);
+        assert_eq!(serde_json::to_string(&map).unwrap(), "{\"shop/cart\":1}");
+        assert_eq!(
+            serde_json::from_str::<ServiceKey>("\"shop/cart\"").unwrap(),
+            k
+        );
+        for bad in ["\"shop\"", "\"/cart\"", "\"a/b/c\""] {
+            assert!(serde_json::from_str::<ServiceKey>(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -5,6 +5,8 @@
 //! It does not own the data plane: proxies and gateways never talk to etcd.
 
 pub mod join;
+pub mod mesh;
+pub mod publish;
 pub mod registry;
 pub mod view;
 pub mod watcher;
