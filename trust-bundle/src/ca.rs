@@ -393,6 +393,17 @@ impl ClusterCa {
     }
 }
 
+/// A fresh P-256 key and a CSR for `id`, as a workload sends to `Certify`.
+pub fn certificate_request(id: &SpiffeId) -> Result<(Vec<u8>, PrivateKeyDer<'static>), CaError> {
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    params.subject_alt_names = vec![SanType::URI(id.as_str().try_into()?)];
+    let csr = params.serialize_request(&key)?;
+    let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+    Ok((csr.der().to_vec(), key_der))
+}
+
 fn load_key(der: &PrivateKeyDer<'_>, origin: &str) -> Result<KeyPair, CaError> {
     if let PrivateKeyDer::Pkcs1(_) = der {
         return Err(CaError::WrongKeyType {
@@ -761,6 +772,18 @@ mod tests {
             ca.sign_csr(b"\x30\x03\x02\x01", &allowed, &policy, now())
                 .is_err()
         );
+    }
+
+    #[test]
+    fn certificate_request_round_trips_through_sign_csr() {
+        let t = td("aws.example");
+        let ca = ClusterCa::generate(&t, &CaOptions::default(), now()).unwrap();
+        let id = SpiffeId::workload(&t, "shop", "web").unwrap();
+        let (csr, key) = certificate_request(&id).unwrap();
+        let cert = ca
+            .sign_csr(&csr, &id, &SvidPolicy::default(), now())
+            .unwrap();
+        assert_eq!(Svid::new(vec![cert], key).unwrap().spiffe_id(), &id);
     }
 
     #[test]

@@ -44,14 +44,17 @@ pub mod tls;
 pub mod verify;
 
 pub use bundle::{Bundle, BundleError};
-pub use ca::{CaError, CaOptions, ClusterCa, KeyAlgorithm, SvidPolicy};
+pub use ca::{CaError, CaOptions, ClusterCa, KeyAlgorithm, SvidPolicy, certificate_request};
 pub use rotation::{
     Authority, Clock, RenewError, RenewalPolicy, RenewalState, RotationError, RotationPhase,
     RotationPolicy, SvidSource, SystemClock, spawn_renewer,
 };
 pub use spiffe::{SpiffeId, SpiffeIdError, TrustDomain};
 pub use svid::{Svid, SvidError};
-pub use tls::{client_config, crypto_provider, install_default_provider, server_config};
+pub use tls::{
+    client_config, client_config_without_svid, crypto_provider, install_default_provider,
+    server_config, server_config_optional_client_auth,
+};
 pub use verify::{
     AllowAnyVerified, AllowIds, AllowTrustDomains, AuthorizeFn, Authorizer, BundleSet, Usage,
     VerifyError, peer_spiffe_id,

@@ -65,6 +65,28 @@ pub fn server_config(
     authorizer: Arc<dyn Authorizer>,
     alpn: &[&[u8]],
 ) -> Result<ServerConfig, TlsConfigError> {
+    build_server_config(svid, bundles, authorizer, alpn, true)
+}
+
+/// Like [`server_config`], but a client without a certificate may connect
+/// too; one that presents a certificate is verified all the same. For
+/// bootstrap endpoints such as the controller's `Certify`.
+pub fn server_config_optional_client_auth(
+    svid: watch::Receiver<Arc<Svid>>,
+    bundles: watch::Receiver<Arc<BundleSet>>,
+    authorizer: Arc<dyn Authorizer>,
+    alpn: &[&[u8]],
+) -> Result<ServerConfig, TlsConfigError> {
+    build_server_config(svid, bundles, authorizer, alpn, false)
+}
+
+fn build_server_config(
+    svid: watch::Receiver<Arc<Svid>>,
+    bundles: watch::Receiver<Arc<BundleSet>>,
+    authorizer: Arc<dyn Authorizer>,
+    alpn: &[&[u8]],
+    mandatory: bool,
+) -> Result<ServerConfig, TlsConfigError> {
     let provider = crypto_provider();
     let verifier = SpiffeVerifier::new(
         bundles,
@@ -73,7 +95,10 @@ pub fn server_config(
     );
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_client_cert_verifier(Arc::new(SpiffeClientVerifier(verifier)))
+        .with_client_cert_verifier(Arc::new(SpiffeClientVerifier {
+            verifier,
+            mandatory,
+        }))
         .with_cert_resolver(Arc::new(SvidResolver(svid)));
     // No resumption: a resumed session skips certificate verification, so a
     // peer whose bundle was withdrawn, or whose ID the authorizer no longer
@@ -105,6 +130,30 @@ pub fn client_config(
         .with_custom_certificate_verifier(Arc::new(SpiffeServerVerifier(verifier)))
         .with_client_cert_resolver(Arc::new(SvidResolver(svid)));
     // See `server_config`: every connection verifies against current bundles.
+    config.resumption = rustls::client::Resumption::disabled();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(config)
+}
+
+/// A client config for a caller that has no SVID yet (bootstrap: the
+/// controller's `Certify`). It still verifies the server like
+/// [`client_config`] does.
+pub fn client_config_without_svid(
+    bundles: watch::Receiver<Arc<BundleSet>>,
+    authorizer: Arc<dyn Authorizer>,
+    alpn: &[&[u8]],
+) -> Result<ClientConfig, TlsConfigError> {
+    let provider = crypto_provider();
+    let verifier = SpiffeVerifier::new(
+        bundles,
+        authorizer,
+        provider.signature_verification_algorithms,
+    );
+    let mut config = ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(SpiffeServerVerifier(verifier)))
+        .with_no_client_auth();
     config.resumption = rustls::client::Resumption::disabled();
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(config)

@@ -328,11 +328,20 @@ impl ServerCertVerifier for SpiffeServerVerifier {
     }
 }
 
-/// The server-side view: requires and verifies a client SVID.
+/// The server-side view: verifies a client SVID. With `mandatory` false a
+/// client may also connect without a certificate (to bootstrap one); the
+/// application then decides what such a client may do.
 #[derive(Debug, Clone)]
-pub struct SpiffeClientVerifier(pub SpiffeVerifier);
+pub struct SpiffeClientVerifier {
+    pub verifier: SpiffeVerifier,
+    pub mandatory: bool,
+}
 
 impl ClientCertVerifier for SpiffeClientVerifier {
+    fn client_auth_mandatory(&self) -> bool {
+        self.mandatory
+    }
+
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
         // Clients hold one SVID each; hints would only leak the federation's shape.
         &[]
@@ -344,7 +353,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        self.0
+        self.verifier
             .verify(end_entity, intermediates, now, Usage::Client)
             .map(|_| ClientCertVerified::assertion())
             .map_err(VerifyError::into_rustls)
@@ -365,11 +374,11 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls13(message, cert, dss)
+        self.verifier.verify_tls13(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.algorithms.supported_schemes()
+        self.verifier.algorithms.supported_schemes()
     }
 }
 

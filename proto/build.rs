@@ -1,0 +1,5 @@
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    tonic_prost_build::configure()
+        .compile_protos(&["proto/fedmesh/discovery/v1/discovery.proto"], &["proto"])?;
+    Ok(())
+}
