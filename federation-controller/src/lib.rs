@@ -4,6 +4,9 @@
 //!
 //! It does not own the data plane: proxies and gateways never talk to etcd.
 
+pub mod admin;
+pub mod controller;
+pub mod discovery;
 pub mod join;
 pub mod mesh;
 pub mod publish;

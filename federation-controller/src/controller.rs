@@ -1,0 +1,356 @@
+//! The controller's runtime: wires the discovery source, the global-zone
+//! watcher, the publisher, the mesh builder, the gRPC server and the admin
+//! port together. Each part is its own task; this module only connects them.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use etcd_client::{Client, ConnectOptions};
+use fedmesh_api::{AliveRecord, KeySpace, LocalServices};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use trust_bundle::{
+    AllowTrustDomains, Authority, Bundle, BundleSet, RenewError, RenewalPolicy, RotationPolicy,
+    SpiffeId, Svid, SvidPolicy, SvidSource, SystemClock, TrustDomain,
+};
+
+use crate::admin::{self, ControllerMetrics};
+use crate::discovery::{self, DiscoveryService, Versioned};
+use crate::join::JoinDir;
+use crate::mesh;
+use crate::publish;
+use crate::registry::{DiscoverySource, FileRegistry, RegistryError};
+use crate::view::GlobalView;
+use crate::watcher::{self, WatcherConfig};
+
+/// How a controller runs. Fields are public and documented; the binary fills
+/// them from flags.
+#[derive(Debug)]
+pub struct ControllerConfig {
+    /// What `fedmesh register cluster` wrote.
+    pub join: JoinDir,
+    /// The file registry (the local discovery source).
+    pub registry: PathBuf,
+    /// How often the registry file is checked for changes.
+    pub registry_poll: Duration,
+    /// Where proxies and gateways reach the discovery and Certify API.
+    pub discovery_addr: SocketAddr,
+    /// Metrics, `/ready` and `/live`; `None` to disable.
+    pub admin_addr: Option<SocketAddr>,
+    /// Join token → the identity it allows `Certify` to issue.
+    pub tokens: HashMap<String, SpiffeId>,
+    /// TTL of the `alive/<cluster>` lease.
+    pub alive_ttl: Duration,
+    pub watcher: WatcherConfig,
+}
+
+impl ControllerConfig {
+    pub fn new(join: JoinDir, registry: PathBuf, discovery_addr: SocketAddr) -> Self {
+        Self {
+            join,
+            registry,
+            registry_poll: Duration::from_millis(500),
+            discovery_addr,
+            admin_addr: None,
+            tokens: HashMap::new(),
+            alive_ttl: Duration::from_secs(10),
+            watcher: WatcherConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControllerError {
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error("binding {what} on {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("etcd client: {0}")]
+    Etcd(#[from] etcd_client::Error),
+    #[error("issuing the controller's SVID: {0}")]
+    Identity(#[from] trust_bundle::CaError),
+    #[error("trust domain: {0}")]
+    TrustDomain(#[from] trust_bundle::SpiffeIdError),
+    #[error("TLS: {0}")]
+    Tls(#[from] trust_bundle::tls::TlsConfigError),
+}
+
+/// A running controller. Dropping it stops every task.
+#[derive(Debug)]
+pub struct Controller {
+    pub discovery_addr: SocketAddr,
+    pub admin_addr: Option<SocketAddr>,
+    pub metrics: Arc<ControllerMetrics>,
+    pub snapshots: discovery::Snapshots,
+    pub bundles: watch::Receiver<Arc<BundleSet>>,
+    stop: watch::Sender<bool>,
+    tasks: JoinSet<()>,
+}
+
+/// Issues SVIDs from this cluster's own authority.
+struct LocalIssuer {
+    authority: Arc<Mutex<Authority>>,
+    id: SpiffeId,
+}
+
+impl SvidSource for LocalIssuer {
+    async fn fetch(&self) -> Result<Svid, RenewError> {
+        let mut a = self
+            .authority
+            .lock()
+            .map_err(|_| RenewError("authority lock poisoned".into()))?;
+        let now = SystemTime::now();
+        a.poll(now);
+        a.issue(&self.id, now).map_err(|e| RenewError(e.into()))
+    }
+}
+
+impl Controller {
+    pub async fn start(config: ControllerConfig) -> Result<Self, ControllerError> {
+        let JoinDir { cluster, etcd, ca } = config.join;
+        let td = TrustDomain::new(&cluster.trust_domain)?;
+        let keys = KeySpace::new(&etcd.prefix);
+        let mut tasks = JoinSet::new();
+        let (stop, stop_rx) = watch::channel(false);
+        let metrics = Arc::new(ControllerMetrics::default());
+
+        // Identity: our authority, and the controller's own SVID, renewed.
+        let now = SystemTime::now();
+        let authority = Arc::new(Mutex::new(Authority::new(
+            ca,
+            SvidPolicy::default(),
+            RotationPolicy::default(),
+            now,
+        )));
+        let own_bundle = lock(&authority).bundle();
+        let controller_id = SpiffeId::controller(&td, &cluster.name)?;
+        let svid = lock(&authority).issue(&controller_id, now)?;
+        let issuer = LocalIssuer {
+            authority: authority.clone(),
+            id: controller_id,
+        };
+        let (svid_rx, renewer) =
+            trust_bundle::spawn_renewer(issuer, svid, RenewalPolicy::default(), SystemClock);
+        tasks.spawn(async move {
+            let _ = renewer.await;
+        });
+
+        // etcd: connects lazily, so a controller starts even while etcd is down.
+        let mut opts = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(2))
+            .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2));
+        if let (Some(u), Some(p)) = (&etcd.user, &etcd.password) {
+            opts = opts.with_user(u.as_str(), p.as_str());
+        }
+        let client = Client::connect(&etcd.endpoints, Some(opts)).await?;
+
+        // Local discovery.
+        let registry = FileRegistry::start(config.registry, config.registry_poll).await?;
+        let local = registry.services();
+
+        // The global zone.
+        let (view_tx, view_rx) = watch::channel(Arc::new(GlobalView::new(keys.clone())));
+        tasks.spawn(watcher::run(
+            client.clone(),
+            GlobalView::new(keys.clone()),
+            view_tx,
+            config.watcher,
+            metrics.watch.clone(),
+        ));
+        tasks.spawn(publish::run_exports(
+            client.clone(),
+            keys.clone(),
+            cluster.name.clone(),
+            local.clone(),
+            metrics.publish.clone(),
+        ));
+        let alive = AliveRecord {
+            controller: format!("fedmesh-controller/{}", cluster.name),
+            started_at: time::OffsetDateTime::now_utc(),
+            version: env!("CARGO_PKG_VERSION").into(),
+        };
+        tasks.spawn(publish::run_alive(
+            client.clone(),
+            keys.alive(&cluster.name),
+            alive,
+            config.alive_ttl,
+            stop_rx.clone(),
+        ));
+        tasks.spawn(sample_lag(client, view_rx.clone(), metrics.clone()));
+
+        // The mesh: rebuilt on every change, versioned, published only once
+        // the global zone has been listed at least once.
+        let (snap_tx, snap_rx) = watch::channel::<Option<Arc<Versioned>>>(None);
+        let (bundles_tx, bundles_rx) = watch::channel(Arc::new(bundle_set(&own_bundle, None)));
+        tasks.spawn(build_mesh(
+            cluster.name.clone(),
+            own_bundle,
+            local,
+            view_rx,
+            snap_tx,
+            bundles_tx,
+            metrics.clone(),
+        ));
+        // Keep the registry's poller alive as long as the controller.
+        tasks.spawn(async move {
+            let _registry = registry;
+            std::future::pending::<()>().await;
+        });
+
+        // Discovery and Certify.
+        let tls = trust_bundle::server_config_optional_client_auth(
+            svid_rx,
+            bundles_rx.clone(),
+            Arc::new(AllowTrustDomains([td.clone()].into())),
+            &[b"h2"],
+        )?;
+        let listener = TcpListener::bind(config.discovery_addr)
+            .await
+            .map_err(|source| ControllerError::Bind {
+                what: "the discovery API",
+                addr: config.discovery_addr,
+                source,
+            })?;
+        let discovery_addr = listener
+            .local_addr()
+            .map_err(|source| ControllerError::Bind {
+                what: "the discovery API",
+                addr: config.discovery_addr,
+                source,
+            })?;
+        let service = DiscoveryService::new(
+            td,
+            snap_rx.clone(),
+            authority,
+            config.tokens,
+            metrics.discovery.clone(),
+        );
+        let mut stop_grpc = stop_rx.clone();
+        tasks.spawn(async move {
+            let shutdown = async move {
+                let _ = stop_grpc.changed().await;
+            };
+            if let Err(e) = discovery::serve(listener, Arc::new(tls), service, shutdown).await {
+                tracing::error!(error = %e, "discovery server failed");
+            }
+        });
+
+        let admin_addr = match config.admin_addr {
+            Some(addr) => {
+                let l = TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| ControllerError::Bind {
+                        what: "the admin port",
+                        addr,
+                        source,
+                    })?;
+                let bound = l.local_addr().ok();
+                tasks.spawn(admin::serve(l, metrics.clone(), snap_rx.clone()));
+                bound
+            }
+            None => None,
+        };
+        tracing::info!(cluster = %cluster.name, %discovery_addr, ?admin_addr, "controller started");
+        Ok(Self {
+            discovery_addr,
+            admin_addr,
+            metrics,
+            snapshots: snap_rx,
+            bundles: bundles_rx,
+            stop,
+            tasks,
+        })
+    }
+
+    /// Stops serving; the alive lease is left to expire.
+    pub async fn shutdown(mut self) {
+        let _ = self.stop.send(true);
+        self.tasks.abort_all();
+        while self.tasks.join_next().await.is_some() {}
+    }
+}
+
+fn lock(a: &Mutex<Authority>) -> std::sync::MutexGuard<'_, Authority> {
+    // A poisoned authority lock means a panic mid-issuance elsewhere; the
+    // data inside is still consistent (issuance is a single push).
+    a.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn bundle_set(own: &Bundle, global: Option<&GlobalView>) -> BundleSet {
+    let mut set = BundleSet::new();
+    if let Some(g) = global {
+        for b in g.bundles.values() {
+            set.insert(b.clone());
+        }
+    }
+    // Our own roots come from our authority, whatever etcd says.
+    set.insert(own.clone());
+    set
+}
+
+async fn build_mesh(
+    cluster: String,
+    own_bundle: Bundle,
+    mut local: watch::Receiver<Arc<LocalServices>>,
+    mut global: watch::Receiver<Arc<GlobalView>>,
+    snapshots: watch::Sender<Option<Arc<Versioned>>>,
+    bundles: watch::Sender<Arc<BundleSet>>,
+    metrics: Arc<ControllerMetrics>,
+) {
+    let mut version = 0u64;
+    let mut last: Option<mesh::MeshView> = None;
+    loop {
+        let g = global.borrow_and_update().clone();
+        let l = local.borrow_and_update().clone();
+        metrics.view_revision.store(g.revision(), Ordering::Relaxed);
+        // Never publish before the first complete listing: an empty mesh
+        // would tell proxies that nothing exists anywhere.
+        if g.revision() > 0 {
+            let view = mesh::build(&cluster, &l, &g);
+            if last.as_ref() != Some(&view) {
+                version += 1;
+                let snapshot = discovery::to_proto(&view);
+                snapshots.send_replace(Some(Arc::new(Versioned { version, snapshot })));
+                let set = bundle_set(&own_bundle, Some(&g));
+                bundles.send_if_modified(|cur| {
+                    if **cur == set {
+                        return false;
+                    }
+                    *cur = Arc::new(set);
+                    true
+                });
+                last = Some(view);
+            }
+        }
+        tokio::select! {
+            r = local.changed() => if r.is_err() { return },
+            r = global.changed() => if r.is_err() { return },
+        }
+    }
+}
+
+/// Samples how far the view trails etcd, for the admin port.
+async fn sample_lag(
+    mut client: Client,
+    view: watch::Receiver<Arc<GlobalView>>,
+    metrics: Arc<ControllerMetrics>,
+) {
+    loop {
+        if let Ok(status) = client.status().await
+            && let Some(h) = status.header()
+        {
+            let lag = (h.revision() - view.borrow().revision()).max(0);
+            metrics.watch_lag_revisions.store(lag, Ordering::Relaxed);
+        }
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
+}
