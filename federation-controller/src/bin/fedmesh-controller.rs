@@ -1,0 +1,122 @@
+//! `fedmesh-controller`: the federation controller of one cluster.
+
+#![forbid(unsafe_code)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use federation_controller::controller::{Controller, ControllerConfig};
+use federation_controller::join::JoinDir;
+use serde::Deserialize;
+use trust_bundle::SpiffeId;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "fedmesh-controller",
+    version,
+    about = "The federation controller of one cluster: publishes its services to the global zone, watches everyone else's, and serves the mesh to local proxies and gateways."
+)]
+struct Args {
+    /// The join directory written by `fedmesh register cluster`.
+    #[arg(long)]
+    join: PathBuf,
+    /// The file registry of local services (YAML), re-read when it changes.
+    #[arg(long)]
+    registry: PathBuf,
+    /// Address of the discovery and Certify API (gRPC over mutual TLS).
+    #[arg(long, default_value = "127.0.0.1:15010")]
+    listen: SocketAddr,
+    /// Address of the admin port (/metrics, /ready, /live).
+    #[arg(long, default_value = "127.0.0.1:15014")]
+    admin: SocketAddr,
+    /// YAML file of join tokens: `tokens: [{token: ..., spiffeId: ...}]`.
+    #[arg(long)]
+    tokens: Option<PathBuf>,
+    /// TTL of this cluster's liveness key, in seconds.
+    #[arg(long, default_value_t = 10)]
+    alive_ttl: u64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenFile {
+    tokens: Vec<TokenEntry>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct TokenEntry {
+    token: String,
+    spiffe_id: SpiffeId,
+}
+
+fn load_tokens(path: &Path) -> anyhow::Result<HashMap<String, SpiffeId>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let file: TokenFile =
+        serde_saphyr::from_str(&text).with_context(|| format!("{}", path.display()))?;
+    let mut out = HashMap::new();
+    for (i, t) in file.tokens.into_iter().enumerate() {
+        if t.token.len() < 16 {
+            anyhow::bail!(
+                "{}: tokens[{i}].token: use at least 16 characters",
+                path.display()
+            );
+        }
+        if out.insert(t.token, t.spiffe_id).is_some() {
+            anyhow::bail!("{}: tokens[{i}].token: listed twice", path.display());
+        }
+    }
+    Ok(out)
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    trust_bundle::install_default_provider();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    match run(Args::parse()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let join = JoinDir::load(&args.join)
+        .with_context(|| format!("loading the join directory {}", args.join.display()))?;
+    let mut config = ControllerConfig::new(join, args.registry, args.listen);
+    config.admin_addr = Some(args.admin);
+    config.alive_ttl = Duration::from_secs(args.alive_ttl.max(2));
+    if let Some(path) = &args.tokens {
+        config.tokens = load_tokens(path)?;
+    }
+    let controller = Controller::start(config).await?;
+    println!(
+        "fedmesh-controller: discovery on {}, admin on {}",
+        controller.discovery_addr,
+        controller
+            .admin_addr
+            .map(|a| a.to_string())
+            .unwrap_or_default()
+    );
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down");
+    controller.shutdown().await;
+    Ok(())
+}

@@ -1,0 +1,427 @@
+//! Two controllers against one real etcd: discovery across clusters, Certify,
+//! ACK/NACK, reconnects, static stability, and the admin port.
+
+#![allow(clippy::unwrap_used)] // Tests fail loudly by design.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use federation_controller::controller::{Controller, ControllerConfig};
+use federation_controller::join::{EtcdAccess, JoinDir};
+use federation_controller::watcher::WatcherConfig;
+use federation_controller::{GlobalZone, discovery};
+use fedmesh_api::{ClusterRecord, KeySpace};
+use fedmesh_proto::discovery::v1 as pb;
+use fedmesh_test_support::{Etcd, eventually};
+use pb::discovery_client::DiscoveryClient;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use trust_bundle::{
+    AllowAnyVerified, Bundle, BundleSet, CaOptions, ClusterCa, SpiffeId, Svid, TrustDomain,
+};
+
+const TOKEN: &str = "web-token-0123456789abcdef";
+
+fn registry_doc(healthy: usize) -> String {
+    let mut s = String::from(
+        "services:\n  - namespace: shop\n    name: cart\n    ports: [8080]\n    endpoints:\n",
+    );
+    for i in 0..3 {
+        s.push_str(&format!(
+            "      - address: 127.0.1.{}:8080\n        zone: az1\n        healthy: {}\n",
+            10 + i,
+            i < healthy
+        ));
+    }
+    s
+}
+
+struct Cluster {
+    name: String,
+    td: TrustDomain,
+    ca_bundle: Bundle,
+    registry: PathBuf,
+    controller: Controller,
+    _dir: tempfile::TempDir,
+}
+
+async fn cluster(etcd: &Etcd, name: &str, n: u8, services: &str) -> Cluster {
+    let dir = tempfile::tempdir().unwrap();
+    let td = TrustDomain::new(&format!("{name}.fedmesh.test")).unwrap();
+    let ca = ClusterCa::generate(&td, &CaOptions::default(), SystemTime::now()).unwrap();
+    let ca_bundle = Bundle::with_roots(td.clone(), [ca.cert_der().clone()]);
+    let record = ClusterRecord {
+        name: name.into(),
+        cloud: name.into(),
+        region: "r1".into(),
+        zones: vec!["az1".into()],
+        trust_domain: td.to_string(),
+        gateways: vec![format!("127.0.{n}.1:15443").parse().unwrap()],
+        labels: BTreeMap::new(),
+        registered_at: time::OffsetDateTime::now_utc(),
+    };
+    let mut zone = GlobalZone::new(etcd.client().await.unwrap(), KeySpace::default());
+    zone.register(&record, &ca_bundle).await.unwrap();
+    let join = JoinDir {
+        cluster: record,
+        etcd: EtcdAccess {
+            endpoints: vec![etcd.endpoint()],
+            prefix: KeySpace::default().prefix().into(),
+            user: None,
+            password: None,
+        },
+        ca,
+    };
+    let registry = dir.path().join("registry.yaml");
+    std::fs::write(&registry, services).unwrap();
+    let mut config = ControllerConfig::new(
+        join,
+        registry.clone(),
+        format!("127.0.{n}.2:0").parse().unwrap(),
+    );
+    config.admin_addr = Some(format!("127.0.{n}.2:0").parse().unwrap());
+    config.registry_poll = Duration::from_millis(20);
+    config.tokens = HashMap::from([(
+        TOKEN.to_string(),
+        SpiffeId::workload(&td, "shop", "web").unwrap(),
+    )]);
+    config.watcher = WatcherConfig {
+        initial_backoff: Duration::from_millis(50),
+        max_backoff: Duration::from_millis(500),
+    };
+    let controller = Controller::start(config).await.unwrap();
+    Cluster {
+        name: name.into(),
+        td,
+        ca_bundle,
+        registry,
+        controller,
+        _dir: dir,
+    }
+}
+
+fn own_bundles(c: &Cluster) -> watch::Receiver<Arc<BundleSet>> {
+    let mut set = BundleSet::new();
+    set.insert(c.ca_bundle.clone());
+    watch::channel(Arc::new(set)).1
+}
+
+/// Bootstraps an SVID through Certify, as a proxy would.
+async fn certify(c: &Cluster, token: &str, id: &SpiffeId) -> Result<Svid, tonic::Status> {
+    let tls = trust_bundle::client_config_without_svid(
+        own_bundles(c),
+        Arc::new(AllowAnyVerified),
+        &[b"h2"],
+    )
+    .unwrap();
+    let channel = discovery::channel(c.controller.discovery_addr, Arc::new(tls))
+        .await
+        .unwrap();
+    let (csr, key) = trust_bundle::certificate_request(id).unwrap();
+    let resp = DiscoveryClient::new(channel)
+        .certify(pb::CertifyRequest {
+            csr_der: csr,
+            join_token: token.into(),
+        })
+        .await?
+        .into_inner();
+    assert!(resp.bundles.contains_key(c.td.as_str()));
+    let chain = resp.chain_der.into_iter().map(Into::into).collect();
+    Ok(Svid::new(chain, key).unwrap())
+}
+
+/// An open discovery stream.
+struct Stream {
+    requests: mpsc::Sender<pb::DiscoveryRequest>,
+    responses: tonic::Streaming<pb::DiscoveryResponse>,
+}
+
+impl Stream {
+    async fn open(c: &Cluster, svid: Svid, version: &str) -> Result<Self, tonic::Status> {
+        let (_tx, svid_rx) = watch::channel(Arc::new(svid));
+        std::mem::forget(_tx);
+        let tls = trust_bundle::client_config(
+            svid_rx,
+            own_bundles(c),
+            Arc::new(AllowAnyVerified),
+            &[b"h2"],
+        )
+        .unwrap();
+        let channel = discovery::channel(c.controller.discovery_addr, Arc::new(tls))
+            .await
+            .unwrap();
+        let (requests, rx) = mpsc::channel(8);
+        requests
+            .send(pb::DiscoveryRequest {
+                node: "test".into(),
+                version_info: version.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let responses = DiscoveryClient::new(channel)
+            .stream(ReceiverStream::new(rx))
+            .await?
+            .into_inner();
+        Ok(Self {
+            requests,
+            responses,
+        })
+    }
+
+    async fn next(&mut self) -> pb::DiscoveryResponse {
+        tokio::time::timeout(Duration::from_secs(15), self.responses.message())
+            .await
+            .expect("no response in time")
+            .unwrap()
+            .expect("stream ended")
+    }
+
+    /// The next response for which `want` holds, ACKing each one on the way.
+    async fn until(&mut self, want: impl Fn(&pb::MeshSnapshot) -> bool) -> pb::DiscoveryResponse {
+        loop {
+            let r = self.next().await;
+            self.ack(&r).await;
+            if want(r.snapshot.as_ref().unwrap()) {
+                return r;
+            }
+        }
+    }
+
+    async fn ack(&self, r: &pb::DiscoveryResponse) {
+        self.requests
+            .send(pb::DiscoveryRequest {
+                version_info: r.version_info.clone(),
+                response_nonce: r.nonce.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+
+    async fn nack(&self, r: &pb::DiscoveryResponse, held: &str) {
+        self.requests
+            .send(pb::DiscoveryRequest {
+                version_info: held.into(),
+                response_nonce: r.nonce.clone(),
+                error_detail: "rejected by test".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+
+    /// Whether anything arrives within `wait`. Used only to show that
+    /// nothing is resent; every positive expectation polls instead.
+    async fn quiet_for(&mut self, wait: Duration) -> bool {
+        tokio::time::timeout(wait, self.responses.message())
+            .await
+            .is_err()
+    }
+}
+
+fn remote_healthy(s: &pb::MeshSnapshot, cluster: &str) -> Option<u64> {
+    s.services
+        .iter()
+        .find(|svc| svc.namespace == "shop" && svc.name == "cart")?
+        .remote
+        .iter()
+        .find(|r| r.cluster == cluster)
+        .map(|r| r.healthy)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_in_one_cluster_reaches_anothers_discovery_stream() {
+    let etcd = Etcd::start().await.unwrap();
+    let a = cluster(&etcd, "aws", 1, &registry_doc(3)).await;
+    let b = cluster(&etcd, "gcp", 2, "").await;
+    let web = SpiffeId::workload(&b.td, "shop", "web").unwrap();
+    let svid = certify(&b, TOKEN, &web).await.unwrap();
+    assert_eq!(svid.spiffe_id(), &web);
+
+    let mut s = Stream::open(&b, svid.clone(), "").await.unwrap();
+    let first = s.until(|snap| remote_healthy(snap, "aws") == Some(3)).await;
+    let snap = first.snapshot.as_ref().unwrap();
+    assert_eq!(snap.cluster, "gcp");
+    let remote = &snap.services[0].remote[0];
+    assert_eq!(
+        (
+            remote.cloud.as_str(),
+            remote.gateways[0].address.as_str(),
+            remote.gateways[0].port
+        ),
+        ("aws", "127.0.1.1", 15443)
+    );
+    assert!(remote.verified, "aws's alive key is present");
+    assert!(
+        snap.bundles.contains_key("aws.fedmesh.test")
+            && snap.bundles.contains_key("gcp.fedmesh.test")
+    );
+
+    // One endpoint in aws turns unhealthy: gcp's stream gets a new version.
+    std::fs::write(&a.registry, registry_doc(2)).unwrap();
+    let second = s.until(|snap| remote_healthy(snap, "aws") == Some(2)).await;
+    assert_ne!(second.version_info, first.version_info);
+
+    // A NACK is not answered by resending the same version.
+    std::fs::write(&a.registry, registry_doc(1)).unwrap();
+    let third = s.next().await;
+    s.nack(&third, &second.version_info).await;
+    assert!(
+        s.quiet_for(Duration::from_millis(500)).await,
+        "a NACKed version was resent"
+    );
+    let nacks = b
+        .controller
+        .metrics
+        .discovery
+        .nacks
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(nacks, 1);
+
+    // Reconnecting with the version held: nothing is sent until a change.
+    drop(s);
+    let mut s = Stream::open(&b, svid, &third.version_info).await.unwrap();
+    assert!(
+        s.quiet_for(Duration::from_millis(500)).await,
+        "a held version was resent"
+    );
+    std::fs::write(&a.registry, registry_doc(3)).unwrap();
+    s.until(|snap| remote_healthy(snap, "aws") == Some(3)).await;
+    drop(a);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certify_signs_only_what_the_token_allows_and_discovery_needs_an_svid() {
+    let etcd = Etcd::start().await.unwrap();
+    let b = cluster(&etcd, "gcp", 2, "").await;
+    let web = SpiffeId::workload(&b.td, "shop", "web").unwrap();
+    let admin = SpiffeId::workload(&b.td, "shop", "admin").unwrap();
+
+    let err = certify(&b, "not-a-token-0000000000", &web)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    let err = certify(&b, TOKEN, &admin).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    assert!(err.message().contains("sa/admin"), "{}", err.message());
+
+    // Discovery without a client certificate is refused.
+    let tls = trust_bundle::client_config_without_svid(
+        own_bundles(&b),
+        Arc::new(AllowAnyVerified),
+        &[b"h2"],
+    )
+    .unwrap();
+    let channel = discovery::channel(b.controller.discovery_addr, Arc::new(tls))
+        .await
+        .unwrap();
+    let (_tx, rx) = mpsc::channel(1);
+    let err = DiscoveryClient::new(channel)
+        .stream(ReceiverStream::new(rx))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_etcd_down_discovery_keeps_serving_the_last_view_and_resyncs() {
+    let mut etcd = Etcd::start().await.unwrap();
+    let a = cluster(&etcd, "aws", 1, &registry_doc(3)).await;
+    let b = cluster(&etcd, "gcp", 2, "").await;
+    let svid = certify(
+        &b,
+        TOKEN,
+        &SpiffeId::workload(&b.td, "shop", "web").unwrap(),
+    )
+    .await
+    .unwrap();
+    let mut s = Stream::open(&b, svid.clone(), "").await.unwrap();
+    let before = s.until(|snap| remote_healthy(snap, "aws") == Some(3)).await;
+
+    etcd.kill();
+    let stats = b.controller.metrics.clone();
+    eventually(
+        "gcp's controller to notice the outage",
+        Duration::from_secs(15),
+        || {
+            let n = stats
+                .watch
+                .etcd_errors
+                .load(std::sync::atomic::Ordering::Relaxed);
+            async move { (n > 0).then_some(()) }
+        },
+    )
+    .await;
+    // The snapshot in force is the last good one, not an empty view.
+    let current = b.controller.snapshots.borrow().clone().unwrap();
+    assert_eq!(current.version.to_string(), before.version_info);
+    assert_eq!(remote_healthy(&current.snapshot, "aws"), Some(3));
+    // A proxy connecting now is served that view.
+    let mut late = Stream::open(&b, svid.clone(), "").await.unwrap();
+    let served = late.next().await;
+    assert_eq!(served.version_info, before.version_info);
+    // A local change while etcd is down still reaches aws's own proxies...
+    std::fs::write(&a.registry, registry_doc(1)).unwrap();
+    let snaps = a.controller.snapshots.clone();
+    eventually(
+        "aws's local view to change during the outage",
+        Duration::from_secs(10),
+        || {
+            let local_healthy = snaps.borrow().as_ref().map(|s| {
+                s.snapshot.services[0]
+                    .local
+                    .iter()
+                    .filter(|e| e.healthy)
+                    .count()
+            });
+            async move { (local_healthy == Some(1)).then_some(()) }
+        },
+    )
+    .await;
+
+    // ...and reaches gcp once etcd is back.
+    etcd.restart().await.unwrap();
+    s.until(|snap| remote_healthy(snap, "aws") == Some(1)).await;
+}
+
+#[tokio::test]
+async fn admin_port_reports_readiness_and_metrics() {
+    let etcd = Etcd::start().await.unwrap();
+    let a = cluster(&etcd, "aws", 1, &registry_doc(3)).await;
+    let addr = a.controller.admin_addr.unwrap();
+    let get = |path: &'static str| async move {
+        let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        tcp.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut out = String::new();
+        tcp.read_to_string(&mut out).await.unwrap();
+        out
+    };
+    assert!(get("/live").await.starts_with("HTTP/1.1 200"));
+    eventually("/ready", Duration::from_secs(10), || async {
+        get("/ready")
+            .await
+            .starts_with("HTTP/1.1 200")
+            .then_some(())
+    })
+    .await;
+    let metrics = get("/metrics").await;
+    for name in [
+        "fedmesh_controller_watch_events_total",
+        "fedmesh_controller_etcd_errors_total",
+        "fedmesh_controller_discovery_pushes_total",
+        "fedmesh_controller_discovery_connected_clients",
+        "fedmesh_controller_watch_lag_revisions",
+    ] {
+        assert!(metrics.contains(name), "{name} missing:\n{metrics}");
+    }
+    assert!(get("/nope").await.starts_with("HTTP/1.1 404"));
+    let _ = a.name;
+}
