@@ -98,23 +98,59 @@ pub async fn run(
     }
 }
 
+/// Keys per page of a listing: large listings are read in pages, all at the
+/// first page's revision, so no single response outgrows gRPC's limits.
+const LIST_PAGE: i64 = 2000;
+
 async fn list(
     client: &mut Client,
     view: &mut GlobalView,
     stats: &WatchStats,
 ) -> Result<(), etcd_client::Error> {
-    let resp = client
-        .get(view.keys().prefix(), Some(GetOptions::new().with_prefix()))
-        .await?;
-    let revision = resp.header().map_or(0, |h| h.revision());
-    let kvs = resp.kvs().iter().map(|kv| RawKv {
-        key: String::from_utf8_lossy(kv.key()).into_owned(),
-        value: kv.value().to_vec(),
-        mod_revision: kv.mod_revision(),
-    });
-    view.apply_snapshot(kvs.collect::<Vec<_>>(), revision);
+    let prefix = view.keys().prefix().as_bytes().to_vec();
+    let end = prefix_end(&prefix);
+    let mut start = prefix;
+    let mut revision = 0;
+    let mut kvs = Vec::new();
+    loop {
+        let mut opts = GetOptions::new()
+            .with_range(end.clone())
+            .with_limit(LIST_PAGE);
+        if revision > 0 {
+            opts = opts.with_revision(revision);
+        }
+        let resp = client.get(start.clone(), Some(opts)).await?;
+        if revision == 0 {
+            revision = resp.header().map_or(0, |h| h.revision());
+        }
+        kvs.extend(resp.kvs().iter().map(|kv| RawKv {
+            key: String::from_utf8_lossy(kv.key()).into_owned(),
+            value: kv.value().to_vec(),
+            mod_revision: kv.mod_revision(),
+        }));
+        match resp.kvs().last() {
+            Some(last) if resp.more() => {
+                start = last.key().to_vec();
+                start.push(0);
+            }
+            _ => break,
+        }
+    }
+    view.apply_snapshot(kvs, revision);
     stats.lists.fetch_add(1, Ordering::Relaxed);
     Ok(())
+}
+
+/// The first key after every key that starts with `prefix`.
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0] // every key
 }
 
 async fn watch_until_broken(
@@ -179,4 +215,14 @@ async fn watch_until_broken(
 fn publish(tx: &watch::Sender<Arc<GlobalView>>, view: &GlobalView, stats: &WatchStats) {
     stats.publishes.fetch_add(1, Ordering::Relaxed);
     tx.send_replace(Arc::new(view.clone()));
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn prefix_end_is_the_next_key_after_the_prefix() {
+        assert_eq!(super::prefix_end(b"/fedmesh/v1/"), b"/fedmesh/v10".to_vec());
+        assert_eq!(super::prefix_end(b"a\xff"), b"b".to_vec());
+        assert_eq!(super::prefix_end(b"\xff"), vec![0]);
+    }
 }

@@ -260,3 +260,32 @@ async fn an_etcd_outage_keeps_the_last_view_and_resyncs_on_return() {
     )
     .await;
 }
+
+#[tokio::test]
+async fn large_listings_are_read_in_pages_at_one_revision() {
+    let etcd = Etcd::start().await.unwrap();
+    let keys = KeySpace::default();
+    let mut c = etcd.client().await.unwrap();
+    // More keys than one page holds.
+    for chunk in (0..4500).collect::<Vec<_>>().chunks(100) {
+        let ops: Vec<_> = chunk
+            .iter()
+            .map(|i| {
+                etcd_client::TxnOp::put(
+                    keys.export("a", "shop", &format!("svc-{i}")),
+                    summary(1),
+                    None,
+                )
+            })
+            .collect();
+        c.txn(etcd_client::Txn::new().and_then(ops)).await.unwrap();
+    }
+    let w = start_watcher(etcd.endpoint()).await;
+    let rx = w.rx.clone();
+    eventually("all 4500 exports", Duration::from_secs(20), || {
+        let n = rx.borrow().exports.len();
+        async move { (n == 4500).then_some(()) }
+    })
+    .await;
+    assert_eq!(w.stats.lists.load(Ordering::Relaxed), 1);
+}
