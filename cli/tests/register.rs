@@ -93,6 +93,11 @@ async fn register_get_and_deregister() {
         assert_eq!(mode & 0o777, 0o600, "{f}");
     }
 
+    // The controller starts from exactly this directory.
+    let join = federation_controller::join::JoinDir::load(Path::new(out_a)).unwrap();
+    assert_eq!(join.cluster.name, "aws-use1");
+    assert_eq!(join.etcd.endpoints, [ep.clone()]);
+
     // Again: idempotent, nothing written, the same CA kept.
     let ca_before = std::fs::read(Path::new(out_a).join("ca/ca.crt")).unwrap();
     let rev = revision(&etcd).await;

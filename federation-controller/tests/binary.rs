@@ -1,0 +1,161 @@
+//! The `fedmesh-controller` binary as an operator runs it.
+
+#![allow(clippy::unwrap_used)] // Tests fail loudly by design.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, SystemTime};
+
+use federation_controller::GlobalZone;
+use federation_controller::join::{EtcdAccess, JoinDir};
+use fedmesh_api::{ClusterRecord, KeySpace};
+use fedmesh_test_support::{Etcd, eventually};
+use trust_bundle::{Bundle, CaOptions, ClusterCa, TrustDomain};
+
+async fn join_dir(etcd: &Etcd, dir: &std::path::Path) {
+    let td = TrustDomain::new("aws.fedmesh.test").unwrap();
+    let ca = ClusterCa::generate(&td, &CaOptions::default(), SystemTime::now()).unwrap();
+    let record = ClusterRecord {
+        name: "aws".into(),
+        cloud: "aws".into(),
+        region: "r1".into(),
+        zones: vec!["az1".into()],
+        trust_domain: td.to_string(),
+        gateways: vec!["127.0.1.1:15443".parse().unwrap()],
+        labels: BTreeMap::new(),
+        registered_at: time::OffsetDateTime::now_utc(),
+    };
+    GlobalZone::new(etcd.client().await.unwrap(), KeySpace::default())
+        .register(&record, &Bundle::with_roots(td, [ca.cert_der().clone()]))
+        .await
+        .unwrap();
+    let etcd = EtcdAccess {
+        endpoints: vec![etcd.endpoint()],
+        prefix: KeySpace::default().prefix().into(),
+        user: None,
+        password: None,
+    };
+    JoinDir {
+        cluster: record,
+        etcd,
+        ca,
+    }
+    .write(dir)
+    .unwrap();
+}
+
+async fn http_get(addr: &str, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut tcp) = tokio::net::TcpStream::connect(addr).await else {
+        return String::new();
+    };
+    let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    if tcp.write_all(req.as_bytes()).await.is_err() {
+        return String::new();
+    }
+    let mut out = String::new();
+    let _ = tcp.read_to_string(&mut out).await;
+    out
+}
+
+#[tokio::test]
+async fn starts_from_a_join_directory_becomes_ready_and_stops_on_sigterm() {
+    let etcd = Etcd::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let join = dir.path().join("join");
+    join_dir(&etcd, &join).await;
+    let registry = dir.path().join("registry.yaml");
+    std::fs::write(&registry, "services:\n  - {namespace: shop, name: cart, ports: [8080], endpoints: [{address: '127.0.1.10:8080', zone: az1}]}\n").unwrap();
+    let tokens = dir.path().join("tokens.yaml");
+    std::fs::write(&tokens, "tokens:\n  - token: web-token-0123456789abcdef\n    spiffeId: spiffe://aws.fedmesh.test/ns/shop/sa/web\n").unwrap();
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fedmesh-controller"))
+        .args([
+            "--join",
+            join.to_str().unwrap(),
+            "--registry",
+            registry.to_str().unwrap(),
+        ])
+        .args([
+            "--listen",
+            "127.0.1.2:0",
+            "--admin",
+            "127.0.1.2:0",
+            "--tokens",
+            tokens.to_str().unwrap(),
+        ])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let admin = line.trim().rsplit(' ').next().unwrap().to_string();
+    assert!(line.contains("discovery on 127.0.1.2:"), "{line}");
+
+    eventually("/ready", Duration::from_secs(15), || {
+        let admin = admin.clone();
+        async move {
+            http_get(&admin, "/ready")
+                .await
+                .starts_with("HTTP/1.1 200")
+                .then_some(())
+        }
+    })
+    .await;
+    // It published its export.
+    let mut c = etcd.client().await.unwrap();
+    eventually("the export in etcd", Duration::from_secs(10), || {
+        let mut c = c.clone();
+        async move {
+            let r = c
+                .get(KeySpace::default().export("aws", "shop", "cart"), None)
+                .await
+                .ok()?;
+            (!r.kvs().is_empty()).then_some(())
+        }
+    })
+    .await;
+    assert!(
+        !c.get(KeySpace::default().alive("aws"), None)
+            .await
+            .unwrap()
+            .kvs()
+            .is_empty()
+    );
+
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(exit.success(), "{exit:?}");
+}
+
+#[test]
+fn bad_flags_and_files_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_fedmesh-controller"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let missing = dir.path().join("nope");
+    let err = run(&["--join", missing.to_str().unwrap(), "--registry", "r.yaml"]);
+    assert!(
+        err.contains("nope") && err.contains("cluster.json"),
+        "{err}"
+    );
+    let err = run(&["--registry", "r.yaml"]);
+    assert!(err.contains("--join"), "{err}");
+}
