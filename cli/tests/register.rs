@@ -96,7 +96,7 @@ async fn register_get_and_deregister() {
     // The controller starts from exactly this directory.
     let join = federation_controller::join::JoinDir::load(Path::new(out_a)).unwrap();
     assert_eq!(join.cluster.name, "aws-use1");
-    assert_eq!(join.etcd.endpoints, [ep.clone()]);
+    assert_eq!(join.etcd.endpoints, vec![ep.to_string()]);
 
     // Again: idempotent, nothing written, the same CA kept.
     let ca_before = std::fs::read(Path::new(out_a).join("ca/ca.crt")).unwrap();
