@@ -34,10 +34,8 @@ use crate::watcher::{self, WatcherConfig};
 pub struct ControllerConfig {
     /// What `fedmesh register cluster` wrote.
     pub join: JoinDir,
-    /// The file registry (the local discovery source).
-    pub registry: PathBuf,
-    /// How often the registry file is checked for changes.
-    pub registry_poll: Duration,
+    /// Where this cluster's own services come from.
+    pub source: LocalSource,
     /// Where proxies and gateways reach the discovery and Certify API.
     pub discovery_addr: SocketAddr,
     /// Metrics, `/ready` and `/live`; `None` to disable.
@@ -50,16 +48,33 @@ pub struct ControllerConfig {
 }
 
 impl ControllerConfig {
-    pub fn new(join: JoinDir, registry: PathBuf, discovery_addr: SocketAddr) -> Self {
+    pub fn new(join: JoinDir, source: LocalSource, discovery_addr: SocketAddr) -> Self {
         Self {
             join,
-            registry,
-            registry_poll: Duration::from_millis(500),
+            source,
             discovery_addr,
             admin_addr: None,
             tokens: HashMap::new(),
             alive_ttl: Duration::from_secs(10),
             watcher: WatcherConfig::default(),
+        }
+    }
+}
+
+/// The local discovery source.
+#[derive(Debug)]
+pub enum LocalSource {
+    /// The file registry, checked for changes every `poll`.
+    File { path: PathBuf, poll: Duration },
+    /// Services fed by the embedder (another source, a benchmark, a test).
+    Channel(watch::Receiver<Arc<LocalServices>>),
+}
+
+impl LocalSource {
+    pub fn file(path: PathBuf) -> Self {
+        Self::File {
+            path,
+            poll: Duration::from_millis(500),
         }
     }
 }
@@ -154,8 +169,13 @@ impl Controller {
         let client = Client::connect(&etcd.endpoints, Some(opts)).await?;
 
         // Local discovery.
-        let registry = FileRegistry::start(config.registry, config.registry_poll).await?;
-        let local = registry.services();
+        let (local, registry) = match config.source {
+            LocalSource::File { path, poll } => {
+                let registry = FileRegistry::start(path, poll).await?;
+                (registry.services(), Some(registry))
+            }
+            LocalSource::Channel(rx) => (rx, None),
+        };
 
         // The global zone.
         let (view_tx, view_rx) = watch::channel(Arc::new(GlobalView::new(keys.clone())));

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use federation_controller::controller::{Controller, ControllerConfig};
+use federation_controller::controller::{Controller, ControllerConfig, LocalSource};
 use federation_controller::join::{EtcdAccess, JoinDir};
 use federation_controller::watcher::WatcherConfig;
 use federation_controller::{GlobalZone, discovery};
@@ -76,13 +76,12 @@ async fn cluster(etcd: &Etcd, name: &str, n: u8, services: &str) -> Cluster {
     };
     let registry = dir.path().join("registry.yaml");
     std::fs::write(&registry, services).unwrap();
-    let mut config = ControllerConfig::new(
-        join,
-        registry.clone(),
-        format!("127.0.{n}.2:0").parse().unwrap(),
-    );
+    let source = LocalSource::File {
+        path: registry.clone(),
+        poll: Duration::from_millis(20),
+    };
+    let mut config = ControllerConfig::new(join, source, format!("127.0.{n}.2:0").parse().unwrap());
     config.admin_addr = Some(format!("127.0.{n}.2:0").parse().unwrap());
-    config.registry_poll = Duration::from_millis(20);
     config.tokens = HashMap::from([(
         TOKEN.to_string(),
         SpiffeId::workload(&td, "shop", "web").unwrap(),

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use federation_controller::controller::{Controller, ControllerConfig};
+use federation_controller::controller::{Controller, ControllerConfig, LocalSource};
 use federation_controller::join::JoinDir;
 use serde::Deserialize;
 use trust_bundle::SpiffeId;
@@ -95,7 +95,7 @@ async fn main() -> ExitCode {
 async fn run(args: Args) -> anyhow::Result<()> {
     let join = JoinDir::load(&args.join)
         .with_context(|| format!("loading the join directory {}", args.join.display()))?;
-    let mut config = ControllerConfig::new(join, args.registry, args.listen);
+    let mut config = ControllerConfig::new(join, LocalSource::file(args.registry), args.listen);
     config.admin_addr = Some(args.admin);
     config.alive_ttl = Duration::from_secs(args.alive_ttl.max(2));
     if let Some(path) = &args.tokens {
