@@ -143,6 +143,12 @@ async fn a_restarted_publisher_continues_generations_without_rewriting() {
     .await;
     assert_eq!(s.localities[0].healthy, 1);
     // Exactly one write: the unchanged start state was not rewritten.
+    let st = stats.clone();
+    eventually("the write to be counted", Duration::from_secs(10), || {
+        let n = st.writes.load(Ordering::Relaxed);
+        async move { (n >= 1).then_some(()) }
+    })
+    .await;
     assert_eq!(stats.writes.load(Ordering::Relaxed), 1);
     assert!(c.get(key.as_str(), None).await.unwrap().kvs()[0].mod_revision() > rev);
     task.abort();
