@@ -328,6 +328,7 @@ async fn build_mesh(
 ) {
     let mut version = 0u64;
     let mut last: Option<mesh::MeshView> = None;
+    let mut local_open = true;
     loop {
         let g = global.borrow_and_update().clone();
         let l = local.borrow_and_update().clone();
@@ -351,8 +352,10 @@ async fn build_mesh(
                 last = Some(view);
             }
         }
+        // A local source that has gone away leaves its last services in
+        // force; the global zone keeps the mesh moving.
         tokio::select! {
-            r = local.changed() => if r.is_err() { return },
+            r = local.changed(), if local_open => local_open = r.is_ok(),
             r = global.changed() => if r.is_err() { return },
         }
     }

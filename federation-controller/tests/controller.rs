@@ -48,6 +48,17 @@ struct Cluster {
 }
 
 async fn cluster(etcd: &Etcd, name: &str, n: u8, services: &str) -> Cluster {
+    cluster_with(etcd, name, n, services, None).await
+}
+
+/// `source` replaces the file registry when given.
+async fn cluster_with(
+    etcd: &Etcd,
+    name: &str,
+    n: u8,
+    services: &str,
+    source: Option<LocalSource>,
+) -> Cluster {
     let dir = tempfile::tempdir().unwrap();
     let td = TrustDomain::new(&format!("{name}.fedmesh.test")).unwrap();
     let ca = ClusterCa::generate(&td, &CaOptions::default(), SystemTime::now()).unwrap();
@@ -76,10 +87,10 @@ async fn cluster(etcd: &Etcd, name: &str, n: u8, services: &str) -> Cluster {
     };
     let registry = dir.path().join("registry.yaml");
     std::fs::write(&registry, services).unwrap();
-    let source = LocalSource::File {
+    let source = source.unwrap_or(LocalSource::File {
         path: registry.clone(),
         poll: Duration::from_millis(20),
-    };
+    });
     let mut config = ControllerConfig::new(join, source, format!("127.0.{n}.2:0").parse().unwrap());
     config.admin_addr = Some(format!("127.0.{n}.2:0").parse().unwrap());
     config.tokens = HashMap::from([(
@@ -423,4 +434,28 @@ async fn admin_port_reports_readiness_and_metrics() {
     }
     assert!(get("/nope").await.starts_with("HTTP/1.1 404"));
     let _ = a.name;
+}
+
+#[tokio::test]
+async fn a_local_source_that_goes_away_leaves_the_mesh_following_the_global_zone() {
+    // Regression: the mesh builder used to stop when its local source's
+    // sender was dropped, so no snapshot was ever published.
+    let etcd = Etcd::start().await.unwrap();
+    let (tx, rx) = watch::channel(Arc::new(fedmesh_api::LocalServices::new()));
+    drop(tx);
+    let b = cluster_with(&etcd, "gcp", 2, "", Some(LocalSource::Channel(rx))).await;
+    let _a = cluster(&etcd, "aws", 1, &registry_doc(3)).await;
+    let snaps = b.controller.snapshots.clone();
+    eventually(
+        "aws's export in gcp's snapshot",
+        Duration::from_secs(15),
+        || {
+            let h = snaps
+                .borrow()
+                .as_ref()
+                .and_then(|s| remote_healthy(&s.snapshot, "aws"));
+            async move { (h == Some(3)).then_some(()) }
+        },
+    )
+    .await;
 }

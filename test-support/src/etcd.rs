@@ -44,6 +44,8 @@ pub struct EtcdOptions {
     pub start_timeout: Duration,
     /// The etcd binary; by default `$ETCD_BIN`, else `etcd` on `PATH`.
     pub binary: Option<PathBuf>,
+    /// Extra flags, e.g. `--quota-backend-bytes=8589934592` for benchmarks.
+    pub extra_args: Vec<String>,
 }
 
 impl Default for EtcdOptions {
@@ -53,6 +55,7 @@ impl Default for EtcdOptions {
             auth: false,
             start_timeout: Duration::from_secs(30),
             binary: None,
+            extra_args: Vec::new(),
         }
     }
 }
@@ -132,6 +135,7 @@ impl Etcd {
             .arg("--logger=zap")
             .arg("--log-outputs=stderr")
             .arg("--log-level=warn")
+            .args(&self.options.extra_args)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

@@ -1,0 +1,231 @@
+//! Convergence: how long a change of one zone's healthy count in cluster A
+//! takes to reach a discovery stream of cluster B, with 10 clusters × 1000
+//! services in the global zone. Side by side, in the same run: the latency
+//! of a bare etcd put → watch notification, the floor any etcd-based design
+//! sits on.
+//!
+//! Run: `cargo bench -p federation-controller --bench convergence`
+//! (CHANGES=1000 CLUSTERS=10 SERVICES=1000 by default).
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use etcd_client::{EventType, WatchOptions};
+use federation_controller::controller::{Controller, ControllerConfig, LocalSource};
+use federation_controller::discovery;
+use fedmesh_proto::discovery::v1 as pb;
+use fedmesh_test_support::Etcd;
+use hdrhistogram::Histogram;
+use pb::discovery_client::DiscoveryClient;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use trust_bundle::{AllowAnyVerified, Bundle, BundleSet, SpiffeId, Svid, TrustDomain};
+
+fn env(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+#[tokio::main]
+async fn main() {
+    trust_bundle::install_default_provider();
+    let changes = env("CHANGES", 1000);
+    let clusters = env("CLUSTERS", 10).max(2);
+    let services = env("SERVICES", 1000);
+
+    let etcd = Etcd::start().await.unwrap();
+    let mut client = etcd.client().await.unwrap();
+
+    // Cluster A publishes through a real controller; B observes through a
+    // real controller; the rest are loaded straight into etcd.
+    let join_a = register(&client, &etcd.endpoint(), "c0", 0).await;
+    let join_b = register(&client, &etcd.endpoint(), "c1", 1).await;
+    for n in 2..clusters {
+        let name = format!("c{n}");
+        register(&client, &etcd.endpoint(), &name, n).await;
+        load_exports(&mut client, &name, services).await;
+    }
+    let (a_tx, a_rx) = watch::channel(local_services(services, None));
+    let a = Controller::start(ControllerConfig::new(
+        join_a,
+        LocalSource::Channel(a_rx),
+        "127.0.1.2:0".parse().unwrap(),
+    ))
+    .await
+    .unwrap();
+    let b_td = TrustDomain::new(&join_b.cluster.trust_domain).unwrap();
+    let b_bundle = Bundle::with_roots(b_td.clone(), [join_b.ca.cert_der().clone()]);
+    let token = "bench-token-0123456789abcdef".to_string();
+    let mut cfg = ControllerConfig::new(
+        join_b,
+        LocalSource::Channel(watch::channel(Arc::new(Default::default())).1),
+        "127.0.2.2:0".parse().unwrap(),
+    );
+    cfg.tokens = HashMap::from([(
+        token.clone(),
+        SpiffeId::workload(&b_td, "bench", "client").unwrap(),
+    )]);
+    let b = Controller::start(cfg).await.unwrap();
+
+    // A client of B: Certify, then the discovery stream.
+    let mut set = BundleSet::new();
+    set.insert(b_bundle);
+    let bundles = watch::channel(Arc::new(set)).1;
+    let boot = trust_bundle::client_config_without_svid(
+        bundles.clone(),
+        Arc::new(AllowAnyVerified),
+        &[b"h2"],
+    )
+    .unwrap();
+    let ch = discovery::channel(b.discovery_addr, Arc::new(boot))
+        .await
+        .unwrap();
+    let id = SpiffeId::workload(&b_td, "bench", "client").unwrap();
+    let (csr, key) = trust_bundle::certificate_request(&id).unwrap();
+    let resp = DiscoveryClient::new(ch)
+        .certify(pb::CertifyRequest {
+            csr_der: csr,
+            join_token: token,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let svid = Svid::new(resp.chain_der.into_iter().map(Into::into).collect(), key).unwrap();
+    let (_svid_tx, svid_rx) = watch::channel(Arc::new(svid));
+    let tls = trust_bundle::client_config(svid_rx, bundles, Arc::new(AllowAnyVerified), &[b"h2"])
+        .unwrap();
+    let ch = discovery::channel(b.discovery_addr, Arc::new(tls))
+        .await
+        .unwrap();
+    let (req_tx, req_rx) = mpsc::channel(16);
+    req_tx
+        .send(pb::DiscoveryRequest {
+            node: "bench".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut stream = DiscoveryClient::new(ch)
+        .max_decoding_message_size(256 << 20)
+        .stream(ReceiverStream::new(req_rx))
+        .await
+        .unwrap()
+        .into_inner();
+
+    let a_name = "c0";
+    let healthy_of = |snap: &pb::MeshSnapshot, svc: &str| {
+        snap.services
+            .iter()
+            .find(|s| s.name == svc)
+            .and_then(|s| s.remote.iter().find(|r| r.cluster == a_name))
+            .and_then(|r| r.localities.iter().find(|l| l.zone == "az1"))
+            .map(|l| l.healthy)
+    };
+    // Wait for the full view: every service, with A and every other cluster.
+    let setup = Instant::now();
+    loop {
+        let r = stream.message().await.unwrap().unwrap();
+        req_tx
+            .send(pb::DiscoveryRequest {
+                version_info: r.version_info.clone(),
+                response_nonce: r.nonce.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let snap = r.snapshot.unwrap();
+        let complete = snap.services.len() == services
+            && snap.services.iter().all(|s| s.remote.len() == clusters - 1);
+        if complete {
+            break;
+        }
+        assert!(
+            setup.elapsed() < Duration::from_secs(120),
+            "view never completed"
+        );
+    }
+
+    let mut fedmesh = Histogram::<u64>::new(3).unwrap();
+    let mut state = vec![3usize; services];
+    let started = Instant::now();
+    for i in 0..changes {
+        let svc = i % services;
+        let next = if state[svc] == 3 { 2 } else { 3 };
+        state[svc] = next;
+        let name = format!("svc-{svc}");
+        let t0 = Instant::now();
+        a_tx.send_replace(local_services(services, Some((svc, next))));
+        loop {
+            let r = tokio::time::timeout(Duration::from_secs(30), stream.message())
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap();
+            req_tx
+                .send(pb::DiscoveryRequest {
+                    version_info: r.version_info.clone(),
+                    response_nonce: r.nonce.clone(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+            if healthy_of(r.snapshot.as_ref().unwrap(), &name) == Some(next as u32) {
+                break;
+            }
+        }
+        fedmesh.record(t0.elapsed().as_micros() as u64).unwrap();
+    }
+    let run_time = started.elapsed();
+
+    // Baseline: a bare etcd put → watch notification, same etcd, same run.
+    let mut raw = Histogram::<u64>::new(3).unwrap();
+    let mut ws = client
+        .watch("/bench-raw/", Some(WatchOptions::new().with_prefix()))
+        .await
+        .unwrap();
+    for i in 0..changes {
+        let t0 = Instant::now();
+        client
+            .put("/bench-raw/k", i.to_string(), None)
+            .await
+            .unwrap();
+        loop {
+            let m = ws.message().await.unwrap().unwrap();
+            if m.events().iter().any(|e| e.event_type() == EventType::Put) {
+                break;
+            }
+        }
+        raw.record(t0.elapsed().as_micros() as u64).unwrap();
+    }
+
+    let (f50, f99) = (percentile(&fedmesh, 0.50), percentile(&fedmesh, 0.99));
+    let (r50, r99) = (percentile(&raw, 0.50), percentile(&raw, 0.99));
+    println!(
+        "convergence: {clusters} clusters x {services} services, {changes} changes in {:.1} s",
+        run_time.as_secs_f64()
+    );
+    println!("| path | p50 (ms) | p99 (ms) |");
+    println!("|---|---|---|");
+    println!(
+        "| fedmesh: A's source -> A's controller -> etcd -> B's controller -> B's discovery stream | {f50:.2} | {f99:.2} |"
+    );
+    println!("| bare etcd put -> watch event | {r50:.2} | {r99:.2} |");
+    println!(
+        "| ratio fedmesh / bare etcd | {:.1}x | {:.1}x |",
+        f50 / r50,
+        f99 / r99
+    );
+    println!(
+        "goal: p99 <= 100 ms: {}",
+        if f99 <= 100.0 { "met" } else { "NOT met" }
+    );
+    drop((a, b));
+}

@@ -1,0 +1,196 @@
+//! Scale: a controller's cold sync and memory with a large global zone, and
+//! what one later change costs. The same measurements at a small size in
+//! the same run show how the per-change cost grows with the total.
+//!
+//! Run: `cargo bench -p federation-controller --bench scale`
+//! (CLUSTERS=100 SERVICES=10000 by default; SMALL_CLUSTERS=10 SMALL_SERVICES=1000;
+//! CHANGES=10 per size).
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use fedmesh_api::KeySpace;
+use fedmesh_test_support::{Etcd, EtcdOptions};
+
+fn env(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+async fn http_get(addr: &str, path: &str) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.ok()?;
+    tcp.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .ok()?;
+    let mut out = String::new();
+    tcp.read_to_string(&mut out).await.ok()?;
+    Some(out)
+}
+
+/// The published version, once ready.
+async fn ready_version(admin: &str) -> Option<u64> {
+    let body = http_get(admin, "/ready").await?;
+    if !body.starts_with("HTTP/1.1 200") {
+        return None;
+    }
+    body.rsplit("version ").next()?.trim().parse().ok()
+}
+
+fn rss_mb(pid: u32, field: &str) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .unwrap_or(0.0)
+        / 1024.0
+}
+
+struct Measured {
+    clusters: usize,
+    services: usize,
+    load_s: f64,
+    cold_sync_s: f64,
+    rss_mb: f64,
+    peak_mb: f64,
+    change_ms: Vec<f64>,
+}
+
+async fn measure(clusters: usize, services: usize, changes: usize, n: u8) -> Measured {
+    let etcd = Etcd::start_with(EtcdOptions {
+        extra_args: vec!["--quota-backend-bytes=8589934592".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut client = etcd.client().await.unwrap();
+    let load = Instant::now();
+    let observer = register(&client, &etcd.endpoint(), "c0", 0).await;
+    for c in 1..clusters {
+        let name = format!("c{c}");
+        register(&client, &etcd.endpoint(), &name, c).await;
+        load_exports(&mut client, &name, services).await;
+    }
+    let load_s = load.elapsed().as_secs_f64();
+
+    let dir = tempfile::tempdir().unwrap();
+    observer.write(&dir.path().join("join")).unwrap();
+    std::fs::write(dir.path().join("registry.yaml"), "").unwrap();
+    let admin = format!("127.0.{n}.2:{}", 20000 + u16::from(n));
+    let started = Instant::now();
+    let mut child: Child = Command::new(env!("CARGO_BIN_EXE_fedmesh-controller"))
+        .arg("--join")
+        .arg(dir.path().join("join"))
+        .arg("--registry")
+        .arg(dir.path().join("registry.yaml"))
+        .args(["--listen", &format!("127.0.{n}.2:0"), "--admin", &admin])
+        .env("RUST_LOG", "error")
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut version = loop {
+        if let Some(v) = ready_version(&admin).await {
+            break v;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(600),
+            "cold sync did not finish"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    let cold_sync_s = started.elapsed().as_secs_f64();
+    let rss = rss_mb(child.id(), "VmRSS:");
+
+    // One export changes; time until the controller has published a new version.
+    let keys = KeySpace::default();
+    let mut change_ms = Vec::new();
+    for i in 0..changes {
+        let t0 = Instant::now();
+        let healthy = if i % 2 == 0 { 2 } else { 3 };
+        client
+            .put(keys.export("c1", "bench", "svc-0"), summary(healthy), None)
+            .await
+            .unwrap();
+        loop {
+            if let Some(v) = ready_version(&admin).await
+                && v > version
+            {
+                version = v;
+                break;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(300),
+                "change never published"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        change_ms.push(t0.elapsed().as_secs_f64() * 1000.0);
+    }
+    let peak = rss_mb(child.id(), "VmHWM:");
+    let _ = child.kill();
+    let _ = child.wait();
+    Measured {
+        clusters,
+        services,
+        load_s,
+        cold_sync_s,
+        rss_mb: rss,
+        peak_mb: peak,
+        change_ms,
+    }
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+#[tokio::main]
+async fn main() {
+    trust_bundle::install_default_provider();
+    let changes = env("CHANGES", 10).max(1);
+    let small = measure(
+        env("SMALL_CLUSTERS", 10),
+        env("SMALL_SERVICES", 1000),
+        changes,
+        1,
+    )
+    .await;
+    let large = measure(env("CLUSTERS", 100), env("SERVICES", 10000), changes, 2).await;
+    println!(
+        "| global zone | exports | load into etcd (s) | cold sync (s) | RSS after sync (MB) | peak RSS (MB) | one change, median (ms) |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    let mut rows = [small, large];
+    for m in rows.iter_mut() {
+        let med = median(&mut m.change_ms);
+        println!(
+            "| {} clusters x {} services | {} | {:.1} | {:.2} | {:.0} | {:.0} | {:.1} |",
+            m.clusters,
+            m.services,
+            (m.clusters - 1) * m.services,
+            m.load_s,
+            m.cold_sync_s,
+            m.rss_mb,
+            m.peak_mb,
+            med
+        );
+    }
+    let ratio = median(&mut rows[1].change_ms) / median(&mut rows[0].change_ms);
+    let size_ratio = ((rows[1].clusters - 1) * rows[1].services) as f64
+        / ((rows[0].clusters - 1) * rows[0].services) as f64;
+    println!(
+        "one change costs {ratio:.1}x more at {size_ratio:.0}x the size (O(change) would be ~1x)"
+    );
+}
