@@ -22,7 +22,7 @@ use trust_bundle::{Bundle, CaOptions, ClusterCa, TrustDomain};
     name = "fedmesh",
     version,
     about = "Operate a fedmesh federation: join clusters, inspect the global zone.",
-    after_help = "To join a cluster:\n  fedmesh register cluster aws-use1 --cloud aws --region us-east-1 \\\n      --zones use1-az1,use1-az2 --gateway 127.0.1.1:15443 --etcd http://127.0.0.1:2379\n  fedmesh-controller --join ./fedmesh-join-aws-use1"
+    after_help = "To join a cluster:\n  fedmesh register cluster aws-use1 --cloud aws --region us-east-1 \\\n      --zones use1-az1,use1-az2 --gateway 127.0.1.1:15443 --etcd http://127.0.0.1:2379\n  fedmesh-controller --join ./fedmesh-join-aws-use1 --registry services.yaml"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -316,7 +316,10 @@ async fn register(args: RegisterCluster) -> anyhow::Result<()> {
         plan.record.gateways.len()
     );
     println!("join directory: {}", plan.out.display());
-    println!("next: fedmesh-controller --join {}", plan.out.display());
+    println!(
+        "next: fedmesh-controller --join {} --registry <services.yaml>",
+        plan.out.display()
+    );
     Ok(())
 }
 
