@@ -327,7 +327,7 @@ async fn build_mesh(
     metrics: Arc<ControllerMetrics>,
 ) {
     let mut version = 0u64;
-    let mut last: Option<mesh::MeshView> = None;
+    let mut builder = mesh::MeshBuilder::new(&cluster, global.borrow().keys().clone());
     let mut local_open = true;
     loop {
         let g = global.borrow_and_update().clone();
@@ -335,22 +335,18 @@ async fn build_mesh(
         metrics.view_revision.store(g.revision(), Ordering::Relaxed);
         // Never publish before the first complete listing: an empty mesh
         // would tell proxies that nothing exists anywhere.
-        if g.revision() > 0 {
-            let view = mesh::build(&cluster, &l, &g);
-            if last.as_ref() != Some(&view) {
-                version += 1;
-                let snapshot = discovery::to_proto(&view);
-                snapshots.send_replace(Some(Arc::new(Versioned { version, snapshot })));
-                let set = bundle_set(&own_bundle, Some(&g));
-                bundles.send_if_modified(|cur| {
-                    if **cur == set {
-                        return false;
-                    }
-                    *cur = Arc::new(set);
-                    true
-                });
-                last = Some(view);
-            }
+        if g.revision() > 0 && (builder.update(l, g.clone()) || version == 0) {
+            version += 1;
+            let snapshot = builder.snapshot();
+            snapshots.send_replace(Some(Arc::new(Versioned { version, snapshot })));
+            let set = bundle_set(&own_bundle, Some(&g));
+            bundles.send_if_modified(|cur| {
+                if **cur == set {
+                    return false;
+                }
+                *cur = Arc::new(set);
+                true
+            });
         }
         // A local source that has gone away leaves its last services in
         // force; the global zone keeps the mesh moving.

@@ -25,8 +25,6 @@ use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use tonic::{Request, Response, Status, Streaming};
 use trust_bundle::{Authority, CaError, SpiffeId, TrustDomain};
 
-use crate::mesh::MeshView;
-
 /// A published snapshot and its version.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Versioned {
@@ -36,62 +34,6 @@ pub struct Versioned {
 
 /// `None` until the controller has a complete view.
 pub type Snapshots = watch::Receiver<Option<Arc<Versioned>>>;
-
-/// Converts the mesh view to its wire form.
-pub fn to_proto(view: &MeshView) -> pb::MeshSnapshot {
-    pb::MeshSnapshot {
-        cluster: view.cluster.clone(),
-        services: view
-            .services
-            .iter()
-            .map(|(k, s)| pb::Service {
-                namespace: k.namespace.clone(),
-                name: k.name.clone(),
-                ports: s.ports.iter().map(|p| u32::from(*p)).collect(),
-                local: s
-                    .local
-                    .iter()
-                    .map(|e| pb::LocalEndpoint {
-                        address: e.address.to_string(),
-                        zone: e.zone.clone(),
-                        healthy: e.healthy,
-                    })
-                    .collect(),
-                remote: s
-                    .remote
-                    .iter()
-                    .map(|r| pb::RemoteCluster {
-                        cluster: r.cluster.clone(),
-                        cloud: r.cloud.clone(),
-                        region: r.region.clone(),
-                        localities: r
-                            .localities
-                            .iter()
-                            .map(|l| pb::ZoneCapacity {
-                                zone: l.zone.clone(),
-                                healthy: l.healthy,
-                                total: l.total,
-                                weight: l.weight,
-                            })
-                            .collect(),
-                        healthy: r.healthy,
-                        gateways: r
-                            .gateways
-                            .iter()
-                            .map(|g| pb::GatewayAddress {
-                                address: g.address.clone(),
-                                port: u32::from(g.port),
-                            })
-                            .collect(),
-                        trust_domain: r.trust_domain.clone(),
-                        verified: r.verified,
-                    })
-                    .collect(),
-            })
-            .collect(),
-        bundles: view.bundles.clone().into_iter().collect(),
-    }
-}
 
 /// Counters for the admin port.
 #[derive(Debug, Default)]

@@ -1,104 +1,191 @@
 //! The mesh view pushed to this cluster's proxies and gateways: for each
 //! service its local endpoints, one virtual endpoint per remote cluster that
-//! exports it, and every trust bundle. I/O-free: built from the local
-//! services and the global view.
+//! exports it, and every trust bundle.
+//!
+//! [`MeshBuilder`] is I/O-free and incremental: given new inputs it
+//! recomputes only the services whose exports or local endpoints changed
+//! (found by diffing the global view's persistent maps), and everything only
+//! when cluster records or liveness change, which is rare.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
-use fedmesh_api::{Endpoint, GatewayAddress, LocalServices, ServiceKey, ZoneCapacity};
-use serde::Serialize;
+use fedmesh_api::{LocalService, LocalServices, ServiceKey};
+use fedmesh_proto::discovery::v1 as pb;
+use imbl::OrdMap;
+use imbl::ordmap::DiffItem;
 
 use crate::view::GlobalView;
 
-/// A remote cluster as one endpoint of a service: never one per gateway, so
-/// that one ejection cannot blackhole everything behind a gateway.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct RemoteCluster {
-    pub cluster: String,
-    pub cloud: String,
-    pub region: String,
-    pub localities: Vec<ZoneCapacity>,
-    /// Healthy endpoints across the cluster's zones: the endpoint's weight.
-    pub healthy: u64,
-    pub gateways: Vec<GatewayAddress>,
-    pub trust_domain: String,
-    /// False when the cluster's `alive` key has expired: traffic continues,
-    /// but the data plane's own signals decide.
-    pub verified: bool,
+#[derive(Debug, Clone)]
+pub struct MeshBuilder {
+    cluster: String,
+    local: Arc<LocalServices>,
+    global: Arc<GlobalView>,
+    services: OrdMap<ServiceKey, pb::Service>,
+    bundles: BTreeMap<String, String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Default)]
-pub struct MeshService {
-    pub ports: Vec<u16>,
-    pub local: Vec<Endpoint>,
-    pub remote: Vec<RemoteCluster>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Default)]
-#[serde(rename_all = "camelCase")]
-pub struct MeshView {
-    pub cluster: String,
-    pub services: BTreeMap<ServiceKey, MeshService>,
-    /// Trust domain → SPIFFE bundle document.
-    pub bundles: BTreeMap<String, String>,
-}
-
-/// Builds the view of `cluster` from its own services and the global zone.
-pub fn build(cluster: &str, local: &LocalServices, global: &GlobalView) -> MeshView {
-    let mut services: BTreeMap<ServiceKey, MeshService> = local
-        .iter()
-        .map(|(k, s)| {
-            (
-                k.clone(),
-                MeshService {
-                    ports: s.ports.clone(),
-                    local: s.endpoints.clone(),
-                    remote: Vec::new(),
-                },
-            )
-        })
-        .collect();
-    for ((c, ns, name), summary) in &global.exports {
-        if c == cluster {
-            continue;
+impl MeshBuilder {
+    pub fn new(cluster: &str, keys: fedmesh_api::KeySpace) -> Self {
+        Self {
+            cluster: cluster.to_owned(),
+            local: Arc::default(),
+            global: Arc::new(GlobalView::new(keys)),
+            services: OrdMap::new(),
+            bundles: BTreeMap::new(),
         }
-        // An export without a cluster record cannot be reached: no gateways.
-        let Some(record) = global.clusters.get(c) else {
-            continue;
+    }
+
+    /// Moves to new inputs. Returns whether the mesh changed.
+    pub fn update(&mut self, local: Arc<LocalServices>, global: Arc<GlobalView>) -> bool {
+        let old = std::mem::replace(&mut self.global, global);
+        let old_local = std::mem::replace(&mut self.local, local);
+        let g = self.global.clone();
+
+        // Cluster records (gateways, locality) and liveness shape every
+        // remote endpoint: recompute everything when they move.
+        let everything = !old.clusters.ptr_eq(&g.clusters) || !old.alive.ptr_eq(&g.alive);
+        let mut affected: BTreeSet<ServiceKey> = BTreeSet::new();
+        if everything {
+            affected.extend(self.services.keys().cloned());
+            affected.extend(self.local.keys().cloned());
+            affected.extend(g.by_service.keys().cloned());
+        } else {
+            for d in old.by_service.diff(&g.by_service) {
+                affected.insert(match d {
+                    DiffItem::Add(k, _) | DiffItem::Remove(k, _) => k.clone(),
+                    DiffItem::Update { new: (k, _), .. } => k.clone(),
+                });
+            }
+            if !Arc::ptr_eq(&old_local, &self.local) {
+                let keys: BTreeSet<&ServiceKey> =
+                    old_local.keys().chain(self.local.keys()).collect();
+                for k in keys {
+                    if old_local.get(k) != self.local.get(k) {
+                        affected.insert(k.clone());
+                    }
+                }
+            }
+        }
+
+        let mut changed = false;
+        for key in affected {
+            match self.service(&key) {
+                Some(svc) => {
+                    if self.services.get(&key) != Some(&svc) {
+                        self.services.insert(key, svc);
+                        changed = true;
+                    }
+                }
+                None => changed |= self.services.remove(&key).is_some(),
+            }
+        }
+        if !old.bundles.ptr_eq(&g.bundles) || self.bundles.len() != g.bundles.len() {
+            let bundles: BTreeMap<String, String> = g
+                .bundles
+                .iter()
+                .map(|(td, b)| (td.clone(), b.to_document()))
+                .collect();
+            if bundles != self.bundles {
+                self.bundles = bundles;
+                changed = true;
+            }
+        }
+        changed
+    }
+
+    /// The whole mesh in its wire form.
+    pub fn snapshot(&self) -> pb::MeshSnapshot {
+        pb::MeshSnapshot {
+            cluster: self.cluster.clone(),
+            services: self.services.values().cloned().collect(),
+            bundles: self.bundles.clone().into_iter().collect(),
+        }
+    }
+
+    /// One service: our endpoints plus a virtual endpoint per remote cluster.
+    /// `None` when nobody has it.
+    fn service(&self, key: &ServiceKey) -> Option<pb::Service> {
+        let local = self.local.get(key);
+        let g = &self.global;
+        let remote: Vec<pb::RemoteCluster> = g
+            .by_service
+            .get(key)
+            .into_iter()
+            .flat_map(|per_cluster| per_cluster.iter())
+            .filter(|(c, _)| **c != self.cluster)
+            // An export without a cluster record cannot be reached: no gateways.
+            .filter_map(|(c, summary)| {
+                let record = g.clusters.get(c)?;
+                Some(pb::RemoteCluster {
+                    cluster: c.clone(),
+                    cloud: record.cloud.clone(),
+                    region: record.region.clone(),
+                    localities: summary
+                        .localities
+                        .iter()
+                        .map(|l| pb::ZoneCapacity {
+                            zone: l.zone.clone(),
+                            healthy: l.healthy,
+                            total: l.total,
+                            weight: l.weight,
+                        })
+                        .collect(),
+                    healthy: summary.healthy(),
+                    gateways: record
+                        .gateways
+                        .iter()
+                        .map(|gw| pb::GatewayAddress {
+                            address: gw.address.clone(),
+                            port: u32::from(gw.port),
+                        })
+                        .collect(),
+                    trust_domain: record.trust_domain.clone(),
+                    // An expired `alive` key marks the cluster unverified;
+                    // traffic continues while the data plane's signals allow.
+                    verified: g.alive.contains_key(c),
+                })
+            })
+            .collect();
+        if local.is_none() && remote.is_empty() {
+            return None;
+        }
+        let ports = match local {
+            Some(l) => l.ports.clone(),
+            None => g
+                .by_service
+                .get(key)
+                .and_then(|m| m.values().next())
+                .map(|s| s.ports.clone())
+                .unwrap_or_default(),
         };
-        let entry = services.entry(ServiceKey::new(ns, name)).or_default();
-        if entry.ports.is_empty() {
-            entry.ports = summary.ports.clone();
-        }
-        entry.remote.push(RemoteCluster {
-            cluster: c.clone(),
-            cloud: record.cloud.clone(),
-            region: record.region.clone(),
-            localities: summary.localities.clone(),
-            healthy: summary.healthy(),
-            gateways: record.gateways.clone(),
-            trust_domain: record.trust_domain.clone(),
-            verified: global.alive.contains_key(c),
-        });
+        Some(pb::Service {
+            namespace: key.namespace.clone(),
+            name: key.name.clone(),
+            ports: ports.into_iter().map(u32::from).collect(),
+            local: local.map(local_endpoints).unwrap_or_default(),
+            remote,
+        })
     }
-    let bundles = global
-        .bundles
+}
+
+fn local_endpoints(s: &LocalService) -> Vec<pb::LocalEndpoint> {
+    s.endpoints
         .iter()
-        .map(|(td, b)| (td.clone(), b.to_document()))
-        .collect();
-    MeshView {
-        cluster: cluster.to_owned(),
-        services,
-        bundles,
-    }
+        .map(|e| pb::LocalEndpoint {
+            address: e.address.to_string(),
+            zone: e.zone.clone(),
+            healthy: e.healthy,
+        })
+        .collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::view::{RawEvent, RawKv};
-    use fedmesh_api::{KeySpace, LocalService};
+    use fedmesh_api::{Endpoint, KeySpace};
 
     fn put(v: &mut GlobalView, key: String, value: serde_json::Value, rev: i64) {
         v.apply_event(RawEvent::Put(RawKv {
@@ -125,6 +212,34 @@ mod tests {
         })
     }
 
+    fn local() -> Arc<LocalServices> {
+        Arc::new(LocalServices::from([(
+            ServiceKey::new("shop", "cart"),
+            LocalService {
+                ports: vec![8080],
+                endpoints: vec![Endpoint {
+                    address: "127.0.1.10:8080".parse().unwrap(),
+                    zone: "az1".into(),
+                    healthy: true,
+                }],
+            },
+        )]))
+    }
+
+    fn remotes(b: &MeshBuilder, name: &str) -> Vec<(String, u64, bool)> {
+        b.snapshot()
+            .services
+            .iter()
+            .find(|s| s.name == name)
+            .map(|s| {
+                s.remote
+                    .iter()
+                    .map(|r| (r.cluster.clone(), r.healthy, r.verified))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     #[test]
     fn one_virtual_endpoint_per_remote_cluster() {
         let ks = KeySpace::default();
@@ -142,26 +257,62 @@ mod tests {
             7,
         );
 
-        let local = LocalServices::from([(
-            ServiceKey::new("shop", "cart"),
-            LocalService {
-                ports: vec![8080],
-                endpoints: vec![Endpoint {
-                    address: "127.0.1.10:8080".parse().unwrap(),
-                    zone: "az1".into(),
-                    healthy: true,
-                }],
-            },
-        )]);
-        let view = build("aws", &local, &g);
-        let svc = &view.services[&ServiceKey::new("shop", "cart")];
-        assert_eq!(svc.local.len(), 1);
-        let remotes: Vec<(&str, u64, bool)> = svc
-            .remote
-            .iter()
-            .map(|r| (r.cluster.as_str(), r.healthy, r.verified))
-            .collect();
-        assert_eq!(remotes, [("azure", 3, false), ("gcp", 2, true)]);
-        assert_eq!(svc.remote[0].gateways[0].port, 15443);
+        let mut b = MeshBuilder::new("aws", ks);
+        assert!(b.update(local(), Arc::new(g)));
+        let snap = b.snapshot();
+        assert_eq!(snap.services.len(), 1);
+        assert_eq!(snap.services[0].local.len(), 1);
+        assert_eq!(
+            remotes(&b, "cart"),
+            [("azure".into(), 3, false), ("gcp".into(), 2, true)]
+        );
+        assert_eq!(snap.services[0].remote[0].gateways[0].port, 15443);
+    }
+
+    #[test]
+    fn updates_touch_only_what_changed_and_match_a_full_rebuild() {
+        let ks = KeySpace::default();
+        let mut g = GlobalView::new(ks.clone());
+        put(&mut g, ks.cluster("gcp"), record("gcp"), 1);
+        for i in 0..50 {
+            put(
+                &mut g,
+                ks.export("gcp", "shop", &format!("s{i}")),
+                export(3),
+                2 + i,
+            );
+        }
+        let mut b = MeshBuilder::new("aws", ks.clone());
+        let l = local();
+        assert!(b.update(l.clone(), Arc::new(g.clone())));
+        // Same inputs: nothing changes.
+        assert!(!b.update(l.clone(), Arc::new(g.clone())));
+
+        // One export changes; another appears; one disappears.
+        put(&mut g, ks.export("gcp", "shop", "s7"), export(1), 100);
+        put(&mut g, ks.export("gcp", "shop", "new"), export(2), 101);
+        g.apply_event(RawEvent::Delete {
+            key: ks.export("gcp", "shop", "s9"),
+            mod_revision: 102,
+        });
+        assert!(b.update(l.clone(), Arc::new(g.clone())));
+        assert_eq!(remotes(&b, "s7"), [("gcp".into(), 1, false)]);
+        assert_eq!(remotes(&b, "new"), [("gcp".into(), 2, false)]);
+        assert!(remotes(&b, "s9").is_empty());
+
+        // Liveness changes every remote endpoint.
+        put(
+            &mut g,
+            ks.alive("gcp"),
+            serde_json::json!({"controller": "c", "startedAt": "2026-11-24T00:00:00Z", "version": "0.1"}),
+            103,
+        );
+        assert!(b.update(l.clone(), Arc::new(g.clone())));
+        assert!(remotes(&b, "s3")[0].2);
+
+        // The incremental result equals a fresh build from the same inputs.
+        let mut fresh = MeshBuilder::new("aws", ks);
+        fresh.update(l, Arc::new(g));
+        assert_eq!(b.snapshot(), fresh.snapshot());
     }
 }

@@ -9,7 +9,8 @@
 
 use std::collections::BTreeMap;
 
-use fedmesh_api::{AliveRecord, ClusterRecord, ExportSummary, GlobalKey, KeySpace};
+use fedmesh_api::{AliveRecord, ClusterRecord, ExportSummary, GlobalKey, KeySpace, ServiceKey};
+use imbl::OrdMap;
 use trust_bundle::{Bundle, TrustDomain};
 
 /// One key of the global zone as etcd reports it.
@@ -41,18 +42,23 @@ pub enum Change {
 /// The key of an export: (cluster, namespace, service).
 pub type ExportKey = (String, String, String);
 
+/// The maps are persistent (structurally shared), so publishing a copy of
+/// the view after each change costs O(change), not O(size), and consumers
+/// can diff two versions cheaply.
 #[derive(Debug, Clone)]
 pub struct GlobalView {
     keys: KeySpace,
     revision: i64,
-    seen: BTreeMap<String, i64>,
-    pub clusters: BTreeMap<String, ClusterRecord>,
-    pub alive: BTreeMap<String, AliveRecord>,
-    pub bundles: BTreeMap<String, Bundle>,
-    pub exports: BTreeMap<ExportKey, ExportSummary>,
+    seen: OrdMap<String, i64>,
+    pub clusters: OrdMap<String, ClusterRecord>,
+    pub alive: OrdMap<String, AliveRecord>,
+    pub bundles: OrdMap<String, Bundle>,
+    pub exports: OrdMap<ExportKey, ExportSummary>,
+    /// The same exports indexed by service, then cluster.
+    pub by_service: OrdMap<ServiceKey, OrdMap<String, ExportSummary>>,
     /// Keys whose latest value could not be read, with the reason. Their last
     /// good value (if any) stays in the view.
-    pub invalid: BTreeMap<String, String>,
+    pub invalid: OrdMap<String, String>,
 }
 
 impl GlobalView {
@@ -60,12 +66,13 @@ impl GlobalView {
         Self {
             keys,
             revision: 0,
-            seen: BTreeMap::new(),
-            clusters: BTreeMap::new(),
-            alive: BTreeMap::new(),
-            bundles: BTreeMap::new(),
-            exports: BTreeMap::new(),
-            invalid: BTreeMap::new(),
+            seen: OrdMap::new(),
+            clusters: OrdMap::new(),
+            alive: OrdMap::new(),
+            bundles: OrdMap::new(),
+            exports: OrdMap::new(),
+            by_service: OrdMap::new(),
+            invalid: OrdMap::new(),
         }
     }
 
@@ -149,6 +156,11 @@ impl GlobalView {
                 namespace,
                 service,
             } => json::<ExportSummary>(&kv.value).map(|s| {
+                let svc = ServiceKey::new(namespace, service);
+                self.by_service
+                    .entry(svc)
+                    .or_default()
+                    .insert(cluster.clone(), s.clone());
                 self.exports
                     .insert((cluster.clone(), namespace.clone(), service.clone()), s);
             }),
@@ -181,10 +193,18 @@ impl GlobalView {
                 cluster,
                 namespace,
                 service,
-            } => self
-                .exports
-                .remove(&(cluster.clone(), namespace.clone(), service.clone()))
-                .map(drop),
+            } => {
+                let svc = ServiceKey::new(namespace, service);
+                if let Some(per_cluster) = self.by_service.get_mut(&svc) {
+                    per_cluster.remove(cluster);
+                    if per_cluster.is_empty() {
+                        self.by_service.remove(&svc);
+                    }
+                }
+                self.exports
+                    .remove(&(cluster.clone(), namespace.clone(), service.clone()))
+                    .map(drop)
+            }
             GlobalKey::Policy(_) => Some(()),
         }
         .map(|()| Change::Remove(parsed))
