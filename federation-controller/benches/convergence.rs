@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 use common::*;
 use etcd_client::{EventType, WatchOptions};
 use federation_controller::controller::{Controller, ControllerConfig, LocalSource};
-use federation_controller::discovery;
+use federation_controller::discovery::{self, MeshState};
+use fedmesh_api::ServiceKey;
 use fedmesh_proto::discovery::v1 as pb;
 use fedmesh_test_support::Etcd;
 use hdrhistogram::Histogram;
@@ -121,10 +122,10 @@ async fn main() {
         .into_inner();
 
     let a_name = "c0";
-    let healthy_of = |snap: &pb::MeshSnapshot, svc: &str| {
-        snap.services
-            .iter()
-            .find(|s| s.name == svc)
+    let mut state = MeshState::default();
+    let healthy_of = |m: &MeshState, svc: &str| {
+        m.services
+            .get(&ServiceKey::new("bench", svc))
             .and_then(|s| s.remote.iter().find(|r| r.cluster == a_name))
             .and_then(|r| r.localities.iter().find(|l| l.zone == "az1"))
             .map(|l| l.healthy)
@@ -141,9 +142,12 @@ async fn main() {
             })
             .await
             .unwrap();
-        let snap = r.snapshot.unwrap();
-        let complete = snap.services.len() == services
-            && snap.services.iter().all(|s| s.remote.len() == clusters - 1);
+        state.apply(&r).unwrap();
+        let complete = state.services.len() == services
+            && state
+                .services
+                .values()
+                .all(|s| s.remote.len() == clusters - 1);
         if complete {
             break;
         }
@@ -154,15 +158,16 @@ async fn main() {
     }
 
     let mut fedmesh = Histogram::<u64>::new(3).unwrap();
-    let mut state = vec![3usize; services];
+    let mut healthy = vec![3usize; services];
     let started = Instant::now();
     for i in 0..changes {
         let svc = i % services;
-        let next = if state[svc] == 3 { 2 } else { 3 };
-        state[svc] = next;
+        let next = if healthy[svc] == 3 { 2 } else { 3 };
+        healthy[svc] = next;
         let name = format!("svc-{svc}");
+        let update = local_services(services, Some((svc, next)));
         let t0 = Instant::now();
-        a_tx.send_replace(local_services(services, Some((svc, next))));
+        a_tx.send_replace(update);
         loop {
             let r = tokio::time::timeout(Duration::from_secs(30), stream.message())
                 .await
@@ -177,7 +182,8 @@ async fn main() {
                 })
                 .await
                 .unwrap();
-            if healthy_of(r.snapshot.as_ref().unwrap(), &name) == Some(next as u32) {
+            state.apply(&r).unwrap();
+            if healthy_of(&state, &name) == Some(next as u32) {
                 break;
             }
         }

@@ -327,6 +327,10 @@ async fn build_mesh(
     metrics: Arc<ControllerMetrics>,
 ) {
     let mut version = 0u64;
+    let epoch = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos() as u64;
     let mut builder = mesh::MeshBuilder::new(&cluster, global.borrow().keys().clone());
     let mut local_open = true;
     loop {
@@ -337,8 +341,13 @@ async fn build_mesh(
         // would tell proxies that nothing exists anywhere.
         if g.revision() > 0 && (builder.update(l, g.clone()) || version == 0) {
             version += 1;
-            let snapshot = builder.snapshot();
-            snapshots.send_replace(Some(Arc::new(Versioned { version, snapshot })));
+            snapshots.send_replace(Some(Arc::new(Versioned {
+                version,
+                epoch,
+                cluster: cluster.clone(),
+                services: builder.services(),
+                bundles: Arc::new(builder.bundles().clone()),
+            })));
             let set = bundle_set(&own_bundle, Some(&g));
             bundles.send_if_modified(|cur| {
                 if **cur == set {

@@ -1,20 +1,25 @@
 //! The gRPC discovery and identity service for local proxies and gateways,
 //! over mutual TLS with SVIDs.
 //!
-//! Snapshots are versioned; a client that reconnects with the version it
-//! holds is sent nothing until something changes, and a NACKed snapshot is
-//! never resent (the client keeps its last good one). Before the controller
-//! has a complete view there is no snapshot at all: streams wait rather than
-//! receive an empty mesh.
+//! Updates are versioned and incremental: the first response on a stream is
+//! the whole mesh, later ones carry only the services that changed (found by
+//! diffing persistent maps, so a change costs O(change)). A client that
+//! reconnects with the version it holds is sent nothing until something
+//! changes; a NACKed version is never resent, and the next change goes out as
+//! a full snapshot. Before the controller has a complete view there is no
+//! version at all: streams wait rather than receive an empty mesh.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use fedmesh_api::ServiceKey;
 use fedmesh_proto::discovery::v1 as pb;
+use imbl::OrdMap;
+use imbl::ordmap::DiffItem;
 use pb::discovery_server::{Discovery, DiscoveryServer};
 use rustls_pki_types::ServerName;
 use tokio::net::{TcpListener, TcpStream};
@@ -25,11 +30,117 @@ use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use tonic::{Request, Response, Status, Streaming};
 use trust_bundle::{Authority, CaError, SpiffeId, TrustDomain};
 
-/// A published snapshot and its version.
+/// A published version of the mesh. Cheap to clone and to diff: the
+/// services are a persistent map shared with the builder.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Versioned {
+    /// Counts up from 1 within one controller process.
     pub version: u64,
-    pub snapshot: pb::MeshSnapshot,
+    /// Distinguishes controller processes, so that a client reconnecting to
+    /// a restarted controller never mistakes an old version for the current.
+    pub epoch: u64,
+    pub cluster: String,
+    pub services: OrdMap<ServiceKey, pb::Service>,
+    pub bundles: Arc<BTreeMap<String, String>>,
+}
+
+impl Versioned {
+    /// The `version_info` on the wire.
+    pub fn version_info(&self) -> String {
+        format!("{:x}.{}", self.epoch, self.version)
+    }
+
+    /// The whole mesh.
+    pub fn full(&self) -> pb::MeshSnapshot {
+        pb::MeshSnapshot {
+            cluster: self.cluster.clone(),
+            services: self.services.values().cloned().collect(),
+            bundles: self
+                .bundles
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        }
+    }
+
+    /// What changed since `base`: upserted services (and the bundles, if
+    /// they changed) plus removed services.
+    pub fn delta(&self, base: &Versioned) -> (pb::MeshSnapshot, Vec<pb::ServiceRef>) {
+        let mut upserted = Vec::new();
+        let mut removed = Vec::new();
+        for d in base.services.diff(&self.services) {
+            match d {
+                DiffItem::Add(_, s) | DiffItem::Update { new: (_, s), .. } => {
+                    upserted.push(s.clone())
+                }
+                DiffItem::Remove(k, _) => removed.push(pb::ServiceRef {
+                    namespace: k.namespace.clone(),
+                    name: k.name.clone(),
+                }),
+            }
+        }
+        let bundles = if self.bundles == base.bundles {
+            HashMap::new()
+        } else {
+            self.bundles
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect()
+        };
+        let snapshot = pb::MeshSnapshot {
+            cluster: self.cluster.clone(),
+            services: upserted,
+            bundles,
+        };
+        (snapshot, removed)
+    }
+}
+
+/// A client's copy of the mesh, kept up to date from discovery responses.
+/// Proxies and gateways hold one; so do the tests.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct MeshState {
+    pub version_info: String,
+    pub cluster: String,
+    pub services: BTreeMap<ServiceKey, pb::Service>,
+    pub bundles: BTreeMap<String, String>,
+}
+
+impl MeshState {
+    /// Applies a response. On error nothing is changed: the caller NACKs
+    /// and keeps its last good state.
+    pub fn apply(&mut self, r: &pb::DiscoveryResponse) -> Result<(), String> {
+        let snap = r.snapshot.as_ref().ok_or("response without a snapshot")?;
+        if let Some(bad) = snap
+            .services
+            .iter()
+            .find(|s| s.namespace.is_empty() || s.name.is_empty())
+        {
+            return Err(format!("service with an empty name: {bad:?}"));
+        }
+        if !r.incremental {
+            self.services.clear();
+            self.bundles.clear();
+        }
+        for s in &snap.services {
+            self.services
+                .insert(ServiceKey::new(&s.namespace, &s.name), s.clone());
+        }
+        for k in &r.removed {
+            self.services
+                .remove(&ServiceKey::new(&k.namespace, &k.name));
+        }
+        if !r.incremental || !snap.bundles.is_empty() {
+            self.bundles = snap
+                .bundles
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+        }
+        self.cluster = snap.cluster.clone();
+        self.version_info = r.version_info.clone();
+        Ok(())
+    }
 }
 
 /// `None` until the controller has a complete view.
@@ -118,37 +229,55 @@ impl Discovery for DiscoveryService {
                 return;
             };
             let node = first.node.clone();
-            let mut client_version = first.version_info;
-            let mut last_sent: Option<u64> = None;
+            // What the client holds, as far as we know: the base of deltas.
+            let mut base: Option<Arc<Versioned>> = None;
+            let mut last_sent: Option<String> = None;
+            if let Some(cur) = snapshots.borrow().clone()
+                && cur.version_info() == first.version_info
+            {
+                last_sent = Some(cur.version_info());
+                base = Some(cur);
+            }
             let mut nonce = 0u64;
             loop {
                 let current = snapshots.borrow_and_update().clone();
-                if let Some(cur) = current {
-                    let is_held = cur.version.to_string() == client_version;
-                    if !is_held && last_sent != Some(cur.version) {
-                        nonce += 1;
-                        let resp = pb::DiscoveryResponse {
-                            version_info: cur.version.to_string(),
-                            nonce: nonce.to_string(),
-                            snapshot: Some(cur.snapshot.clone()),
-                        };
-                        if tx.send(Ok(resp)).await.is_err() {
-                            return;
+                if let Some(cur) = current
+                    && last_sent.as_deref() != Some(cur.version_info().as_str())
+                {
+                    nonce += 1;
+                    let (snapshot, removed, incremental) = match &base {
+                        Some(b) => {
+                            let (s, r) = cur.delta(b);
+                            (s, r, true)
                         }
-                        stats.pushes.fetch_add(1, Ordering::Relaxed);
-                        last_sent = Some(cur.version);
+                        None => (cur.full(), Vec::new(), false),
+                    };
+                    let resp = pb::DiscoveryResponse {
+                        version_info: cur.version_info(),
+                        nonce: nonce.to_string(),
+                        snapshot: Some(snapshot),
+                        incremental,
+                        removed,
+                    };
+                    if tx.send(Ok(resp)).await.is_err() {
+                        return;
                     }
+                    stats.pushes.fetch_add(1, Ordering::Relaxed);
+                    last_sent = Some(cur.version_info());
+                    base = Some(cur);
                 }
                 tokio::select! {
                     changed = snapshots.changed() => if changed.is_err() { return },
                     msg = inbound.message() => match msg {
                         Ok(Some(r)) if r.error_detail.is_empty() => {
                             stats.acks.fetch_add(1, Ordering::Relaxed);
-                            client_version = r.version_info;
                         }
                         Ok(Some(r)) => {
                             stats.nacks.fetch_add(1, Ordering::Relaxed);
-                            tracing::warn!(%node, nonce = %r.response_nonce, error = %r.error_detail, "client rejected a snapshot; it keeps its last good one");
+                            // The client kept its last good state, which we
+                            // no longer know: the next update goes out whole.
+                            base = None;
+                            tracing::warn!(%node, nonce = %r.response_nonce, error = %r.error_detail, "client rejected an update; it keeps its last good state");
                         }
                         _ => return,
                     },
@@ -190,7 +319,12 @@ impl Discovery for DiscoveryService {
             .snapshots
             .borrow()
             .as_ref()
-            .map(|s| s.snapshot.bundles.clone())
+            .map(|s| {
+                s.bundles
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect()
+            })
             .unwrap_or_default();
         bundles.insert(self.trust_domain.to_string(), own_bundle);
         Ok(Response::new(pb::CertifyResponse {
@@ -257,4 +391,97 @@ pub async fn channel(
         .connect_timeout(Duration::from_secs(5))
         .connect_with_connector(connector)
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn svc(name: &str, healthy: u64) -> pb::Service {
+        pb::Service {
+            namespace: "shop".into(),
+            name: name.into(),
+            ports: vec![8080],
+            local: vec![],
+            remote: vec![pb::RemoteCluster {
+                cluster: "gcp".into(),
+                healthy,
+                ..Default::default()
+            }],
+        }
+    }
+
+    fn versioned(version: u64, services: &[(&str, u64)], bundles: &[(&str, &str)]) -> Versioned {
+        Versioned {
+            version,
+            epoch: 7,
+            cluster: "aws".into(),
+            services: services
+                .iter()
+                .map(|(n, h)| (ServiceKey::new("shop", n), svc(n, *h)))
+                .collect(),
+            bundles: Arc::new(
+                bundles
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            ),
+        }
+    }
+
+    fn response(v: &Versioned, base: Option<&Versioned>) -> pb::DiscoveryResponse {
+        let (snapshot, removed, incremental) = match base {
+            Some(b) => {
+                let (s, r) = v.delta(b);
+                (s, r, true)
+            }
+            None => (v.full(), vec![], false),
+        };
+        pb::DiscoveryResponse {
+            version_info: v.version_info(),
+            nonce: "1".into(),
+            snapshot: Some(snapshot),
+            incremental,
+            removed,
+        }
+    }
+
+    #[test]
+    fn deltas_carry_only_changes_and_rebuild_the_same_state() {
+        let v1 = versioned(1, &[("a", 3), ("b", 3), ("c", 3)], &[("aws", "doc1")]);
+        let v2 = versioned(2, &[("a", 3), ("b", 1), ("d", 2)], &[("aws", "doc1")]);
+        let (snap, removed) = v2.delta(&v1);
+        let names: Vec<&str> = snap.services.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["b", "d"]);
+        assert_eq!(removed.len(), 1);
+        assert_eq!(removed[0].name, "c");
+        assert!(snap.bundles.is_empty(), "unchanged bundles are not resent");
+
+        let mut client = MeshState::default();
+        client.apply(&response(&v1, None)).unwrap();
+        client.apply(&response(&v2, Some(&v1))).unwrap();
+        let mut fresh = MeshState::default();
+        fresh.apply(&response(&v2, None)).unwrap();
+        assert_eq!(client, fresh);
+        assert_eq!(client.version_info, "7.2");
+
+        let v3 = versioned(3, &[("a", 3)], &[("aws", "doc2")]);
+        client.apply(&response(&v3, Some(&v2))).unwrap();
+        assert_eq!(client.bundles["aws"], "doc2");
+        assert_eq!(client.services.len(), 1);
+    }
+
+    #[test]
+    fn a_bad_response_changes_nothing() {
+        let mut client = MeshState::default();
+        client
+            .apply(&response(&versioned(1, &[("a", 3)], &[]), None))
+            .unwrap();
+        let before = client.clone();
+        let mut bad = response(&versioned(2, &[("", 3)], &[]), None);
+        assert!(client.apply(&bad).is_err());
+        bad.snapshot = None;
+        assert!(client.apply(&bad).is_err());
+        assert_eq!(client, before);
+    }
 }

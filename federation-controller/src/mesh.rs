@@ -95,6 +95,15 @@ impl MeshBuilder {
         changed
     }
 
+    /// The services, as a persistent map: O(1) to clone.
+    pub fn services(&self) -> OrdMap<ServiceKey, pb::Service> {
+        self.services.clone()
+    }
+
+    pub fn bundles(&self) -> &BTreeMap<String, String> {
+        &self.bundles
+    }
+
     /// The whole mesh in its wire form.
     pub fn snapshot(&self) -> pb::MeshSnapshot {
         pb::MeshSnapshot {

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use federation_controller::controller::{Controller, ControllerConfig, LocalSource};
+use federation_controller::discovery::MeshState;
 use federation_controller::join::{EtcdAccess, JoinDir};
 use federation_controller::watcher::WatcherConfig;
 use federation_controller::{GlobalZone, discovery};
@@ -146,6 +147,8 @@ async fn certify(c: &Cluster, token: &str, id: &SpiffeId) -> Result<Svid, tonic:
 struct Stream {
     requests: mpsc::Sender<pb::DiscoveryRequest>,
     responses: tonic::Streaming<pb::DiscoveryResponse>,
+    /// The client's copy of the mesh, as a proxy keeps it.
+    state: MeshState,
 }
 
 impl Stream {
@@ -178,6 +181,7 @@ impl Stream {
         Ok(Self {
             requests,
             responses,
+            state: MeshState::default(),
         })
     }
 
@@ -189,12 +193,14 @@ impl Stream {
             .expect("stream ended")
     }
 
-    /// The next response for which `want` holds, ACKing each one on the way.
-    async fn until(&mut self, want: impl Fn(&pb::MeshSnapshot) -> bool) -> pb::DiscoveryResponse {
+    /// Applies and ACKs responses until the client's state satisfies `want`;
+    /// returns the response that got it there.
+    async fn until(&mut self, want: impl Fn(&MeshState) -> bool) -> pb::DiscoveryResponse {
         loop {
             let r = self.next().await;
+            self.state.apply(&r).unwrap();
             self.ack(&r).await;
-            if want(r.snapshot.as_ref().unwrap()) {
+            if want(&self.state) {
                 return r;
             }
         }
@@ -232,9 +238,12 @@ impl Stream {
     }
 }
 
-fn remote_healthy(s: &pb::MeshSnapshot, cluster: &str) -> Option<u64> {
-    s.services
-        .iter()
+fn remote_healthy<'a>(
+    services: impl IntoIterator<Item = &'a pb::Service>,
+    cluster: &str,
+) -> Option<u64> {
+    services
+        .into_iter()
         .find(|svc| svc.namespace == "shop" && svc.name == "cart")?
         .remote
         .iter()
@@ -252,10 +261,11 @@ async fn a_change_in_one_cluster_reaches_anothers_discovery_stream() {
     assert_eq!(svid.spiffe_id(), &web);
 
     let mut s = Stream::open(&b, svid.clone(), "").await.unwrap();
-    let first = s.until(|snap| remote_healthy(snap, "aws") == Some(3)).await;
-    let snap = first.snapshot.as_ref().unwrap();
+    s.until(|m| remote_healthy(m.services.values(), "aws") == Some(3))
+        .await;
+    let snap = s.state.clone();
     assert_eq!(snap.cluster, "gcp");
-    let remote = &snap.services[0].remote[0];
+    let remote = &snap.services.values().next().unwrap().remote[0];
     assert_eq!(
         (
             remote.cloud.as_str(),
@@ -270,12 +280,16 @@ async fn a_change_in_one_cluster_reaches_anothers_discovery_stream() {
             && snap.bundles.contains_key("gcp.fedmesh.test")
     );
 
-    // One endpoint in aws turns unhealthy: gcp's stream gets a new version.
+    // One endpoint in aws turns unhealthy: gcp's stream gets an incremental
+    // update carrying just that service.
     std::fs::write(&a.registry, registry_doc(2)).unwrap();
-    let second = s.until(|snap| remote_healthy(snap, "aws") == Some(2)).await;
-    assert_ne!(second.version_info, first.version_info);
+    let second = s
+        .until(|m| remote_healthy(m.services.values(), "aws") == Some(2))
+        .await;
+    assert!(second.incremental);
+    assert_eq!(second.snapshot.as_ref().unwrap().services.len(), 1);
 
-    // A NACK is not answered by resending the same version.
+    // A NACK is not answered by resending the same version...
     std::fs::write(&a.registry, registry_doc(1)).unwrap();
     let third = s.next().await;
     s.nack(&third, &second.version_info).await;
@@ -290,16 +304,33 @@ async fn a_change_in_one_cluster_reaches_anothers_discovery_stream() {
         .nacks
         .load(std::sync::atomic::Ordering::Relaxed);
     assert_eq!(nacks, 1);
+    // ...and the next update is whole, since the server no longer knows
+    // what the client holds.
+    std::fs::write(&a.registry, registry_doc(3)).unwrap();
+    let fourth = s.next().await;
+    assert!(
+        !fourth.incremental,
+        "after a NACK the next update must be full"
+    );
+    s.state.apply(&fourth).unwrap();
+    s.ack(&fourth).await;
+    assert_eq!(remote_healthy(s.state.services.values(), "aws"), Some(3));
 
-    // Reconnecting with the version held: nothing is sent until a change.
+    // Reconnecting with the version held: nothing is sent until a change,
+    // and then only the change.
+    let held = s.state.clone();
     drop(s);
-    let mut s = Stream::open(&b, svid, &third.version_info).await.unwrap();
+    let mut s = Stream::open(&b, svid, &fourth.version_info).await.unwrap();
+    s.state = held;
     assert!(
         s.quiet_for(Duration::from_millis(500)).await,
         "a held version was resent"
     );
-    std::fs::write(&a.registry, registry_doc(3)).unwrap();
-    s.until(|snap| remote_healthy(snap, "aws") == Some(3)).await;
+    std::fs::write(&a.registry, registry_doc(2)).unwrap();
+    let r = s
+        .until(|m| remote_healthy(m.services.values(), "aws") == Some(2))
+        .await;
+    assert!(r.incremental);
     drop(a);
 }
 
@@ -349,7 +380,9 @@ async fn with_etcd_down_discovery_keeps_serving_the_last_view_and_resyncs() {
     .await
     .unwrap();
     let mut s = Stream::open(&b, svid.clone(), "").await.unwrap();
-    let before = s.until(|snap| remote_healthy(snap, "aws") == Some(3)).await;
+    let before = s
+        .until(|m| remote_healthy(m.services.values(), "aws") == Some(3))
+        .await;
 
     etcd.kill();
     let stats = b.controller.metrics.clone();
@@ -367,8 +400,8 @@ async fn with_etcd_down_discovery_keeps_serving_the_last_view_and_resyncs() {
     .await;
     // The snapshot in force is the last good one, not an empty view.
     let current = b.controller.snapshots.borrow().clone().unwrap();
-    assert_eq!(current.version.to_string(), before.version_info);
-    assert_eq!(remote_healthy(&current.snapshot, "aws"), Some(3));
+    assert_eq!(current.version_info(), before.version_info);
+    assert_eq!(remote_healthy(current.services.values(), "aws"), Some(3));
     // A proxy connecting now is served that view.
     let mut late = Stream::open(&b, svid.clone(), "").await.unwrap();
     let served = late.next().await;
@@ -381,11 +414,10 @@ async fn with_etcd_down_discovery_keeps_serving_the_last_view_and_resyncs() {
         Duration::from_secs(10),
         || {
             let local_healthy = snaps.borrow().as_ref().map(|s| {
-                s.snapshot.services[0]
-                    .local
-                    .iter()
-                    .filter(|e| e.healthy)
-                    .count()
+                s.services
+                    .values()
+                    .next()
+                    .map_or(0, |svc| svc.local.iter().filter(|e| e.healthy).count())
             });
             async move { (local_healthy == Some(1)).then_some(()) }
         },
@@ -394,7 +426,8 @@ async fn with_etcd_down_discovery_keeps_serving_the_last_view_and_resyncs() {
 
     // ...and reaches gcp once etcd is back.
     etcd.restart().await.unwrap();
-    s.until(|snap| remote_healthy(snap, "aws") == Some(1)).await;
+    s.until(|m| remote_healthy(m.services.values(), "aws") == Some(1))
+        .await;
 }
 
 #[tokio::test]
@@ -453,7 +486,7 @@ async fn a_local_source_that_goes_away_leaves_the_mesh_following_the_global_zone
             let h = snaps
                 .borrow()
                 .as_ref()
-                .and_then(|s| remote_healthy(&s.snapshot, "aws"));
+                .and_then(|s| remote_healthy(s.services.values(), "aws"));
             async move { (h == Some(3)).then_some(()) }
         },
     )
