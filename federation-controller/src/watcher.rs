@@ -102,26 +102,59 @@ pub async fn run(
 /// first page's revision, so no single response outgrows gRPC's limits.
 const LIST_PAGE: i64 = 2000;
 
+/// Lists the whole global zone at one revision.
+///
+/// Exports are listed cluster by cluster rather than as one range: etcd 3.4
+/// walks the whole remaining range to answer each limited page, so paging
+/// through one range of N keys costs O(N²/page). Exports of a cluster with
+/// no record are unreachable and are not listed (a later watch event still
+/// brings them in).
 async fn list(
     client: &mut Client,
     view: &mut GlobalView,
     stats: &WatchStats,
 ) -> Result<(), etcd_client::Error> {
-    let prefix = view.keys().prefix().as_bytes().to_vec();
-    let end = prefix_end(&prefix);
-    let mut start = prefix;
+    let prefix = view.keys().prefix().to_owned();
     let mut revision = 0;
     let mut kvs = Vec::new();
+    for kind in ["clusters/", "alive/", "bundles/", "policies/"] {
+        list_range(client, &format!("{prefix}{kind}"), &mut revision, &mut kvs).await?;
+    }
+    let clusters: Vec<String> = kvs
+        .iter()
+        .filter_map(|kv| match view.keys().parse(&kv.key) {
+            Some(fedmesh_api::GlobalKey::Cluster(c)) => Some(c),
+            _ => None,
+        })
+        .collect();
+    for c in clusters {
+        list_range(client, &view.keys().exports_of(&c), &mut revision, &mut kvs).await?;
+    }
+    view.apply_snapshot(kvs, revision);
+    stats.lists.fetch_add(1, Ordering::Relaxed);
+    Ok(())
+}
+
+/// Appends every key under `prefix` at `revision` (set from the first
+/// response when 0), page by page.
+async fn list_range(
+    client: &mut Client,
+    prefix: &str,
+    revision: &mut i64,
+    kvs: &mut Vec<RawKv>,
+) -> Result<(), etcd_client::Error> {
+    let end = prefix_end(prefix.as_bytes());
+    let mut start = prefix.as_bytes().to_vec();
     loop {
         let mut opts = GetOptions::new()
             .with_range(end.clone())
             .with_limit(LIST_PAGE);
-        if revision > 0 {
-            opts = opts.with_revision(revision);
+        if *revision > 0 {
+            opts = opts.with_revision(*revision);
         }
         let resp = client.get(start.clone(), Some(opts)).await?;
-        if revision == 0 {
-            revision = resp.header().map_or(0, |h| h.revision());
+        if *revision == 0 {
+            *revision = resp.header().map_or(0, |h| h.revision());
         }
         kvs.extend(resp.kvs().iter().map(|kv| RawKv {
             key: String::from_utf8_lossy(kv.key()).into_owned(),
@@ -133,12 +166,9 @@ async fn list(
                 start = last.key().to_vec();
                 start.push(0);
             }
-            _ => break,
+            _ => return Ok(()),
         }
     }
-    view.apply_snapshot(kvs, revision);
-    stats.lists.fetch_add(1, Ordering::Relaxed);
-    Ok(())
 }
 
 /// The first key after every key that starts with `prefix`.

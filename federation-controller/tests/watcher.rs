@@ -56,6 +56,19 @@ async fn start_watcher(endpoint: String) -> Running {
     }
 }
 
+/// A minimal cluster record, so that the cluster's exports are listed.
+async fn record(c: &mut Client, cluster: &str) {
+    let rec = serde_json::json!({
+        "name": cluster, "cloud": "aws", "region": "r1", "zones": ["az1"],
+        "trustDomain": format!("{cluster}.fedmesh.test"),
+        "gateways": [{"address": "127.0.1.1", "port": 15443}],
+        "registeredAt": "2026-11-24T00:00:00Z"
+    });
+    c.put(KeySpace::default().cluster(cluster), rec.to_string(), None)
+        .await
+        .unwrap();
+}
+
 fn generation(view: &GlobalView, cluster: &str) -> Option<u64> {
     view.exports
         .get(&(cluster.into(), "shop".into(), "cart".into()))
@@ -67,6 +80,9 @@ async fn lists_then_follows_changes() {
     let etcd = Etcd::start().await.unwrap();
     let keys = KeySpace::default();
     let mut c = etcd.client().await.unwrap();
+    for cluster in ["a", "b", "gone", "new"] {
+        record(&mut c, cluster).await;
+    }
     c.put(keys.export("a", "shop", "cart"), summary(1), None)
         .await
         .unwrap();
@@ -102,6 +118,9 @@ async fn after_a_compaction_it_lists_again_and_loses_or_repeats_nothing() {
     let etcd = Etcd::start().await.unwrap();
     let keys = KeySpace::default();
     let mut c = etcd.client().await.unwrap();
+    for cluster in ["a", "b", "gone", "new"] {
+        record(&mut c, cluster).await;
+    }
     c.put(keys.export("a", "shop", "cart"), summary(1), None)
         .await
         .unwrap();
@@ -218,6 +237,9 @@ async fn an_etcd_outage_keeps_the_last_view_and_resyncs_on_return() {
     let mut etcd = Etcd::start().await.unwrap();
     let keys = KeySpace::default();
     let mut c = etcd.client().await.unwrap();
+    for cluster in ["a", "b", "gone", "new"] {
+        record(&mut c, cluster).await;
+    }
     c.put(keys.export("a", "shop", "cart"), summary(1), None)
         .await
         .unwrap();
@@ -247,6 +269,9 @@ async fn an_etcd_outage_keeps_the_last_view_and_resyncs_on_return() {
 
     etcd.restart().await.unwrap();
     let mut c = etcd.client().await.unwrap();
+    for cluster in ["a", "b", "gone", "new"] {
+        record(&mut c, cluster).await;
+    }
     c.put(keys.export("a", "shop", "cart"), summary(2), None)
         .await
         .unwrap();
@@ -266,6 +291,9 @@ async fn large_listings_are_read_in_pages_at_one_revision() {
     let etcd = Etcd::start().await.unwrap();
     let keys = KeySpace::default();
     let mut c = etcd.client().await.unwrap();
+    for cluster in ["a", "b", "gone", "new"] {
+        record(&mut c, cluster).await;
+    }
     // More keys than one page holds.
     for chunk in (0..4500).collect::<Vec<_>>().chunks(100) {
         let ops: Vec<_> = chunk
@@ -288,4 +316,40 @@ async fn large_listings_are_read_in_pages_at_one_revision() {
     })
     .await;
     assert_eq!(w.stats.lists.load(Ordering::Relaxed), 1);
+}
+
+#[tokio::test]
+async fn exports_of_a_cluster_without_a_record_are_not_listed() {
+    let etcd = Etcd::start().await.unwrap();
+    let keys = KeySpace::default();
+    let mut c = etcd.client().await.unwrap();
+    record(&mut c, "a").await;
+    c.put(keys.export("a", "shop", "cart"), summary(1), None)
+        .await
+        .unwrap();
+    c.put(keys.export("orphan", "shop", "cart"), summary(1), None)
+        .await
+        .unwrap();
+    let w = start_watcher(etcd.endpoint()).await;
+    let rx = w.rx.clone();
+    eventually("the listed export", Duration::from_secs(10), || {
+        let g = generation(&rx.borrow(), "a");
+        async move { (g == Some(1)).then_some(()) }
+    })
+    .await;
+    assert_eq!(generation(&rx.borrow(), "orphan"), None);
+    // Once it registers, its later exports arrive by the watch.
+    record(&mut c, "orphan").await;
+    c.put(keys.export("orphan", "shop", "cart"), summary(2), None)
+        .await
+        .unwrap();
+    eventually(
+        "the orphan's export after registering",
+        Duration::from_secs(10),
+        || {
+            let g = generation(&rx.borrow(), "orphan");
+            async move { (g == Some(2)).then_some(()) }
+        },
+    )
+    .await;
 }
