@@ -39,9 +39,6 @@ pub enum Change {
     Remove(GlobalKey),
 }
 
-/// The key of an export: (cluster, namespace, service).
-pub type ExportKey = (String, String, String);
-
 /// The maps are persistent (structurally shared), so publishing a copy of
 /// the view after each change costs O(change), not O(size), and consumers
 /// can diff two versions cheaply.
@@ -53,8 +50,7 @@ pub struct GlobalView {
     pub clusters: OrdMap<String, ClusterRecord>,
     pub alive: OrdMap<String, AliveRecord>,
     pub bundles: OrdMap<String, Bundle>,
-    pub exports: OrdMap<ExportKey, ExportSummary>,
-    /// The same exports indexed by service, then cluster.
+    /// Exports by service, then cluster: the shape the mesh is built in.
     pub by_service: OrdMap<ServiceKey, OrdMap<String, ExportSummary>>,
     /// Keys whose latest value could not be read, with the reason. Their last
     /// good value (if any) stays in the view.
@@ -70,10 +66,21 @@ impl GlobalView {
             clusters: OrdMap::new(),
             alive: OrdMap::new(),
             bundles: OrdMap::new(),
-            exports: OrdMap::new(),
             by_service: OrdMap::new(),
             invalid: OrdMap::new(),
         }
+    }
+
+    /// One cluster's export of one service.
+    pub fn export(&self, cluster: &str, namespace: &str, service: &str) -> Option<&ExportSummary> {
+        self.by_service
+            .get(&ServiceKey::new(namespace, service))?
+            .get(cluster)
+    }
+
+    /// How many (cluster, service) exports the view holds.
+    pub fn export_count(&self) -> usize {
+        self.by_service.values().map(|m| m.len()).sum()
     }
 
     /// The last etcd revision the view reflects.
@@ -156,13 +163,10 @@ impl GlobalView {
                 namespace,
                 service,
             } => json::<ExportSummary>(&kv.value).map(|s| {
-                let svc = ServiceKey::new(namespace, service);
                 self.by_service
-                    .entry(svc)
+                    .entry(ServiceKey::new(namespace, service))
                     .or_default()
-                    .insert(cluster.clone(), s.clone());
-                self.exports
-                    .insert((cluster.clone(), namespace.clone(), service.clone()), s);
+                    .insert(cluster.clone(), s);
             }),
             // Policies are read by a later part of the controller.
             GlobalKey::Policy(_) => Ok(()),
@@ -195,15 +199,12 @@ impl GlobalView {
                 service,
             } => {
                 let svc = ServiceKey::new(namespace, service);
-                if let Some(per_cluster) = self.by_service.get_mut(&svc) {
-                    per_cluster.remove(cluster);
-                    if per_cluster.is_empty() {
-                        self.by_service.remove(&svc);
-                    }
+                let per_cluster = self.by_service.get_mut(&svc)?;
+                let removed = per_cluster.remove(cluster).map(drop);
+                if per_cluster.is_empty() {
+                    self.by_service.remove(&svc);
                 }
-                self.exports
-                    .remove(&(cluster.clone(), namespace.clone(), service.clone()))
-                    .map(drop)
+                removed
             }
             GlobalKey::Policy(_) => Some(()),
         }
@@ -240,8 +241,8 @@ mod tests {
         })
     }
 
-    fn ekey(c: &str) -> ExportKey {
-        (c.into(), "shop".into(), "cart".into())
+    fn gen_of(v: &GlobalView, c: &str) -> Option<u64> {
+        v.export(c, "shop", "cart").map(|s| s.generation)
     }
 
     #[test]
@@ -253,15 +254,19 @@ mod tests {
         // A replay of the same revision, or an older one, is ignored.
         assert_eq!(v.apply_event(put(&k, export(0, 0), 10)), None);
         assert_eq!(v.apply_event(put(&k, export(0, 0), 9)), None);
-        assert_eq!(v.exports[&ekey("a")].generation, 1);
+        assert_eq!(gen_of(&v, "a"), Some(1));
         assert!(v.apply_event(put(&k, export(2, 1), 11)).is_some());
-        assert_eq!(v.exports[&ekey("a")].localities[0].healthy, 1);
+        assert_eq!(
+            v.export("a", "shop", "cart").unwrap().localities[0].healthy,
+            1
+        );
         let gone = v.apply_event(RawEvent::Delete {
             key: k.clone(),
             mod_revision: 12,
         });
         assert!(matches!(gone, Some(Change::Remove(_))));
-        assert!(v.exports.is_empty());
+        assert_eq!(v.export_count(), 0);
+        assert!(v.by_service.is_empty());
     }
 
     #[test]
@@ -291,8 +296,8 @@ mod tests {
             42,
         );
         assert_eq!(changes.len(), 2, "{changes:?}");
-        assert!(v.exports.contains_key(&ekey("a")) && v.exports.contains_key(&ekey("c")));
-        assert!(!v.exports.contains_key(&ekey("b")));
+        assert!(gen_of(&v, "a").is_some() && gen_of(&v, "c").is_some());
+        assert!(gen_of(&v, "b").is_none());
         assert_eq!(v.revision(), 42);
         // Events the snapshot already covered are ignored.
         assert_eq!(v.apply_event(put(&kc, export(6, 2), 40)), None);
@@ -304,7 +309,7 @@ mod tests {
         let k = ks().export("a", "shop", "cart");
         v.apply_event(put(&k, export(1, 3), 5));
         assert_eq!(v.apply_event(put(&k, b"{not json".to_vec(), 6)), None);
-        assert_eq!(v.exports[&ekey("a")].generation, 1);
+        assert_eq!(gen_of(&v, "a"), Some(1));
         assert!(v.invalid.contains_key(&k));
         v.apply_event(put(&k, export(2, 3), 7));
         assert!(v.invalid.is_empty());

@@ -70,9 +70,7 @@ async fn record(c: &mut Client, cluster: &str) {
 }
 
 fn generation(view: &GlobalView, cluster: &str) -> Option<u64> {
-    view.exports
-        .get(&(cluster.into(), "shop".into(), "cart".into()))
-        .map(|s| s.generation)
+    view.export(cluster, "shop", "cart").map(|s| s.generation)
 }
 
 #[tokio::test]
@@ -311,7 +309,7 @@ async fn large_listings_are_read_in_pages_at_one_revision() {
     let w = start_watcher(etcd.endpoint()).await;
     let rx = w.rx.clone();
     eventually("all 4500 exports", Duration::from_secs(20), || {
-        let n = rx.borrow().exports.len();
+        let n = rx.borrow().export_count();
         async move { (n == 4500).then_some(()) }
     })
     .await;
