@@ -331,7 +331,8 @@ async fn build_mesh(
         .duration_since(SystemTime::UNIX_EPOCH)
         .unwrap_or_default()
         .as_nanos() as u64;
-    let mut builder = mesh::MeshBuilder::new(&cluster, global.borrow().keys().clone());
+    let cluster: Arc<str> = cluster.into();
+    let mut last: Option<mesh::MeshInputs> = None;
     let mut local_open = true;
     loop {
         let g = global.borrow_and_update().clone();
@@ -339,23 +340,32 @@ async fn build_mesh(
         metrics.view_revision.store(g.revision(), Ordering::Relaxed);
         // Never publish before the first complete listing: an empty mesh
         // would tell proxies that nothing exists anywhere.
-        if g.revision() > 0 && (builder.update(l, g.clone()) || version == 0) {
-            version += 1;
-            snapshots.send_replace(Some(Arc::new(Versioned {
-                version,
-                epoch,
+        if g.revision() > 0 {
+            let inputs = mesh::MeshInputs {
                 cluster: cluster.clone(),
-                services: builder.services(),
-                bundles: Arc::new(builder.bundles().clone()),
-            })));
-            let set = bundle_set(&own_bundle, Some(&g));
-            bundles.send_if_modified(|cur| {
-                if **cur == set {
-                    return false;
-                }
-                *cur = Arc::new(set);
-                true
+                local: l,
+                global: g.clone(),
+            };
+            let publish = last.as_ref().is_none_or(|prev| {
+                !mesh::changed(prev, &inputs).is_empty() || inputs.bundles_differ(prev)
             });
+            if publish {
+                version += 1;
+                snapshots.send_replace(Some(Arc::new(Versioned {
+                    version,
+                    epoch,
+                    inputs: inputs.clone(),
+                })));
+                let set = bundle_set(&own_bundle, Some(&g));
+                bundles.send_if_modified(|cur| {
+                    if **cur == set {
+                        return false;
+                    }
+                    *cur = Arc::new(set);
+                    true
+                });
+            }
+            last = Some(inputs);
         }
         // A local source that has gone away leaves its last services in
         // force; the global zone keeps the mesh moving.

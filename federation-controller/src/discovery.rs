@@ -18,8 +18,6 @@ use std::time::{Duration, SystemTime};
 
 use fedmesh_api::ServiceKey;
 use fedmesh_proto::discovery::v1 as pb;
-use imbl::OrdMap;
-use imbl::ordmap::DiffItem;
 use pb::discovery_server::{Discovery, DiscoveryServer};
 use rustls_pki_types::ServerName;
 use tokio::net::{TcpListener, TcpStream};
@@ -30,18 +28,18 @@ use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use tonic::{Request, Response, Status, Streaming};
 use trust_bundle::{Authority, CaError, SpiffeId, TrustDomain};
 
-/// A published version of the mesh. Cheap to clone and to diff: the
-/// services are a persistent map shared with the builder.
-#[derive(Debug, Clone, PartialEq)]
+use crate::mesh::{self, Changed, MeshInputs};
+
+/// A published version of the mesh: its inputs, cheap to share and to diff.
+/// Services are rendered only when they are sent.
+#[derive(Debug, Clone)]
 pub struct Versioned {
     /// Counts up from 1 within one controller process.
     pub version: u64,
     /// Distinguishes controller processes, so that a client reconnecting to
     /// a restarted controller never mistakes an old version for the current.
     pub epoch: u64,
-    pub cluster: String,
-    pub services: OrdMap<ServiceKey, pb::Service>,
-    pub bundles: Arc<BTreeMap<String, String>>,
+    pub inputs: MeshInputs,
 }
 
 impl Versioned {
@@ -52,43 +50,39 @@ impl Versioned {
 
     /// The whole mesh.
     pub fn full(&self) -> pb::MeshSnapshot {
-        pb::MeshSnapshot {
-            cluster: self.cluster.clone(),
-            services: self.services.values().cloned().collect(),
-            bundles: self
-                .bundles
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
-        }
+        self.inputs.snapshot()
     }
 
     /// What changed since `base`: upserted services (and the bundles, if
     /// they changed) plus removed services.
     pub fn delta(&self, base: &Versioned) -> (pb::MeshSnapshot, Vec<pb::ServiceRef>) {
+        let keys = match mesh::changed(&base.inputs, &self.inputs) {
+            Changed::All => {
+                let mut all = self.inputs.keys();
+                all.extend(base.inputs.keys());
+                all
+            }
+            Changed::Services(keys) => keys,
+        };
         let mut upserted = Vec::new();
         let mut removed = Vec::new();
-        for d in base.services.diff(&self.services) {
-            match d {
-                DiffItem::Add(_, s) | DiffItem::Update { new: (_, s), .. } => {
-                    upserted.push(s.clone())
-                }
-                DiffItem::Remove(k, _) => removed.push(pb::ServiceRef {
+        for k in keys {
+            match self.inputs.render(&k) {
+                Some(s) => upserted.push(s),
+                None if base.inputs.render(&k).is_some() => removed.push(pb::ServiceRef {
                     namespace: k.namespace.clone(),
                     name: k.name.clone(),
                 }),
+                None => {}
             }
         }
-        let bundles = if self.bundles == base.bundles {
-            HashMap::new()
+        let bundles = if self.inputs.bundles_differ(&base.inputs) {
+            self.inputs.bundles().into_iter().collect()
         } else {
-            self.bundles
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect()
+            HashMap::new()
         };
         let snapshot = pb::MeshSnapshot {
-            cluster: self.cluster.clone(),
+            cluster: self.inputs.cluster.to_string(),
             services: upserted,
             bundles,
         };
@@ -319,12 +313,7 @@ impl Discovery for DiscoveryService {
             .snapshots
             .borrow()
             .as_ref()
-            .map(|s| {
-                s.bundles
-                    .iter()
-                    .map(|(k, v)| (k.clone(), v.clone()))
-                    .collect()
-            })
+            .map(|s| s.inputs.bundles().into_iter().collect())
             .unwrap_or_default();
         bundles.insert(self.trust_domain.to_string(), own_bundle);
         Ok(Response::new(pb::CertifyResponse {
@@ -397,36 +386,76 @@ pub async fn channel(
 mod tests {
     use super::*;
 
-    fn svc(name: &str, healthy: u64) -> pb::Service {
-        pb::Service {
-            namespace: "shop".into(),
-            name: name.into(),
-            ports: vec![8080],
-            local: vec![],
-            remote: vec![pb::RemoteCluster {
-                cluster: "gcp".into(),
-                healthy,
-                ..Default::default()
-            }],
-        }
-    }
+    use crate::view::{GlobalView, RawEvent, RawKv};
+    use fedmesh_api::KeySpace;
 
-    fn versioned(version: u64, services: &[(&str, u64)], bundles: &[(&str, &str)]) -> Versioned {
+    /// A global view where cluster gcp exports `services` (name, healthy).
+    fn versioned(version: u64, services: &[(&str, u32)], bundle_seq: u64) -> Versioned {
+        let ks = KeySpace::default();
+        let mut g = GlobalView::new(ks.clone());
+        let mut rev = 0;
+        let mut put = |key: String, value: String| {
+            rev += 1;
+            g.apply_event(RawEvent::Put(RawKv {
+                key,
+                value: value.into_bytes(),
+                mod_revision: rev,
+            }));
+        };
+        put(
+            ks.cluster("gcp"),
+            serde_json::json!({
+                "name": "gcp", "cloud": "gcp", "region": "r", "zones": ["b"], "trustDomain": "gcp.fedmesh",
+                "gateways": [{"address": "127.0.2.1", "port": 15443}], "registeredAt": "2026-11-24T00:00:00Z"
+            })
+            .to_string(),
+        );
+        for (name, healthy) in services {
+            put(
+                ks.export("gcp", "shop", name),
+                serde_json::json!({"ports": [8080], "localities": [{"zone": "b", "healthy": healthy, "total": 3, "weight": healthy}], "generation": 1}).to_string(),
+            );
+        }
+        let td = TrustDomain::new("gcp.fedmesh").unwrap();
+        let ca =
+            trust_bundle::ClusterCa::generate(&td, &Default::default(), SystemTime::now()).unwrap();
+        let mut bundle = trust_bundle::Bundle::with_roots(td, [ca.cert_der().clone()]);
+        bundle.sequence = bundle_seq;
+        put(ks.bundle("gcp.fedmesh"), bundle.to_document());
         Versioned {
             version,
             epoch: 7,
-            cluster: "aws".into(),
-            services: services
-                .iter()
-                .map(|(n, h)| (ServiceKey::new("shop", n), svc(n, *h)))
-                .collect(),
-            bundles: Arc::new(
-                bundles
-                    .iter()
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
-                    .collect(),
-            ),
+            inputs: MeshInputs {
+                cluster: "aws".into(),
+                local: Arc::default(),
+                global: Arc::new(g),
+            },
         }
+    }
+
+    /// `base` with the global view moved on by the given events: the two
+    /// share structure, as consecutive versions do.
+    fn next(base: &Versioned, version: u64, events: Vec<RawEvent>) -> Versioned {
+        let mut g = (*base.inputs.global).clone();
+        for e in events {
+            g.apply_event(e);
+        }
+        Versioned {
+            version,
+            epoch: 7,
+            inputs: MeshInputs {
+                global: Arc::new(g),
+                ..base.inputs.clone()
+            },
+        }
+    }
+
+    fn export_event(name: &str, healthy: u32, rev: i64) -> RawEvent {
+        RawEvent::Put(RawKv {
+            key: KeySpace::default().export("gcp", "shop", name),
+            value: serde_json::json!({"ports": [8080], "localities": [{"zone": "b", "healthy": healthy, "total": 3, "weight": healthy}], "generation": 2}).to_string().into_bytes(),
+            mod_revision: rev,
+        })
     }
 
     fn response(v: &Versioned, base: Option<&Versioned>) -> pb::DiscoveryResponse {
@@ -448,8 +477,19 @@ mod tests {
 
     #[test]
     fn deltas_carry_only_changes_and_rebuild_the_same_state() {
-        let v1 = versioned(1, &[("a", 3), ("b", 3), ("c", 3)], &[("aws", "doc1")]);
-        let v2 = versioned(2, &[("a", 3), ("b", 1), ("d", 2)], &[("aws", "doc1")]);
+        let v1 = versioned(1, &[("a", 3), ("b", 3), ("c", 3)], 1);
+        let v2 = next(
+            &v1,
+            2,
+            vec![
+                export_event("b", 1, 100),
+                export_event("d", 2, 101),
+                RawEvent::Delete {
+                    key: KeySpace::default().export("gcp", "shop", "c"),
+                    mod_revision: 102,
+                },
+            ],
+        );
         let (snap, removed) = v2.delta(&v1);
         let names: Vec<&str> = snap.services.iter().map(|s| s.name.as_str()).collect();
         assert_eq!(names, ["b", "d"]);
@@ -464,21 +504,18 @@ mod tests {
         fresh.apply(&response(&v2, None)).unwrap();
         assert_eq!(client, fresh);
         assert_eq!(client.version_info, "7.2");
-
-        let v3 = versioned(3, &[("a", 3)], &[("aws", "doc2")]);
-        client.apply(&response(&v3, Some(&v2))).unwrap();
-        assert_eq!(client.bundles["aws"], "doc2");
-        assert_eq!(client.services.len(), 1);
+        assert_eq!(client.services.len(), 3);
     }
 
     #[test]
     fn a_bad_response_changes_nothing() {
         let mut client = MeshState::default();
         client
-            .apply(&response(&versioned(1, &[("a", 3)], &[]), None))
+            .apply(&response(&versioned(1, &[("a", 3)], 1), None))
             .unwrap();
         let before = client.clone();
-        let mut bad = response(&versioned(2, &[("", 3)], &[]), None);
+        let mut bad = response(&versioned(2, &[("a", 1)], 1), None);
+        bad.snapshot.as_mut().unwrap().services[0].name.clear();
         assert!(client.apply(&bad).is_err());
         bad.snapshot = None;
         assert!(client.apply(&bad).is_err());

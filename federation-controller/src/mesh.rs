@@ -2,120 +2,71 @@
 //! service its local endpoints, one virtual endpoint per remote cluster that
 //! exports it, and every trust bundle.
 //!
-//! [`MeshBuilder`] is I/O-free and incremental: given new inputs it
-//! recomputes only the services whose exports or local endpoints changed
-//! (found by diffing the global view's persistent maps), and everything only
-//! when cluster records or liveness change, which is rare.
+//! Nothing here is materialised: a version of the mesh is just its inputs
+//! (this cluster's services and the global view, both cheap to share), and
+//! services are rendered when they are sent. [`changed`] finds which
+//! services two versions differ in by diffing the global view's persistent
+//! maps, so a change costs O(change) in time and nothing in memory.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use fedmesh_api::{LocalService, LocalServices, ServiceKey};
 use fedmesh_proto::discovery::v1 as pb;
-use imbl::OrdMap;
 use imbl::ordmap::DiffItem;
 
 use crate::view::GlobalView;
 
+/// Everything one version of the mesh is made from.
 #[derive(Debug, Clone)]
-pub struct MeshBuilder {
-    cluster: String,
-    local: Arc<LocalServices>,
-    global: Arc<GlobalView>,
-    services: OrdMap<ServiceKey, pb::Service>,
-    bundles: BTreeMap<String, String>,
+pub struct MeshInputs {
+    pub cluster: Arc<str>,
+    pub local: Arc<LocalServices>,
+    pub global: Arc<GlobalView>,
 }
 
-impl MeshBuilder {
-    pub fn new(cluster: &str, keys: fedmesh_api::KeySpace) -> Self {
-        Self {
-            cluster: cluster.to_owned(),
-            local: Arc::default(),
-            global: Arc::new(GlobalView::new(keys)),
-            services: OrdMap::new(),
-            bundles: BTreeMap::new(),
-        }
+/// Which services differ between two versions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Changed {
+    /// Cluster records or liveness moved: every remote endpoint may differ.
+    All,
+    Services(BTreeSet<ServiceKey>),
+}
+
+impl Changed {
+    pub fn is_empty(&self) -> bool {
+        matches!(self, Changed::Services(s) if s.is_empty())
+    }
+}
+
+impl MeshInputs {
+    /// Every service that exists locally or remotely.
+    pub fn keys(&self) -> BTreeSet<ServiceKey> {
+        self.local
+            .keys()
+            .chain(self.global.by_service.keys())
+            .cloned()
+            .collect()
     }
 
-    /// Moves to new inputs. Returns whether the mesh changed.
-    pub fn update(&mut self, local: Arc<LocalServices>, global: Arc<GlobalView>) -> bool {
-        let old = std::mem::replace(&mut self.global, global);
-        let old_local = std::mem::replace(&mut self.local, local);
-        let g = self.global.clone();
-
-        // Cluster records (gateways, locality) and liveness shape every
-        // remote endpoint: recompute everything when they move.
-        let everything = !old.clusters.ptr_eq(&g.clusters) || !old.alive.ptr_eq(&g.alive);
-        let mut affected: BTreeSet<ServiceKey> = BTreeSet::new();
-        if everything {
-            affected.extend(self.services.keys().cloned());
-            affected.extend(self.local.keys().cloned());
-            affected.extend(g.by_service.keys().cloned());
-        } else {
-            for d in old.by_service.diff(&g.by_service) {
-                affected.insert(match d {
-                    DiffItem::Add(k, _) | DiffItem::Remove(k, _) => k.clone(),
-                    DiffItem::Update { new: (k, _), .. } => k.clone(),
-                });
-            }
-            if !Arc::ptr_eq(&old_local, &self.local) {
-                let keys: BTreeSet<&ServiceKey> =
-                    old_local.keys().chain(self.local.keys()).collect();
-                for k in keys {
-                    if old_local.get(k) != self.local.get(k) {
-                        affected.insert(k.clone());
-                    }
-                }
-            }
-        }
-
-        let mut changed = false;
-        for key in affected {
-            match self.service(&key) {
-                Some(svc) => {
-                    if self.services.get(&key) != Some(&svc) {
-                        self.services.insert(key, svc);
-                        changed = true;
-                    }
-                }
-                None => changed |= self.services.remove(&key).is_some(),
-            }
-        }
-        if !old.bundles.ptr_eq(&g.bundles) || self.bundles.len() != g.bundles.len() {
-            let bundles: BTreeMap<String, String> = g
-                .bundles
-                .iter()
-                .map(|(td, b)| (td.clone(), b.to_document()))
-                .collect();
-            if bundles != self.bundles {
-                self.bundles = bundles;
-                changed = true;
-            }
-        }
-        changed
+    /// Trust domain → bundle document.
+    pub fn bundles(&self) -> BTreeMap<String, String> {
+        self.global
+            .bundles
+            .iter()
+            .map(|(td, b)| (td.clone(), b.to_document()))
+            .collect()
     }
 
-    /// The services, as a persistent map: O(1) to clone.
-    pub fn services(&self) -> OrdMap<ServiceKey, pb::Service> {
-        self.services.clone()
+    /// Whether `other` has different bundles.
+    pub fn bundles_differ(&self, other: &MeshInputs) -> bool {
+        !self.global.bundles.ptr_eq(&other.global.bundles)
+            && self.global.bundles != other.global.bundles
     }
 
-    pub fn bundles(&self) -> &BTreeMap<String, String> {
-        &self.bundles
-    }
-
-    /// The whole mesh in its wire form.
-    pub fn snapshot(&self) -> pb::MeshSnapshot {
-        pb::MeshSnapshot {
-            cluster: self.cluster.clone(),
-            services: self.services.values().cloned().collect(),
-            bundles: self.bundles.clone().into_iter().collect(),
-        }
-    }
-
-    /// One service: our endpoints plus a virtual endpoint per remote cluster.
-    /// `None` when nobody has it.
-    fn service(&self, key: &ServiceKey) -> Option<pb::Service> {
+    /// One service: our endpoints plus a virtual endpoint per remote cluster
+    /// (never one per gateway). `None` when nobody has it.
+    pub fn render(&self, key: &ServiceKey) -> Option<pb::Service> {
         let local = self.local.get(key);
         let g = &self.global;
         let remote: Vec<pb::RemoteCluster> = g
@@ -123,7 +74,7 @@ impl MeshBuilder {
             .get(key)
             .into_iter()
             .flat_map(|per_cluster| per_cluster.iter())
-            .filter(|(c, _)| **c != self.cluster)
+            .filter(|(c, _)| c.as_str() != &*self.cluster)
             // An export without a cluster record cannot be reached: no gateways.
             .filter_map(|(c, summary)| {
                 let record = g.clusters.get(c)?;
@@ -177,6 +128,52 @@ impl MeshBuilder {
             remote,
         })
     }
+
+    /// The whole mesh in its wire form.
+    pub fn snapshot(&self) -> pb::MeshSnapshot {
+        pb::MeshSnapshot {
+            cluster: self.cluster.to_string(),
+            services: self.keys().iter().filter_map(|k| self.render(k)).collect(),
+            bundles: self.bundles().into_iter().collect(),
+        }
+    }
+}
+
+/// The services that differ between `old` and `new`. Our own exports are
+/// not part of our mesh, so their changes are ignored.
+pub fn changed(old: &MeshInputs, new: &MeshInputs) -> Changed {
+    let (o, n) = (&old.global, &new.global);
+    if !o.clusters.ptr_eq(&n.clusters) && o.clusters != n.clusters
+        || !o.alive.ptr_eq(&n.alive) && o.alive != n.alive
+    {
+        return Changed::All;
+    }
+    let mut keys = BTreeSet::new();
+    for d in o.by_service.diff(&n.by_service) {
+        let (key, before, after) = match d {
+            DiffItem::Add(k, v) => (k, None, Some(v)),
+            DiffItem::Remove(k, v) => (k, Some(v), None),
+            DiffItem::Update {
+                old: (k, a),
+                new: (_, b),
+            } => (k, Some(a), Some(b)),
+        };
+        let others = |m: Option<&imbl::OrdMap<String, fedmesh_api::ExportSummary>>| {
+            m.map(|m| m.without(&*new.cluster))
+        };
+        if others(before) != others(after) {
+            keys.insert(key.clone());
+        }
+    }
+    if !Arc::ptr_eq(&old.local, &new.local) {
+        let all: BTreeSet<&ServiceKey> = old.local.keys().chain(new.local.keys()).collect();
+        keys.extend(
+            all.into_iter()
+                .filter(|k| old.local.get(*k) != new.local.get(*k))
+                .cloned(),
+        );
+    }
+    Changed::Services(keys)
 }
 
 fn local_endpoints(s: &LocalService) -> Vec<pb::LocalEndpoint> {
@@ -221,6 +218,10 @@ mod tests {
         })
     }
 
+    fn alive() -> serde_json::Value {
+        serde_json::json!({"controller": "c", "startedAt": "2026-11-24T00:00:00Z", "version": "0.1"})
+    }
+
     fn local() -> Arc<LocalServices> {
         Arc::new(LocalServices::from([(
             ServiceKey::new("shop", "cart"),
@@ -235,11 +236,16 @@ mod tests {
         )]))
     }
 
-    fn remotes(b: &MeshBuilder, name: &str) -> Vec<(String, u64, bool)> {
-        b.snapshot()
-            .services
-            .iter()
-            .find(|s| s.name == name)
+    fn inputs(local: Arc<LocalServices>, g: &GlobalView) -> MeshInputs {
+        MeshInputs {
+            cluster: "aws".into(),
+            local,
+            global: Arc::new(g.clone()),
+        }
+    }
+
+    fn remotes(m: &MeshInputs, name: &str) -> Vec<(String, u64, bool)> {
+        m.render(&ServiceKey::new("shop", name))
             .map(|s| {
                 s.remote
                     .iter()
@@ -259,27 +265,21 @@ mod tests {
         put(&mut g, ks.export("azure", "shop", "cart"), export(3), 4);
         put(&mut g, ks.export("aws", "shop", "cart"), export(3), 5); // ourselves
         put(&mut g, ks.export("ghost", "shop", "cart"), export(3), 6); // no record
-        put(
-            &mut g,
-            ks.alive("gcp"),
-            serde_json::json!({"controller": "c", "startedAt": "2026-11-24T00:00:00Z", "version": "0.1"}),
-            7,
-        );
+        put(&mut g, ks.alive("gcp"), alive(), 7);
 
-        let mut b = MeshBuilder::new("aws", ks);
-        assert!(b.update(local(), Arc::new(g)));
-        let snap = b.snapshot();
+        let m = inputs(local(), &g);
+        let snap = m.snapshot();
         assert_eq!(snap.services.len(), 1);
         assert_eq!(snap.services[0].local.len(), 1);
         assert_eq!(
-            remotes(&b, "cart"),
+            remotes(&m, "cart"),
             [("azure".into(), 3, false), ("gcp".into(), 2, true)]
         );
         assert_eq!(snap.services[0].remote[0].gateways[0].port, 15443);
     }
 
     #[test]
-    fn updates_touch_only_what_changed_and_match_a_full_rebuild() {
+    fn changed_finds_exactly_the_services_a_change_touches() {
         let ks = KeySpace::default();
         let mut g = GlobalView::new(ks.clone());
         put(&mut g, ks.cluster("gcp"), record("gcp"), 1);
@@ -291,37 +291,30 @@ mod tests {
                 2 + i,
             );
         }
-        let mut b = MeshBuilder::new("aws", ks.clone());
         let l = local();
-        assert!(b.update(l.clone(), Arc::new(g.clone())));
-        // Same inputs: nothing changes.
-        assert!(!b.update(l.clone(), Arc::new(g.clone())));
+        let v1 = inputs(l.clone(), &g);
+        assert!(changed(&v1, &inputs(l.clone(), &g)).is_empty());
 
-        // One export changes; another appears; one disappears.
         put(&mut g, ks.export("gcp", "shop", "s7"), export(1), 100);
         put(&mut g, ks.export("gcp", "shop", "new"), export(2), 101);
         g.apply_event(RawEvent::Delete {
             key: ks.export("gcp", "shop", "s9"),
             mod_revision: 102,
         });
-        assert!(b.update(l.clone(), Arc::new(g.clone())));
-        assert_eq!(remotes(&b, "s7"), [("gcp".into(), 1, false)]);
-        assert_eq!(remotes(&b, "new"), [("gcp".into(), 2, false)]);
-        assert!(remotes(&b, "s9").is_empty());
+        put(&mut g, ks.export("aws", "shop", "s3"), export(1), 103); // our own
+        let v2 = inputs(l.clone(), &g);
+        let want: BTreeSet<ServiceKey> = ["new", "s7", "s9"]
+            .iter()
+            .map(|n| ServiceKey::new("shop", n))
+            .collect();
+        assert_eq!(changed(&v1, &v2), Changed::Services(want));
+        assert_eq!(remotes(&v2, "s7"), [("gcp".into(), 1, false)]);
+        assert!(v2.render(&ServiceKey::new("shop", "s9")).is_none());
 
         // Liveness changes every remote endpoint.
-        put(
-            &mut g,
-            ks.alive("gcp"),
-            serde_json::json!({"controller": "c", "startedAt": "2026-11-24T00:00:00Z", "version": "0.1"}),
-            103,
-        );
-        assert!(b.update(l.clone(), Arc::new(g.clone())));
-        assert!(remotes(&b, "s3")[0].2);
-
-        // The incremental result equals a fresh build from the same inputs.
-        let mut fresh = MeshBuilder::new("aws", ks);
-        fresh.update(l, Arc::new(g));
-        assert_eq!(b.snapshot(), fresh.snapshot());
+        put(&mut g, ks.alive("gcp"), alive(), 104);
+        let v3 = inputs(l, &g);
+        assert_eq!(changed(&v2, &v3), Changed::All);
+        assert!(remotes(&v3, "s3")[0].2);
     }
 }

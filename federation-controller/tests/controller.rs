@@ -401,7 +401,10 @@ async fn with_etcd_down_discovery_keeps_serving_the_last_view_and_resyncs() {
     // The snapshot in force is the last good one, not an empty view.
     let current = b.controller.snapshots.borrow().clone().unwrap();
     assert_eq!(current.version_info(), before.version_info);
-    assert_eq!(remote_healthy(current.services.values(), "aws"), Some(3));
+    assert_eq!(
+        remote_healthy(current.full().services.iter(), "aws"),
+        Some(3)
+    );
     // A proxy connecting now is served that view.
     let mut late = Stream::open(&b, svid.clone(), "").await.unwrap();
     let served = late.next().await;
@@ -414,9 +417,9 @@ async fn with_etcd_down_discovery_keeps_serving_the_last_view_and_resyncs() {
         Duration::from_secs(10),
         || {
             let local_healthy = snaps.borrow().as_ref().map(|s| {
-                s.services
-                    .values()
-                    .next()
+                s.full()
+                    .services
+                    .first()
                     .map_or(0, |svc| svc.local.iter().filter(|e| e.healthy).count())
             });
             async move { (local_healthy == Some(1)).then_some(()) }
@@ -486,7 +489,7 @@ async fn a_local_source_that_goes_away_leaves_the_mesh_following_the_global_zone
             let h = snaps
                 .borrow()
                 .as_ref()
-                .and_then(|s| remote_healthy(s.services.values(), "aws"));
+                .and_then(|s| remote_healthy(s.full().services.iter(), "aws"));
             async move { (h == Some(3)).then_some(()) }
         },
     )
