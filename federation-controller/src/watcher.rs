@@ -9,10 +9,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use etcd_client::{Client, EventType, GetOptions, WatchOptions};
+use etcd_client::{Client, EventType, WatchOptions};
 use tokio::sync::watch;
 
 use crate::view::{GlobalView, RawEvent, RawKv};
+use crate::zone::list_range;
 
 /// Counters for the admin port.
 #[derive(Debug, Default)]
@@ -98,10 +99,6 @@ pub async fn run(
     }
 }
 
-/// Keys per page of a listing: large listings are read in pages, all at the
-/// first page's revision, so no single response outgrows gRPC's limits.
-const LIST_PAGE: i64 = 2000;
-
 /// Lists the whole global zone at one revision.
 ///
 /// Exports are listed cluster by cluster rather than as one range: etcd 3.4
@@ -133,54 +130,6 @@ async fn list(
     view.apply_snapshot(kvs, revision);
     stats.lists.fetch_add(1, Ordering::Relaxed);
     Ok(())
-}
-
-/// Appends every key under `prefix` at `revision` (set from the first
-/// response when 0), page by page.
-async fn list_range(
-    client: &mut Client,
-    prefix: &str,
-    revision: &mut i64,
-    kvs: &mut Vec<RawKv>,
-) -> Result<(), etcd_client::Error> {
-    let end = prefix_end(prefix.as_bytes());
-    let mut start = prefix.as_bytes().to_vec();
-    loop {
-        let mut opts = GetOptions::new()
-            .with_range(end.clone())
-            .with_limit(LIST_PAGE);
-        if *revision > 0 {
-            opts = opts.with_revision(*revision);
-        }
-        let resp = client.get(start.clone(), Some(opts)).await?;
-        if *revision == 0 {
-            *revision = resp.header().map_or(0, |h| h.revision());
-        }
-        kvs.extend(resp.kvs().iter().map(|kv| RawKv {
-            key: String::from_utf8_lossy(kv.key()).into_owned(),
-            value: kv.value().to_vec(),
-            mod_revision: kv.mod_revision(),
-        }));
-        match resp.kvs().last() {
-            Some(last) if resp.more() => {
-                start = last.key().to_vec();
-                start.push(0);
-            }
-            _ => return Ok(()),
-        }
-    }
-}
-
-/// The first key after every key that starts with `prefix`.
-fn prefix_end(prefix: &[u8]) -> Vec<u8> {
-    let mut end = prefix.to_vec();
-    while let Some(last) = end.pop() {
-        if last < 0xff {
-            end.push(last + 1);
-            return end;
-        }
-    }
-    vec![0] // every key
 }
 
 async fn watch_until_broken(
@@ -245,14 +194,4 @@ async fn watch_until_broken(
 fn publish(tx: &watch::Sender<Arc<GlobalView>>, view: &GlobalView, stats: &WatchStats) {
     stats.publishes.fetch_add(1, Ordering::Relaxed);
     tx.send_replace(Arc::new(view.clone()));
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn prefix_end_is_the_next_key_after_the_prefix() {
-        assert_eq!(super::prefix_end(b"/fedmesh/v1/"), b"/fedmesh/v10".to_vec());
-        assert_eq!(super::prefix_end(b"a\xff"), b"b".to_vec());
-        assert_eq!(super::prefix_end(b"\xff"), vec![0]);
-    }
 }

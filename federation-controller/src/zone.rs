@@ -5,6 +5,8 @@
 use etcd_client::{Client, Compare, CompareOp, DeleteOptions, GetOptions, Permission, Txn, TxnOp};
 use fedmesh_api::records::RecordError;
 use fedmesh_api::{ClusterRecord, ExportSummary, GlobalKey, KeySpace};
+
+use crate::view::RawKv;
 use trust_bundle::{Bundle, BundleError, TrustDomain};
 
 #[derive(Debug, thiserror::Error)]
@@ -258,16 +260,20 @@ impl GlobalZone {
         Ok(())
     }
 
+    /// Every key under `<prefix><kind>`, paginated.
+    async fn list(&mut self, kind: &str) -> Result<Vec<RawKv>, ZoneError> {
+        let mut kvs = Vec::new();
+        let prefix = format!("{}{kind}", self.keys.prefix());
+        list_range(&mut self.client, &prefix, &mut 0, &mut kvs).await?;
+        Ok(kvs)
+    }
+
     /// Every registered cluster, by name.
     pub async fn clusters(&mut self) -> Result<Vec<ClusterRecord>, ZoneError> {
-        let prefix = format!("{}clusters/", self.keys.prefix());
-        let resp = self
-            .client
-            .get(prefix, Some(GetOptions::new().with_prefix()))
-            .await?;
-        resp.kvs()
+        self.list("clusters/")
+            .await?
             .iter()
-            .map(|kv| parse_json(&String::from_utf8_lossy(kv.key()), kv.value()))
+            .map(|kv| parse_json(&kv.key, &kv.value))
             .collect()
     }
 
@@ -275,21 +281,15 @@ impl GlobalZone {
     pub async fn exports(
         &mut self,
     ) -> Result<Vec<(String, String, String, ExportSummary)>, ZoneError> {
-        let prefix = format!("{}exports/", self.keys.prefix());
-        let resp = self
-            .client
-            .get(prefix, Some(GetOptions::new().with_prefix()))
-            .await?;
         let mut out = Vec::new();
-        for kv in resp.kvs() {
-            let key = String::from_utf8_lossy(kv.key()).into_owned();
+        for kv in self.list("exports/").await? {
             if let Some(GlobalKey::Export {
                 cluster,
                 namespace,
                 service,
-            }) = self.keys.parse(&key)
+            }) = self.keys.parse(&kv.key)
             {
-                out.push((cluster, namespace, service, parse_json(&key, kv.value())?));
+                out.push((cluster, namespace, service, parse_json(&kv.key, &kv.value)?));
             }
         }
         Ok(out)
@@ -297,20 +297,69 @@ impl GlobalZone {
 
     /// Every published bundle.
     pub async fn bundles(&mut self) -> Result<Vec<Bundle>, ZoneError> {
-        let prefix = format!("{}bundles/", self.keys.prefix());
-        let resp = self
-            .client
-            .get(prefix, Some(GetOptions::new().with_prefix()))
-            .await?;
         let mut out = Vec::new();
-        for kv in resp.kvs() {
-            let key = String::from_utf8_lossy(kv.key()).into_owned();
-            if let Some(GlobalKey::Bundle(td)) = self.keys.parse(&key) {
-                out.push(decode_bundle(&td, &key, kv.value())?);
+        for kv in self.list("bundles/").await? {
+            if let Some(GlobalKey::Bundle(td)) = self.keys.parse(&kv.key) {
+                out.push(decode_bundle(&td, &kv.key, &kv.value)?);
             }
         }
         Ok(out)
     }
+}
+
+/// Keys per page of a listing: large listings are read in pages, so that no
+/// single response outgrows gRPC's message limit.
+const LIST_PAGE: i64 = 2000;
+
+/// Appends every key under `prefix`, page by page, at `revision` (set from
+/// the first response when 0, so that every page sees the same state).
+///
+/// etcd 3.4 walks the whole remaining range to answer each limited page, so
+/// callers keep ranges small (one cluster's exports, say).
+pub(crate) async fn list_range(
+    client: &mut Client,
+    prefix: &str,
+    revision: &mut i64,
+    kvs: &mut Vec<RawKv>,
+) -> Result<(), etcd_client::Error> {
+    let end = prefix_end(prefix.as_bytes());
+    let mut start = prefix.as_bytes().to_vec();
+    loop {
+        let mut opts = GetOptions::new()
+            .with_range(end.clone())
+            .with_limit(LIST_PAGE);
+        if *revision > 0 {
+            opts = opts.with_revision(*revision);
+        }
+        let resp = client.get(start.clone(), Some(opts)).await?;
+        if *revision == 0 {
+            *revision = resp.header().map_or(0, |h| h.revision());
+        }
+        kvs.extend(resp.kvs().iter().map(|kv| RawKv {
+            key: String::from_utf8_lossy(kv.key()).into_owned(),
+            value: kv.value().to_vec(),
+            mod_revision: kv.mod_revision(),
+        }));
+        match resp.kvs().last() {
+            Some(last) if resp.more() => {
+                start = last.key().to_vec();
+                start.push(0);
+            }
+            _ => return Ok(()),
+        }
+    }
+}
+
+/// The first key after every key that starts with `prefix`.
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0] // every key
 }
 
 fn to_json<T: serde::Serialize>(v: &T) -> String {
@@ -353,5 +402,15 @@ fn ignore_missing<T>(r: Result<T, etcd_client::Error>) -> Result<(), ZoneError> 
         Ok(_) => Ok(()),
         Err(e) if e.to_string().contains("not found") => Ok(()),
         Err(e) => Err(e.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn prefix_end_is_the_next_key_after_the_prefix() {
+        assert_eq!(super::prefix_end(b"/fedmesh/v1/"), b"/fedmesh/v10".to_vec());
+        assert_eq!(super::prefix_end(b"a\xff"), b"b".to_vec());
+        assert_eq!(super::prefix_end(b"\xff"), vec![0]);
     }
 }

@@ -118,21 +118,7 @@ pub fn client_config(
     authorizer: Arc<dyn Authorizer>,
     alpn: &[&[u8]],
 ) -> Result<ClientConfig, TlsConfigError> {
-    let provider = crypto_provider();
-    let verifier = SpiffeVerifier::new(
-        bundles,
-        authorizer,
-        provider.signature_verification_algorithms,
-    );
-    let mut config = ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(SpiffeServerVerifier(verifier)))
-        .with_client_cert_resolver(Arc::new(SvidResolver(svid)));
-    // See `server_config`: every connection verifies against current bundles.
-    config.resumption = rustls::client::Resumption::disabled();
-    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    Ok(config)
+    build_client_config(Some(svid), bundles, authorizer, alpn)
 }
 
 /// A client config for a caller that has no SVID yet (bootstrap: the
@@ -143,17 +129,30 @@ pub fn client_config_without_svid(
     authorizer: Arc<dyn Authorizer>,
     alpn: &[&[u8]],
 ) -> Result<ClientConfig, TlsConfigError> {
+    build_client_config(None, bundles, authorizer, alpn)
+}
+
+fn build_client_config(
+    svid: Option<watch::Receiver<Arc<Svid>>>,
+    bundles: watch::Receiver<Arc<BundleSet>>,
+    authorizer: Arc<dyn Authorizer>,
+    alpn: &[&[u8]],
+) -> Result<ClientConfig, TlsConfigError> {
     let provider = crypto_provider();
     let verifier = SpiffeVerifier::new(
         bundles,
         authorizer,
         provider.signature_verification_algorithms,
     );
-    let mut config = ClientConfig::builder_with_provider(provider)
+    let builder = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(SpiffeServerVerifier(verifier)))
-        .with_no_client_auth();
+        .with_custom_certificate_verifier(Arc::new(SpiffeServerVerifier(verifier)));
+    let mut config = match svid {
+        Some(svid) => builder.with_client_cert_resolver(Arc::new(SvidResolver(svid))),
+        None => builder.with_no_client_auth(),
+    };
+    // See `server_config`: every connection verifies against current bundles.
     config.resumption = rustls::client::Resumption::disabled();
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(config)
