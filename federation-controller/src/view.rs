@@ -7,8 +7,6 @@
 //! overlapping a list) is ignored, and a re-list after a compaction is
 //! reconciled key by key instead of replacing the view wholesale.
 
-use std::collections::BTreeMap;
-
 use fedmesh_api::{AliveRecord, ClusterRecord, ExportSummary, GlobalKey, KeySpace, ServiceKey};
 use imbl::OrdMap;
 use trust_bundle::{Bundle, TrustDomain};
@@ -30,6 +28,12 @@ pub enum RawEvent {
         key: String,
         mod_revision: i64,
     },
+}
+
+/// The keys seen so far by a listing in progress.
+#[derive(Debug, Default)]
+pub struct Listing {
+    keys: std::collections::HashSet<String>,
 }
 
 /// What an applied snapshot or event changed.
@@ -99,23 +103,39 @@ impl GlobalView {
         kvs: impl IntoIterator<Item = RawKv>,
         revision: i64,
     ) -> Vec<Change> {
-        let listed: BTreeMap<String, RawKv> =
-            kvs.into_iter().map(|kv| (kv.key.clone(), kv)).collect();
-        let gone: Vec<String> = self
-            .seen
-            .keys()
-            .filter(|k| !listed.contains_key(*k))
-            .cloned()
-            .collect();
+        let mut listing = Listing::default();
+        let mut changes = self.apply_listed(&mut listing, kvs);
+        changes.extend(self.finish_listing(listing, revision));
+        changes
+    }
+
+    /// Applies one page of a listing in progress. Pages are applied as they
+    /// arrive, so a large listing never sits in memory whole.
+    pub fn apply_listed(
+        &mut self,
+        listing: &mut Listing,
+        kvs: impl IntoIterator<Item = RawKv>,
+    ) -> Vec<Change> {
         let mut changes = Vec::new();
-        for key in gone {
-            changes.extend(self.remove(&key));
-        }
-        for (_, kv) in listed {
+        for kv in kvs {
+            listing.keys.insert(kv.key.clone());
             if self.seen.get(&kv.key) != Some(&kv.mod_revision) {
                 changes.extend(self.upsert(kv));
             }
         }
+        changes
+    }
+
+    /// Ends a listing taken at `revision`: every key it did not contain is
+    /// removed.
+    pub fn finish_listing(&mut self, listing: Listing, revision: i64) -> Vec<Change> {
+        let gone: Vec<String> = self
+            .seen
+            .keys()
+            .filter(|k| !listing.keys.contains(*k))
+            .cloned()
+            .collect();
+        let changes = gone.iter().filter_map(|k| self.remove(k)).collect();
         self.revision = self.revision.max(revision);
         changes
     }

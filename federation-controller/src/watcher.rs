@@ -12,7 +12,7 @@ use std::time::Duration;
 use etcd_client::{Client, EventType, WatchOptions};
 use tokio::sync::watch;
 
-use crate::view::{GlobalView, RawEvent, RawKv};
+use crate::view::{GlobalView, Listing, RawEvent, RawKv};
 use crate::zone::list_range;
 
 /// Counters for the admin port.
@@ -113,21 +113,26 @@ async fn list(
 ) -> Result<(), etcd_client::Error> {
     let prefix = view.keys().prefix().to_owned();
     let mut revision = 0;
-    let mut kvs = Vec::new();
+    let mut listing = Listing::default();
+    let mut clusters = Vec::new();
     for kind in ["clusters/", "alive/", "bundles/", "policies/"] {
+        let mut kvs = Vec::new();
         list_range(client, &format!("{prefix}{kind}"), &mut revision, &mut kvs).await?;
+        clusters.extend(
+            kvs.iter()
+                .filter_map(|kv| match view.keys().parse(&kv.key) {
+                    Some(fedmesh_api::GlobalKey::Cluster(c)) => Some(c),
+                    _ => None,
+                }),
+        );
+        view.apply_listed(&mut listing, kvs);
     }
-    let clusters: Vec<String> = kvs
-        .iter()
-        .filter_map(|kv| match view.keys().parse(&kv.key) {
-            Some(fedmesh_api::GlobalKey::Cluster(c)) => Some(c),
-            _ => None,
-        })
-        .collect();
     for c in clusters {
+        let mut kvs = Vec::new();
         list_range(client, &view.keys().exports_of(&c), &mut revision, &mut kvs).await?;
+        view.apply_listed(&mut listing, kvs);
     }
-    view.apply_snapshot(kvs, revision);
+    view.finish_listing(listing, revision);
     stats.lists.fetch_add(1, Ordering::Relaxed);
     Ok(())
 }
