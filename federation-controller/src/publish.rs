@@ -6,11 +6,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use etcd_client::{Client, GetOptions, PutOptions};
+use etcd_client::{Client, PutOptions};
 use fedmesh_api::{
     AliveRecord, ExportSummary, GlobalKey, KeySpace, LocalServices, ServiceKey, ZoneCapacity,
 };
 use tokio::sync::watch;
+
+use crate::zone::list_range;
 
 /// Per-zone capacity of every local service; the generation is left at 0
 /// for the publisher to fill in. Pure: the same services give the same
@@ -139,23 +141,18 @@ async fn read_own(
     keys: &KeySpace,
     cluster: &str,
 ) -> Result<BTreeMap<ServiceKey, ExportSummary>, etcd_client::Error> {
-    let resp = client
-        .get(
-            keys.exports_of(cluster),
-            Some(GetOptions::new().with_prefix()),
-        )
-        .await?;
+    let mut kvs = Vec::new();
+    list_range(client, &keys.exports_of(cluster), &mut 0, &mut kvs).await?;
     let mut out = BTreeMap::new();
-    for kv in resp.kvs() {
-        let key = String::from_utf8_lossy(kv.key());
+    for kv in kvs {
         let Some(GlobalKey::Export {
             namespace, service, ..
-        }) = keys.parse(&key)
+        }) = keys.parse(&kv.key)
         else {
             continue;
         };
         // An unreadable old summary is simply rewritten.
-        let summary = serde_json::from_slice(kv.value()).unwrap_or(ExportSummary {
+        let summary = serde_json::from_slice(&kv.value).unwrap_or(ExportSummary {
             ports: vec![],
             localities: vec![],
             generation: 0,
