@@ -76,7 +76,8 @@ impl MeshInputs {
             .flat_map(|per_cluster| per_cluster.iter())
             .filter(|(c, _)| c.as_str() != &*self.cluster)
             // An export without a cluster record cannot be reached: no gateways.
-            .filter_map(|(c, summary)| {
+            .filter_map(|(c, export)| {
+                let summary = &export.summary;
                 let record = g.clusters.get(c)?;
                 Some(pb::RemoteCluster {
                     cluster: c.clone(),
@@ -117,7 +118,7 @@ impl MeshInputs {
                 .by_service
                 .get(key)
                 .and_then(|m| m.values().next())
-                .map(|s| s.ports.clone())
+                .map(|e| e.summary.ports.clone())
                 .unwrap_or_default(),
         };
         Some(pb::Service {
@@ -158,7 +159,7 @@ pub fn changed(old: &MeshInputs, new: &MeshInputs) -> Changed {
                 new: (_, b),
             } => (k, Some(a), Some(b)),
         };
-        let others = |m: Option<&imbl::OrdMap<String, fedmesh_api::ExportSummary>>| {
+        let others = |m: Option<&imbl::OrdMap<String, crate::view::Export>>| {
             m.map(|m| m.without(&*new.cluster))
         };
         if others(before) != others(after) {

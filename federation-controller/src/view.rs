@@ -30,6 +30,13 @@ pub enum RawEvent {
     },
 }
 
+/// One cluster's export of one service, as last read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Export {
+    pub summary: ExportSummary,
+    pub mod_revision: i64,
+}
+
 /// The keys seen so far by a listing in progress.
 #[derive(Debug, Default)]
 pub struct Listing {
@@ -50,12 +57,14 @@ pub enum Change {
 pub struct GlobalView {
     keys: KeySpace,
     revision: i64,
+    /// `mod_revision` of every key other than exports (exports keep theirs
+    /// beside their summary: there are a million of them at scale).
     seen: OrdMap<String, i64>,
     pub clusters: OrdMap<String, ClusterRecord>,
     pub alive: OrdMap<String, AliveRecord>,
     pub bundles: OrdMap<String, Bundle>,
     /// Exports by service, then cluster: the shape the mesh is built in.
-    pub by_service: OrdMap<ServiceKey, OrdMap<String, ExportSummary>>,
+    pub by_service: OrdMap<ServiceKey, OrdMap<String, Export>>,
     /// Keys whose latest value could not be read, with the reason. Their last
     /// good value (if any) stays in the view.
     pub invalid: OrdMap<String, String>,
@@ -80,6 +89,23 @@ impl GlobalView {
         self.by_service
             .get(&ServiceKey::new(namespace, service))?
             .get(cluster)
+            .map(|e| &e.summary)
+    }
+
+    /// The `mod_revision` the view holds for `key`, if any.
+    fn known_revision(&self, key: &str) -> Option<i64> {
+        match self.keys.parse(key) {
+            Some(GlobalKey::Export {
+                cluster,
+                namespace,
+                service,
+            }) => self
+                .by_service
+                .get(&ServiceKey::new(&namespace, &service))?
+                .get(&cluster)
+                .map(|e| e.mod_revision),
+            _ => self.seen.get(key).copied(),
+        }
     }
 
     /// How many (cluster, service) exports the view holds.
@@ -119,7 +145,7 @@ impl GlobalView {
         let mut changes = Vec::new();
         for kv in kvs {
             listing.keys.insert(kv.key.clone());
-            if self.seen.get(&kv.key) != Some(&kv.mod_revision) {
+            if self.known_revision(&kv.key) != Some(kv.mod_revision) {
                 changes.extend(self.upsert(kv));
             }
         }
@@ -129,11 +155,17 @@ impl GlobalView {
     /// Ends a listing taken at `revision`: every key it did not contain is
     /// removed.
     pub fn finish_listing(&mut self, listing: Listing, revision: i64) -> Vec<Change> {
+        let exports = self.by_service.iter().flat_map(|(svc, per_cluster)| {
+            per_cluster
+                .keys()
+                .map(|c| self.keys.export(c, &svc.namespace, &svc.name))
+        });
         let gone: Vec<String> = self
             .seen
             .keys()
-            .filter(|k| !listing.keys.contains(*k))
             .cloned()
+            .chain(exports)
+            .filter(|k| !listing.keys.contains(k))
             .collect();
         let changes = gone.iter().filter_map(|k| self.remove(k)).collect();
         self.revision = self.revision.max(revision);
@@ -182,16 +214,24 @@ impl GlobalView {
                 cluster,
                 namespace,
                 service,
-            } => json::<ExportSummary>(&kv.value).map(|s| {
+            } => json::<ExportSummary>(&kv.value).map(|summary| {
                 self.by_service
                     .entry(ServiceKey::new(namespace, service))
                     .or_default()
-                    .insert(cluster.clone(), s);
+                    .insert(
+                        cluster.clone(),
+                        Export {
+                            summary,
+                            mod_revision: kv.mod_revision,
+                        },
+                    );
             }),
             // Policies are read by a later part of the controller.
             GlobalKey::Policy(_) => Ok(()),
         };
-        self.seen.insert(kv.key.clone(), kv.mod_revision);
+        if !matches!(parsed, GlobalKey::Export { .. }) {
+            self.seen.insert(kv.key.clone(), kv.mod_revision);
+        }
         match result {
             Ok(()) => {
                 self.invalid.remove(&kv.key);
