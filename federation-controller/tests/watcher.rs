@@ -69,6 +69,21 @@ async fn record(c: &mut Client, cluster: &str) {
         .unwrap();
 }
 
+/// Waits until the view holds `want` as the generation of `cluster`'s
+/// shop/cart export (`None`: no such export).
+async fn until_generation(
+    what: &str,
+    rx: &watch::Receiver<Arc<GlobalView>>,
+    cluster: &str,
+    want: Option<u64>,
+) {
+    eventually(what, Duration::from_secs(20), || {
+        let g = generation(&rx.borrow(), cluster);
+        async move { (g == want).then_some(()) }
+    })
+    .await;
+}
+
 fn generation(view: &GlobalView, cluster: &str) -> Option<u64> {
     view.export(cluster, "shop", "cart").map(|s| s.generation)
 }
@@ -87,11 +102,7 @@ async fn lists_then_follows_changes() {
 
     let w = start_watcher(etcd.endpoint()).await;
     let rx = w.rx.clone();
-    eventually("the listed export", Duration::from_secs(10), || {
-        let g = generation(&rx.borrow(), "a");
-        async move { (g == Some(1)).then_some(()) }
-    })
-    .await;
+    until_generation("the listed export", &rx, "a", Some(1)).await;
 
     c.put(keys.export("a", "shop", "cart"), summary(2), None)
         .await
@@ -132,11 +143,7 @@ async fn after_a_compaction_it_lists_again_and_loses_or_repeats_nothing() {
         .unwrap();
     let w = start_watcher(format!("http://{}", relay.addr())).await;
     let mut rx = w.rx.clone();
-    eventually("the first list", Duration::from_secs(10), || {
-        let g = generation(&rx.borrow(), "a");
-        async move { (g == Some(1)).then_some(()) }
-    })
-    .await;
+    until_generation("the first list", &rx, "a", Some(1)).await;
 
     // Record every generation of "a" that consumers see.
     let seen = tokio::spawn(async move {
@@ -219,15 +226,7 @@ async fn after_a_compaction_it_lists_again_and_loses_or_repeats_nothing() {
     c.put(keys.export("a", "shop", "cart"), summary(51), None)
         .await
         .unwrap();
-    eventually(
-        "a live change after the re-list",
-        Duration::from_secs(10),
-        || {
-            let g = generation(&rx.borrow(), "a");
-            async move { (g == Some(51)).then_some(()) }
-        },
-    )
-    .await;
+    until_generation("a live change after the re-list", &rx, "a", Some(51)).await;
 }
 
 #[tokio::test]
@@ -243,11 +242,7 @@ async fn an_etcd_outage_keeps_the_last_view_and_resyncs_on_return() {
         .unwrap();
     let w = start_watcher(etcd.endpoint()).await;
     let rx = w.rx.clone();
-    eventually("the first list", Duration::from_secs(10), || {
-        let g = generation(&rx.borrow(), "a");
-        async move { (g == Some(1)).then_some(()) }
-    })
-    .await;
+    until_generation("the first list", &rx, "a", Some(1)).await;
     let publishes = w.stats.publishes.load(Ordering::Relaxed);
 
     etcd.kill();
@@ -273,15 +268,7 @@ async fn an_etcd_outage_keeps_the_last_view_and_resyncs_on_return() {
     c.put(keys.export("a", "shop", "cart"), summary(2), None)
         .await
         .unwrap();
-    eventually(
-        "the resync after etcd returns",
-        Duration::from_secs(20),
-        || {
-            let g = generation(&rx.borrow(), "a");
-            async move { (g == Some(2)).then_some(()) }
-        },
-    )
-    .await;
+    until_generation("the resync after etcd returns", &rx, "a", Some(2)).await;
 }
 
 #[tokio::test]
@@ -330,24 +317,18 @@ async fn exports_of_a_cluster_without_a_record_are_not_listed() {
         .unwrap();
     let w = start_watcher(etcd.endpoint()).await;
     let rx = w.rx.clone();
-    eventually("the listed export", Duration::from_secs(10), || {
-        let g = generation(&rx.borrow(), "a");
-        async move { (g == Some(1)).then_some(()) }
-    })
-    .await;
+    until_generation("the listed export", &rx, "a", Some(1)).await;
     assert_eq!(generation(&rx.borrow(), "orphan"), None);
     // Once it registers, its later exports arrive by the watch.
     record(&mut c, "orphan").await;
     c.put(keys.export("orphan", "shop", "cart"), summary(2), None)
         .await
         .unwrap();
-    eventually(
+    until_generation(
         "the orphan's export after registering",
-        Duration::from_secs(10),
-        || {
-            let g = generation(&rx.borrow(), "orphan");
-            async move { (g == Some(2)).then_some(()) }
-        },
+        &rx,
+        "orphan",
+        Some(2),
     )
     .await;
 }
