@@ -92,17 +92,17 @@ impl GlobalView {
             .map(|e| &e.summary)
     }
 
-    /// The `mod_revision` the view holds for `key`, if any.
-    fn known_revision(&self, key: &str) -> Option<i64> {
-        match self.keys.parse(key) {
-            Some(GlobalKey::Export {
+    /// The `mod_revision` the view holds for the key `parsed` names.
+    fn known_revision(&self, key: &str, parsed: &GlobalKey) -> Option<i64> {
+        match parsed {
+            GlobalKey::Export {
                 cluster,
                 namespace,
                 service,
-            }) => self
+            } => self
                 .by_service
-                .get(&ServiceKey::new(&namespace, &service))?
-                .get(&cluster)
+                .get(&ServiceKey::new(namespace, service))?
+                .get(cluster)
                 .map(|e| e.mod_revision),
             _ => self.seen.get(key).copied(),
         }
@@ -145,8 +145,11 @@ impl GlobalView {
         let mut changes = Vec::new();
         for kv in kvs {
             listing.keys.insert(kv.key.clone());
-            if self.known_revision(&kv.key) != Some(kv.mod_revision) {
-                changes.extend(self.upsert(kv));
+            let Some(parsed) = self.keys.parse(&kv.key) else {
+                continue;
+            };
+            if self.known_revision(&kv.key, &parsed) != Some(kv.mod_revision) {
+                changes.extend(self.upsert_parsed(parsed, kv));
             }
         }
         changes
@@ -195,6 +198,10 @@ impl GlobalView {
 
     fn upsert(&mut self, kv: RawKv) -> Option<Change> {
         let parsed = self.keys.parse(&kv.key)?;
+        self.upsert_parsed(parsed, kv)
+    }
+
+    fn upsert_parsed(&mut self, parsed: GlobalKey, kv: RawKv) -> Option<Change> {
         let result = match &parsed {
             GlobalKey::Cluster(name) => json(&kv.value).map(|r| {
                 self.clusters.insert(name.clone(), r);

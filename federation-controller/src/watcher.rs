@@ -127,14 +127,32 @@ async fn list(
         );
         view.apply_listed(&mut listing, kvs);
     }
+    // Fetch the next cluster's exports while applying the current one's.
+    let mut pending: Option<tokio::task::JoinHandle<Result<Vec<RawKv>, etcd_client::Error>>> = None;
     for c in clusters {
-        let mut kvs = Vec::new();
-        list_range(client, &view.keys().exports_of(&c), &mut revision, &mut kvs).await?;
-        view.apply_listed(&mut listing, kvs);
+        let (mut client, prefix) = (client.clone(), view.keys().exports_of(&c));
+        let next = tokio::spawn(async move {
+            let mut kvs = Vec::new();
+            list_range(&mut client, &prefix, &mut { revision }, &mut kvs).await?;
+            Ok(kvs)
+        });
+        if let Some(prev) = pending.replace(next) {
+            view.apply_listed(&mut listing, joined(prev).await?);
+        }
+    }
+    if let Some(prev) = pending {
+        view.apply_listed(&mut listing, joined(prev).await?);
     }
     view.finish_listing(listing, revision);
     stats.lists.fetch_add(1, Ordering::Relaxed);
     Ok(())
+}
+
+async fn joined(
+    task: tokio::task::JoinHandle<Result<Vec<RawKv>, etcd_client::Error>>,
+) -> Result<Vec<RawKv>, etcd_client::Error> {
+    task.await
+        .map_err(|e| etcd_client::Error::IoError(std::io::Error::other(e)))?
 }
 
 async fn watch_until_broken(
