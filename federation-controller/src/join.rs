@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use fedmesh_api::ClusterRecord;
 use serde::{Deserialize, Serialize};
+use trust_bundle::ca::write_private;
 use trust_bundle::{CaError, ClusterCa, TrustDomain};
 
 pub const CLUSTER_FILE: &str = "cluster.json";
@@ -109,25 +110,4 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, JoinError
         path: path.into(),
         reason: e.to_string(),
     })
-}
-
-fn write_private(path: &Path, bytes: &[u8]) -> Result<(), JoinError> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(|source| JoinError::Io {
-            path: path.into(),
-            source,
-        })?;
-    f.write_all(bytes)
-        .and_then(|_| f.sync_all())
-        .map_err(|source| JoinError::Io {
-            path: path.into(),
-            source,
-        })
 }

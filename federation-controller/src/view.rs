@@ -9,7 +9,9 @@
 
 use fedmesh_api::{AliveRecord, ClusterRecord, ExportSummary, GlobalKey, KeySpace, ServiceKey};
 use imbl::OrdMap;
-use trust_bundle::{Bundle, TrustDomain};
+use trust_bundle::Bundle;
+
+use crate::zone::decode_bundle;
 
 /// One key of the global zone as etcd reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -209,11 +211,8 @@ impl GlobalView {
             GlobalKey::Alive(name) => json(&kv.value).map(|r| {
                 self.alive.insert(name.clone(), r);
             }),
-            GlobalKey::Bundle(td) => TrustDomain::new(td)
-                .map_err(|e| format!("trust domain {e}"))
-                .and_then(|t| {
-                    Bundle::from_document(t, &kv.value, &kv.key).map_err(|e| e.to_string())
-                })
+            GlobalKey::Bundle(td) => decode_bundle(td, &kv.key, &kv.value)
+                .map_err(|e| e.to_string())
                 .map(|b| {
                     self.bundles.insert(td.clone(), b);
                 }),

@@ -89,10 +89,6 @@ impl GlobalZone {
         &self.keys
     }
 
-    pub fn client(&self) -> &Client {
-        &self.client
-    }
-
     async fn get_one(&mut self, key: &str) -> Result<Option<(Vec<u8>, i64)>, ZoneError> {
         let resp = self.client.get(key, None).await?;
         Ok(resp
@@ -377,7 +373,9 @@ pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(
     })
 }
 
-fn decode_bundle(td: &str, key: &str, raw: &[u8]) -> Result<Bundle, ZoneError> {
+/// Decodes the bundle stored at `key` for trust domain `td`. Pure: the
+/// watcher's view uses it too.
+pub(crate) fn decode_bundle(td: &str, key: &str, raw: &[u8]) -> Result<Bundle, ZoneError> {
     let td = TrustDomain::new(td).map_err(|e| ZoneError::Corrupt {
         key: key.into(),
         reason: format!("trust domain {e}"),

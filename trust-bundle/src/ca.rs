@@ -463,7 +463,8 @@ pub(crate) fn create_private_dir(dir: &Path) -> Result<(), CaError> {
 }
 
 /// Writes `bytes` to `path` with mode 0600, atomically (temp file + rename).
-pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> Result<(), CaError> {
+/// For key material and anything else that must not be world-readable.
+pub fn write_private(path: &Path, bytes: &[u8]) -> Result<(), CaError> {
     use std::os::unix::fs::OpenOptionsExt;
     let tmp: PathBuf = path.with_extension("tmp");
     let result = (|| {

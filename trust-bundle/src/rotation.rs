@@ -281,10 +281,6 @@ impl Authority {
         &self.active.ca
     }
 
-    pub fn svid_policy(&self) -> &SvidPolicy {
-        &self.svid_policy
-    }
-
     pub fn phase(&self) -> RotationPhase {
         if let Some((_, activate_at)) = &self.incoming {
             RotationPhase::Publishing {
