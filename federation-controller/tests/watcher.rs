@@ -84,21 +84,32 @@ async fn until_generation(
     .await;
 }
 
+/// A real etcd with clusters a, b, gone and new registered, and a's
+/// shop/cart export at generation 1.
+async fn seeded() -> (Etcd, Client) {
+    let etcd = Etcd::start().await.unwrap();
+    let mut c = etcd.client().await.unwrap();
+    for cluster in ["a", "b", "gone", "new"] {
+        record(&mut c, cluster).await;
+    }
+    c.put(
+        KeySpace::default().export("a", "shop", "cart"),
+        summary(1),
+        None,
+    )
+    .await
+    .unwrap();
+    (etcd, c)
+}
+
 fn generation(view: &GlobalView, cluster: &str) -> Option<u64> {
     view.export(cluster, "shop", "cart").map(|s| s.generation)
 }
 
 #[tokio::test]
 async fn lists_then_follows_changes() {
-    let etcd = Etcd::start().await.unwrap();
+    let (etcd, mut c) = seeded().await;
     let keys = KeySpace::default();
-    let mut c = etcd.client().await.unwrap();
-    for cluster in ["a", "b", "gone", "new"] {
-        record(&mut c, cluster).await;
-    }
-    c.put(keys.export("a", "shop", "cart"), summary(1), None)
-        .await
-        .unwrap();
 
     let w = start_watcher(etcd.endpoint()).await;
     let rx = w.rx.clone();
@@ -124,15 +135,8 @@ async fn lists_then_follows_changes() {
 
 #[tokio::test]
 async fn after_a_compaction_it_lists_again_and_loses_or_repeats_nothing() {
-    let etcd = Etcd::start().await.unwrap();
+    let (etcd, mut c) = seeded().await;
     let keys = KeySpace::default();
-    let mut c = etcd.client().await.unwrap();
-    for cluster in ["a", "b", "gone", "new"] {
-        record(&mut c, cluster).await;
-    }
-    c.put(keys.export("a", "shop", "cart"), summary(1), None)
-        .await
-        .unwrap();
     c.put(keys.export("gone", "shop", "cart"), summary(1), None)
         .await
         .unwrap();
@@ -231,15 +235,8 @@ async fn after_a_compaction_it_lists_again_and_loses_or_repeats_nothing() {
 
 #[tokio::test]
 async fn an_etcd_outage_keeps_the_last_view_and_resyncs_on_return() {
-    let mut etcd = Etcd::start().await.unwrap();
+    let (mut etcd, _) = seeded().await;
     let keys = KeySpace::default();
-    let mut c = etcd.client().await.unwrap();
-    for cluster in ["a", "b", "gone", "new"] {
-        record(&mut c, cluster).await;
-    }
-    c.put(keys.export("a", "shop", "cart"), summary(1), None)
-        .await
-        .unwrap();
     let w = start_watcher(etcd.endpoint()).await;
     let rx = w.rx.clone();
     until_generation("the first list", &rx, "a", Some(1)).await;
