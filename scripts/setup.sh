@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Installs what fedmesh needs beyond the Rust toolchain, only when missing:
-# Debian's etcd-server (the global zone in tests) and protobuf-compiler.
+# Debian's etcd-server (the global zone in tests), protobuf-compiler and
+# libprotobuf-dev (protoc's well-known types, which etcd-client's protos import).
 # Extra Debian packages may be named as arguments (the benches ask for haproxy).
 set -euo pipefail
 
 need=()
 command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
 command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
+[ -f /usr/include/google/protobuf/descriptor.proto ] || need+=(libprotobuf-dev)
 for pkg in "$@"; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
