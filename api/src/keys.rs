@@ -82,11 +82,7 @@ impl KeySpace {
             "bundles" => single(rest).map(GlobalKey::Bundle),
             "policies" => single(rest).map(GlobalKey::Policy),
             "exports" => {
-                let mut parts = rest.split('/');
-                let (c, n, s) = (parts.next()?, parts.next()?, parts.next()?);
-                if parts.next().is_some() || [c, n, s].iter().any(|p| p.is_empty()) {
-                    return None;
-                }
+                let (c, n, s) = export_parts(rest)?;
                 Some(GlobalKey::Export {
                     cluster: c.into(),
                     namespace: n.into(),
@@ -96,6 +92,21 @@ impl KeySpace {
             _ => None,
         }
     }
+
+    /// `(cluster, namespace, service)` of an export key, borrowed: a listing
+    /// reads a million of them.
+    pub fn parse_export<'k>(&self, key: &'k str) -> Option<(&'k str, &'k str, &'k str)> {
+        export_parts(key.strip_prefix(&self.prefix)?.strip_prefix("exports/")?)
+    }
+}
+
+fn export_parts(rest: &str) -> Option<(&str, &str, &str)> {
+    let mut parts = rest.split('/');
+    let (c, n, s) = (parts.next()?, parts.next()?, parts.next()?);
+    if parts.next().is_some() || [c, n, s].iter().any(|p| p.is_empty()) {
+        return None;
+    }
+    Some((c, n, s))
 }
 
 #[cfg(test)]
@@ -140,6 +151,11 @@ mod tests {
         for (key, want) in cases {
             assert_eq!(ks.parse(&key), Some(want), "{key}");
         }
+        assert_eq!(
+            ks.parse_export(&ks.export("a", "shop", "cart")),
+            Some(("a", "shop", "cart"))
+        );
+        assert_eq!(ks.parse_export(&ks.cluster("a")), None);
     }
 
     #[test]
@@ -157,6 +173,7 @@ mod tests {
             "/fedmesh/v1/clusters",
         ] {
             assert_eq!(ks.parse(key), None, "{key}");
+            assert_eq!(ks.parse_export(key), None, "{key}");
         }
     }
 }

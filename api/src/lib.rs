@@ -13,4 +13,6 @@ pub mod records;
 pub use keys::{DEFAULT_PREFIX, GlobalKey, KeySpace};
 pub use local::{Endpoint, LocalService, LocalServices, ServiceKey};
 pub use names::{NameError, validate_label};
-pub use records::{AliveRecord, ClusterRecord, ExportSummary, GatewayAddress, ZoneCapacity};
+pub use records::{
+    AliveRecord, ClusterRecord, ExportSummary, GatewayAddress, ZoneCapacity, validate_locality,
+};

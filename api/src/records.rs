@@ -188,6 +188,20 @@ pub struct ZoneCapacity {
     pub weight: u32,
 }
 
+/// The rule every export's localities obey: a zone name is a DNS label, and
+/// no more endpoints are healthy than exist.
+pub fn validate_locality(zone: &str, healthy: u32, total: u32) -> Result<(), RecordError> {
+    validate_label("zone", zone)?;
+    if healthy > total {
+        return Err(RecordError::Capacity {
+            zone: zone.to_owned(),
+            healthy,
+            total,
+        });
+    }
+    Ok(())
+}
+
 /// `exports/<cluster>/<namespace>/<service>`: per-zone capacity only, never
 /// endpoints, so that pod churn does not reach the global zone.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -201,14 +215,7 @@ pub struct ExportSummary {
 impl ExportSummary {
     pub fn validate(&self) -> Result<(), RecordError> {
         for l in &self.localities {
-            validate_label("zone", &l.zone)?;
-            if l.healthy > l.total {
-                return Err(RecordError::Capacity {
-                    zone: l.zone.clone(),
-                    healthy: l.healthy,
-                    total: l.total,
-                });
-            }
+            validate_locality(&l.zone, l.healthy, l.total)?;
         }
         Ok(())
     }

@@ -57,11 +57,30 @@ fn rss_mb(pid: u32, field: &str) -> f64 {
         / 1024.0
 }
 
+/// CPU time (user + system) a process has used so far.
+fn cpu_s(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name; utime and stime are the 12th and 13th.
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let ticks: f64 = fields[11..13]
+        .iter()
+        .filter_map(|f| f.parse::<f64>().ok())
+        .sum();
+    ticks / 100.0
+}
+
 struct Measured {
     clusters: usize,
     services: usize,
     load_s: f64,
     cold_sync_s: f64,
+    /// CPU seconds the controller and etcd spent during the cold sync.
+    sync_cpu_s: (f64, f64),
     rss_mb: f64,
     peak_mb: f64,
     change_ms: Vec<f64>,
@@ -88,6 +107,8 @@ async fn measure(clusters: usize, services: usize, changes: usize, n: u8) -> Mea
     observer.write(&dir.path().join("join")).unwrap();
     std::fs::write(dir.path().join("registry.yaml"), "").unwrap();
     let admin = format!("127.0.{n}.2:{}", 20000 + u16::from(n));
+    let etcd_pid = etcd.pid().unwrap();
+    let etcd_cpu_before = cpu_s(etcd_pid);
     let started = Instant::now();
     let mut child: Child = Command::new(env!("CARGO_BIN_EXE_fedmesh-controller"))
         .arg("--join")
@@ -95,8 +116,15 @@ async fn measure(clusters: usize, services: usize, changes: usize, n: u8) -> Mea
         .arg("--registry")
         .arg(dir.path().join("registry.yaml"))
         .args(["--listen", &format!("127.0.{n}.2:0"), "--admin", &admin])
-        .env("RUST_LOG", "error")
-        .stdout(Stdio::null())
+        .env(
+            "RUST_LOG",
+            std::env::var("CONTROLLER_LOG").unwrap_or("error".into()),
+        )
+        .stdout(if std::env::var_os("CONTROLLER_LOG").is_some() {
+            Stdio::inherit()
+        } else {
+            Stdio::null()
+        })
         .spawn()
         .unwrap();
     let mut version = loop {
@@ -111,6 +139,7 @@ async fn measure(clusters: usize, services: usize, changes: usize, n: u8) -> Mea
     };
     let cold_sync_s = started.elapsed().as_secs_f64();
     let rss = rss_mb(child.id(), "VmRSS:");
+    let sync_cpu_s = (cpu_s(child.id()), cpu_s(etcd_pid) - etcd_cpu_before);
 
     // One export changes; time until the controller has published a new version.
     let keys = KeySpace::default();
@@ -145,6 +174,7 @@ async fn measure(clusters: usize, services: usize, changes: usize, n: u8) -> Mea
         services,
         load_s,
         cold_sync_s,
+        sync_cpu_s,
         rss_mb: rss,
         peak_mb: peak,
         change_ms,
@@ -169,19 +199,21 @@ async fn main() {
     .await;
     let large = measure(env("CLUSTERS", 100), env("SERVICES", 10000), changes, 2).await;
     println!(
-        "| global zone | exports | load into etcd (s) | cold sync (s) | RSS after sync (MB) | peak RSS (MB) | one change, median (ms) |"
+        "| global zone | exports | load into etcd (s) | cold sync (s) | CPU during sync: controller + etcd (s) | RSS after sync (MB) | peak RSS (MB) | one change, median (ms) |"
     );
-    println!("|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|");
     let mut rows = [small, large];
     for m in rows.iter_mut() {
         let med = median(&mut m.change_ms);
         println!(
-            "| {} clusters x {} services | {} | {:.1} | {:.2} | {:.0} | {:.0} | {:.1} |",
+            "| {} clusters x {} services | {} | {:.1} | {:.2} | {:.2} + {:.2} | {:.0} | {:.0} | {:.1} |",
             m.clusters,
             m.services,
             (m.clusters - 1) * m.services,
             m.load_s,
             m.cold_sync_s,
+            m.sync_cpu_s.0,
+            m.sync_cpu_s.1,
             m.rss_mb,
             m.peak_mb,
             med

@@ -15,7 +15,7 @@ use fedmesh_api::{LocalService, LocalServices, ServiceKey};
 use fedmesh_proto::discovery::v1 as pb;
 use imbl::ordmap::DiffItem;
 
-use crate::view::GlobalView;
+use crate::view::{Export, Exporters, GlobalView};
 
 /// Everything one version of the mesh is made from.
 #[derive(Debug, Clone)]
@@ -73,27 +73,27 @@ impl MeshInputs {
             .by_service
             .get(key)
             .into_iter()
-            .flat_map(|per_cluster| per_cluster.iter())
-            .filter(|(c, _)| c.as_str() != &*self.cluster)
+            .flat_map(|exporters| exporters.iter())
+            .filter(|e| e.cluster != self.cluster)
             // An export without a cluster record cannot be reached: no gateways.
-            .filter_map(|(c, export)| {
-                let summary = &export.summary;
+            .filter_map(|export| {
+                let c = &*export.cluster;
                 let record = g.clusters.get(c)?;
                 Some(pb::RemoteCluster {
-                    cluster: c.clone(),
+                    cluster: c.to_owned(),
                     cloud: record.cloud.clone(),
                     region: record.region.clone(),
-                    localities: summary
+                    localities: export
                         .localities
                         .iter()
                         .map(|l| pb::ZoneCapacity {
-                            zone: l.zone.clone(),
+                            zone: l.zone.to_string(),
                             healthy: l.healthy,
                             total: l.total,
                             weight: l.weight,
                         })
                         .collect(),
-                    healthy: summary.healthy(),
+                    healthy: export.healthy(),
                     gateways: record
                         .gateways
                         .iter()
@@ -117,8 +117,8 @@ impl MeshInputs {
             None => g
                 .by_service
                 .get(key)
-                .and_then(|m| m.values().next())
-                .map(|e| e.summary.ports.clone())
+                .and_then(|m| m.iter().next())
+                .map(|e| e.ports.to_vec())
                 .unwrap_or_default(),
         };
         Some(pb::Service {
@@ -159,10 +159,7 @@ pub fn changed(old: &MeshInputs, new: &MeshInputs) -> Changed {
                 new: (_, b),
             } => (k, Some(a), Some(b)),
         };
-        let others = |m: Option<&imbl::OrdMap<String, crate::view::Export>>| {
-            m.map(|m| m.without(&*new.cluster))
-        };
-        if others(before) != others(after) {
+        if !others(before, &new.cluster).eq(others(after, &new.cluster)) {
             keys.insert(key.clone());
         }
     }
@@ -175,6 +172,13 @@ pub fn changed(old: &MeshInputs, new: &MeshInputs) -> Changed {
         );
     }
     Changed::Services(keys)
+}
+
+/// The exports of a service by clusters other than `us`.
+fn others<'a>(m: Option<&'a Exporters>, us: &'a str) -> impl Iterator<Item = &'a Export> {
+    m.into_iter()
+        .flat_map(Exporters::iter)
+        .filter(move |e| &*e.cluster != us)
 }
 
 fn local_endpoints(s: &LocalService) -> Vec<pb::LocalEndpoint> {

@@ -12,7 +12,7 @@ use fedmesh_api::{
 };
 use tokio::sync::watch;
 
-use crate::zone::list_range;
+use crate::zone::{Pager, list_range};
 
 /// Per-zone capacity of every local service; the generation is left at 0
 /// for the publisher to fill in. Pure: the same services give the same
@@ -142,7 +142,14 @@ async fn read_own(
     cluster: &str,
 ) -> Result<BTreeMap<ServiceKey, ExportSummary>, etcd_client::Error> {
     let mut kvs = Vec::new();
-    list_range(client, &keys.exports_of(cluster), &mut 0, &mut kvs).await?;
+    list_range(
+        client,
+        &keys.exports_of(cluster),
+        &mut 0,
+        &mut Pager::default(),
+        &mut kvs,
+    )
+    .await?;
     let mut out = BTreeMap::new();
     for kv in kvs {
         let Some(GlobalKey::Export {

@@ -1,14 +1,21 @@
 //! The global view: what this controller knows of the global zone, built from
-//! a list followed by watch events. I/O-free: the watcher feeds it snapshots
+//! a list followed by watch events. I/O-free: the watcher feeds it listings
 //! and events; tests feed it by hand.
 //!
 //! Every applied key remembers its `mod_revision`, and the view remembers the
 //! last revision it has seen, so an event delivered twice (a resumed watch
 //! overlapping a list) is ignored, and a re-list after a compaction is
 //! reconciled key by key instead of replacing the view wholesale.
+//!
+//! Exports dominate at scale (a million of them with 100 clusters × 10,000
+//! services), so they are stored compactly: cluster and zone names are
+//! shared, and each service keeps its exporters in one sorted list.
 
-use fedmesh_api::{AliveRecord, ClusterRecord, ExportSummary, GlobalKey, KeySpace, ServiceKey};
-use imbl::OrdMap;
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use fedmesh_api::{AliveRecord, ClusterRecord, GlobalKey, KeySpace, ServiceKey, validate_locality};
+use imbl::{OrdMap, OrdSet};
 use trust_bundle::Bundle;
 
 use crate::zone::decode_bundle;
@@ -32,20 +39,92 @@ pub enum RawEvent {
     },
 }
 
+/// A cluster or zone name, shared by every export that mentions it.
+pub type Name = Arc<str>;
+
+/// The healthy capacity of one zone, as an export reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Locality {
+    pub zone: Name,
+    pub healthy: u32,
+    pub total: u32,
+    pub weight: u32,
+}
+
 /// One cluster's export of one service, as last read.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Export {
-    pub summary: ExportSummary,
+    pub cluster: Name,
     pub mod_revision: i64,
+    pub generation: u64,
+    pub ports: Box<[u16]>,
+    pub localities: Box<[Locality]>,
 }
 
-/// The keys seen so far by a listing in progress.
+impl Export {
+    /// Healthy endpoints across all zones.
+    pub fn healthy(&self) -> u64 {
+        self.localities.iter().map(|l| u64::from(l.healthy)).sum()
+    }
+}
+
+/// The exports of one service, sorted by cluster. Versions of the view
+/// share it; a change copies this one list (one entry per exporting
+/// cluster), never the whole view.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Exporters(Arc<Vec<Export>>);
+
+impl Exporters {
+    fn find(&self, cluster: &str) -> Result<usize, usize> {
+        // A listing goes cluster by cluster in order, so a new export
+        // usually sorts last: one probe instead of a search.
+        match self.0.last() {
+            None => Err(0),
+            Some(last) if *last.cluster < *cluster => Err(self.0.len()),
+            Some(_) => self.0.binary_search_by(|e| (*e.cluster).cmp(cluster)),
+        }
+    }
+
+    pub fn get(&self, cluster: &str) -> Option<&Export> {
+        self.find(cluster).ok().map(|i| &self.0[i])
+    }
+
+    pub fn iter(&self) -> std::slice::Iter<'_, Export> {
+        self.0.iter()
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Puts `export` where [`Self::find`] said its cluster is or belongs.
+    fn put(&mut self, at: Result<usize, usize>, export: Export) {
+        match at {
+            Ok(i) => Arc::make_mut(&mut self.0)[i] = export,
+            Err(i) => Arc::make_mut(&mut self.0).insert(i, export),
+        }
+    }
+
+    fn remove(&mut self, cluster: &str) -> Option<Export> {
+        let i = self.find(cluster).ok()?;
+        Some(Arc::make_mut(&mut self.0).remove(i))
+    }
+}
+
+/// A listing in progress: the keys it has seen so far.
 #[derive(Debug, Default)]
 pub struct Listing {
-    keys: std::collections::HashSet<String>,
+    /// Every key other than exports (a handful per cluster).
+    records: HashSet<String>,
+    /// Clusters whose exports have been listed.
+    clusters: HashSet<Name>,
 }
 
-/// What an applied snapshot or event changed.
+/// What an applied listing or event changed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
     Upsert(GlobalKey),
@@ -60,13 +139,17 @@ pub struct GlobalView {
     keys: KeySpace,
     revision: i64,
     /// `mod_revision` of every key other than exports (exports keep theirs
-    /// beside their summary: there are a million of them at scale).
+    /// beside their summary).
     seen: OrdMap<String, i64>,
+    /// Cluster and zone names in use, so that exports share them.
+    names: OrdSet<Name>,
+    /// How many exports each cluster has in the view.
+    export_counts: OrdMap<Name, usize>,
     pub clusters: OrdMap<String, ClusterRecord>,
     pub alive: OrdMap<String, AliveRecord>,
     pub bundles: OrdMap<String, Bundle>,
-    /// Exports by service, then cluster: the shape the mesh is built in.
-    pub by_service: OrdMap<ServiceKey, OrdMap<String, Export>>,
+    /// Exports by service: the shape the mesh is built in.
+    pub by_service: OrdMap<ServiceKey, Exporters>,
     /// Keys whose latest value could not be read, with the reason. Their last
     /// good value (if any) stays in the view.
     pub invalid: OrdMap<String, String>,
@@ -78,6 +161,8 @@ impl GlobalView {
             keys,
             revision: 0,
             seen: OrdMap::new(),
+            names: OrdSet::new(),
+            export_counts: OrdMap::new(),
             clusters: OrdMap::new(),
             alive: OrdMap::new(),
             bundles: OrdMap::new(),
@@ -87,32 +172,15 @@ impl GlobalView {
     }
 
     /// One cluster's export of one service.
-    pub fn export(&self, cluster: &str, namespace: &str, service: &str) -> Option<&ExportSummary> {
+    pub fn export(&self, cluster: &str, namespace: &str, service: &str) -> Option<&Export> {
         self.by_service
             .get(&ServiceKey::new(namespace, service))?
             .get(cluster)
-            .map(|e| &e.summary)
-    }
-
-    /// The `mod_revision` the view holds for the key `parsed` names.
-    fn known_revision(&self, key: &str, parsed: &GlobalKey) -> Option<i64> {
-        match parsed {
-            GlobalKey::Export {
-                cluster,
-                namespace,
-                service,
-            } => self
-                .by_service
-                .get(&ServiceKey::new(namespace, service))?
-                .get(cluster)
-                .map(|e| e.mod_revision),
-            _ => self.seen.get(key).copied(),
-        }
     }
 
     /// How many (cluster, service) exports the view holds.
     pub fn export_count(&self) -> usize {
-        self.by_service.values().map(|m| m.len()).sum()
+        self.export_counts.values().sum()
     }
 
     /// The last etcd revision the view reflects.
@@ -126,55 +194,123 @@ impl GlobalView {
 
     /// Reconciles with a full listing taken at `revision`: keys absent from
     /// it are removed, new or newer ones applied, unchanged ones left alone.
-    pub fn apply_snapshot(
-        &mut self,
-        kvs: impl IntoIterator<Item = RawKv>,
-        revision: i64,
-    ) -> Vec<Change> {
+    pub fn apply_snapshot(&mut self, kvs: impl IntoIterator<Item = RawKv>, revision: i64) -> usize {
         let mut listing = Listing::default();
-        let mut changes = self.apply_listed(&mut listing, kvs);
-        changes.extend(self.finish_listing(listing, revision));
-        changes
+        let mut records = Vec::new();
+        let mut exports: std::collections::BTreeMap<String, Vec<RawKv>> = Default::default();
+        for kv in kvs {
+            match self.keys.parse_export(&kv.key) {
+                Some((cluster, ..)) => exports.entry(cluster.to_owned()).or_default().push(kv),
+                None => records.push(kv),
+            }
+        }
+        let mut changed = self.list_records(&mut listing, records);
+        for (cluster, kvs) in exports {
+            changed += self.list_exports(&mut listing, &cluster, kvs);
+        }
+        changed + self.finish_listing(listing, revision)
     }
 
-    /// Applies one page of a listing in progress. Pages are applied as they
-    /// arrive, so a large listing never sits in memory whole.
-    pub fn apply_listed(
+    /// Applies listed keys other than exports. Returns how many changed.
+    pub fn list_records(
         &mut self,
         listing: &mut Listing,
         kvs: impl IntoIterator<Item = RawKv>,
-    ) -> Vec<Change> {
-        let mut changes = Vec::new();
+    ) -> usize {
+        let mut changed = 0;
         for kv in kvs {
-            listing.keys.insert(kv.key.clone());
+            listing.records.insert(kv.key.clone());
             let Some(parsed) = self.keys.parse(&kv.key) else {
                 continue;
             };
-            if self.known_revision(&kv.key, &parsed) != Some(kv.mod_revision) {
-                changes.extend(self.upsert_parsed(parsed, kv));
+            if matches!(parsed, GlobalKey::Export { .. }) {
+                continue;
+            }
+            if self.seen.get(&kv.key) != Some(&kv.mod_revision) {
+                changed += usize::from(self.upsert_parsed(parsed, kv));
             }
         }
-        changes
+        changed
     }
 
-    /// Ends a listing taken at `revision`: every key it did not contain is
-    /// removed.
-    pub fn finish_listing(&mut self, listing: Listing, revision: i64) -> Vec<Change> {
-        let exports = self.by_service.iter().flat_map(|(svc, per_cluster)| {
-            per_cluster
-                .keys()
-                .map(|c| self.keys.export(c, &svc.namespace, &svc.name))
-        });
+    /// Applies every listed export of `cluster`, then removes the exports of
+    /// `cluster` the listing did not contain. Listings are applied cluster by
+    /// cluster as they arrive, so a large one never sits in memory whole.
+    /// Returns how many exports changed.
+    pub fn list_exports(&mut self, listing: &mut Listing, cluster: &str, kvs: Vec<RawKv>) -> usize {
+        let name = self.name(cluster);
+        listing.clusters.insert(name.clone());
+        let keys = self.keys.clone();
+        let listed = || {
+            kvs.iter().filter_map(|kv| {
+                let (c, ns, svc) = keys.parse_export(&kv.key)?;
+                (c == cluster).then(|| (kv, ServiceKey::new(ns, svc)))
+            })
+        };
+        let (mut changed, mut held) = (0, 0);
+        for (kv, svc) in listed() {
+            match self.upsert_export(&name, svc, kv) {
+                Put::Unchanged => held += 1,
+                Put::Taken => (changed, held) = (changed + 1, held + 1),
+                Put::Refused { held: h } => held += usize::from(h),
+            }
+        }
+        // Only a view holding more of this cluster's exports than were
+        // listed has any to remove; a cold sync never pays for the sweep.
+        if self.export_counts.get(cluster).copied().unwrap_or(0) <= held {
+            return changed;
+        }
+        let listed: HashSet<ServiceKey> = listed().map(|(_, svc)| svc).collect();
+        let gone: Vec<ServiceKey> = self
+            .by_service
+            .iter()
+            .filter(|(svc, e)| e.get(cluster).is_some() && !listed.contains(*svc))
+            .map(|(svc, _)| svc.clone())
+            .collect();
+        changed
+            + gone
+                .iter()
+                .filter(|svc| self.remove_export(cluster, svc))
+                .count()
+    }
+
+    /// Ends a listing taken at `revision`: every record it did not contain,
+    /// and every export of a cluster it did not list, is removed. Returns how
+    /// many keys were.
+    pub fn finish_listing(&mut self, listing: Listing, revision: i64) -> usize {
         let gone: Vec<String> = self
             .seen
             .keys()
+            .filter(|k| !listing.records.contains(*k))
             .cloned()
-            .chain(exports)
-            .filter(|k| !listing.keys.contains(k))
             .collect();
-        let changes = gone.iter().filter_map(|k| self.remove(k)).collect();
+        let mut removed = gone.iter().filter(|k| self.remove(k).is_some()).count();
+        let orphans: Vec<(Name, ServiceKey)> = self
+            .by_service
+            .iter()
+            .flat_map(|(svc, e)| {
+                e.iter()
+                    .filter(|e| !listing.clusters.contains(&e.cluster))
+                    .map(move |e| (e.cluster.clone(), svc.clone()))
+            })
+            .collect();
+        removed += orphans
+            .iter()
+            .filter(|(c, svc)| self.remove_export(c, svc))
+            .count();
+        drop(listing);
+        // Forget names nothing uses any more.
+        let unused: Vec<Name> = self
+            .names
+            .iter()
+            .filter(|n| Arc::strong_count(n) == 1)
+            .cloned()
+            .collect();
+        for n in unused {
+            self.names.remove(&n);
+        }
         self.revision = self.revision.max(revision);
-        changes
+        removed
     }
 
     /// Applies one watch event, unless the view already reflects it.
@@ -188,8 +324,12 @@ impl GlobalView {
         }
         self.revision = rev;
         match event {
-            RawEvent::Put(kv) => self.upsert(kv),
-            RawEvent::Delete { key, .. } => self.remove(&key),
+            RawEvent::Put(kv) => {
+                let parsed = self.keys.parse(&kv.key)?;
+                self.upsert_parsed(parsed.clone(), kv)
+                    .then_some(Change::Upsert(parsed))
+            }
+            RawEvent::Delete { key, .. } => self.remove(&key).map(Change::Remove),
         }
     }
 
@@ -198,12 +338,12 @@ impl GlobalView {
         self.revision = self.revision.max(revision);
     }
 
-    fn upsert(&mut self, kv: RawKv) -> Option<Change> {
-        let parsed = self.keys.parse(&kv.key)?;
-        self.upsert_parsed(parsed, kv)
+    fn name(&mut self, name: &str) -> Name {
+        intern(&mut self.names, name)
     }
 
-    fn upsert_parsed(&mut self, parsed: GlobalKey, kv: RawKv) -> Option<Change> {
+    /// Whether the view took the new value.
+    fn upsert_parsed(&mut self, parsed: GlobalKey, kv: RawKv) -> bool {
         let result = match &parsed {
             GlobalKey::Cluster(name) => json(&kv.value).map(|r| {
                 self.clusters.insert(name.clone(), r);
@@ -220,38 +360,73 @@ impl GlobalView {
                 cluster,
                 namespace,
                 service,
-            } => json::<ExportSummary>(&kv.value).map(|summary| {
-                self.by_service
-                    .entry(ServiceKey::new(namespace, service))
-                    .or_default()
-                    .insert(
-                        cluster.clone(),
-                        Export {
-                            summary,
-                            mod_revision: kv.mod_revision,
-                        },
-                    );
-            }),
+            } => {
+                let name = self.name(cluster);
+                let svc = ServiceKey::new(namespace, service);
+                return matches!(self.upsert_export(&name, svc, &kv), Put::Taken);
+            }
             // Policies are read by a later part of the controller.
             GlobalKey::Policy(_) => Ok(()),
         };
-        if !matches!(parsed, GlobalKey::Export { .. }) {
-            self.seen.insert(kv.key.clone(), kv.mod_revision);
+        self.seen.insert(kv.key.clone(), kv.mod_revision);
+        self.settle(&kv.key, result)
+    }
+
+    /// Takes an export's value unless the view holds that very revision. One
+    /// lookup, since a cold sync makes a million of these.
+    fn upsert_export(&mut self, cluster: &Name, svc: ServiceKey, kv: &RawKv) -> Put {
+        let Self {
+            by_service,
+            names,
+            export_counts,
+            ..
+        } = self;
+        let (read, held) = match by_service.get_mut(&svc) {
+            Some(exporters) => {
+                let at = exporters.find(cluster);
+                if let Ok(i) = at
+                    && exporters.0[i].mod_revision == kv.mod_revision
+                {
+                    return Put::Unchanged;
+                }
+                let read = read_export(names, cluster, kv).map(|e| exporters.put(at, e));
+                (read, at.is_ok())
+            }
+            None => {
+                let read = read_export(names, cluster, kv).map(|e| {
+                    by_service.insert(svc, Exporters(Arc::new(vec![e])));
+                });
+                (read, false)
+            }
+        };
+        if read.is_ok() && !held {
+            *export_counts.entry(cluster.clone()).or_default() += 1;
         }
-        match result {
+        match self.settle(&kv.key, read) {
+            true => Put::Taken,
+            false => Put::Refused { held },
+        }
+    }
+
+    /// Records the outcome of reading `key`'s new value: whether it was taken.
+    fn settle(&mut self, key: &str, read: Result<(), String>) -> bool {
+        match read {
             Ok(()) => {
-                self.invalid.remove(&kv.key);
-                Some(Change::Upsert(parsed))
+                if !self.invalid.is_empty() {
+                    self.invalid.remove(key);
+                }
+                true
             }
             Err(reason) => {
-                tracing::warn!(key = %kv.key, %reason, "ignoring an unreadable value; keeping the last good one");
-                self.invalid.insert(kv.key, reason);
-                None
+                tracing::warn!(%key, %reason, "ignoring an unreadable value; keeping the last good one");
+                self.invalid.insert(key.to_owned(), reason);
+                false
             }
         }
     }
 
-    fn remove(&mut self, key: &str) -> Option<Change> {
+    /// The key removed, if the view held it.
+    fn remove(&mut self, key: &str) -> Option<GlobalKey> {
         self.seen.remove(key);
         self.invalid.remove(key);
         let parsed = self.keys.parse(key)?;
@@ -263,23 +438,100 @@ impl GlobalView {
                 cluster,
                 namespace,
                 service,
-            } => {
-                let svc = ServiceKey::new(namespace, service);
-                let per_cluster = self.by_service.get_mut(&svc)?;
-                let removed = per_cluster.remove(cluster).map(drop);
-                if per_cluster.is_empty() {
-                    self.by_service.remove(&svc);
-                }
-                removed
-            }
+            } => self
+                .remove_export(cluster, &ServiceKey::new(namespace, service))
+                .then_some(()),
             GlobalKey::Policy(_) => Some(()),
         }
-        .map(|()| Change::Remove(parsed))
+        .map(|()| parsed)
+    }
+
+    /// Whether the view held that export.
+    fn remove_export(&mut self, cluster: &str, svc: &ServiceKey) -> bool {
+        let Some(exporters) = self.by_service.get_mut(svc) else {
+            return false;
+        };
+        if exporters.remove(cluster).is_none() {
+            return false;
+        }
+        if exporters.is_empty() {
+            self.by_service.remove(svc);
+        }
+        if let Some(n) = self.export_counts.get_mut(cluster) {
+            *n -= 1;
+            if *n == 0 {
+                self.export_counts.remove(cluster);
+            }
+        }
+        true
     }
 }
 
-fn json<T: serde::de::DeserializeOwned>(raw: &[u8]) -> Result<T, String> {
+/// What became of an export's new value.
+enum Put {
+    /// The view already held that revision.
+    Unchanged,
+    Taken,
+    /// Unreadable; `held` says whether an earlier value stays in force.
+    Refused {
+        held: bool,
+    },
+}
+
+/// Reads a [`fedmesh_api::ExportSummary`] straight into the compact form,
+/// with the same rules, sharing zone names rather than allocating them.
+fn read_export(names: &mut OrdSet<Name>, cluster: &Name, kv: &RawKv) -> Result<Export, String> {
+    let wire: WireExport<'_> = json(&kv.value)?;
+    let mut localities = Vec::with_capacity(wire.localities.len());
+    for l in wire.localities {
+        validate_locality(&l.zone, l.healthy, l.total).map_err(|e| e.to_string())?;
+        localities.push(Locality {
+            zone: intern(names, &l.zone),
+            healthy: l.healthy,
+            total: l.total,
+            weight: l.weight,
+        });
+    }
+    Ok(Export {
+        cluster: cluster.clone(),
+        mod_revision: kv.mod_revision,
+        generation: wire.generation,
+        ports: wire.ports,
+        localities: localities.into(),
+    })
+}
+
+/// The shared copy of `name`.
+fn intern(names: &mut OrdSet<Name>, name: &str) -> Name {
+    if let Some(n) = names.get(name) {
+        return n.clone();
+    }
+    let n: Name = name.into();
+    names.insert(n.clone());
+    n
+}
+
+fn json<'a, T: serde::Deserialize<'a>>(raw: &'a [u8]) -> Result<T, String> {
     serde_json::from_slice(raw).map_err(|e| e.to_string())
+}
+
+/// [`fedmesh_api::ExportSummary`] as written, borrowing zone names from the input.
+#[derive(serde::Deserialize)]
+struct WireExport<'a> {
+    ports: Box<[u16]>,
+    #[serde(borrow)]
+    localities: Vec<WireLocality<'a>>,
+    generation: u64,
+}
+
+/// [`fedmesh_api::ZoneCapacity`] as written.
+#[derive(serde::Deserialize)]
+struct WireLocality<'a> {
+    #[serde(borrow)]
+    zone: std::borrow::Cow<'a, str>,
+    healthy: u32,
+    total: u32,
+    weight: u32,
 }
 
 #[cfg(test)]
@@ -346,7 +598,7 @@ mod tests {
         v.apply_event(put(&ka, export(1, 3), 5));
         v.apply_event(put(&kb, export(1, 3), 6));
         // After a compaction the re-list shows: a unchanged, b deleted, c new.
-        let changes = v.apply_snapshot(
+        let changed = v.apply_snapshot(
             [
                 RawKv {
                     key: ka.clone(),
@@ -361,7 +613,7 @@ mod tests {
             ],
             42,
         );
-        assert_eq!(changes.len(), 2, "{changes:?}");
+        assert_eq!(changed, 2);
         assert!(gen_of(&v, "a").is_some() && gen_of(&v, "c").is_some());
         assert!(gen_of(&v, "b").is_none());
         assert_eq!(v.revision(), 42);
@@ -379,6 +631,103 @@ mod tests {
         assert!(v.invalid.contains_key(&k));
         v.apply_event(put(&k, export(2, 3), 7));
         assert!(v.invalid.is_empty());
+    }
+
+    #[test]
+    fn exports_read_as_the_api_writes_them_and_obey_its_rules() {
+        use fedmesh_api::{ExportSummary, ZoneCapacity};
+        let zone = |zone: &str, healthy, total| ZoneCapacity {
+            zone: zone.into(),
+            healthy,
+            total,
+            weight: healthy,
+        };
+        let written = ExportSummary {
+            ports: vec![8080, 9090],
+            localities: vec![zone("az1", 2, 3), zone("az2", 0, 1)],
+            generation: 7,
+        };
+        let mut v = GlobalView::new(ks());
+        let k = ks().export("a", "shop", "cart");
+        v.apply_event(put(&k, serde_json::to_vec(&written).unwrap(), 5));
+        let e = v.export("a", "shop", "cart").unwrap();
+        assert_eq!(
+            (&*e.ports, e.generation, e.healthy()),
+            (&[8080, 9090][..], 7, 2)
+        );
+        let read: Vec<_> = e
+            .localities
+            .iter()
+            .map(|l| zone(&l.zone, l.healthy, l.total))
+            .collect();
+        assert_eq!(read, written.localities);
+
+        // What ExportSummary::validate refuses, the view refuses too.
+        for bad in [
+            ExportSummary {
+                localities: vec![zone("az1", 4, 3)],
+                ..written.clone()
+            },
+            ExportSummary {
+                localities: vec![zone("Not_A_Label", 1, 3)],
+                ..written.clone()
+            },
+        ] {
+            assert!(bad.validate().is_err());
+            assert_eq!(
+                v.apply_event(put(
+                    &k,
+                    serde_json::to_vec(&bad).unwrap(),
+                    6 + bad.localities[0].total as i64
+                )),
+                None
+            );
+            assert!(v.invalid.contains_key(&k));
+            assert_eq!(
+                v.export("a", "shop", "cart").unwrap().generation,
+                7,
+                "the last good value stays"
+            );
+        }
+    }
+
+    #[test]
+    fn names_are_shared_between_exports() {
+        let mut v = GlobalView::new(ks());
+        v.apply_event(put(&ks().export("a", "shop", "cart"), export(1, 3), 5));
+        v.apply_event(put(&ks().export("a", "shop", "web"), export(1, 3), 6));
+        let (x, y) = (
+            v.export("a", "shop", "cart").unwrap(),
+            v.export("a", "shop", "web").unwrap(),
+        );
+        assert!(Arc::ptr_eq(&x.cluster, &y.cluster));
+        assert!(Arc::ptr_eq(&x.localities[0].zone, &y.localities[0].zone));
+    }
+
+    #[test]
+    fn a_relist_removes_exports_of_a_listed_cluster_and_of_an_unlisted_one() {
+        let mut v = GlobalView::new(ks());
+        for (i, (c, s)) in [("a", "cart"), ("a", "web"), ("b", "cart")]
+            .iter()
+            .enumerate()
+        {
+            v.apply_event(put(&ks().export(c, "shop", s), export(1, 3), 5 + i as i64));
+        }
+        let mut listing = Listing::default();
+        let kept = RawKv {
+            key: ks().export("a", "shop", "cart"),
+            value: export(1, 3),
+            mod_revision: 5,
+        };
+        assert_eq!(
+            v.list_exports(&mut listing, "a", vec![kept]),
+            1,
+            "a/web is gone"
+        );
+        assert_eq!(v.finish_listing(listing, 20), 1, "b was not listed at all");
+        assert_eq!(v.export_count(), 1);
+        assert!(gen_of(&v, "a").is_some());
+        assert!(v.export("a", "shop", "web").is_none() && gen_of(&v, "b").is_none());
     }
 
     #[test]

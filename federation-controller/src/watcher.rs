@@ -5,6 +5,7 @@
 //! Static stability: while etcd is unreachable the last view stays published;
 //! a view is only ever replaced by a complete, newer one.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -13,7 +14,7 @@ use etcd_client::{Client, EventType, WatchOptions};
 use tokio::sync::watch;
 
 use crate::view::{GlobalView, Listing, RawEvent, RawKv};
-use crate::zone::list_range;
+use crate::zone::{Pager, list_range};
 
 /// Counters for the admin port.
 #[derive(Debug, Default)]
@@ -99,6 +100,9 @@ pub async fn run(
     }
 }
 
+/// Clusters whose exports are fetched ahead of the one being applied.
+const FETCH_AHEAD: usize = 3;
+
 /// Lists the whole global zone at one revision.
 ///
 /// Exports are listed cluster by cluster rather than as one range: etcd 3.4
@@ -111,13 +115,23 @@ async fn list(
     view: &mut GlobalView,
     stats: &WatchStats,
 ) -> Result<(), etcd_client::Error> {
+    let started = std::time::Instant::now();
+    let mut waited = Duration::ZERO;
     let prefix = view.keys().prefix().to_owned();
     let mut revision = 0;
     let mut listing = Listing::default();
     let mut clusters = Vec::new();
     for kind in ["clusters/", "alive/", "bundles/", "policies/"] {
         let mut kvs = Vec::new();
-        list_range(client, &format!("{prefix}{kind}"), &mut revision, &mut kvs).await?;
+        let range = format!("{prefix}{kind}");
+        list_range(
+            client,
+            &range,
+            &mut revision,
+            &mut Pager::default(),
+            &mut kvs,
+        )
+        .await?;
         clusters.extend(
             kvs.iter()
                 .filter_map(|kv| match view.keys().parse(&kv.key) {
@@ -125,34 +139,61 @@ async fn list(
                     _ => None,
                 }),
         );
-        view.apply_listed(&mut listing, kvs);
+        view.list_records(&mut listing, kvs);
     }
-    // Fetch the next cluster's exports while applying the current one's.
-    let mut pending: Option<tokio::task::JoinHandle<Result<Vec<RawKv>, etcd_client::Error>>> = None;
-    for c in clusters {
-        let (mut client, prefix) = (client.clone(), view.keys().exports_of(&c));
-        let next = tokio::spawn(async move {
-            let mut kvs = Vec::new();
-            list_range(&mut client, &prefix, &mut { revision }, &mut kvs).await?;
-            Ok(kvs)
-        });
-        if let Some(prev) = pending.replace(next) {
-            view.apply_listed(&mut listing, joined(prev).await?);
+    // Fetch a few clusters ahead while applying, so that etcd and the apply
+    // run side by side; applying in listing order keeps appends cheap.
+    let mut clusters = clusters.into_iter();
+    let mut ahead = VecDeque::new();
+    let mut pager = Pager::default();
+    let applied = loop {
+        while ahead.len() < FETCH_AHEAD
+            && let Some(c) = clusters.next()
+        {
+            let (mut client, prefix) = (client.clone(), view.keys().exports_of(&c));
+            // Each fetch starts from what earlier ones learnt of export sizes.
+            let mut pager = pager;
+            ahead.push_back(tokio::spawn(async move {
+                let mut kvs = Vec::new();
+                list_range(
+                    &mut client,
+                    &prefix,
+                    &mut { revision },
+                    &mut pager,
+                    &mut kvs,
+                )
+                .await?;
+                Ok::<_, etcd_client::Error>((c, kvs, pager))
+            }));
         }
-    }
-    if let Some(prev) = pending {
-        view.apply_listed(&mut listing, joined(prev).await?);
+        let Some(next) = ahead.pop_front() else {
+            break Ok(());
+        };
+        let t = std::time::Instant::now();
+        match next.await {
+            Ok(Ok((c, kvs, learnt))) => {
+                waited += t.elapsed();
+                pager = learnt;
+                view.list_exports(&mut listing, &c, kvs);
+            }
+            Ok(Err(e)) => break Err(e),
+            Err(e) => break Err(etcd_client::Error::IoError(std::io::Error::other(e))),
+        }
+    };
+    if let Err(e) = applied {
+        ahead.iter().for_each(tokio::task::JoinHandle::abort);
+        return Err(e);
     }
     view.finish_listing(listing, revision);
     stats.lists.fetch_add(1, Ordering::Relaxed);
+    tracing::info!(
+        revision,
+        exports = view.export_count(),
+        took = ?started.elapsed(),
+        waiting_for_etcd = ?waited,
+        "listed the global zone"
+    );
     Ok(())
-}
-
-async fn joined(
-    task: tokio::task::JoinHandle<Result<Vec<RawKv>, etcd_client::Error>>,
-) -> Result<Vec<RawKv>, etcd_client::Error> {
-    task.await
-        .map_err(|e| etcd_client::Error::IoError(std::io::Error::other(e)))?
 }
 
 async fn watch_until_broken(

@@ -260,7 +260,14 @@ impl GlobalZone {
     async fn list(&mut self, kind: &str) -> Result<Vec<RawKv>, ZoneError> {
         let mut kvs = Vec::new();
         let prefix = format!("{}{kind}", self.keys.prefix());
-        list_range(&mut self.client, &prefix, &mut 0, &mut kvs).await?;
+        list_range(
+            &mut self.client,
+            &prefix,
+            &mut 0,
+            &mut Pager::default(),
+            &mut kvs,
+        )
+        .await?;
         Ok(kvs)
     }
 
@@ -303,9 +310,33 @@ impl GlobalZone {
     }
 }
 
-/// Keys per page of a listing: large listings are read in pages, so that no
-/// single response outgrows gRPC's message limit.
-const LIST_PAGE: i64 = 2000;
+/// Sizes the pages of listings. Large listings are read in pages so that
+/// no response outgrows gRPC's 4 MiB message limit; etcd 3.4 walks the
+/// whole remaining range for each page, so pages are as large as is safe.
+/// A pager learns the size of keys and values as it goes, and can be
+/// carried from one range to the next, so that a range of similar keys is
+/// read in one page.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Pager {
+    bytes: usize,
+    keys: usize,
+}
+
+impl Pager {
+    /// What a page aims at: half the message limit.
+    const PAGE_BYTES: usize = 2 << 20;
+    /// Assumed per key until one is seen: a first page of 1000 keys.
+    const FIRST_GUESS: usize = Self::PAGE_BYTES / 1000;
+    const MAX_PAGE: usize = 10_000;
+
+    fn limit(&self) -> i64 {
+        let per_key = match self.keys {
+            0 => Self::FIRST_GUESS,
+            n => (self.bytes / n).max(1),
+        };
+        (Self::PAGE_BYTES / per_key).clamp(1, Self::MAX_PAGE) as i64
+    }
+}
 
 /// Appends every key under `prefix`, page by page, at `revision` (set from
 /// the first response when 0, so that every page sees the same state).
@@ -316,29 +347,41 @@ pub(crate) async fn list_range(
     client: &mut Client,
     prefix: &str,
     revision: &mut i64,
+    pager: &mut Pager,
     kvs: &mut Vec<RawKv>,
 ) -> Result<(), etcd_client::Error> {
     let end = prefix_end(prefix.as_bytes());
     let mut start = prefix.as_bytes().to_vec();
     loop {
-        let mut opts = GetOptions::new()
-            .with_range(end.clone())
-            .with_limit(LIST_PAGE);
+        let opts = GetOptions::new().with_range(end.clone());
+        let mut opts = opts.with_limit(pager.limit());
         if *revision > 0 {
             opts = opts.with_revision(*revision);
         }
-        let resp = client.get(start.clone(), Some(opts)).await?;
+        let mut resp = client.get(start.clone(), Some(opts)).await?;
         if *revision == 0 {
             *revision = resp.header().map_or(0, |h| h.revision());
         }
-        kvs.extend(resp.kvs().iter().map(|kv| RawKv {
-            key: String::from_utf8_lossy(kv.key()).into_owned(),
-            value: kv.value().to_vec(),
-            mod_revision: kv.mod_revision(),
+        let more = resp.more();
+        let last = resp.kvs().last().map(|kv| kv.key().to_vec());
+        for kv in resp.kvs() {
+            pager.bytes += kv.key().len() + kv.value().len();
+        }
+        pager.keys += resp.kvs().len();
+        // Moved, not copied: a cold sync reads a million of them.
+        kvs.extend(resp.take_kvs().into_iter().map(|kv| {
+            let mod_revision = kv.mod_revision();
+            let (key, value) = kv.into_key_value();
+            RawKv {
+                key: String::from_utf8(key)
+                    .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()),
+                value,
+                mod_revision,
+            }
         }));
-        match resp.kvs().last() {
-            Some(last) if resp.more() => {
-                start = last.key().to_vec();
+        match last {
+            Some(last) if more => {
+                start = last;
                 start.push(0);
             }
             _ => return Ok(()),
@@ -405,6 +448,24 @@ fn ignore_missing<T>(r: Result<T, etcd_client::Error>) -> Result<(), ZoneError> 
 
 #[cfg(test)]
 mod tests {
+    use super::Pager;
+
+    #[test]
+    fn pages_stay_near_two_mebibytes_whatever_the_value_size() {
+        let learnt = |bytes, keys| Pager { bytes, keys }.limit();
+        assert_eq!(
+            Pager::default().limit(),
+            1000,
+            "a guess until keys are seen"
+        );
+        // Small summaries: one page for a 10,000-service cluster.
+        assert_eq!(learnt(230_000, 1000), 9118);
+        assert_eq!(learnt(10, 10), 10_000, "capped");
+        // Large values: pages shrink, never to nothing.
+        assert_eq!(learnt(4_000_000, 1000), 524);
+        assert_eq!(learnt(8 << 20, 1), 1);
+    }
+
     #[test]
     fn prefix_end_is_the_next_key_after_the_prefix() {
         assert_eq!(super::prefix_end(b"/fedmesh/v1/"), b"/fedmesh/v10".to_vec());
