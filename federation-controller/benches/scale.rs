@@ -4,7 +4,7 @@
 //!
 //! Run: `cargo bench -p federation-controller --bench scale`
 //! (CLUSTERS=100 SERVICES=10000 by default; SMALL_CLUSTERS=10 SMALL_SERVICES=1000;
-//! CHANGES=10 per size).
+//! CHANGES=10 per size; CONTROLLER_LOG=info shows the controller's own log).
 
 #![allow(clippy::unwrap_used)]
 
