@@ -107,6 +107,7 @@ async fn measure(clusters: usize, services: usize, changes: usize, n: u8) -> Mea
     observer.write(&dir.path().join("join")).unwrap();
     std::fs::write(dir.path().join("registry.yaml"), "").unwrap();
     let admin = format!("127.0.{n}.2:{}", 20000 + u16::from(n));
+    let log = std::env::var("CONTROLLER_LOG").ok();
     let etcd_pid = etcd.pid().unwrap();
     let etcd_cpu_before = cpu_s(etcd_pid);
     let started = Instant::now();
@@ -116,11 +117,8 @@ async fn measure(clusters: usize, services: usize, changes: usize, n: u8) -> Mea
         .arg("--registry")
         .arg(dir.path().join("registry.yaml"))
         .args(["--listen", &format!("127.0.{n}.2:0"), "--admin", &admin])
-        .env(
-            "RUST_LOG",
-            std::env::var("CONTROLLER_LOG").unwrap_or("error".into()),
-        )
-        .stdout(if std::env::var_os("CONTROLLER_LOG").is_some() {
+        .env("RUST_LOG", log.as_deref().unwrap_or("error"))
+        .stdout(if log.is_some() {
             Stdio::inherit()
         } else {
             Stdio::null()

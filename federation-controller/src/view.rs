@@ -412,9 +412,7 @@ impl GlobalView {
     fn settle(&mut self, key: &str, read: Result<(), String>) -> bool {
         match read {
             Ok(()) => {
-                if !self.invalid.is_empty() {
-                    self.invalid.remove(key);
-                }
+                self.invalid.remove(key);
                 true
             }
             Err(reason) => {

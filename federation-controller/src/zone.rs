@@ -353,8 +353,9 @@ pub(crate) async fn list_range(
     let end = prefix_end(prefix.as_bytes());
     let mut start = prefix.as_bytes().to_vec();
     loop {
-        let opts = GetOptions::new().with_range(end.clone());
-        let mut opts = opts.with_limit(pager.limit());
+        let mut opts = GetOptions::new()
+            .with_range(end.clone())
+            .with_limit(pager.limit());
         if *revision > 0 {
             opts = opts.with_revision(*revision);
         }
