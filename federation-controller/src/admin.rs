@@ -1,12 +1,8 @@
 //! The admin port: Prometheus metrics, `/ready` and `/live`.
 
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 
-use http_body_util::Full;
-use hyper::body::Bytes;
-use hyper::{Request, Response, StatusCode};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
@@ -129,63 +125,13 @@ impl Collector for ControllerMetrics {
 }
 
 /// Serves the admin endpoints on `listener` until the task is dropped.
+/// Ready once there is a complete view to serve.
 pub async fn serve(listener: TcpListener, metrics: Arc<ControllerMetrics>, snapshots: Snapshots) {
     let mut registry = Registry::default();
     registry.register_collector(Box::new(metrics));
-    let registry = Arc::new(registry);
-    while let Ok((tcp, _)) = listener.accept().await {
-        let (registry, snapshots) = (registry.clone(), snapshots.clone());
-        tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                let (registry, snapshots) = (registry.clone(), snapshots.clone());
-                async move { Ok::<_, Infallible>(route(req.uri().path(), &registry, &snapshots)) }
-            });
-            let io = hyper_util::rt::TokioIo::new(tcp);
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(io, svc)
-                .await;
-        });
-    }
-}
-
-fn route(path: &str, registry: &Registry, snapshots: &Snapshots) -> Response<Full<Bytes>> {
-    let text = |status: StatusCode, body: String| {
-        let mut r = Response::new(Full::new(Bytes::from(body)));
-        *r.status_mut() = status;
-        r
+    let ready = move || match snapshots.borrow().as_ref() {
+        Some(s) => Ok(format!("version {}", s.version)),
+        None => Err("no complete view of the global zone yet".into()),
     };
-    match path {
-        "/live" => text(StatusCode::OK, "live\n".into()),
-        // Ready once there is a complete view to serve.
-        "/ready" => match snapshots.borrow().as_ref() {
-            Some(s) => text(StatusCode::OK, format!("ready: version {}\n", s.version)),
-            None => text(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "not ready: no complete view of the global zone yet\n".into(),
-            ),
-        },
-        "/metrics" => {
-            let mut body = String::new();
-            match prometheus_client::encoding::text::encode(&mut body, registry) {
-                Ok(()) => {
-                    let mut r = text(StatusCode::OK, body);
-                    r.headers_mut().insert(
-                        hyper::header::CONTENT_TYPE,
-                        hyper::header::HeaderValue::from_static(
-                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                        ),
-                    );
-                    r
-                }
-                Err(_) => text(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "encoding failed\n".into(),
-                ),
-            }
-        }
-        _ => text(
-            StatusCode::NOT_FOUND,
-            "try /metrics, /ready or /live\n".into(),
-        ),
-    }
+    fedmesh_admin::serve(listener, Arc::new(registry), Arc::new(ready)).await
 }

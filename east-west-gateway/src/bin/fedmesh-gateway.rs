@@ -1,0 +1,162 @@
+//! `fedmesh-gateway --config gateway.yaml`: a standalone east-west gateway,
+//! configured from a static YAML file that is re-read when it (or a file it
+//! names) changes. SIGTERM or Ctrl-C drains it gracefully.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use east_west_gateway::{Gateway, GatewayOptions, Metrics, StaticConfig};
+use tokio::sync::watch;
+use trust_bundle::{BundleSet, Svid};
+
+#[derive(Parser)]
+#[command(version, about = "fedmesh east-west gateway")]
+struct Args {
+    /// The gateway's YAML config (see east-west-gateway/README.md).
+    #[arg(long, short)]
+    config: PathBuf,
+    /// How often to look for changes to the config and the files it names.
+    #[arg(long, default_value = "2s", value_parser = humantime_parse)]
+    reload_interval: Duration,
+}
+
+fn humantime_parse(s: &str) -> Result<Duration, String> {
+    humantime_serde::re::humantime::parse_duration(s).map_err(|e| e.to_string())
+}
+
+fn main() -> ExitCode {
+    trust_bundle::install_default_provider();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let args = Args::parse();
+    let result = tokio::runtime::Runtime::new()
+        .context("starting the runtime")
+        .and_then(|rt| rt.block_on(run(args)));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn documents(b: &BundleSet) -> Vec<String> {
+    b.iter().map(|b| b.to_document()).collect()
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let first = StaticConfig::load(&args.config)?;
+    let (routes_tx, routes) = watch::channel(Arc::new(first.routes));
+    let (svid_tx, svid) = watch::channel(Arc::new(first.svid));
+    let (bundles_tx, bundles) = watch::channel(Arc::new(first.bundles));
+    let metrics = Arc::new(Metrics::default());
+    let options = GatewayOptions {
+        quic: first.listen.quic,
+        egress: first.listen.egress,
+        settings: first.settings.clone(),
+    };
+    let gateway = Gateway::start(options, routes, svid, bundles, metrics.clone()).await?;
+    println!(
+        "fedmesh-gateway: quic on {}, egress on {}",
+        gateway.quic_addr(),
+        gateway
+            .egress_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_else(|| "-".into())
+    );
+    if let Some(addr) = first.listen.admin {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding the admin port {addr}"))?;
+        let mut registry = prometheus_client::registry::Registry::default();
+        metrics.register(&mut registry);
+        let ready = Arc::new(|| Ok("serving".to_string()));
+        tokio::spawn(fedmesh_admin::serve(listener, Arc::new(registry), ready));
+    }
+
+    let reload = tokio::spawn(reload(
+        args.config.clone(),
+        args.reload_interval,
+        (first.listen, first.settings),
+        routes_tx,
+        svid_tx,
+        bundles_tx,
+    ));
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("draining");
+    reload.abort();
+    let left = gateway.shutdown().await;
+    tracing::info!(cut_short = left, "stopped");
+    Ok(())
+}
+
+/// Polls the config; applies routes, SVID and bundles when they change. A
+/// bad edit is logged and the running config stays.
+async fn reload(
+    path: PathBuf,
+    every: Duration,
+    fixed: (
+        east_west_gateway::config::Listen,
+        east_west_gateway::Settings,
+    ),
+    routes: watch::Sender<Arc<east_west_gateway::Routes>>,
+    svid: watch::Sender<Arc<Svid>>,
+    bundles: watch::Sender<Arc<BundleSet>>,
+) {
+    let mut warned = false;
+    loop {
+        tokio::time::sleep(every).await;
+        let path2: PathBuf = path.clone();
+        let loaded =
+            tokio::task::spawn_blocking(move || StaticConfig::load(Path::new(&path2))).await;
+        let c = match loaded {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "config not reloaded; keeping the running one");
+                continue;
+            }
+            Err(_) => continue,
+        };
+        if (c.listen.clone(), c.settings.clone()) != fixed && !warned {
+            tracing::warn!("`listen` and `settings` changes take effect only at restart");
+            warned = true;
+        }
+        routes.send_if_modified(|r| {
+            let changed = **r != c.routes;
+            if changed {
+                tracing::info!("routes reloaded");
+                *r = Arc::new(c.routes);
+            }
+            changed
+        });
+        svid.send_if_modified(|s| {
+            let changed = s.chain() != c.svid.chain();
+            if changed {
+                tracing::info!(not_after = ?c.svid.not_after(), "certificate reloaded");
+                *s = Arc::new(c.svid);
+            }
+            changed
+        });
+        bundles.send_if_modified(|b| {
+            let changed = documents(b) != documents(&c.bundles);
+            if changed {
+                tracing::info!("bundles reloaded");
+                *b = Arc::new(c.bundles);
+            }
+            changed
+        });
+    }
+}

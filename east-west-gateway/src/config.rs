@@ -1,0 +1,391 @@
+//! Configuration: the runtime knobs ([`Settings`]), and the static YAML
+//! file that a standalone gateway runs from (for tests and for sites
+//! without a controller). Plain data: serde with unknown fields refused,
+//! then checks that name the field at fault.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use fedmesh_api::{Endpoint, ServiceKey, validate_label};
+use serde::Deserialize;
+use trust_bundle::{Bundle, BundleSet, SpiffeId, Svid, TrustDomain};
+
+use crate::health::BackoffPolicy;
+use crate::routes::{AllowRule, ExportedService, Peer, Routes};
+
+/// How the gateway behaves; everything has a production default.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct Settings {
+    /// QUIC keep-alive interval. A few per idle timeout, so that one lost
+    /// packet does not end a healthy connection.
+    #[serde(with = "humantime_serde")]
+    pub keep_alive: Duration,
+    /// A peer silent for this long is dead: its connection closes, its
+    /// streams fail, and new streams go to its cluster's next gateway.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Backoff between reconnection attempts to a dead peer.
+    #[serde(with = "humantime_serde")]
+    pub reconnect_base: Duration,
+    #[serde(with = "humantime_serde")]
+    pub reconnect_max: Duration,
+    /// Concurrent streams one peer cluster may hold open on this gateway;
+    /// more are refused with OVERLOADED.
+    pub max_streams_per_peer: u32,
+    /// A stream whose TunnelOpen has not arrived by then is dropped.
+    #[serde(with = "humantime_serde")]
+    pub header_timeout: Duration,
+    /// A spliced stream with no byte either way for this long is closed.
+    #[serde(with = "humantime_serde")]
+    pub stream_idle_timeout: Duration,
+    /// On SIGTERM: how long live streams may take to finish.
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
+    /// The largest UDP payload path MTU discovery may probe for. 1452 fits
+    /// any IPv6 path with some tunnel overhead; raise it only on networks
+    /// known to carry jumbo frames.
+    pub max_udp_payload: u16,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            keep_alive: Duration::from_millis(250),
+            idle_timeout: Duration::from_secs(1),
+            reconnect_base: Duration::from_millis(100),
+            reconnect_max: Duration::from_secs(2),
+            max_streams_per_peer: 4096,
+            header_timeout: Duration::from_secs(10),
+            stream_idle_timeout: Duration::from_secs(3600),
+            drain_timeout: Duration::from_secs(30),
+            max_udp_payload: 1452,
+        }
+    }
+}
+
+impl Settings {
+    pub fn validate(&self) -> Result<(), String> {
+        let ms = |d: Duration| d.as_millis();
+        if self.idle_timeout < Duration::from_millis(100) {
+            return Err(format!(
+                "idleTimeout: {} ms is too short; use at least 100ms",
+                ms(self.idle_timeout)
+            ));
+        }
+        if self.keep_alive.is_zero() || self.keep_alive * 2 > self.idle_timeout {
+            return Err(format!(
+                "keepAlive: {} ms must be non-zero and at most half of idleTimeout ({} ms)",
+                ms(self.keep_alive),
+                ms(self.idle_timeout)
+            ));
+        }
+        if self.reconnect_base.is_zero() || self.reconnect_max < self.reconnect_base {
+            return Err("reconnectBase must be non-zero and at most reconnectMax".into());
+        }
+        if self.max_streams_per_peer == 0 {
+            return Err("maxStreamsPerPeer must be at least 1".into());
+        }
+        for (name, d) in [
+            ("headerTimeout", self.header_timeout),
+            ("streamIdleTimeout", self.stream_idle_timeout),
+        ] {
+            if d.is_zero() {
+                return Err(format!("{name} must be non-zero"));
+            }
+        }
+        if !(1200..=65527).contains(&self.max_udp_payload) {
+            return Err(format!(
+                "maxUdpPayload: {} is outside 1200-65527",
+                self.max_udp_payload
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn backoff(&self) -> BackoffPolicy {
+        BackoffPolicy {
+            base: self.reconnect_base,
+            max: self.reconnect_max,
+        }
+    }
+}
+
+/// Where a gateway listens.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listen {
+    /// UDP, for peer gateways.
+    pub quic: SocketAddr,
+    /// TCP+TLS, for local proxies. Off when absent.
+    #[serde(default)]
+    pub egress: Option<SocketAddr>,
+    /// HTTP: /metrics, /ready, /live. Off when absent.
+    #[serde(default)]
+    pub admin: Option<SocketAddr>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct File {
+    cluster: String,
+    trust_domain: String,
+    #[serde(default)]
+    zone: Option<String>,
+    listen: Listen,
+    identity: IdentityFiles,
+    bundles: BTreeMap<String, PathBuf>,
+    #[serde(default)]
+    peers: Vec<PeerFile>,
+    #[serde(default)]
+    services: Vec<ServiceFile>,
+    #[serde(default)]
+    settings: Settings,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct IdentityFiles {
+    certificate: PathBuf,
+    key: PathBuf,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct PeerFile {
+    cluster: String,
+    trust_domain: String,
+    gateways: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServiceFile {
+    name: String,
+    ports: Vec<u16>,
+    #[serde(default)]
+    endpoints: Vec<EndpointFile>,
+    #[serde(default)]
+    allow: Option<Vec<AllowFile>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EndpointFile {
+    address: String,
+    zone: String,
+    #[serde(default = "yes")]
+    healthy: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AllowFile {
+    cluster: String,
+    #[serde(default)]
+    identities: Vec<String>,
+}
+
+/// A static config file, read and checked. Its identity and bundle files
+/// are read too, so a running gateway can swap all of it at once.
+#[derive(Debug)]
+pub struct StaticConfig {
+    pub listen: Listen,
+    pub settings: Settings,
+    pub routes: Routes,
+    pub svid: Svid,
+    pub bundles: BundleSet,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{origin}: {message}")]
+pub struct ConfigError {
+    pub origin: String,
+    /// Names the field (and the YAML line and column, where the parser
+    /// knows them).
+    pub message: String,
+}
+
+impl StaticConfig {
+    /// Reads `path` and the files it names (relative to its directory).
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let origin = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            origin: origin.clone(),
+            message: format!("cannot read: {e}"),
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Self::parse(&text, &origin, |p| {
+            let full = base.join(p);
+            std::fs::read(&full).map_err(|e| format!("cannot read {}: {e}", full.display()))
+        })
+    }
+
+    /// Parses a config document; `read` fetches the files it names.
+    pub fn parse(
+        yaml: &str,
+        origin: &str,
+        read: impl Fn(&Path) -> Result<Vec<u8>, String>,
+    ) -> Result<Self, ConfigError> {
+        let err = |message: String| ConfigError {
+            origin: origin.into(),
+            message,
+        };
+        let f: File = serde_saphyr::from_str(yaml).map_err(|e| err(e.to_string()))?;
+        f.settings
+            .validate()
+            .map_err(|e| err(format!("settings.{e}")))?;
+        validate_label("cluster", &f.cluster).map_err(|e| err(e.to_string()))?;
+        let td = TrustDomain::new(&f.trust_domain).map_err(|e| err(format!("trustDomain: {e}")))?;
+        if let Some(z) = &f.zone {
+            validate_label("zone", z).map_err(|e| err(e.to_string()))?;
+        }
+        let mut routes = Routes::new(&f.cluster, td.clone());
+        routes.zone = f.zone;
+
+        let mut bundles = BundleSet::new();
+        for (name, file) in &f.bundles {
+            let at = format!("bundles.{name}");
+            let btd = TrustDomain::new(name).map_err(|e| err(format!("{at}: {e}")))?;
+            let doc = read(file).map_err(|e| err(format!("{at}: {e}")))?;
+            let b = Bundle::from_document(btd, &doc, &file.display().to_string())
+                .map_err(|e| err(format!("{at}: {e}")))?;
+            bundles.insert(b);
+        }
+        if bundles.get(&td).is_none() {
+            return Err(err(format!(
+                "bundles: no bundle for this cluster's own trust domain {td}"
+            )));
+        }
+
+        for (i, p) in f.peers.into_iter().enumerate() {
+            let at = format!("peers[{i}]");
+            validate_label("cluster", &p.cluster).map_err(|e| err(format!("{at}: {e}")))?;
+            if p.cluster == routes.cluster {
+                return Err(err(format!("{at}: {} is this cluster", p.cluster)));
+            }
+            let ptd = TrustDomain::new(&p.trust_domain)
+                .map_err(|e| err(format!("{at}.trustDomain: {e}")))?;
+            if bundles.get(&ptd).is_none() {
+                return Err(err(format!(
+                    "{at} ({}): no bundle for its trust domain {ptd} under `bundles`",
+                    p.cluster
+                )));
+            }
+            let mut gateways = Vec::with_capacity(p.gateways.len());
+            for (j, g) in p.gateways.iter().enumerate() {
+                let addr: SocketAddr = g.parse().map_err(|_| {
+                    err(format!(
+                        "{at}.gateways[{j}]: {g:?} is not an ip:port address"
+                    ))
+                })?;
+                if gateways.contains(&addr) {
+                    return Err(err(format!("{at}.gateways[{j}]: {addr} is listed twice")));
+                }
+                gateways.push(addr);
+            }
+            let peer = Peer {
+                trust_domain: ptd,
+                gateways,
+            };
+            if routes.peers.insert(p.cluster.clone(), peer).is_some() {
+                return Err(err(format!("{at}: cluster {} is listed twice", p.cluster)));
+            }
+        }
+
+        for (i, s) in f.services.into_iter().enumerate() {
+            let at = format!("services[{i}]");
+            let key: ServiceKey = s.name.parse().map_err(|e| err(format!("{at}.name: {e}")))?;
+            let at = format!("{at} ({key})");
+            validate_label("namespace", &key.namespace).map_err(|e| err(format!("{at}: {e}")))?;
+            validate_label("service name", &key.name).map_err(|e| err(format!("{at}: {e}")))?;
+            if s.ports.is_empty() || s.ports.contains(&0) {
+                return Err(err(format!(
+                    "{at}.ports: list one or more ports from 1 to 65535"
+                )));
+            }
+            let mut endpoints: Vec<Endpoint> = Vec::with_capacity(s.endpoints.len());
+            for (j, e) in s.endpoints.into_iter().enumerate() {
+                let at = format!("{at}.endpoints[{j}]");
+                let address: SocketAddr = e.address.parse().map_err(|_| {
+                    err(format!(
+                        "{at}.address: {:?} is not an ip:port address",
+                        e.address
+                    ))
+                })?;
+                validate_label("zone", &e.zone).map_err(|err2| err(format!("{at}: {err2}")))?;
+                if endpoints.iter().any(|x| x.address == address) {
+                    return Err(err(format!("{at}.address: {address} is listed twice")));
+                }
+                endpoints.push(Endpoint {
+                    address,
+                    zone: e.zone,
+                    healthy: e.healthy,
+                });
+            }
+            let allow = match s.allow {
+                None => None,
+                Some(rules) => {
+                    let mut out = Vec::with_capacity(rules.len());
+                    for (j, r) in rules.into_iter().enumerate() {
+                        let at = format!("{at}.allow[{j}]");
+                        if !routes.peers.contains_key(&r.cluster) {
+                            return Err(err(format!(
+                                "{at}.cluster: {:?} is not one of the peers",
+                                r.cluster
+                            )));
+                        }
+                        let identities = r
+                            .identities
+                            .iter()
+                            .enumerate()
+                            .map(|(k, id)| {
+                                SpiffeId::parse(id)
+                                    .map_err(|e| err(format!("{at}.identities[{k}]: {e}")))
+                            })
+                            .collect::<Result<_, _>>()?;
+                        out.push(AllowRule {
+                            cluster: r.cluster,
+                            identities,
+                        });
+                    }
+                    Some(out)
+                }
+            };
+            let svc = ExportedService {
+                ports: s.ports,
+                endpoints,
+                allow,
+            };
+            if routes.services.insert(key.clone(), svc).is_some() {
+                return Err(err(format!("{at}: service {key} is listed twice")));
+            }
+        }
+
+        let cert =
+            read(&f.identity.certificate).map_err(|e| err(format!("identity.certificate: {e}")))?;
+        let key = read(&f.identity.key).map_err(|e| err(format!("identity.key: {e}")))?;
+        let svid = Svid::from_pem(&cert, &key, &f.identity.certificate.display().to_string())
+            .map_err(|e| err(format!("identity: {e}")))?;
+        let want = SpiffeId::gateway(&td, &routes.cluster).map_err(|e| err(e.to_string()))?;
+        if svid.spiffe_id() != &want {
+            return Err(err(format!(
+                "identity.certificate: the SVID is {}, but this gateway is {want}",
+                svid.spiffe_id()
+            )));
+        }
+        Ok(Self {
+            listen: f.listen,
+            settings: f.settings,
+            routes,
+            svid,
+            bundles,
+        })
+    }
+}

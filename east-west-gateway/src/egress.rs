@@ -1,0 +1,509 @@
+//! The egress: local proxies connect over TCP+TLS with their SVIDs and send
+//! a `TunnelOpen`; the egress forwards it on a pooled QUIC connection to a
+//! gateway of the target cluster, trying the cluster's next gateway when
+//! one refuses or cannot be reached, and splices once one accepts.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use fedmesh_proto::tunnel::v1::{TunnelAccept, TunnelOpen, tunnel_accept::Status};
+use prometheus_client::metrics::gauge::Gauge;
+use quinn::{Connection, ConnectionError, RecvStream, SendStream};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::time::{Instant, timeout};
+use tokio_rustls::TlsAcceptor;
+use tracing::Instrument;
+use trust_bundle::tls::ALPN_TUNNEL;
+use trust_bundle::{SpiffeId, TrustDomain};
+
+use crate::frame::{self, OpenRequest, Refusal};
+use crate::gateway::Shared;
+use crate::health::{PeerHealth, try_order};
+use crate::metrics::{GatewayLabels, StreamLabels, handshake_reason};
+use crate::quic;
+use crate::splice::{self, ReadFrameError, code, read_frame, write_frame};
+
+const DIRECTION: &str = "egress";
+
+/// Accepts local proxies until `stop` turns true.
+pub(crate) async fn serve(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    pool: Arc<Pool>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        match accepted {
+            Ok((tcp, remote)) => {
+                tokio::spawn(connection(tcp, remote, acceptor.clone(), pool.clone()));
+            }
+            Err(e) => {
+                // Out of descriptors, usually: back off rather than spin.
+                tracing::warn!(error = %e, "egress accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn connection(tcp: TcpStream, remote: SocketAddr, acceptor: TlsAcceptor, pool: Arc<Pool>) {
+    let sh = pool.sh.clone();
+    let sh = &*sh;
+    let _ = tcp.set_nodelay(true);
+    let mut tls = match timeout(sh.settings.header_timeout, acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            tracing::info!(%remote, error = %e, "local proxy TLS handshake failed");
+            sh.metrics.handshake_failed(DIRECTION, "local", "tls");
+            return;
+        }
+        Err(_) => {
+            sh.metrics.handshake_failed(DIRECTION, "local", "timeout");
+            return;
+        }
+    };
+    let (_, session) = tls.get_ref();
+    let source = trust_bundle::peer_spiffe_id(session.peer_certificates());
+    let alpn_ok = session.alpn_protocol() == Some(ALPN_TUNNEL);
+    let req = match read_request(&mut tls, source, alpn_ok, sh).await {
+        Ok(req) => req,
+        Err(None) => return,
+        Err(Some(r)) => {
+            sh.metrics.refused(DIRECTION, "local", r.label());
+            return answer(&mut tls, &r.to_wire()).await;
+        }
+    };
+    let span = tracing::info_span!(
+        "tunnel",
+        direction = DIRECTION,
+        peer_cluster = %req.target_cluster,
+        service = %req.service,
+        port = req.port,
+        source = %req.source.as_ref().map(|s| s.as_str()).unwrap_or(""),
+        traceparent = %req.traceparent.as_deref().unwrap_or(""),
+    );
+    async move {
+        let _guard = sh.streams.track();
+        let mut opened = match pool.open(&req).await {
+            Ok(o) => o,
+            Err(r) => {
+                tracing::debug!(refusal = %r, "stream refused");
+                sh.metrics.refused(DIRECTION, &req.target_cluster, r.label());
+                return answer(&mut tls, &r.to_wire()).await;
+            }
+        };
+        if let Err(e) = write_frame(&mut tls, &frame::accept_ok(opened.endpoint.clone())).await {
+            tracing::debug!(error = %e, "proxy went away before TunnelAccept");
+            return splice::reset_stream(&mut opened.send, &mut opened.recv, code::ABORTED);
+        }
+        let labels = StreamLabels {
+            direction: DIRECTION,
+            peer_cluster: req.target_cluster.clone(),
+        };
+        sh.metrics.streams_opened.get_or_create(&labels).inc();
+        let active = sh.metrics.streams_active.get_or_create(&labels).clone();
+        active.inc();
+        let counters = sh.counters(&req.target_cluster);
+        let (r, w) = tokio::io::split(tls);
+        let result = splice::splice(
+            r,
+            w,
+            &mut opened.send,
+            &mut opened.recv,
+            sh.settings.stream_idle_timeout,
+            &counters,
+        )
+        .await;
+        active.dec();
+        match result {
+            Ok(s) => tracing::debug!(gateway = %opened.gateway, to_peer = s.to_peer, from_peer = s.from_peer, "tunnel closed"),
+            Err(e) => tracing::debug!(gateway = %opened.gateway, error = %e, "tunnel aborted"),
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+/// Reads and checks the proxy's `TunnelOpen`. `Err(None)`: the proxy went
+/// away; nothing to answer.
+async fn read_request(
+    tls: &mut tokio_rustls::server::TlsStream<TcpStream>,
+    source: Option<SpiffeId>,
+    alpn_ok: bool,
+    sh: &Shared,
+) -> Result<OpenRequest, Option<Refusal>> {
+    let bad = |m: String| Some(Refusal::new(Status::BadRequest, m));
+    if !alpn_ok {
+        return Err(bad(format!(
+            "unknown protocol version: negotiate ALPN {:?}",
+            String::from_utf8_lossy(ALPN_TUNNEL)
+        )));
+    }
+    let source = source.ok_or_else(|| bad("no client SVID".into()))?;
+    let open = match timeout(
+        sh.settings.header_timeout,
+        read_frame::<TunnelOpen>("TunnelOpen", tls),
+    )
+    .await
+    {
+        Ok(Ok(o)) => o,
+        Ok(Err(ReadFrameError::Frame(e))) => return Err(bad(e.to_string())),
+        Ok(Err(_)) => return Err(None),
+        Err(_) => return Err(bad("no TunnelOpen within the header timeout".into())),
+    };
+    let mut req = frame::check_open(&open).map_err(bad)?;
+    // The proxy's own certificate says who is calling; nothing it wrote
+    // in the header can change that.
+    req.source = Some(source);
+    let own = sh.routes.borrow().cluster.clone();
+    if req.target_cluster == own {
+        return Err(bad(format!(
+            "target_cluster {own} is this gateway's own cluster: connect to its endpoints directly"
+        )));
+    }
+    Ok(req)
+}
+
+async fn answer(tls: &mut tokio_rustls::server::TlsStream<TcpStream>, a: &TunnelAccept) {
+    if write_frame(tls, a).await.is_ok() {
+        let _ = tls.shutdown().await;
+    }
+}
+
+/// A tunnel stream that a peer gateway accepted.
+#[derive(Debug)]
+pub struct Opened {
+    pub send: SendStream,
+    pub recv: RecvStream,
+    /// The endpoint the peer connected to.
+    pub endpoint: String,
+    pub gateway: SocketAddr,
+}
+
+enum Failure {
+    Refused(Refusal),
+    Unreachable(String),
+}
+
+/// One pooled connection per peer gateway, shared by all streams to it.
+#[derive(Debug)]
+pub struct Pool {
+    pub(crate) sh: Arc<Shared>,
+    endpoint: quinn::Endpoint,
+    transport: Arc<quinn::TransportConfig>,
+    slots: Mutex<HashMap<SocketAddr, Arc<Slot>>>,
+    configs: Mutex<HashMap<(String, TrustDomain), quinn::ClientConfig>>,
+}
+
+#[derive(Debug)]
+struct Slot {
+    conn: tokio::sync::Mutex<Option<Connection>>,
+    health: Mutex<PeerHealth>,
+    up: Gauge,
+}
+
+/// A pool lock is never held across an await; a poisoned one only means a
+/// panic elsewhere, and the map inside is still consistent.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Pool {
+    pub(crate) fn new(
+        sh: Arc<Shared>,
+        endpoint: quinn::Endpoint,
+        transport: Arc<quinn::TransportConfig>,
+    ) -> Self {
+        Self {
+            sh,
+            endpoint,
+            transport,
+            slots: Mutex::default(),
+            configs: Mutex::default(),
+        }
+    }
+
+    /// Whether the pool holds a live connection to `gateway`.
+    pub fn connected(&self, gateway: SocketAddr) -> bool {
+        let Some(slot) = lock(&self.slots).get(&gateway).cloned() else {
+            return false;
+        };
+        slot.conn
+            .try_lock()
+            .map(|c| c.as_ref().is_some_and(|c| c.close_reason().is_none()))
+            .unwrap_or(false)
+    }
+
+    /// Opens a tunnel stream to a gateway of `req.target_cluster`.
+    pub async fn open(&self, req: &OpenRequest) -> Result<Opened, Refusal> {
+        let (td, gateways) = {
+            let routes = self.sh.routes.borrow();
+            let (peer, gws) = routes.gateways_of(&req.target_cluster)?;
+            (peer.trust_domain.clone(), gws.to_vec())
+        };
+        let now = Instant::now();
+        let spread = self.sh.spread.fetch_add(1, Ordering::Relaxed);
+        let order = try_order(&gateways, |g| self.available(g, now), spread);
+        if order.is_empty() {
+            return Err(Refusal::new(
+                Status::Unreachable,
+                format!(
+                    "every gateway of {} failed recently and is in reconnect backoff",
+                    req.target_cluster
+                ),
+            ));
+        }
+        let deadline = now + req.deadline;
+        let mut refusal: Option<Refusal> = None;
+        let mut tried = Vec::new();
+        for gw in order {
+            if Instant::now() >= deadline {
+                tried.push("deadline reached".to_string());
+                break;
+            }
+            match self.attempt(gw, req, &td, deadline).await {
+                Ok(o) => return Ok(o),
+                Err(Failure::Refused(r)) if !r.worth_another_gateway() => return Err(r),
+                Err(Failure::Refused(r)) => {
+                    tried.push(format!("{gw}: {r}"));
+                    refusal.get_or_insert(r);
+                }
+                Err(Failure::Unreachable(m)) => tried.push(format!("{gw}: {m}")),
+            }
+        }
+        let tried = tried.join("; ");
+        // A peer's own refusal says more than "unreachable"; pass it on.
+        Err(match refusal {
+            Some(r) => Refusal::new(r.status, tried),
+            None => Refusal::new(
+                Status::Unreachable,
+                format!(
+                    "no gateway of {} could be reached ({tried})",
+                    req.target_cluster
+                ),
+            ),
+        })
+    }
+
+    fn available(&self, gw: &SocketAddr, now: Instant) -> bool {
+        lock(&self.slots)
+            .get(gw)
+            .is_none_or(|s| lock(&s.health).available(now))
+    }
+
+    async fn attempt(
+        &self,
+        gw: SocketAddr,
+        req: &OpenRequest,
+        td: &TrustDomain,
+        deadline: Instant,
+    ) -> Result<Opened, Failure> {
+        let conn = self
+            .connection(gw, &req.target_cluster, td, deadline)
+            .await
+            .map_err(Failure::Unreachable)?;
+        let left = || deadline.saturating_duration_since(Instant::now());
+        let (mut send, mut recv) = match timeout(left(), conn.open_bi()).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return Err(Failure::Unreachable(e.to_string())),
+            Err(_) => {
+                return Err(Failure::Unreachable(
+                    "no stream credit before the deadline".into(),
+                ));
+            }
+        };
+        let mut open: TunnelOpen = req.to_wire();
+        open.deadline_ms = u32::try_from(left().as_millis()).unwrap_or(u32::MAX).max(1);
+        let exchange = async {
+            write_frame(&mut send, &open)
+                .await
+                .map_err(|e| e.to_string())?;
+            read_frame::<TunnelAccept>("TunnelAccept", &mut recv)
+                .await
+                .map_err(|e| match e {
+                    ReadFrameError::Eof => "stream ended before TunnelAccept".to_string(),
+                    e => e.to_string(),
+                })
+        };
+        let accept = match timeout(left(), exchange).await {
+            Ok(Ok(a)) => a,
+            Ok(Err(e)) => {
+                splice::reset_stream(&mut send, &mut recv, code::ABORTED);
+                return Err(Failure::Unreachable(e));
+            }
+            Err(_) => {
+                splice::reset_stream(&mut send, &mut recv, code::ABORTED);
+                return Err(Failure::Unreachable(
+                    "no TunnelAccept before the deadline".into(),
+                ));
+            }
+        };
+        match frame::read_accept(&accept) {
+            Ok(endpoint) => Ok(Opened {
+                send,
+                recv,
+                endpoint,
+                gateway: gw,
+            }),
+            Err(r) => Err(Failure::Refused(r)),
+        }
+    }
+
+    fn slot(&self, gw: SocketAddr, cluster: &str) -> Arc<Slot> {
+        lock(&self.slots)
+            .entry(gw)
+            .or_insert_with(|| {
+                Arc::new(Slot {
+                    conn: tokio::sync::Mutex::new(None),
+                    health: Mutex::default(),
+                    up: self
+                        .sh
+                        .metrics
+                        .peer_up
+                        .get_or_create(&GatewayLabels {
+                            peer_cluster: cluster.into(),
+                            gateway: gw.to_string(),
+                        })
+                        .clone(),
+                })
+            })
+            .clone()
+    }
+
+    fn client_config(
+        &self,
+        cluster: &str,
+        td: &TrustDomain,
+    ) -> Result<quinn::ClientConfig, String> {
+        let key = (cluster.to_string(), td.clone());
+        if let Some(c) = lock(&self.configs).get(&key) {
+            return Ok(c.clone());
+        }
+        let peer = SpiffeId::gateway(td, cluster).map_err(|e| e.to_string())?;
+        let c = quic::client_config(
+            self.sh.svid.clone(),
+            self.sh.bundles.clone(),
+            peer,
+            self.transport.clone(),
+        )
+        .map_err(|e| e.to_string())?;
+        lock(&self.configs).insert(key, c.clone());
+        Ok(c)
+    }
+
+    /// The live connection to `gw`, or a new one. Concurrent streams to the
+    /// same gateway wait for one handshake rather than start their own.
+    async fn connection(
+        &self,
+        gw: SocketAddr,
+        cluster: &str,
+        td: &TrustDomain,
+        deadline: Instant,
+    ) -> Result<Connection, String> {
+        let slot = self.slot(gw, cluster);
+        let mut held = match timeout(
+            deadline.saturating_duration_since(Instant::now()),
+            slot.conn.lock(),
+        )
+        .await
+        {
+            Ok(h) => h,
+            Err(_) => return Err("another stream's handshake outlasted the deadline".into()),
+        };
+        if let Some(c) = held.as_ref().filter(|c| c.close_reason().is_none()) {
+            return Ok(c.clone());
+        }
+        if !lock(&slot.health).available(Instant::now()) {
+            return Err("in reconnect backoff after a failure".into());
+        }
+        let config = self.client_config(cluster, td)?;
+        let connecting = self
+            .endpoint
+            .connect_with(config, gw, "fedmesh-gateway")
+            .map_err(|e| e.to_string())?;
+        let result = timeout(
+            deadline.saturating_duration_since(Instant::now()),
+            connecting,
+        )
+        .await;
+        let failed = |reason: &'static str, message: String| {
+            self.sh.metrics.handshake_failed(DIRECTION, cluster, reason);
+            let wait = lock(&slot.health).failed(
+                Instant::now(),
+                &self.sh.settings.backoff(),
+                fastrand::f64(),
+            );
+            tracing::info!(gateway = %gw, cluster, error = %message, retry_in_ms = wait.as_millis() as u64, "cannot connect to peer gateway");
+            message
+        };
+        match result {
+            Ok(Ok(c)) => {
+                lock(&slot.health).succeeded();
+                slot.up.set(1);
+                tracing::debug!(gateway = %gw, cluster, "connected to peer gateway");
+                tokio::spawn(watch_connection(
+                    c.clone(),
+                    slot.clone(),
+                    gw,
+                    cluster.to_string(),
+                    self.sh.clone(),
+                ));
+                *held = Some(c.clone());
+                Ok(c)
+            }
+            Ok(Err(e)) => Err(failed(handshake_reason(&e), format!("handshake: {e}"))),
+            Err(_) => Err(failed(
+                "timeout",
+                "handshake did not finish before the deadline".into(),
+            )),
+        }
+    }
+}
+
+/// Samples RTT while the connection lives; when it dies (idle timeout after
+/// a `kill -9`, a reset, the peer closing), puts the gateway in backoff so
+/// new streams go straight to the cluster's other gateways.
+async fn watch_connection(
+    conn: Connection,
+    slot: Arc<Slot>,
+    gw: SocketAddr,
+    cluster: String,
+    sh: Arc<Shared>,
+) {
+    let rtt = sh
+        .metrics
+        .rtt_seconds
+        .get_or_create(&GatewayLabels {
+            peer_cluster: cluster.clone(),
+            gateway: gw.to_string(),
+        })
+        .clone();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let reason = loop {
+        tokio::select! {
+            r = conn.closed() => break r,
+            _ = tick.tick() => { rtt.set(conn.rtt().as_secs_f64()); }
+        }
+    };
+    slot.up.set(0);
+    if matches!(reason, ConnectionError::LocallyClosed) {
+        return;
+    }
+    let wait = lock(&slot.health).failed(Instant::now(), &sh.settings.backoff(), fastrand::f64());
+    tracing::warn!(
+        gateway = %gw,
+        cluster,
+        reason = %reason,
+        retry_in_ms = wait.as_millis() as u64,
+        "lost peer gateway; new streams go to the cluster's other gateways"
+    );
+}

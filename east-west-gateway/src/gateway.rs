@@ -1,0 +1,304 @@
+//! Assembles a gateway: one UDP socket for QUIC (ingress from peers, and
+//! the egress's pooled connections to them, so peers see our registered
+//! address), the egress TCP+TLS listener, and graceful drain.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, watch};
+use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
+use trust_bundle::tls::ALPN_TUNNEL;
+use trust_bundle::{AuthorizeFn, BundleSet, Svid};
+
+use crate::config::Settings;
+use crate::egress::{self, Pool};
+use crate::metrics::{BytesLabels, Metrics};
+use crate::routes::Routes;
+use crate::splice::{Counters, code};
+use crate::{ingress, quic};
+
+/// What the ingress and egress share.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub routes: watch::Receiver<Arc<Routes>>,
+    pub svid: watch::Receiver<Arc<Svid>>,
+    pub bundles: watch::Receiver<Arc<BundleSet>>,
+    pub settings: Settings,
+    pub metrics: Arc<Metrics>,
+    pub streams: Arc<Streams>,
+    pub draining: AtomicBool,
+    /// Rotates choices among equals (endpoints, gateways).
+    pub spread: AtomicUsize,
+}
+
+impl Shared {
+    pub fn counters(&self, peer_cluster: &str) -> Counters {
+        let get = |flow| {
+            self.metrics
+                .bytes
+                .get_or_create(&BytesLabels {
+                    peer_cluster: peer_cluster.into(),
+                    flow,
+                })
+                .clone()
+        };
+        Counters {
+            to_peer: get("to_peer"),
+            from_peer: get("from_peer"),
+        }
+    }
+}
+
+/// Live streams: per peer cluster (for the limit) and in all (for drain).
+#[derive(Debug, Default)]
+pub(crate) struct Streams {
+    per_peer: Mutex<HashMap<String, u32>>,
+    total: AtomicUsize,
+    changed: Notify,
+}
+
+/// Counts a stream until dropped.
+#[derive(Debug)]
+pub(crate) struct StreamGuard {
+    streams: Arc<Streams>,
+    peer: Option<String>,
+}
+
+impl Streams {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, u32>> {
+        self.per_peer.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A slot for one more stream from `peer`, unless it holds `limit`.
+    pub fn acquire(self: &Arc<Self>, peer: &str, limit: u32) -> Option<StreamGuard> {
+        {
+            let mut map = self.lock();
+            let n = map.entry(peer.to_string()).or_default();
+            if *n >= limit {
+                return None;
+            }
+            *n += 1;
+        }
+        self.total.fetch_add(1, Ordering::SeqCst);
+        Some(StreamGuard {
+            streams: self.clone(),
+            peer: Some(peer.to_string()),
+        })
+    }
+
+    /// Counts a stream that has no per-peer limit here (egress).
+    pub fn track(self: &Arc<Self>) -> StreamGuard {
+        self.total.fetch_add(1, Ordering::SeqCst);
+        StreamGuard {
+            streams: self.clone(),
+            peer: None,
+        }
+    }
+
+    pub fn total(&self) -> usize {
+        self.total.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        if let Some(peer) = &self.peer {
+            let mut map = self.streams.lock();
+            if let Some(n) = map.get_mut(peer) {
+                *n -= 1;
+                if *n == 0 {
+                    map.remove(peer);
+                }
+            }
+        }
+        self.streams.total.fetch_sub(1, Ordering::SeqCst);
+        self.streams.changed.notify_waiters();
+    }
+}
+
+/// Where a gateway listens, and how it behaves.
+#[derive(Debug, Clone)]
+pub struct GatewayOptions {
+    pub quic: SocketAddr,
+    pub egress: Option<SocketAddr>,
+    pub settings: Settings,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("settings: {0}")]
+    Settings(String),
+    #[error(transparent)]
+    Quic(#[from] quic::QuicConfigError),
+    #[error("egress TLS: {0}")]
+    Tls(#[from] trust_bundle::tls::TlsConfigError),
+    #[error("binding {what} on {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// A running gateway.
+#[derive(Debug)]
+pub struct Gateway {
+    quic_addr: SocketAddr,
+    egress_addr: Option<SocketAddr>,
+    shared: Arc<Shared>,
+    endpoint: quinn::Endpoint,
+    pool: Arc<Pool>,
+    stop_egress: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Gateway {
+    /// Binds and starts serving. Routes, SVID and bundles are followed
+    /// live: a change applies to the next stream or handshake.
+    pub async fn start(
+        options: GatewayOptions,
+        routes: watch::Receiver<Arc<Routes>>,
+        svid: watch::Receiver<Arc<Svid>>,
+        bundles: watch::Receiver<Arc<BundleSet>>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, StartError> {
+        options.settings.validate().map_err(StartError::Settings)?;
+        let shared = Arc::new(Shared {
+            routes: routes.clone(),
+            svid: svid.clone(),
+            bundles: bundles.clone(),
+            settings: options.settings.clone(),
+            metrics,
+            streams: Arc::default(),
+            draining: AtomicBool::new(false),
+            spread: AtomicUsize::new(fastrand::usize(..)),
+        });
+        let transport = Arc::new(quic::transport(&options.settings)?);
+
+        // Peers: only registered gateway identities of federated clusters,
+        // each verified against its own trust domain's bundle.
+        let peer_routes = routes.clone();
+        let peers = Arc::new(AuthorizeFn(move |id: &trust_bundle::SpiffeId| {
+            peer_routes.borrow().peer_gateway(id).map(|_| ())
+        }));
+        let server = quic::server_config(svid.clone(), bundles.clone(), peers, transport.clone())?;
+        let endpoint =
+            quinn::Endpoint::server(server, options.quic).map_err(|source| StartError::Bind {
+                what: "QUIC",
+                addr: options.quic,
+                source,
+            })?;
+        let quic_addr = endpoint.local_addr().map_err(|source| StartError::Bind {
+            what: "QUIC",
+            addr: options.quic,
+            source,
+        })?;
+        let pool = Arc::new(Pool::new(shared.clone(), endpoint.clone(), transport));
+        let mut tasks = vec![tokio::spawn(ingress::serve(
+            endpoint.clone(),
+            shared.clone(),
+        ))];
+
+        let (stop_egress, stop_rx) = watch::channel(false);
+        let mut egress_addr = None;
+        if let Some(addr) = options.egress {
+            // Local proxies: workloads of this cluster's own trust domain.
+            let own = routes.clone();
+            let locals = Arc::new(AuthorizeFn(move |id: &trust_bundle::SpiffeId| {
+                let td = own.borrow().trust_domain.clone();
+                if id.is_member_of(&td) {
+                    Ok(())
+                } else {
+                    Err(format!("{id} is not in this cluster's trust domain {td}"))
+                }
+            }));
+            let tls = trust_bundle::server_config(svid, bundles, locals, &[ALPN_TUNNEL])?;
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|source| StartError::Bind {
+                    what: "egress",
+                    addr,
+                    source,
+                })?;
+            egress_addr = Some(listener.local_addr().map_err(|source| StartError::Bind {
+                what: "egress",
+                addr,
+                source,
+            })?);
+            tasks.push(tokio::spawn(egress::serve(
+                listener,
+                TlsAcceptor::from(Arc::new(tls)),
+                pool.clone(),
+                stop_rx,
+            )));
+        }
+        tracing::info!(quic = %quic_addr, egress = ?egress_addr, "gateway serving");
+        Ok(Self {
+            quic_addr,
+            egress_addr,
+            shared,
+            endpoint,
+            pool,
+            stop_egress,
+            tasks,
+        })
+    }
+
+    pub fn quic_addr(&self) -> SocketAddr {
+        self.quic_addr
+    }
+
+    pub fn egress_addr(&self) -> Option<SocketAddr> {
+        self.egress_addr
+    }
+
+    /// The egress's connection pool (for tests and status).
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    /// Streams being served now, both ways.
+    pub fn active_streams(&self) -> usize {
+        self.shared.streams.total()
+    }
+
+    /// Graceful shutdown: stop accepting connections and refuse new
+    /// streams (OVERLOADED, which openers retry elsewhere), let live
+    /// streams finish for up to the drain timeout, then close. Returns how
+    /// many streams were still live at the deadline.
+    pub async fn shutdown(self) -> usize {
+        self.shared.draining.store(true, Ordering::SeqCst);
+        self.endpoint.set_server_config(None);
+        let _ = self.stop_egress.send(true);
+        let streams = &self.shared.streams;
+        let deadline = tokio::time::Instant::now() + self.shared.settings.drain_timeout;
+        loop {
+            let changed = streams.changed.notified();
+            let live = streams.total();
+            if live == 0 {
+                break;
+            }
+            tracing::info!(live, "draining");
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                break;
+            }
+        }
+        let left = streams.total();
+        if left > 0 {
+            tracing::warn!(left, "drain deadline reached; closing live streams");
+        }
+        self.endpoint
+            .close(code::SHUTDOWN, b"gateway shutting down");
+        for t in &self.tasks {
+            t.abort();
+        }
+        // Let the CONNECTION_CLOSE frames go out, briefly.
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+        left
+    }
+}

@@ -1,0 +1,250 @@
+//! The ingress: streams from peer gateways over QUIC. Each stream is read
+//! for its `TunnelOpen`, admitted or refused (before any application byte),
+//! connected to a local endpoint, and spliced.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use fedmesh_proto::tunnel::v1::{TunnelOpen, tunnel_accept::Status};
+use quinn::{Connection, RecvStream, SendStream};
+use tokio::net::TcpStream;
+use tokio::time::{Instant, timeout};
+use tracing::Instrument;
+
+use crate::frame::{self, OpenRequest, Refusal};
+use crate::gateway::Shared;
+use crate::metrics::{GatewayLabels, StreamLabels, handshake_reason};
+use crate::routes::PeerGateway;
+use crate::splice::{self, ReadFrameError, code, read_frame, write_frame};
+
+const DIRECTION: &str = "ingress";
+
+/// Accepts connections until the endpoint closes.
+pub(crate) async fn serve(endpoint: quinn::Endpoint, sh: Arc<Shared>) {
+    while let Some(incoming) = endpoint.accept().await {
+        if sh.draining.load(Ordering::Relaxed) {
+            incoming.refuse();
+            continue;
+        }
+        tokio::spawn(connection(incoming, sh.clone()));
+    }
+}
+
+async fn connection(incoming: quinn::Incoming, sh: Arc<Shared>) {
+    let remote = incoming.remote_address();
+    let conn = match incoming.await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::info!(%remote, error = %e, "peer gateway handshake failed");
+            sh.metrics
+                .handshake_failed(DIRECTION, "unknown", handshake_reason(&e));
+            return;
+        }
+    };
+    let Some(peer) = identify(&conn, &sh) else {
+        conn.close(code::BAD_HEADER, b"not a federated gateway");
+        return;
+    };
+    let peer = Arc::new(peer);
+    tracing::debug!(%remote, peer = %peer.id, "peer gateway connected");
+    let rtt = sh
+        .metrics
+        .rtt_seconds
+        .get_or_create(&GatewayLabels {
+            peer_cluster: peer.cluster.clone(),
+            gateway: remote.to_string(),
+        })
+        .clone();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            s = conn.accept_bi() => match s {
+                Ok((send, recv)) => {
+                    tokio::spawn(stream(send, recv, peer.clone(), sh.clone()));
+                }
+                Err(e) => {
+                    tracing::debug!(%remote, peer = %peer.id, error = %e, "peer gateway connection ended");
+                    return;
+                }
+            },
+            _ = tick.tick() => {
+                rtt.set(conn.rtt().as_secs_f64());
+            }
+        }
+    }
+}
+
+/// The peer's identity. The TLS verifier has already checked the chain and
+/// that the ID is a federated gateway; this recovers the cluster name.
+fn identify(conn: &Connection, sh: &Shared) -> Option<PeerGateway> {
+    let chain = conn
+        .peer_identity()?
+        .downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>()
+        .ok()?;
+    let id = trust_bundle::peer_spiffe_id(Some(&chain))?;
+    sh.routes.borrow().peer_gateway(&id).ok()
+}
+
+async fn stream(
+    mut send: SendStream,
+    mut recv: RecvStream,
+    peer: Arc<PeerGateway>,
+    sh: Arc<Shared>,
+) {
+    let header = timeout(
+        sh.settings.header_timeout,
+        read_frame::<TunnelOpen>("TunnelOpen", &mut recv),
+    )
+    .await;
+    let open = match header {
+        Ok(Ok(open)) => open,
+        Ok(Err(ReadFrameError::Frame(e))) => {
+            let r = Refusal::new(Status::BadRequest, e.to_string());
+            return refuse(&mut send, &mut recv, &peer, &sh, r).await;
+        }
+        Ok(Err(e)) => {
+            tracing::debug!(peer = %peer.id, error = %e, "stream ended before its header");
+            return splice::reset_stream(&mut send, &mut recv, code::BAD_HEADER);
+        }
+        Err(_) => {
+            tracing::debug!(peer = %peer.id, "no header within the header timeout");
+            sh.metrics
+                .refused(DIRECTION, &peer.cluster, "header_timeout");
+            return splice::reset_stream(&mut send, &mut recv, code::BAD_HEADER);
+        }
+    };
+    let req = match frame::check_open(&open) {
+        Ok(r) => r,
+        Err(m) => {
+            let r = Refusal::new(Status::BadRequest, m);
+            return refuse(&mut send, &mut recv, &peer, &sh, r).await;
+        }
+    };
+    let span = tracing::info_span!(
+        "tunnel",
+        direction = DIRECTION,
+        peer_cluster = %peer.cluster,
+        service = %req.service,
+        port = req.port,
+        source = %req.source.as_ref().map(|s| s.as_str()).unwrap_or(""),
+        traceparent = %req.traceparent.as_deref().unwrap_or(""),
+    );
+    tunnel(send, recv, req, peer, sh).instrument(span).await
+}
+
+async fn tunnel(
+    mut send: SendStream,
+    mut recv: RecvStream,
+    req: OpenRequest,
+    peer: Arc<PeerGateway>,
+    sh: Arc<Shared>,
+) {
+    if sh.draining.load(Ordering::Relaxed) {
+        let r = Refusal::new(Status::Overloaded, "gateway is draining before shutdown");
+        return refuse(&mut send, &mut recv, &peer, &sh, r).await;
+    }
+    let Some(_guard) = sh
+        .streams
+        .acquire(&peer.cluster, sh.settings.max_streams_per_peer)
+    else {
+        let r = Refusal::new(
+            Status::Overloaded,
+            format!(
+                "cluster {} is at its limit of {} concurrent streams",
+                peer.cluster, sh.settings.max_streams_per_peer
+            ),
+        );
+        return refuse(&mut send, &mut recv, &peer, &sh, r).await;
+    };
+    let spread = sh.spread.fetch_add(1, Ordering::Relaxed);
+    let admitted = sh.routes.borrow().admit(&req, &peer, spread);
+    let candidates = match admitted {
+        Ok(c) => c,
+        Err(r) => return refuse(&mut send, &mut recv, &peer, &sh, r).await,
+    };
+    let (tcp, endpoint) = match connect_first(&candidates, Instant::now() + req.deadline).await {
+        Ok(c) => c,
+        Err(r) => return refuse(&mut send, &mut recv, &peer, &sh, r).await,
+    };
+    if let Err(e) = write_frame(&mut send, &frame::accept_ok(endpoint.to_string())).await {
+        tracing::debug!(error = %e, "peer went away before TunnelAccept");
+        return;
+    }
+    let labels = StreamLabels {
+        direction: DIRECTION,
+        peer_cluster: peer.cluster.clone(),
+    };
+    sh.metrics.streams_opened.get_or_create(&labels).inc();
+    let active = sh.metrics.streams_active.get_or_create(&labels).clone();
+    active.inc();
+    let (r, w) = tcp.into_split();
+    let counters = sh.counters(&peer.cluster);
+    let result = splice::splice(
+        r,
+        w,
+        &mut send,
+        &mut recv,
+        sh.settings.stream_idle_timeout,
+        &counters,
+    )
+    .await;
+    active.dec();
+    match result {
+        Ok(s) => {
+            tracing::debug!(%endpoint, to_peer = s.to_peer, from_peer = s.from_peer, "tunnel closed")
+        }
+        Err(e) => tracing::debug!(%endpoint, error = %e, "tunnel aborted"),
+    }
+}
+
+/// Connects to the first endpoint that answers, trying at most three, and
+/// sharing what is left of the deadline among the attempts left, so that
+/// one black-holed endpoint cannot use it all.
+async fn connect_first(
+    candidates: &[SocketAddr],
+    deadline: Instant,
+) -> Result<(TcpStream, SocketAddr), Refusal> {
+    const ATTEMPTS: usize = 3;
+    let mut errors = Vec::new();
+    let tries = candidates.iter().take(ATTEMPTS);
+    let n = tries.len();
+    for (i, addr) in tries.enumerate() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        let share = (left / (n - i) as u32)
+            .max(Duration::from_millis(100))
+            .min(left);
+        match timeout(share, TcpStream::connect(addr)).await {
+            Ok(Ok(tcp)) => {
+                let _ = tcp.set_nodelay(true);
+                return Ok((tcp, *addr));
+            }
+            Ok(Err(e)) => errors.push(format!("{addr}: {e}")),
+            Err(_) => errors.push(format!("{addr}: no answer in {} ms", share.as_millis())),
+        }
+    }
+    Err(Refusal::new(
+        Status::NoHealthyEndpoints,
+        format!("no endpoint accepted a connection ({})", errors.join("; ")),
+    ))
+}
+
+async fn refuse(
+    send: &mut SendStream,
+    recv: &mut RecvStream,
+    peer: &PeerGateway,
+    sh: &Shared,
+    r: Refusal,
+) {
+    tracing::debug!(peer = %peer.id, refusal = %r, "refused stream");
+    sh.metrics.refused(DIRECTION, &peer.cluster, r.label());
+    // Pipelined application bytes are not wanted.
+    let _ = recv.stop(code::REFUSED);
+    if write_frame(send, &r.to_wire()).await.is_ok() {
+        let _ = send.finish();
+    }
+}

@@ -1,0 +1,387 @@
+//! What a gateway knows about the mesh, and the decisions it makes from it:
+//! which peer gateways are who they claim, whether a stream is admitted, and
+//! which local endpoints to try in which order. Free of I/O; the drivers read
+//! the current [`Routes`] from a watch channel for every stream.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+
+use fedmesh_api::{Endpoint, ServiceKey};
+use fedmesh_proto::tunnel::v1::tunnel_accept::Status;
+use trust_bundle::{SpiffeId, TrustDomain};
+
+use crate::frame::{OpenRequest, Refusal};
+
+/// The routing state of one gateway. Replaced as a whole on every update,
+/// so a stream always sees one consistent version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Routes {
+    /// This gateway's cluster and trust domain.
+    pub cluster: String,
+    pub trust_domain: TrustDomain,
+    /// This gateway's zone: its endpoints are tried first.
+    pub zone: Option<String>,
+    /// Services this cluster exports, with their local endpoints.
+    pub services: HashMap<ServiceKey, ExportedService>,
+    /// Other clusters, by name.
+    pub peers: HashMap<String, Peer>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportedService {
+    pub ports: Vec<u16>,
+    pub endpoints: Vec<Endpoint>,
+    /// Who may reach the service. `None`: any workload of any federated
+    /// cluster (the mesh default until a traffic policy says otherwise).
+    pub allow: Option<Vec<AllowRule>>,
+}
+
+/// Workloads of `cluster`; with `identities` set, only those.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AllowRule {
+    pub cluster: String,
+    pub identities: Vec<SpiffeId>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    pub trust_domain: TrustDomain,
+    /// In the order the cluster registered them.
+    pub gateways: Vec<SocketAddr>,
+}
+
+/// A peer gateway, as its verified certificate names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerGateway {
+    pub cluster: String,
+    pub id: SpiffeId,
+}
+
+impl Routes {
+    pub fn new(cluster: &str, trust_domain: TrustDomain) -> Self {
+        Self {
+            cluster: cluster.into(),
+            trust_domain,
+            zone: None,
+            services: HashMap::new(),
+            peers: HashMap::new(),
+        }
+    }
+
+    /// Whether `id` is the gateway identity of a federated cluster:
+    /// `spiffe://<that cluster's trust domain>/fedmesh/gateway/<cluster>`.
+    /// The chain has already been verified against that trust domain's
+    /// bundle; this checks that the name and the domain belong together.
+    pub fn peer_gateway(&self, id: &SpiffeId) -> Result<PeerGateway, String> {
+        let cluster = id
+            .path()
+            .strip_prefix("/fedmesh/gateway/")
+            .filter(|c| !c.is_empty() && !c.contains('/'))
+            .ok_or_else(|| format!("{id} is not a gateway identity"))?;
+        let peer = self
+            .peers
+            .get(cluster)
+            .ok_or_else(|| format!("{id}: cluster {cluster:?} is not federated with us"))?;
+        if !id.is_member_of(&peer.trust_domain) {
+            return Err(format!(
+                "{id}: cluster {cluster:?} has trust domain {}",
+                peer.trust_domain
+            ));
+        }
+        Ok(PeerGateway {
+            cluster: cluster.into(),
+            id: id.clone(),
+        })
+    }
+
+    /// Admits a stream that arrived from `from`, or says why not. On
+    /// success, the endpoints to try, best first; `spread` rotates the
+    /// choice among equally good endpoints (pass a counter).
+    pub fn admit(
+        &self,
+        open: &OpenRequest,
+        from: &PeerGateway,
+        spread: usize,
+    ) -> Result<Vec<SocketAddr>, Refusal> {
+        let forbidden = |m: String| Refusal::new(Status::Forbidden, m);
+        if open.target_cluster != self.cluster {
+            return Err(forbidden(format!(
+                "stream for cluster {:?} reached a gateway of {:?}",
+                open.target_cluster, self.cluster
+            )));
+        }
+        let source = open.source.as_ref().ok_or_else(|| {
+            Refusal::new(
+                Status::BadRequest,
+                "source_identity is required between gateways",
+            )
+        })?;
+        // A gateway vouches only for workloads of its own trust domain.
+        if source.trust_domain_name() != from.id.trust_domain_name() {
+            return Err(forbidden(format!(
+                "gateway {} may not speak for {source}",
+                from.id
+            )));
+        }
+        let svc = self.services.get(&open.service).ok_or_else(|| {
+            Refusal::new(
+                Status::UnknownService,
+                format!("{} does not export {}", self.cluster, open.service),
+            )
+        })?;
+        if !svc.ports.contains(&open.port) {
+            return Err(Refusal::new(
+                Status::UnknownService,
+                format!(
+                    "{} exports {} on ports {:?}, not {}",
+                    self.cluster, open.service, svc.ports, open.port
+                ),
+            ));
+        }
+        if let Some(rules) = &svc.allow {
+            let allowed = rules.iter().any(|r| {
+                r.cluster == from.cluster
+                    && (r.identities.is_empty() || r.identities.contains(source))
+            });
+            if !allowed {
+                return Err(forbidden(format!(
+                    "{source} of cluster {} may not reach {}",
+                    from.cluster, open.service
+                )));
+            }
+        }
+        let ranked = self.rank(&svc.endpoints, spread);
+        if ranked.is_empty() {
+            return Err(Refusal::new(
+                Status::NoHealthyEndpoints,
+                format!(
+                    "{} has no healthy endpoint in {}",
+                    open.service, self.cluster
+                ),
+            ));
+        }
+        Ok(ranked)
+    }
+
+    /// Healthy endpoints, best first: this gateway's zone, then the other
+    /// zones by how many healthy endpoints they have (more capacity takes
+    /// the spill-over better), ties by name. Within a zone the start
+    /// rotates with `spread`, so that load spreads.
+    pub fn rank(&self, endpoints: &[Endpoint], spread: usize) -> Vec<SocketAddr> {
+        let mut zones: Vec<(&str, Vec<SocketAddr>)> = Vec::new();
+        for e in endpoints.iter().filter(|e| e.healthy) {
+            match zones.iter_mut().find(|(z, _)| *z == e.zone) {
+                Some((_, v)) => v.push(e.address),
+                None => zones.push((&e.zone, vec![e.address])),
+            }
+        }
+        let own = self.zone.as_deref();
+        zones.sort_by(|(za, a), (zb, b)| {
+            (Some(*zb) == own)
+                .cmp(&(Some(*za) == own))
+                .then(b.len().cmp(&a.len()))
+                .then(za.cmp(zb))
+        });
+        zones
+            .into_iter()
+            .flat_map(|(_, mut v)| {
+                let n = v.len();
+                v.rotate_left(spread % n);
+                v
+            })
+            .collect()
+    }
+
+    /// The gateways of `cluster`, or why there are none.
+    pub fn gateways_of(&self, cluster: &str) -> Result<(&Peer, &[SocketAddr]), Refusal> {
+        let peer = self.peers.get(cluster).ok_or_else(|| {
+            Refusal::new(
+                Status::Unreachable,
+                format!("cluster {cluster:?} is not federated with {}", self.cluster),
+            )
+        })?;
+        if peer.gateways.is_empty() {
+            return Err(Refusal::new(
+                Status::Unreachable,
+                format!("cluster {cluster:?} has no gateways"),
+            ));
+        }
+        Ok((peer, &peer.gateways))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::DEFAULT_DEADLINE;
+
+    fn td(s: &str) -> TrustDomain {
+        TrustDomain::new(s).unwrap()
+    }
+
+    fn ep(addr: &str, zone: &str, healthy: bool) -> Endpoint {
+        Endpoint {
+            address: addr.parse().unwrap(),
+            zone: zone.into(),
+            healthy,
+        }
+    }
+
+    fn routes() -> Routes {
+        let mut r = Routes::new("gcp-usc1", td("gcp.example"));
+        r.zone = Some("usc1-a".into());
+        r.peers.insert(
+            "aws-use1".into(),
+            Peer {
+                trust_domain: td("aws.example"),
+                gateways: vec!["127.0.1.1:15443".parse().unwrap()],
+            },
+        );
+        r.services.insert(
+            ServiceKey::new("shop", "checkout"),
+            ExportedService {
+                ports: vec![8080],
+                endpoints: vec![
+                    ep("127.0.2.10:8080", "usc1-b", true),
+                    ep("127.0.2.11:8080", "usc1-a", true),
+                    ep("127.0.2.12:8080", "usc1-a", false),
+                    ep("127.0.2.13:8080", "usc1-c", true),
+                    ep("127.0.2.14:8080", "usc1-c", true),
+                ],
+                allow: None,
+            },
+        );
+        r
+    }
+
+    fn from_aws() -> PeerGateway {
+        routes()
+            .peer_gateway(
+                &SpiffeId::parse("spiffe://aws.example/fedmesh/gateway/aws-use1").unwrap(),
+            )
+            .unwrap()
+    }
+
+    fn open() -> OpenRequest {
+        OpenRequest {
+            service: ServiceKey::new("shop", "checkout"),
+            port: 8080,
+            target_cluster: "gcp-usc1".into(),
+            source: Some(SpiffeId::parse("spiffe://aws.example/ns/shop/sa/web").unwrap()),
+            traceparent: None,
+            deadline: DEFAULT_DEADLINE,
+        }
+    }
+
+    fn addrs(v: &[&str]) -> Vec<SocketAddr> {
+        v.iter().map(|a| a.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn endpoints_rank_own_zone_first_then_by_capacity() {
+        let got = routes().admit(&open(), &from_aws(), 0).unwrap();
+        assert_eq!(
+            got,
+            addrs(&[
+                "127.0.2.11:8080",
+                "127.0.2.13:8080",
+                "127.0.2.14:8080",
+                "127.0.2.10:8080"
+            ])
+        );
+        // Spreading rotates within a zone, never across the zone order.
+        let got = routes().admit(&open(), &from_aws(), 1).unwrap();
+        assert_eq!(
+            got,
+            addrs(&[
+                "127.0.2.11:8080",
+                "127.0.2.14:8080",
+                "127.0.2.13:8080",
+                "127.0.2.10:8080"
+            ])
+        );
+    }
+
+    #[test]
+    fn only_registered_gateways_of_the_right_domain_are_peers() {
+        let r = routes();
+        let id = |s: &str| SpiffeId::parse(s).unwrap();
+        assert!(
+            r.peer_gateway(&id("spiffe://aws.example/fedmesh/gateway/aws-use1"))
+                .is_ok()
+        );
+        for bad in [
+            "spiffe://aws.example/ns/shop/sa/web",
+            "spiffe://aws.example/fedmesh/gateway/unknown",
+            // Right name, someone else's trust domain.
+            "spiffe://evil.example/fedmesh/gateway/aws-use1",
+            "spiffe://aws.example/fedmesh/gateway/aws-use1/x",
+        ] {
+            assert!(r.peer_gateway(&id(bad)).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn every_refusal_has_its_status() {
+        let r = routes();
+        let from = from_aws();
+        let status = |o: OpenRequest, r: &Routes| r.admit(&o, &from, 0).unwrap_err().status;
+
+        let mut o = open();
+        o.target_cluster = "azure-weu".into();
+        assert_eq!(status(o, &r), Status::Forbidden);
+
+        let mut o = open();
+        o.source = Some(SpiffeId::parse("spiffe://gcp.example/ns/shop/sa/web").unwrap());
+        assert_eq!(
+            status(o, &r),
+            Status::Forbidden,
+            "aws gateway speaking for gcp"
+        );
+
+        let mut o = open();
+        o.source = None;
+        assert_eq!(status(o, &r), Status::BadRequest);
+
+        let mut o = open();
+        o.service = ServiceKey::new("shop", "cart");
+        assert_eq!(status(o, &r), Status::UnknownService);
+
+        let mut o = open();
+        o.port = 9090;
+        assert_eq!(status(o, &r), Status::UnknownService);
+
+        let mut r2 = r.clone();
+        let svc = r2.services.values_mut().next().unwrap();
+        svc.endpoints.iter_mut().for_each(|e| e.healthy = false);
+        assert_eq!(status(open(), &r2), Status::NoHealthyEndpoints);
+
+        let mut r3 = r.clone();
+        let svc = r3.services.values_mut().next().unwrap();
+        svc.allow = Some(vec![AllowRule {
+            cluster: "aws-use1".into(),
+            identities: vec![SpiffeId::parse("spiffe://aws.example/ns/shop/sa/api").unwrap()],
+        }]);
+        assert_eq!(status(open(), &r3), Status::Forbidden);
+        let svc = r3.services.values_mut().next().unwrap();
+        svc.allow = Some(vec![AllowRule {
+            cluster: "aws-use1".into(),
+            identities: vec![],
+        }]);
+        assert!(r3.admit(&open(), &from, 0).is_ok());
+    }
+
+    #[test]
+    fn unknown_clusters_and_clusters_without_gateways_are_unreachable() {
+        let mut r = routes();
+        assert_eq!(
+            r.gateways_of("azure").unwrap_err().status,
+            Status::Unreachable
+        );
+        r.peers.get_mut("aws-use1").unwrap().gateways.clear();
+        assert_eq!(
+            r.gateways_of("aws-use1").unwrap_err().status,
+            Status::Unreachable
+        );
+    }
+}

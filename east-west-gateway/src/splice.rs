@@ -1,0 +1,181 @@
+//! Moving bytes: reading and writing one header frame, then splicing a TCP
+//! (or TLS) stream with a QUIC stream until both directions end. QUIC's
+//! flow control is the back-pressure: a slow reader stops the writer's
+//! credit instead of filling the gateway's memory.
+
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use prometheus_client::metrics::counter::Counter;
+use prost::Message;
+use quinn::{RecvStream, SendStream, VarInt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::time::Instant;
+
+use crate::frame::{self, FrameError, PREFIX};
+
+/// Application error codes for QUIC stream resets and stops.
+pub mod code {
+    use quinn::VarInt;
+    /// The other side of the splice failed.
+    pub const ABORTED: VarInt = VarInt::from_u32(1);
+    /// No byte either way for the stream idle timeout.
+    pub const IDLE: VarInt = VarInt::from_u32(2);
+    /// The header was not a valid frame, or did not arrive in time.
+    pub const BAD_HEADER: VarInt = VarInt::from_u32(3);
+    /// The gateway is shutting down.
+    pub const SHUTDOWN: VarInt = VarInt::from_u32(4);
+    /// The stream was refused; its pipelined bytes are not wanted.
+    pub const REFUSED: VarInt = VarInt::from_u32(5);
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReadFrameError {
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    #[error("stream ended before a complete header")]
+    Eof,
+    #[error("reading the header: {0}")]
+    Io(io::Error),
+}
+
+/// Reads exactly one frame, and not a byte more: what follows belongs to
+/// the application and stays in the stream.
+pub async fn read_frame<M: Message + Default>(
+    what: &'static str,
+    r: &mut (impl AsyncRead + Unpin),
+) -> Result<M, ReadFrameError> {
+    let io = |e: io::Error| match e.kind() {
+        io::ErrorKind::UnexpectedEof => ReadFrameError::Eof,
+        _ => ReadFrameError::Io(e),
+    };
+    let mut prefix = [0u8; PREFIX];
+    r.read_exact(&mut prefix).await.map_err(io)?;
+    let mut body = vec![0u8; frame::body_len(prefix)?];
+    r.read_exact(&mut body).await.map_err(io)?;
+    Ok(frame::decode_body(what, &body)?)
+}
+
+pub async fn write_frame(w: &mut (impl AsyncWrite + Unpin), msg: &impl Message) -> io::Result<()> {
+    let bytes = frame::encode(msg).map_err(io::Error::other)?;
+    w.write_all(&bytes).await?;
+    w.flush().await
+}
+
+/// Bytes counted on the way through, per direction.
+#[derive(Debug, Clone)]
+pub struct Counters {
+    pub to_peer: Counter,
+    pub from_peer: Counter,
+}
+
+/// How a splice ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Spliced {
+    pub to_peer: u64,
+    pub from_peer: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpliceError {
+    #[error("local side: {0}")]
+    Local(io::Error),
+    #[error("peer side: {0}")]
+    Peer(String),
+    #[error("no byte either way for {0:?}")]
+    Idle(Duration),
+}
+
+const CHUNK: usize = 64 * 1024;
+
+/// Splices `(r, w)` with `(send, recv)` until both directions have ended
+/// cleanly, one fails, or neither moves for `idle`. On failure the QUIC
+/// stream is reset (never silently finished: the far end must not take a
+/// truncated stream for a complete one).
+pub async fn splice(
+    mut r: impl AsyncRead + Unpin,
+    mut w: impl AsyncWrite + Unpin,
+    send: &mut SendStream,
+    recv: &mut RecvStream,
+    idle: Duration,
+    counters: &Counters,
+) -> Result<Spliced, SpliceError> {
+    let start = Instant::now();
+    let last = Arc::new(AtomicU64::new(0));
+    let touch =
+        |last: &AtomicU64| last.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
+
+    let up = async {
+        let mut n = 0u64;
+        loop {
+            let mut buf = BytesMut::with_capacity(CHUNK);
+            let got = r.read_buf(&mut buf).await.map_err(SpliceError::Local)?;
+            if got == 0 {
+                send.finish()
+                    .map_err(|e| SpliceError::Peer(e.to_string()))?;
+                return Ok(n);
+            }
+            touch(&last);
+            n += got as u64;
+            counters.to_peer.inc_by(got as u64);
+            send.write_chunk(buf.freeze())
+                .await
+                .map_err(|e| SpliceError::Peer(e.to_string()))?;
+        }
+    };
+    let down = async {
+        let mut n = 0u64;
+        loop {
+            match recv.read_chunk(usize::MAX, true).await {
+                Ok(Some(chunk)) => {
+                    touch(&last);
+                    n += chunk.bytes.len() as u64;
+                    counters.from_peer.inc_by(chunk.bytes.len() as u64);
+                    w.write_all(&chunk.bytes)
+                        .await
+                        .map_err(SpliceError::Local)?;
+                }
+                Ok(None) => {
+                    w.shutdown().await.map_err(SpliceError::Local)?;
+                    return Ok(n);
+                }
+                Err(e) => return Err(SpliceError::Peer(e.to_string())),
+            }
+        }
+    };
+    let watchdog = async {
+        loop {
+            let seen = Duration::from_millis(last.load(Ordering::Relaxed));
+            let due = start + seen + idle;
+            if Instant::now() >= due {
+                return SpliceError::Idle(idle);
+            }
+            tokio::time::sleep_until(due).await;
+        }
+    };
+    let result = tokio::select! {
+        r = async { tokio::try_join!(up, down) } => r,
+        e = watchdog => Err(e),
+    };
+    match result {
+        Ok((to_peer, from_peer)) => Ok(Spliced { to_peer, from_peer }),
+        Err(e) => {
+            let why = match e {
+                SpliceError::Idle(_) => code::IDLE,
+                _ => code::ABORTED,
+            };
+            let _ = send.reset(why);
+            let _ = recv.stop(why);
+            Err(e)
+        }
+    }
+}
+
+/// Refuses a QUIC stream that never sent a valid header: reset both ways.
+pub fn reset_stream(send: &mut SendStream, recv: &mut RecvStream, why: VarInt) {
+    let _ = send.reset(why);
+    let _ = recv.stop(why);
+}
