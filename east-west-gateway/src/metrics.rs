@@ -135,8 +135,8 @@ pub fn handshake_reason(e: &quinn::ConnectionError) -> &'static str {
     // QUIC carries TLS alerts as transport errors 0x100 + alert (RFC 9001).
     match u64::from(code).checked_sub(0x100) {
         // bad_certificate, unsupported, revoked, expired, unknown, unknown_ca,
-        // certificate_required.
-        Some(42..=46 | 48 | 116) => "certificate",
+        // decrypt_error (a chain signed by the wrong key), certificate_required.
+        Some(42..=46 | 48 | 51 | 116) => "certificate",
         Some(120) => "alpn",
         Some(0..=255) => "tls",
         _ => "transport",

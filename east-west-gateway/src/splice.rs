@@ -161,7 +161,12 @@ pub async fn splice(
         e = watchdog => Err(e),
     };
     match result {
-        Ok((to_peer, from_peer)) => Ok(Spliced { to_peer, from_peer }),
+        Ok((to_peer, from_peer)) => {
+            // Done once the peer has acknowledged the last byte: a drain
+            // that closed the connection earlier would cut the tail off.
+            let _ = tokio::time::timeout(idle, send.stopped()).await;
+            Ok(Spliced { to_peer, from_peer })
+        }
         Err(e) => {
             let why = match e {
                 SpliceError::Idle(_) => code::IDLE,

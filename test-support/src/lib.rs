@@ -4,6 +4,8 @@
 //!   temporary data directory, optional auth, outage (`kill`) and `restart`.
 //! - [`relay::TcpRelay`]: a loopback TCP forwarder a test can cut and
 //!   restore, to break connections without stopping the server.
+//! - [`udp_relay::UdpRelay`]: a loopback UDP forwarder that can change its
+//!   upstream source port, as a NAT rebinding does.
 //! - [`eventually`]: poll a condition until a deadline instead of sleeping.
 //!
 //! Nothing here is a mock: what cannot run on a test machine (a Kubernetes
@@ -11,9 +13,11 @@
 
 pub mod etcd;
 pub mod relay;
+pub mod udp_relay;
 
 pub use etcd::{Etcd, EtcdOptions, HarnessError};
 pub use relay::TcpRelay;
+pub use udp_relay::UdpRelay;
 
 use std::future::Future;
 use std::time::Duration;

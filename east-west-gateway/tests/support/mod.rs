@@ -1,0 +1,298 @@
+//! Fixtures for gateway tests and benches: per-cluster CAs and SVIDs, real
+//! gateways on their cluster's loopback block (127.0.<n>.x), echo backends,
+//! and a minimal local proxy that opens tunnels through an egress.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::SystemTime;
+
+use east_west_gateway::routes::{ExportedService, Peer};
+use east_west_gateway::splice::{read_frame, write_frame};
+use east_west_gateway::{Gateway, GatewayOptions, Metrics, Routes, Settings};
+use fedmesh_api::{Endpoint, ServiceKey};
+use fedmesh_proto::tunnel::v1::{TunnelAccept, TunnelOpen};
+use rustls_pki_types::ServerName;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_rustls::client::TlsStream;
+use trust_bundle::tls::ALPN_TUNNEL;
+use trust_bundle::{
+    AllowIds, Bundle, BundleSet, CaOptions, ClusterCa, SpiffeId, Svid, SvidPolicy, TrustDomain,
+};
+
+/// One simulated cluster: its name, trust domain, CA and loopback block.
+pub struct Domain {
+    pub cluster: String,
+    pub td: TrustDomain,
+    pub ca: ClusterCa,
+    pub block: u8,
+}
+
+impl Domain {
+    pub fn new(cluster: &str, td: &str, block: u8) -> Self {
+        trust_bundle::install_default_provider();
+        init_tracing();
+        let td = TrustDomain::new(td).unwrap();
+        let ca = ClusterCa::generate(&td, &CaOptions::default(), SystemTime::now()).unwrap();
+        Self {
+            cluster: cluster.into(),
+            td,
+            ca,
+            block,
+        }
+    }
+
+    pub fn ip(&self, host: u8) -> IpAddr {
+        IpAddr::V4(Ipv4Addr::new(127, 0, self.block, host))
+    }
+
+    pub fn gateway_id(&self) -> SpiffeId {
+        SpiffeId::gateway(&self.td, &self.cluster).unwrap()
+    }
+
+    pub fn gateway_svid(&self) -> Svid {
+        self.ca
+            .issue(
+                &self.gateway_id(),
+                &SvidPolicy::default(),
+                SystemTime::now(),
+            )
+            .unwrap()
+    }
+
+    pub fn workload_id(&self, ns: &str, sa: &str) -> SpiffeId {
+        SpiffeId::workload(&self.td, ns, sa).unwrap()
+    }
+
+    pub fn workload_svid(&self, ns: &str, sa: &str) -> Svid {
+        self.ca
+            .issue(
+                &self.workload_id(ns, sa),
+                &SvidPolicy::default(),
+                SystemTime::now(),
+            )
+            .unwrap()
+    }
+
+    pub fn bundle(&self) -> Bundle {
+        Bundle::with_roots(self.td.clone(), [self.ca.cert_der().clone()])
+    }
+
+    /// Routes with no peers and no services yet.
+    pub fn routes(&self, zone: &str) -> Routes {
+        let mut r = Routes::new(&self.cluster, self.td.clone());
+        r.zone = Some(zone.into());
+        r
+    }
+
+    pub fn as_peer(&self, gateways: Vec<SocketAddr>) -> (String, Peer) {
+        (
+            self.cluster.clone(),
+            Peer {
+                trust_domain: self.td.clone(),
+                gateways,
+            },
+        )
+    }
+}
+
+pub fn bundles(domains: &[&Domain]) -> BundleSet {
+    let mut set = BundleSet::new();
+    for d in domains {
+        set.insert(d.bundle());
+    }
+    set
+}
+
+pub fn export(routes: &mut Routes, service: &str, port: u16, endpoints: &[(SocketAddr, &str)]) {
+    routes.services.insert(
+        service.parse::<ServiceKey>().unwrap(),
+        ExportedService {
+            ports: vec![port],
+            endpoints: endpoints
+                .iter()
+                .map(|(a, z)| Endpoint {
+                    address: *a,
+                    zone: (*z).into(),
+                    healthy: true,
+                })
+                .collect(),
+            allow: None,
+        },
+    );
+}
+
+/// A gateway in this process, with the senders that feed it.
+pub struct Gw {
+    pub gateway: Gateway,
+    pub routes: watch::Sender<Arc<Routes>>,
+    pub svid: watch::Sender<Arc<Svid>>,
+    pub bundles: watch::Sender<Arc<BundleSet>>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Gw {
+    pub fn quic(&self) -> SocketAddr {
+        self.gateway.quic_addr()
+    }
+
+    pub fn egress(&self) -> SocketAddr {
+        self.gateway.egress_addr().unwrap()
+    }
+
+    pub fn update(&self, f: impl FnOnce(&mut Routes)) {
+        self.routes.send_modify(|r| f(Arc::make_mut(r)));
+    }
+
+    /// Prometheus text of this gateway's metrics.
+    pub fn scrape(&self) -> String {
+        let mut reg = prometheus_client::registry::Registry::default();
+        self.metrics.register(&mut reg);
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &reg).unwrap();
+        out
+    }
+
+    /// The value of the sample whose line starts with `prefix`, or 0.
+    pub fn sample(&self, prefix: &str) -> f64 {
+        self.scrape()
+            .lines()
+            .find(|l| l.starts_with(prefix))
+            .and_then(|l| l.rsplit(' ').next())
+            .map(|v| v.parse().unwrap())
+            .unwrap_or(0.0)
+    }
+}
+
+pub async fn start_gateway(
+    d: &Domain,
+    host: u8,
+    egress: bool,
+    bundles: BundleSet,
+    routes: Routes,
+    settings: Settings,
+) -> Gw {
+    let (routes_tx, routes_rx) = watch::channel(Arc::new(routes));
+    let (svid_tx, svid_rx) = watch::channel(Arc::new(d.gateway_svid()));
+    let (bundles_tx, bundles_rx) = watch::channel(Arc::new(bundles));
+    let metrics = Arc::new(Metrics::default());
+    let options = GatewayOptions {
+        quic: SocketAddr::new(d.ip(host), 0),
+        egress: egress.then(|| SocketAddr::new(d.ip(host), 0)),
+        settings,
+    };
+    let gateway = Gateway::start(options, routes_rx, svid_rx, bundles_rx, metrics.clone())
+        .await
+        .unwrap();
+    Gw {
+        gateway,
+        routes: routes_tx,
+        svid: svid_tx,
+        bundles: bundles_tx,
+        metrics,
+    }
+}
+
+/// A TCP echo server; counts the connections it accepted.
+pub struct Echo {
+    pub addr: SocketAddr,
+    pub accepted: Arc<AtomicUsize>,
+    task: JoinHandle<()>,
+}
+
+impl Echo {
+    pub async fn start(ip: IpAddr) -> Self {
+        let listener = TcpListener::bind((ip, 0)).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let task = tokio::spawn({
+            let accepted = accepted.clone();
+            async move {
+                while let Ok((mut tcp, _)) = listener.accept().await {
+                    accepted.fetch_add(1, Ordering::SeqCst);
+                    tokio::spawn(async move {
+                        let _ = tcp.set_nodelay(true);
+                        let (mut r, mut w) = tcp.split();
+                        let _ = tokio::io::copy(&mut r, &mut w).await;
+                        let _ = tokio::io::AsyncWriteExt::shutdown(&mut w).await;
+                    });
+                }
+            }
+        });
+        Self {
+            addr,
+            accepted,
+            task,
+        }
+    }
+
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Echo {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A local proxy's TLS client: presents `svid`, accepts only `egress_of`'s
+/// gateway identity.
+pub fn proxy_tls(svid: Svid, bundles: BundleSet, egress_of: &Domain) -> Arc<rustls::ClientConfig> {
+    let (_s, svid) = watch::channel(Arc::new(svid));
+    let (_b, bundles) = watch::channel(Arc::new(bundles));
+    let authz = Arc::new(AllowIds::one(egress_of.gateway_id()));
+    Arc::new(trust_bundle::client_config(svid, bundles, authz, &[ALPN_TUNNEL]).unwrap())
+}
+
+pub fn open_msg(service: &str, port: u32, target: &str) -> TunnelOpen {
+    TunnelOpen {
+        service: service.into(),
+        port,
+        target_cluster: target.into(),
+        source_identity: String::new(),
+        traceparent: "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into(),
+        deadline_ms: 0,
+    }
+}
+
+/// Connects to an egress, sends `open`, and reads the answer.
+pub async fn open_tunnel(
+    egress: SocketAddr,
+    tls: Arc<rustls::ClientConfig>,
+    open: &TunnelOpen,
+) -> std::io::Result<(TlsStream<TcpStream>, TunnelAccept)> {
+    let tcp = TcpStream::connect(egress).await?;
+    tcp.set_nodelay(true)?;
+    let name = ServerName::try_from("fedmesh-gateway").unwrap();
+    let mut s = tokio_rustls::TlsConnector::from(tls)
+        .connect(name, tcp)
+        .await?;
+    write_frame(&mut s, open).await?;
+    let accept = read_frame::<TunnelAccept>("TunnelAccept", &mut s)
+        .await
+        .map_err(std::io::Error::other)?;
+    Ok((s, accept))
+}
+
+/// Deterministic bytes, so that both ends can check what went through.
+pub fn pattern(offset: u64, buf: &mut [u8]) {
+    for (i, b) in buf.iter_mut().enumerate() {
+        let x = offset + i as u64;
+        *b = (x ^ (x >> 8) ^ (x >> 16).wrapping_mul(31)) as u8;
+    }
+}
+
+/// Logs to the test's output when RUST_LOG is set.
+pub fn init_tracing() {
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+    }
+}

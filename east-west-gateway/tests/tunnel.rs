@@ -1,0 +1,669 @@
+//! The gateway end to end, on real sockets: a proxy's TLS connection to an
+//! egress gateway in cluster A, QUIC to the ingress gateway of cluster B,
+//! TCP to an echo backend. Each cluster has its own CA and trust domain.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use east_west_gateway::routes::AllowRule;
+use east_west_gateway::splice::{read_frame, write_frame};
+use east_west_gateway::{Settings, quic};
+use fedmesh_proto::tunnel::v1::{TunnelAccept, TunnelOpen, tunnel_accept::Status};
+use fedmesh_test_support::{UdpRelay, eventually};
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::watch;
+use trust_bundle::{BundleSet, SpiffeId, Svid};
+
+const ECHO: &str = "shop/echo";
+
+struct Pair {
+    a: Domain,
+    b: Domain,
+    gw_a: Gw,
+    gw_b: Gw,
+    echo: Echo,
+    proxy: Arc<rustls::ClientConfig>,
+}
+
+/// Cluster A (aws-use1, 127.0.1.x) with an egress; cluster B (gcp-usc1,
+/// 127.0.2.x) with an ingress in front of an echo service.
+async fn pair(settings_b: Settings) -> Pair {
+    let a = Domain::new("aws-use1", "aws.example", 1);
+    let b = Domain::new("gcp-usc1", "gcp.example", 2);
+    let echo = Echo::start(b.ip(10)).await;
+    let mut rb = b.routes("usc1-a");
+    rb.peers.extend([a.as_peer(vec![])]);
+    export(&mut rb, ECHO, 8080, &[(echo.addr, "usc1-a")]);
+    let gw_b = start_gateway(&b, 1, false, bundles(&[&a, &b]), rb, settings_b).await;
+    let mut ra = a.routes("use1-a");
+    ra.peers.extend([b.as_peer(vec![gw_b.quic()])]);
+    let gw_a = start_gateway(&a, 1, true, bundles(&[&a, &b]), ra, Settings::default()).await;
+    let proxy = proxy_tls(a.workload_svid("shop", "web"), bundles(&[&a]), &a);
+    Pair {
+        a,
+        b,
+        gw_a,
+        gw_b,
+        echo,
+        proxy,
+    }
+}
+
+impl Pair {
+    async fn open(
+        &self,
+        open: &TunnelOpen,
+    ) -> (
+        tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+        TunnelAccept,
+    ) {
+        open_tunnel(self.gw_a.egress(), self.proxy.clone(), open)
+            .await
+            .unwrap()
+    }
+
+    async fn status(&self, open: &TunnelOpen) -> (Status, String) {
+        let (_, a) = self.open(open).await;
+        (Status::try_from(a.status).unwrap(), a.message)
+    }
+}
+
+/// Echoes `msg` through an open tunnel.
+async fn ping<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(s: &mut S, msg: &[u8]) {
+    s.write_all(msg).await.unwrap();
+    let mut back = vec![0u8; msg.len()];
+    s.read_exact(&mut back).await.unwrap();
+    assert_eq!(back, msg);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_megabytes_round_trip_byte_exact() {
+    let p = pair(Settings::default()).await;
+    let (s, accept) = p.open(&open_msg(ECHO, 8080, "gcp-usc1")).await;
+    assert_eq!(accept.status, Status::Ok as i32, "{accept:?}");
+    assert_eq!(accept.endpoint, p.echo.addr.to_string());
+    const TOTAL: u64 = 100 * 1024 * 1024;
+    let (mut r, mut w) = tokio::io::split(s);
+    let writer = tokio::spawn(async move {
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut off = 0;
+        while off < TOTAL {
+            pattern(off, &mut buf);
+            w.write_all(&buf).await.unwrap();
+            off += buf.len() as u64;
+        }
+        w.shutdown().await.unwrap();
+    });
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut want = vec![0u8; 64 * 1024];
+    let mut off = 0u64;
+    loop {
+        let n = r.read(&mut buf).await.unwrap();
+        if n == 0 {
+            break;
+        }
+        pattern(off, &mut want[..n]);
+        assert!(buf[..n] == want[..n], "bytes differ after offset {off}");
+        off += n as u64;
+    }
+    writer.await.unwrap();
+    assert_eq!(off, TOTAL, "the echo ended early");
+    let sent = p
+        .gw_a
+        .sample("fedmesh_gateway_bytes_total{peer_cluster=\"gcp-usc1\",flow=\"to_peer\"}");
+    assert_eq!(sent as u64, TOTAL);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_concurrent_streams_share_one_connection() {
+    let p = Arc::new(pair(Settings::default()).await);
+    let mut tasks = Vec::new();
+    for i in 0..1000u32 {
+        let p = p.clone();
+        tasks.push(tokio::spawn(async move {
+            let (mut s, accept) = p.open(&open_msg(ECHO, 8080, "gcp-usc1")).await;
+            assert_eq!(accept.status, Status::Ok as i32, "{accept:?}");
+            let msg = format!("stream {i} ").repeat(100);
+            s.write_all(msg.as_bytes()).await.unwrap();
+            s.shutdown().await.unwrap();
+            let mut back = String::new();
+            s.read_to_string(&mut back).await.unwrap();
+            assert_eq!(back, msg);
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let opened = p.gw_b.sample(
+        "fedmesh_gateway_streams_opened_total{direction=\"ingress\",peer_cluster=\"aws-use1\"}",
+    );
+    assert_eq!(opened, 1000.0);
+    assert_eq!(p.echo.accepted(), 1000);
+    assert!(p.gw_a.gateway.pool().connected(p.gw_b.quic()));
+    let handshakes = p.gw_a.sample("fedmesh_gateway_handshake_failures_total");
+    assert_eq!(handshakes, 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_refusal_comes_before_any_application_byte() {
+    let settings = Settings {
+        max_streams_per_peer: 1,
+        ..Settings::default()
+    };
+    let p = pair(settings).await;
+    let closed_port = {
+        let l = std::net::TcpListener::bind((p.b.ip(11), 0)).unwrap();
+        l.local_addr().unwrap()
+    };
+    p.gw_b.update(|r| {
+        export(r, "shop/down", 8080, &[(closed_port, "usc1-a")]);
+        export(r, "shop/sick", 8080, &[(p.echo.addr, "usc1-a")]);
+        let sick = r.services.get_mut(&"shop/sick".parse().unwrap()).unwrap();
+        sick.endpoints[0].healthy = false;
+        export(r, "shop/guarded", 8080, &[(p.echo.addr, "usc1-a")]);
+        r.services
+            .get_mut(&"shop/guarded".parse().unwrap())
+            .unwrap()
+            .allow = Some(vec![AllowRule {
+            cluster: "aws-use1".into(),
+            identities: vec![SpiffeId::parse("spiffe://aws.example/ns/shop/sa/admin").unwrap()],
+        }]);
+    });
+
+    let cases: Vec<(TunnelOpen, Status, &str)> = vec![
+        (
+            open_msg("shop/nope", 8080, "gcp-usc1"),
+            Status::UnknownService,
+            "does not export",
+        ),
+        (
+            open_msg(ECHO, 9090, "gcp-usc1"),
+            Status::UnknownService,
+            "not 9090",
+        ),
+        (
+            open_msg("shop/down", 8080, "gcp-usc1"),
+            Status::NoHealthyEndpoints,
+            "no endpoint accepted",
+        ),
+        (
+            open_msg("shop/sick", 8080, "gcp-usc1"),
+            Status::NoHealthyEndpoints,
+            "no healthy endpoint",
+        ),
+        (
+            open_msg("shop/guarded", 8080, "gcp-usc1"),
+            Status::Forbidden,
+            "may not reach",
+        ),
+        (
+            open_msg("Shop/x", 8080, "gcp-usc1"),
+            Status::BadRequest,
+            "namespace",
+        ),
+        (
+            open_msg(ECHO, 8080, "aws-use1"),
+            Status::BadRequest,
+            "own cluster",
+        ),
+        (
+            open_msg(ECHO, 8080, "azure-weu"),
+            Status::Unreachable,
+            "not federated",
+        ),
+    ];
+    for (open, want, says) in cases {
+        let (mut s, a) = p.open(&open).await;
+        let status = Status::try_from(a.status).unwrap();
+        assert_eq!(status, want, "{open:?}: {a:?}");
+        assert!(
+            a.message.contains(says),
+            "{:?} should say {says:?}",
+            a.message
+        );
+        // The stream ends after the refusal.
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest).await;
+        assert!(rest.is_empty());
+    }
+    assert_eq!(p.echo.accepted(), 0, "a refused stream reached the backend");
+
+    // Pipelined bytes after a refused TunnelOpen go nowhere.
+    let (mut s, a) = p.open(&open_msg("shop/guarded", 8080, "gcp-usc1")).await;
+    assert_eq!(a.status, Status::Forbidden as i32);
+    let _ = s.write_all(b"GET / HTTP/1.1\r\n\r\n").await;
+
+    // OVERLOADED: the limit is one stream per peer cluster.
+    let (mut held, a) = p.open(&open_msg(ECHO, 8080, "gcp-usc1")).await;
+    assert_eq!(a.status, Status::Ok as i32);
+    ping(&mut held, b"held").await;
+    let (status, msg) = p.status(&open_msg(ECHO, 8080, "gcp-usc1")).await;
+    assert_eq!(status, Status::Overloaded, "{msg}");
+    drop(held);
+    eventually(
+        "the slot to be released",
+        Duration::from_secs(10),
+        || async {
+            let (status, _) = p.status(&open_msg(ECHO, 8080, "gcp-usc1")).await;
+            (status == Status::Ok).then_some(())
+        },
+    )
+    .await;
+
+    // UNREACHABLE: a peer whose only gateway does not answer.
+    let silent = std::net::UdpSocket::bind((p.b.ip(12), 0)).unwrap();
+    let c = Domain::new("azure-weu", "azure.example", 3);
+    p.gw_a.update(|r| {
+        r.peers.extend([(
+            "azure-weu".to_string(),
+            east_west_gateway::routes::Peer {
+                trust_domain: c.td.clone(),
+                gateways: vec![silent.local_addr().unwrap()],
+            },
+        )]);
+    });
+    let mut open = open_msg(ECHO, 8080, "azure-weu");
+    open.deadline_ms = 3000;
+    let (status, msg) = p.status(&open).await;
+    assert_eq!(status, Status::Unreachable, "{msg}");
+    // Now in backoff: the next stream fails fast, without a handshake.
+    let t = tokio::time::Instant::now();
+    let (status, msg) = p.status(&open).await;
+    assert_eq!(status, Status::Unreachable, "{msg}");
+    assert!(
+        msg.contains("backoff") || t.elapsed() < Duration::from_secs(3),
+        "{msg}"
+    );
+
+    for status in [
+        "unknown_service",
+        "no_healthy_endpoints",
+        "forbidden",
+        "overloaded",
+    ] {
+        let line = format!(
+            "fedmesh_gateway_streams_refused_total{{direction=\"ingress\",peer_cluster=\"aws-use1\",status=\"{status}\"}}"
+        );
+        assert!(p.gw_b.sample(&line) >= 1.0, "{line}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_headers_are_bad_requests() {
+    let p = pair(Settings::default()).await;
+    // Raw bytes to the egress: an oversized prefix, then garbage.
+    for raw in [vec![0xff, 0xff, 0xff, 0xff], {
+        let mut v = 3u32.to_be_bytes().to_vec();
+        v.extend([0xff, 0xff, 0xff]);
+        v
+    }] {
+        let tcp = tokio::net::TcpStream::connect(p.gw_a.egress())
+            .await
+            .unwrap();
+        let name = rustls_pki_types::ServerName::try_from("x").unwrap();
+        let mut s = tokio_rustls::TlsConnector::from(p.proxy.clone())
+            .connect(name, tcp)
+            .await
+            .unwrap();
+        s.write_all(&raw).await.unwrap();
+        let a: TunnelAccept = read_frame("TunnelAccept", &mut s).await.unwrap();
+        assert_eq!(a.status, Status::BadRequest as i32, "{a:?}");
+    }
+    // No ALPN: an unknown protocol version.
+    let mut no_alpn = (*p.proxy).clone();
+    no_alpn.alpn_protocols.clear();
+    let (_, a) = open_tunnel(
+        p.gw_a.egress(),
+        Arc::new(no_alpn),
+        &open_msg(ECHO, 8080, "gcp-usc1"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(a.status, Status::BadRequest as i32);
+    assert!(a.message.contains("protocol version"), "{}", a.message);
+}
+
+/// A QUIC client holding `svid`, that accepts only `peer`.
+async fn raw_connect(
+    ip: std::net::IpAddr,
+    svid: Svid,
+    bundles: BundleSet,
+    peer: SpiffeId,
+    to: SocketAddr,
+) -> Result<quinn::Connection, quinn::ConnectionError> {
+    let endpoint = quinn::Endpoint::client(SocketAddr::new(ip, 0)).unwrap();
+    let (_s, svid) = watch::channel(Arc::new(svid));
+    let (_b, bundles) = watch::channel(Arc::new(bundles));
+    let transport = Arc::new(quic::transport(&Settings::default()).unwrap());
+    let cfg = quic::client_config(svid, bundles, peer, transport).unwrap();
+    endpoint.connect_with(cfg, to, "gw").unwrap().await
+}
+
+async fn raw_stream(conn: &quinn::Connection, header: &[u8]) -> Result<TunnelAccept, String> {
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    send.write_all(header).await.map_err(|e| e.to_string())?;
+    read_frame::<TunnelAccept>("TunnelAccept", &mut recv)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+fn framed(open: &TunnelOpen) -> Vec<u8> {
+    east_west_gateway::frame::encode(open).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_streams_never_disturb_their_neighbours() {
+    let p = pair(Settings::default()).await;
+    let conn = raw_connect(
+        p.a.ip(50),
+        p.a.gateway_svid(),
+        bundles(&[&p.a, &p.b]),
+        p.b.gateway_id(),
+        p.gw_b.quic(),
+    )
+    .await
+    .unwrap();
+    let mut good = open_msg(ECHO, 8080, "gcp-usc1");
+    good.source_identity = "spiffe://aws.example/ns/shop/sa/web".into();
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    write_frame(&mut send, &good).await.unwrap();
+    let a: TunnelAccept = read_frame("TunnelAccept", &mut recv).await.unwrap();
+    assert_eq!(a.status, Status::Ok as i32, "{a:?}");
+    let mut live = tokio::io::join(recv, send);
+    ping(&mut live, b"before").await;
+
+    let mut garbage = 3u32.to_be_bytes().to_vec();
+    garbage.extend([0xff, 0xff, 0xff]);
+    let mut foreign = good.clone();
+    foreign.source_identity = "spiffe://gcp.example/ns/shop/sa/web".into();
+    let mut anonymous = good.clone();
+    anonymous.source_identity.clear();
+    let cases: Vec<(Vec<u8>, Status)> = vec![
+        (vec![0xff, 0xff, 0xff, 0xff], Status::BadRequest),
+        (garbage, Status::BadRequest),
+        (framed(&foreign), Status::Forbidden),
+        (framed(&anonymous), Status::BadRequest),
+    ];
+    for (header, want) in cases {
+        let a = raw_stream(&conn, &header).await.unwrap();
+        assert_eq!(a.status, want as i32, "{a:?}");
+    }
+    // A header cut short: the stream ends without an answer.
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(&framed(&good)[..6]).await.unwrap();
+    send.finish().unwrap();
+    assert!(
+        read_frame::<TunnelAccept>("TunnelAccept", &mut recv)
+            .await
+            .is_err()
+    );
+
+    ping(&mut live, b"after").await;
+    assert!(conn.close_reason().is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_egress_stamps_the_proxys_identity_and_keeps_the_trace() {
+    let p = pair(Settings::default()).await;
+    // A fake ingress for cluster B that records what it is sent.
+    let (_s, svid) = watch::channel(Arc::new(p.b.gateway_svid()));
+    let (_b, bset) = watch::channel(Arc::new(bundles(&[&p.a, &p.b])));
+    let transport = Arc::new(quic::transport(&Settings::default()).unwrap());
+    let server = quic::server_config(
+        svid,
+        bset,
+        Arc::new(trust_bundle::AllowAnyVerified),
+        transport,
+    )
+    .unwrap();
+    let fake = quinn::Endpoint::server(server, SocketAddr::new(p.b.ip(20), 0)).unwrap();
+    let fake_addr = fake.local_addr().unwrap();
+    let seen = tokio::spawn(async move {
+        let conn = fake.accept().await.unwrap().await.unwrap();
+        let (mut send, mut recv) = conn.accept_bi().await.unwrap();
+        let open: TunnelOpen = read_frame("TunnelOpen", &mut recv).await.unwrap();
+        write_frame(
+            &mut send,
+            &east_west_gateway::frame::accept_ok("10.0.0.1:80".into()),
+        )
+        .await
+        .unwrap();
+        send.finish().unwrap();
+        let _ = send.stopped().await;
+        open
+    });
+    p.gw_a
+        .update(|r| r.peers.get_mut("gcp-usc1").unwrap().gateways = vec![fake_addr]);
+    let mut open = open_msg(ECHO, 8080, "gcp-usc1");
+    open.source_identity = "spiffe://aws.example/ns/kube-system/sa/admin".into();
+    let (_, a) = p.open(&open).await;
+    assert_eq!(a.status, Status::Ok as i32, "{a:?}");
+    assert_eq!(a.endpoint, "10.0.0.1:80");
+    let got = seen.await.unwrap();
+    assert_eq!(got.source_identity, "spiffe://aws.example/ns/shop/sa/web");
+    assert_eq!(got.traceparent, open.traceparent);
+    assert_eq!((got.service.as_str(), got.port), (ECHO, 8080));
+    assert!(
+        got.deadline_ms > 0 && got.deadline_ms <= 5000,
+        "{}",
+        got.deadline_ms
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_gateways_are_refused_at_the_handshake() {
+    let p = pair(Settings::default()).await;
+    // Right SPIFFE ID, wrong CA.
+    let forged = Domain::new("aws-use1", "aws.example", 1);
+    let forged_svid = forged.gateway_svid();
+    let trusting_b = bundles(&[&p.a, &p.b]);
+    let result = raw_connect(
+        p.a.ip(51),
+        forged_svid,
+        trusting_b.clone(),
+        p.b.gateway_id(),
+        p.gw_b.quic(),
+    )
+    .await;
+    if let Ok(conn) = result {
+        // The client may finish its side before the server has judged its
+        // certificate; then the server's close follows.
+        let reason = tokio::time::timeout(Duration::from_secs(10), conn.closed())
+            .await
+            .unwrap();
+        assert!(
+            !matches!(reason, quinn::ConnectionError::LocallyClosed),
+            "{reason}"
+        );
+        assert!(
+            raw_stream(&conn, &framed(&open_msg(ECHO, 8080, "gcp-usc1")))
+                .await
+                .is_err()
+        );
+    }
+    eventually("the ingress to count the failed handshake", Duration::from_secs(5), || async {
+        let n = p.gw_b.sample(
+            "fedmesh_gateway_handshake_failures_total{direction=\"ingress\",peer_cluster=\"unknown\",reason=\"certificate\"}",
+        );
+        (n >= 1.0).then_some(())
+    })
+    .await;
+
+    // A well-formed gateway of a cluster B is not federated with.
+    let stranger = Domain::new("azure-weu", "azure.example", 3);
+    let mut with_stranger = trusting_b.clone();
+    with_stranger.insert(stranger.bundle());
+    let result = raw_connect(
+        stranger.ip(1),
+        stranger.gateway_svid(),
+        with_stranger,
+        p.b.gateway_id(),
+        p.gw_b.quic(),
+    )
+    .await;
+    if let Ok(conn) = result {
+        assert!(
+            raw_stream(&conn, &framed(&open_msg(ECHO, 8080, "gcp-usc1")))
+                .await
+                .is_err()
+        );
+    }
+
+    // The egress side: A's egress dials a gateway that holds a forged B
+    // identity; it is refused and the stream is UNREACHABLE.
+    let forged_b = Domain::new("gcp-usc1", "gcp.example", 2);
+    let mut rb = forged_b.routes("usc1-a");
+    rb.peers.extend([p.a.as_peer(vec![])]);
+    export(&mut rb, ECHO, 8080, &[(p.echo.addr, "usc1-a")]);
+    let impostor = start_gateway(
+        &forged_b,
+        2,
+        false,
+        bundles(&[&p.a, &forged_b]),
+        rb,
+        Settings::default(),
+    )
+    .await;
+    p.gw_a
+        .update(|r| r.peers.get_mut("gcp-usc1").unwrap().gateways = vec![impostor.quic()]);
+    let (status, msg) = p.status(&open_msg(ECHO, 8080, "gcp-usc1")).await;
+    assert_eq!(status, Status::Unreachable, "{msg}");
+    let failures = p.gw_a.sample(
+        "fedmesh_gateway_handshake_failures_total{direction=\"egress\",peer_cluster=\"gcp-usc1\",reason=\"certificate\"}",
+    );
+    assert_eq!(failures, 1.0);
+    assert_eq!(p.echo.accepted(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ca_rotation_with_live_streams_loses_none() {
+    let mut p = pair(Settings::default()).await;
+    let mut live = Vec::new();
+    for _ in 0..20 {
+        let (mut s, a) = p.open(&open_msg(ECHO, 8080, "gcp-usc1")).await;
+        assert_eq!(a.status, Status::Ok as i32);
+        ping(&mut s, b"before rotation").await;
+        live.push(s);
+    }
+    // B rotates: the new root is published next to the old one, B's
+    // gateway gets a leaf from the new root.
+    let old_b = std::mem::replace(&mut p.b, Domain::new("gcp-usc1", "gcp.example", 2));
+    let mut both = p.b.bundle();
+    both.add_root(old_b.ca.cert_der().clone());
+    let mut set = bundles(&[&p.a]);
+    set.insert(both);
+    p.gw_a.bundles.send_replace(Arc::new(set.clone()));
+    p.gw_b.bundles.send_replace(Arc::new(set));
+    p.gw_b.svid.send_replace(Arc::new(p.b.gateway_svid()));
+    for s in &mut live {
+        ping(s, b"during rotation").await;
+    }
+    // A new connection (a second egress in A) sees B's new leaf.
+    let mut ra = p.a.routes("use1-a");
+    ra.peers.extend([p.b.as_peer(vec![p.gw_b.quic()])]);
+    let a2 = start_gateway(
+        &p.a,
+        2,
+        true,
+        (**p.gw_a.bundles.borrow()).clone(),
+        ra,
+        Settings::default(),
+    )
+    .await;
+    let (mut s, a) = open_tunnel(
+        a2.egress(),
+        p.proxy.clone(),
+        &open_msg(ECHO, 8080, "gcp-usc1"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(a.status, Status::Ok as i32, "{a:?}");
+    ping(&mut s, b"new connection").await;
+    // The old root goes once its last leaf is gone.
+    let set = bundles(&[&p.a, &p.b]);
+    p.gw_a.bundles.send_replace(Arc::new(set.clone()));
+    p.gw_b.bundles.send_replace(Arc::new(set.clone()));
+    a2.bundles.send_replace(Arc::new(set));
+    for s in &mut live {
+        ping(s, b"after rotation").await;
+        s.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        s.read_to_end(&mut rest).await.unwrap();
+        assert!(rest.is_empty());
+    }
+    let aborted = p.gw_a.sample("fedmesh_gateway_handshake_failures_total");
+    assert_eq!(aborted, 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_survive_a_nat_rebinding() {
+    let p = pair(Settings::default()).await;
+    let relay = UdpRelay::start(p.a.ip(99), p.gw_b.quic()).await.unwrap();
+    p.gw_a
+        .update(|r| r.peers.get_mut("gcp-usc1").unwrap().gateways = vec![relay.addr()]);
+    let (mut s, a) = p.open(&open_msg(ECHO, 8080, "gcp-usc1")).await;
+    assert_eq!(a.status, Status::Ok as i32, "{a:?}");
+    ping(&mut s, &vec![7u8; 256 * 1024]).await;
+    let before = relay.source().unwrap();
+    let after = relay.rebind().await.unwrap();
+    assert_ne!(before.port(), after.port());
+    ping(&mut s, &vec![8u8; 256 * 1024]).await;
+    ping(&mut s, b"still here").await;
+    let (mut s2, a) = p.open(&open_msg(ECHO, 8080, "gcp-usc1")).await;
+    assert_eq!(a.status, Status::Ok as i32, "{a:?}");
+    ping(&mut s2, b"new stream on the same connection").await;
+    assert_eq!(
+        p.gw_a.sample("fedmesh_gateway_handshake_failures_total"),
+        0.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn draining_finishes_live_streams_and_refuses_new_ones() {
+    let p = pair(Settings {
+        drain_timeout: Duration::from_secs(30),
+        ..Settings::default()
+    })
+    .await;
+    let (mut s, a) = p.open(&open_msg(ECHO, 8080, "gcp-usc1")).await;
+    assert_eq!(a.status, Status::Ok as i32);
+    ping(&mut s, b"before drain").await;
+    let Pair {
+        gw_a, gw_b, proxy, ..
+    } = p;
+    assert_eq!(gw_b.gateway.active_streams(), 1);
+    let drain = tokio::spawn(async move { gw_b.gateway.shutdown().await });
+    // New streams are refused (OVERLOADED, which the egress passes on)
+    // while the live one goes on.
+    let refused = eventually(
+        "new streams to be refused",
+        Duration::from_secs(10),
+        || async {
+            let (_, a) = open_tunnel(
+                gw_a.egress(),
+                proxy.clone(),
+                &open_msg(ECHO, 8080, "gcp-usc1"),
+            )
+            .await
+            .ok()?;
+            (a.status != Status::Ok as i32).then_some(a)
+        },
+    )
+    .await;
+    assert!(
+        [Status::Overloaded as i32, Status::Unreachable as i32].contains(&refused.status),
+        "{refused:?}"
+    );
+    ping(&mut s, b"during drain").await;
+    assert!(!drain.is_finished());
+    s.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest).await.unwrap();
+    let left = drain.await.unwrap();
+    assert_eq!(left, 0, "the live stream was cut short");
+}
