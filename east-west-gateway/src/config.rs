@@ -53,8 +53,10 @@ pub struct Settings {
 impl Default for Settings {
     fn default() -> Self {
         Self {
-            keep_alive: Duration::from_millis(250),
-            idle_timeout: Duration::from_secs(1),
+            // A `kill -9` is noticed within about a second: the idle
+            // timeout, plus quinn's floor of three probe timeouts.
+            keep_alive: Duration::from_millis(150),
+            idle_timeout: Duration::from_millis(700),
             reconnect_base: Duration::from_millis(100),
             reconnect_max: Duration::from_secs(2),
             max_streams_per_peer: 4096,

@@ -145,7 +145,7 @@ async fn tunnel(
         let r = Refusal::new(Status::Overloaded, "gateway is draining before shutdown");
         return refuse(&mut send, &mut recv, &peer, &sh, r).await;
     }
-    let Some(_guard) = sh
+    let Some(guard) = sh
         .streams
         .acquire(&peer.cluster, sh.settings.max_streams_per_peer)
     else {
@@ -160,13 +160,17 @@ async fn tunnel(
     };
     let spread = sh.spread.fetch_add(1, Ordering::Relaxed);
     let admitted = sh.routes.borrow().admit(&req, &peer, spread);
-    let candidates = match admitted {
-        Ok(c) => c,
-        Err(r) => return refuse(&mut send, &mut recv, &peer, &sh, r).await,
+    let connected = match admitted {
+        Ok(candidates) => connect_first(&candidates, Instant::now() + req.deadline).await,
+        Err(r) => Err(r),
     };
-    let (tcp, endpoint) = match connect_first(&candidates, Instant::now() + req.deadline).await {
+    let (tcp, endpoint) = match connected {
         Ok(c) => c,
-        Err(r) => return refuse(&mut send, &mut recv, &peer, &sh, r).await,
+        Err(r) => {
+            // Free the slot before answering: the opener may retry at once.
+            drop(guard);
+            return refuse(&mut send, &mut recv, &peer, &sh, r).await;
+        }
     };
     if let Err(e) = write_frame(&mut send, &frame::accept_ok(endpoint.to_string())).await {
         tracing::debug!(error = %e, "peer went away before TunnelAccept");
@@ -191,6 +195,7 @@ async fn tunnel(
     )
     .await;
     active.dec();
+    drop(guard);
     match result {
         Ok(s) => {
             tracing::debug!(%endpoint, to_peer = s.to_peer, from_peer = s.from_peer, "tunnel closed")

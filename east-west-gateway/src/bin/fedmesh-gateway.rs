@@ -30,7 +30,9 @@ fn humantime_parse(s: &str) -> Result<Duration, String> {
 
 fn main() -> ExitCode {
     trust_bundle::install_default_provider();
+    // Logs go to stderr; stdout carries only the one "listening" line.
     tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
