@@ -391,3 +391,120 @@ impl StaticConfig {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+    use std::time::SystemTime;
+    use trust_bundle::{CaOptions, ClusterCa, SvidPolicy};
+
+    /// A valid document, and the files it names.
+    fn fixture() -> (String, HashMap<PathBuf, Vec<u8>>) {
+        let td = TrustDomain::new("gcp.example").unwrap();
+        let peer = TrustDomain::new("aws.example").unwrap();
+        let ca = ClusterCa::generate(&td, &CaOptions::default(), SystemTime::now()).unwrap();
+        let pca = ClusterCa::generate(&peer, &CaOptions::default(), SystemTime::now()).unwrap();
+        let id = SpiffeId::gateway(&td, "gcp-usc1").unwrap();
+        let svid = ca
+            .issue(&id, &SvidPolicy::default(), SystemTime::now())
+            .unwrap();
+        let files = HashMap::from([
+            (PathBuf::from("gw.pem"), svid.chain_pem().into_bytes()),
+            (PathBuf::from("gw-key.pem"), svid.key_pem().into_bytes()),
+            (
+                PathBuf::from("own.json"),
+                Bundle::with_roots(td, [ca.cert_der().clone()])
+                    .to_document()
+                    .into_bytes(),
+            ),
+            (
+                PathBuf::from("aws.json"),
+                Bundle::with_roots(peer, [pca.cert_der().clone()])
+                    .to_document()
+                    .into_bytes(),
+            ),
+        ]);
+        let yaml = r#"cluster: gcp-usc1
+trustDomain: gcp.example
+zone: usc1-a
+listen: {quic: "127.0.2.1:15443"}
+identity: {certificate: gw.pem, key: gw-key.pem}
+bundles: {gcp.example: own.json, aws.example: aws.json}
+peers:
+  - {cluster: aws-use1, trustDomain: aws.example, gateways: ["127.0.1.1:15443"]}
+services:
+  - name: shop/checkout
+    ports: [8080]
+    endpoints: [{address: "127.0.2.10:8080", zone: usc1-a}]
+    allow: [{cluster: aws-use1}]
+settings: {idleTimeout: 2s}
+"#;
+        (yaml.to_string(), files)
+    }
+
+    fn parse(yaml: &str, files: &HashMap<PathBuf, Vec<u8>>) -> Result<StaticConfig, ConfigError> {
+        StaticConfig::parse(yaml, "gw.yaml", |p| {
+            files
+                .get(p)
+                .cloned()
+                .ok_or_else(|| format!("no file {}", p.display()))
+        })
+    }
+
+    #[test]
+    fn a_full_document_loads() {
+        let (yaml, files) = fixture();
+        let c = parse(&yaml, &files).unwrap();
+        assert_eq!(c.routes.cluster, "gcp-usc1");
+        assert_eq!(c.routes.peers["aws-use1"].gateways.len(), 1);
+        assert_eq!(c.settings.idle_timeout, Duration::from_secs(2));
+        assert_eq!(c.settings.keep_alive, Settings::default().keep_alive);
+        assert_eq!(c.bundles.len(), 2);
+    }
+
+    #[test]
+    fn each_mistake_is_named() {
+        let (yaml, files) = fixture();
+        let cases = [
+            ("zone: usc1-a", "zone: USC1", "zone"),
+            (
+                "idleTimeout: 2s",
+                "idleTimeout: 50ms",
+                "settings.idleTimeout",
+            ),
+            ("idleTimeout: 2s", "idleTimeuot: 2s", "idleTimeuot"),
+            ("\"127.0.1.1:15443\"", "\"nowhere\"", "peers[0].gateways[0]"),
+            (
+                "aws.example: aws.json",
+                "aws.example: missing.json",
+                "bundles.aws.example",
+            ),
+            ("gcp.example: own.json, ", "", "own trust domain"),
+            ("name: shop/checkout", "name: checkout", "services[0].name"),
+            (
+                "ports: [8080]",
+                "ports: []",
+                "services[0] (shop/checkout).ports",
+            ),
+            ("\"127.0.2.10:8080\"", "\"x\"", "endpoints[0].address"),
+            (
+                "allow: [{cluster: aws-use1}]",
+                "allow: [{cluster: azure}]",
+                "allow[0].cluster",
+            ),
+            (
+                "cluster: gcp-usc1",
+                "cluster: gcp-other",
+                "but this gateway is",
+            ),
+        ];
+        for (from, to, want) in cases {
+            let bad = yaml.replacen(from, to, 1);
+            assert_ne!(bad, yaml, "{from}");
+            let err = parse(&bad, &files).err().unwrap().to_string();
+            assert!(err.starts_with("gw.yaml: "), "{err}");
+            assert!(err.contains(want), "{err:?} should name {want:?}");
+        }
+    }
+}

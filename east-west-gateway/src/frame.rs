@@ -272,6 +272,21 @@ mod tests {
     }
 
     #[test]
+    fn the_readme_example_is_exact() {
+        let open = TunnelOpen {
+            service: "shop/echo".into(),
+            port: 8080,
+            target_cluster: "gcp-usc1".into(),
+            ..Default::default()
+        };
+        let mut want = vec![0, 0, 0, 0x18, 0x0a, 0x09];
+        want.extend(b"shop/echo");
+        want.extend([0x10, 0x90, 0x3f, 0x1a, 0x08]);
+        want.extend(b"gcp-usc1");
+        assert_eq!(encode(&open).unwrap(), want);
+    }
+
+    #[test]
     fn oversized_frames_are_refused_from_the_prefix_alone() {
         let prefix = ((MAX_FRAME + 1) as u32).to_be_bytes();
         assert_eq!(
