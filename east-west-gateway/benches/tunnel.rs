@@ -8,6 +8,9 @@
 //! - Latency: 64-byte echoes at a fixed 1000 req/s for `SECS` (default 5)
 //!   seconds over one established tunnel, and over direct TCP.
 //!
+//! `UDP_PAYLOAD=<bytes>` raises the path-MTU ceiling (`maxUdpPayload`,
+//! default 1452) on both gateways, as on a jumbo-frame network.
+//!
 //! Loopback only; every loop is bounded in count and time.
 #![allow(clippy::unwrap_used)]
 
@@ -95,6 +98,11 @@ fn median(mut v: Vec<f64>) -> f64 {
 async fn main() {
     let total = env("BULK_MB", 256) * 1024 * 1024;
     let secs = env("SECS", 5);
+    let settings = Settings {
+        max_udp_payload: env("UDP_PAYLOAD", 1452) as u16,
+        ..Settings::default()
+    };
+    println!("maxUdpPayload {}", settings.max_udp_payload);
     let a = Domain::new("aws-use1", "aws.example", 1);
     let b = Domain::new("gcp-usc1", "gcp.example", 2);
     let echo = Echo::start(b.ip(10)).await;
@@ -103,10 +111,10 @@ async fn main() {
     rb.peers.extend([a.as_peer(vec![])]);
     export(&mut rb, "shop/echo", 8080, &[(echo.addr, "usc1-a")]);
     export(&mut rb, "shop/sink", 8080, &[(sink_addr, "usc1-a")]);
-    let gw_b = start_gateway(&b, 1, false, bundles(&[&a, &b]), rb, Settings::default()).await;
+    let gw_b = start_gateway(&b, 1, false, bundles(&[&a, &b]), rb, settings.clone()).await;
     let mut ra = a.routes("use1-a");
     ra.peers.extend([b.as_peer(vec![gw_b.quic()])]);
-    let gw_a = start_gateway(&a, 1, true, bundles(&[&a, &b]), ra, Settings::default()).await;
+    let gw_a = start_gateway(&a, 1, true, bundles(&[&a, &b]), ra, settings).await;
     let proxy = proxy_tls(a.workload_svid("shop", "web"), bundles(&[&a]), &a);
     let tunnel = |svc: &'static str| {
         let proxy = proxy.clone();
