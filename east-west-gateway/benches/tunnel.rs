@@ -5,6 +5,9 @@
 //! - Bulk: one tunnel (proxy TLS → egress → QUIC → ingress → backend)
 //!   carries `BULK_MB` (default 256) MiB to a sink, against the same bytes
 //!   over direct TCP. Three runs each, median reported.
+//! - Beside both: an HAProxy TCP+TLS chain (Debian's haproxy, installed by
+//!   `scripts/setup.sh haproxy` when missing). One instance in A originates
+//!   mutual TLS 1.3, a second in B terminates it, with the same CAs.
 //! - Latency: 64-byte echoes at a fixed 1000 req/s for `SECS` (default 5)
 //!   seconds over one established tunnel, and over direct TCP.
 //!
@@ -89,6 +92,82 @@ async fn latency<S: AsyncRead + AsyncWrite + Unpin>(mut s: S, secs: u64) -> Hist
     h
 }
 
+fn free_port(ip: std::net::IpAddr) -> SocketAddr {
+    std::net::TcpListener::bind((ip, 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// Two haproxy processes: `origin` (in A) → TLS → `term` (in B) → backend,
+/// one chain per backend. Returns the chains' entry addresses.
+async fn haproxy_chain(
+    dir: &std::path::Path,
+    a: &Domain,
+    b: &Domain,
+    backends: &[SocketAddr],
+) -> (Vec<SocketAddr>, Vec<tokio::process::Child>) {
+    if std::process::Command::new("haproxy")
+        .arg("-v")
+        .output()
+        .is_err()
+    {
+        let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/setup.sh");
+        let ok = std::process::Command::new(root)
+            .arg("haproxy")
+            .status()
+            .unwrap();
+        assert!(ok.success(), "installing haproxy failed");
+    }
+    let pem = |name: &str, svid: &trust_bundle::Svid| {
+        let path = dir.join(name);
+        std::fs::write(&path, format!("{}{}", svid.chain_pem(), svid.key_pem())).unwrap();
+        path.display().to_string()
+    };
+    let client = pem("origin.pem", &a.workload_svid("shop", "web"));
+    let server = pem("term.pem", &b.gateway_svid());
+    let a_ca = dir.join("a-ca.pem");
+    std::fs::write(&a_ca, a.ca.cert_pem()).unwrap();
+    let b_ca = dir.join("b-ca.pem");
+    std::fs::write(&b_ca, b.ca.cert_pem()).unwrap();
+    let head = "global\n  maxconn 1000\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n";
+    let (mut origin, mut term, mut entries) = (head.to_string(), head.to_string(), Vec::new());
+    for (i, backend) in backends.iter().enumerate() {
+        let entry = free_port(a.ip(30));
+        let hop = free_port(b.ip(30));
+        origin += &format!(
+            "listen o{i}\n  bind {entry}\n  server t {hop} ssl verify required ca-file {} crt {client} ssl-min-ver TLSv1.3\n",
+            b_ca.display()
+        );
+        term += &format!(
+            "listen t{i}\n  bind {hop} ssl crt {server} verify required ca-file {} ssl-min-ver TLSv1.3\n  server b {backend}\n",
+            a_ca.display()
+        );
+        entries.push(entry);
+    }
+    let mut children = Vec::new();
+    for (name, cfg) in [("origin.cfg", origin), ("term.cfg", term)] {
+        let path = dir.join(name);
+        std::fs::write(&path, cfg).unwrap();
+        children.push(
+            tokio::process::Command::new("haproxy")
+                .args(["-db", "-f"])
+                .arg(&path)
+                .kill_on_drop(true)
+                .spawn()
+                .unwrap(),
+        );
+    }
+    for e in &entries {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(e).await.is_err() {
+            assert!(Instant::now() < deadline, "haproxy did not listen on {e}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    (entries, children)
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
@@ -133,36 +212,44 @@ async fn main() {
         s
     };
 
-    let (mut t, mut d) = (Vec::new(), Vec::new());
+    let dir = tempfile::tempdir().unwrap();
+    let (chain, _haproxy) = haproxy_chain(dir.path(), &a, &b, &[sink_addr, echo.addr]).await;
+
+    let (mut t, mut d, mut h) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..3 {
         d.push(bulk(direct(sink_addr).await, total).await);
+        h.push(bulk(direct(chain[0]).await, total).await);
         t.push(bulk(tunnel("shop/sink").await, total).await);
     }
-    let (t, d) = (median(t), median(d));
+    let (t, d, h) = (median(t), median(d), median(h));
     println!("bulk, one stream, {} MiB, median of 3:", total >> 20);
-    println!("  direct TCP     {d:7.2} Gbit/s");
-    println!("  fedmesh tunnel {t:7.2} Gbit/s   ({:.2}x direct)", t / d);
+    println!("  direct TCP         {d:7.2} Gbit/s");
+    println!("  HAProxy TLS chain  {h:7.2} Gbit/s");
+    println!(
+        "  fedmesh tunnel     {t:7.2} Gbit/s   ({:.2}x direct, {:.2}x HAProxy)",
+        t / d,
+        t / h
+    );
 
     let hd = latency(direct(echo.addr).await, secs).await;
+    let hh = latency(direct(chain[1]).await, secs).await;
     let ht = latency(tunnel("shop/echo").await, secs).await;
     let us = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1000.0;
     println!(
         "latency, 64 B echo at 1000 req/s for {secs} s ({} samples):",
         ht.len()
     );
-    println!(
-        "  direct TCP     p50 {:7.1} us  p99 {:7.1} us",
-        us(&hd, 0.5),
-        us(&hd, 0.99)
-    );
-    println!(
-        "  fedmesh tunnel p50 {:7.1} us  p99 {:7.1} us",
-        us(&ht, 0.5),
-        us(&ht, 0.99)
-    );
-    println!(
-        "  added          p50 {:7.1} us  p99 {:7.1} us",
-        us(&ht, 0.5) - us(&hd, 0.5),
-        us(&ht, 0.99) - us(&hd, 0.99)
-    );
+    for (name, x) in [
+        ("direct TCP", &hd),
+        ("HAProxy TLS chain", &hh),
+        ("fedmesh tunnel", &ht),
+    ] {
+        println!(
+            "  {name:<18} p50 {:7.1} us  p99 {:7.1} us  (added p50 {:6.1}, p99 {:6.1})",
+            us(x, 0.5),
+            us(x, 0.99),
+            us(x, 0.5) - us(&hd, 0.5),
+            us(x, 0.99) - us(&hd, 0.99)
+        );
+    }
 }
