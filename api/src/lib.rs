@@ -11,7 +11,7 @@ pub mod names;
 pub mod records;
 
 pub use keys::{DEFAULT_PREFIX, GlobalKey, KeySpace};
-pub use local::{Endpoint, LocalService, LocalServices, ServiceKey};
+pub use local::{Endpoint, ListedEndpoint, LocalService, LocalServices, ServiceKey};
 pub use names::{NameError, validate_label};
 pub use records::{
     AliveRecord, ClusterRecord, ExportSummary, GatewayAddress, ZoneCapacity, validate_locality,

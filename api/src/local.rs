@@ -71,6 +71,51 @@ pub struct LocalService {
     pub endpoints: Vec<Endpoint>,
 }
 
+/// An endpoint as a config file lists it, before its checks.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListedEndpoint {
+    pub address: String,
+    pub zone: String,
+    #[serde(default = "healthy_by_default")]
+    pub healthy: bool,
+}
+
+fn healthy_by_default() -> bool {
+    true
+}
+
+impl LocalService {
+    /// Checks a service's listed ports and endpoints. An error names the
+    /// field relative to the service: `ports: …`, `endpoints[1].address: …`.
+    pub fn from_listed(
+        ports: Vec<u16>,
+        listed: impl IntoIterator<Item = ListedEndpoint>,
+    ) -> Result<Self, String> {
+        if ports.is_empty() || ports.contains(&0) {
+            return Err("ports: list one or more ports from 1 to 65535".into());
+        }
+        let mut endpoints: Vec<Endpoint> = Vec::new();
+        for (j, e) in listed.into_iter().enumerate() {
+            let at = format!("endpoints[{j}]");
+            let address: SocketAddr = e
+                .address
+                .parse()
+                .map_err(|_| format!("{at}.address: {:?} is not an ip:port address", e.address))?;
+            crate::validate_label("zone", &e.zone).map_err(|err| format!("{at}: {err}"))?;
+            if endpoints.iter().any(|x| x.address == address) {
+                return Err(format!("{at}.address: {address} is listed twice"));
+            }
+            endpoints.push(Endpoint {
+                address,
+                zone: e.zone,
+                healthy: e.healthy,
+            });
+        }
+        Ok(Self { ports, endpoints })
+    }
+}
+
 /// Everything a local discovery source reports, by service.
 pub type LocalServices = BTreeMap<ServiceKey, LocalService>;
 

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use fedmesh_api::{Endpoint, ServiceKey, validate_label};
+use fedmesh_api::{ListedEndpoint, LocalService, ServiceKey, validate_label};
 use serde::Deserialize;
 use trust_bundle::{Bundle, BundleSet, SpiffeId, Svid, TrustDomain};
 
@@ -168,22 +168,9 @@ struct ServiceFile {
     name: String,
     ports: Vec<u16>,
     #[serde(default)]
-    endpoints: Vec<EndpointFile>,
+    endpoints: Vec<ListedEndpoint>,
     #[serde(default)]
     allow: Option<Vec<AllowFile>>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct EndpointFile {
-    address: String,
-    zone: String,
-    #[serde(default = "yes")]
-    healthy: bool,
-}
-
-fn yes() -> bool {
-    true
 }
 
 #[derive(Debug, Deserialize)]
@@ -307,30 +294,8 @@ impl StaticConfig {
             let at = format!("{at} ({key})");
             validate_label("namespace", &key.namespace).map_err(|e| err(format!("{at}: {e}")))?;
             validate_label("service name", &key.name).map_err(|e| err(format!("{at}: {e}")))?;
-            if s.ports.is_empty() || s.ports.contains(&0) {
-                return Err(err(format!(
-                    "{at}.ports: list one or more ports from 1 to 65535"
-                )));
-            }
-            let mut endpoints: Vec<Endpoint> = Vec::with_capacity(s.endpoints.len());
-            for (j, e) in s.endpoints.into_iter().enumerate() {
-                let at = format!("{at}.endpoints[{j}]");
-                let address: SocketAddr = e.address.parse().map_err(|_| {
-                    err(format!(
-                        "{at}.address: {:?} is not an ip:port address",
-                        e.address
-                    ))
-                })?;
-                validate_label("zone", &e.zone).map_err(|err2| err(format!("{at}: {err2}")))?;
-                if endpoints.iter().any(|x| x.address == address) {
-                    return Err(err(format!("{at}.address: {address} is listed twice")));
-                }
-                endpoints.push(Endpoint {
-                    address,
-                    zone: e.zone,
-                    healthy: e.healthy,
-                });
-            }
+            let listed = LocalService::from_listed(s.ports, s.endpoints)
+                .map_err(|e| err(format!("{at}.{e}")))?;
             let allow = match s.allow {
                 None => None,
                 Some(rules) => {
@@ -361,8 +326,8 @@ impl StaticConfig {
                 }
             };
             let svc = ExportedService {
-                ports: s.ports,
-                endpoints,
+                ports: listed.ports,
+                endpoints: listed.endpoints,
                 allow,
             };
             if routes.services.insert(key.clone(), svc).is_some() {

@@ -24,7 +24,7 @@ use trust_bundle::{SpiffeId, TrustDomain};
 use crate::frame::{self, OpenRequest, Refusal};
 use crate::gateway::Shared;
 use crate::health::{PeerHealth, try_order};
-use crate::metrics::{GatewayLabels, StreamLabels, handshake_reason};
+use crate::metrics::{GatewayLabels, handshake_reason};
 use crate::quic;
 use crate::splice::{self, ReadFrameError, code, read_frame, write_frame};
 
@@ -82,22 +82,15 @@ async fn connection(tcp: TcpStream, remote: SocketAddr, acceptor: TlsAcceptor, p
             return answer(&mut tls, &r.to_wire()).await;
         }
     };
-    let span = tracing::info_span!(
-        "tunnel",
-        direction = DIRECTION,
-        peer_cluster = %req.target_cluster,
-        service = %req.service,
-        port = req.port,
-        source = %req.source.as_ref().map(|s| s.as_str()).unwrap_or(""),
-        traceparent = %req.traceparent.as_deref().unwrap_or(""),
-    );
+    let span = req.span(DIRECTION, &req.target_cluster);
     async move {
         let _guard = sh.streams.track();
         let mut opened = match pool.open(&req).await {
             Ok(o) => o,
             Err(r) => {
                 tracing::debug!(refusal = %r, "stream refused");
-                sh.metrics.refused(DIRECTION, &req.target_cluster, r.label());
+                sh.metrics
+                    .refused(DIRECTION, &req.target_cluster, r.label());
                 return answer(&mut tls, &r.to_wire()).await;
             }
         };
@@ -105,29 +98,17 @@ async fn connection(tcp: TcpStream, remote: SocketAddr, acceptor: TlsAcceptor, p
             tracing::debug!(error = %e, "proxy went away before TunnelAccept");
             return splice::reset_stream(&mut opened.send, &mut opened.recv, code::ABORTED);
         }
-        let labels = StreamLabels {
-            direction: DIRECTION,
-            peer_cluster: req.target_cluster.clone(),
-        };
-        sh.metrics.streams_opened.get_or_create(&labels).inc();
-        let active = sh.metrics.streams_active.get_or_create(&labels).clone();
-        active.inc();
-        let counters = sh.counters(&req.target_cluster);
-        let (r, w) = tokio::io::split(tls);
-        let result = splice::splice(
-            r,
-            w,
+        let gateway = opened.gateway.to_string();
+        let halves = tokio::io::split(tls);
+        sh.relay(
+            DIRECTION,
+            &req.target_cluster,
+            &gateway,
+            halves,
             &mut opened.send,
             &mut opened.recv,
-            sh.settings.stream_idle_timeout,
-            &counters,
         )
         .await;
-        active.dec();
-        match result {
-            Ok(s) => tracing::debug!(gateway = %opened.gateway, to_peer = s.to_peer, from_peer = s.from_peer, "tunnel closed"),
-            Err(e) => tracing::debug!(gateway = %opened.gateway, error = %e, "tunnel aborted"),
-        }
     }
     .instrument(span)
     .await

@@ -86,6 +86,19 @@ pub struct OpenRequest {
 }
 
 impl OpenRequest {
+    /// The span a tunnel runs in, carrying the caller's trace context.
+    pub fn span(&self, direction: &'static str, peer_cluster: &str) -> tracing::Span {
+        tracing::info_span!(
+            "tunnel",
+            direction,
+            peer_cluster,
+            service = %self.service,
+            port = self.port,
+            source = self.source.as_ref().map(|s| s.as_str()).unwrap_or(""),
+            traceparent = self.traceparent.as_deref().unwrap_or(""),
+        )
+    }
+
     pub fn to_wire(&self) -> TunnelOpen {
         TunnelOpen {
             service: self.service.to_string(),

@@ -8,6 +8,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use quinn::{RecvStream, SendStream};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
@@ -17,9 +19,9 @@ use trust_bundle::{AuthorizeFn, BundleSet, Svid};
 
 use crate::config::Settings;
 use crate::egress::{self, Pool};
-use crate::metrics::{BytesLabels, Metrics};
+use crate::metrics::{BytesLabels, Direction, Metrics, StreamLabels};
 use crate::routes::Routes;
-use crate::splice::{Counters, code};
+use crate::splice::{self, Counters, code};
 use crate::{ingress, quic};
 
 /// What the ingress and egress share.
@@ -37,19 +39,48 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    pub fn counters(&self, peer_cluster: &str) -> Counters {
-        let get = |flow| {
-            self.metrics
-                .bytes
+    /// Splices an accepted tunnel with `to` (the endpoint or gateway on the
+    /// far side, for the log), counting it and its bytes for `peer_cluster`.
+    pub async fn relay(
+        &self,
+        direction: Direction,
+        peer_cluster: &str,
+        to: &str,
+        (r, w): (impl AsyncRead + Unpin, impl AsyncWrite + Unpin),
+        send: &mut SendStream,
+        recv: &mut RecvStream,
+    ) {
+        let m = &self.metrics;
+        let labels = StreamLabels {
+            direction,
+            peer_cluster: peer_cluster.into(),
+        };
+        m.streams_opened.get_or_create(&labels).inc();
+        let active = m.streams_active.get_or_create(&labels).clone();
+        let bytes = |flow| {
+            m.bytes
                 .get_or_create(&BytesLabels {
                     peer_cluster: peer_cluster.into(),
                     flow,
                 })
                 .clone()
         };
-        Counters {
-            to_peer: get("to_peer"),
-            from_peer: get("from_peer"),
+        let counters = Counters {
+            to_peer: bytes("to_peer"),
+            from_peer: bytes("from_peer"),
+        };
+        active.inc();
+        let idle = self.settings.stream_idle_timeout;
+        let result = splice::splice(r, w, send, recv, idle, &counters).await;
+        active.dec();
+        match result {
+            Ok(s) => tracing::debug!(
+                to,
+                to_peer = s.to_peer,
+                from_peer = s.from_peer,
+                "tunnel closed"
+            ),
+            Err(e) => tracing::debug!(to, error = %e, "tunnel aborted"),
         }
     }
 }

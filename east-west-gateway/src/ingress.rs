@@ -15,7 +15,7 @@ use tracing::Instrument;
 
 use crate::frame::{self, OpenRequest, Refusal};
 use crate::gateway::Shared;
-use crate::metrics::{GatewayLabels, StreamLabels, handshake_reason};
+use crate::metrics::{GatewayLabels, handshake_reason};
 use crate::routes::PeerGateway;
 use crate::splice::{self, ReadFrameError, code, read_frame, write_frame};
 
@@ -122,15 +122,7 @@ async fn stream(
             return refuse(&mut send, &mut recv, &peer, &sh, r).await;
         }
     };
-    let span = tracing::info_span!(
-        "tunnel",
-        direction = DIRECTION,
-        peer_cluster = %peer.cluster,
-        service = %req.service,
-        port = req.port,
-        source = %req.source.as_ref().map(|s| s.as_str()).unwrap_or(""),
-        traceparent = %req.traceparent.as_deref().unwrap_or(""),
-    );
+    let span = req.span(DIRECTION, &peer.cluster);
     tunnel(send, recv, req, peer, sh).instrument(span).await
 }
 
@@ -176,32 +168,17 @@ async fn tunnel(
         tracing::debug!(error = %e, "peer went away before TunnelAccept");
         return;
     }
-    let labels = StreamLabels {
-        direction: DIRECTION,
-        peer_cluster: peer.cluster.clone(),
-    };
-    sh.metrics.streams_opened.get_or_create(&labels).inc();
-    let active = sh.metrics.streams_active.get_or_create(&labels).clone();
-    active.inc();
-    let (r, w) = tcp.into_split();
-    let counters = sh.counters(&peer.cluster);
-    let result = splice::splice(
-        r,
-        w,
+    let to = endpoint.to_string();
+    sh.relay(
+        DIRECTION,
+        &peer.cluster,
+        &to,
+        tcp.into_split(),
         &mut send,
         &mut recv,
-        sh.settings.stream_idle_timeout,
-        &counters,
     )
     .await;
-    active.dec();
     drop(guard);
-    match result {
-        Ok(s) => {
-            tracing::debug!(%endpoint, to_peer = s.to_peer, from_peer = s.from_peer, "tunnel closed")
-        }
-        Err(e) => tracing::debug!(%endpoint, error = %e, "tunnel aborted"),
-    }
 }
 
 /// Connects to the first endpoint that answers, trying at most three, and

@@ -6,13 +6,11 @@
 //! and endpoints, re-read when the file changes. A bad edit is reported with
 //! its line and column, and the last good version stays in force.
 
-use std::collections::BTreeSet;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use fedmesh_api::{Endpoint, LocalService, LocalServices, ServiceKey, validate_label};
+use fedmesh_api::{ListedEndpoint, LocalService, LocalServices, ServiceKey, validate_label};
 use serde::Deserialize;
 use tokio::sync::watch;
 
@@ -44,20 +42,7 @@ struct FileService {
     name: String,
     ports: Vec<u16>,
     #[serde(default)]
-    endpoints: Vec<FileEndpoint>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileEndpoint {
-    address: String,
-    zone: String,
-    #[serde(default = "yes")]
-    healthy: bool,
-}
-
-fn yes() -> bool {
-    true
+    endpoints: Vec<ListedEndpoint>,
 }
 
 /// Parses and validates a registry document. `origin` names the file.
@@ -76,36 +61,9 @@ pub fn parse_registry(yaml: &str, origin: &str) -> Result<LocalServices, Registr
         let at = format!("services[{i}] ({}/{})", svc.namespace, svc.name);
         validate_label("namespace", &svc.namespace).map_err(|e| err(format!("{at}: {e}")))?;
         validate_label("service name", &svc.name).map_err(|e| err(format!("{at}: {e}")))?;
-        if svc.ports.is_empty() || svc.ports.contains(&0) {
-            return Err(err(format!(
-                "{at}: ports: list one or more ports from 1 to 65535"
-            )));
-        }
-        let mut seen = BTreeSet::new();
-        let mut endpoints = Vec::with_capacity(svc.endpoints.len());
-        for (j, ep) in svc.endpoints.into_iter().enumerate() {
-            let at = format!("{at}.endpoints[{j}]");
-            let address: SocketAddr = ep.address.parse().map_err(|_| {
-                err(format!(
-                    "{at}.address: {:?} is not an ip:port address",
-                    ep.address
-                ))
-            })?;
-            validate_label("zone", &ep.zone).map_err(|e| err(format!("{at}: {e}")))?;
-            if !seen.insert(address) {
-                return Err(err(format!("{at}.address: {address} is listed twice")));
-            }
-            endpoints.push(Endpoint {
-                address,
-                zone: ep.zone,
-                healthy: ep.healthy,
-            });
-        }
+        let service = LocalService::from_listed(svc.ports, svc.endpoints)
+            .map_err(|e| err(format!("{at}.{e}")))?;
         let key = ServiceKey::new(&svc.namespace, &svc.name);
-        let service = LocalService {
-            ports: svc.ports,
-            endpoints,
-        };
         if out.insert(key.clone(), service).is_some() {
             return Err(err(format!("{at}: service {key} is listed twice")));
         }
