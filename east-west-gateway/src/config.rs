@@ -12,6 +12,9 @@ use fedmesh_api::{ListedEndpoint, LocalService, ServiceKey, validate_label};
 use serde::Deserialize;
 use trust_bundle::{Bundle, BundleSet, SpiffeId, Svid, TrustDomain};
 
+use fedmesh_discovery::ControllerAccess;
+
+use crate::discovered::Local;
 use crate::health::BackoffPolicy;
 use crate::routes::{AllowRule, ExportedService, Peer, Routes};
 
@@ -137,14 +140,32 @@ struct File {
     #[serde(default)]
     zone: Option<String>,
     listen: Listen,
-    identity: IdentityFiles,
-    bundles: BTreeMap<String, PathBuf>,
+    /// Discovery mode: everything below comes from the controller.
+    #[serde(default)]
+    controller: Option<ControllerFile>,
+    #[serde(default)]
+    identity: Option<IdentityFiles>,
+    #[serde(default)]
+    bundles: Option<BTreeMap<String, PathBuf>>,
     #[serde(default)]
     peers: Vec<PeerFile>,
     #[serde(default)]
     services: Vec<ServiceFile>,
     #[serde(default)]
     settings: Settings,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct ControllerFile {
+    /// The controller's discovery API.
+    address: SocketAddr,
+    /// This cluster's own bundle document: how the gateway verifies the
+    /// controller before it has anything else.
+    bundle: PathBuf,
+    /// A file holding the join token that lets `Certify` issue this
+    /// gateway's identity.
+    join_token_file: PathBuf,
 }
 
 #[derive(Debug, Deserialize)]
@@ -192,16 +213,25 @@ pub struct StaticConfig {
     pub bundles: BundleSet,
 }
 
-#[derive(Debug, thiserror::Error)]
-#[error("{origin}: {message}")]
-pub struct ConfigError {
-    pub origin: String,
-    /// Names the field (and the YAML line and column, where the parser
-    /// knows them).
-    pub message: String,
+/// A gateway that takes its routes, bundles and SVID from the controller.
+#[derive(Debug)]
+pub struct DiscoveryConfig {
+    pub listen: Listen,
+    pub settings: Settings,
+    pub local: Local,
+    pub access: ControllerAccess,
+    /// Our own trust domain's bundle, to verify the controller.
+    pub bootstrap: BundleSet,
 }
 
-impl StaticConfig {
+/// Either kind of config file.
+#[derive(Debug)]
+pub enum GatewayConfig {
+    Static(Box<StaticConfig>),
+    Discovery(Box<DiscoveryConfig>),
+}
+
+impl GatewayConfig {
     /// Reads `path` and the files it names (relative to its directory).
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let origin = path.display().to_string();
@@ -209,8 +239,8 @@ impl StaticConfig {
             origin: origin.clone(),
             message: format!("cannot read: {e}"),
         })?;
-        let base = path.parent().unwrap_or(Path::new("."));
-        Self::parse(&text, &origin, |p| {
+        let base = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+        Self::parse(&text, &origin, move |p| {
             let full = base.join(p);
             std::fs::read(&full).map_err(|e| format!("cannot read {}: {e}", full.display()))
         })
@@ -227,134 +257,245 @@ impl StaticConfig {
             message,
         };
         let f: File = serde_saphyr::from_str(yaml).map_err(|e| err(e.to_string()))?;
-        f.settings
-            .validate()
-            .map_err(|e| err(format!("settings.{e}")))?;
-        validate_label("cluster", &f.cluster).map_err(|e| err(e.to_string()))?;
-        let td = TrustDomain::new(&f.trust_domain).map_err(|e| err(format!("trustDomain: {e}")))?;
-        if let Some(z) = &f.zone {
-            validate_label("zone", z).map_err(|e| err(e.to_string()))?;
+        match f.controller {
+            Some(_) => discovery(f, &read)
+                .map(|c| GatewayConfig::Discovery(Box::new(c)))
+                .map_err(err),
+            None => parse_static(f, &read)
+                .map(|c| GatewayConfig::Static(Box::new(c)))
+                .map_err(err),
         }
-        let mut routes = Routes::new(&f.cluster, td.clone());
-        routes.zone = f.zone;
-
-        let mut bundles = BundleSet::new();
-        for (name, file) in &f.bundles {
-            let at = format!("bundles.{name}");
-            let btd = TrustDomain::new(name).map_err(|e| err(format!("{at}: {e}")))?;
-            let doc = read(file).map_err(|e| err(format!("{at}: {e}")))?;
-            let b = Bundle::from_document(btd, &doc, &file.display().to_string())
-                .map_err(|e| err(format!("{at}: {e}")))?;
-            bundles.insert(b);
-        }
-        if bundles.get(&td).is_none() {
-            return Err(err(format!(
-                "bundles: no bundle for this cluster's own trust domain {td}"
-            )));
-        }
-
-        for (i, p) in f.peers.into_iter().enumerate() {
-            let at = format!("peers[{i}]");
-            validate_label("cluster", &p.cluster).map_err(|e| err(format!("{at}: {e}")))?;
-            if p.cluster == routes.cluster {
-                return Err(err(format!("{at}: {} is this cluster", p.cluster)));
-            }
-            let ptd = TrustDomain::new(&p.trust_domain)
-                .map_err(|e| err(format!("{at}.trustDomain: {e}")))?;
-            if bundles.get(&ptd).is_none() {
-                return Err(err(format!(
-                    "{at} ({}): no bundle for its trust domain {ptd} under `bundles`",
-                    p.cluster
-                )));
-            }
-            let mut gateways = Vec::with_capacity(p.gateways.len());
-            for (j, g) in p.gateways.iter().enumerate() {
-                let addr: SocketAddr = g.parse().map_err(|_| {
-                    err(format!(
-                        "{at}.gateways[{j}]: {g:?} is not an ip:port address"
-                    ))
-                })?;
-                if gateways.contains(&addr) {
-                    return Err(err(format!("{at}.gateways[{j}]: {addr} is listed twice")));
-                }
-                gateways.push(addr);
-            }
-            let peer = Peer {
-                trust_domain: ptd,
-                gateways,
-            };
-            if routes.peers.insert(p.cluster.clone(), peer).is_some() {
-                return Err(err(format!("{at}: cluster {} is listed twice", p.cluster)));
-            }
-        }
-
-        for (i, s) in f.services.into_iter().enumerate() {
-            let at = format!("services[{i}]");
-            let key: ServiceKey = s.name.parse().map_err(|e| err(format!("{at}.name: {e}")))?;
-            let at = format!("{at} ({key})");
-            validate_label("namespace", &key.namespace).map_err(|e| err(format!("{at}: {e}")))?;
-            validate_label("service name", &key.name).map_err(|e| err(format!("{at}: {e}")))?;
-            let listed = LocalService::from_listed(s.ports, s.endpoints)
-                .map_err(|e| err(format!("{at}.{e}")))?;
-            let allow = match s.allow {
-                None => None,
-                Some(rules) => {
-                    let mut out = Vec::with_capacity(rules.len());
-                    for (j, r) in rules.into_iter().enumerate() {
-                        let at = format!("{at}.allow[{j}]");
-                        if !routes.peers.contains_key(&r.cluster) {
-                            return Err(err(format!(
-                                "{at}.cluster: {:?} is not one of the peers",
-                                r.cluster
-                            )));
-                        }
-                        let identities = r
-                            .identities
-                            .iter()
-                            .enumerate()
-                            .map(|(k, id)| {
-                                SpiffeId::parse(id)
-                                    .map_err(|e| err(format!("{at}.identities[{k}]: {e}")))
-                            })
-                            .collect::<Result<_, _>>()?;
-                        out.push(AllowRule {
-                            cluster: r.cluster,
-                            identities,
-                        });
-                    }
-                    Some(out)
-                }
-            };
-            let svc = ExportedService {
-                ports: listed.ports,
-                endpoints: listed.endpoints,
-                allow,
-            };
-            if routes.services.insert(key.clone(), svc).is_some() {
-                return Err(err(format!("{at}: service {key} is listed twice")));
-            }
-        }
-
-        let cert =
-            read(&f.identity.certificate).map_err(|e| err(format!("identity.certificate: {e}")))?;
-        let key = read(&f.identity.key).map_err(|e| err(format!("identity.key: {e}")))?;
-        let svid = Svid::from_pem(&cert, &key, &f.identity.certificate.display().to_string())
-            .map_err(|e| err(format!("identity: {e}")))?;
-        let want = SpiffeId::gateway(&td, &routes.cluster).map_err(|e| err(e.to_string()))?;
-        if svid.spiffe_id() != &want {
-            return Err(err(format!(
-                "identity.certificate: the SVID is {}, but this gateway is {want}",
-                svid.spiffe_id()
-            )));
-        }
-        Ok(Self {
-            listen: f.listen,
-            settings: f.settings,
-            routes,
-            svid,
-            bundles,
-        })
     }
+}
+
+fn common(f: &File) -> Result<TrustDomain, String> {
+    f.settings.validate().map_err(|e| format!("settings.{e}"))?;
+    validate_label("cluster", &f.cluster).map_err(|e| e.to_string())?;
+    let td = TrustDomain::new(&f.trust_domain).map_err(|e| format!("trustDomain: {e}"))?;
+    if let Some(z) = &f.zone {
+        validate_label("zone", z).map_err(|e| e.to_string())?;
+    }
+    Ok(td)
+}
+
+fn discovery(
+    f: File,
+    read: &impl Fn(&Path) -> Result<Vec<u8>, String>,
+) -> Result<DiscoveryConfig, String> {
+    let td = common(&f)?;
+    for (present, field) in [
+        (f.identity.is_some(), "identity"),
+        (f.bundles.is_some(), "bundles"),
+        (!f.peers.is_empty(), "peers"),
+        (!f.services.is_empty(), "services"),
+    ] {
+        if present {
+            return Err(format!(
+                "{field}: comes from the controller when `controller` is set; remove one of them"
+            ));
+        }
+    }
+    let Some(c) = f.controller else {
+        return Err("controller: missing".into());
+    };
+    let doc = read(&c.bundle).map_err(|e| format!("controller.bundle: {e}"))?;
+    let bundle = Bundle::from_document(td.clone(), &doc, &c.bundle.display().to_string())
+        .map_err(|e| format!("controller.bundle: {e}"))?;
+    let mut bootstrap = BundleSet::new();
+    bootstrap.insert(bundle);
+    let token = read(&c.join_token_file).map_err(|e| format!("controller.joinTokenFile: {e}"))?;
+    let token = String::from_utf8(token)
+        .map_err(|_| "controller.joinTokenFile: not UTF-8 text".to_string())?
+        .trim()
+        .to_string();
+    if token.is_empty() {
+        return Err("controller.joinTokenFile: the file is empty".into());
+    }
+    let identity = SpiffeId::gateway(&td, &f.cluster).map_err(|e| e.to_string())?;
+    let controller = SpiffeId::controller(&td, &f.cluster).map_err(|e| e.to_string())?;
+    Ok(DiscoveryConfig {
+        access: ControllerAccess {
+            address: c.address,
+            controller,
+            node: identity.to_string(),
+            identity,
+            join_token: token,
+        },
+        local: Local {
+            cluster: f.cluster,
+            trust_domain: td,
+            zone: f.zone,
+        },
+        listen: f.listen,
+        settings: f.settings,
+        bootstrap,
+    })
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{origin}: {message}")]
+pub struct ConfigError {
+    pub origin: String,
+    /// Names the field (and the YAML line and column, where the parser
+    /// knows them).
+    pub message: String,
+}
+
+impl StaticConfig {
+    /// Reads a static config; a discovery-mode file is an error here.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        Self::only(GatewayConfig::load(path)?, &path.display().to_string())
+    }
+
+    /// Parses a static config document; `read` fetches the files it names.
+    pub fn parse(
+        yaml: &str,
+        origin: &str,
+        read: impl Fn(&Path) -> Result<Vec<u8>, String>,
+    ) -> Result<Self, ConfigError> {
+        Self::only(GatewayConfig::parse(yaml, origin, read)?, origin)
+    }
+
+    fn only(c: GatewayConfig, origin: &str) -> Result<Self, ConfigError> {
+        match c {
+            GatewayConfig::Static(s) => Ok(*s),
+            GatewayConfig::Discovery(_) => Err(ConfigError {
+                origin: origin.into(),
+                message: "controller: this file configures discovery mode, not a static gateway"
+                    .into(),
+            }),
+        }
+    }
+}
+
+fn parse_static(
+    f: File,
+    read: &impl Fn(&Path) -> Result<Vec<u8>, String>,
+) -> Result<StaticConfig, String> {
+    let td = common(&f)?;
+    let mut routes = Routes::new(&f.cluster, td.clone());
+    routes.zone = f.zone;
+
+    let mut bundles = BundleSet::new();
+    let Some(bundle_files) = &f.bundles else {
+        return Err(
+            "bundles: missing (or set `controller` to take them from the controller)".into(),
+        );
+    };
+    for (name, file) in bundle_files {
+        let at = format!("bundles.{name}");
+        let btd = TrustDomain::new(name).map_err(|e| format!("{at}: {e}"))?;
+        let doc = read(file).map_err(|e| format!("{at}: {e}"))?;
+        let b = Bundle::from_document(btd, &doc, &file.display().to_string())
+            .map_err(|e| format!("{at}: {e}"))?;
+        bundles.insert(b);
+    }
+    if bundles.get(&td).is_none() {
+        return Err(format!(
+            "bundles: no bundle for this cluster's own trust domain {td}"
+        ));
+    }
+
+    for (i, p) in f.peers.into_iter().enumerate() {
+        let at = format!("peers[{i}]");
+        validate_label("cluster", &p.cluster).map_err(|e| format!("{at}: {e}"))?;
+        if p.cluster == routes.cluster {
+            return Err(format!("{at}: {} is this cluster", p.cluster));
+        }
+        let ptd =
+            TrustDomain::new(&p.trust_domain).map_err(|e| format!("{at}.trustDomain: {e}"))?;
+        if bundles.get(&ptd).is_none() {
+            return Err(format!(
+                "{at} ({}): no bundle for its trust domain {ptd} under `bundles`",
+                p.cluster
+            ));
+        }
+        let mut gateways = Vec::with_capacity(p.gateways.len());
+        for (j, g) in p.gateways.iter().enumerate() {
+            let addr: SocketAddr = g
+                .parse()
+                .map_err(|_| format!("{at}.gateways[{j}]: {g:?} is not an ip:port address"))?;
+            if gateways.contains(&addr) {
+                return Err(format!("{at}.gateways[{j}]: {addr} is listed twice"));
+            }
+            gateways.push(addr);
+        }
+        let peer = Peer {
+            trust_domain: ptd,
+            gateways,
+        };
+        if routes.peers.insert(p.cluster.clone(), peer).is_some() {
+            return Err(format!("{at}: cluster {} is listed twice", p.cluster));
+        }
+    }
+
+    for (i, s) in f.services.into_iter().enumerate() {
+        let at = format!("services[{i}]");
+        let key: ServiceKey = s.name.parse().map_err(|e| format!("{at}.name: {e}"))?;
+        let at = format!("{at} ({key})");
+        validate_label("namespace", &key.namespace).map_err(|e| format!("{at}: {e}"))?;
+        validate_label("service name", &key.name).map_err(|e| format!("{at}: {e}"))?;
+        let listed =
+            LocalService::from_listed(s.ports, s.endpoints).map_err(|e| format!("{at}.{e}"))?;
+        let allow = match s.allow {
+            None => None,
+            Some(rules) => {
+                let mut out = Vec::with_capacity(rules.len());
+                for (j, r) in rules.into_iter().enumerate() {
+                    let at = format!("{at}.allow[{j}]");
+                    if !routes.peers.contains_key(&r.cluster) {
+                        return Err(format!(
+                            "{at}.cluster: {:?} is not one of the peers",
+                            r.cluster
+                        ));
+                    }
+                    let identities = r
+                        .identities
+                        .iter()
+                        .enumerate()
+                        .map(|(k, id)| {
+                            SpiffeId::parse(id).map_err(|e| format!("{at}.identities[{k}]: {e}"))
+                        })
+                        .collect::<Result<_, _>>()?;
+                    out.push(AllowRule {
+                        cluster: r.cluster,
+                        identities,
+                    });
+                }
+                Some(out)
+            }
+        };
+        let svc = ExportedService {
+            ports: listed.ports,
+            endpoints: listed.endpoints,
+            allow,
+        };
+        if routes.services.insert(key.clone(), svc).is_some() {
+            return Err(format!("{at}: service {key} is listed twice"));
+        }
+    }
+
+    let Some(identity) = &f.identity else {
+        return Err("identity: missing (or set `controller` to get it from the controller)".into());
+    };
+    let cert = read(&identity.certificate).map_err(|e| format!("identity.certificate: {e}"))?;
+    let key = read(&identity.key).map_err(|e| format!("identity.key: {e}"))?;
+    let svid = Svid::from_pem(&cert, &key, &identity.certificate.display().to_string())
+        .map_err(|e| format!("identity: {e}"))?;
+    let want = SpiffeId::gateway(&td, &routes.cluster).map_err(|e| e.to_string())?;
+    if svid.spiffe_id() != &want {
+        return Err(format!(
+            "identity.certificate: the SVID is {}, but this gateway is {want}",
+            svid.spiffe_id()
+        ));
+    }
+    Ok(StaticConfig {
+        listen: f.listen,
+        settings: f.settings,
+        routes,
+        svid,
+        bundles,
+    })
 }
 
 #[cfg(test)]
@@ -426,6 +567,68 @@ settings: {idleTimeout: 2s}
         assert_eq!(c.settings.idle_timeout, Duration::from_secs(2));
         assert_eq!(c.settings.keep_alive, Settings::default().keep_alive);
         assert_eq!(c.bundles.len(), 2);
+    }
+
+    #[test]
+    fn discovery_mode_takes_only_the_controller() {
+        let (_, mut files) = fixture();
+        files.insert(
+            PathBuf::from("token"),
+            b"gateway-token-0123456789\n".to_vec(),
+        );
+        let yaml = r#"cluster: gcp-usc1
+trustDomain: gcp.example
+zone: usc1-a
+listen: {quic: "127.0.2.1:15443", egress: "127.0.2.1:15001"}
+controller: {address: "127.0.2.2:15010", bundle: own.json, joinTokenFile: token}
+"#;
+        let read = |p: &Path| {
+            files
+                .get(p)
+                .cloned()
+                .ok_or_else(|| format!("no file {}", p.display()))
+        };
+        let GatewayConfig::Discovery(c) = GatewayConfig::parse(yaml, "gw.yaml", read).unwrap()
+        else {
+            panic!("a static config")
+        };
+        assert_eq!(c.access.join_token, "gateway-token-0123456789");
+        assert_eq!(
+            c.access.identity.to_string(),
+            "spiffe://gcp.example/fedmesh/gateway/gcp-usc1"
+        );
+        assert_eq!(
+            c.access.controller.to_string(),
+            "spiffe://gcp.example/fedmesh/controller/gcp-usc1"
+        );
+        assert_eq!(c.bootstrap.len(), 1);
+
+        for (extra, want) in [
+            (
+                "peers: [{cluster: aws, trustDomain: aws.example, gateways: []}]\n",
+                "peers:",
+            ),
+            ("bundles: {gcp.example: own.json}\n", "bundles:"),
+        ] {
+            let err = GatewayConfig::parse(&format!("{yaml}{extra}"), "gw.yaml", read)
+                .err()
+                .unwrap()
+                .to_string();
+            assert!(err.contains(want) && err.contains("controller"), "{err}");
+        }
+        let missing = yaml.replace("bundle: own.json", "bundle: gone.json");
+        let err = GatewayConfig::parse(&missing, "gw.yaml", read)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("controller.bundle"), "{err}");
+        assert!(
+            StaticConfig::parse(yaml, "gw.yaml", read)
+                .err()
+                .unwrap()
+                .to_string()
+                .contains("discovery mode")
+        );
     }
 
     #[test]

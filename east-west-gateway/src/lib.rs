@@ -18,6 +18,7 @@
 //! caller's business; this crate depends on neither etcd nor kube.
 
 pub mod config;
+pub mod discovered;
 mod egress;
 pub mod frame;
 mod gateway;

@@ -9,17 +9,14 @@
 //! a full snapshot. Before the controller has a complete view there is no
 //! version at all: streams wait rather than receive an empty mesh.
 
-use std::collections::{BTreeMap, HashMap};
-use std::net::SocketAddr;
+use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use fedmesh_api::ServiceKey;
 use fedmesh_proto::discovery::v1 as pb;
 use pb::discovery_server::{Discovery, DiscoveryServer};
-use rustls_pki_types::ServerName;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::Stream;
@@ -85,55 +82,12 @@ impl Versioned {
             cluster: self.inputs.cluster.to_string(),
             services: upserted,
             bundles,
+            peers: self
+                .inputs
+                .peers_differ(&base.inputs)
+                .then(|| self.inputs.peers()),
         };
         (snapshot, removed)
-    }
-}
-
-/// A client's copy of the mesh, kept up to date from discovery responses.
-/// Proxies and gateways hold one; so do the tests.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct MeshState {
-    pub version_info: String,
-    pub cluster: String,
-    pub services: BTreeMap<ServiceKey, pb::Service>,
-    pub bundles: BTreeMap<String, String>,
-}
-
-impl MeshState {
-    /// Applies a response. On error nothing is changed: the caller NACKs
-    /// and keeps its last good state.
-    pub fn apply(&mut self, r: &pb::DiscoveryResponse) -> Result<(), String> {
-        let snap = r.snapshot.as_ref().ok_or("response without a snapshot")?;
-        if let Some(bad) = snap
-            .services
-            .iter()
-            .find(|s| s.namespace.is_empty() || s.name.is_empty())
-        {
-            return Err(format!("service with an empty name: {bad:?}"));
-        }
-        if !r.incremental {
-            self.services.clear();
-            self.bundles.clear();
-        }
-        for s in &snap.services {
-            self.services
-                .insert(ServiceKey::new(&s.namespace, &s.name), s.clone());
-        }
-        for k in &r.removed {
-            self.services
-                .remove(&ServiceKey::new(&k.namespace, &k.name));
-        }
-        if !r.incremental || !snap.bundles.is_empty() {
-            self.bundles = snap
-                .bundles
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect();
-        }
-        self.cluster = snap.cluster.clone();
-        self.version_info = r.version_info.clone();
-        Ok(())
     }
 }
 
@@ -359,28 +313,9 @@ pub async fn serve(
     result
 }
 
-/// A gRPC channel to a controller at `addr` over TLS with `tls` (ALPN "h2").
-pub async fn channel(
-    addr: SocketAddr,
-    tls: Arc<rustls::ClientConfig>,
-) -> Result<tonic::transport::Channel, tonic::transport::Error> {
-    let connector = tower::service_fn(move |_uri| {
-        let tls = tls.clone();
-        async move {
-            let tcp = TcpStream::connect(addr).await?;
-            let name = ServerName::try_from("fedmesh-controller.invalid")
-                .map_err(std::io::Error::other)?;
-            let stream = tokio_rustls::TlsConnector::from(tls)
-                .connect(name, tcp)
-                .await?;
-            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
-        }
-    });
-    tonic::transport::Endpoint::from_static("http://fedmesh-controller.invalid")
-        .connect_timeout(Duration::from_secs(5))
-        .connect_with_connector(connector)
-        .await
-}
+/// The client side lives in the data plane's crate; re-exported for tools
+/// and tests that talk to a controller.
+pub use fedmesh_discovery::{MeshState, channel};
 
 #[cfg(test)]
 mod tests {
@@ -496,6 +431,19 @@ mod tests {
         assert_eq!(removed.len(), 1);
         assert_eq!(removed[0].name, "c");
         assert!(snap.bundles.is_empty(), "unchanged bundles are not resent");
+        assert!(snap.peers.is_none(), "unchanged peers are not resent");
+        let full = v2.full();
+        let peers = full.peers.unwrap().clusters;
+        assert_eq!(peers.len(), 1);
+        assert_eq!(
+            (peers[0].cluster.as_str(), peers[0].trust_domain.as_str()),
+            ("gcp", "gcp.fedmesh")
+        );
+        assert_eq!(peers[0].gateways[0].address, "127.0.2.1");
+        assert!(
+            full.services.iter().all(|s| !s.exported),
+            "aws exports none of gcp's services"
+        );
 
         let mut client = MeshState::default();
         client.apply(&response(&v1, None)).unwrap();
@@ -505,6 +453,52 @@ mod tests {
         assert_eq!(client, fresh);
         assert_eq!(client.version_info, "7.2");
         assert_eq!(client.services.len(), 3);
+    }
+
+    #[test]
+    fn a_new_cluster_resends_the_peer_list() {
+        let v1 = versioned(1, &[("a", 3)], 1);
+        let record = serde_json::json!({
+            "name": "azure", "cloud": "azure", "region": "r", "zones": ["1"], "trustDomain": "azure.fedmesh",
+            "gateways": [{"address": "gw.azure.example", "port": 15443}], "registeredAt": "2026-11-24T00:00:00Z"
+        });
+        let td = TrustDomain::new("azure.fedmesh").unwrap();
+        let ca =
+            trust_bundle::ClusterCa::generate(&td, &Default::default(), SystemTime::now()).unwrap();
+        let bundle = trust_bundle::Bundle::with_roots(td, [ca.cert_der().clone()]);
+        // As `register` writes them: one transaction, one revision.
+        let v2 = next(
+            &v1,
+            2,
+            vec![
+                RawEvent::Put(RawKv {
+                    key: KeySpace::default().cluster("azure"),
+                    value: record.to_string().into_bytes(),
+                    mod_revision: 100,
+                }),
+                RawEvent::Put(RawKv {
+                    key: KeySpace::default().bundle("azure.fedmesh"),
+                    value: bundle.to_document().into_bytes(),
+                    mod_revision: 100,
+                }),
+            ],
+        );
+        let (snap, _) = v2.delta(&v1);
+        let mut sent: Vec<&str> = snap.bundles.keys().map(String::as_str).collect();
+        sent.sort_unstable();
+        assert_eq!(
+            sent,
+            ["azure.fedmesh", "gcp.fedmesh"],
+            "a new trust domain resends the bundles"
+        );
+        let names: Vec<String> = snap
+            .peers
+            .expect("the peer list changed")
+            .clusters
+            .into_iter()
+            .map(|p| p.cluster)
+            .collect();
+        assert_eq!(names, ["azure", "gcp"]);
     }
 
     #[test]

@@ -64,6 +64,32 @@ impl MeshInputs {
             && self.global.bundles != other.global.bundles
     }
 
+    /// Every other registered cluster, with its gateways.
+    pub fn peers(&self) -> pb::Peers {
+        let g = &self.global;
+        let clusters = g
+            .clusters
+            .iter()
+            .filter(|(name, _)| name.as_str() != &*self.cluster)
+            .map(|(name, record)| pb::PeerCluster {
+                cluster: name.clone(),
+                trust_domain: record.trust_domain.clone(),
+                gateways: gateway_addresses(record),
+                cloud: record.cloud.clone(),
+                region: record.region.clone(),
+                verified: g.alive.contains_key(name),
+            })
+            .collect();
+        pb::Peers { clusters }
+    }
+
+    /// Whether `other` has different peers (records or liveness).
+    pub fn peers_differ(&self, other: &MeshInputs) -> bool {
+        let (a, b) = (&self.global, &other.global);
+        !a.clusters.ptr_eq(&b.clusters) && a.clusters != b.clusters
+            || !a.alive.ptr_eq(&b.alive) && a.alive != b.alive
+    }
+
     /// One service: our endpoints plus a virtual endpoint per remote cluster
     /// (never one per gateway). `None` when nobody has it.
     pub fn render(&self, key: &ServiceKey) -> Option<pb::Service> {
@@ -94,14 +120,7 @@ impl MeshInputs {
                         })
                         .collect(),
                     healthy: export.healthy(),
-                    gateways: record
-                        .gateways
-                        .iter()
-                        .map(|gw| pb::GatewayAddress {
-                            address: gw.address.clone(),
-                            port: u32::from(gw.port),
-                        })
-                        .collect(),
+                    gateways: gateway_addresses(record),
                     trust_domain: record.trust_domain.clone(),
                     // An expired `alive` key marks the cluster unverified;
                     // traffic continues while the data plane's signals allow.
@@ -127,6 +146,7 @@ impl MeshInputs {
             ports: ports.into_iter().map(u32::from).collect(),
             local: local.map(local_endpoints).unwrap_or_default(),
             remote,
+            exported: local.is_some(),
         })
     }
 
@@ -136,6 +156,7 @@ impl MeshInputs {
             cluster: self.cluster.to_string(),
             services: self.keys().iter().filter_map(|k| self.render(k)).collect(),
             bundles: self.bundles().into_iter().collect(),
+            peers: Some(self.peers()),
         }
     }
 }
@@ -143,12 +164,10 @@ impl MeshInputs {
 /// The services that differ between `old` and `new`. Our own exports are
 /// not part of our mesh, so their changes are ignored.
 pub fn changed(old: &MeshInputs, new: &MeshInputs) -> Changed {
-    let (o, n) = (&old.global, &new.global);
-    if !o.clusters.ptr_eq(&n.clusters) && o.clusters != n.clusters
-        || !o.alive.ptr_eq(&n.alive) && o.alive != n.alive
-    {
+    if old.peers_differ(new) {
         return Changed::All;
     }
+    let (o, n) = (&old.global, &new.global);
     let mut keys = BTreeSet::new();
     for d in o.by_service.diff(&n.by_service) {
         let (key, before, after) = match d {
@@ -179,6 +198,17 @@ fn others<'a>(m: Option<&'a Exporters>, us: &'a str) -> impl Iterator<Item = &'a
     m.into_iter()
         .flat_map(Exporters::iter)
         .filter(move |e| &*e.cluster != us)
+}
+
+fn gateway_addresses(record: &fedmesh_api::ClusterRecord) -> Vec<pb::GatewayAddress> {
+    record
+        .gateways
+        .iter()
+        .map(|gw| pb::GatewayAddress {
+            address: gw.address.clone(),
+            port: u32::from(gw.port),
+        })
+        .collect()
 }
 
 fn local_endpoints(s: &LocalService) -> Vec<pb::LocalEndpoint> {

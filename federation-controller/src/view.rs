@@ -319,7 +319,10 @@ impl GlobalView {
             RawEvent::Put(kv) => kv.mod_revision,
             RawEvent::Delete { mod_revision, .. } => *mod_revision,
         };
-        if rev <= self.revision {
+        // Equal is not stale: one transaction (a registration writes a
+        // cluster's record and its bundle together) gives every key it
+        // touches the same revision, and each arrives as its own event.
+        if rev < self.revision {
             return None;
         }
         self.revision = rev;

@@ -52,8 +52,8 @@ pub use rotation::{
 pub use spiffe::{SpiffeId, SpiffeIdError, TrustDomain};
 pub use svid::{Svid, SvidError};
 pub use tls::{
-    client_config, client_config_without_svid, crypto_provider, install_default_provider,
-    server_config, server_config_optional_client_auth,
+    TlsConfigError, client_config, client_config_without_svid, crypto_provider,
+    install_default_provider, server_config, server_config_optional_client_auth,
 };
 pub use verify::{
     AllowAnyVerified, AllowIds, AllowTrustDomains, AuthorizeFn, Authorizer, BundleSet, Usage,

@@ -1,6 +1,8 @@
-//! `fedmesh-gateway --config gateway.yaml`: a standalone east-west gateway,
-//! configured from a static YAML file that is re-read when it (or a file it
-//! names) changes. SIGTERM or Ctrl-C drains it gracefully.
+//! `fedmesh-gateway --config gateway.yaml`: an east-west gateway. With
+//! `controller:` in the file it takes its SVID, bundles and routes from the
+//! cluster's controller; without, it runs standalone from the file, which
+//! is re-read when it (or a file it names) changes. SIGTERM or Ctrl-C
+//! drains it gracefully.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -9,7 +11,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use east_west_gateway::{Gateway, GatewayOptions, Metrics, StaticConfig};
+use east_west_gateway::config::GatewayConfig;
+use east_west_gateway::{Gateway, GatewayOptions, Metrics, StaticConfig, discovered};
+use fedmesh_discovery::Discovered;
 use tokio::sync::watch;
 use trust_bundle::{BundleSet, Svid};
 
@@ -55,15 +59,48 @@ fn documents(b: &BundleSet) -> Vec<String> {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    let first = StaticConfig::load(&args.config)?;
-    let (routes_tx, routes) = watch::channel(Arc::new(first.routes));
-    let (svid_tx, svid) = watch::channel(Arc::new(first.svid));
-    let (bundles_tx, bundles) = watch::channel(Arc::new(first.bundles));
     let metrics = Arc::new(Metrics::default());
+    // What keeps the routes, SVID and bundles current: the file poller, or
+    // the discovery client. Dropped (stopped) at shutdown.
+    let (listen, settings, routes, svid, bundles, _source) = match GatewayConfig::load(
+        &args.config,
+    )? {
+        GatewayConfig::Static(first) => {
+            let first = *first;
+            let (routes_tx, routes) = watch::channel(Arc::new(first.routes));
+            let (svid_tx, svid) = watch::channel(Arc::new(first.svid));
+            let (bundles_tx, bundles) = watch::channel(Arc::new(first.bundles));
+            let poller = tokio::spawn(reload(
+                args.config.clone(),
+                args.reload_interval,
+                (first.listen.clone(), first.settings.clone()),
+                routes_tx,
+                svid_tx,
+                bundles_tx,
+            ));
+            let source = Source::File(AbortOnDrop(poller));
+            (first.listen, first.settings, routes, svid, bundles, source)
+        }
+        GatewayConfig::Discovery(c) => {
+            tracing::info!(controller = %c.access.address, "getting routes from the controller");
+            let d = discovered::connect(&c, Default::default())
+                .await
+                .context("starting from the controller")?;
+            let (routes, svid, bundles) = (d.config.clone(), d.svid.clone(), d.bundles.clone());
+            (
+                c.listen,
+                c.settings,
+                routes,
+                svid,
+                bundles,
+                Source::Controller(d),
+            )
+        }
+    };
     let options = GatewayOptions {
-        quic: first.listen.quic,
-        egress: first.listen.egress,
-        settings: first.settings.clone(),
+        quic: listen.quic,
+        egress: listen.egress,
+        settings,
     };
     let gateway = Gateway::start(options, routes, svid, bundles, metrics.clone()).await?;
     println!(
@@ -74,7 +111,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             .map(|a| a.to_string())
             .unwrap_or_else(|| "-".into())
     );
-    if let Some(addr) = first.listen.admin {
+    if let Some(addr) = listen.admin {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("binding the admin port {addr}"))?;
@@ -84,14 +121,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
         tokio::spawn(fedmesh_admin::serve(listener, Arc::new(registry), ready));
     }
 
-    let reload = tokio::spawn(reload(
-        args.config.clone(),
-        args.reload_interval,
-        (first.listen, first.settings),
-        routes_tx,
-        svid_tx,
-        bundles_tx,
-    ));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
     tokio::select! {
@@ -99,10 +128,24 @@ async fn run(args: Args) -> anyhow::Result<()> {
         _ = term.recv() => {}
     }
     tracing::info!("draining");
-    reload.abort();
     let left = gateway.shutdown().await;
     tracing::info!(cut_short = left, "stopped");
     Ok(())
+}
+
+/// Where the running config comes from.
+#[allow(dead_code)] // Held only for its Drop.
+enum Source {
+    File(AbortOnDrop),
+    Controller(Discovered<east_west_gateway::Routes>),
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Polls the config; applies routes, SVID and bundles when they change. A

@@ -1,0 +1,444 @@
+//! The drivers around [`MeshState`]: `Certify` for the first SVID and its
+//! renewals, and the discovery stream with ACK/NACK, reconnection and the
+//! last good config.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fedmesh_proto::discovery::v1 as pb;
+use pb::discovery_client::DiscoveryClient;
+use rustls_pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::ReceiverStream;
+use trust_bundle::{
+    AllowIds, BundleSet, RenewError, RenewalPolicy, SpiffeId, Svid, SvidSource, SystemClock,
+};
+
+use crate::state::MeshState;
+
+/// How a data-plane component reaches its cluster's controller.
+#[derive(Debug, Clone)]
+pub struct ControllerAccess {
+    pub address: SocketAddr,
+    /// The identity the controller must present:
+    /// `spiffe://<our trust domain>/fedmesh/controller/<our cluster>`.
+    pub controller: SpiffeId,
+    /// The identity to ask `Certify` for; the join token must allow it.
+    pub identity: SpiffeId,
+    pub join_token: String,
+    /// Our name in the controller's logs.
+    pub node: String,
+}
+
+/// Reconnection backoff; it doubles per consecutive failure, with jitter.
+#[derive(Debug, Clone)]
+pub struct ClientPolicy {
+    pub initial_backoff: Duration,
+    pub max_backoff: Duration,
+    pub renewal: RenewalPolicy,
+}
+
+impl Default for ClientPolicy {
+    fn default() -> Self {
+        Self {
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(5),
+            renewal: RenewalPolicy::default(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot reach the controller at {addr}: {source}")]
+    Connect {
+        addr: SocketAddr,
+        source: tonic::transport::Error,
+    },
+    #[error("the controller refused Certify for {id}: {status}")]
+    Refused { id: SpiffeId, status: tonic::Status },
+    #[error("the controller's reply is unusable: {0}")]
+    BadReply(String),
+    #[error("discovery RPC failed: {0}")]
+    Rpc(#[from] tonic::Status),
+    #[error("building the TLS config: {0}")]
+    Tls(#[from] trust_bundle::TlsConfigError),
+}
+
+impl ClientError {
+    /// Whether trying again later can help. A refused join token or a
+    /// misconfigured identity will not fix itself.
+    pub fn is_retryable(&self) -> bool {
+        !matches!(self, ClientError::Refused { .. } | ClientError::Tls(_))
+    }
+}
+
+/// A gRPC channel to a controller at `addr` over TLS with `tls` (whose
+/// ALPN must offer "h2"). The server's name is not checked by hostname:
+/// `tls` verifies its SPIFFE ID.
+pub async fn channel(
+    addr: SocketAddr,
+    tls: Arc<rustls::ClientConfig>,
+) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+    let connector = tower::service_fn(move |_uri| {
+        let tls = tls.clone();
+        async move {
+            let tcp = TcpStream::connect(addr).await?;
+            tcp.set_nodelay(true)?;
+            let name = ServerName::try_from("fedmesh-controller.invalid")
+                .map_err(std::io::Error::other)?;
+            let stream = tokio_rustls::TlsConnector::from(tls)
+                .connect(name, tcp)
+                .await?;
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+        }
+    });
+    tonic::transport::Endpoint::from_static("http://fedmesh-controller.invalid")
+        .connect_timeout(Duration::from_secs(5))
+        .connect_with_connector(connector)
+        .await
+}
+
+/// Asks the controller to sign a fresh key for `access.identity`. Needs no
+/// SVID; the controller is verified against `bundles`.
+pub async fn certify(
+    access: &ControllerAccess,
+    bundles: watch::Receiver<Arc<BundleSet>>,
+) -> Result<Svid, ClientError> {
+    let tls = trust_bundle::client_config_without_svid(
+        bundles,
+        Arc::new(AllowIds::one(access.controller.clone())),
+        &[b"h2"],
+    )?;
+    let ch = channel(access.address, Arc::new(tls))
+        .await
+        .map_err(|source| ClientError::Connect {
+            addr: access.address,
+            source,
+        })?;
+    let (csr, key) = trust_bundle::certificate_request(&access.identity)
+        .map_err(|e| ClientError::BadReply(format!("making a CSR: {e}")))?;
+    let reply = DiscoveryClient::new(ch)
+        .certify(pb::CertifyRequest {
+            csr_der: csr,
+            join_token: access.join_token.clone(),
+        })
+        .await
+        .map_err(|status| match status.code() {
+            tonic::Code::PermissionDenied | tonic::Code::Unauthenticated => ClientError::Refused {
+                id: access.identity.clone(),
+                status,
+            },
+            _ => ClientError::Rpc(status),
+        })?
+        .into_inner();
+    let chain = reply.chain_der.into_iter().map(Into::into).collect();
+    let svid = Svid::new(chain, key).map_err(|e| ClientError::BadReply(e.to_string()))?;
+    if svid.spiffe_id() != &access.identity {
+        return Err(ClientError::BadReply(format!(
+            "asked for {}, was issued {}",
+            access.identity,
+            svid.spiffe_id()
+        )));
+    }
+    Ok(svid)
+}
+
+/// Renews the SVID through `Certify`.
+#[derive(Debug, Clone)]
+struct CertifySource {
+    access: Arc<ControllerAccess>,
+    bundles: watch::Receiver<Arc<BundleSet>>,
+}
+
+impl SvidSource for CertifySource {
+    fn fetch(&self) -> impl Future<Output = Result<Svid, RenewError>> + Send {
+        let this = self.clone();
+        async move {
+            certify(&this.access, this.bundles)
+                .await
+                .map_err(|e| RenewError(Box::new(e)))
+        }
+    }
+}
+
+/// A running client: the SVID it holds, the bundles it trusts, and the
+/// last good config. Dropping it stops its tasks.
+#[derive(Debug)]
+pub struct Discovered<T> {
+    pub svid: watch::Receiver<Arc<Svid>>,
+    pub bundles: watch::Receiver<Arc<BundleSet>>,
+    pub config: watch::Receiver<Arc<T>>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl<T> Drop for Discovered<T> {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// Turns a mesh state into the component's own config, or says why it
+/// cannot (the update is then NACKed).
+pub trait Convert<T>:
+    Fn(&MeshState, &BundleSet) -> Result<T, String> + Send + Sync + 'static
+{
+}
+impl<T, F: Fn(&MeshState, &BundleSet) -> Result<T, String> + Send + Sync + 'static> Convert<T>
+    for F
+{
+}
+
+/// Gets an SVID, opens the discovery stream, and returns once the first
+/// config has been applied. Until then, failures that may pass (the
+/// controller not up yet, a mesh it rejects) are retried with backoff;
+/// a refused join token is returned at once.
+///
+/// `bootstrap` must hold our own trust domain's bundle, to verify the
+/// controller before we have anything else.
+pub async fn start<T, F>(
+    access: ControllerAccess,
+    bootstrap: BundleSet,
+    policy: ClientPolicy,
+    convert: F,
+) -> Result<Discovered<T>, ClientError>
+where
+    T: Send + Sync + 'static,
+    F: Convert<T>,
+{
+    let access = Arc::new(access);
+    let (bundles_tx, bundles) = watch::channel(Arc::new(bootstrap));
+    let mut backoff = Backoff::new(&policy);
+    let first_svid = loop {
+        match certify(&access, bundles.clone()).await {
+            Ok(svid) => break svid,
+            Err(e) if e.is_retryable() => {
+                let wait = backoff.next();
+                tracing::warn!(error = %e, retry_in = ?wait, "no SVID yet; retrying");
+                tokio::time::sleep(wait).await;
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    tracing::info!(id = %first_svid.spiffe_id(), not_after = ?first_svid.not_after(), "SVID issued by the controller");
+    let source = CertifySource {
+        access: access.clone(),
+        bundles: bundles.clone(),
+    };
+    let (svid, renewer) =
+        trust_bundle::spawn_renewer(source, first_svid, policy.renewal.clone(), SystemClock);
+    let (first_tx, first_rx) = oneshot::channel();
+    let driver = Driver {
+        access,
+        policy,
+        svid: svid.clone(),
+        bundles: bundles_tx,
+        state: MeshState::default(),
+        out: Output::First(first_tx),
+    };
+    let streams = tokio::spawn(driver.run(convert));
+    let mut tasks = vec![renewer, streams];
+    let config = match first_rx.await {
+        Ok(c) => c,
+        Err(_) => {
+            for t in tasks.drain(..) {
+                t.abort();
+            }
+            return Err(ClientError::BadReply(
+                "the discovery task stopped before the first config".into(),
+            ));
+        }
+    };
+    Ok(Discovered {
+        svid,
+        bundles,
+        config,
+        tasks,
+    })
+}
+
+enum Output<T> {
+    /// Before the first config: hands its receiver to `start`.
+    First(oneshot::Sender<watch::Receiver<Arc<T>>>),
+    Running(watch::Sender<Arc<T>>),
+    Gone,
+}
+
+struct Driver<T> {
+    access: Arc<ControllerAccess>,
+    policy: ClientPolicy,
+    svid: watch::Receiver<Arc<Svid>>,
+    bundles: watch::Sender<Arc<BundleSet>>,
+    /// The last good state: kept across reconnections, and its version is
+    /// offered on each new stream so an unchanged mesh is not resent.
+    state: MeshState,
+    out: Output<T>,
+}
+
+impl<T: Send + Sync + 'static> Driver<T> {
+    async fn run(mut self, convert: impl Convert<T>) {
+        let mut backoff = Backoff::new(&self.policy);
+        loop {
+            let (applied, result) = self.stream_once(&convert).await;
+            if applied {
+                backoff.reset();
+            }
+            if matches!(self.out, Output::Gone) {
+                return;
+            }
+            let wait = backoff.next();
+            match result {
+                Ok(()) => {
+                    tracing::info!(retry_in = ?wait, "the controller ended the discovery stream")
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in = ?wait, "discovery stream failed; keeping the last good config")
+                }
+            }
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    /// One stream, until it ends. Returns whether it applied anything.
+    async fn stream_once(&mut self, convert: &impl Convert<T>) -> (bool, Result<(), ClientError>) {
+        let mut applied = false;
+        let result = async {
+            let tls = trust_bundle::client_config(
+                self.svid.clone(),
+                self.bundles.subscribe(),
+                Arc::new(AllowIds::one(self.access.controller.clone())),
+                &[b"h2"],
+            )?;
+            let ch = channel(self.access.address, Arc::new(tls))
+                .await
+                .map_err(|source| ClientError::Connect {
+                    addr: self.access.address,
+                    source,
+                })?;
+            let (requests, rx) = mpsc::channel(4);
+            let hello = pb::DiscoveryRequest {
+                node: self.access.node.clone(),
+                version_info: self.state.version_info.clone(),
+                ..Default::default()
+            };
+            // The channel has room: this cannot block or fail.
+            let _ = requests.try_send(hello);
+            let mut responses = DiscoveryClient::new(ch)
+                .stream(ReceiverStream::new(rx))
+                .await?
+                .into_inner();
+            while let Some(r) = responses.message().await? {
+                let reply = match self.accept(&r, convert) {
+                    Ok(()) => {
+                        applied = true;
+                        pb::DiscoveryRequest {
+                            node: self.access.node.clone(),
+                            version_info: r.version_info.clone(),
+                            response_nonce: r.nonce.clone(),
+                            error_detail: String::new(),
+                        }
+                    }
+                    Err(detail) => {
+                        tracing::error!(version = %r.version_info, error = %detail, "rejected a discovery update; keeping the last good config");
+                        pb::DiscoveryRequest {
+                            node: self.access.node.clone(),
+                            version_info: self.state.version_info.clone(),
+                            response_nonce: r.nonce.clone(),
+                            error_detail: detail,
+                        }
+                    }
+                };
+                if matches!(self.out, Output::Gone) || requests.send(reply).await.is_err() {
+                    return Ok(());
+                }
+            }
+            Ok(())
+        }
+        .await;
+        (applied, result)
+    }
+
+    /// Applies one response whole, or nothing.
+    fn accept(
+        &mut self,
+        r: &pb::DiscoveryResponse,
+        convert: &impl Convert<T>,
+    ) -> Result<(), String> {
+        let mut next = self.state.clone();
+        next.apply(r)?;
+        let bundles = next.bundle_set()?;
+        let own = self.access.identity.trust_domain();
+        if bundles.get(&own).is_none() {
+            return Err(format!("no bundle for our own trust domain {own}"));
+        }
+        let config = Arc::new(convert(&next, &bundles)?);
+        self.state = next;
+        self.bundles.send_if_modified(|b| {
+            let changed = documents(b) != documents(&bundles);
+            if changed {
+                *b = Arc::new(bundles);
+            }
+            changed
+        });
+        self.out = match std::mem::replace(&mut self.out, Output::Gone) {
+            Output::First(tx) => {
+                let (config_tx, config_rx) = watch::channel(config);
+                if tx.send(config_rx).is_ok() {
+                    Output::Running(config_tx)
+                } else {
+                    Output::Gone
+                }
+            }
+            Output::Running(tx) => {
+                if tx.send(config).is_ok() {
+                    Output::Running(tx)
+                } else {
+                    Output::Gone
+                }
+            }
+            Output::Gone => Output::Gone,
+        };
+        tracing::debug!(version = %self.state.version_info, "discovery update applied");
+        Ok(())
+    }
+}
+
+fn documents(b: &BundleSet) -> Vec<String> {
+    b.iter().map(|b| b.to_document()).collect()
+}
+
+/// Exponential backoff with jitter, so that every proxy of a cluster does
+/// not reconnect to a restarted controller in the same instant.
+#[derive(Debug)]
+struct Backoff {
+    initial: Duration,
+    max: Duration,
+    current: Duration,
+}
+
+impl Backoff {
+    fn new(p: &ClientPolicy) -> Self {
+        Self {
+            initial: p.initial_backoff,
+            max: p.max_backoff,
+            current: p.initial_backoff,
+        }
+    }
+
+    fn reset(&mut self) {
+        self.current = self.initial;
+    }
+
+    /// Between half and all of the current step.
+    fn next(&mut self) -> Duration {
+        let step = self.current;
+        self.current = (self.current * 2).min(self.max);
+        step / 2 + step.mul_f64(fastrand::f64() / 2.0)
+    }
+}

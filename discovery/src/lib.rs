@@ -1,0 +1,15 @@
+//! The data plane's client of its controller: [`start`] gets an SVID
+//! through `Certify`, keeps it renewed, follows the discovery stream, and
+//! publishes the last good config as a `watch` channel. Gateways and
+//! proxies use it; it never talks to etcd.
+//!
+//! - [`state`]: the client's copy of the mesh. I/O-free.
+//! - [`client`]: the drivers.
+
+pub mod client;
+pub mod state;
+
+pub use client::{
+    ClientError, ClientPolicy, ControllerAccess, Convert, Discovered, certify, channel, start,
+};
+pub use state::MeshState;

@@ -1,0 +1,222 @@
+//! Routes from the controller's discovery stream. I/O-free: a function from
+//! the client's [`MeshState`] to [`Routes`]. An update it cannot read is
+//! NACKed whole, and the gateway keeps its last good routes.
+
+use std::net::{IpAddr, SocketAddr};
+
+use fedmesh_api::{Endpoint, validate_label};
+use fedmesh_discovery::{ClientError, ClientPolicy, Discovered, MeshState};
+use fedmesh_proto::discovery::v1 as pb;
+use trust_bundle::{BundleSet, TrustDomain};
+
+use crate::config::DiscoveryConfig;
+use crate::routes::{ExportedService, Peer, Routes};
+
+/// Gets the gateway's SVID from the controller and follows its discovery
+/// stream. Returns once the first routes are in; after that the routes,
+/// SVID and bundles follow the controller, and stay at their last good
+/// value while it is away.
+pub async fn connect(
+    c: &DiscoveryConfig,
+    policy: ClientPolicy,
+) -> Result<Discovered<Routes>, ClientError> {
+    let local = c.local.clone();
+    fedmesh_discovery::start(
+        c.access.clone(),
+        c.bootstrap.clone(),
+        policy,
+        move |m, b| routes(&local, m, b),
+    )
+    .await
+}
+
+/// Who this gateway is. The controller says everything else.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Local {
+    pub cluster: String,
+    pub trust_domain: TrustDomain,
+    pub zone: Option<String>,
+}
+
+/// The routes a mesh state describes: every service this cluster exports,
+/// with its local endpoints, and every other registered cluster as a peer.
+/// Exported services are open to every federated cluster: the discovery
+/// API carries no allow rules yet.
+pub fn routes(me: &Local, m: &MeshState, bundles: &BundleSet) -> Result<Routes, String> {
+    if m.cluster != me.cluster {
+        return Err(format!(
+            "the controller serves cluster {:?}, but this gateway belongs to {:?}",
+            m.cluster, me.cluster
+        ));
+    }
+    let mut routes = Routes::new(&me.cluster, me.trust_domain.clone());
+    routes.zone = me.zone.clone();
+    for (name, p) in &m.peers {
+        let at = format!("peer {name}");
+        validate_label("cluster", name).map_err(|e| format!("{at}: {e}"))?;
+        let td =
+            TrustDomain::new(&p.trust_domain).map_err(|e| format!("{at}: trust domain: {e}"))?;
+        if bundles.get(&td).is_none() {
+            // Without its bundle no gateway of the cluster can be verified;
+            // the rest of the mesh still works.
+            tracing::warn!(cluster = %name, trust_domain = %td, "no bundle for a peer's trust domain yet; its gateways will fail verification");
+        }
+        let gateways = p
+            .gateways
+            .iter()
+            .enumerate()
+            .map(|(i, g)| gateway_address(g).map_err(|e| format!("{at}: gateways[{i}]: {e}")))
+            .collect::<Result<_, _>>()?;
+        routes.peers.insert(
+            name.clone(),
+            Peer {
+                trust_domain: td,
+                gateways,
+            },
+        );
+    }
+    for (key, s) in m.services.iter().filter(|(_, s)| s.exported) {
+        let at = format!("service {key}");
+        let ports = s
+            .ports
+            .iter()
+            .map(|&p| {
+                u16::try_from(p)
+                    .ok()
+                    .filter(|p| *p != 0)
+                    .ok_or_else(|| format!("{at}: port {p} is out of range"))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let endpoints = s
+            .local
+            .iter()
+            .map(|e| {
+                let address: SocketAddr = e
+                    .address
+                    .parse()
+                    .map_err(|_| format!("{at}: endpoint {:?} is not ip:port", e.address))?;
+                Ok(Endpoint {
+                    address,
+                    zone: e.zone.clone(),
+                    healthy: e.healthy,
+                })
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        routes.services.insert(
+            key.clone(),
+            ExportedService {
+                ports,
+                endpoints,
+                allow: None,
+            },
+        );
+    }
+    Ok(routes)
+}
+
+fn gateway_address(g: &pb::GatewayAddress) -> Result<SocketAddr, String> {
+    let port = u16::try_from(g.port)
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| format!("port {} is out of range", g.port))?;
+    let ip: IpAddr = g
+        .address
+        .parse()
+        .map_err(|_| format!("{:?} is not an IP address", g.address))?;
+    Ok(SocketAddr::new(ip, port))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fedmesh_api::ServiceKey;
+
+    fn td(s: &str) -> TrustDomain {
+        TrustDomain::new(s).unwrap()
+    }
+
+    fn local() -> Local {
+        Local {
+            cluster: "gcp".into(),
+            trust_domain: td("gcp.fedmesh"),
+            zone: Some("b".into()),
+        }
+    }
+
+    fn service(name: &str, exported: bool, endpoint: &str) -> pb::Service {
+        pb::Service {
+            namespace: "shop".into(),
+            name: name.into(),
+            ports: vec![8080],
+            local: vec![pb::LocalEndpoint {
+                address: endpoint.into(),
+                zone: "b".into(),
+                healthy: true,
+            }],
+            remote: vec![],
+            exported,
+        }
+    }
+
+    fn mesh() -> MeshState {
+        let mut m = MeshState {
+            cluster: "gcp".into(),
+            ..Default::default()
+        };
+        for s in [
+            service("checkout", true, "127.0.2.10:8080"),
+            service("remote-only", false, "127.0.2.11:8080"),
+        ] {
+            m.services.insert(ServiceKey::new("shop", &s.name), s);
+        }
+        m.peers.insert(
+            "aws".into(),
+            pb::PeerCluster {
+                cluster: "aws".into(),
+                trust_domain: "aws.fedmesh".into(),
+                gateways: vec![pb::GatewayAddress {
+                    address: "127.0.1.1".into(),
+                    port: 15443,
+                }],
+                ..Default::default()
+            },
+        );
+        m
+    }
+
+    #[test]
+    fn exported_services_and_every_peer_become_routes() {
+        let r = routes(&local(), &mesh(), &BundleSet::new()).unwrap();
+        assert_eq!(r.zone.as_deref(), Some("b"));
+        let keys: Vec<String> = r.services.keys().map(|k| k.to_string()).collect();
+        assert_eq!(keys, ["shop/checkout"], "only what this cluster exports");
+        let aws = &r.peers["aws"];
+        assert_eq!(aws.trust_domain, td("aws.fedmesh"));
+        assert_eq!(aws.gateways, ["127.0.1.1:15443".parse().unwrap()]);
+    }
+
+    #[test]
+    fn an_unreadable_update_is_refused_with_its_place() {
+        let mut other = mesh();
+        other.cluster = "azure".into();
+        assert!(
+            routes(&local(), &other, &BundleSet::new())
+                .unwrap_err()
+                .contains("azure")
+        );
+
+        let mut bad = mesh();
+        bad.services
+            .get_mut(&ServiceKey::new("shop", "checkout"))
+            .unwrap()
+            .local[0]
+            .address = "nowhere".into();
+        let e = routes(&local(), &bad, &BundleSet::new()).unwrap_err();
+        assert!(e.contains("shop/checkout") && e.contains("nowhere"), "{e}");
+
+        let mut bad = mesh();
+        bad.peers.get_mut("aws").unwrap().gateways[0].port = 70000;
+        let e = routes(&local(), &bad, &BundleSet::new()).unwrap_err();
+        assert!(e.contains("peer aws: gateways[0]"), "{e}");
+    }
+}
