@@ -347,6 +347,9 @@ impl GlobalView {
 
     /// Whether the view took the new value.
     fn upsert_parsed(&mut self, parsed: GlobalKey, kv: RawKv) -> bool {
+        if self.seen.get(&kv.key) == Some(&kv.mod_revision) {
+            return false; // A replay: this key already holds that revision.
+        }
         let result = match &parsed {
             GlobalKey::Cluster(name) => json(&kv.value).map(|r| {
                 self.clusters.insert(name.clone(), r);
@@ -586,6 +589,28 @@ mod tests {
         assert!(matches!(gone, Some(Change::Remove(_))));
         assert_eq!(v.export_count(), 0);
         assert!(v.by_service.is_empty());
+    }
+
+    #[test]
+    fn every_key_of_one_transaction_applies() {
+        let mut v = GlobalView::new(ks());
+        let record = serde_json::json!({
+            "name": "a", "cloud": "c", "region": "r", "zones": ["z"], "trustDomain": "a.test",
+            "gateways": [], "registeredAt": "2026-11-24T00:00:00Z"
+        });
+        let alive = serde_json::json!({"controller": "c", "startedAt": "2026-11-24T00:00:00Z", "version": "1"});
+        // Both keys carry the transaction's revision.
+        let cluster = put(&ks().cluster("a"), record.to_string().into_bytes(), 7);
+        let live = put(&ks().alive("a"), alive.to_string().into_bytes(), 7);
+        assert!(v.apply_event(cluster.clone()).is_some());
+        assert!(
+            v.apply_event(live.clone()).is_some(),
+            "the second key of the transaction"
+        );
+        assert!(v.clusters.contains_key("a") && v.alive.contains_key("a"));
+        // Delivered again (a resumed watch): nothing changes.
+        assert_eq!(v.apply_event(cluster), None);
+        assert_eq!(v.apply_event(live), None);
     }
 
     #[test]
