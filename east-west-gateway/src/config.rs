@@ -16,7 +16,7 @@ use fedmesh_discovery::ControllerAccess;
 
 use crate::discovered::Local;
 use crate::health::BackoffPolicy;
-use crate::routes::{AllowRule, ExportedService, Peer, Routes};
+use crate::routes::{AllowRule, ExportedService, GatewayAddr, Peer, Routes};
 
 /// How the gateway behaves; everything has a production default.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -51,6 +51,9 @@ pub struct Settings {
     /// any IPv6 path with some tunnel overhead; raise it only on networks
     /// known to carry jumbo frames.
     pub max_udp_payload: u16,
+    /// Name servers (ip:port) for peer gateways given by DNS name. Empty:
+    /// the system's (`/etc/resolv.conf`, `/etc/hosts`).
+    pub dns_servers: Vec<SocketAddr>,
 }
 
 impl Default for Settings {
@@ -67,6 +70,7 @@ impl Default for Settings {
             stream_idle_timeout: Duration::from_secs(3600),
             drain_timeout: Duration::from_secs(30),
             max_udp_payload: 1452,
+            dns_servers: Vec::new(),
         }
     }
 }
@@ -412,9 +416,7 @@ fn parse_static(
         }
         let mut gateways = Vec::with_capacity(p.gateways.len());
         for (j, g) in p.gateways.iter().enumerate() {
-            let addr: SocketAddr = g
-                .parse()
-                .map_err(|_| format!("{at}.gateways[{j}]: {g:?} is not an ip:port address"))?;
+            let addr = GatewayAddr::parse(g).map_err(|e| format!("{at}.gateways[{j}]: {e}"))?;
             if gateways.contains(&addr) {
                 return Err(format!("{at}.gateways[{j}]: {addr} is listed twice"));
             }

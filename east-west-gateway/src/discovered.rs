@@ -2,7 +2,7 @@
 //! the client's [`MeshState`] to [`Routes`]. An update it cannot read is
 //! NACKed whole, and the gateway keeps its last good routes.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 
 use fedmesh_api::{Endpoint, validate_label};
 use fedmesh_discovery::{ClientError, ClientPolicy, Discovered, MeshState};
@@ -10,7 +10,7 @@ use fedmesh_proto::discovery::v1 as pb;
 use trust_bundle::{BundleSet, TrustDomain};
 
 use crate::config::DiscoveryConfig;
-use crate::routes::{ExportedService, Peer, Routes};
+use crate::routes::{ExportedService, GatewayAddr, Peer, Routes};
 
 /// Gets the gateway's SVID from the controller and follows its discovery
 /// stream. Returns once the first routes are in; after that the routes,
@@ -114,16 +114,12 @@ pub fn routes(me: &Local, m: &MeshState, bundles: &BundleSet) -> Result<Routes, 
     Ok(routes)
 }
 
-fn gateway_address(g: &pb::GatewayAddress) -> Result<SocketAddr, String> {
+fn gateway_address(g: &pb::GatewayAddress) -> Result<GatewayAddr, String> {
     let port = u16::try_from(g.port)
         .ok()
         .filter(|p| *p != 0)
         .ok_or_else(|| format!("port {} is out of range", g.port))?;
-    let ip: IpAddr = g
-        .address
-        .parse()
-        .map_err(|_| format!("{:?} is not an IP address", g.address))?;
-    Ok(SocketAddr::new(ip, port))
+    GatewayAddr::new(&g.address, port)
 }
 
 #[cfg(test)]
@@ -192,7 +188,10 @@ mod tests {
         assert_eq!(keys, ["shop/checkout"], "only what this cluster exports");
         let aws = &r.peers["aws"];
         assert_eq!(aws.trust_domain, td("aws.fedmesh"));
-        assert_eq!(aws.gateways, ["127.0.1.1:15443".parse().unwrap()]);
+        assert_eq!(
+            aws.gateways,
+            [GatewayAddr::parse("127.0.1.1:15443").unwrap()]
+        );
     }
 
     #[test]

@@ -21,11 +21,13 @@ use tracing::Instrument;
 use trust_bundle::tls::ALPN_TUNNEL;
 use trust_bundle::{SpiffeId, TrustDomain};
 
+use crate::dns::Dns;
 use crate::frame::{self, OpenRequest, Refusal};
 use crate::gateway::Shared;
 use crate::health::{PeerHealth, try_order};
 use crate::metrics::{GatewayLabels, handshake_reason};
 use crate::quic;
+use crate::routes::GatewayAddr;
 use crate::splice::{self, ReadFrameError, code, read_frame, write_frame};
 
 const DIRECTION: &str = "egress";
@@ -183,6 +185,7 @@ pub struct Pool {
     transport: Arc<quinn::TransportConfig>,
     slots: Mutex<HashMap<SocketAddr, Arc<Slot>>>,
     configs: Mutex<HashMap<(String, TrustDomain), quinn::ClientConfig>>,
+    dns: Dns,
 }
 
 #[derive(Debug)]
@@ -204,12 +207,14 @@ impl Pool {
         endpoint: quinn::Endpoint,
         transport: Arc<quinn::TransportConfig>,
     ) -> Self {
+        let dns = Dns::new(&sh.settings.dns_servers);
         Self {
             sh,
             endpoint,
             transport,
             slots: Mutex::default(),
             configs: Mutex::default(),
+            dns,
         }
     }
 
@@ -232,20 +237,30 @@ impl Pool {
             (peer.trust_domain.clone(), gws.to_vec())
         };
         let now = Instant::now();
+        let deadline = now + req.deadline;
+        let mut tried = Vec::new();
+        let targets = self.resolve(&gateways, deadline, &mut tried).await;
+        let addrs: Vec<SocketAddr> = targets.iter().map(|(a, _)| *a).collect();
         let spread = self.sh.spread.fetch_add(1, Ordering::Relaxed);
-        let order = try_order(&gateways, |g| self.available(g, now), spread);
+        let order = try_order(&addrs, |g| self.available(g, now), spread);
         if order.is_empty() {
+            let why = if tried.is_empty() {
+                "every gateway failed recently and is in reconnect backoff".to_string()
+            } else {
+                tried.join("; ")
+            };
             return Err(Refusal::new(
                 Status::Unreachable,
-                format!(
-                    "every gateway of {} failed recently and is in reconnect backoff",
-                    req.target_cluster
-                ),
+                format!("no gateway of {} to try: {why}", req.target_cluster),
             ));
         }
-        let deadline = now + req.deadline;
+        let name_of = |gw: SocketAddr| {
+            targets
+                .iter()
+                .find(|(a, _)| *a == gw)
+                .and_then(|(_, n)| n.as_deref())
+        };
         let mut refusal: Option<Refusal> = None;
-        let mut tried = Vec::new();
         for gw in order {
             if Instant::now() >= deadline {
                 tried.push("deadline reached".to_string());
@@ -258,7 +273,13 @@ impl Pool {
                     tried.push(format!("{gw}: {r}"));
                     refusal.get_or_insert(r);
                 }
-                Err(Failure::Unreachable(m)) => tried.push(format!("{gw}: {m}")),
+                Err(Failure::Unreachable(m)) => {
+                    // The name may have moved (a replaced load balancer).
+                    if let Some(host) = name_of(gw) {
+                        self.dns.expire(host);
+                    }
+                    tried.push(format!("{gw}: {m}"));
+                }
             }
         }
         let tried = tried.join("; ");
@@ -273,6 +294,47 @@ impl Pool {
                 ),
             ),
         })
+    }
+
+    /// The addresses of `gateways`, in order, each with the DNS name it
+    /// came from. A name that cannot be resolved is noted in `tried`.
+    async fn resolve(
+        &self,
+        gateways: &[GatewayAddr],
+        deadline: Instant,
+        tried: &mut Vec<String>,
+    ) -> Vec<(SocketAddr, Option<String>)> {
+        let mut out = Vec::with_capacity(gateways.len());
+        for g in gateways {
+            match g {
+                GatewayAddr::Ip(a) => out.push((*a, None)),
+                GatewayAddr::Name { host, port } => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    let mut answer = self.dns.resolve(host, left).await;
+                    // Every address the name had is failing: it may have
+                    // moved (a replaced load balancer). Ask again.
+                    let all_down = answer.as_ref().is_ok_and(|ips| {
+                        ips.iter()
+                            .all(|ip| !self.available(&SocketAddr::new(*ip, *port), Instant::now()))
+                    });
+                    if all_down {
+                        self.dns.expire(host);
+                        answer = self.dns.resolve(host, left).await;
+                    }
+                    match answer {
+                        Ok(ips) => out.extend(
+                            ips.into_iter()
+                                .map(|ip| (SocketAddr::new(ip, *port), Some(host.clone()))),
+                        ),
+                        Err(e) => tried.push(e),
+                    }
+                }
+            }
+        }
+        // A name may resolve to an address also listed on its own.
+        let mut seen = std::collections::HashSet::new();
+        out.retain(|(a, _)| seen.insert(*a));
+        out
     }
 
     fn available(&self, gw: &SocketAddr, now: Instant) -> bool {

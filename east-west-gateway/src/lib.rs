@@ -19,6 +19,7 @@
 
 pub mod config;
 pub mod discovered;
+pub mod dns;
 mod egress;
 pub mod frame;
 mod gateway;

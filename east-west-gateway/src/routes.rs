@@ -47,7 +47,70 @@ pub struct AllowRule {
 pub struct Peer {
     pub trust_domain: TrustDomain,
     /// In the order the cluster registered them.
-    pub gateways: Vec<SocketAddr>,
+    pub gateways: Vec<GatewayAddr>,
+}
+
+/// Where a peer gateway is reached: an address, or a DNS name (a cloud
+/// load balancer's, say) that the egress resolves when it connects.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum GatewayAddr {
+    Ip(SocketAddr),
+    Name { host: String, port: u16 },
+}
+
+impl GatewayAddr {
+    /// `host` is an IP address or a DNS name; a trailing dot is allowed.
+    pub fn new(host: &str, port: u16) -> Result<Self, String> {
+        if port == 0 {
+            return Err("port 0 is not a port".into());
+        }
+        if let Ok(ip) = host.parse::<std::net::IpAddr>() {
+            return Ok(Self::Ip(SocketAddr::new(ip, port)));
+        }
+        let name = host.strip_suffix('.').unwrap_or(host);
+        let label_ok = |l: &str| {
+            (1..=63).contains(&l.len())
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+        };
+        if name.is_empty() || name.len() > 253 || !name.split('.').all(label_ok) {
+            return Err(format!("{host:?} is neither an IP address nor a DNS name"));
+        }
+        Ok(Self::Name {
+            host: name.to_ascii_lowercase(),
+            port,
+        })
+    }
+
+    /// `ip:port`, `[v6]:port` or `name:port`.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        if let Ok(a) = s.parse::<SocketAddr>() {
+            return Ok(Self::Ip(a));
+        }
+        let (host, port) = s
+            .rsplit_once(':')
+            .ok_or_else(|| format!("{s:?} is not host:port"))?;
+        let port = port
+            .parse()
+            .map_err(|_| format!("{s:?}: {port:?} is not a port"))?;
+        Self::new(host, port)
+    }
+}
+
+impl From<SocketAddr> for GatewayAddr {
+    fn from(a: SocketAddr) -> Self {
+        Self::Ip(a)
+    }
+}
+
+impl std::fmt::Display for GatewayAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Ip(a) => a.fmt(f),
+            Self::Name { host, port } => write!(f, "{host}:{port}"),
+        }
+    }
 }
 
 /// A peer gateway, as its verified certificate names it.
@@ -193,7 +256,7 @@ impl Routes {
     }
 
     /// The gateways of `cluster`, or why there are none.
-    pub fn gateways_of(&self, cluster: &str) -> Result<(&Peer, &[SocketAddr]), Refusal> {
+    pub fn gateways_of(&self, cluster: &str) -> Result<(&Peer, &[GatewayAddr]), Refusal> {
         let peer = self.peers.get(cluster).ok_or_else(|| {
             Refusal::new(
                 Status::Unreachable,
@@ -227,6 +290,28 @@ mod tests {
         }
     }
 
+    #[test]
+    fn gateway_addresses_are_ips_or_dns_names() {
+        assert_eq!(
+            GatewayAddr::parse("127.0.1.1:15443").unwrap(),
+            GatewayAddr::Ip("127.0.1.1:15443".parse().unwrap())
+        );
+        assert_eq!(
+            GatewayAddr::parse("[::1]:15443").unwrap(),
+            GatewayAddr::Ip("[::1]:15443".parse().unwrap())
+        );
+        assert_eq!(
+            GatewayAddr::parse("GW-1.elb.Example.com.:15443").unwrap(),
+            GatewayAddr::Name {
+                host: "gw-1.elb.example.com".into(),
+                port: 15443
+            }
+        );
+        for bad in ["gw:0", "gw", "gw:http", "-gw:1", "a..b:1", "g_w:1", ":1"] {
+            assert!(GatewayAddr::parse(bad).is_err(), "{bad}");
+        }
+    }
+
     fn routes() -> Routes {
         let mut r = Routes::new("gcp-usc1", td("gcp.example"));
         r.zone = Some("usc1-a".into());
@@ -234,7 +319,7 @@ mod tests {
             "aws-use1".into(),
             Peer {
                 trust_domain: td("aws.example"),
-                gateways: vec!["127.0.1.1:15443".parse().unwrap()],
+                gateways: vec![GatewayAddr::parse("127.0.1.1:15443").unwrap()],
             },
         );
         r.services.insert(

@@ -22,8 +22,7 @@ use fedmesh_api::{ClusterRecord, Endpoint, KeySpace, LocalService, LocalServices
 use fedmesh_discovery::{ClientPolicy, ControllerAccess, Discovered};
 use fedmesh_proto::tunnel::v1::tunnel_accept::Status;
 use fedmesh_test_support::{Etcd, eventually};
-use support::{Domain, Echo, open_msg, open_tunnel, proxy_tls};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use support::{Domain, Echo, echo_through, proxy_tls};
 use tokio::sync::watch;
 use trust_bundle::{Bundle, BundleSet, CaOptions, ClusterCa, SpiffeId};
 
@@ -195,22 +194,15 @@ impl Caller {
         }
     }
 
-    /// Opens a tunnel and echoes a message through it; the refusal status
-    /// otherwise.
     async fn call(&self, service: &str, to: &str) -> Result<(), Status> {
-        let (mut s, accept) =
-            open_tunnel(self.egress, self.tls.clone(), &open_msg(service, 8080, to))
-                .await
-                .map_err(|_| Status::Unreachable)?;
-        if accept.status() != Status::Ok {
-            return Err(accept.status());
-        }
-        s.write_all(b"hello across clouds").await.unwrap();
-        s.shutdown().await.unwrap();
-        let mut back = Vec::new();
-        s.read_to_end(&mut back).await.unwrap();
-        assert_eq!(back, b"hello across clouds");
-        Ok(())
+        echo_through(
+            self.egress,
+            self.tls.clone(),
+            service,
+            to,
+            b"hello across clouds",
+        )
+        .await
     }
 }
 

@@ -263,7 +263,7 @@ async fn every_refusal_comes_before_any_application_byte() {
             "azure-weu".to_string(),
             east_west_gateway::routes::Peer {
                 trust_domain: c.td.clone(),
-                gateways: vec![silent.local_addr().unwrap()],
+                gateways: vec![silent.local_addr().unwrap().into()],
             },
         )]);
     });
@@ -438,7 +438,7 @@ async fn the_egress_stamps_the_proxys_identity_and_keeps_the_trace() {
         open
     });
     p.gw_a
-        .update(|r| r.peers.get_mut("gcp-usc1").unwrap().gateways = vec![fake_addr]);
+        .update(|r| r.peers.get_mut("gcp-usc1").unwrap().gateways = vec![fake_addr.into()]);
     let mut open = open_msg(ECHO, 8080, "gcp-usc1");
     open.source_identity = "spiffe://aws.example/ns/kube-system/sa/admin".into();
     let (_, a) = p.open(&open).await;
@@ -530,7 +530,7 @@ async fn forged_gateways_are_refused_at_the_handshake() {
     )
     .await;
     p.gw_a
-        .update(|r| r.peers.get_mut("gcp-usc1").unwrap().gateways = vec![impostor.quic()]);
+        .update(|r| r.peers.get_mut("gcp-usc1").unwrap().gateways = vec![impostor.quic().into()]);
     let (status, msg) = p.status(&open_msg(ECHO, 8080, "gcp-usc1")).await;
     assert_eq!(status, Status::Unreachable, "{msg}");
     let failures = p.gw_a.sample(
@@ -605,7 +605,7 @@ async fn streams_survive_a_nat_rebinding() {
     let p = pair(Settings::default()).await;
     let relay = UdpRelay::start(p.a.ip(99), p.gw_b.quic()).await.unwrap();
     p.gw_a
-        .update(|r| r.peers.get_mut("gcp-usc1").unwrap().gateways = vec![relay.addr()]);
+        .update(|r| r.peers.get_mut("gcp-usc1").unwrap().gateways = vec![relay.addr().into()]);
     let (mut s, a) = p.open(&open_msg(ECHO, 8080, "gcp-usc1")).await;
     assert_eq!(a.status, Status::Ok as i32, "{a:?}");
     ping(&mut s, &vec![7u8; 256 * 1024]).await;

@@ -6,15 +6,19 @@
 //!   restore, to break connections without stopping the server.
 //! - [`udp_relay::UdpRelay`]: a loopback UDP forwarder that can change its
 //!   upstream source port, as a NAT rebinding does.
+//! - [`dns::DnsServer`]: a small authoritative DNS server on loopback UDP
+//!   whose A records a test can change, to move a name.
 //! - [`eventually`]: poll a condition until a deadline instead of sleeping.
 //!
 //! Nothing here is a mock: what cannot run on a test machine (a Kubernetes
 //! API server) is faked in the crate that needs it, and labelled there.
 
+pub mod dns;
 pub mod etcd;
 pub mod relay;
 pub mod udp_relay;
 
+pub use dns::DnsServer;
 pub use etcd::{Etcd, EtcdOptions, HarnessError};
 pub use relay::TcpRelay;
 pub use udp_relay::UdpRelay;

@@ -12,6 +12,7 @@ use east_west_gateway::routes::{ExportedService, Peer};
 use east_west_gateway::splice::{read_frame, write_frame};
 use east_west_gateway::{Gateway, GatewayOptions, Metrics, Routes, Settings};
 use fedmesh_api::{Endpoint, ServiceKey};
+use fedmesh_proto::tunnel::v1::tunnel_accept::Status;
 use fedmesh_proto::tunnel::v1::{TunnelAccept, TunnelOpen};
 use rustls_pki_types::ServerName;
 use tokio::net::{TcpListener, TcpStream};
@@ -93,7 +94,7 @@ impl Domain {
             self.cluster.clone(),
             Peer {
                 trust_domain: self.td.clone(),
-                gateways,
+                gateways: gateways.into_iter().map(Into::into).collect(),
             },
         )
     }
@@ -175,13 +176,26 @@ pub async fn start_gateway(
     routes: Routes,
     settings: Settings,
 ) -> Gw {
+    let quic = SocketAddr::new(d.ip(host), 0);
+    start_gateway_at(d, quic, egress, bundles, routes, settings).await
+}
+
+/// Like [`start_gateway`], with the QUIC port chosen.
+pub async fn start_gateway_at(
+    d: &Domain,
+    quic: SocketAddr,
+    egress: bool,
+    bundles: BundleSet,
+    routes: Routes,
+    settings: Settings,
+) -> Gw {
     let (routes_tx, routes_rx) = watch::channel(Arc::new(routes));
     let (svid_tx, svid_rx) = watch::channel(Arc::new(d.gateway_svid()));
     let (bundles_tx, bundles_rx) = watch::channel(Arc::new(bundles));
     let metrics = Arc::new(Metrics::default());
     let options = GatewayOptions {
-        quic: SocketAddr::new(d.ip(host), 0),
-        egress: egress.then(|| SocketAddr::new(d.ip(host), 0)),
+        quic,
+        egress: egress.then(|| SocketAddr::new(quic.ip(), 0)),
         settings,
     };
     let gateway = Gateway::start(options, routes_rx, svid_rx, bundles_rx, metrics.clone())
@@ -277,6 +291,31 @@ pub async fn open_tunnel(
         .await
         .map_err(std::io::Error::other)?;
     Ok((s, accept))
+}
+
+/// Opens a tunnel to `service` (port 8080) in `target` and echoes `msg`
+/// through it; the refusal status otherwise (UNREACHABLE when the egress
+/// cannot be reached at all).
+pub async fn echo_through(
+    egress: SocketAddr,
+    tls: Arc<rustls::ClientConfig>,
+    service: &str,
+    target: &str,
+    msg: &[u8],
+) -> Result<(), Status> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut s, accept) = open_tunnel(egress, tls, &open_msg(service, 8080, target))
+        .await
+        .map_err(|_| Status::Unreachable)?;
+    if accept.status() != Status::Ok {
+        return Err(accept.status());
+    }
+    s.write_all(msg).await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    s.read_to_end(&mut back).await.unwrap();
+    assert_eq!(back, msg);
+    Ok(())
 }
 
 /// Deterministic bytes, so that both ends can check what went through.
