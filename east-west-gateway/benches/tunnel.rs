@@ -11,6 +11,9 @@
 //! - Latency: 64-byte echoes at a fixed 1000 req/s for `SECS` (default 5)
 //!   seconds over one established tunnel, and over direct TCP.
 //!
+//! `ONLY=tunnel` (or `direct`, `haproxy`) runs one path's bulk test alone,
+//! for profiling; no ratios are printed then.
+//!
 //! `UDP_PAYLOAD=<bytes>` raises the path-MTU ceiling (`maxUdpPayload`,
 //! default 1452) on both gateways, as on a jumbo-frame network.
 //!
@@ -211,6 +214,24 @@ async fn main() {
         s.set_nodelay(true).unwrap();
         s
     };
+
+    if let Ok(only) = std::env::var("ONLY") {
+        let mut runs = Vec::new();
+        for _ in 0..3 {
+            runs.push(match only.as_str() {
+                "direct" => bulk(direct(sink_addr).await, total).await,
+                "tunnel" => bulk(tunnel("shop/sink").await, total).await,
+                "haproxy" => {
+                    let dir = tempfile::tempdir().unwrap();
+                    let (chain, _h) = haproxy_chain(dir.path(), &a, &b, &[sink_addr]).await;
+                    bulk(direct(chain[0]).await, total).await
+                }
+                other => panic!("ONLY={other}: use direct, tunnel or haproxy"),
+            });
+        }
+        println!("{only}: {:.2} Gbit/s (median of 3)", median(runs));
+        return;
+    }
 
     let dir = tempfile::tempdir().unwrap();
     let (chain, _haproxy) = haproxy_chain(dir.path(), &a, &b, &[sink_addr, echo.addr]).await;

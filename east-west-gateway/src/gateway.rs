@@ -218,12 +218,21 @@ impl Gateway {
             peer_routes.borrow().peer_gateway(id).map(|_| ())
         }));
         let server = quic::server_config(svid.clone(), bundles.clone(), peers, transport.clone())?;
+        let bind = |source| StartError::Bind {
+            what: "QUIC",
+            addr: options.quic,
+            source,
+        };
+        let socket = quic::bind_udp(options.quic).map_err(bind)?;
+        let runtime = quinn::default_runtime()
+            .ok_or_else(|| bind(std::io::Error::other("no async runtime for quinn")))?;
+        // The payload size we advertise caps the peer's path MTU discovery.
+        let mut endpoint_config = quinn::EndpointConfig::default();
+        endpoint_config
+            .max_udp_payload_size(options.settings.max_udp_payload)
+            .map_err(|e| StartError::Settings(format!("maxUdpPayload: {e}")))?;
         let endpoint =
-            quinn::Endpoint::server(server, options.quic).map_err(|source| StartError::Bind {
-                what: "QUIC",
-                addr: options.quic,
-                source,
-            })?;
+            quinn::Endpoint::new(endpoint_config, Some(server), socket, runtime).map_err(bind)?;
         let quic_addr = endpoint.local_addr().map_err(|source| StartError::Bind {
             what: "QUIC",
             addr: options.quic,

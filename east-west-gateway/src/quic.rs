@@ -3,6 +3,7 @@
 //! channels at each handshake, so rotations apply to new connections
 //! without a restart, and live connections are left alone.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,6 +30,50 @@ pub enum QuicConfigError {
 const STREAM_WINDOW: u32 = 16 * 1024 * 1024;
 /// Per-connection receive window, shared by all streams to one peer.
 const CONNECTION_WINDOW: u32 = 64 * 1024 * 1024;
+
+/// UDP socket buffers. The kernel's default (about 208 KiB) overflows at a
+/// few Gbit/s: every datagram it drops is a loss to QUIC's congestion
+/// control, which halves the window. The kernel caps the request at
+/// `net.core.rmem_max` / `wmem_max`.
+pub const UDP_BUFFER: usize = 8 * 1024 * 1024;
+
+/// The gateway's UDP socket, with large buffers. Smaller buffers than asked
+/// for are reported once, with the sysctl that raises them.
+pub fn bind_udp(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(false).ok();
+    }
+    for (what, set, get, sysctl) in [
+        (
+            "receive",
+            Socket::set_recv_buffer_size as fn(&Socket, usize) -> std::io::Result<()>,
+            Socket::recv_buffer_size as fn(&Socket) -> std::io::Result<usize>,
+            "net.core.rmem_max",
+        ),
+        (
+            "send",
+            Socket::set_send_buffer_size,
+            Socket::send_buffer_size,
+            "net.core.wmem_max",
+        ),
+    ] {
+        // Best effort: a small buffer costs throughput, not correctness.
+        let _ = set(&socket, UDP_BUFFER);
+        // Linux reports double what it grants (its bookkeeping overhead).
+        let got = get(&socket).unwrap_or(0) / 2;
+        if got < UDP_BUFFER / 2 {
+            tracing::warn!(
+                wanted = UDP_BUFFER,
+                got,
+                "small UDP {what} buffer: expect drops, and lower throughput, above a few Gbit/s; raise {sysctl}"
+            );
+        }
+    }
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
+}
 
 pub fn transport(settings: &Settings) -> Result<TransportConfig, QuicConfigError> {
     let mut t = TransportConfig::default();
