@@ -2,7 +2,8 @@
 //!
 //! `cargo bench -p east-west-gateway --bench tunnel`
 //!
-//! - Bulk: one tunnel (proxy TLS → egress → QUIC → ingress → backend)
+//! - Bulk: one tunnel (proxy TLS → egress → QUIC → ingress → backend,
+//!   the two gateways being real `fedmesh-gateway` processes)
 //!   carries `BULK_MB` (default 256) MiB to a sink, against the same bytes
 //!   over direct TCP. Three runs each, median reported.
 //! - Beside both: an HAProxy TCP+TLS chain (Debian's haproxy, installed by
@@ -10,6 +11,9 @@
 //!   mutual TLS 1.3, a second in B terminates it, with the same CAs.
 //! - Latency: 64-byte echoes at a fixed 1000 req/s for `SECS` (default 5)
 //!   seconds over one established tunnel, and over direct TCP.
+//!
+//! `GATEWAYS=inproc` runs the two gateways inside the bench process
+//! instead of as `fedmesh-gateway` processes.
 //!
 //! `ONLY=tunnel` (or `direct`, `haproxy`) runs one path's bulk test alone,
 //! for profiling; no ratios are printed then.
@@ -171,6 +175,13 @@ async fn haproxy_chain(
     (entries, children)
 }
 
+/// Held until the end of the run.
+#[allow(dead_code)]
+enum Gateways {
+    InProcess(Box<[Gw; 2]>),
+    Processes(Box<[GatewayProcess; 2]>),
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
@@ -180,27 +191,71 @@ fn median(mut v: Vec<f64>) -> f64 {
 async fn main() {
     let total = env("BULK_MB", 256) * 1024 * 1024;
     let secs = env("SECS", 5);
-    let settings = Settings {
-        max_udp_payload: env("UDP_PAYLOAD", 1452) as u16,
-        ..Settings::default()
-    };
-    println!("maxUdpPayload {}", settings.max_udp_payload);
+    let payload = env("UDP_PAYLOAD", 1452);
+    println!("maxUdpPayload {payload}");
+    let settings = format!("{{maxUdpPayload: {payload}}}");
     let a = Domain::new("aws-use1", "aws.example", 1);
     let b = Domain::new("gcp-usc1", "gcp.example", 2);
     let echo = Echo::start(b.ip(10)).await;
     let sink_addr = sink(b.ip(11)).await;
-    let mut rb = b.routes("usc1-a");
-    rb.peers.extend([a.as_peer(vec![])]);
-    export(&mut rb, "shop/echo", 8080, &[(echo.addr, "usc1-a")]);
-    export(&mut rb, "shop/sink", 8080, &[(sink_addr, "usc1-a")]);
-    let gw_b = start_gateway(&b, 1, false, bundles(&[&a, &b]), rb, settings.clone()).await;
-    let mut ra = a.routes("use1-a");
-    ra.peers.extend([b.as_peer(vec![gw_b.quic()])]);
-    let gw_a = start_gateway(&a, 1, true, bundles(&[&a, &b]), ra, settings).await;
+    let dir = tempfile::tempdir().unwrap();
+    let services = [("shop/echo", echo.addr), ("shop/sink", sink_addr)];
+    // By default both gateways are real `fedmesh-gateway` processes, as the
+    // haproxy instances are. GATEWAYS=inproc runs them in this process
+    // instead, which leaves out the cost of waking other processes.
+    let inproc = std::env::var("GATEWAYS").is_ok_and(|v| v == "inproc");
+    println!(
+        "gateways: {}",
+        if inproc {
+            "in the bench process"
+        } else {
+            "separate processes"
+        }
+    );
+    let (egress, _gateways) = if inproc {
+        let s = Settings {
+            max_udp_payload: payload as u16,
+            ..Settings::default()
+        };
+        let mut rb = b.routes("z1");
+        rb.peers.extend([a.as_peer(vec![])]);
+        for (name, addr) in services {
+            export(&mut rb, name, 8080, &[(addr, "z1")]);
+        }
+        let gw_b = start_gateway(&b, 1, false, bundles(&[&a, &b]), rb, s.clone()).await;
+        let mut ra = a.routes("z1");
+        ra.peers.extend([b.as_peer(vec![gw_b.quic()])]);
+        let gw_a = start_gateway(&a, 1, true, bundles(&[&a, &b]), ra, s).await;
+        (gw_a.egress(), Gateways::InProcess(Box::new([gw_a, gw_b])))
+    } else {
+        let gw_b = GatewayProcess::spawn(
+            dir.path(),
+            &b,
+            1,
+            &[(&a, vec![])],
+            &services,
+            false,
+            &settings,
+        )
+        .await;
+        let gw_a = GatewayProcess::spawn(
+            dir.path(),
+            &a,
+            1,
+            &[(&b, vec![gw_b.quic])],
+            &[],
+            true,
+            &settings,
+        )
+        .await;
+        (
+            gw_a.egress.unwrap(),
+            Gateways::Processes(Box::new([gw_a, gw_b])),
+        )
+    };
     let proxy = proxy_tls(a.workload_svid("shop", "web"), bundles(&[&a]), &a);
     let tunnel = |svc: &'static str| {
         let proxy = proxy.clone();
-        let egress = gw_a.egress();
         async move {
             let (s, acc) = open_tunnel(egress, proxy, &open_msg(svc, 8080, "gcp-usc1"))
                 .await
@@ -233,7 +288,6 @@ async fn main() {
         return;
     }
 
-    let dir = tempfile::tempdir().unwrap();
     let (chain, _haproxy) = haproxy_chain(dir.path(), &a, &b, &[sink_addr, echo.addr]).await;
 
     let (mut t, mut d, mut h) = (Vec::new(), Vec::new(), Vec::new());

@@ -6,87 +6,14 @@
 
 mod support;
 
-use std::net::SocketAddr;
-use std::path::Path;
-use std::process::Stdio;
 use std::time::Duration;
 
 use east_west_gateway::Settings;
 use fedmesh_proto::tunnel::v1::tunnel_accept::Status;
 use fedmesh_test_support::eventually;
 use support::*;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::process::{Child, Command};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
-
-/// Starts a gateway process for `d` on 127.0.<block>.<host>, in front of
-/// `echo`; returns it with its QUIC address.
-async fn spawn_gateway(
-    dir: &Path,
-    d: &Domain,
-    peer: &Domain,
-    host: u8,
-    echo: SocketAddr,
-) -> (Child, SocketAddr) {
-    let svid = d.gateway_svid();
-    let name = format!("gw{host}");
-    std::fs::write(dir.join(format!("{name}.pem")), svid.chain_pem()).unwrap();
-    std::fs::write(dir.join(format!("{name}-key.pem")), svid.key_pem()).unwrap();
-    std::fs::write(dir.join("own.json"), d.bundle().to_document()).unwrap();
-    std::fs::write(dir.join("peer.json"), peer.bundle().to_document()).unwrap();
-    let yaml = format!(
-        r#"cluster: {cluster}
-trustDomain: {td}
-zone: usc1-a
-listen:
-  quic: "{ip}:0"
-identity:
-  certificate: {name}.pem
-  key: {name}-key.pem
-bundles:
-  {td}: own.json
-  {peer_td}: peer.json
-peers:
-  - cluster: {peer_cluster}
-    trustDomain: {peer_td}
-    gateways: []
-services:
-  - name: shop/echo
-    ports: [8080]
-    endpoints:
-      - {{address: "{echo}", zone: usc1-a}}
-"#,
-        cluster = d.cluster,
-        td = d.td,
-        ip = d.ip(host),
-        peer_td = peer.td,
-        peer_cluster = peer.cluster,
-    );
-    let config = dir.join(format!("{name}.yaml"));
-    std::fs::write(&config, yaml).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_fedmesh-gateway"))
-        .arg("--config")
-        .arg(&config)
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let first = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
-        .await
-        .expect("gateway did not start")
-        .unwrap()
-        .unwrap();
-    // "fedmesh-gateway: quic on <addr>, egress on -"
-    let addr = first
-        .split("quic on ")
-        .nth(1)
-        .and_then(|s| s.split(',').next())
-        .unwrap()
-        .parse()
-        .unwrap();
-    (child, addr)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_a_peer_gateway_fails_over_to_its_sibling() {
@@ -95,9 +22,28 @@ async fn kill_9_of_a_peer_gateway_fails_over_to_its_sibling() {
     let b = Domain::new("gcp-usc1", "gcp.example", 2);
     let echo1 = Echo::start(b.ip(10)).await;
     let echo2 = Echo::start(b.ip(11)).await;
-    let (g1, addr1) = spawn_gateway(dir.path(), &b, &a, 1, echo1.addr).await;
-    let (g2, addr2) = spawn_gateway(dir.path(), &b, &a, 2, echo2.addr).await;
-    let mut children = [(g1, addr1, echo1.addr), (g2, addr2, echo2.addr)];
+    let g1 = GatewayProcess::spawn(
+        dir.path(),
+        &b,
+        1,
+        &[(&a, vec![])],
+        &[("shop/echo", echo1.addr)],
+        false,
+        "{}",
+    )
+    .await;
+    let g2 = GatewayProcess::spawn(
+        dir.path(),
+        &b,
+        2,
+        &[(&a, vec![])],
+        &[("shop/echo", echo2.addr)],
+        false,
+        "{}",
+    )
+    .await;
+    let (addr1, addr2) = (g1.quic, g2.quic);
+    let mut children = [(g1.child, addr1, echo1.addr), (g2.child, addr2, echo2.addr)];
 
     let mut ra = a.routes("use1-a");
     ra.peers.extend([b.as_peer(vec![addr1, addr2])]);

@@ -335,3 +335,106 @@ pub fn init_tracing() {
             .try_init();
     }
 }
+
+/// A real `fedmesh-gateway` process on a static config.
+pub struct GatewayProcess {
+    pub child: tokio::process::Child,
+    pub quic: SocketAddr,
+    pub egress: Option<SocketAddr>,
+}
+
+impl GatewayProcess {
+    /// Starts a gateway of `d` on 127.0.<block>.<host>: it knows `peers`
+    /// (each with its gateways), exports `services` (name, one endpoint),
+    /// and has an egress when asked. `settings` is a YAML flow map (`{}`
+    /// for the defaults). Returns once it listens.
+    pub async fn spawn(
+        dir: &std::path::Path,
+        d: &Domain,
+        host: u8,
+        peers: &[(&Domain, Vec<SocketAddr>)],
+        services: &[(&str, SocketAddr)],
+        egress: bool,
+        settings: &str,
+    ) -> Self {
+        use std::fmt::Write;
+        use tokio::io::AsyncBufReadExt;
+        let svid = d.gateway_svid();
+        let name = format!("{}-gw{host}", d.cluster);
+        std::fs::write(dir.join(format!("{name}.pem")), svid.chain_pem()).unwrap();
+        std::fs::write(dir.join(format!("{name}-key.pem")), svid.key_pem()).unwrap();
+        let mut yaml = format!(
+            "cluster: {}\ntrustDomain: {}\nzone: z1\nlisten:\n  quic: \"{}:0\"\n",
+            d.cluster,
+            d.td,
+            d.ip(host)
+        );
+        if egress {
+            writeln!(yaml, "  egress: \"{}:0\"", d.ip(host)).unwrap();
+        }
+        writeln!(
+            yaml,
+            "identity: {{certificate: {name}.pem, key: {name}-key.pem}}"
+        )
+        .unwrap();
+        yaml += "bundles:\n";
+        for b in std::iter::once(d).chain(peers.iter().map(|(p, _)| *p)) {
+            let file = format!("{}.json", b.td);
+            std::fs::write(dir.join(&file), b.bundle().to_document()).unwrap();
+            writeln!(yaml, "  {}: {file}", b.td).unwrap();
+        }
+        yaml += if peers.is_empty() {
+            "peers: []\n"
+        } else {
+            "peers:\n"
+        };
+        for (p, gws) in peers {
+            let gws: Vec<String> = gws.iter().map(|g| format!("\"{g}\"")).collect();
+            writeln!(
+                yaml,
+                "  - {{cluster: {}, trustDomain: {}, gateways: [{}]}}",
+                p.cluster,
+                p.td,
+                gws.join(", ")
+            )
+            .unwrap();
+        }
+        yaml += if services.is_empty() {
+            "services: []\n"
+        } else {
+            "services:\n"
+        };
+        for (svc, endpoint) in services {
+            writeln!(
+                yaml,
+                "  - {{name: {svc}, ports: [8080], endpoints: [{{address: \"{endpoint}\", zone: z1}}]}}"
+            )
+            .unwrap();
+        }
+        writeln!(yaml, "settings: {settings}").unwrap();
+        let config = dir.join(format!("{name}.yaml"));
+        std::fs::write(&config, yaml).unwrap();
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_fedmesh-gateway"))
+            .arg("--config")
+            .arg(&config)
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let first = tokio::time::timeout(std::time::Duration::from_secs(30), lines.next_line())
+            .await
+            .expect("gateway did not start")
+            .unwrap()
+            .unwrap();
+        // "fedmesh-gateway: quic on <addr>, egress on <addr or ->"
+        let after = |key: &str| first.split(key).nth(1).and_then(|s| s.split(',').next());
+        let quic = after("quic on ").unwrap().parse().unwrap();
+        let egress = after("egress on ").and_then(|s| s.trim().parse().ok());
+        Self {
+            child,
+            quic,
+            egress,
+        }
+    }
+}
