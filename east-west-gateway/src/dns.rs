@@ -155,6 +155,14 @@ impl Dns {
         }
     }
 
+    /// The last answer for `host`, if it was ever resolved.
+    pub fn last(&self, host: &str) -> Vec<IpAddr> {
+        self.cache()
+            .last(host)
+            .map(<[IpAddr]>::to_vec)
+            .unwrap_or_default()
+    }
+
     pub fn expire(&self, host: &str) {
         self.cache().expire(host, Instant::now());
     }

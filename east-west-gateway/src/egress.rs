@@ -3,7 +3,7 @@
 //! gateway of the target cluster, trying the cluster's next gateway when
 //! one refuses or cannot be reached, and splices once one accepts.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -193,6 +193,9 @@ struct Slot {
     conn: tokio::sync::Mutex<Option<Connection>>,
     health: Mutex<PeerHealth>,
     up: Gauge,
+    labels: GatewayLabels,
+    /// Set when the routes no longer name this gateway.
+    retired: tokio::sync::Notify,
 }
 
 /// A pool lock is never held across an await; a poisoned one only means a
@@ -337,6 +340,48 @@ impl Pool {
         out
     }
 
+    /// Forgets the gateways the routes no longer name: a cluster that left,
+    /// a gateway it dropped, an address its DNS name no longer gives. Their
+    /// live streams finish; each connection closes after its last stream.
+    /// Without this, keep-alives would hold such connections open forever.
+    pub fn prune(&self) {
+        let keep: HashSet<SocketAddr> = {
+            let routes = self.sh.routes.borrow();
+            routes
+                .peers
+                .values()
+                .flat_map(|p| &p.gateways)
+                .flat_map(|g| match g {
+                    GatewayAddr::Ip(a) => vec![*a],
+                    GatewayAddr::Name { host, port } => self
+                        .dns
+                        .last(host)
+                        .into_iter()
+                        .map(|ip| SocketAddr::new(ip, *port))
+                        .collect(),
+                })
+                .collect()
+        };
+        let gone: Vec<(SocketAddr, Arc<Slot>)> = {
+            let mut slots = lock(&self.slots);
+            let addrs: Vec<SocketAddr> = slots
+                .keys()
+                .filter(|a| !keep.contains(a))
+                .copied()
+                .collect();
+            addrs
+                .into_iter()
+                .filter_map(|a| slots.remove(&a).map(|s| (a, s)))
+                .collect()
+        };
+        for (gw, slot) in gone {
+            slot.retired.notify_one();
+            self.sh.metrics.peer_up.remove(&slot.labels);
+            self.sh.metrics.rtt_seconds.remove(&slot.labels);
+            tracing::info!(gateway = %gw, cluster = %slot.labels.peer_cluster, "peer gateway left the routes; its connection closes after its last stream");
+        }
+    }
+
     fn available(&self, gw: &SocketAddr, now: Instant) -> bool {
         lock(&self.slots)
             .get(gw)
@@ -405,18 +450,16 @@ impl Pool {
         lock(&self.slots)
             .entry(gw)
             .or_insert_with(|| {
+                let labels = GatewayLabels {
+                    peer_cluster: cluster.into(),
+                    gateway: gw.to_string(),
+                };
                 Arc::new(Slot {
                     conn: tokio::sync::Mutex::new(None),
                     health: Mutex::default(),
-                    up: self
-                        .sh
-                        .metrics
-                        .peer_up
-                        .get_or_create(&GatewayLabels {
-                            peer_cluster: cluster.into(),
-                            gateway: gw.to_string(),
-                        })
-                        .clone(),
+                    up: self.sh.metrics.peer_up.get_or_create(&labels).clone(),
+                    labels,
+                    retired: tokio::sync::Notify::new(),
                 })
             })
             .clone()
@@ -535,6 +578,9 @@ async fn watch_connection(
         tokio::select! {
             r = conn.closed() => break r,
             _ = tick.tick() => { rtt.set(conn.rtt().as_secs_f64()); }
+            // Pruned: let go of the connection, so that it closes once its
+            // streams are done.
+            _ = slot.retired.notified() => return,
         }
     };
     slot.up.set(0);

@@ -239,10 +239,10 @@ impl Gateway {
             source,
         })?;
         let pool = Arc::new(Pool::new(shared.clone(), endpoint.clone(), transport));
-        let mut tasks = vec![tokio::spawn(ingress::serve(
-            endpoint.clone(),
-            shared.clone(),
-        ))];
+        let mut tasks = vec![
+            tokio::spawn(ingress::serve(endpoint.clone(), shared.clone())),
+            tokio::spawn(prune(pool.clone(), routes.clone())),
+        ];
 
         let (stop_egress, stop_rx) = watch::channel(false);
         let mut egress_addr = None;
@@ -287,6 +287,11 @@ impl Gateway {
             stop_egress,
             tasks,
         })
+    }
+
+    /// QUIC connections open now, both directions.
+    pub fn open_connections(&self) -> usize {
+        self.endpoint.open_connections()
     }
 
     pub fn quic_addr(&self) -> SocketAddr {
@@ -340,5 +345,17 @@ impl Gateway {
         // Let the CONNECTION_CLOSE frames go out, briefly.
         let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
         left
+    }
+}
+
+/// Drops pooled connections to gateways that left the routes: at every
+/// routes change, and every 30 s for DNS answers that moved.
+async fn prune(pool: Arc<Pool>, mut routes: watch::Receiver<Arc<Routes>>) {
+    loop {
+        tokio::select! {
+            changed = routes.changed() => if changed.is_err() { return },
+            _ = tokio::time::sleep(Duration::from_secs(30)) => {}
+        }
+        pool.prune();
     }
 }

@@ -667,3 +667,65 @@ async fn draining_finishes_live_streams_and_refuses_new_ones() {
     let left = drain.await.unwrap();
     assert_eq!(left, 0, "the live stream was cut short");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_that_leaves_the_routes_is_let_go_after_its_last_stream() {
+    let a = Domain::new("aws-use1", "aws.example", 51);
+    let b = Domain::new("gcp-usc1", "gcp.example", 52);
+    let echo = Echo::start(b.ip(10)).await;
+    let mut rb = b.routes("usc1-a");
+    rb.peers.extend([a.as_peer(vec![])]);
+    export(&mut rb, "shop/echo", 8080, &[(echo.addr, "usc1-a")]);
+    let gw_b = start_gateway(&b, 1, false, bundles(&[&a, &b]), rb, Settings::default()).await;
+    let mut ra = a.routes("use1-a");
+    ra.peers.extend([b.as_peer(vec![gw_b.quic()])]);
+    let gw_a = start_gateway(&a, 1, true, bundles(&[&a, &b]), ra, Settings::default()).await;
+    let proxy = proxy_tls(a.workload_svid("shop", "web"), bundles(&[&a]), &a);
+    let (mut live, accept) = open_tunnel(
+        gw_a.egress(),
+        proxy.clone(),
+        &open_msg("shop/echo", 8080, "gcp-usc1"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(accept.status(), Status::Ok);
+    live.write_all(b"one").await.unwrap();
+    let mut buf = [0u8; 3];
+    live.read_exact(&mut buf).await.unwrap();
+    assert!(gw_a.gateway.pool().connected(gw_b.quic()));
+
+    // gcp's gateway leaves aws's routes (the cluster re-registered elsewhere).
+    gw_a.update(|r| r.peers.get_mut("gcp-usc1").unwrap().gateways.clear());
+    eventually(
+        "the pool to forget the gateway",
+        Duration::from_secs(5),
+        || async { (!gw_a.gateway.pool().connected(gw_b.quic())).then_some(()) },
+    )
+    .await;
+    // The live stream is not cut...
+    live.write_all(b"two").await.unwrap();
+    live.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"two");
+    assert_eq!(gw_b.gateway.open_connections(), 1);
+    // ...and once it ends, the connection closes, though keep-alives
+    // would have held it open forever.
+    live.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    live.read_to_end(&mut rest).await.unwrap();
+    drop(live);
+    eventually(
+        "the peer's connection to close",
+        Duration::from_secs(5),
+        || async { (gw_b.gateway.open_connections() == 0).then_some(()) },
+    )
+    .await;
+    // New streams find no gateway.
+    let (_s, refused) = open_tunnel(
+        gw_a.egress(),
+        proxy,
+        &open_msg("shop/echo", 8080, "gcp-usc1"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(refused.status(), Status::Unreachable);
+}
