@@ -240,7 +240,17 @@ impl Discovery for DiscoveryService {
         request: Request<pb::CertifyRequest>,
     ) -> Result<Response<pb::CertifyResponse>, Status> {
         let req = request.into_inner();
-        let Some(id) = self.tokens.get(&req.join_token) else {
+        // Every token is compared, each in constant time, so the answer's
+        // timing says nothing about how close a guess came.
+        let given = req.join_token.as_bytes();
+        let found = self.tokens.iter().fold(None, |hit, (token, id)| {
+            if constant_time_eq(token.as_bytes(), given) {
+                Some(id)
+            } else {
+                hit
+            }
+        });
+        let Some(id) = found else {
             self.stats.certify_refused.fetch_add(1, Ordering::Relaxed);
             return Err(Status::permission_denied("unknown join token"));
         };
@@ -275,6 +285,11 @@ impl Discovery for DiscoveryService {
             bundles,
         }))
     }
+}
+
+/// Whether `a == b`, in time that depends only on their lengths.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Serves `service` on `listener` with `tls` (whose ALPN must offer "h2")
@@ -453,6 +468,14 @@ mod tests {
         assert_eq!(client, fresh);
         assert_eq!(client.version_info, "7.2");
         assert_eq!(client.services.len(), 3);
+    }
+
+    #[test]
+    fn tokens_compare_whole() {
+        assert!(constant_time_eq(b"web-token-0123", b"web-token-0123"));
+        assert!(!constant_time_eq(b"web-token-0123", b"web-token-0124"));
+        assert!(!constant_time_eq(b"web-token-0123", b"web-token-012"));
+        assert!(!constant_time_eq(b"", b"x"));
     }
 
     #[test]

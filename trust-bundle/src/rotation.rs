@@ -73,15 +73,19 @@ impl RenewalState {
         self.quiet_until = Some(now + self.policy.initial_backoff);
     }
 
-    /// Records a failure at `now` and returns the delay before the retry.
-    pub fn failed(&mut self, now: SystemTime) -> Duration {
+    /// Records a failure at `now` and returns the delay before the retry:
+    /// the exponential step, scaled by `jitter` in [0, 1) to between half
+    /// and all of it, so that every workload of a cluster does not retry
+    /// a recovering controller in the same instant.
+    pub fn failed(&mut self, now: SystemTime, jitter: f64) -> Duration {
         self.failures = self.failures.saturating_add(1);
         let exp = self.failures.saturating_sub(1).min(30);
-        let backoff = self
+        let step = self
             .policy
             .initial_backoff
             .saturating_mul(1u32 << exp)
             .min(self.policy.max_backoff);
+        let backoff = step.mul_f64(0.5 + jitter.clamp(0.0, 1.0) / 2.0);
         self.retry_at = Some(now + backoff);
         backoff
     }
@@ -170,7 +174,7 @@ async fn run_renewer<S: SvidSource, C: Clock>(
                 tx.send_replace(Arc::new(svid));
             }
             Err(error) => {
-                let backoff = state.failed(clock.now());
+                let backoff = state.failed(clock.now(), fastrand::f64());
                 tracing::warn!(
                     %error,
                     retry_in = ?backoff,
@@ -417,13 +421,16 @@ mod tests {
         let mut now = half_life;
         let mut waits = Vec::new();
         for _ in 0..6 {
-            let w = st.failed(now);
+            // The top of the jitter range: the whole step.
+            let w = st.failed(now, 1.0);
             assert_eq!(st.due_at(half_life), now + w);
             waits.push(w.as_secs());
             now += w;
         }
         assert_eq!(waits, [1, 2, 4, 8, 10, 10]);
-        assert_eq!(st.consecutive_failures(), 6);
+        // The bottom: half of it.
+        assert_eq!(st.failed(now, 0.0), 5 * S);
+        assert_eq!(st.consecutive_failures(), 7);
         st.succeeded(now);
         assert_eq!(st.consecutive_failures(), 0);
         let next_half_life = now + 500 * S;

@@ -144,15 +144,21 @@ async fn renewal_happens_at_half_life_and_failures_keep_the_valid_svid_with_capp
     )
     .await;
     let attempts = source.attempts.lock().unwrap()[attempts_before..].to_vec();
-    let gaps: Vec<u64> = attempts
+    let gaps: Vec<u128> = attempts
         .windows(2)
-        .map(|w| w[1].duration_since(w[0]).unwrap().as_secs())
+        .map(|w| w[1].duration_since(w[0]).unwrap().as_millis())
         .collect();
-    assert_eq!(
-        &gaps[..7],
-        &[1, 2, 4, 8, 16, 16, 16],
-        "backoff doubles up to the cap"
-    );
+    // Each step doubles up to the cap; jitter puts the wait between half
+    // and all of the step.
+    for (gap, step) in gaps
+        .iter()
+        .zip([1000u128, 2000, 4000, 8000, 16000, 16000, 16000])
+    {
+        assert!(
+            (step / 2..=step).contains(gap),
+            "gaps {gaps:?}: backoff doubles up to the cap, with jitter"
+        );
+    }
     // Consumers kept the still-valid SVID throughout.
     assert!(!rx.has_changed().unwrap());
     assert_eq!(rx.borrow().leaf(), second.leaf());
