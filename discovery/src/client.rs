@@ -99,6 +99,11 @@ pub async fn channel(
     });
     tonic::transport::Endpoint::from_static("http://fedmesh-controller.invalid")
         .connect_timeout(Duration::from_secs(5))
+        // A controller that vanishes without closing the connection (a
+        // crashed host, a partition) is noticed, and the stream redialled.
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .keep_alive_while_idle(true)
         .connect_with_connector(connector)
         .await
 }

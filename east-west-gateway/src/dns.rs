@@ -70,10 +70,12 @@ impl Cache {
     }
 }
 
-/// The gateway's resolver.
+/// The gateway's resolver. It is built on first use, so a gateway whose
+/// peers are all IP addresses never reads the system's DNS configuration.
 #[derive(Debug)]
 pub struct Dns {
-    resolver: Result<TokioResolver, String>,
+    servers: Vec<SocketAddr>,
+    resolver: std::sync::OnceLock<Result<TokioResolver, String>>,
     cache: Mutex<Cache>,
 }
 
@@ -81,40 +83,18 @@ impl Dns {
     /// Uses `servers` when given, else the system's configuration
     /// (`/etc/resolv.conf` and `/etc/hosts`).
     pub fn new(servers: &[SocketAddr]) -> Self {
-        let builder = if servers.is_empty() {
-            TokioResolver::builder_tokio()
-                .map_err(|e| format!("reading the system's DNS configuration: {e}"))
-        } else {
-            let name_servers = servers
-                .iter()
-                .map(|s| {
-                    let mut udp = ConnectionConfig::new(ProtocolConfig::Udp);
-                    udp.port = s.port();
-                    let mut tcp = ConnectionConfig::new(ProtocolConfig::Tcp);
-                    tcp.port = s.port();
-                    NameServerConfig::new(s.ip(), true, vec![udp, tcp])
-                })
-                .collect();
-            Ok(TokioResolver::builder_with_config(
-                ResolverConfig::from_parts(None, vec![], name_servers),
-                TokioRuntimeProvider::default(),
-            ))
-        };
-        let resolver = builder.and_then(|mut b| {
-            let o = b.options_mut();
-            o.cache_size = 0;
-            o.timeout = Duration::from_secs(2);
-            o.attempts = 1;
-            b.build()
-                .map_err(|e| format!("building the DNS resolver: {e}"))
-        });
-        if let Err(e) = &resolver {
-            tracing::warn!(error = %e, "no DNS resolver: peer gateways given by name cannot be reached");
-        }
         Self {
-            resolver,
+            servers: servers.to_vec(),
+            resolver: std::sync::OnceLock::new(),
             cache: Mutex::default(),
         }
+    }
+
+    fn resolver(&self) -> Result<&TokioResolver, String> {
+        self.resolver
+            .get_or_init(|| build(&self.servers))
+            .as_ref()
+            .map_err(Clone::clone)
     }
 
     /// The addresses of `host`, from the cache while fresh.
@@ -123,7 +103,7 @@ impl Dns {
             return Ok(ips.to_vec());
         }
         let looked_up = async {
-            let resolver = self.resolver.as_ref().map_err(Clone::clone)?;
+            let resolver = self.resolver()?;
             // A fully qualified name: no search domains appended.
             let lookup = tokio::time::timeout(timeout, resolver.lookup_ip(format!("{host}.")))
                 .await
@@ -172,6 +152,43 @@ impl Dns {
     fn cache(&self) -> std::sync::MutexGuard<'_, Cache> {
         self.cache.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// A resolver on `servers`, or on the system's configuration when empty.
+/// Its own cache is off: [`Cache`] keeps answers, and must be able to
+/// force a fresh lookup.
+fn build(servers: &[SocketAddr]) -> Result<TokioResolver, String> {
+    let builder = if servers.is_empty() {
+        TokioResolver::builder_tokio()
+            .map_err(|e| format!("reading the system's DNS configuration: {e}"))
+    } else {
+        let name_servers = servers
+            .iter()
+            .map(|s| {
+                let mut udp = ConnectionConfig::new(ProtocolConfig::Udp);
+                udp.port = s.port();
+                let mut tcp = ConnectionConfig::new(ProtocolConfig::Tcp);
+                tcp.port = s.port();
+                NameServerConfig::new(s.ip(), true, vec![udp, tcp])
+            })
+            .collect();
+        Ok(TokioResolver::builder_with_config(
+            ResolverConfig::from_parts(None, vec![], name_servers),
+            TokioRuntimeProvider::default(),
+        ))
+    };
+    let resolver = builder.and_then(|mut b| {
+        let o = b.options_mut();
+        o.cache_size = 0;
+        o.timeout = Duration::from_secs(2);
+        o.attempts = 1;
+        b.build()
+            .map_err(|e| format!("building the DNS resolver: {e}"))
+    });
+    if let Err(e) = &resolver {
+        tracing::warn!(error = %e, "no DNS resolver: peer gateways given by name cannot be reached");
+    }
+    resolver
 }
 
 #[cfg(test)]
