@@ -29,11 +29,19 @@ use trust_bundle::{Bundle, BundleSet, CaOptions, ClusterCa, SpiffeId};
 const GATEWAY_TOKEN: &str = "gateway-token-0123456789";
 const WEB_TOKEN: &str = "web-token-0123456789abcd";
 
-/// A registered cluster with its controller and a gateway that follows it.
-struct Site {
+/// A registered cluster with its controller.
+struct Registered {
     domain: Domain,
+    own_bundle: Bundle,
+    /// The gateway port in the cluster's record, on 127.0.<block>.1.
+    gw_port: u16,
     controller: Option<Controller>,
     services: watch::Sender<Arc<LocalServices>>,
+}
+
+/// A registered cluster and a gateway, in this process, that follows it.
+struct Site {
+    reg: Registered,
     gateway: Gateway,
     discovered: Discovered<Routes>,
 }
@@ -54,9 +62,8 @@ fn policy() -> ClientPolicy {
     }
 }
 
-/// Registers `name` (with its own CA), starts its controller, then its
-/// gateway from that controller alone.
-async fn site(etcd: &Etcd, name: &str, block: u8) -> Site {
+/// Registers `name` (with its own CA) and starts its controller.
+async fn register(etcd: &Etcd, name: &str, block: u8) -> Registered {
     let domain = Domain::new(name, &format!("{name}.fedmesh.test"), block);
     let td = domain.td.clone();
     // The controller takes the CA; Domain keeps its own for test SVIDs, so
@@ -102,9 +109,22 @@ async fn site(etcd: &Etcd, name: &str, block: u8) -> Site {
         ),
     ]);
     let controller = Controller::start(config).await.unwrap();
+    Registered {
+        domain,
+        own_bundle,
+        gw_port,
+        controller: Some(controller),
+        services,
+    }
+}
 
+/// Registers `name`, then starts its gateway from its controller alone.
+async fn site(etcd: &Etcd, name: &str, block: u8) -> Site {
+    let reg = register(etcd, name, block).await;
+    let (domain, td, gw_port) = (&reg.domain, reg.domain.td.clone(), reg.gw_port);
+    let controller = reg.controller.as_ref().unwrap();
     let mut bootstrap = BundleSet::new();
-    bootstrap.insert(own_bundle);
+    bootstrap.insert(reg.own_bundle.clone());
     let c = DiscoveryConfig {
         listen: Listen {
             quic: SocketAddr::new(domain.ip(1), gw_port),
@@ -142,16 +162,14 @@ async fn site(etcd: &Etcd, name: &str, block: u8) -> Site {
     .await
     .unwrap();
     Site {
-        domain,
-        controller: Some(controller),
-        services,
+        reg,
         gateway,
         discovered,
     }
 }
 
-fn export(site: &Site, name: &str, endpoint: SocketAddr) {
-    site.services.send_modify(|s| {
+fn export(reg: &Registered, name: &str, endpoint: SocketAddr) {
+    reg.services.send_modify(|s| {
         let mut next = (**s).clone();
         next.insert(
             ServiceKey::new("shop", name),
@@ -177,10 +195,11 @@ struct Caller {
 
 impl Caller {
     async fn new(from: &Site) -> Self {
+        let d = &from.reg.domain;
         let access = ControllerAccess {
-            address: from.controller.as_ref().unwrap().discovery_addr,
-            controller: SpiffeId::controller(&from.domain.td, &from.domain.cluster).unwrap(),
-            identity: SpiffeId::workload(&from.domain.td, "shop", "web").unwrap(),
+            address: from.reg.controller.as_ref().unwrap().discovery_addr,
+            controller: SpiffeId::controller(&d.td, &d.cluster).unwrap(),
+            identity: SpiffeId::workload(&d.td, "shop", "web").unwrap(),
             join_token: WEB_TOKEN.into(),
             node: "web".into(),
         };
@@ -189,7 +208,7 @@ impl Caller {
             .unwrap();
         let trusted = (**from.discovered.bundles.borrow()).clone();
         Self {
-            tls: proxy_tls(svid, trusted, &from.domain),
+            tls: proxy_tls(svid, trusted, d),
             egress: from.gateway.egress_addr().unwrap(),
         }
     }
@@ -211,8 +230,8 @@ async fn gateways_follow_their_controllers_and_outlive_them() {
     let etcd = Etcd::start().await.unwrap();
     let mut aws = site(&etcd, "aws", 43).await;
     let mut gcp = site(&etcd, "gcp", 44).await;
-    let echo = Echo::start(gcp.domain.ip(10)).await;
-    export(&gcp, "echo", echo.addr);
+    let echo = Echo::start(gcp.reg.domain.ip(10)).await;
+    export(&gcp.reg, "echo", echo.addr);
     let caller = Caller::new(&aws).await;
 
     // Peers, bundles and gcp's export arrive through the two controllers.
@@ -230,8 +249,8 @@ async fn gateways_follow_their_controllers_and_outlive_them() {
         caller.call("shop/late", "gcp").await,
         Err(Status::UnknownService)
     );
-    let late = Echo::start(gcp.domain.ip(11)).await;
-    export(&gcp, "late", late.addr);
+    let late = Echo::start(gcp.reg.domain.ip(11)).await;
+    export(&gcp.reg, "late", late.addr);
     eventually(
         "gcp's new export to be reachable",
         Duration::from_secs(20),
@@ -242,8 +261,8 @@ async fn gateways_follow_their_controllers_and_outlive_them() {
 
     // Both controllers go away: the gateways keep their last good routes,
     // SVIDs and bundles, and new tunnels still work.
-    aws.controller.take().unwrap().shutdown().await;
-    gcp.controller.take().unwrap().shutdown().await;
+    aws.reg.controller.take().unwrap().shutdown().await;
+    gcp.reg.controller.take().unwrap().shutdown().await;
     for _ in 0..3 {
         caller.call("shop/echo", "gcp").await.unwrap();
     }
@@ -254,4 +273,59 @@ async fn gateways_follow_their_controllers_and_outlive_them() {
             .contains_key(&ServiceKey::new("shop", "late"))
     );
     assert!(routes.peers.contains_key("aws"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_binary_runs_from_its_controller() {
+    use tokio::io::AsyncBufReadExt;
+    let etcd = Etcd::start().await.unwrap();
+    let aws = site(&etcd, "aws", 45).await;
+    let gcp = register(&etcd, "gcp", 46).await;
+    let echo = Echo::start(gcp.domain.ip(10)).await;
+    export(&gcp, "echo", echo.addr);
+
+    // gcp's gateway is a real `fedmesh-gateway` process whose file names
+    // only who it is and where its controller is.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("bundle.json"), gcp.own_bundle.to_document()).unwrap();
+    std::fs::write(
+        dir.path().join("gateway.token"),
+        format!("{GATEWAY_TOKEN}\n"),
+    )
+    .unwrap();
+    let yaml = format!(
+        "cluster: gcp\ntrustDomain: {td}\nzone: az1\nlisten: {{quic: \"{ip}:{port}\"}}\ncontroller: {{address: \"{ctl}\", bundle: bundle.json, joinTokenFile: gateway.token}}\n",
+        td = gcp.domain.td,
+        ip = gcp.domain.ip(1),
+        port = gcp.gw_port,
+        ctl = gcp.controller.as_ref().unwrap().discovery_addr,
+    );
+    let config = dir.path().join("gateway.yaml");
+    std::fs::write(&config, yaml).unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_fedmesh-gateway"))
+        .arg("--config")
+        .arg(&config)
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+        .await
+        .expect("the gateway did not start")
+        .unwrap()
+        .unwrap();
+    assert!(
+        first.contains(&format!("quic on {}:{}", gcp.domain.ip(1), gcp.gw_port)),
+        "{first}"
+    );
+
+    let caller = Caller::new(&aws).await;
+    eventually(
+        "a tunnel from aws to gcp's gateway process",
+        Duration::from_secs(20),
+        || async { caller.call("shop/echo", "gcp").await.ok() },
+    )
+    .await;
+    assert_eq!(echo.accepted(), 1);
 }
