@@ -1,0 +1,16 @@
+//! fedmesh's local proxy. So far, the I/O-free core of its balancing, each
+//! part taking `now` as an argument so that it is tested on a virtual
+//! clock:
+//!
+//! - [`locality`]: priority levels (same zone, same region, same cloud, the
+//!   rest), and the per-level health that spill-over works from, with
+//!   hysteresis on failback;
+//! - [`outlier`]: consecutive-failure ejection with a growing ejection time,
+//!   a cap on the ejected share, and recovery;
+//! - [`budget`]: the retry budget.
+//!
+//! The listeners, the discovery wiring and the pickers come next (issue 5).
+
+pub mod budget;
+pub mod locality;
+pub mod outlier;

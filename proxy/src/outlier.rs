@@ -1,0 +1,193 @@
+//! Outlier detection: an endpoint (or a remote cluster's virtual endpoint)
+//! that fails `consecutive_failures` times in a row is ejected. Each
+//! ejection lasts longer than the one before, up to a cap; never more than
+//! `max_ejection_percent` of a service's endpoints are out at once; and a
+//! returning endpoint is on probation, so one more failure ejects it again
+//! at once.
+
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutlierPolicy {
+    pub consecutive_failures: u32,
+    /// The first ejection's length; the n-th lasts n times as long.
+    pub base_ejection: Duration,
+    pub max_ejection: Duration,
+    /// Of a service's endpoints, at most this share is ejected at once
+    /// (but one may always be, when there are two or more).
+    pub max_ejection_percent: u8,
+}
+
+impl Default for OutlierPolicy {
+    fn default() -> Self {
+        Self {
+            consecutive_failures: 5,
+            base_ejection: Duration::from_secs(30),
+            max_ejection: Duration::from_secs(300),
+            max_ejection_percent: 50,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+struct Host {
+    consecutive: u32,
+    ejected_until: Option<Instant>,
+    times_ejected: u32,
+    /// Back from an ejection, and not yet proven healthy.
+    probation: bool,
+    /// Since when the host has answered without failing.
+    healthy_since: Option<Instant>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Outliers<K> {
+    policy: OutlierPolicy,
+    hosts: HashMap<K, Host>,
+}
+
+impl<K: Hash + Eq + Clone> Outliers<K> {
+    pub fn new(policy: OutlierPolicy) -> Self {
+        Self {
+            policy,
+            hosts: HashMap::new(),
+        }
+    }
+
+    pub fn is_ejected(&self, k: &K, now: Instant) -> bool {
+        self.hosts
+            .get(k)
+            .and_then(|h| h.ejected_until)
+            .is_some_and(|until| now < until)
+    }
+
+    pub fn success(&mut self, k: &K, now: Instant) {
+        let h = self.hosts.entry(k.clone()).or_default();
+        h.consecutive = 0;
+        h.probation = false;
+        // The probe after an ejection succeeded. (A success while still
+        // ejected is a request that was in flight; it proves nothing.)
+        if h.ejected_until.is_some_and(|u| now >= u) {
+            h.ejected_until = None;
+        }
+        h.healthy_since.get_or_insert(now);
+    }
+
+    /// Records a failure of `k`, one of `total` endpoints of its service.
+    /// Returns how long it is ejected for, if this failure ejects it.
+    pub fn failure(&mut self, k: &K, total: usize, now: Instant) -> Option<Duration> {
+        let ejected_now = self
+            .hosts
+            .values()
+            .filter(|h| h.ejected_until.is_some_and(|u| now < u))
+            .count();
+        let policy = &self.policy;
+        let h = self.hosts.entry(k.clone()).or_default();
+        if h.ejected_until.is_some_and(|u| now < u) {
+            return None;
+        }
+        if h.ejected_until.take().is_some() {
+            // Back from an ejection: this is the probe, and it failed.
+            h.probation = true;
+        }
+        h.consecutive += 1;
+        h.healthy_since = None;
+        if !h.probation && h.consecutive < policy.consecutive_failures {
+            return None;
+        }
+        let cap = (total * usize::from(policy.max_ejection_percent) / 100).max(1);
+        if total < 2 || ejected_now >= cap {
+            // Ejecting would leave too little; the failures still count.
+            return None;
+        }
+        h.times_ejected += 1;
+        let length = policy
+            .base_ejection
+            .saturating_mul(h.times_ejected)
+            .min(policy.max_ejection);
+        h.ejected_until = Some(now + length);
+        h.consecutive = 0;
+        h.probation = false;
+        Some(length)
+    }
+
+    /// Forgets past ejections of hosts healthy for longer than the longest
+    /// ejection, so an endpoint that failed once long ago starts afresh.
+    pub fn decay(&mut self, now: Instant) {
+        let quiet = self.policy.max_ejection;
+        for h in self.hosts.values_mut() {
+            if h.healthy_since
+                .is_some_and(|s| now.duration_since(s) >= quiet)
+            {
+                h.times_ejected = 0;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: Duration = Duration::from_secs(1);
+
+    fn fail_n(
+        o: &mut Outliers<&'static str>,
+        k: &'static str,
+        n: u32,
+        total: usize,
+        now: Instant,
+    ) -> Option<Duration> {
+        (0..n).map(|_| o.failure(&k, total, now)).last().flatten()
+    }
+
+    #[test]
+    fn consecutive_failures_eject_for_longer_each_time() {
+        let t0 = Instant::now();
+        let mut o = Outliers::new(OutlierPolicy::default());
+        // Four failures and a success: no ejection.
+        assert_eq!(fail_n(&mut o, "a", 4, 4, t0), None);
+        o.success(&"a", t0);
+        assert_eq!(fail_n(&mut o, "a", 4, 4, t0), None);
+        assert_eq!(o.failure(&"a", 4, t0), Some(30 * S));
+        assert!(o.is_ejected(&"a", t0 + 29 * S));
+        assert!(!o.is_ejected(&"a", t0 + 30 * S));
+        // The probe after the ejection fails: out again at once, for longer.
+        assert_eq!(o.failure(&"a", 4, t0 + 31 * S), Some(60 * S));
+        let t1 = t0 + 91 * S;
+        assert_eq!(o.failure(&"a", 4, t1), Some(90 * S));
+    }
+
+    #[test]
+    fn a_successful_probe_ends_probation() {
+        let t0 = Instant::now();
+        let mut o = Outliers::new(OutlierPolicy::default());
+        assert_eq!(fail_n(&mut o, "a", 5, 4, t0), Some(30 * S));
+        o.success(&"a", t0 + 30 * S);
+        // One failure is no longer enough.
+        assert_eq!(o.failure(&"a", 4, t0 + 31 * S), None);
+        // Healthy for longer than the longest ejection: the next ejection
+        // is a first one again (30 s, not 60 s).
+        o.success(&"a", t0 + 32 * S);
+        o.decay(t0 + 400 * S);
+        assert_eq!(fail_n(&mut o, "a", 5, 4, t0 + 400 * S), Some(30 * S));
+    }
+
+    #[test]
+    fn never_more_than_the_ejection_cap_and_never_a_lone_endpoint() {
+        let t0 = Instant::now();
+        let mut o = Outliers::new(OutlierPolicy::default());
+        // Four endpoints at 50%: two may be out, not a third.
+        assert!(fail_n(&mut o, "a", 5, 4, t0).is_some());
+        assert!(fail_n(&mut o, "b", 5, 4, t0).is_some());
+        assert_eq!(fail_n(&mut o, "c", 5, 4, t0), None);
+        assert!(!o.is_ejected(&"c", t0));
+        // Once one returns, the next outlier may go.
+        assert!(o.failure(&"c", 4, t0 + 31 * S).is_some());
+        // A service with one endpoint (one remote cluster) keeps it.
+        let mut lone = Outliers::new(OutlierPolicy::default());
+        assert_eq!(fail_n(&mut lone, "x", 50, 1, t0), None);
+    }
+}
