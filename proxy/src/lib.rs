@@ -7,6 +7,7 @@
 //!   hysteresis on failback;
 //! - [`outlier`]: consecutive-failure ejection with a growing ejection time,
 //!   a cap on the ejected share, and recovery;
+//! - [`pick`]: power of two choices over peak-EWMA latency and load;
 //! - [`budget`]: the retry budget.
 //!
 //! The listeners, the discovery wiring and the pickers come next (issue 5).
@@ -14,3 +15,4 @@
 pub mod budget;
 pub mod locality;
 pub mod outlier;
+pub mod pick;

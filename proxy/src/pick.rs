@@ -1,0 +1,133 @@
+//! Choosing within a priority level: power of two choices over a peak-EWMA
+//! of latency, scaled by outstanding requests and divided by weight (a
+//! remote cluster weighs its healthy capacity). Randomness is passed in,
+//! so choices are reproducible in tests.
+
+use std::time::{Duration, Instant};
+
+/// A latency estimate that jumps to a slow sample at once and decays back
+/// over `decay`: a slow endpoint is avoided quickly, and retried slowly.
+#[derive(Debug, Clone, Copy)]
+pub struct PeakEwma {
+    nanos: f64,
+    at: Instant,
+}
+
+/// Until an endpoint has answered, it is assumed this fast: new endpoints
+/// get traffic, but not all of it.
+pub const DEFAULT_RTT: Duration = Duration::from_millis(1);
+
+impl PeakEwma {
+    pub fn new(now: Instant) -> Self {
+        Self {
+            nanos: DEFAULT_RTT.as_nanos() as f64,
+            at: now,
+        }
+    }
+
+    pub fn observe(&mut self, rtt: Duration, now: Instant, decay: Duration) {
+        let sample = rtt.as_nanos() as f64;
+        if sample > self.nanos {
+            self.nanos = sample;
+        } else {
+            let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+            let w = (-elapsed / decay.as_secs_f64().max(1e-9)).exp();
+            self.nanos = self.nanos * w + sample * (1.0 - w);
+        }
+        self.at = now;
+    }
+
+    pub fn get(&self) -> Duration {
+        Duration::from_nanos(self.nanos as u64)
+    }
+}
+
+/// What the picker knows of one candidate.
+#[derive(Debug, Clone, Copy)]
+pub struct Candidate {
+    pub latency: Duration,
+    pub pending: u32,
+    /// Relative capacity; at least 1.
+    pub weight: u32,
+}
+
+impl Candidate {
+    fn cost(&self) -> f64 {
+        self.latency.as_nanos() as f64 * f64::from(self.pending + 1) / f64::from(self.weight.max(1))
+    }
+}
+
+/// The index of the cheaper of two candidates drawn by `a` and `b` (any
+/// numbers; taken modulo the count, and made distinct when there are two or
+/// more). `None` when there is no candidate.
+pub fn p2c(candidates: &[Candidate], a: usize, b: usize) -> Option<usize> {
+    let n = candidates.len();
+    match n {
+        0 => None,
+        1 => Some(0),
+        _ => {
+            let i = a % n;
+            // Any other index, uniformly.
+            let j = (i + 1 + b % (n - 1)) % n;
+            Some(if candidates[j].cost() < candidates[i].cost() {
+                j
+            } else {
+                i
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn a_slow_sample_counts_at_once_and_fades() {
+        let t0 = Instant::now();
+        let decay = Duration::from_secs(10);
+        let mut e = PeakEwma::new(t0);
+        e.observe(100 * MS, t0, decay);
+        assert_eq!(e.get(), 100 * MS);
+        e.observe(MS, t0 + Duration::from_secs(10), decay);
+        let after = e.get();
+        assert!(after < 40 * MS && after > 30 * MS, "{after:?}");
+        e.observe(MS, t0 + Duration::from_secs(60), decay);
+        assert!(e.get() < 2 * MS);
+    }
+
+    fn cand(ms: u32, pending: u32, weight: u32) -> Candidate {
+        Candidate {
+            latency: ms * MS,
+            pending,
+            weight,
+        }
+    }
+
+    #[test]
+    fn the_cheaper_of_two_wins() {
+        let c = [cand(10, 0, 1), cand(1, 0, 1), cand(1, 50, 1)];
+        assert_eq!(p2c(&c, 0, 0), Some(1));
+        // Many requests outstanding make a fast endpoint expensive.
+        assert_eq!(p2c(&c, 2, 0), Some(0));
+        // Weight: a cluster with 10x the capacity takes the load.
+        let w = [cand(5, 3, 1), cand(5, 3, 10)];
+        assert_eq!(p2c(&w, 0, 0), Some(1));
+        assert_eq!(p2c(&[], 1, 2), None);
+        assert_eq!(p2c(&[cand(9, 9, 1)], 7, 3), Some(0));
+    }
+
+    #[test]
+    fn the_two_draws_are_never_the_same_candidate() {
+        // If both draws could land on the slow one, it would sometimes be
+        // picked; with two candidates the fast one must always win.
+        let c = [cand(1, 0, 1), cand(50, 0, 1)];
+        for a in 0..20 {
+            for b in 0..20 {
+                assert_eq!(p2c(&c, a, b), Some(0), "draws {a}, {b}");
+            }
+        }
+    }
+}
