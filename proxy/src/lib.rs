@@ -8,10 +8,13 @@
 //! - [`outlier`]: consecutive-failure ejection with a growing ejection time,
 //!   a cap on the ejected share, and recovery;
 //! - [`pick`]: power of two choices over peak-EWMA latency and load;
-//! - [`budget`]: the retry budget.
+//! - [`budget`]: the retry budget;
+//! - [`balancer`]: all of the above over one service's targets (local
+//!   endpoints, and one virtual endpoint per remote cluster).
 //!
 //! The listeners, the discovery wiring and the pickers come next (issue 5).
 
+pub mod balancer;
 pub mod budget;
 pub mod locality;
 pub mod outlier;

@@ -1,0 +1,339 @@
+//! The balancer: the parts of this crate joined over one service's
+//! targets. A target is a local endpoint, or a remote cluster as one
+//! virtual endpoint weighted by its healthy capacity (never one per
+//! gateway: one ejection must not blackhole a whole cluster's services).
+//!
+//! Choosing: each level's health (ejected targets count as unhealthy) goes
+//! through failback hysteresis, then spill-over gives each level a share;
+//! a draw picks the level, and power of two choices the target in it.
+//! Targets the caller has already tried (connect-time failover) are
+//! skipped without touching any health: the next choice is the next
+//! usable target, in the next level if need be.
+
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::time::{Duration, Instant};
+
+use crate::locality::{Capacity, DEFAULT_FAILOVER_THRESHOLD, Failback, Level, health, shares};
+use crate::outlier::{OutlierPolicy, Outliers};
+use crate::pick::{Candidate, PeakEwma, p2c};
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct BalancerPolicy {
+    pub failover_threshold: f64,
+    /// How long a recovered level must stay recovered before traffic
+    /// returns to it.
+    pub failback_hold: Duration,
+    pub outlier: OutlierPolicy,
+    pub ewma_decay: Duration,
+}
+
+impl Default for BalancerPolicy {
+    fn default() -> Self {
+        Self {
+            failover_threshold: DEFAULT_FAILOVER_THRESHOLD,
+            failback_hold: Duration::from_secs(30),
+            outlier: OutlierPolicy::default(),
+            ewma_decay: Duration::from_secs(10),
+        }
+    }
+}
+
+/// One target of a service. A local endpoint has `total` 1 and `healthy`
+/// 1 or 0; a remote cluster has its healthy and total capacity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target<K> {
+    pub key: K,
+    pub level: Level,
+    pub healthy: u64,
+    pub total: u64,
+}
+
+/// The randomness one choice uses: `level` in [0, 1), two picks.
+#[derive(Debug, Clone, Copy)]
+pub struct Draw {
+    pub level: f64,
+    pub a: usize,
+    pub b: usize,
+}
+
+#[derive(Debug)]
+pub struct Balancer<K> {
+    policy: BalancerPolicy,
+    failback: Failback,
+    outliers: Outliers<K>,
+    load: HashMap<K, (PeakEwma, u32)>,
+}
+
+impl<K: Hash + Eq + Clone> Balancer<K> {
+    pub fn new(policy: BalancerPolicy) -> Self {
+        Self {
+            failback: Failback::new(Level::ALL.len(), policy.failback_hold),
+            outliers: Outliers::new(policy.outlier.clone()),
+            load: HashMap::new(),
+            policy,
+        }
+    }
+
+    /// The target for the next attempt, or `None` when no target is
+    /// usable (every one unhealthy, ejected or already tried).
+    pub fn choose(
+        &mut self,
+        targets: &[Target<K>],
+        tried: &[K],
+        draw: Draw,
+        now: Instant,
+    ) -> Option<K> {
+        let up = |t: &Target<K>| t.healthy > 0 && !self.outliers.is_ejected(&t.key, now);
+        let mut caps = [Capacity::default(); 4];
+        for t in targets {
+            let c = &mut caps[t.level as usize];
+            c.total += t.total;
+            if up(t) {
+                c.healthy += t.healthy;
+            }
+        }
+        let observed = health(&caps, self.policy.failover_threshold);
+        let effective = self.failback.update(&observed, now);
+        let shares = shares(&effective);
+        // The drawn level, then the ones after it, then the ones before.
+        let mut acc = 0.0;
+        let drawn = shares
+            .iter()
+            .position(|s| {
+                acc += s;
+                draw.level < acc
+            })
+            .unwrap_or(0);
+        let order = (drawn..4).chain(0..drawn);
+        for level in order {
+            let usable: Vec<&Target<K>> = targets
+                .iter()
+                .filter(|t| t.level as usize == level && up(t) && !tried.contains(&t.key))
+                .collect();
+            let candidates: Vec<Candidate> = usable
+                .iter()
+                .map(|t| {
+                    let (ewma, pending) = self
+                        .load
+                        .get(&t.key)
+                        .copied()
+                        .unwrap_or((PeakEwma::new(now), 0));
+                    Candidate {
+                        latency: ewma.get(),
+                        pending,
+                        weight: u32::try_from(t.healthy).unwrap_or(u32::MAX),
+                    }
+                })
+                .collect();
+            if let Some(i) = p2c(&candidates, draw.a, draw.b) {
+                return Some(usable[i].key.clone());
+            }
+        }
+        None
+    }
+
+    /// An attempt on `k` began.
+    pub fn started(&mut self, k: &K, now: Instant) {
+        self.load
+            .entry(k.clone())
+            .or_insert((PeakEwma::new(now), 0))
+            .1 += 1;
+    }
+
+    /// An attempt on `k` ended: `Ok(latency)` or a failure. `targets` is
+    /// how many targets the service has (the ejection cap's base).
+    pub fn finished(&mut self, k: &K, outcome: Result<Duration, ()>, targets: usize, now: Instant) {
+        let decay = self.policy.ewma_decay;
+        let entry = self
+            .load
+            .entry(k.clone())
+            .or_insert((PeakEwma::new(now), 0));
+        entry.1 = entry.1.saturating_sub(1);
+        match outcome {
+            Ok(rtt) => {
+                entry.0.observe(rtt, now, decay);
+                self.outliers.success(k, now);
+            }
+            Err(()) => {
+                self.outliers.failure(k, targets, now);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: Duration = Duration::from_secs(1);
+
+    fn local(key: &'static str, level: Level, up: bool) -> Target<&'static str> {
+        Target {
+            key,
+            level,
+            healthy: u64::from(up),
+            total: 1,
+        }
+    }
+
+    fn remote(key: &'static str, healthy: u64, total: u64) -> Target<&'static str> {
+        Target {
+            key,
+            level: Level::Other,
+            healthy,
+            total,
+        }
+    }
+
+    /// aws/use1: two endpoints in our zone, two in the other zone of our
+    /// region; gcp (6 healthy) and azure (3) as remote clusters.
+    fn fleet() -> Vec<Target<&'static str>> {
+        vec![
+            local("a1", Level::Zone, true),
+            local("a2", Level::Zone, true),
+            local("b1", Level::Region, true),
+            local("b2", Level::Region, true),
+            remote("gcp", 6, 6),
+            remote("azure", 3, 3),
+        ]
+    }
+
+    /// Where `n` evenly spread draws go.
+    fn spread(
+        b: &mut Balancer<&'static str>,
+        t: &[Target<&'static str>],
+        n: usize,
+        now: Instant,
+    ) -> HashMap<&'static str, usize> {
+        let mut out = HashMap::new();
+        for i in 0..n {
+            let draw = Draw {
+                level: i as f64 / n as f64,
+                a: i * 7,
+                b: i * 13,
+            };
+            if let Some(k) = b.choose(t, &[], draw, now) {
+                *out.entry(k).or_default() += 1;
+            }
+        }
+        out
+    }
+
+    fn share(m: &HashMap<&'static str, usize>, keys: &[&str]) -> usize {
+        keys.iter().map(|k| m.get(k).copied().unwrap_or(0)).sum()
+    }
+
+    #[test]
+    fn healthy_traffic_stays_in_the_zone() {
+        let mut b = Balancer::new(BalancerPolicy::default());
+        let m = spread(&mut b, &fleet(), 1000, Instant::now());
+        assert_eq!(share(&m, &["a1", "a2"]), 1000);
+        assert!(m["a1"] > 300 && m["a2"] > 300, "{m:?}");
+    }
+
+    #[test]
+    fn zone_region_and_cluster_loss_each_move_to_the_next_best() {
+        let t0 = Instant::now();
+        let mut b = Balancer::new(BalancerPolicy::default());
+        let mut t = fleet();
+        // Zone loss.
+        t[0].healthy = 0;
+        t[1].healthy = 0;
+        assert_eq!(share(&spread(&mut b, &t, 100, t0), &["b1", "b2"]), 100);
+        // Region loss: the remote clusters, by capacity.
+        t[2].healthy = 0;
+        t[3].healthy = 0;
+        let m = spread(&mut b, &t, 100, t0);
+        assert_eq!(share(&m, &["gcp", "azure"]), 100);
+        assert!(m["gcp"] > m.get("azure").copied().unwrap_or(0), "{m:?}");
+        // gcp is lost too: azure takes everything.
+        t[4].healthy = 0;
+        assert_eq!(share(&spread(&mut b, &t, 100, t0), &["azure"]), 100);
+        // Nothing left anywhere.
+        t[5].healthy = 0;
+        assert!(spread(&mut b, &t, 10, t0).is_empty());
+    }
+
+    #[test]
+    fn partial_degradation_spills_in_proportion() {
+        let mut b = Balancer::new(BalancerPolicy::default());
+        let mut t = fleet();
+        // Our zone of 4, one healthy: it keeps 0.25 × 1.4 = 35%.
+        t.insert(2, local("a3", Level::Zone, false));
+        t.insert(3, local("a4", Level::Zone, false));
+        t[1].healthy = 0;
+        let m = spread(&mut b, &t, 1000, Instant::now());
+        assert_eq!(share(&m, &["a1"]), 350);
+        assert_eq!(share(&m, &["b1", "b2"]), 650);
+    }
+
+    #[test]
+    fn a_recovered_zone_gets_traffic_back_only_after_the_hold() {
+        let t0 = Instant::now();
+        let mut b = Balancer::new(BalancerPolicy::default());
+        let mut t = fleet();
+        t[0].healthy = 0;
+        t[1].healthy = 0;
+        assert_eq!(share(&spread(&mut b, &t, 100, t0), &["b1", "b2"]), 100);
+        t[0].healthy = 1;
+        t[1].healthy = 1;
+        assert_eq!(
+            share(&spread(&mut b, &t, 100, t0 + 10 * S), &["b1", "b2"]),
+            100
+        );
+        // It flaps: the hold starts over.
+        t[0].healthy = 0;
+        t[1].healthy = 0;
+        spread(&mut b, &t, 10, t0 + 20 * S);
+        t[0].healthy = 1;
+        t[1].healthy = 1;
+        // Back at 45 s: still held at 74 s, returned at 75 s.
+        for (at, want) in [(45, ["b1", "b2"]), (74, ["b1", "b2"]), (75, ["a1", "a2"])] {
+            let m = spread(&mut b, &t, 100, t0 + at * S);
+            assert_eq!(share(&m, &want), 100, "at {at} s: {m:?}");
+        }
+    }
+
+    #[test]
+    fn an_outlier_is_ejected_and_a_tried_target_skipped() {
+        let t0 = Instant::now();
+        let mut b = Balancer::new(BalancerPolicy::default());
+        let t = fleet();
+        for _ in 0..5 {
+            b.started(&"a1", t0);
+            b.finished(&"a1", Err(()), t.len(), t0);
+        }
+        let m = spread(&mut b, &t, 100, t0);
+        assert_eq!(m.get("a1"), None, "{m:?}");
+        // Half the zone is below the threshold: it keeps 0.5 × 1.4 = 70%.
+        assert_eq!(share(&m, &["a2"]), 70);
+        assert_eq!(share(&m, &["b1", "b2"]), 30);
+        // Connect-time failover: a2 refused, so the next choice is in the
+        // region, and our zone's health is untouched by it.
+        let draw = Draw {
+            level: 0.0,
+            a: 0,
+            b: 0,
+        };
+        assert!(matches!(b.choose(&t, &["a2"], draw, t0), Some("b1" | "b2")));
+        assert_eq!(b.choose(&t, &[], draw, t0), Some("a2"));
+    }
+
+    #[test]
+    fn a_slow_endpoint_gets_less() {
+        let t0 = Instant::now();
+        let mut b = Balancer::new(BalancerPolicy::default());
+        let t = fleet();
+        b.started(&"a1", t0);
+        b.finished(&"a1", Ok(Duration::from_millis(50)), t.len(), t0);
+        b.started(&"a2", t0);
+        b.finished(&"a2", Ok(Duration::from_millis(1)), t.len(), t0);
+        let m = spread(&mut b, &t, 100, t0);
+        assert_eq!(
+            m.get("a1"),
+            None,
+            "with two candidates the fast one always wins: {m:?}"
+        );
+    }
+}
