@@ -199,6 +199,13 @@ mod tests {
         ]
     }
 
+    /// Sets both endpoints of our zone (the first two of `fleet`) up or down.
+    fn our_zone(t: &mut [Target<&'static str>], up: bool) {
+        for e in &mut t[..2] {
+            e.healthy = u64::from(up);
+        }
+    }
+
     /// Where `n` evenly spread draws go.
     fn spread(
         b: &mut Balancer<&'static str>,
@@ -238,8 +245,7 @@ mod tests {
         let mut b = Balancer::new(BalancerPolicy::default());
         let mut t = fleet();
         // Zone loss.
-        t[0].healthy = 0;
-        t[1].healthy = 0;
+        our_zone(&mut t, false);
         assert_eq!(share(&spread(&mut b, &t, 100, t0), &["b1", "b2"]), 100);
         // Region loss: the remote clusters, by capacity.
         t[2].healthy = 0;
@@ -273,21 +279,17 @@ mod tests {
         let t0 = Instant::now();
         let mut b = Balancer::new(BalancerPolicy::default());
         let mut t = fleet();
-        t[0].healthy = 0;
-        t[1].healthy = 0;
+        our_zone(&mut t, false);
         assert_eq!(share(&spread(&mut b, &t, 100, t0), &["b1", "b2"]), 100);
-        t[0].healthy = 1;
-        t[1].healthy = 1;
+        our_zone(&mut t, true);
         assert_eq!(
             share(&spread(&mut b, &t, 100, t0 + 10 * S), &["b1", "b2"]),
             100
         );
         // It flaps: the hold starts over.
-        t[0].healthy = 0;
-        t[1].healthy = 0;
+        our_zone(&mut t, false);
         spread(&mut b, &t, 10, t0 + 20 * S);
-        t[0].healthy = 1;
-        t[1].healthy = 1;
+        our_zone(&mut t, true);
         // Back at 45 s: still held at 74 s, returned at 75 s.
         for (at, want) in [(45, ["b1", "b2"]), (74, ["b1", "b2"]), (75, ["a1", "a2"])] {
             let m = spread(&mut b, &t, 100, t0 + at * S);
