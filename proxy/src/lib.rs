@@ -9,6 +9,7 @@
 //!   a cap on the ejected share, and recovery;
 //! - [`pick`]: power of two choices over peak-EWMA latency and load;
 //! - [`budget`]: the retry budget;
+//! - [`limits`]: circuit breakers, and which failures may be retried;
 //! - [`balancer`]: all of the above over one service's targets (local
 //!   endpoints, and one virtual endpoint per remote cluster).
 //!
@@ -16,6 +17,7 @@
 
 pub mod balancer;
 pub mod budget;
+pub mod limits;
 pub mod locality;
 pub mod outlier;
 pub mod pick;
