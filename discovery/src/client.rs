@@ -385,7 +385,7 @@ impl<T: Send + Sync + 'static> Driver<T> {
         let config = Arc::new(convert(&next, &bundles)?);
         self.state = next;
         self.bundles.send_if_modified(|b| {
-            let changed = documents(b) != documents(&bundles);
+            let changed = **b != bundles;
             if changed {
                 *b = Arc::new(bundles);
             }
@@ -412,10 +412,6 @@ impl<T: Send + Sync + 'static> Driver<T> {
         tracing::debug!(version = %self.state.version_info, "discovery update applied");
         Ok(())
     }
-}
-
-fn documents(b: &BundleSet) -> Vec<String> {
-    b.iter().map(|b| b.to_document()).collect()
 }
 
 /// Exponential backoff with jitter, so that every proxy of a cluster does

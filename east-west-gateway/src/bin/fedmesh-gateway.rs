@@ -54,10 +54,6 @@ fn main() -> ExitCode {
     }
 }
 
-fn documents(b: &BundleSet) -> Vec<String> {
-    b.iter().map(|b| b.to_document()).collect()
-}
-
 async fn run(args: Args) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::default());
     // What keeps the routes, SVID and bundles current: the file poller, or
@@ -196,7 +192,7 @@ async fn reload(
             changed
         });
         bundles.send_if_modified(|b| {
-            let changed = documents(b) != documents(&c.bundles);
+            let changed = **b != c.bundles;
             if changed {
                 tracing::info!("bundles reloaded");
                 *b = Arc::new(c.bundles);
