@@ -22,7 +22,7 @@ use fedmesh_api::{ClusterRecord, Endpoint, KeySpace, LocalService, LocalServices
 use fedmesh_discovery::{ClientPolicy, ControllerAccess, Discovered};
 use fedmesh_proto::tunnel::v1::tunnel_accept::Status;
 use fedmesh_test_support::{Etcd, eventually};
-use support::{Domain, Echo, echo_through, proxy_tls};
+use support::{Domain, Echo, GatewayProcess, echo_through, proxy_tls};
 use tokio::sync::watch;
 use trust_bundle::{Bundle, BundleSet, CaOptions, ClusterCa, SpiffeId};
 
@@ -277,7 +277,6 @@ async fn gateways_follow_their_controllers_and_outlive_them() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_gateway_binary_runs_from_its_controller() {
-    use tokio::io::AsyncBufReadExt;
     let etcd = Etcd::start().await.unwrap();
     let aws = site(&etcd, "aws", 45).await;
     let gcp = register(&etcd, "gcp", 46).await;
@@ -302,22 +301,11 @@ async fn the_gateway_binary_runs_from_its_controller() {
     );
     let config = dir.path().join("gateway.yaml");
     std::fs::write(&config, yaml).unwrap();
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_fedmesh-gateway"))
-        .arg("--config")
-        .arg(&config)
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
-    let first = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
-        .await
-        .expect("the gateway did not start")
-        .unwrap()
-        .unwrap();
-    assert!(
-        first.contains(&format!("quic on {}:{}", gcp.domain.ip(1), gcp.gw_port)),
-        "{first}"
+    let gateway = GatewayProcess::start(&config).await;
+    assert_eq!(
+        gateway.quic,
+        SocketAddr::new(gcp.domain.ip(1), gcp.gw_port),
+        "it listens where the cluster's record says"
     );
 
     let caller = Caller::new(&aws).await;

@@ -358,7 +358,6 @@ impl GatewayProcess {
         settings: &str,
     ) -> Self {
         use std::fmt::Write;
-        use tokio::io::AsyncBufReadExt;
         let svid = d.gateway_svid();
         let name = format!("{}-gw{host}", d.cluster);
         std::fs::write(dir.join(format!("{name}.pem")), svid.chain_pem()).unwrap();
@@ -414,9 +413,15 @@ impl GatewayProcess {
         writeln!(yaml, "settings: {settings}").unwrap();
         let config = dir.join(format!("{name}.yaml"));
         std::fs::write(&config, yaml).unwrap();
+        Self::start(&config).await
+    }
+
+    /// Starts `fedmesh-gateway --config <config>`; returns once it listens.
+    pub async fn start(config: &std::path::Path) -> Self {
+        use tokio::io::AsyncBufReadExt;
         let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_fedmesh-gateway"))
             .arg("--config")
-            .arg(&config)
+            .arg(config)
             .stdout(std::process::Stdio::piped())
             .kill_on_drop(true)
             .spawn()
