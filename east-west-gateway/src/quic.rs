@@ -45,24 +45,23 @@ pub fn bind_udp(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
     if addr.is_ipv6() {
         socket.set_only_v6(false).ok();
     }
-    for (what, set, get, sysctl) in [
+    // Best effort: a small buffer costs throughput, not correctness.
+    let _ = socket.set_recv_buffer_size(UDP_BUFFER);
+    let _ = socket.set_send_buffer_size(UDP_BUFFER);
+    // Linux reports double what it grants (its bookkeeping overhead).
+    let granted = |size: std::io::Result<usize>| size.unwrap_or(0) / 2;
+    for (what, got, sysctl) in [
         (
             "receive",
-            Socket::set_recv_buffer_size as fn(&Socket, usize) -> std::io::Result<()>,
-            Socket::recv_buffer_size as fn(&Socket) -> std::io::Result<usize>,
+            granted(socket.recv_buffer_size()),
             "net.core.rmem_max",
         ),
         (
             "send",
-            Socket::set_send_buffer_size,
-            Socket::send_buffer_size,
+            granted(socket.send_buffer_size()),
             "net.core.wmem_max",
         ),
     ] {
-        // Best effort: a small buffer costs throughput, not correctness.
-        let _ = set(&socket, UDP_BUFFER);
-        // Linux reports double what it grants (its bookkeeping overhead).
-        let got = get(&socket).unwrap_or(0) / 2;
         if got < UDP_BUFFER / 2 {
             tracing::warn!(
                 wanted = UDP_BUFFER,
