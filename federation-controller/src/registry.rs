@@ -106,21 +106,28 @@ impl DiscoverySource for FileRegistry {
     }
 }
 
+/// How long an edit must stay unchanged before it is applied.
+const SETTLE: Duration = Duration::from_millis(25);
+
 /// File content is the change detector: modification times can be too
 /// coarse to notice two quick edits.
 type Stamp = Vec<u8>;
 
 async fn load(path: &Path) -> Result<(LocalServices, Stamp), RegistryError> {
-    let origin = path.display().to_string();
     let raw = tokio::fs::read(path).await.map_err(|e| RegistryError {
-        path: origin.clone(),
+        path: path.display().to_string(),
         message: e.to_string(),
     })?;
-    let text = String::from_utf8(raw.clone()).map_err(|e| RegistryError {
+    Ok((parse_bytes(&raw, path)?, raw))
+}
+
+fn parse_bytes(raw: &[u8], path: &Path) -> Result<LocalServices, RegistryError> {
+    let origin = path.display().to_string();
+    let text = std::str::from_utf8(raw).map_err(|e| RegistryError {
         path: origin.clone(),
         message: format!("not UTF-8: {e}"),
     })?;
-    Ok((parse_registry(&text, &origin)?, raw))
+    parse_registry(text, &origin)
 }
 
 async fn follow(
@@ -142,9 +149,19 @@ async fn follow(
         if raw == stamp {
             continue;
         }
+        // An editor that truncates and then writes leaves a moment when the
+        // file is empty or cut short, and either may parse: an empty file
+        // would withdraw every service from the mesh. Apply an edit only
+        // once it reads the same after a short pause.
+        tokio::time::sleep(SETTLE.min(poll)).await;
+        match tokio::fs::read(&path).await {
+            Ok(again) if again == raw => {}
+            _ => continue,
+        }
+        let parsed = parse_bytes(&raw, &path);
         stamp = raw;
-        match load(&path).await {
-            Ok((services, _)) => {
+        match parsed {
+            Ok(services) => {
                 errors.send_replace(None);
                 tx.send_if_modified(|cur| {
                     if **cur == services {

@@ -282,7 +282,7 @@ async fn a_change_in_one_cluster_reaches_anothers_discovery_stream() {
 
     // One endpoint in aws turns unhealthy: gcp's stream gets an incremental
     // update carrying just that service.
-    std::fs::write(&a.registry, registry_doc(2)).unwrap();
+    fedmesh_test_support::write_atomically(&a.registry, registry_doc(2)).unwrap();
     let second = s
         .until(|m| remote_healthy(m.services.values(), "aws") == Some(2))
         .await;
@@ -290,7 +290,7 @@ async fn a_change_in_one_cluster_reaches_anothers_discovery_stream() {
     assert_eq!(second.snapshot.as_ref().unwrap().services.len(), 1);
 
     // A NACK is not answered by resending the same version...
-    std::fs::write(&a.registry, registry_doc(1)).unwrap();
+    fedmesh_test_support::write_atomically(&a.registry, registry_doc(1)).unwrap();
     let third = s.next().await;
     s.nack(&third, &second.version_info).await;
     assert!(
@@ -306,7 +306,7 @@ async fn a_change_in_one_cluster_reaches_anothers_discovery_stream() {
     assert_eq!(nacks, 1);
     // ...and the next update is whole, since the server no longer knows
     // what the client holds.
-    std::fs::write(&a.registry, registry_doc(3)).unwrap();
+    fedmesh_test_support::write_atomically(&a.registry, registry_doc(3)).unwrap();
     let fourth = s.next().await;
     assert!(
         !fourth.incremental,
@@ -326,7 +326,7 @@ async fn a_change_in_one_cluster_reaches_anothers_discovery_stream() {
         s.quiet_for(Duration::from_millis(500)).await,
         "a held version was resent"
     );
-    std::fs::write(&a.registry, registry_doc(2)).unwrap();
+    fedmesh_test_support::write_atomically(&a.registry, registry_doc(2)).unwrap();
     let r = s
         .until(|m| remote_healthy(m.services.values(), "aws") == Some(2))
         .await;
@@ -418,7 +418,7 @@ async fn with_etcd_down_discovery_keeps_serving_the_last_view_and_resyncs() {
     let served = late.next().await;
     assert_eq!(served.version_info, at_kill);
     // A local change while etcd is down still reaches aws's own proxies...
-    std::fs::write(&a.registry, registry_doc(1)).unwrap();
+    fedmesh_test_support::write_atomically(&a.registry, registry_doc(1)).unwrap();
     let snaps = a.controller.snapshots.clone();
     eventually(
         "aws's local view to change during the outage",

@@ -18,7 +18,7 @@ fn doc(healthy: bool) -> String {
 async fn reloads_on_change_and_keeps_the_last_good_version_on_a_bad_edit() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("registry.yaml");
-    std::fs::write(&path, doc(true)).unwrap();
+    fedmesh_test_support::write_atomically(&path, doc(true)).unwrap();
     let reg = FileRegistry::start(path.clone(), Duration::from_millis(20))
         .await
         .unwrap();
@@ -26,7 +26,7 @@ async fn reloads_on_change_and_keeps_the_last_good_version_on_a_bad_edit() {
     let key = ServiceKey::new("shop", "checkout");
     assert!(rx.borrow()[&key].endpoints[0].healthy);
 
-    std::fs::write(&path, doc(false)).unwrap();
+    fedmesh_test_support::write_atomically(&path, doc(false)).unwrap();
     eventually("the edit to apply", Duration::from_secs(5), || {
         let healthy = rx.borrow()[&key].endpoints[0].healthy;
         async move { (!healthy).then_some(()) }
@@ -34,7 +34,11 @@ async fn reloads_on_change_and_keeps_the_last_good_version_on_a_bad_edit() {
     .await;
 
     // A broken edit: reported with its position; the last good version stays.
-    std::fs::write(&path, doc(true).replace("ports: [8080]", "ports: [8080")).unwrap();
+    fedmesh_test_support::write_atomically(
+        &path,
+        doc(true).replace("ports: [8080]", "ports: [8080"),
+    )
+    .unwrap();
     let err = eventually(
         "the bad edit to be reported",
         Duration::from_secs(5),
@@ -51,7 +55,7 @@ async fn reloads_on_change_and_keeps_the_last_good_version_on_a_bad_edit() {
     );
 
     // Fixing the file clears the error and applies.
-    std::fs::write(&path, doc(true)).unwrap();
+    fedmesh_test_support::write_atomically(&path, doc(true)).unwrap();
     eventually("the fix to apply", Duration::from_secs(5), || {
         let ok = rx.borrow()[&key].endpoints[0].healthy && reg.last_error().is_none();
         async move { ok.then_some(()) }
@@ -63,7 +67,7 @@ async fn reloads_on_change_and_keeps_the_last_good_version_on_a_bad_edit() {
 async fn an_invalid_file_at_start_up_is_an_error() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("registry.yaml");
-    std::fs::write(&path, "services: [{namespace: shop}]").unwrap();
+    fedmesh_test_support::write_atomically(&path, "services: [{namespace: shop}]").unwrap();
     let err = FileRegistry::start(path.clone(), Duration::from_millis(20))
         .await
         .unwrap_err();

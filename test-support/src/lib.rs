@@ -9,6 +9,8 @@
 //! - [`dns::DnsServer`]: a small authoritative DNS server on loopback UDP
 //!   whose A records a test can change, to move a name.
 //! - [`eventually`]: poll a condition until a deadline instead of sleeping.
+//! - [`write_atomically`]: replace a file a component is watching, so that
+//!   it never reads half an edit.
 //!
 //! Nothing here is a mock: what cannot run on a test machine (a Kubernetes
 //! API server) is faked in the crate that needs it, and labelled there.
@@ -24,7 +26,17 @@ pub use relay::TcpRelay;
 pub use udp_relay::UdpRelay;
 
 use std::future::Future;
+use std::path::Path;
 use std::time::Duration;
+
+/// Writes `contents` beside `path` and renames it into place, as an
+/// operator's tooling (or a ConfigMap mount) does.
+pub fn write_atomically(path: &Path, contents: impl AsRef<[u8]>) -> std::io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    std::fs::write(&tmp, contents)?;
+    std::fs::rename(&tmp, path)
+}
 
 /// Polls `check` every 20 ms until it returns `Some`, or fails after `timeout`
 /// with `what` in the message.
