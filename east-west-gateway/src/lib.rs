@@ -21,7 +21,6 @@ pub mod config;
 pub mod discovered;
 pub mod dns;
 mod egress;
-pub mod frame;
 mod gateway;
 pub mod health;
 mod ingress;
@@ -29,6 +28,9 @@ pub mod metrics;
 pub mod quic;
 pub mod routes;
 pub mod splice;
+
+/// The tunnel header, shared with the proxy.
+pub use fedmesh_tunnel::frame;
 
 pub use config::{Settings, StaticConfig};
 pub use egress::{Opened, Pool};

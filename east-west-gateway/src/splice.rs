@@ -10,12 +10,10 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use prometheus_client::metrics::counter::Counter;
-use prost::Message;
 use quinn::{RecvStream, SendStream, VarInt};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 
-use crate::frame::{self, FrameError, PREFIX};
 
 /// Application error codes for QUIC stream resets and stops.
 pub mod code {
@@ -32,38 +30,7 @@ pub mod code {
     pub const REFUSED: VarInt = VarInt::from_u32(5);
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum ReadFrameError {
-    #[error(transparent)]
-    Frame(#[from] FrameError),
-    #[error("stream ended before a complete header")]
-    Eof,
-    #[error("reading the header: {0}")]
-    Io(io::Error),
-}
-
-/// Reads exactly one frame, and not a byte more: what follows belongs to
-/// the application and stays in the stream.
-pub async fn read_frame<M: Message + Default>(
-    what: &'static str,
-    r: &mut (impl AsyncRead + Unpin),
-) -> Result<M, ReadFrameError> {
-    let io = |e: io::Error| match e.kind() {
-        io::ErrorKind::UnexpectedEof => ReadFrameError::Eof,
-        _ => ReadFrameError::Io(e),
-    };
-    let mut prefix = [0u8; PREFIX];
-    r.read_exact(&mut prefix).await.map_err(io)?;
-    let mut body = vec![0u8; frame::body_len(prefix)?];
-    r.read_exact(&mut body).await.map_err(io)?;
-    Ok(frame::decode_body(what, &body)?)
-}
-
-pub async fn write_frame(w: &mut (impl AsyncWrite + Unpin), msg: &impl Message) -> io::Result<()> {
-    let bytes = frame::encode(msg).map_err(io::Error::other)?;
-    w.write_all(&bytes).await?;
-    w.flush().await
-}
+pub use fedmesh_tunnel::{ReadFrameError, read_frame, write_frame};
 
 /// Bytes counted on the way through, per direction.
 #[derive(Debug, Clone)]
