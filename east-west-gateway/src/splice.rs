@@ -14,7 +14,6 @@ use quinn::{RecvStream, SendStream, VarInt};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 
-
 /// Application error codes for QUIC stream resets and stops.
 pub mod code {
     use quinn::VarInt;

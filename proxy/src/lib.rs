@@ -1,6 +1,7 @@
-//! fedmesh's local proxy. So far, the I/O-free core of its balancing, each
-//! part taking `now` as an argument so that it is tested on a virtual
-//! clock:
+//! fedmesh's local proxy: the data plane next to the apps.
+//!
+//! The I/O-free core of balancing, each part taking `now` so that it is
+//! tested on a virtual clock:
 //!
 //! - [`locality`]: priority levels (same zone, same region, same cloud, the
 //!   rest), and the per-level health that spill-over works from, with
@@ -11,13 +12,204 @@
 //! - [`budget`]: the retry budget;
 //! - [`limits`]: circuit breakers, and which failures may be retried;
 //! - [`balancer`]: all of the above over one service's targets (local
-//!   endpoints, and one virtual endpoint per remote cluster).
+//!   endpoints, and one virtual endpoint per remote cluster);
+//! - [`table`]: services and their targets, from plain data; and
+//!   [`discovered`], that data from the controller's discovery stream.
 //!
-//! The listeners, the discovery wiring and the pickers come next (issue 5).
+//! The drivers around it: [`upstream`] (direct TCP, or a tunnel through a
+//! local gateway's egress), [`http`] (the HTTP/1.1 + h2c listener, with
+//! failover, retries, timeouts and pooled upstream connections), [`tcp`]
+//! (TCP listeners), and [`Proxy`], which starts them. Where the table comes
+//! from (a static file or the controller: [`config`]) is the caller's
+//! business; this crate depends on neither etcd nor kube.
 
 pub mod balancer;
 pub mod budget;
+pub mod config;
+pub mod discovered;
+pub mod http;
 pub mod limits;
 pub mod locality;
+pub mod metrics;
 pub mod outlier;
 pub mod pick;
+pub mod runtime;
+pub mod table;
+pub mod tcp;
+pub mod upstream;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use trust_bundle::{AllowIds, BundleSet, SpiffeId, Svid};
+
+use crate::config::Common;
+use crate::metrics::Metrics;
+use crate::runtime::Shared;
+use crate::table::Table;
+use crate::upstream::Connector;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("binding the {what} listener on {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("TLS towards the egress: {0}")]
+    Tls(String),
+}
+
+/// A running proxy. Dropping it stops its listeners at once; [`Proxy::drain`]
+/// stops them gracefully.
+#[derive(Debug)]
+pub struct Proxy {
+    pub http: Option<SocketAddr>,
+    pub tcp: Vec<SocketAddr>,
+    pub admin: Option<SocketAddr>,
+    pub metrics: Arc<Metrics>,
+    shared: Arc<Shared>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+impl Proxy {
+    /// Binds every listener, then serves `table`, reaching remote clusters
+    /// through `common.gateways` with `svid`, verified by `bundles`.
+    pub async fn start(
+        common: &Common,
+        table: watch::Receiver<Arc<Table>>,
+        svid: watch::Receiver<Arc<Svid>>,
+        bundles: watch::Receiver<Arc<BundleSet>>,
+    ) -> Result<Self, StartError> {
+        let me = &common.me;
+        let egress_id = SpiffeId::gateway(&me.trust_domain, &me.cluster)
+            .map_err(|e| StartError::Tls(e.to_string()))?;
+        let tls = trust_bundle::client_config(
+            svid,
+            bundles,
+            Arc::new(AllowIds::one(egress_id)),
+            &[trust_bundle::tls::ALPN_TUNNEL],
+        )
+        .map_err(|e| StartError::Tls(e.to_string()))?;
+        let connector = Connector::new(
+            common.gateways.clone(),
+            Arc::new(tls),
+            common.settings.connect_timeout,
+        );
+        let metrics = Arc::new(Metrics::default());
+        let shared = Arc::new(Shared::new(
+            me.clone(),
+            common.settings.clone(),
+            table.clone(),
+            connector,
+            metrics.clone(),
+        ));
+        let (shutdown, stop) = watch::channel(false);
+        let bind = |what, addr| async move {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| StartError::Bind { what, addr, source })
+        };
+        let mut tasks = Vec::new();
+        let mut http_addr = None;
+        if let Some(addr) = common.listen.http {
+            let l = bind("http", addr).await?;
+            http_addr = l.local_addr().ok();
+            tasks.push(tokio::spawn(http::serve(
+                l,
+                shared.clone(),
+                stop.clone(),
+                common.settings.drain_timeout,
+            )));
+        }
+        let mut tcp_addrs = Vec::new();
+        for t in &common.listen.tcp {
+            let l = bind("tcp", t.address).await?;
+            tcp_addrs.push(l.local_addr().unwrap_or(t.address));
+            tasks.push(tokio::spawn(tcp::serve(
+                l,
+                t.service.clone(),
+                shared.clone(),
+                stop.clone(),
+            )));
+        }
+        let mut admin_addr = None;
+        if let Some(addr) = common.listen.admin {
+            let l = bind("admin", addr).await?;
+            admin_addr = l.local_addr().ok();
+            let mut registry = prometheus_client::registry::Registry::default();
+            metrics.register(&mut registry);
+            let t = table.clone();
+            let ready: fedmesh_admin::Readiness = Arc::new(move || {
+                let n = t.borrow().services.len();
+                Ok(format!("{n} services"))
+            });
+            tasks.push(tokio::spawn(fedmesh_admin::serve(
+                l,
+                Arc::new(registry),
+                ready,
+            )));
+        }
+        tasks.push(tokio::spawn(housekeeping(shared.clone(), table)));
+        Ok(Self {
+            http: http_addr,
+            tcp: tcp_addrs,
+            admin: admin_addr,
+            metrics,
+            shared,
+            shutdown,
+            tasks,
+        })
+    }
+
+    /// Stops accepting, and lets live HTTP requests finish for up to the
+    /// drain timeout.
+    pub async fn drain(mut self) {
+        let _ = self.shutdown.send(true);
+        let deadline = self.shared.settings.drain_timeout;
+        // The HTTP task ends once its connections have drained.
+        let tasks = std::mem::take(&mut self.tasks);
+        let _ = tokio::time::timeout(deadline + Duration::from_secs(1), async {
+            for t in tasks {
+                if !t.is_finished() {
+                    let _ = t.await;
+                }
+            }
+        })
+        .await;
+    }
+
+    /// Idle upstream connections held in the pool.
+    pub fn idle_connections(&self) -> usize {
+        self.shared.pool.idle_count()
+    }
+}
+
+/// Drops pooled connections and balancer state that table updates have
+/// left behind, on every update and every 30 s.
+async fn housekeeping(shared: Arc<Shared>, mut table: watch::Receiver<Arc<Table>>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(30));
+    loop {
+        tokio::select! {
+            r = table.changed() => if r.is_err() { return },
+            _ = tick.tick() => {}
+        }
+        let t = table.borrow_and_update().clone();
+        shared.pool.sweep(&t);
+        shared.retain_states(&t);
+    }
+}

@@ -1,0 +1,659 @@
+//! Configuration: the knobs ([`Settings`], each with a production
+//! default), and the YAML file a proxy runs from. With `controller:` the
+//! proxy takes its identity, bundles and services from the controller;
+//! without, everything is in the file (standalone tests, sites without a
+//! controller). Plain data: serde with unknown fields refused, then checks
+//! that name the field at fault.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use fedmesh_api::{ListedEndpoint, LocalService, ServiceKey, validate_label};
+use fedmesh_discovery::ControllerAccess;
+use serde::Deserialize;
+use trust_bundle::{Bundle, BundleSet, SpiffeId, Svid, TrustDomain};
+
+use crate::balancer::BalancerPolicy;
+use crate::budget::BudgetPolicy;
+use crate::limits::Limits;
+use crate::locality::{DEFAULT_FAILOVER_THRESHOLD, Locality};
+use crate::outlier::OutlierPolicy;
+use crate::table::{LocalEndpoint, RemoteCluster, ServiceSpec};
+
+/// How the proxy behaves. Every field has a production default.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct Settings {
+    /// Connecting to an endpoint, or opening a tunnel through the egress.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// The whole request, retries included, until the response headers.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// One attempt, until its response headers. Off when absent.
+    #[serde(with = "humantime_serde")]
+    pub per_try_timeout: Option<Duration>,
+    /// Retries after a failure once the request was sent (idempotent
+    /// requests without a body only). Failover before the first byte is
+    /// not counted: it tries every target once.
+    pub retries: u32,
+    /// Retries may add this share of the last 10 s of requests...
+    pub retry_budget_ratio: f64,
+    /// ...plus this many per second.
+    pub retry_budget_min_per_second: u32,
+    /// A level keeps all its traffic while this share of it is healthy.
+    pub failover_threshold: f64,
+    /// How long a recovered level must stay recovered before traffic
+    /// returns to it.
+    #[serde(with = "humantime_serde")]
+    pub failback_hold: Duration,
+    pub outlier: OutlierSettings,
+    /// Per service: upstream connections, and requests waiting.
+    pub max_connections: u32,
+    pub max_pending_requests: u32,
+    /// An idle upstream connection is closed after this long.
+    #[serde(with = "humantime_serde")]
+    pub pool_idle_timeout: Duration,
+    /// Idle upstream connections kept per target.
+    pub pool_max_idle_per_target: usize,
+    /// One line per request through tracing: `off`, `text` or `json`.
+    pub access_log: AccessLog,
+    /// On SIGTERM: how long live requests may take to finish.
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AccessLog {
+    Off,
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub struct OutlierSettings {
+    pub consecutive_failures: u32,
+    #[serde(with = "humantime_serde")]
+    pub base_ejection: Duration,
+    #[serde(with = "humantime_serde")]
+    pub max_ejection: Duration,
+    pub max_ejection_percent: u8,
+}
+
+impl Default for OutlierSettings {
+    fn default() -> Self {
+        let p = OutlierPolicy::default();
+        Self {
+            consecutive_failures: p.consecutive_failures,
+            base_ejection: p.base_ejection,
+            max_ejection: p.max_ejection,
+            max_ejection_percent: p.max_ejection_percent,
+        }
+    }
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        let budget = BudgetPolicy::default();
+        let limits = Limits::default();
+        Self {
+            connect_timeout: Duration::from_secs(1),
+            // Envoy's and Istio's route timeout.
+            request_timeout: Duration::from_secs(15),
+            per_try_timeout: None,
+            retries: 2,
+            retry_budget_ratio: budget.ratio,
+            retry_budget_min_per_second: budget.min_per_second,
+            failover_threshold: DEFAULT_FAILOVER_THRESHOLD,
+            failback_hold: BalancerPolicy::default().failback_hold,
+            outlier: OutlierSettings::default(),
+            max_connections: limits.max_connections,
+            max_pending_requests: limits.max_pending,
+            pool_idle_timeout: Duration::from_secs(90),
+            pool_max_idle_per_target: 32,
+            access_log: AccessLog::Off,
+            drain_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl Settings {
+    pub fn validate(&self) -> Result<(), String> {
+        for (name, d) in [
+            ("connectTimeout", self.connect_timeout),
+            ("requestTimeout", self.request_timeout),
+            ("poolIdleTimeout", self.pool_idle_timeout),
+            ("outlier.baseEjection", self.outlier.base_ejection),
+        ] {
+            if d.is_zero() {
+                return Err(format!("{name} must be non-zero"));
+            }
+        }
+        if let Some(t) = self.per_try_timeout
+            && (t.is_zero() || t > self.request_timeout)
+        {
+            return Err(format!(
+                "perTryTimeout: {} ms must be non-zero and at most requestTimeout ({} ms)",
+                t.as_millis(),
+                self.request_timeout.as_millis()
+            ));
+        }
+        if !(self.failover_threshold > 0.0 && self.failover_threshold <= 1.0) {
+            return Err(format!(
+                "failoverThreshold: {} is outside (0, 1]",
+                self.failover_threshold
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.retry_budget_ratio) {
+            return Err(format!(
+                "retryBudgetRatio: {} is outside [0, 1]",
+                self.retry_budget_ratio
+            ));
+        }
+        if self.outlier.max_ejection < self.outlier.base_ejection {
+            return Err("outlier.maxEjection must be at least outlier.baseEjection".into());
+        }
+        if self.outlier.max_ejection_percent > 100 {
+            return Err("outlier.maxEjectionPercent must be at most 100".into());
+        }
+        if self.outlier.consecutive_failures == 0 {
+            return Err("outlier.consecutiveFailures must be at least 1".into());
+        }
+        if self.max_connections == 0 || self.max_pending_requests == 0 {
+            return Err("maxConnections and maxPendingRequests must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    pub fn balancer(&self) -> BalancerPolicy {
+        BalancerPolicy {
+            failover_threshold: self.failover_threshold,
+            failback_hold: self.failback_hold,
+            outlier: OutlierPolicy {
+                consecutive_failures: self.outlier.consecutive_failures,
+                base_ejection: self.outlier.base_ejection,
+                max_ejection: self.outlier.max_ejection,
+                max_ejection_percent: self.outlier.max_ejection_percent,
+            },
+            ..BalancerPolicy::default()
+        }
+    }
+
+    pub fn budget(&self) -> BudgetPolicy {
+        BudgetPolicy {
+            ratio: self.retry_budget_ratio,
+            min_per_second: self.retry_budget_min_per_second,
+            ..BudgetPolicy::default()
+        }
+    }
+
+    pub fn limits(&self) -> Limits {
+        Limits {
+            max_connections: self.max_connections,
+            max_pending: self.max_pending_requests,
+        }
+    }
+}
+
+/// Where the proxy listens.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listen {
+    /// Outbound HTTP/1.1 and h2c. Off when absent.
+    #[serde(default)]
+    pub http: Option<SocketAddr>,
+    /// One listener per TCP service.
+    #[serde(default)]
+    pub tcp: Vec<TcpListen>,
+    /// HTTP: /metrics, /ready, /live. Off when absent.
+    #[serde(default)]
+    pub admin: Option<SocketAddr>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TcpListen {
+    pub address: SocketAddr,
+    /// `namespace/name`.
+    pub service: ServiceKey,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct File {
+    cluster: String,
+    trust_domain: String,
+    locality: LocalityFile,
+    listen: Listen,
+    /// The local gateways' egress listeners, for remote targets.
+    #[serde(default)]
+    gateways: Vec<SocketAddr>,
+    #[serde(default)]
+    controller: Option<ControllerFile>,
+    #[serde(default)]
+    identity: Option<IdentityFiles>,
+    #[serde(default)]
+    bundles: Option<BTreeMap<String, PathBuf>>,
+    #[serde(default)]
+    services: Vec<ServiceFile>,
+    #[serde(default)]
+    settings: Settings,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LocalityFile {
+    cloud: String,
+    region: String,
+    zone: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct ControllerFile {
+    address: SocketAddr,
+    /// This cluster's own bundle document, to verify the controller.
+    bundle: PathBuf,
+    join_token_file: PathBuf,
+    /// The workload identity to ask for: `ns/<namespace>/sa/<account>`.
+    namespace: String,
+    service_account: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct IdentityFiles {
+    certificate: PathBuf,
+    key: PathBuf,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServiceFile {
+    /// `namespace/name`.
+    name: ServiceKey,
+    port: u16,
+    #[serde(default)]
+    endpoints: Vec<ListedEndpoint>,
+    #[serde(default)]
+    remote: Vec<RemoteFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RemoteFile {
+    cluster: String,
+    cloud: String,
+    region: String,
+    healthy: u64,
+    total: u64,
+}
+
+/// Who this proxy is, in both modes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Me {
+    pub cluster: String,
+    pub trust_domain: TrustDomain,
+    pub locality: Locality,
+}
+
+/// What both modes share.
+#[derive(Debug, Clone)]
+pub struct Common {
+    pub me: Me,
+    pub listen: Listen,
+    pub gateways: Vec<SocketAddr>,
+    pub settings: Settings,
+}
+
+#[derive(Debug)]
+pub struct StaticConfig {
+    pub common: Common,
+    pub services: Vec<ServiceSpec>,
+    pub svid: Svid,
+    pub bundles: BundleSet,
+}
+
+#[derive(Debug)]
+pub struct DiscoveryConfig {
+    pub common: Common,
+    pub access: ControllerAccess,
+    pub bootstrap: BundleSet,
+}
+
+#[derive(Debug)]
+pub enum ProxyConfig {
+    Static(Box<StaticConfig>),
+    Discovery(Box<DiscoveryConfig>),
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{origin}: {message}")]
+pub struct ConfigError {
+    pub origin: String,
+    /// Names the field (and the YAML line and column, where the parser
+    /// knows them).
+    pub message: String,
+}
+
+impl ProxyConfig {
+    /// Reads `path` and the files it names (relative to its directory).
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let origin = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            origin: origin.clone(),
+            message: format!("cannot read: {e}"),
+        })?;
+        let base = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+        Self::parse(&text, &origin, move |p| {
+            let full = base.join(p);
+            std::fs::read(&full).map_err(|e| format!("cannot read {}: {e}", full.display()))
+        })
+    }
+
+    /// Parses a config document; `read` fetches the files it names.
+    pub fn parse(
+        yaml: &str,
+        origin: &str,
+        read: impl Fn(&Path) -> Result<Vec<u8>, String>,
+    ) -> Result<Self, ConfigError> {
+        let err = |message: String| ConfigError {
+            origin: origin.into(),
+            message,
+        };
+        let f: File = serde_saphyr::from_str(yaml).map_err(|e| err(e.to_string()))?;
+        let common = common(&f).map_err(err)?;
+        match f.controller {
+            Some(c) => discovery(common, c, f.identity, f.bundles, f.services, &read)
+                .map(|c| ProxyConfig::Discovery(Box::new(c)))
+                .map_err(err),
+            None => parse_static(common, f.identity, f.bundles, f.services, &read)
+                .map(|c| ProxyConfig::Static(Box::new(c)))
+                .map_err(err),
+        }
+    }
+
+    pub fn common(&self) -> &Common {
+        match self {
+            ProxyConfig::Static(s) => &s.common,
+            ProxyConfig::Discovery(d) => &d.common,
+        }
+    }
+}
+
+fn common(f: &File) -> Result<Common, String> {
+    f.settings.validate().map_err(|e| format!("settings.{e}"))?;
+    validate_label("cluster", &f.cluster).map_err(|e| e.to_string())?;
+    let trust_domain =
+        TrustDomain::new(&f.trust_domain).map_err(|e| format!("trustDomain: {e}"))?;
+    for (field, v) in [
+        ("cloud", &f.locality.cloud),
+        ("region", &f.locality.region),
+        ("zone", &f.locality.zone),
+    ] {
+        validate_label(field, v).map_err(|e| format!("locality.{field}: {e}"))?;
+    }
+    if f.listen.http.is_none() && f.listen.tcp.is_empty() {
+        return Err("listen: give `http`, `tcp` or both; the proxy would serve nothing".into());
+    }
+    let mut seen = Vec::new();
+    for (i, t) in f.listen.tcp.iter().enumerate() {
+        if Some(t.address) == f.listen.http || Some(t.address) == f.listen.admin {
+            return Err(format!(
+                "listen.tcp[{i}].address: {} is already the http or admin listener",
+                t.address
+            ));
+        }
+        if seen.contains(&t.address) {
+            return Err(format!(
+                "listen.tcp[{i}].address: {} is listed twice",
+                t.address
+            ));
+        }
+        seen.push(t.address);
+    }
+    Ok(Common {
+        me: Me {
+            cluster: f.cluster.clone(),
+            trust_domain,
+            locality: Locality {
+                cloud: f.locality.cloud.clone(),
+                region: f.locality.region.clone(),
+                zone: f.locality.zone.clone(),
+            },
+        },
+        listen: f.listen.clone(),
+        gateways: f.gateways.clone(),
+        settings: f.settings.clone(),
+    })
+}
+
+fn discovery(
+    common: Common,
+    c: ControllerFile,
+    identity: Option<IdentityFiles>,
+    bundles: Option<BTreeMap<String, PathBuf>>,
+    services: Vec<ServiceFile>,
+    read: &impl Fn(&Path) -> Result<Vec<u8>, String>,
+) -> Result<DiscoveryConfig, String> {
+    for (present, field) in [
+        (identity.is_some(), "identity"),
+        (bundles.is_some(), "bundles"),
+        (!services.is_empty(), "services"),
+    ] {
+        if present {
+            return Err(format!(
+                "{field}: comes from the controller when `controller` is set; remove one of them"
+            ));
+        }
+    }
+    let td = common.me.trust_domain.clone();
+    let doc = read(&c.bundle).map_err(|e| format!("controller.bundle: {e}"))?;
+    let bundle = Bundle::from_document(td.clone(), &doc, &c.bundle.display().to_string())
+        .map_err(|e| format!("controller.bundle: {e}"))?;
+    let mut bootstrap = BundleSet::new();
+    bootstrap.insert(bundle);
+    let token = read(&c.join_token_file).map_err(|e| format!("controller.joinTokenFile: {e}"))?;
+    let token = String::from_utf8(token)
+        .map_err(|_| "controller.joinTokenFile: not UTF-8 text".to_string())?
+        .trim()
+        .to_string();
+    if token.is_empty() {
+        return Err("controller.joinTokenFile: the file is empty".into());
+    }
+    let identity = SpiffeId::workload(&td, &c.namespace, &c.service_account)
+        .map_err(|e| format!("controller.namespace / serviceAccount: {e}"))?;
+    let controller = SpiffeId::controller(&td, &common.me.cluster).map_err(|e| e.to_string())?;
+    Ok(DiscoveryConfig {
+        access: ControllerAccess {
+            address: c.address,
+            controller,
+            node: format!("proxy/{}/{}", common.me.cluster, identity),
+            identity,
+            join_token: token,
+        },
+        common,
+        bootstrap,
+    })
+}
+
+fn parse_static(
+    common: Common,
+    identity: Option<IdentityFiles>,
+    bundle_files: Option<BTreeMap<String, PathBuf>>,
+    services: Vec<ServiceFile>,
+    read: &impl Fn(&Path) -> Result<Vec<u8>, String>,
+) -> Result<StaticConfig, String> {
+    let mut bundles = BundleSet::new();
+    for (name, file) in bundle_files.iter().flatten() {
+        let at = format!("bundles.{name}");
+        let td = TrustDomain::new(name).map_err(|e| format!("{at}: {e}"))?;
+        let doc = read(file).map_err(|e| format!("{at}: {e}"))?;
+        let b = Bundle::from_document(td, &doc, &file.display().to_string())
+            .map_err(|e| format!("{at}: {e}"))?;
+        bundles.insert(b);
+    }
+    let Some(id) = identity else {
+        return Err(
+            "identity: missing (or set `controller` to take it from the controller)".into(),
+        );
+    };
+    let cert = read(&id.certificate).map_err(|e| format!("identity.certificate: {e}"))?;
+    let key = read(&id.key).map_err(|e| format!("identity.key: {e}"))?;
+    let svid = Svid::from_pem(&cert, &key, &id.certificate.display().to_string())
+        .map_err(|e| format!("identity: {e}"))?;
+    if svid.spiffe_id().trust_domain() != common.me.trust_domain {
+        return Err(format!(
+            "identity: {} is not of this cluster's trust domain {}",
+            svid.spiffe_id(),
+            common.me.trust_domain
+        ));
+    }
+    if bundles.get(&common.me.trust_domain).is_none() {
+        return Err(format!(
+            "bundles: no bundle for this cluster's own trust domain {} (the gateway's egress is verified with it)",
+            common.me.trust_domain
+        ));
+    }
+
+    let mut specs: Vec<ServiceSpec> = Vec::new();
+    for (i, s) in services.into_iter().enumerate() {
+        let at = format!("services[{i}] ({})", s.name);
+        if specs.iter().any(|x| x.key == s.name) {
+            return Err(format!("{at}: listed twice"));
+        }
+        let listed = LocalService::from_listed(vec![s.port], s.endpoints)
+            .map_err(|e| format!("{at}.{e}"))?;
+        let mut remote = Vec::with_capacity(s.remote.len());
+        for (j, r) in s.remote.into_iter().enumerate() {
+            let rat = format!("{at}.remote[{j}]");
+            for (field, v) in [
+                ("cluster", &r.cluster),
+                ("cloud", &r.cloud),
+                ("region", &r.region),
+            ] {
+                validate_label(field, v).map_err(|e| format!("{rat}.{field}: {e}"))?;
+            }
+            if r.cluster == common.me.cluster {
+                return Err(format!("{rat}.cluster: {} is this cluster", r.cluster));
+            }
+            if r.healthy > r.total {
+                return Err(format!(
+                    "{rat}: healthy ({}) is more than total ({})",
+                    r.healthy, r.total
+                ));
+            }
+            remote.push(RemoteCluster {
+                cluster: r.cluster,
+                cloud: r.cloud,
+                region: r.region,
+                healthy: r.healthy,
+                total: r.total,
+            });
+        }
+        if !remote.is_empty() && common.gateways.is_empty() {
+            return Err(format!(
+                "{at}.remote: remote clusters need a local gateway; list its egress under `gateways`"
+            ));
+        }
+        specs.push(ServiceSpec {
+            key: s.name,
+            port: s.port,
+            local: listed
+                .endpoints
+                .into_iter()
+                .map(|e| LocalEndpoint {
+                    address: e.address,
+                    zone: e.zone,
+                    healthy: e.healthy,
+                })
+                .collect(),
+            remote,
+        });
+    }
+    for (i, t) in common.listen.tcp.iter().enumerate() {
+        if !specs.iter().any(|s| s.key == t.service) {
+            return Err(format!(
+                "listen.tcp[{i}].service: {} is not under `services`",
+                t.service
+            ));
+        }
+    }
+    Ok(StaticConfig {
+        common,
+        services: specs,
+        svid,
+        bundles,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = "
+cluster: aws
+trustDomain: aws.fedmesh.test
+locality: {cloud: aws, region: use1, zone: az1}
+listen: {http: 127.0.1.5:4140}
+";
+
+    fn parse(extra: &str) -> Result<ProxyConfig, ConfigError> {
+        ProxyConfig::parse(&format!("{BASE}{extra}"), "proxy.yaml", |p| {
+            Err(format!("no file {}", p.display()))
+        })
+    }
+
+    #[test]
+    fn defaults_are_the_documented_ones() {
+        let s = Settings::default();
+        assert!(s.validate().is_ok());
+        assert_eq!(s.connect_timeout, Duration::from_secs(1));
+        assert_eq!(s.request_timeout, Duration::from_secs(15));
+        assert_eq!(s.retries, 2);
+        assert_eq!(s.max_connections, 1024);
+        assert!((s.failover_threshold - 1.0 / 1.4).abs() < 1e-9);
+    }
+
+    #[test]
+    fn bad_fields_are_named() {
+        for (extra, want) in [
+            ("settings: {retries: -1}\n", "retries"),
+            ("settings: {failoverThreshold: 1.5}\n", "failoverThreshold"),
+            (
+                "settings: {perTryTimeout: 20s}\n",
+                "settings.perTryTimeout: 20000 ms",
+            ),
+            ("settings: {colour: blue}\n", "colour"),
+            (
+                "identity: {certificate: c.pem, key: k.pem}\n",
+                "identity.certificate: no file c.pem",
+            ),
+            ("", "identity: missing"),
+            (
+                "controller: {address: 127.0.1.2:15010, bundle: b.json, joinTokenFile: t, namespace: shop, serviceAccount: web}\nservices: [{name: shop/cart, port: 80}]\n",
+                "services: comes from the controller",
+            ),
+        ] {
+            let e = parse(extra).unwrap_err().to_string();
+            assert!(e.starts_with("proxy.yaml: "), "{e}");
+            assert!(e.contains(want), "{extra:?}: {e}");
+        }
+        let e = ProxyConfig::parse(
+            &BASE.replace("listen: {http: 127.0.1.5:4140}", "listen: {}"),
+            "p.yaml",
+            |_| Ok(vec![]),
+        )
+        .unwrap_err();
+        assert!(e.message.contains("would serve nothing"), "{e}");
+        let e = ProxyConfig::parse(&BASE.replace("zone: az1", "zone: Az_1"), "p.yaml", |_| {
+            Ok(vec![])
+        })
+        .unwrap_err();
+        assert!(e.message.starts_with("locality.zone"), "{e}");
+    }
+}

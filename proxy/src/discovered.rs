@@ -1,0 +1,138 @@
+//! Services from the controller's discovery stream. I/O-free: a function
+//! from the client's [`MeshState`] to the proxy's service specs. An update
+//! it cannot read is NACKed whole, and the proxy keeps its last good table.
+
+use std::net::SocketAddr;
+
+use fedmesh_discovery::MeshState;
+
+use crate::table::{LocalEndpoint, RemoteCluster, ServiceSpec};
+
+/// The services `m` describes, for a proxy in `cluster`.
+pub fn services(cluster: &str, m: &MeshState) -> Result<Vec<ServiceSpec>, String> {
+    if m.cluster != cluster {
+        return Err(format!(
+            "the controller serves cluster {:?}, but this proxy belongs to {cluster:?}",
+            m.cluster
+        ));
+    }
+    let mut out = Vec::with_capacity(m.services.len());
+    for (key, s) in &m.services {
+        let at = format!("service {key}");
+        let Some(&port) = s.ports.first() else {
+            return Err(format!("{at}: no port"));
+        };
+        let port = u16::try_from(port)
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| format!("{at}: port {port} is out of range"))?;
+        let local = s
+            .local
+            .iter()
+            .map(|e| {
+                let address: SocketAddr = e
+                    .address
+                    .parse()
+                    .map_err(|_| format!("{at}: endpoint {:?} is not ip:port", e.address))?;
+                Ok(LocalEndpoint {
+                    address,
+                    zone: e.zone.clone(),
+                    healthy: e.healthy,
+                })
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        let remote = s
+            .remote
+            .iter()
+            .map(|r| RemoteCluster {
+                cluster: r.cluster.clone(),
+                cloud: r.cloud.clone(),
+                region: r.region.clone(),
+                // A cluster whose liveness key has lapsed serves nothing,
+                // whatever its last summary said.
+                healthy: if r.verified { r.healthy } else { 0 },
+                total: r.localities.iter().map(|z| u64::from(z.total)).sum(),
+            })
+            .collect();
+        out.push(ServiceSpec {
+            key: key.clone(),
+            port,
+            local,
+            remote,
+        });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fedmesh_api::ServiceKey;
+    use fedmesh_proto::discovery::v1 as pb;
+
+    fn mesh(verified: bool) -> MeshState {
+        let mut m = MeshState {
+            cluster: "aws".into(),
+            ..Default::default()
+        };
+        m.services.insert(
+            ServiceKey::new("shop", "cart"),
+            pb::Service {
+                namespace: "shop".into(),
+                name: "cart".into(),
+                ports: vec![8080],
+                local: vec![pb::LocalEndpoint {
+                    address: "127.0.1.10:8080".into(),
+                    zone: "az1".into(),
+                    healthy: true,
+                }],
+                remote: vec![pb::RemoteCluster {
+                    cluster: "gcp".into(),
+                    cloud: "gcp".into(),
+                    region: "usc1".into(),
+                    localities: vec![
+                        pb::ZoneCapacity {
+                            zone: "a".into(),
+                            healthy: 2,
+                            total: 2,
+                            weight: 1,
+                        },
+                        pb::ZoneCapacity {
+                            zone: "b".into(),
+                            healthy: 1,
+                            total: 3,
+                            weight: 1,
+                        },
+                    ],
+                    healthy: 3,
+                    verified,
+                    ..Default::default()
+                }],
+                exported: false,
+            },
+        );
+        m
+    }
+
+    #[test]
+    fn a_mesh_becomes_specs_and_an_unverified_cluster_serves_nothing() {
+        let s = services("aws", &mesh(true)).unwrap();
+        assert_eq!(s[0].port, 8080);
+        assert_eq!(s[0].local[0].address.to_string(), "127.0.1.10:8080");
+        assert_eq!((s[0].remote[0].healthy, s[0].remote[0].total), (3, 5));
+        let s = services("aws", &mesh(false)).unwrap();
+        assert_eq!(s[0].remote[0].healthy, 0);
+    }
+
+    #[test]
+    fn bad_updates_are_refused_whole() {
+        assert!(
+            services("gcp", &mesh(true))
+                .unwrap_err()
+                .contains("serves cluster")
+        );
+        let mut m = mesh(true);
+        m.services.values_mut().next().unwrap().local[0].address = "nope".into();
+        assert!(services("aws", &m).unwrap_err().contains("not ip:port"));
+    }
+}

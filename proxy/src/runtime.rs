@@ -1,0 +1,210 @@
+//! The state the listeners share: the current service table, each
+//! service's balancer, retry budget and breakers (which outlive table
+//! updates), the connector, and the pool of idle upstream HTTP/1.1
+//! connections.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::Bytes;
+use fedmesh_api::ServiceKey;
+use http_body_util::combinators::BoxBody;
+use hyper::client::conn::http1::SendRequest;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::balancer::{Balancer, Draw};
+use crate::budget::RetryBudget;
+use crate::config::{Me, Settings};
+use crate::limits::Breakers;
+use crate::metrics::Metrics;
+use crate::table::{Routable, Table, TargetKey};
+use crate::upstream::Connector;
+
+pub type Body = BoxBody<Bytes, hyper::Error>;
+
+/// One service's balancing state.
+#[derive(Debug)]
+pub struct ServiceState {
+    lb: Mutex<Lb>,
+    pub breakers: Breakers,
+}
+
+#[derive(Debug)]
+struct Lb {
+    balancer: Balancer<TargetKey>,
+    budget: RetryBudget,
+}
+
+#[derive(Debug)]
+pub struct Shared {
+    pub me: Me,
+    pub settings: Settings,
+    pub table: watch::Receiver<Arc<Table>>,
+    pub connector: Connector,
+    pub pool: Arc<Pool>,
+    pub metrics: Arc<Metrics>,
+    states: Mutex<HashMap<ServiceKey, Arc<ServiceState>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic elsewhere cannot leave these maps inconsistent: every
+    // update is a single insert or field write.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Shared {
+    pub fn new(
+        me: Me,
+        settings: Settings,
+        table: watch::Receiver<Arc<Table>>,
+        connector: Connector,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            pool: Arc::new(Pool::new(
+                settings.pool_max_idle_per_target,
+                settings.pool_idle_timeout,
+            )),
+            me,
+            settings,
+            table,
+            connector,
+            metrics,
+            states: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The balancing state of `key`, created on first use and kept across
+    /// table updates so that ejections and latency survive them.
+    pub fn state(&self, key: &ServiceKey) -> Arc<ServiceState> {
+        lock(&self.states)
+            .entry(key.clone())
+            .or_insert_with(|| {
+                Arc::new(ServiceState {
+                    lb: Mutex::new(Lb {
+                        balancer: Balancer::new(self.settings.balancer()),
+                        budget: RetryBudget::new(self.settings.budget(), Instant::now().into_std()),
+                    }),
+                    breakers: Breakers::new(self.settings.limits()),
+                })
+            })
+            .clone()
+    }
+
+    /// Forgets the state of services the table no longer has.
+    pub fn retain_states(&self, table: &Table) {
+        lock(&self.states).retain(|k, _| table.services.contains_key(k));
+    }
+}
+
+impl ServiceState {
+    /// The next target, counted as started; `None` when nothing usable is
+    /// left untried.
+    pub fn choose(&self, svc: &Routable, tried: &[TargetKey]) -> Option<TargetKey> {
+        let now = Instant::now().into_std();
+        let draw = Draw {
+            level: fastrand::f64(),
+            a: fastrand::usize(..),
+            b: fastrand::usize(..),
+        };
+        let mut lb = lock(&self.lb);
+        let k = lb.balancer.choose(&svc.targets, tried, draw, now)?;
+        lb.balancer.started(&k, now);
+        Some(k)
+    }
+
+    /// An attempt on `k` ended.
+    pub fn finished(&self, svc: &Routable, k: &TargetKey, outcome: Result<Duration, ()>) {
+        let now = Instant::now().into_std();
+        lock(&self.lb)
+            .balancer
+            .finished(k, outcome, svc.targets.len(), now);
+    }
+
+    /// Counts a request against the retry budget.
+    pub fn request(&self) {
+        lock(&self.lb).budget.request(Instant::now().into_std());
+    }
+
+    /// Takes a retry from the budget, if one is left.
+    pub fn try_retry(&self) -> bool {
+        lock(&self.lb).budget.try_retry(Instant::now().into_std())
+    }
+}
+
+/// Idle upstream HTTP/1.1 connections by target.
+#[derive(Debug)]
+pub struct Pool {
+    idle: Mutex<HashMap<TargetKey, Vec<Idle>>>,
+    max_idle: usize,
+    idle_timeout: Duration,
+}
+
+#[derive(Debug)]
+struct Idle {
+    tx: SendRequest<Body>,
+    since: Instant,
+}
+
+impl Pool {
+    pub fn new(max_idle: usize, idle_timeout: Duration) -> Self {
+        Self {
+            idle: Mutex::new(HashMap::new()),
+            max_idle,
+            idle_timeout,
+        }
+    }
+
+    /// A ready idle connection to `k`, if there is one. Closed and expired
+    /// ones are dropped; one still finishing its last response stays.
+    pub fn take(&self, k: &TargetKey) -> Option<SendRequest<Body>> {
+        let mut idle = lock(&self.idle);
+        let list = idle.get_mut(k)?;
+        let now = Instant::now();
+        list.retain(|i| !i.tx.is_closed() && now - i.since < self.idle_timeout);
+        let i = list.iter().rposition(|i| i.tx.is_ready())?;
+        Some(list.swap_remove(i).tx)
+    }
+
+    /// Returns a connection whose last response has ended.
+    pub fn put(&self, k: TargetKey, tx: SendRequest<Body>) {
+        if tx.is_closed() {
+            return;
+        }
+        let mut idle = lock(&self.idle);
+        let list = idle.entry(k).or_default();
+        if list.len() < self.max_idle {
+            list.push(Idle {
+                tx,
+                since: Instant::now(),
+            });
+        }
+    }
+
+    /// Drops closed and expired connections, and those to targets that
+    /// are gone.
+    pub fn sweep(&self, table: &Table) {
+        let now = Instant::now();
+        let mut idle = lock(&self.idle);
+        idle.retain(|k, list| {
+            let known = table
+                .services
+                .values()
+                .any(|s| s.targets.iter().any(|t| &t.key == k));
+            list.retain(|i| known && !i.tx.is_closed() && now - i.since < self.idle_timeout);
+            !list.is_empty()
+        });
+    }
+
+    pub fn idle_count(&self) -> usize {
+        lock(&self.idle).values().map(Vec::len).sum()
+    }
+}
+
+/// Resolves once `shutdown` turns true (or its sender is gone).
+pub async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    // The guard `wait_for` returns must not live across an await.
+    let _ = shutdown.wait_for(|s| *s).await.map(|_| ());
+}
