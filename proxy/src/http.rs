@@ -178,7 +178,10 @@ pub async fn handle(shared: &Shared, mut req: Request<Incoming>) -> Response<Bod
             break;
         }
         let target = match (same_again, &last) {
-            (true, Some((t, _))) => t.clone(),
+            (true, Some((t, _))) => {
+                state.again(t);
+                t.clone()
+            }
             _ => match state.choose(&svc, &tried) {
                 Some(t) => t,
                 None => break,

@@ -115,6 +115,14 @@ impl ServiceState {
         Some(k)
     }
 
+    /// Another attempt on a target chosen before (a stale pooled
+    /// connection's retry), counted as started.
+    pub fn again(&self, k: &TargetKey) {
+        lock(&self.lb)
+            .balancer
+            .started(k, Instant::now().into_std());
+    }
+
     /// An attempt on `k` ended.
     pub fn finished(&self, svc: &Routable, k: &TargetKey, outcome: Result<Duration, ()>) {
         let now = Instant::now().into_std();

@@ -1,7 +1,10 @@
 //! Fixtures for gateway tests and benches: per-cluster CAs and SVIDs, real
 //! gateways on their cluster's loopback block (127.0.<n>.x), echo backends,
-//! and a minimal local proxy that opens tunnels through an egress.
+//! and a minimal local proxy that opens tunnels through an egress. The
+//! proxy's tests include this file too (by path), for real gateways.
 #![allow(dead_code, clippy::unwrap_used)]
+
+pub mod sites;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -419,7 +422,11 @@ impl GatewayProcess {
     /// Starts `fedmesh-gateway --config <config>`; returns once it listens.
     pub async fn start(config: &std::path::Path) -> Self {
         use tokio::io::AsyncBufReadExt;
-        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_fedmesh-gateway"))
+        // Other crates' tests share this file; only the gateway's own have
+        // the binary built.
+        let bin = option_env!("CARGO_BIN_EXE_fedmesh-gateway")
+            .expect("gateway processes are started only by the gateway's own tests");
+        let mut child = tokio::process::Command::new(bin)
             .arg("--config")
             .arg(config)
             .stdout(std::process::Stdio::piped())

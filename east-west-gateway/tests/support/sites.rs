@@ -1,0 +1,191 @@
+//! Registered clusters with real controllers (over a real etcd), and
+//! gateways in this process that take everything from them. Shared by the
+//! gateway's discovery tests and the proxy's.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use east_west_gateway::config::{DiscoveryConfig, Listen};
+use east_west_gateway::discovered::{self, Local};
+use east_west_gateway::{Gateway, GatewayOptions, Metrics, Routes, Settings};
+use federation_controller::GlobalZone;
+use federation_controller::controller::{Controller, ControllerConfig, LocalSource};
+use federation_controller::join::{EtcdAccess, JoinDir};
+use fedmesh_api::{ClusterRecord, Endpoint, KeySpace, LocalService, LocalServices, ServiceKey};
+use fedmesh_discovery::{ClientPolicy, ControllerAccess, Discovered};
+use fedmesh_test_support::Etcd;
+use tokio::sync::watch;
+use trust_bundle::{Bundle, BundleSet, CaOptions, ClusterCa, SpiffeId};
+
+use super::Domain;
+
+pub const GATEWAY_TOKEN: &str = "gateway-token-0123456789";
+pub const WEB_TOKEN: &str = "web-token-0123456789abcd";
+
+/// A registered cluster with its controller.
+pub struct Registered {
+    pub domain: Domain,
+    pub own_bundle: Bundle,
+    /// The gateway port in the cluster's record, on 127.0.<block>.1.
+    pub gw_port: u16,
+    pub controller: Option<Controller>,
+    pub services: watch::Sender<Arc<LocalServices>>,
+}
+
+/// A registered cluster and a gateway, in this process, that follows it.
+pub struct Site {
+    pub reg: Registered,
+    pub gateway: Gateway,
+    pub discovered: Discovered<Routes>,
+}
+
+pub fn free_udp_port(ip: std::net::IpAddr) -> u16 {
+    std::net::UdpSocket::bind((ip, 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn policy() -> ClientPolicy {
+    ClientPolicy {
+        initial_backoff: Duration::from_millis(20),
+        max_backoff: Duration::from_millis(200),
+        ..Default::default()
+    }
+}
+
+/// Registers `name` (with its own CA) and starts its controller.
+pub async fn register(etcd: &Etcd, name: &str, block: u8) -> Registered {
+    let domain = Domain::new(name, &format!("{name}.fedmesh.test"), block);
+    let td = domain.td.clone();
+    // The controller takes the CA; Domain keeps its own for test SVIDs, so
+    // this cluster's CA is a second one, the only one its gateway trusts.
+    let ca = ClusterCa::generate(&td, &CaOptions::default(), SystemTime::now()).unwrap();
+    let own_bundle = Bundle::with_roots(td.clone(), [ca.cert_der().clone()]);
+    let gw_port = free_udp_port(domain.ip(1));
+    let record = ClusterRecord {
+        name: name.into(),
+        cloud: name.into(),
+        region: "r1".into(),
+        zones: vec!["az1".into()],
+        trust_domain: td.to_string(),
+        gateways: vec![format!("{}:{gw_port}", domain.ip(1)).parse().unwrap()],
+        labels: BTreeMap::new(),
+        registered_at: time::OffsetDateTime::now_utc(),
+    };
+    GlobalZone::new(etcd.client().await.unwrap(), KeySpace::default())
+        .register(&record, &own_bundle)
+        .await
+        .unwrap();
+    let join = JoinDir {
+        cluster: record,
+        etcd: EtcdAccess {
+            endpoints: vec![etcd.endpoint()],
+            prefix: KeySpace::default().prefix().into(),
+            user: None,
+            password: None,
+        },
+        ca,
+    };
+    let (services, rx) = watch::channel(Arc::new(LocalServices::new()));
+    let mut config = ControllerConfig::new(
+        join,
+        LocalSource::Channel(rx),
+        SocketAddr::new(domain.ip(2), 0),
+    );
+    config.tokens = HashMap::from([
+        (GATEWAY_TOKEN.to_string(), domain.gateway_id()),
+        (
+            WEB_TOKEN.to_string(),
+            SpiffeId::workload(&td, "shop", "web").unwrap(),
+        ),
+    ]);
+    let controller = Controller::start(config).await.unwrap();
+    Registered {
+        domain,
+        own_bundle,
+        gw_port,
+        controller: Some(controller),
+        services,
+    }
+}
+
+/// Registers `name`, then starts its gateway from its controller alone.
+pub async fn site(etcd: &Etcd, name: &str, block: u8) -> Site {
+    let reg = register(etcd, name, block).await;
+    let (domain, td, gw_port) = (&reg.domain, reg.domain.td.clone(), reg.gw_port);
+    let controller = reg.controller.as_ref().unwrap();
+    let mut bootstrap = BundleSet::new();
+    bootstrap.insert(reg.own_bundle.clone());
+    let c = DiscoveryConfig {
+        listen: Listen {
+            quic: SocketAddr::new(domain.ip(1), gw_port),
+            egress: Some(SocketAddr::new(domain.ip(1), 0)),
+            admin: None,
+        },
+        settings: Settings::default(),
+        local: Local {
+            cluster: name.into(),
+            trust_domain: td.clone(),
+            zone: Some("az1".into()),
+        },
+        access: ControllerAccess {
+            address: controller.discovery_addr,
+            controller: SpiffeId::controller(&td, name).unwrap(),
+            identity: domain.gateway_id(),
+            join_token: GATEWAY_TOKEN.into(),
+            node: format!("{name}-gateway"),
+        },
+        bootstrap,
+    };
+    let discovered = discovered::connect(&c, policy()).await.unwrap();
+    let options = GatewayOptions {
+        quic: c.listen.quic,
+        egress: c.listen.egress,
+        settings: c.settings.clone(),
+    };
+    let gateway = Gateway::start(
+        options,
+        discovered.config.clone(),
+        discovered.svid.clone(),
+        discovered.bundles.clone(),
+        Arc::new(Metrics::default()),
+    )
+    .await
+    .unwrap();
+    Site {
+        reg,
+        gateway,
+        discovered,
+    }
+}
+
+pub fn export(reg: &Registered, name: &str, endpoint: SocketAddr) {
+    set_service(reg, name, &[(endpoint, "az1", true)]);
+}
+
+/// Lists `shop/<name>` (port 8080) in the cluster's registry with these
+/// `(address, zone, healthy)` endpoints, as its discovery source would.
+pub fn set_service(reg: &Registered, name: &str, endpoints: &[(SocketAddr, &str, bool)]) {
+    reg.services.send_modify(|s| {
+        let mut next = (**s).clone();
+        next.insert(
+            ServiceKey::new("shop", name),
+            LocalService {
+                ports: vec![8080],
+                endpoints: endpoints
+                    .iter()
+                    .map(|&(address, zone, healthy)| Endpoint {
+                        address,
+                        zone: zone.into(),
+                        healthy,
+                    })
+                    .collect(),
+            },
+        );
+        *s = Arc::new(next);
+    });
+}

@@ -1,0 +1,214 @@
+//! Failover under steady GET load, over real sockets: real HTTP backends,
+//! real gateways (QUIC, mutual TLS, each cluster its own CA) and the proxy
+//! in this process. No GET may fail while a zone, or every local backend,
+//! goes away; traffic returns only after the failback window.
+
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::time::Duration;
+
+use fedmesh_api::ServiceKey;
+use proxy::config::{OutlierSettings, Settings};
+use proxy::table::{LocalEndpoint, RemoteCluster, ServiceSpec};
+use support::gw::{Domain, bundles, export, start_gateway};
+use support::{Backend, Load, get, start_proxy, update};
+use tokio::time::Instant;
+
+const CART: &str = "cart.shop.svc.clusterset.local";
+
+fn local(backends: &[&Backend], zones: &[&str], healthy: bool) -> Vec<LocalEndpoint> {
+    backends
+        .iter()
+        .zip(zones)
+        .map(|(b, z)| LocalEndpoint {
+            address: b.addr,
+            zone: (*z).into(),
+            healthy,
+        })
+        .collect()
+}
+
+fn cart(local: Vec<LocalEndpoint>, remote: Vec<RemoteCluster>) -> ServiceSpec {
+    ServiceSpec {
+        key: ServiceKey::new("shop", "cart"),
+        port: 8080,
+        local,
+        remote,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_the_local_zone_fails_no_get() {
+    let d = Domain::new("aws", "aws.fedmesh.test", 51);
+    let mut a1 = Backend::new(d.ip(10), "aws", "az1", "cart").await;
+    let mut a2 = Backend::new(d.ip(11), "aws", "az1", "cart").await;
+    let b1 = Backend::new(d.ip(12), "aws", "az2", "cart").await;
+    let b2 = Backend::new(d.ip(13), "aws", "az2", "cart").await;
+    let spec = cart(
+        local(&[&a1, &a2, &b1, &b2], &["az1", "az1", "az2", "az2"], true),
+        vec![],
+    );
+    let (proxy, _table) = start_proxy(
+        &d,
+        "az1",
+        &[spec],
+        vec![],
+        bundles(&[&d]),
+        Settings::default(),
+    )
+    .await;
+    let load = Load::start(proxy.http.unwrap(), CART, 4, Duration::from_millis(2));
+    load.until("answers from our zone", 100, |a| a.zone == "az1")
+        .await;
+    assert_eq!(
+        load.count(|a| a.zone != "az1"),
+        0,
+        "a healthy zone keeps all its traffic"
+    );
+
+    // The zone dies without the proxy being told: connect-time failover
+    // and retries carry every request to the other zone.
+    a1.stop();
+    a2.stop();
+    load.until("answers from the other zone", 300, |a| a.zone == "az2")
+        .await;
+    let (answers, failures) = load.finish().await;
+    assert!(failures.is_empty(), "failed GETs: {failures:?}");
+    let tail = &answers[answers.len() - 200..];
+    assert!(
+        tail.iter().all(|a| a.zone == "az2"),
+        "traffic settled in az2"
+    );
+    let scrape = scrape(&proxy);
+    assert!(
+        scrape.contains(r#"fedmesh_proxy_requests_total{service="shop/cart",cluster="aws",zone="az2",outcome="success"}"#),
+        "{scrape}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_every_local_backend_moves_traffic_to_another_cluster_and_back_after_failback() {
+    let aws = Domain::new("aws", "aws.fedmesh.test", 52);
+    let gcp = Domain::new("gcp", "gcp.fedmesh.test", 53);
+    let all = bundles(&[&aws, &gcp]);
+
+    // gcp: two backends behind its gateway.
+    let g1 = Backend::new(gcp.ip(10), "gcp", "az1", "cart").await;
+    let g2 = Backend::new(gcp.ip(11), "gcp", "az1", "cart").await;
+    let mut rg = gcp.routes("az1");
+    rg.peers.extend([aws.as_peer(vec![])]);
+    export(
+        &mut rg,
+        "shop/cart",
+        8080,
+        &[(g1.addr, "az1"), (g2.addr, "az1")],
+    );
+    let gw_gcp = start_gateway(&gcp, 1, false, all.clone(), rg, Default::default()).await;
+    // aws: a gateway whose egress the proxy uses, and two local backends.
+    let mut ra = aws.routes("az1");
+    ra.peers.extend([gcp.as_peer(vec![gw_gcp.quic()])]);
+    let gw_aws = start_gateway(&aws, 1, true, all.clone(), ra, Default::default()).await;
+    let mut a1 = Backend::new(aws.ip(10), "aws", "az1", "cart").await;
+    let mut a2 = Backend::new(aws.ip(11), "aws", "az1", "cart").await;
+    let remote = vec![RemoteCluster {
+        cluster: "gcp".into(),
+        cloud: "gcp".into(),
+        region: "r1".into(),
+        healthy: 2,
+        total: 2,
+    }];
+    let hold = Duration::from_secs(2);
+    let settings = Settings {
+        failback_hold: hold,
+        outlier: OutlierSettings {
+            base_ejection: Duration::from_secs(1),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let (proxy, table) = start_proxy(
+        &aws,
+        "az1",
+        &[cart(
+            local(&[&a1, &a2], &["az1", "az1"], true),
+            remote.clone(),
+        )],
+        vec![gw_aws.egress()],
+        all,
+        settings,
+    )
+    .await;
+    let http = proxy.http.unwrap();
+
+    // The remote cluster is reachable through the gateways on its own:
+    // a request the proxy can only send there.
+    update(&table, &aws, "az1", &[cart(vec![], remote.clone())]);
+    assert_eq!(get(http, CART).await.unwrap().cluster, "gcp");
+    update(
+        &table,
+        &aws,
+        "az1",
+        &[cart(
+            local(&[&a1, &a2], &["az1", "az1"], true),
+            remote.clone(),
+        )],
+    );
+
+    let load = Load::start(http, CART, 4, Duration::from_millis(2));
+    load.until("answers from aws", 100, |a| a.cluster == "aws")
+        .await;
+
+    // Every local backend dies; the proxy learns it only by failing.
+    a1.stop();
+    a2.stop();
+    load.until("answers from gcp", 200, |a| a.cluster == "gcp")
+        .await;
+    // The registry then marks them down, as the controller would.
+    update(
+        &table,
+        &aws,
+        "az1",
+        &[cart(
+            local(&[&a1, &a2], &["az1", "az1"], false),
+            remote.clone(),
+        )],
+    );
+    load.until("more answers from gcp", 100, |a| a.cluster == "gcp")
+        .await;
+
+    // They come back and are marked healthy: traffic returns to aws, but
+    // only once the level has stayed healthy for the failback window.
+    a1.start().await;
+    a2.start().await;
+    let back = Instant::now();
+    update(
+        &table,
+        &aws,
+        "az1",
+        &[cart(local(&[&a1, &a2], &["az1", "az1"], true), remote)],
+    );
+    load.until("answers from aws again", 100, |a| a.cluster == "aws")
+        .await;
+    let (answers, failures) = load.finish().await;
+    assert!(failures.is_empty(), "failed GETs: {failures:?}");
+    let first_back = answers
+        .iter()
+        .find(|a| a.at >= back && a.cluster == "aws")
+        .unwrap();
+    assert!(
+        first_back.at - back >= hold,
+        "traffic returned {:?} after recovery, inside the {hold:?} failback window",
+        first_back.at - back
+    );
+    assert!(g1.addr != g2.addr);
+}
+
+fn scrape(p: &proxy::Proxy) -> String {
+    let mut reg = prometheus_client::registry::Registry::default();
+    p.metrics.register(&mut reg);
+    let mut out = String::new();
+    prometheus_client::encoding::text::encode(&mut out, &reg).unwrap();
+    out
+}

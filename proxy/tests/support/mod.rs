@@ -1,0 +1,301 @@
+//! Fixtures for proxy tests: HTTP echo backends that say where they run,
+//! proxies in this process fed a table the test controls, and a bounded
+//! GET load that records every answer. Real gateways come from the
+//! gateway's own fixtures, included by path.
+#![allow(dead_code, clippy::unwrap_used)]
+
+#[path = "../../../east-west-gateway/tests/support/mod.rs"]
+pub mod gw;
+
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use proxy::Proxy;
+use proxy::config::{Common, Listen, Me, Settings};
+use proxy::locality::Locality;
+use proxy::table::{ServiceSpec, Table};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::{JoinHandle, JoinSet};
+use tokio::time::Instant;
+use trust_bundle::{BundleSet, Svid};
+
+/// An HTTP/1.1 echo backend: answers every request with
+/// `{"cluster":…,"zone":…,"service":…}`. `stop` kills it (listener and
+/// live connections); `start` brings it back on the same address.
+pub struct Backend {
+    pub addr: SocketAddr,
+    who: String,
+    task: Option<JoinHandle<()>>,
+}
+
+impl Backend {
+    pub async fn new(ip: IpAddr, cluster: &str, zone: &str, service: &str) -> Self {
+        let mut b = Self {
+            addr: SocketAddr::new(ip, 0),
+            who: format!(r#"{{"cluster":"{cluster}","zone":"{zone}","service":"{service}"}}"#),
+            task: None,
+        };
+        b.start().await;
+        b
+    }
+
+    pub async fn start(&mut self) {
+        let listener = TcpListener::bind(self.addr).await.unwrap();
+        self.addr = listener.local_addr().unwrap();
+        let who = Bytes::from(self.who.clone());
+        self.task = Some(tokio::spawn(async move {
+            // Dropped with this task: every live connection dies with it.
+            let mut conns = JoinSet::new();
+            while let Ok((tcp, _)) = listener.accept().await {
+                let who = who.clone();
+                conns.spawn(async move {
+                    let svc =
+                        hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                            let who = who.clone();
+                            async move {
+                                // Read the whole request body before answering.
+                                let _ = req.into_body().collect().await;
+                                Ok::<_, Infallible>(Response::new(Full::new(who)))
+                            }
+                        });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(tcp), svc)
+                        .await;
+                });
+                while conns.try_join_next().is_some() {}
+            }
+        }));
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Where an answer came from, as the echo said.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answer {
+    pub at: Instant,
+    pub cluster: String,
+    pub zone: String,
+}
+
+fn field(json: &str, name: &str) -> String {
+    let key = format!("\"{name}\":\"");
+    json.split(&key)
+        .nth(1)
+        .and_then(|s| s.split('"').next())
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// One GET through the proxy on a fresh connection.
+pub async fn get(proxy: SocketAddr, host: &str) -> Result<Answer, String> {
+    let mut c = Client::connect(proxy).await?;
+    c.get(host).await
+}
+
+/// A keep-alive HTTP/1.1 client of the proxy.
+pub struct Client {
+    tx: hyper::client::conn::http1::SendRequest<http_body_util::Empty<Bytes>>,
+}
+
+impl Client {
+    pub async fn connect(proxy: SocketAddr) -> Result<Self, String> {
+        let tcp = TcpStream::connect(proxy).await.map_err(|e| e.to_string())?;
+        tcp.set_nodelay(true).unwrap();
+        let (tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+            .await
+            .map_err(|e| e.to_string())?;
+        tokio::spawn(conn);
+        Ok(Self { tx })
+    }
+
+    pub async fn get(&mut self, host: &str) -> Result<Answer, String> {
+        self.tx.ready().await.map_err(|e| e.to_string())?;
+        let req = Request::get("/")
+            .header("host", host)
+            .body(http_body_util::Empty::new())
+            .unwrap();
+        let resp = self.tx.send_request(req).await.map_err(|e| e.to_string())?;
+        let status = resp.status();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        let body = String::from_utf8_lossy(&body).to_string();
+        if !status.is_success() {
+            return Err(format!("{status}: {}", body.trim()));
+        }
+        Ok(Answer {
+            at: Instant::now(),
+            cluster: field(&body, "cluster"),
+            zone: field(&body, "zone"),
+        })
+    }
+}
+
+/// Steady GETs from a few keep-alive clients until stopped (or a bound on
+/// time is hit), every answer recorded.
+pub struct Load {
+    pub answers: Arc<Mutex<Vec<Answer>>>,
+    pub failures: Arc<Mutex<Vec<String>>>,
+    stop: watch::Sender<bool>,
+    workers: Vec<JoinHandle<()>>,
+}
+
+impl Load {
+    /// `clients` loops, each pausing `pause` between requests; each stops
+    /// by itself after two minutes at most.
+    pub fn start(proxy: SocketAddr, host: &str, clients: usize, pause: Duration) -> Self {
+        let answers = Arc::new(Mutex::new(Vec::new()));
+        let failures = Arc::new(Mutex::new(Vec::new()));
+        let (stop, stopped) = watch::channel(false);
+        let workers = (0..clients)
+            .map(|_| {
+                let (answers, failures, stopped) =
+                    (answers.clone(), failures.clone(), stopped.clone());
+                let host = host.to_string();
+                tokio::spawn(async move {
+                    let end = Instant::now() + Duration::from_secs(120);
+                    let mut client = None;
+                    while !*stopped.borrow() && Instant::now() < end {
+                        if client.is_none() {
+                            client = Some(Client::connect(proxy).await.unwrap());
+                        }
+                        match client.as_mut().unwrap().get(&host).await {
+                            Ok(a) => answers.lock().unwrap().push(a),
+                            Err(e) => {
+                                failures.lock().unwrap().push(e);
+                                client = None;
+                            }
+                        }
+                        tokio::time::sleep(pause).await;
+                    }
+                })
+            })
+            .collect();
+        Self {
+            answers,
+            failures,
+            stop,
+            workers,
+        }
+    }
+
+    pub fn count(&self, pred: impl Fn(&Answer) -> bool) -> usize {
+        self.answers
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|a| pred(a))
+            .count()
+    }
+
+    pub fn answers_since(&self, t: Instant) -> Vec<Answer> {
+        self.answers
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|a| a.at >= t)
+            .cloned()
+            .collect()
+    }
+
+    pub fn failures(&self) -> Vec<String> {
+        self.failures.lock().unwrap().clone()
+    }
+
+    /// Waits until `n` more answers satisfying `pred` than now have come.
+    pub async fn until(&self, what: &str, n: usize, pred: impl Fn(&Answer) -> bool) {
+        let base = self.count(&pred);
+        fedmesh_test_support::eventually(what, Duration::from_secs(30), || async {
+            (self.count(&pred) >= base + n).then_some(())
+        })
+        .await;
+    }
+
+    pub async fn finish(self) -> (Vec<Answer>, Vec<String>) {
+        let _ = self.stop.send(true);
+        for w in self.workers {
+            w.await.unwrap();
+        }
+        let answers = self.answers.lock().unwrap().clone();
+        let failures = self.failures.lock().unwrap().clone();
+        (answers, failures)
+    }
+}
+
+/// The locality `cluster`'s proxies run in: cloud = cluster, region r1.
+pub fn me(d: &gw::Domain, zone: &str) -> Me {
+    Me {
+        cluster: d.cluster.clone(),
+        trust_domain: d.td.clone(),
+        locality: Locality {
+            cloud: d.cluster.clone(),
+            region: "r1".into(),
+            zone: zone.into(),
+        },
+    }
+}
+
+/// A proxy of `d` in this process, its HTTP listener on `d`'s block, fed
+/// a table the test changes through the returned sender.
+pub async fn start_proxy(
+    d: &gw::Domain,
+    zone: &str,
+    specs: &[ServiceSpec],
+    gateways: Vec<SocketAddr>,
+    bundles: BundleSet,
+    settings: Settings,
+) -> (Proxy, watch::Sender<Arc<Table>>) {
+    let common = Common {
+        me: me(d, zone),
+        listen: Listen {
+            http: Some(SocketAddr::new(d.ip(5), 0)),
+            tcp: vec![],
+            admin: None,
+        },
+        gateways,
+        settings,
+    };
+    let table = Table::build(&common.me.cluster, &common.me.locality, specs);
+    let (table_tx, table_rx) = watch::channel(Arc::new(table));
+    let svid: Svid = d.workload_svid("shop", "web");
+    let (_svid_tx, svid_rx) = watch::channel(Arc::new(svid));
+    let (_b_tx, bundles_rx) = watch::channel(Arc::new(bundles));
+    let proxy = Proxy::start(&common, table_rx, svid_rx, bundles_rx)
+        .await
+        .unwrap();
+    // The SVID and bundle senders may go: their last values stay.
+    (proxy, table_tx)
+}
+
+/// Rebuilds the table from `specs`, as a config reload or discovery
+/// update would.
+pub fn update(
+    table: &watch::Sender<Arc<Table>>,
+    d: &gw::Domain,
+    zone: &str,
+    specs: &[ServiceSpec],
+) {
+    let m = me(d, zone);
+    table.send_replace(Arc::new(Table::build(&m.cluster, &m.locality, specs)));
+}
