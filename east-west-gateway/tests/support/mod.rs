@@ -424,8 +424,9 @@ impl GatewayProcess {
         use tokio::io::AsyncBufReadExt;
         // Other crates' tests share this file; only the gateway's own have
         // the binary built.
-        let bin = option_env!("CARGO_BIN_EXE_fedmesh-gateway")
-            .expect("gateway processes are started only by the gateway's own tests");
+        let Some(bin) = option_env!("CARGO_BIN_EXE_fedmesh-gateway") else {
+            panic!("gateway processes are started only by the gateway's own tests");
+        };
         let mut child = tokio::process::Command::new(bin)
             .arg("--config")
             .arg(config)
