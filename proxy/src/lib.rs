@@ -75,12 +75,15 @@ pub struct Proxy {
     pub metrics: Arc<Metrics>,
     shared: Arc<Shared>,
     shutdown: watch::Sender<bool>,
-    tasks: Vec<JoinHandle<()>>,
+    /// The listeners, which end by themselves on shutdown.
+    serving: Vec<JoinHandle<()>>,
+    /// Admin and housekeeping, which are stopped.
+    background: Vec<JoinHandle<()>>,
 }
 
 impl Drop for Proxy {
     fn drop(&mut self) {
-        for t in &self.tasks {
+        for t in self.serving.iter().chain(&self.background) {
             t.abort();
         }
     }
@@ -125,6 +128,7 @@ impl Proxy {
                 .map_err(|source| StartError::Bind { what, addr, source })
         };
         let mut tasks = Vec::new();
+        let mut background = Vec::new();
         let mut http_addr = None;
         if let Some(addr) = common.listen.http {
             let l = bind("http", addr).await?;
@@ -158,13 +162,13 @@ impl Proxy {
                 let n = t.borrow().services.len();
                 Ok(format!("{n} services"))
             });
-            tasks.push(tokio::spawn(fedmesh_admin::serve(
+            background.push(tokio::spawn(fedmesh_admin::serve(
                 l,
                 Arc::new(registry),
                 ready,
             )));
         }
-        tasks.push(tokio::spawn(housekeeping(shared.clone(), table)));
+        background.push(tokio::spawn(housekeeping(shared.clone(), table)));
         Ok(Self {
             http: http_addr,
             tcp: tcp_addrs,
@@ -172,7 +176,8 @@ impl Proxy {
             metrics,
             shared,
             shutdown,
-            tasks,
+            serving: tasks,
+            background,
         })
     }
 
@@ -182,7 +187,7 @@ impl Proxy {
         let _ = self.shutdown.send(true);
         let deadline = self.shared.settings.drain_timeout;
         // The HTTP task ends once its connections have drained.
-        let tasks = std::mem::take(&mut self.tasks);
+        let tasks = std::mem::take(&mut self.serving);
         let _ = tokio::time::timeout(deadline + Duration::from_secs(1), async {
             for t in tasks {
                 if !t.is_finished() {
