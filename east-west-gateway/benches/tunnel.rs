@@ -114,18 +114,7 @@ async fn haproxy_chain(
     b: &Domain,
     backends: &[SocketAddr],
 ) -> (Vec<SocketAddr>, Vec<tokio::process::Child>) {
-    if std::process::Command::new("haproxy")
-        .arg("-v")
-        .output()
-        .is_err()
-    {
-        let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/setup.sh");
-        let ok = std::process::Command::new(root)
-            .arg("haproxy")
-            .status()
-            .unwrap();
-        assert!(ok.success(), "installing haproxy failed");
-    }
+    fedmesh_test_support::ensure_haproxy();
     let pem = |name: &str, svid: &trust_bundle::Svid| {
         let path = dir.join(name);
         std::fs::write(&path, format!("{}{}", svid.chain_pem(), svid.key_pem())).unwrap();

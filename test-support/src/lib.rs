@@ -9,6 +9,7 @@
 //! - [`dns::DnsServer`]: a small authoritative DNS server on loopback UDP
 //!   whose A records a test can change, to move a name.
 //! - [`eventually`]: poll a condition until a deadline instead of sleeping.
+//! - [`ensure_haproxy`]: install the benches' peer when it is missing.
 //! - [`write_atomically`]: replace a file a component is watching, so that
 //!   it never reads half an edit.
 //!
@@ -28,6 +29,23 @@ pub use udp_relay::UdpRelay;
 use std::future::Future;
 use std::path::Path;
 use std::time::Duration;
+
+/// Installs Debian's haproxy through the project's setup script when it
+/// is missing (benches compare against it).
+pub fn ensure_haproxy() {
+    let present = std::process::Command::new("haproxy")
+        .arg("-v")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !present {
+        let setup = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/setup.sh");
+        let ok = std::process::Command::new(setup)
+            .arg("haproxy")
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "installing haproxy with {setup} failed");
+    }
+}
 
 /// Writes `contents` beside `path` and renames it into place, as an
 /// operator's tooling (or a ConfigMap mount) does.
