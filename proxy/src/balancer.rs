@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::hash::Hash;
 use std::time::{Duration, Instant};
 
-use crate::locality::{Capacity, DEFAULT_FAILOVER_THRESHOLD, Failback, Level, health, shares};
+use crate::locality::{Capacity, DEFAULT_FAILOVER_THRESHOLD, Failback, health, shares};
 use crate::outlier::{OutlierPolicy, Outliers};
 use crate::pick::{Candidate, PeakEwma, p2c};
 
@@ -39,12 +39,18 @@ impl Default for BalancerPolicy {
     }
 }
 
+/// Priorities a service's targets may be spread over; higher ones are
+/// folded into the last.
+pub const PRIORITIES: usize = 16;
+
 /// One target of a service. A local endpoint has `total` 1 and `healthy`
 /// 1 or 0; a remote cluster has its healthy and total capacity.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Target<K> {
     pub key: K,
-    pub level: Level,
+    /// Lower is preferred: by default the [`Level`] (zone, region, cloud,
+    /// the rest), or where a policy's failover order puts the target.
+    pub priority: u8,
     pub healthy: u64,
     pub total: u64,
 }
@@ -55,6 +61,10 @@ pub struct Draw {
     pub level: f64,
     pub a: usize,
     pub b: usize,
+}
+
+fn prio<K>(t: &Target<K>) -> usize {
+    usize::from(t.priority).min(PRIORITIES - 1)
 }
 
 #[derive(Debug)]
@@ -68,7 +78,7 @@ pub struct Balancer<K> {
 impl<K: Hash + Eq + Clone> Balancer<K> {
     pub fn new(policy: BalancerPolicy) -> Self {
         Self {
-            failback: Failback::new(Level::ALL.len(), policy.failback_hold),
+            failback: Failback::new(PRIORITIES, policy.failback_hold),
             outliers: Outliers::new(policy.outlier.clone()),
             load: HashMap::new(),
             policy,
@@ -85,9 +95,9 @@ impl<K: Hash + Eq + Clone> Balancer<K> {
         now: Instant,
     ) -> Option<K> {
         let up = |t: &Target<K>| t.healthy > 0 && !self.outliers.is_ejected(&t.key, now);
-        let mut caps = [Capacity::default(); 4];
+        let mut caps = [Capacity::default(); PRIORITIES];
         for t in targets {
-            let c = &mut caps[t.level as usize];
+            let c = &mut caps[prio(t)];
             c.total += t.total;
             if up(t) {
                 c.healthy += t.healthy;
@@ -105,11 +115,11 @@ impl<K: Hash + Eq + Clone> Balancer<K> {
                 draw.level < acc
             })
             .unwrap_or(0);
-        let order = (drawn..4).chain(0..drawn);
+        let order = (drawn..PRIORITIES).chain(0..drawn);
         for level in order {
             let usable: Vec<&Target<K>> = targets
                 .iter()
-                .filter(|t| t.level as usize == level && up(t) && !tried.contains(&t.key))
+                .filter(|t| prio(t) == level && up(t) && !tried.contains(&t.key))
                 .collect();
             let candidates: Vec<Candidate> = usable
                 .iter()
@@ -165,13 +175,14 @@ impl<K: Hash + Eq + Clone> Balancer<K> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::locality::Level;
 
     const S: Duration = Duration::from_secs(1);
 
     fn local(key: &'static str, level: Level, up: bool) -> Target<&'static str> {
         Target {
             key,
-            level,
+            priority: level as u8,
             healthy: u64::from(up),
             total: 1,
         }
@@ -180,7 +191,7 @@ mod tests {
     fn remote(key: &'static str, healthy: u64, total: u64) -> Target<&'static str> {
         Target {
             key,
-            level: Level::Other,
+            priority: Level::Other as u8,
             healthy,
             total,
         }

@@ -18,7 +18,7 @@ use trust_bundle::{Bundle, BundleSet, SpiffeId, Svid, TrustDomain};
 use crate::balancer::BalancerPolicy;
 use crate::budget::BudgetPolicy;
 use crate::limits::Limits;
-use crate::locality::{DEFAULT_FAILOVER_THRESHOLD, Locality};
+use crate::locality::{DEFAULT_FAILOVER_THRESHOLD, FailoverOrder, Locality};
 use crate::outlier::OutlierPolicy;
 use crate::table::{LocalEndpoint, RemoteCluster, ServiceSpec};
 
@@ -45,6 +45,9 @@ pub struct Settings {
     pub retry_budget_min_per_second: u32,
     /// A level keeps all its traffic while this share of it is healthy.
     pub failover_threshold: f64,
+    /// The order of priorities for every service: `locality` (zone,
+    /// region, cloud, the rest), `{levels: [...]}` or `{clusters: [...]}`.
+    pub failover: FailoverOrder,
     /// How long a recovered level must stay recovered before traffic
     /// returns to it.
     #[serde(with = "humantime_serde")]
@@ -109,6 +112,7 @@ impl Default for Settings {
             retry_budget_ratio: budget.ratio,
             retry_budget_min_per_second: budget.min_per_second,
             failover_threshold: DEFAULT_FAILOVER_THRESHOLD,
+            failover: FailoverOrder::Locality,
             failback_hold: BalancerPolicy::default().failback_hold,
             outlier: OutlierSettings::default(),
             max_connections: limits.max_connections,
@@ -148,6 +152,9 @@ impl Settings {
                 self.failover_threshold
             ));
         }
+        self.failover
+            .validate()
+            .map_err(|e| format!("failover.{e}"))?;
         if !(0.0..=1.0).contains(&self.retry_budget_ratio) {
             return Err(format!(
                 "retryBudgetRatio: {} is outside [0, 1]",
@@ -281,6 +288,9 @@ struct ServiceFile {
     endpoints: Vec<ListedEndpoint>,
     #[serde(default)]
     remote: Vec<RemoteFile>,
+    /// Overrides `settings.failover` for this service.
+    #[serde(default)]
+    failover: Option<FailoverOrder>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -560,9 +570,17 @@ fn parse_static(
                 "{at}.remote: remote clusters need a local gateway; list its egress under `gateways`"
             ));
         }
+        let failover = match s.failover {
+            Some(f) => {
+                f.validate().map_err(|e| format!("{at}.failover.{e}"))?;
+                f
+            }
+            None => common.settings.failover.clone(),
+        };
         specs.push(ServiceSpec {
             key: s.name,
             port: s.port,
+            failover,
             local: listed
                 .endpoints
                 .into_iter()
@@ -629,6 +647,10 @@ listen: {http: 127.0.1.5:4140}
                 "settings.perTryTimeout: 20000 ms",
             ),
             ("settings: {colour: blue}\n", "colour"),
+            (
+                "settings: {failover: {levels: [zone, zone]}}\n",
+                "settings.failover.levels",
+            ),
             (
                 "identity: {certificate: c.pem, key: k.pem}\n",
                 "identity.certificate: no file c.pem",

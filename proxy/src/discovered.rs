@@ -6,10 +6,16 @@ use std::net::SocketAddr;
 
 use fedmesh_discovery::MeshState;
 
+use crate::locality::FailoverOrder;
 use crate::table::{LocalEndpoint, RemoteCluster, ServiceSpec};
 
-/// The services `m` describes, for a proxy in `cluster`.
-pub fn services(cluster: &str, m: &MeshState) -> Result<Vec<ServiceSpec>, String> {
+/// The services `m` describes, for a proxy in `cluster`, each ordered by
+/// `failover` (the discovery API carries no per-service policy yet).
+pub fn services(
+    cluster: &str,
+    m: &MeshState,
+    failover: &FailoverOrder,
+) -> Result<Vec<ServiceSpec>, String> {
     if m.cluster != cluster {
         return Err(format!(
             "the controller serves cluster {:?}, but this proxy belongs to {cluster:?}",
@@ -59,6 +65,7 @@ pub fn services(cluster: &str, m: &MeshState) -> Result<Vec<ServiceSpec>, String
             port,
             local,
             remote,
+            failover: failover.clone(),
         });
     }
     Ok(out)
@@ -116,23 +123,27 @@ mod tests {
 
     #[test]
     fn a_mesh_becomes_specs_and_an_unverified_cluster_serves_nothing() {
-        let s = services("aws", &mesh(true)).unwrap();
+        let s = services("aws", &mesh(true), &FailoverOrder::Locality).unwrap();
         assert_eq!(s[0].port, 8080);
         assert_eq!(s[0].local[0].address.to_string(), "127.0.1.10:8080");
         assert_eq!((s[0].remote[0].healthy, s[0].remote[0].total), (3, 5));
-        let s = services("aws", &mesh(false)).unwrap();
+        let s = services("aws", &mesh(false), &FailoverOrder::Locality).unwrap();
         assert_eq!(s[0].remote[0].healthy, 0);
     }
 
     #[test]
     fn bad_updates_are_refused_whole() {
         assert!(
-            services("gcp", &mesh(true))
+            services("gcp", &mesh(true), &FailoverOrder::Locality)
                 .unwrap_err()
                 .contains("serves cluster")
         );
         let mut m = mesh(true);
         m.services.values_mut().next().unwrap().local[0].address = "nope".into();
-        assert!(services("aws", &m).unwrap_err().contains("not ip:port"));
+        assert!(
+            services("aws", &m, &FailoverOrder::Locality)
+                .unwrap_err()
+                .contains("not ip:port")
+        );
     }
 }

@@ -19,7 +19,8 @@ pub struct Locality {
 }
 
 /// How close a target is to us; lower is preferred.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Level {
     Zone = 0,
     Region = 1,
@@ -42,6 +43,83 @@ impl Locality {
             Level::Region
         } else {
             Level::Zone
+        }
+    }
+}
+
+/// How a service's targets are ordered into priorities: the policy's
+/// override of the locality order.
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub enum FailoverOrder {
+    /// Zone, region, cloud, then the rest.
+    #[default]
+    Locality,
+    /// The four levels in this order.
+    Levels(Vec<Level>),
+    /// Clusters in this order. Our own cluster counts as two priorities
+    /// (our zone, then its other zones) and comes first unless listed;
+    /// clusters not listed share one priority after every listed one.
+    Clusters(Vec<String>),
+}
+
+impl FailoverOrder {
+    /// The priority of a target in `cluster` at `level` (lower first),
+    /// for a proxy in `ours`.
+    pub fn priority(&self, ours: &str, cluster: &str, level: Level) -> u8 {
+        match self {
+            FailoverOrder::Locality => level as u8,
+            FailoverOrder::Levels(order) => order
+                .iter()
+                .position(|l| *l == level)
+                .map_or(Level::ALL.len(), |i| i) as u8,
+            FailoverOrder::Clusters(list) => {
+                let own_listed = list.iter().any(|c| c == ours);
+                let mut next = if own_listed { 0 } else { 2 };
+                for c in list {
+                    if c == cluster {
+                        return if c == ours {
+                            next + u8::from(level != Level::Zone)
+                        } else {
+                            next
+                        };
+                    }
+                    next += if c == ours { 2 } else { 1 };
+                }
+                if cluster == ours {
+                    u8::from(level != Level::Zone)
+                } else {
+                    next
+                }
+            }
+        }
+    }
+
+    /// Checks an order from a config; the error names what is wrong.
+    pub fn validate(&self) -> Result<(), String> {
+        match self {
+            FailoverOrder::Locality => Ok(()),
+            FailoverOrder::Levels(order) => {
+                let mut sorted = order.clone();
+                sorted.sort();
+                if sorted != Level::ALL {
+                    return Err(format!(
+                        "levels: list each of zone, region, cloud and other once (got {order:?})"
+                    ));
+                }
+                Ok(())
+            }
+            FailoverOrder::Clusters(list) => {
+                if list.is_empty() || list.len() > 12 {
+                    return Err("clusters: list 1 to 12 clusters".into());
+                }
+                for (i, c) in list.iter().enumerate() {
+                    if list[..i].contains(c) {
+                        return Err(format!("clusters[{i}]: {c} is listed twice"));
+                    }
+                }
+                Ok(())
+            }
         }
     }
 }
@@ -158,6 +236,50 @@ impl Failback {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn failover_orders_rank_targets() {
+        use Level::*;
+        let loc = FailoverOrder::Locality;
+        assert_eq!(loc.priority("aws", "gcp", Other), 3);
+        let levels = FailoverOrder::Levels(vec![Zone, Cloud, Region, Other]);
+        assert!(levels.validate().is_ok());
+        assert_eq!(
+            [Zone, Region, Cloud, Other].map(|l| levels.priority("aws", "x", l)),
+            [0, 2, 1, 3]
+        );
+        assert!(FailoverOrder::Levels(vec![Zone, Zone]).validate().is_err());
+
+        // Our zone, our other zones, then azure before gcp, then the rest.
+        let clusters = FailoverOrder::Clusters(vec!["azure".into(), "gcp".into()]);
+        let p = |c: &str, l| clusters.priority("aws", c, l);
+        assert_eq!(
+            [
+                p("aws", Zone),
+                p("aws", Region),
+                p("azure", Other),
+                p("gcp", Cloud),
+                p("oci", Other)
+            ],
+            [0, 1, 2, 3, 4]
+        );
+        // Listed after another, our own cluster waits its turn.
+        let late = FailoverOrder::Clusters(vec!["gcp".into(), "aws".into()]);
+        assert_eq!(
+            [
+                late.priority("aws", "gcp", Other),
+                late.priority("aws", "aws", Zone),
+                late.priority("aws", "aws", Region)
+            ],
+            [0, 1, 2]
+        );
+        assert!(
+            FailoverOrder::Clusters(vec!["a".into(), "a".into()])
+                .validate()
+                .unwrap_err()
+                .contains("clusters[1]")
+        );
+    }
 
     fn loc(cloud: &str, region: &str, zone: &str) -> Locality {
         Locality {

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use fedmesh_api::ServiceKey;
 
 use crate::balancer::Target;
-use crate::locality::{Level, Locality};
+use crate::locality::{FailoverOrder, Level, Locality};
 
 /// Where an attempt goes.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -70,6 +70,8 @@ pub struct ServiceSpec {
     pub port: u16,
     pub local: Vec<LocalEndpoint>,
     pub remote: Vec<RemoteCluster>,
+    /// How its targets are ordered into priorities.
+    pub failover: FailoverOrder,
 }
 
 /// One service's targets, ready for the balancer.
@@ -120,7 +122,7 @@ fn routable(cluster: &str, me: &Locality, s: &ServiceSpec) -> Routable {
         };
         targets.push(Target {
             key: TargetKey::Local(e.address),
-            level,
+            priority: s.failover.priority(cluster, cluster, level),
             healthy: u64::from(e.healthy),
             total: 1,
         });
@@ -136,7 +138,7 @@ fn routable(cluster: &str, me: &Locality, s: &ServiceSpec) -> Routable {
         let level = me.level_of(&there).max(Level::Region);
         targets.push(Target {
             key: TargetKey::Remote(r.cluster.clone()),
-            level,
+            priority: s.failover.priority(cluster, &r.cluster, level),
             healthy: r.healthy,
             // A summary racing its own update may say healthy > total.
             total: r.total.max(r.healthy),
@@ -246,23 +248,73 @@ mod tests {
                     total: 9,
                 },
             ],
+            failover: FailoverOrder::Locality,
         };
         let t = Table::build("aws", &me(), &[spec]);
         let r = t.by_host("cart.shop").unwrap();
-        let levels: Vec<(String, Level, u64)> = r
+        let levels: Vec<(String, u8, u64)> = r
             .targets
             .iter()
-            .map(|t| (t.key.to_string(), t.level, t.healthy))
+            .map(|t| (t.key.to_string(), t.priority, t.healthy))
             .collect();
         assert_eq!(
             levels,
             [
-                ("127.0.1.10:8080".into(), Level::Zone, 1),
-                ("127.0.1.11:8080".into(), Level::Region, 0),
-                ("cluster aws-usw2".into(), Level::Cloud, 2),
-                ("cluster aws-use1-b".into(), Level::Region, 1),
-                ("cluster gcp".into(), Level::Other, 4),
+                ("127.0.1.10:8080".into(), Level::Zone as u8, 1),
+                ("127.0.1.11:8080".into(), Level::Region as u8, 0),
+                ("cluster aws-usw2".into(), Level::Cloud as u8, 2),
+                ("cluster aws-use1-b".into(), Level::Region as u8, 1),
+                ("cluster gcp".into(), Level::Other as u8, 4),
             ]
+        );
+    }
+
+    #[test]
+    fn an_explicit_cluster_order_sends_failover_to_the_first_listed_cluster() {
+        use crate::balancer::{Balancer, BalancerPolicy, Draw};
+        let remote = |cluster: &str, healthy| RemoteCluster {
+            cluster: cluster.into(),
+            cloud: cluster.into(),
+            region: "r1".into(),
+            healthy,
+            total: healthy,
+        };
+        let spec = |failover| ServiceSpec {
+            key: ServiceKey::new("shop", "cart"),
+            port: 8080,
+            local: vec![LocalEndpoint {
+                address: "127.0.1.10:8080".parse().unwrap(),
+                zone: "az1".into(),
+                healthy: false,
+            }],
+            // gcp has more capacity; by locality both are "other".
+            remote: vec![remote("gcp", 9), remote("azure", 1)],
+            failover,
+        };
+        let picks = |failover| {
+            let t = Table::build("aws", &me(), &[spec(failover)]);
+            let svc = t.by_host("cart.shop").unwrap().clone();
+            let mut b = Balancer::new(BalancerPolicy::default());
+            let now = std::time::Instant::now();
+            (0..100)
+                .map(|i| {
+                    let draw = Draw {
+                        level: f64::from(i) / 100.0,
+                        a: i as usize,
+                        b: 7 * i as usize,
+                    };
+                    b.choose(&svc.targets, &[], draw, now).unwrap()
+                })
+                .filter(|k| *k == TargetKey::Remote("azure".into()))
+                .count()
+        };
+        assert!(
+            picks(FailoverOrder::Locality) < 50,
+            "by capacity, gcp gets most"
+        );
+        assert_eq!(
+            picks(FailoverOrder::Clusters(vec!["azure".into(), "gcp".into()])),
+            100
         );
     }
 }

@@ -46,7 +46,7 @@ async fn a_proxy_follows_its_controller_and_outlives_it() {
     let discovered = {
         let here = here.clone();
         fedmesh_discovery::start(access, bootstrap, policy(), move |m, _| {
-            let specs = proxy::discovered::services(&here.cluster, m)?;
+            let specs = proxy::discovered::services(&here.cluster, m, &Default::default())?;
             Ok(Table::build(&here.cluster, &here.locality, &specs))
         })
         .await

@@ -36,6 +36,7 @@ fn cart(local: Vec<LocalEndpoint>, remote: Vec<RemoteCluster>) -> ServiceSpec {
         port: 8080,
         local,
         remote,
+        failover: Default::default(),
     }
 }
 

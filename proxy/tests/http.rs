@@ -38,6 +38,7 @@ fn spec(name: &str, endpoints: &[SocketAddr]) -> ServiceSpec {
             })
             .collect(),
         remote: vec![],
+        failover: Default::default(),
     }
 }
 

@@ -103,12 +103,13 @@ async fn run(args: Args, config: ProxyConfig) -> anyhow::Result<()> {
         ProxyConfig::Discovery(c) => {
             tracing::info!(controller = %c.access.address, "getting services from the controller");
             let me = common.me.clone();
+            let failover = common.settings.failover.clone();
             let d = fedmesh_discovery::start(
                 c.access.clone(),
                 c.bootstrap.clone(),
                 Default::default(),
                 move |m, _| {
-                    let specs = proxy::discovered::services(&me.cluster, m)?;
+                    let specs = proxy::discovered::services(&me.cluster, m, &failover)?;
                     Ok(Table::build(&me.cluster, &me.locality, &specs))
                 },
             )
