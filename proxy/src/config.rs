@@ -66,6 +66,8 @@ pub struct Settings {
     /// On SIGTERM: how long live requests may take to finish.
     #[serde(with = "humantime_serde")]
     pub drain_timeout: Duration,
+    /// OTLP/gRPC collector for traces (`http://host:4317`). Off when absent.
+    pub otlp_endpoint: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -121,6 +123,7 @@ impl Default for Settings {
             pool_max_idle_per_target: 32,
             access_log: AccessLog::Off,
             drain_timeout: Duration::from_secs(30),
+            otlp_endpoint: None,
         }
     }
 }
@@ -159,6 +162,13 @@ impl Settings {
             return Err(format!(
                 "retryBudgetRatio: {} is outside [0, 1]",
                 self.retry_budget_ratio
+            ));
+        }
+        if let Some(e) = &self.otlp_endpoint
+            && !(e.starts_with("http://") || e.starts_with("https://"))
+        {
+            return Err(format!(
+                "otlpEndpoint: {e:?} must be an http:// or https:// URL"
             ));
         }
         if self.outlier.max_ejection < self.outlier.base_ejection {

@@ -31,6 +31,7 @@ use crate::limits::{Failure, may_retry};
 use crate::metrics::{AttemptLabels, RequestLabels};
 use crate::runtime::{Body, Pool, ServiceState, Shared, stopped};
 use crate::table::{Routable, TargetKey};
+use crate::trace::RequestSpan;
 use crate::upstream::{ConnectError, TunnelAsk};
 
 /// The header a breaker trip names its reason in.
@@ -160,6 +161,19 @@ pub async fn handle(shared: &Shared, mut req: Request<Incoming>) -> Response<Bod
     let replayable = body.is_end_stream();
     let mut body = Some(body);
     prepare_request(&mut parts, &authority, downstream_upgrade.is_some());
+    let span = shared
+        .tracer
+        .as_ref()
+        .map(|t| RequestSpan::start(t, &service, &mut parts.headers));
+    let done = Done {
+        shared,
+        method: &parts.method,
+        authority: &authority,
+        path: parts.uri.path(),
+        service: &service,
+        span,
+        started,
+    };
     let traceparent = parts
         .headers
         .get("traceparent")
@@ -199,7 +213,13 @@ pub async fn handle(shared: &Shared, mut req: Request<Incoming>) -> Response<Bod
             Ok(s) => s,
             Err(Opened::Overloaded(reason)) => {
                 state.finished(&svc, &target, Ok(attempt_started.elapsed()));
-                count(shared, &service, "", "", "overloaded", started);
+                done.record(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "",
+                    "",
+                    "overloaded",
+                    tried.len(),
+                );
                 let mut r = local_reply(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "overloaded",
@@ -276,19 +296,7 @@ pub async fn handle(shared: &Shared, mut req: Request<Incoming>) -> Response<Bod
                 };
                 let zone = zone_of(&svc, &target);
                 let cluster = target.cluster(&shared.me.cluster).to_owned();
-                count(shared, &service, &cluster, &zone, outcome, started);
-                access_log(
-                    shared,
-                    &parts.method,
-                    &authority,
-                    &parts.uri,
-                    status,
-                    &service,
-                    &cluster,
-                    &zone,
-                    tried.len() + 1,
-                    started,
-                );
+                done.record(status, &cluster, &zone, outcome, tried.len() + 1);
                 return respond(shared, resp, tx, target, downstream_upgrade);
             }
             Ok(Err(e)) => AttemptError::Send {
@@ -347,19 +355,7 @@ pub async fn handle(shared: &Shared, mut req: Request<Incoming>) -> Response<Bod
         .as_ref()
         .map(|(t, _)| (t.cluster(&shared.me.cluster).to_owned(), zone_of(&svc, t)))
         .unwrap_or_default();
-    count(shared, &service, &cluster, &zone, outcome, started);
-    access_log(
-        shared,
-        &parts.method,
-        &authority,
-        &parts.uri,
-        status,
-        &service,
-        &cluster,
-        &zone,
-        tried.len(),
-        started,
-    );
+    done.record(status, &cluster, &zone, outcome, tried.len());
     local_reply(status, kind, format!("{message}\n"))
 }
 
@@ -459,34 +455,54 @@ fn count(
         .observe(started.elapsed().as_secs_f64());
 }
 
-#[allow(clippy::too_many_arguments)]
-fn access_log(
-    shared: &Shared,
-    method: &Method,
-    authority: &str,
-    uri: &hyper::Uri,
-    status: StatusCode,
-    service: &str,
-    cluster: &str,
-    zone: &str,
-    attempts: usize,
+/// What a request's end records: metrics, its span, and the access log.
+struct Done<'a> {
+    shared: &'a Shared,
+    method: &'a Method,
+    authority: &'a str,
+    path: &'a str,
+    service: &'a str,
+    span: Option<RequestSpan>,
     started: Instant,
-) {
-    if shared.settings.access_log == AccessLog::Off {
-        return;
+}
+
+impl Done<'_> {
+    fn record(
+        &self,
+        status: StatusCode,
+        cluster: &str,
+        zone: &str,
+        outcome: &'static str,
+        attempts: usize,
+    ) {
+        count(
+            self.shared,
+            self.service,
+            cluster,
+            zone,
+            outcome,
+            self.started,
+        );
+        if let Some(s) = &self.span {
+            s.finish(cluster, status.as_u16(), attempts);
+        }
+        if self.shared.settings.access_log == AccessLog::Off {
+            return;
+        }
+        tracing::info!(
+            target: "fedmesh_proxy::access",
+            method = %self.method,
+            authority = self.authority,
+            path = self.path,
+            status = status.as_u16(),
+            service = self.service,
+            cluster,
+            zone,
+            outcome,
+            attempts,
+            duration_us = u64::try_from(self.started.elapsed().as_micros()).unwrap_or(u64::MAX),
+        );
     }
-    tracing::info!(
-        target: "fedmesh_proxy::access",
-        method = %method,
-        authority,
-        path = uri.path(),
-        status = status.as_u16(),
-        service,
-        cluster,
-        zone,
-        attempts,
-        duration_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
-    );
 }
 
 /// The response to the app: hop-by-hop headers removed, the connection

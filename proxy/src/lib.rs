@@ -36,6 +36,7 @@ pub mod pick;
 pub mod runtime;
 pub mod table;
 pub mod tcp;
+pub mod trace;
 pub mod upstream;
 
 use std::net::SocketAddr;
@@ -98,6 +99,17 @@ impl Proxy {
         svid: watch::Receiver<Arc<Svid>>,
         bundles: watch::Receiver<Arc<BundleSet>>,
     ) -> Result<Self, StartError> {
+        Self::start_traced(common, table, svid, bundles, None).await
+    }
+
+    /// [`Proxy::start`], recording a span per request with `tracer`.
+    pub async fn start_traced(
+        common: &Common,
+        table: watch::Receiver<Arc<Table>>,
+        svid: watch::Receiver<Arc<Svid>>,
+        bundles: watch::Receiver<Arc<BundleSet>>,
+        tracer: Option<opentelemetry_sdk::trace::SdkTracer>,
+    ) -> Result<Self, StartError> {
         let me = &common.me;
         let egress_id = SpiffeId::gateway(&me.trust_domain, &me.cluster)
             .map_err(|e| StartError::Tls(e.to_string()))?;
@@ -120,6 +132,7 @@ impl Proxy {
             table.clone(),
             connector,
             metrics.clone(),
+            tracer,
         ));
         let (shutdown, stop) = watch::channel(false);
         let bind = |what, addr| async move {

@@ -45,6 +45,8 @@ pub struct Shared {
     pub connector: Connector,
     pub pool: Arc<Pool>,
     pub metrics: Arc<Metrics>,
+    /// Set when spans are exported (OTLP).
+    pub tracer: Option<opentelemetry_sdk::trace::SdkTracer>,
     states: Mutex<HashMap<ServiceKey, Arc<ServiceState>>>,
 }
 
@@ -61,8 +63,10 @@ impl Shared {
         table: watch::Receiver<Arc<Table>>,
         connector: Connector,
         metrics: Arc<Metrics>,
+        tracer: Option<opentelemetry_sdk::trace::SdkTracer>,
     ) -> Self {
         Self {
+            tracer,
             pool: Arc::new(Pool::new(
                 settings.pool_max_idle_per_target,
                 settings.pool_idle_timeout,

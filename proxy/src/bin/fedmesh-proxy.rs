@@ -119,7 +119,19 @@ async fn run(args: Args, config: ProxyConfig) -> anyhow::Result<()> {
             (t, s, b, Source::Controller(d))
         }
     };
-    let proxy = Proxy::start(&common, table, svid, bundles).await?;
+    let provider = match &common.settings.otlp_endpoint {
+        Some(endpoint) => {
+            let p = proxy::trace::otlp(endpoint, "fedmesh-proxy").map_err(anyhow::Error::msg)?;
+            tracing::info!(%endpoint, "exporting traces over OTLP");
+            Some(p)
+        }
+        None => None,
+    };
+    let tracer = provider.as_ref().map(|p| {
+        use opentelemetry::trace::TracerProvider as _;
+        p.tracer("fedmesh-proxy")
+    });
+    let proxy = Proxy::start_traced(&common, table, svid, bundles, tracer).await?;
     let show = |a: Option<std::net::SocketAddr>| a.map_or("-".to_string(), |a| a.to_string());
     let tcp: Vec<String> = proxy.tcp.iter().map(|a| a.to_string()).collect();
     println!(
@@ -137,6 +149,10 @@ async fn run(args: Args, config: ProxyConfig) -> anyhow::Result<()> {
     }
     tracing::info!("draining");
     proxy.drain().await;
+    if let Some(p) = provider {
+        // Flushes the last spans; its exports need this runtime's thread.
+        let _ = tokio::task::spawn_blocking(move || p.shutdown()).await;
+    }
     tracing::info!("stopped");
     Ok(())
 }
