@@ -344,6 +344,12 @@ pub async fn handle(shared: &Shared, mut req: Request<Incoming>) -> Response<Bod
             "no_healthy_upstream",
             format!("fedmesh: {service}: no healthy endpoint or cluster"),
         ),
+        Some((t, e @ AttemptError::TryTimeout)) => (
+            StatusCode::GATEWAY_TIMEOUT,
+            "timeout",
+            "timeout",
+            format!("fedmesh: {service}: every attempt failed; the last, to {t}: {e}"),
+        ),
         Some((t, e)) => (
             StatusCode::BAD_GATEWAY,
             "upstream-failed",

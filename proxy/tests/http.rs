@@ -323,3 +323,56 @@ async fn a_tcp_listener_fails_over_at_connect_time() {
     }
     assert_eq!(echo.accepted(), 10);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_backend_costs_one_try_timeout_and_then_the_request_timeout() {
+    let d = Domain::new("aws", "aws.fedmesh.test", 68);
+    let (silent, taken) = raw_backend(d.ip(10), |s| async move {
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        drop(s);
+    })
+    .await;
+    let good = Backend::new(d.ip(11), "aws", "az2", "cart").await;
+    let settings = Settings {
+        per_try_timeout: Some(Duration::from_millis(200)),
+        request_timeout: Duration::from_millis(1500),
+        ..Default::default()
+    };
+    // The silent one is in our zone, so it is tried first.
+    let mut cart = spec("cart", &[silent, good.addr]);
+    cart.local[1].zone = "az2".into();
+    let (p, table) = start_proxy(&d, "az1", &[cart], vec![], bundles(&[&d]), settings).await;
+    let http = p.http.unwrap();
+    let t = tokio::time::Instant::now();
+    assert_eq!(get(http, "cart.shop").await.unwrap().zone, "az2");
+    assert_eq!(taken.load(Ordering::SeqCst), 1);
+    assert!(
+        t.elapsed() >= Duration::from_millis(200),
+        "the try ran to its timeout"
+    );
+
+    // With only the silent backend, its one try times out: a 504.
+    support::update(&table, &d, "az1", &[spec("cart", &[silent])]);
+    let e = get(http, "cart.shop").await.unwrap_err();
+    assert!(e.starts_with("504") && e.contains("per-try timeout"), "{e}");
+
+    // Without a per-try timeout, the request ends at its own.
+    let settings = Settings {
+        request_timeout: Duration::from_millis(500),
+        ..Default::default()
+    };
+    let (p, _t) = start_proxy(
+        &d,
+        "az1",
+        &[spec("cart", &[silent])],
+        vec![],
+        bundles(&[&d]),
+        settings,
+    )
+    .await;
+    let t = tokio::time::Instant::now();
+    let e = get(p.http.unwrap(), "cart.shop").await.unwrap_err();
+    assert!(e.starts_with("504"), "{e}");
+    assert!(e.contains("request timeout (500 ms)"), "{e}");
+    assert!(t.elapsed() >= Duration::from_millis(500));
+}
