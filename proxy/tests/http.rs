@@ -143,7 +143,7 @@ async fn an_unknown_host_is_a_404_that_says_so() {
 async fn a_tripped_breaker_answers_503_naming_its_reason() {
     let d = Domain::new("aws", "aws.fedmesh.test", 63);
     // A backend that never answers: the first request stays pending.
-    let (silent, _) = raw_backend(d.ip(10), |s| async move {
+    let (silent, taken) = raw_backend(d.ip(10), |s| async move {
         tokio::time::sleep(Duration::from_secs(30)).await;
         drop(s);
     })
@@ -163,24 +163,29 @@ async fn a_tripped_breaker_answers_503_naming_its_reason() {
     .await;
     let http = p.http.unwrap();
     let first = tokio::spawn(async move { get(http, "slow.shop").await });
-    let resp = eventually("the breaker to trip", Duration::from_secs(10), || async {
-        let tcp = TcpStream::connect(http).await.unwrap();
-        let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-            .await
-            .unwrap();
-        tokio::spawn(conn);
-        let r = tx
-            .send_request(
-                Request::get("/")
-                    .header("host", "slow.shop")
-                    .body(Empty::<Bytes>::new())
-                    .unwrap(),
-            )
-            .await
-            .unwrap();
-        (r.status() == 503).then_some(r)
-    })
+    // Once the backend has its connection, the first request holds the one
+    // pending slot until it times out.
+    eventually(
+        "the first request to reach the backend",
+        Duration::from_secs(10),
+        || async { (taken.load(Ordering::SeqCst) == 1).then_some(()) },
+    )
     .await;
+    let tcp = TcpStream::connect(http).await.unwrap();
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let resp = tx
+        .send_request(
+            Request::get("/")
+                .header("host", "slow.shop")
+                .body(Empty::<Bytes>::new())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 503);
     assert_eq!(
         resp.headers()["x-fedmesh-overloaded"],
         "max-pending-requests"
