@@ -29,7 +29,7 @@ use tokio::time::{Instant, timeout};
 use crate::config::AccessLog;
 use crate::limits::{Failure, may_retry};
 use crate::metrics::{AttemptLabels, RequestLabels};
-use crate::runtime::{Body, Pool, ServiceState, Shared, stopped};
+use crate::runtime::{Body, Pool, PoolKey, ServiceState, Shared, stopped};
 use crate::table::{Routable, TargetKey};
 use crate::trace::RequestSpan;
 use crate::upstream::{ConnectError, TunnelAsk};
@@ -297,7 +297,13 @@ pub async fn handle(shared: &Shared, mut req: Request<Incoming>) -> Response<Bod
                 let zone = zone_of(&svc, &target);
                 let cluster = target.cluster(&shared.me.cluster).to_owned();
                 done.record(status, &cluster, &zone, outcome, tried.len() + 1);
-                return respond(shared, resp, tx, target, downstream_upgrade);
+                return respond(
+                    shared,
+                    resp,
+                    tx,
+                    (svc.key.clone(), target),
+                    downstream_upgrade,
+                );
             }
             Ok(Err(e)) => AttemptError::Send {
                 message: e.to_string(),
@@ -377,7 +383,7 @@ async fn sender(
     target: &TargetKey,
     ask: &TunnelAsk<'_>,
 ) -> Result<(SendRequest<Body>, bool), Opened> {
-    if let Some(tx) = shared.pool.take(target) {
+    if let Some(tx) = shared.pool.take(&(ask.service.clone(), target.clone())) {
         return Ok((tx, true));
     }
     let slot = state
@@ -518,7 +524,7 @@ fn respond(
     shared: &Shared,
     mut resp: Response<Incoming>,
     tx: SendRequest<Body>,
-    target: TargetKey,
+    target: PoolKey,
     downstream_upgrade: Option<hyper::upgrade::OnUpgrade>,
 ) -> Response<Body> {
     let upgraded = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
@@ -565,7 +571,7 @@ fn respond(
 /// A response body that hands its connection back to the pool at its end.
 struct PooledBody {
     inner: Incoming,
-    back: Option<(Arc<Pool>, TargetKey, SendRequest<Body>)>,
+    back: Option<(Arc<Pool>, PoolKey, SendRequest<Body>)>,
 }
 
 impl hyper::body::Body for PooledBody {

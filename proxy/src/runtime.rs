@@ -146,10 +146,15 @@ impl ServiceState {
     }
 }
 
-/// Idle upstream HTTP/1.1 connections by target.
+/// What an upstream connection may be reused for: one service on one
+/// target. A tunnel to a remote cluster ends at one service's endpoint, so
+/// the target alone would send another service's requests there.
+pub type PoolKey = (ServiceKey, TargetKey);
+
+/// Idle upstream HTTP/1.1 connections by service and target.
 #[derive(Debug)]
 pub struct Pool {
-    idle: Mutex<HashMap<TargetKey, Vec<Idle>>>,
+    idle: Mutex<HashMap<PoolKey, Vec<Idle>>>,
     max_idle: usize,
     idle_timeout: Duration,
 }
@@ -171,7 +176,7 @@ impl Pool {
 
     /// A ready idle connection to `k`, if there is one. Closed and expired
     /// ones are dropped; one still finishing its last response stays.
-    pub fn take(&self, k: &TargetKey) -> Option<SendRequest<Body>> {
+    pub fn take(&self, k: &PoolKey) -> Option<SendRequest<Body>> {
         let mut idle = lock(&self.idle);
         let list = idle.get_mut(k)?;
         let now = Instant::now();
@@ -181,7 +186,7 @@ impl Pool {
     }
 
     /// Returns a connection whose last response has ended.
-    pub fn put(&self, k: TargetKey, tx: SendRequest<Body>) {
+    pub fn put(&self, k: PoolKey, tx: SendRequest<Body>) {
         if tx.is_closed() {
             return;
         }
@@ -203,8 +208,8 @@ impl Pool {
         idle.retain(|k, list| {
             let known = table
                 .services
-                .values()
-                .any(|s| s.targets.iter().any(|t| &t.key == k));
+                .get(&k.0)
+                .is_some_and(|s| s.targets.iter().any(|t| t.key == k.1));
             list.retain(|i| known && !i.tx.is_closed() && now - i.since < self.idle_timeout);
             !list.is_empty()
         });

@@ -206,6 +206,62 @@ async fn losing_every_local_backend_moves_traffic_to_another_cluster_and_back_af
     assert!(g1.addr != g2.addr);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_services_of_one_remote_cluster_never_share_a_tunnel() {
+    let aws = Domain::new("aws", "aws.fedmesh.test", 56);
+    let gcp = Domain::new("gcp", "gcp.fedmesh.test", 57);
+    let all = bundles(&[&aws, &gcp]);
+    let cart = Backend::new(gcp.ip(10), "gcp", "az1", "cart").await;
+    let pay = Backend::new(gcp.ip(11), "gcp", "az1", "pay").await;
+    let mut rg = gcp.routes("az1");
+    rg.peers.extend([aws.as_peer(vec![])]);
+    export(&mut rg, "shop/cart", 8080, &[(cart.addr, "az1")]);
+    export(&mut rg, "shop/pay", 8080, &[(pay.addr, "az1")]);
+    let gw_gcp = start_gateway(&gcp, 1, false, all.clone(), rg, Default::default()).await;
+    let mut ra = aws.routes("az1");
+    ra.peers.extend([gcp.as_peer(vec![gw_gcp.quic()])]);
+    let gw_aws = start_gateway(&aws, 1, true, all.clone(), ra, Default::default()).await;
+    let remote_only = |name: &str| ServiceSpec {
+        key: ServiceKey::new("shop", name),
+        port: 8080,
+        local: vec![],
+        remote: vec![RemoteCluster {
+            cluster: "gcp".into(),
+            cloud: "gcp".into(),
+            region: "r1".into(),
+            healthy: 1,
+            total: 1,
+        }],
+        failover: Default::default(),
+    };
+    let (proxy, _table) = start_proxy(
+        &aws,
+        "az1",
+        &[remote_only("cart"), remote_only("pay")],
+        vec![gw_aws.egress()],
+        all,
+        Settings::default(),
+    )
+    .await;
+    // One keep-alive client alternating: each answer comes from the
+    // service asked for, although both go to gcp through pooled tunnels.
+    let mut c = support::Client::connect(proxy.http.unwrap()).await.unwrap();
+    for i in 0..10 {
+        let (host, want) = if i % 2 == 0 {
+            ("cart.shop", "cart")
+        } else {
+            ("pay.shop", "pay")
+        };
+        let a = c.get(host).await.unwrap();
+        assert_eq!(
+            (a.cluster.as_str(), a.service.as_str()),
+            ("gcp", want),
+            "request {i}"
+        );
+    }
+    assert!(proxy.idle_connections() >= 2, "both tunnels were pooled");
+}
+
 fn scrape(p: &proxy::Proxy) -> String {
     let mut reg = prometheus_client::registry::Registry::default();
     p.metrics.register(&mut reg);

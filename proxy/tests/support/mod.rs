@@ -93,6 +93,7 @@ pub struct Answer {
     pub at: Instant,
     pub cluster: String,
     pub zone: String,
+    pub service: String,
 }
 
 fn field(json: &str, name: &str) -> String {
@@ -148,6 +149,7 @@ impl Client {
             at: Instant::now(),
             cluster: field(&body, "cluster"),
             zone: field(&body, "zone"),
+            service: field(&body, "service"),
         })
     }
 }
