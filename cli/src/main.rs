@@ -3,6 +3,9 @@
 
 #![forbid(unsafe_code)]
 
+mod demo;
+mod up;
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
@@ -71,6 +74,64 @@ enum Command {
         #[command(flatten)]
         etcd: EtcdFlags,
     },
+    /// Run a whole federation on this machine from a topology file: etcd,
+    /// each cluster's registration, controller, gateways and proxy, and demo
+    /// backends. Stays in the foreground until Ctrl-C.
+    Up {
+        /// The topology (see topologies/README.md).
+        topology: PathBuf,
+        /// Run in the background; `fedmesh down` stops it.
+        #[arg(short = 'd', long)]
+        detach: bool,
+        /// Where logs, pids and state go [default: .fedmesh/<topology name>].
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+    },
+    /// Stop what `fedmesh up` started.
+    Down {
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+    },
+    /// Live health of what `fedmesh up` started.
+    Status {
+        #[arg(short, long, default_value = "table")]
+        output: StatusOutput,
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+    },
+    /// Stop demo backends: <cluster>/<namespace>/<name>[@zone]. They are
+    /// also marked unhealthy in their cluster's registry.
+    Stop {
+        target: String,
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+    },
+    /// Start stopped demo backends again: <cluster>/<namespace>/<name>[@zone].
+    Start {
+        target: String,
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+    },
+    /// A demo backend (started by `fedmesh up`).
+    #[command(hide = true)]
+    DemoBackend {
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        #[arg(long)]
+        cluster: String,
+        #[arg(long)]
+        zone: String,
+        #[arg(long)]
+        service: String,
+        #[arg(long)]
+        tcp: bool,
+    },
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy)]
+enum StatusOutput {
+    Table,
+    Json,
 }
 
 #[derive(Subcommand, Debug)]
@@ -172,6 +233,44 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             what: DeregisterWhat::Cluster { name, etcd },
         } => deregister(&name, &etcd).await,
         Command::Get { what, output, etcd } => get(what, output, &etcd).await,
+        Command::Up {
+            topology,
+            detach,
+            state_dir,
+        } => {
+            let t = up::load_topology(&topology)?;
+            let dir = up::state_dir_for(state_dir, &t);
+            if detach {
+                up::up_detached(&topology, &dir).await
+            } else {
+                up::up(&topology, &dir).await
+            }
+        }
+        Command::Down { state_dir } => up::down(&up::find_state_dir(state_dir)?).await,
+        Command::Status { output, state_dir } => {
+            let dir = up::find_state_dir(state_dir)?;
+            let s = up::State::load(&dir)?;
+            match output {
+                StatusOutput::Table => up::print_status(&s, &dir),
+                StatusOutput::Json => {
+                    println!("{}", serde_json::to_string_pretty(&up::status_of(&s))?)
+                }
+            }
+            Ok(())
+        }
+        Command::Stop { target, state_dir } => {
+            up::stop_start(&up::find_state_dir(state_dir)?, &target, false).await
+        }
+        Command::Start { target, state_dir } => {
+            up::stop_start(&up::find_state_dir(state_dir)?, &target, true).await
+        }
+        Command::DemoBackend {
+            listen,
+            cluster,
+            zone,
+            service,
+            tcp,
+        } => demo::run(listen, cluster, zone, service, tcp).await,
     }
 }
 
