@@ -5,6 +5,7 @@
 
 mod demo;
 mod up;
+mod wan;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;

@@ -5,7 +5,8 @@
 //! (`state.json`), so that `down`, `status`, `stop` and `start` work from
 //! another shell.
 //!
-//! The supervisor (`up` in the foreground, or detached with `-d`) stays
+//! The supervisor (`up` in the foreground, or detached with `-d`) also runs
+//! the WAN relays in front of each gateway ([`crate::wan`]), and stays
 //! until Ctrl-C or `fedmesh down`, then stops everything: proxies and
 //! gateways first, etcd last.
 
@@ -14,6 +15,7 @@ use std::net::SocketAddr;
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -22,6 +24,8 @@ use fedmesh_topology::{ClusterPlan, Plan, Protocol, Topology};
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 use trust_bundle::{Bundle, SpiffeId, TrustDomain};
+
+use crate::wan::{self, Link};
 
 pub const STATE_FILE: &str = "state.json";
 
@@ -211,7 +215,8 @@ fn check_ports(plan: &Plan) -> anyhow::Result<()> {
         tcp.push((c.proxy_http, format!("{}'s proxy", c.name)));
         tcp.push((c.proxy_admin, format!("{}'s proxy admin", c.name)));
         for (i, g) in c.gateways.iter().enumerate() {
-            udp.push((g.quic, format!("{}'s gateway {i} (QUIC)", c.name)));
+            udp.push((g.quic, format!("{}'s WAN relay for gateway {i}", c.name)));
+            udp.push((g.quic_listen, format!("{}'s gateway {i} (QUIC)", c.name)));
             tcp.push((g.egress, format!("{}'s gateway {i} egress", c.name)));
             tcp.push((g.admin, format!("{}'s gateway {i} admin", c.name)));
         }
@@ -357,7 +362,9 @@ pub async fn up(topology_path: &Path, dir: &Path) -> anyhow::Result<()> {
         etcd: Vec::new(),
         clusters: Vec::new(),
     };
-    let result = start(&topology, &plan, &bins, dir, &mut state).await;
+    // The WAN relays run in this process, for as long as it does.
+    let mut relays = Vec::new();
+    let result = start(&topology, &plan, &bins, dir, &mut state, &mut relays).await;
     // Saved even when a start failed, so that what did start is stopped.
     state.save(dir)?;
     if let Err(e) = result {
@@ -379,6 +386,9 @@ pub async fn up(topology_path: &Path, dir: &Path) -> anyhow::Result<()> {
     let latest = State::load(dir).unwrap_or(state);
     stop_all(&latest.pids(), Duration::from_secs(10)).await;
     let _ = std::fs::remove_file(dir.join(STATE_FILE));
+    for r in relays {
+        r.abort();
+    }
     println!("stopped; logs are in {}", logs.display());
     Ok(())
 }
@@ -389,6 +399,7 @@ async fn start(
     bins: &Binaries,
     dir: &Path,
     state: &mut State,
+    relays: &mut Vec<tokio::task::JoinHandle<()>>,
 ) -> anyhow::Result<()> {
     let logs = dir.join("logs");
     // etcd.
@@ -440,7 +451,7 @@ async fn start(
     );
 
     for (c, cp) in topology.clusters.iter().zip(&plan.clusters) {
-        let cs = start_cluster(c, cp, topology, bins, dir, &endpoints).await?;
+        let cs = start_cluster(c, cp, topology, plan, bins, dir, &endpoints, relays).await?;
         println!(
             "{}: controller, {} gateway(s), proxy on {}, {} backend(s)",
             c.name,
@@ -521,13 +532,16 @@ pub async fn http_get(proxy: SocketAddr, host: &str) -> anyhow::Result<(u16, Str
     Ok((status, body))
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn start_cluster(
     c: &fedmesh_topology::Cluster,
     cp: &ClusterPlan,
     topology: &Topology,
+    plan: &Plan,
     bins: &Binaries,
     dir: &Path,
     etcd: &[String],
+    relays: &mut Vec<tokio::task::JoinHandle<()>>,
 ) -> anyhow::Result<ClusterState> {
     let logs = dir.join("logs");
     let cdir = dir.join(&c.name);
@@ -639,8 +653,26 @@ async fn start_cluster(
     cs.controller.pid = spawn(cmd, &log)?;
     listening(cp.controller, "the controller", cs.controller.pid, &log).await?;
 
-    // Gateways, configured by the controller.
+    // Gateways, configured by the controller, each behind its WAN relay:
+    // a datagram from another cluster takes the link between the clouds.
+    let link_of: Arc<dyn Fn(SocketAddr) -> Link + Send + Sync> = {
+        let (topology, plan, here) = (topology.clone(), plan.clone(), c.name.clone());
+        Arc::new(move |from: SocketAddr| {
+            plan.cluster_of(from.ip())
+                .and_then(|src| topology.link(&src.name, &here))
+                .map_or(Link::default(), |l| Link {
+                    latency: l.latency,
+                    jitter: l.jitter,
+                    loss: l.loss,
+                })
+        })
+    };
     for (i, g) in cp.gateways.iter().enumerate() {
+        relays.push(
+            wan::relay(g.quic, g.quic_listen, link_of.clone())
+                .await
+                .with_context(|| format!("the WAN relay on {}", g.quic))?,
+        );
         let config = cdir.join(format!("gateway-{i}.yaml"));
         std::fs::write(
             &config,
@@ -648,7 +680,7 @@ async fn start_cluster(
                 "cluster: {name}\ntrustDomain: {td}\nzone: {zone}\nlisten: {{quic: \"{q}\", egress: \"{e}\", admin: \"{a}\"}}\ncontroller: {{address: \"{ctl}\", bundle: bundle.json, joinTokenFile: gateway.token}}\n",
                 name = c.name,
                 zone = c.zones[i % c.zones.len()],
-                q = g.quic,
+                q = g.quic_listen,
                 e = g.egress,
                 a = g.admin,
                 ctl = cp.controller,

@@ -1,6 +1,7 @@
 //! End to end: `fedmesh up topologies/three-clouds.yaml` brings up real
 //! processes (etcd, three registered clusters with their controllers,
-//! gateways and proxies, demo backends); under steady GETs from aws,
+//! gateways and proxies, demo backends, WAN relays with the topology's
+//! latency between clouds); under steady GETs from aws,
 //! every checkout backend in aws is stopped and no GET fails, traffic
 //! going to gcp or azure; started again, traffic returns to aws. The test
 //! asserts on the `cluster` the backends report.
@@ -116,6 +117,17 @@ async fn three_clouds_fail_over_from_aws_and_back() {
         env!("CARGO_MANIFEST_DIR"),
         "/../topologies/three-clouds.yaml"
     );
+    // A taken address is refused up front, named, with what it is for.
+    {
+        let _taken = std::net::TcpListener::bind(AWS_PROXY).unwrap();
+        let out = fedmesh(&["up", topology, "-d"], state.path());
+        assert_eq!(out.status.code(), Some(1));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("127.0.10.5:4140 is taken; it is aws-use1's proxy"),
+            "{err}"
+        );
+    }
     let out = fedmesh(&["up", topology, "-d"], state.path());
     let _up = Up(state.path().to_path_buf());
     assert!(

@@ -367,7 +367,11 @@ pub struct ClusterPlan {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GatewayPlan {
+    /// What the cluster's record advertises: the WAN relay in front of the
+    /// gateway, which applies the topology's links.
     pub quic: SocketAddr,
+    /// Where the gateway itself listens.
+    pub quic_listen: SocketAddr,
     pub egress: SocketAddr,
     pub admin: SocketAddr,
 }
@@ -392,6 +396,17 @@ fn addr(block: u8, host: u8, port: u16) -> SocketAddr {
     SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, block, host)), port)
 }
 
+impl Plan {
+    /// The cluster whose block `ip` is in, if any.
+    pub fn cluster_of(&self, ip: IpAddr) -> Option<&ClusterPlan> {
+        let IpAddr::V4(v4) = ip else { return None };
+        let [a, b, block, _] = v4.octets();
+        (a == 127 && b == 0)
+            .then(|| self.clusters.iter().find(|c| c.block == block))
+            .flatten()
+    }
+}
+
 impl Topology {
     pub fn plan(&self) -> Plan {
         let etcd = (0..self.etcd_members)
@@ -410,6 +425,7 @@ impl Topology {
                 let gateways = (0..c.gateways)
                     .map(|g| GatewayPlan {
                         quic: addr(block, 11 + g, 15443),
+                        quic_listen: addr(block, 21 + g, 15443),
                         egress: addr(block, 11 + g, 15001),
                         admin: addr(block, 11 + g, 15020),
                     })
@@ -496,6 +512,12 @@ wan:
         assert_eq!(aws.backends[2].address.to_string(), "127.0.10.102:8080");
         let gcp = &p.clusters[1];
         assert_eq!(gcp.gateways[1].quic.to_string(), "127.0.11.12:15443");
+        assert_eq!(gcp.gateways[1].quic_listen.to_string(), "127.0.11.22:15443");
+        assert_eq!(
+            p.cluster_of("127.0.11.22".parse().unwrap()).unwrap().name,
+            "gcp"
+        );
+        assert!(p.cluster_of("127.0.99.1".parse().unwrap()).is_none());
     }
 
     #[test]
