@@ -44,6 +44,32 @@ pub struct Proc {
     pub name: String,
     pub pid: u32,
     pub address: SocketAddr,
+    /// Its admin port (`/ready`), if it has one.
+    #[serde(default)]
+    pub admin: Option<SocketAddr>,
+}
+
+/// A process's health: `down` (not running), `not ready` (running, but its
+/// `/ready` does not answer 200), or `up`.
+pub fn health(p: &Proc) -> &'static str {
+    if !alive(p.pid) {
+        return "down";
+    }
+    let Some(admin) = p.admin else { return "up" };
+    let ready = (|| -> std::io::Result<bool> {
+        use std::io::{Read as _, Write as _};
+        let mut s = std::net::TcpStream::connect_timeout(&admin, Duration::from_millis(500))?;
+        s.set_read_timeout(Some(Duration::from_millis(500)))?;
+        s.write_all(b"GET /ready HTTP/1.1\r\nhost: admin\r\nconnection: close\r\n\r\n")?;
+        let mut head = [0u8; 12];
+        s.read_exact(&mut head)?;
+        Ok(head.ends_with(b"200"))
+    })();
+    if ready.unwrap_or(false) {
+        "up"
+    } else {
+        "not ready"
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -427,6 +453,7 @@ async fn start(
             name: e.name.clone(),
             pid,
             address: e.client,
+            admin: None,
         });
     }
     for (e, p) in plan.etcd.iter().zip(&state.etcd) {
@@ -625,12 +652,14 @@ async fn start_cluster(
             name: format!("{}-controller", c.name),
             pid: 0,
             address: cp.controller,
+            admin: Some(cp.controller_admin),
         },
         gateways: Vec::new(),
         proxy: Proc {
             name: format!("{}-proxy", c.name),
             pid: 0,
             address: cp.proxy_http,
+            admin: Some(cp.proxy_admin),
         },
         registry: cdir.join("registry.yaml"),
         backends,
@@ -695,6 +724,7 @@ async fn start_cluster(
             name: format!("{}-gateway-{i}", c.name),
             pid,
             address: g.quic,
+            admin: Some(g.admin),
         });
     }
 
@@ -786,11 +816,12 @@ pub struct ClusterStatus {
     pub name: String,
     pub cloud: String,
     pub region: String,
-    pub controller: bool,
+    /// `up`, `not ready` or `down`, from its `/ready`.
+    pub controller: &'static str,
     pub gateways_up: usize,
     pub gateways: usize,
     pub proxy: SocketAddr,
-    pub proxy_up: bool,
+    pub proxy_health: &'static str,
     pub backends_up: usize,
     pub backends: usize,
     pub services: BTreeMap<String, String>,
@@ -812,11 +843,11 @@ pub fn status_of(s: &State) -> Vec<ClusterStatus> {
                 name: c.name.clone(),
                 cloud: c.cloud.clone(),
                 region: c.region.clone(),
-                controller: alive(c.controller.pid),
-                gateways_up: c.gateways.iter().filter(|g| alive(g.pid)).count(),
+                controller: health(&c.controller),
+                gateways_up: c.gateways.iter().filter(|g| health(g) == "up").count(),
                 gateways: c.gateways.len(),
                 proxy: c.proxy.address,
-                proxy_up: alive(c.proxy.pid),
+                proxy_health: health(&c.proxy),
                 backends_up: c
                     .backends
                     .iter()
@@ -833,7 +864,6 @@ pub fn status_of(s: &State) -> Vec<ClusterStatus> {
 }
 
 pub fn print_status(s: &State, dir: &Path) {
-    let up = |b: bool| if b { "up" } else { "DOWN" };
     println!(
         "\n{:<16} {:<8} {:<14} {:<10} {:<9} {:<22} SERVICES (healthy/total)",
         "CLUSTER", "CLOUD", "REGION", "CONTROLLER", "GATEWAYS", "PROXY"
@@ -845,9 +875,9 @@ pub fn print_status(s: &State, dir: &Path) {
             c.name,
             c.cloud,
             c.region,
-            up(c.controller),
+            c.controller,
             format!("{}/{}", c.gateways_up, c.gateways),
-            format!("{} {}", c.proxy, up(c.proxy_up)),
+            format!("{} {}", c.proxy, c.proxy_health),
             services.join(", ")
         );
     }

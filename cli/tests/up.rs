@@ -239,6 +239,10 @@ async fn three_clouds_fail_over_from_aws_and_back() {
     let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(status[0]["name"], "aws-use1");
     assert_eq!(status[0]["services"]["shop/checkout"], "2/2");
+    assert_eq!(status[0]["proxy"], AWS_PROXY);
+    assert_eq!(status[0]["proxy_health"], "up");
+    assert_eq!(status[1]["controller"], "up");
+    assert_eq!(status[2]["gateways_up"], 1);
     let out = fedmesh(&["down"], state.path());
     assert!(
         out.status.success(),
