@@ -151,6 +151,15 @@ impl<K: Hash + Eq + Clone> Balancer<K> {
             .1 += 1;
     }
 
+    /// An attempt on `k` was given up before it reached `k` (a breaker
+    /// refused it): it no longer counts as outstanding, and says nothing
+    /// of `k`'s health or latency.
+    pub fn cancelled(&mut self, k: &K) {
+        if let Some(e) = self.load.get_mut(k) {
+            e.1 = e.1.saturating_sub(1);
+        }
+    }
+
     /// An attempt on `k` ended: `Ok(latency)` or a failure. `targets` is
     /// how many targets the service has (the ejection cap's base).
     pub fn finished(&mut self, k: &K, outcome: Result<Duration, ()>, targets: usize, now: Instant) {
@@ -348,5 +357,27 @@ mod tests {
             None,
             "with two candidates the fast one always wins: {m:?}"
         );
+    }
+
+    #[test]
+    fn a_cancelled_attempt_is_no_longer_outstanding_and_teaches_nothing() {
+        let t0 = Instant::now();
+        let mut b = Balancer::new(BalancerPolicy::default());
+        let t = fleet();
+        // Equal latency; a1 has an attempt outstanding, so a2 wins.
+        for k in ["a1", "a2"] {
+            b.started(&k, t0);
+            b.finished(&k, Ok(Duration::from_millis(1)), t.len(), t0);
+        }
+        b.started(&"a1", t0);
+        let draw = Draw {
+            level: 0.0,
+            a: 0,
+            b: 0,
+        };
+        assert_eq!(b.choose(&t, &[], draw, t0), Some("a2"));
+        // Cancelled, it is a1's turn again (the draw picks it first).
+        b.cancelled(&"a1");
+        assert_eq!(b.choose(&t, &[], draw, t0), Some("a1"));
     }
 }

@@ -144,14 +144,7 @@ pub async fn handle(shared: &Shared, mut req: Request<Incoming>) -> Response<Bod
         Ok(slot) => slot,
         Err(trip) => {
             count(shared, &service, "", "", "overloaded", started);
-            let mut r = local_reply(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "overloaded",
-                format!("fedmesh: {service} is overloaded: {}\n", trip.reason()),
-            );
-            r.headers_mut()
-                .insert(OVERLOADED_HEADER, HeaderValue::from_static(trip.reason()));
-            return r;
+            return overloaded(&service, trip.reason());
         }
     };
     state.request();
@@ -212,7 +205,7 @@ pub async fn handle(shared: &Shared, mut req: Request<Incoming>) -> Response<Bod
         let (mut tx, reused) = match sender(shared, &state, &target, &ask).await {
             Ok(s) => s,
             Err(Opened::Overloaded(reason)) => {
-                state.finished(&svc, &target, Ok(attempt_started.elapsed()));
+                state.cancelled(&target);
                 done.record(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "",
@@ -220,14 +213,7 @@ pub async fn handle(shared: &Shared, mut req: Request<Incoming>) -> Response<Bod
                     "overloaded",
                     tried.len(),
                 );
-                let mut r = local_reply(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "overloaded",
-                    format!("fedmesh: {service} is overloaded: {reason}\n"),
-                );
-                r.headers_mut()
-                    .insert(OVERLOADED_HEADER, HeaderValue::from_static(reason));
-                return r;
+                return overloaded(&service, reason);
             }
             Err(Opened::Failed(e)) => {
                 // Never reached the target: always safe to go elsewhere.
@@ -666,6 +652,18 @@ fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: bool) {
         h.remove(header::CONNECTION);
         h.remove(header::UPGRADE);
     }
+}
+
+/// A breaker's 503, naming its reason in `x-fedmesh-overloaded`.
+fn overloaded(service: &str, reason: &'static str) -> Response<Body> {
+    let mut r = local_reply(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "overloaded",
+        format!("fedmesh: {service} is overloaded: {reason}\n"),
+    );
+    r.headers_mut()
+        .insert(OVERLOADED_HEADER, HeaderValue::from_static(reason));
+    r
 }
 
 fn local_reply(status: StatusCode, kind: &'static str, body: String) -> Response<Body> {

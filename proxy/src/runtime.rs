@@ -127,6 +127,11 @@ impl ServiceState {
             .started(k, Instant::now().into_std());
     }
 
+    /// An attempt on `k` was given up before it reached `k`.
+    pub fn cancelled(&self, k: &TargetKey) {
+        lock(&self.lb).balancer.cancelled(k);
+    }
+
     /// An attempt on `k` ended.
     pub fn finished(&self, svc: &Routable, k: &TargetKey, outcome: Result<Duration, ()>) {
         let now = Instant::now().into_std();
