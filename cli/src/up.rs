@@ -865,13 +865,13 @@ pub fn status_of(s: &State) -> Vec<ClusterStatus> {
 
 pub fn print_status(s: &State, dir: &Path) {
     println!(
-        "\n{:<16} {:<8} {:<14} {:<10} {:<9} {:<22} SERVICES (healthy/total)",
+        "\n{:<20} {:<8} {:<16} {:<10} {:<9} {:<22} SERVICES (healthy/total)",
         "CLUSTER", "CLOUD", "REGION", "CONTROLLER", "GATEWAYS", "PROXY"
     );
     for c in status_of(s) {
         let services: Vec<String> = c.services.iter().map(|(k, v)| format!("{k} {v}")).collect();
         println!(
-            "{:<16} {:<8} {:<14} {:<10} {:<9} {:<22} {}",
+            "{:<20} {:<8} {:<16} {:<10} {:<9} {:<22} {}",
             c.name,
             c.cloud,
             c.region,
