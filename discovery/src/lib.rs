@@ -5,8 +5,11 @@
 //!
 //! - [`state`]: the client's copy of the mesh. I/O-free.
 //! - [`client`]: the drivers.
+//! - [`files`]: what a component's config file needs from disk to reach
+//!   its controller.
 
 pub mod client;
+pub mod files;
 pub mod state;
 
 pub use client::{

@@ -364,15 +364,12 @@ impl ProxyConfig {
     /// Reads `path` and the files it names (relative to its directory).
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let origin = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-            origin: origin.clone(),
-            message: format!("cannot read: {e}"),
-        })?;
-        let base = path.parent().unwrap_or(Path::new(".")).to_path_buf();
-        Self::parse(&text, &origin, move |p| {
-            let full = base.join(p);
-            std::fs::read(&full).map_err(|e| format!("cannot read {}: {e}", full.display()))
-        })
+        let (text, beside) =
+            fedmesh_discovery::files::read_config(path).map_err(|message| ConfigError {
+                origin: origin.clone(),
+                message,
+            })?;
+        Self::parse(&text, &origin, |p| beside.read(p))
     }
 
     /// Parses a config document; `read` fetches the files it names.
@@ -472,19 +469,8 @@ fn discovery(
         }
     }
     let td = common.me.trust_domain.clone();
-    let doc = read(&c.bundle).map_err(|e| format!("controller.bundle: {e}"))?;
-    let bundle = Bundle::from_document(td.clone(), &doc, &c.bundle.display().to_string())
-        .map_err(|e| format!("controller.bundle: {e}"))?;
-    let mut bootstrap = BundleSet::new();
-    bootstrap.insert(bundle);
-    let token = read(&c.join_token_file).map_err(|e| format!("controller.joinTokenFile: {e}"))?;
-    let token = String::from_utf8(token)
-        .map_err(|_| "controller.joinTokenFile: not UTF-8 text".to_string())?
-        .trim()
-        .to_string();
-    if token.is_empty() {
-        return Err("controller.joinTokenFile: the file is empty".into());
-    }
+    let (bootstrap, token) =
+        fedmesh_discovery::files::bootstrap(&td, &c.bundle, &c.join_token_file, read)?;
     let identity = SpiffeId::workload(&td, &c.namespace, &c.service_account)
         .map_err(|e| format!("controller.namespace / serviceAccount: {e}"))?;
     let controller = SpiffeId::controller(&td, &common.me.cluster).map_err(|e| e.to_string())?;

@@ -1,0 +1,53 @@
+//! What a data-plane component's config file needs from disk before it
+//! can reach its controller: the file itself with a reader for the files
+//! it names (relative to its directory), and the bootstrap bundle and
+//! join token. Shared by the gateway and the proxy.
+
+use std::path::{Path, PathBuf};
+
+use trust_bundle::{Bundle, BundleSet, TrustDomain};
+
+/// The directory a config file's relative paths start from.
+#[derive(Debug, Clone)]
+pub struct Beside(PathBuf);
+
+impl Beside {
+    /// Reads a file the config names.
+    pub fn read(&self, p: &Path) -> Result<Vec<u8>, String> {
+        let full = self.0.join(p);
+        std::fs::read(&full).map_err(|e| format!("cannot read {}: {e}", full.display()))
+    }
+}
+
+/// Reads a config file: its text, and where the files it names are. The
+/// error is the message for the file's origin.
+pub fn read_config(path: &Path) -> Result<(String, Beside), String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read: {e}"))?;
+    let base = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+    Ok((text, Beside(base)))
+}
+
+/// The bundle of our own trust domain `td` (to verify the controller
+/// before anything else is known) and the join token, read with `read`.
+/// Errors name `controller.bundle` or `controller.joinTokenFile`.
+pub fn bootstrap(
+    td: &TrustDomain,
+    bundle: &Path,
+    join_token_file: &Path,
+    read: &impl Fn(&Path) -> Result<Vec<u8>, String>,
+) -> Result<(BundleSet, String), String> {
+    let doc = read(bundle).map_err(|e| format!("controller.bundle: {e}"))?;
+    let own = Bundle::from_document(td.clone(), &doc, &bundle.display().to_string())
+        .map_err(|e| format!("controller.bundle: {e}"))?;
+    let mut set = BundleSet::new();
+    set.insert(own);
+    let token = read(join_token_file).map_err(|e| format!("controller.joinTokenFile: {e}"))?;
+    let token = String::from_utf8(token)
+        .map_err(|_| "controller.joinTokenFile: not UTF-8 text".to_string())?
+        .trim()
+        .to_string();
+    if token.is_empty() {
+        return Err("controller.joinTokenFile: the file is empty".into());
+    }
+    Ok((set, token))
+}
