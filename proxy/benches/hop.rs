@@ -20,14 +20,12 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
 use hdrhistogram::Histogram;
 use support::gw::Domain;
 use support::{Backend, Client};
-use tokio::io::AsyncBufReadExt;
 use tokio::sync::{Mutex, mpsc};
 use tokio::time::Instant;
 
@@ -162,45 +160,10 @@ async fn main() {
     let d = Domain::new("aws", "aws.fedmesh.test", 81);
     let backend = Backend::new(d.ip(10), "aws", "az1", "cart").await;
     let dir = tempfile::tempdir().unwrap();
-    let svid = d.workload_svid("shop", "web");
-    std::fs::write(dir.path().join("web.pem"), svid.chain_pem()).unwrap();
-    std::fs::write(dir.path().join("web-key.pem"), svid.key_pem()).unwrap();
-    std::fs::write(dir.path().join("aws.json"), d.bundle().to_document()).unwrap();
-    let yaml = format!(
-        "cluster: aws
-trustDomain: aws.fedmesh.test
-locality: {{cloud: aws, region: r1, zone: az1}}
-listen: {{http: \"{ip}:0\"}}
-identity: {{certificate: web.pem, key: web-key.pem}}
-bundles: {{aws.fedmesh.test: aws.json}}
-services:
-  - name: shop/cart
-    port: 8080
-    endpoints: [{{address: \"{b}\", zone: az1}}]
-",
-        ip = d.ip(5),
-        b = backend.addr
-    );
-    let config = dir.path().join("proxy.yaml");
-    std::fs::write(&config, yaml).unwrap();
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_fedmesh-proxy"))
-        .arg("--config")
-        .arg(&config)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let config = support::static_config(dir.path(), &d, backend.addr, false, "{}");
+    let child = support::ProxyProcess::start(&config, "warn").await;
+    let (proxy, mut child) = (child.http, child.child);
     let pid = child.id().unwrap();
-    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
-    let first = lines.next_line().await.unwrap().unwrap();
-    let proxy: SocketAddr = first
-        .split("http on ")
-        .nth(1)
-        .and_then(|s| s.split(',').next())
-        .unwrap()
-        .parse()
-        .unwrap();
     let (idle_rss, _) = rss_kb(pid);
     let (haproxy, _haproxy) = haproxy_hop(dir.path(), d.ip(6), backend.addr).await;
 

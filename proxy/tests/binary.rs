@@ -6,12 +6,10 @@
 
 mod support;
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use support::gw::Domain;
-use support::{Backend, get};
-use tokio::io::AsyncBufReadExt;
+use support::{Backend, ProxyProcess, get, static_config};
 
 const BIN: &str = env!("CARGO_BIN_EXE_fedmesh-proxy");
 
@@ -54,54 +52,9 @@ async fn a_static_file_serves_and_sigterm_drains() {
     let d = Domain::new("aws", "aws.fedmesh.test", 72);
     let b = Backend::new(d.ip(10), "aws", "az1", "cart").await;
     let dir = tempfile::tempdir().unwrap();
-    let svid = d.workload_svid("shop", "web");
-    std::fs::write(dir.path().join("web.pem"), svid.chain_pem()).unwrap();
-    std::fs::write(dir.path().join("web-key.pem"), svid.key_pem()).unwrap();
-    std::fs::write(dir.path().join("aws.json"), d.bundle().to_document()).unwrap();
-    let yaml = format!(
-        "cluster: aws
-trustDomain: aws.fedmesh.test
-locality: {{cloud: aws, region: r1, zone: az1}}
-listen: {{http: \"{ip}:0\", admin: \"{ip}:0\"}}
-identity: {{certificate: web.pem, key: web-key.pem}}
-bundles: {{aws.fedmesh.test: aws.json}}
-services:
-  - name: shop/cart
-    port: 8080
-    endpoints: [{{address: \"{b}\", zone: az1}}]
-settings: {{accessLog: json}}
-",
-        ip = d.ip(5),
-        b = b.addr
-    );
-    let config = dir.path().join("proxy.yaml");
-    std::fs::write(&config, yaml).unwrap();
-    let mut child = tokio::process::Command::new(BIN)
-        .arg("--config")
-        .arg(&config)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
-    let first = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
-        .await
-        .expect("the proxy did not start")
-        .unwrap()
-        .unwrap();
-    // "fedmesh-proxy: http on <addr>, tcp on [], admin on <addr>"
-    let after = |key: &str| {
-        first
-            .split(key)
-            .nth(1)
-            .and_then(|s| s.split(',').next())
-            .unwrap()
-            .trim()
-            .parse::<std::net::SocketAddr>()
-            .unwrap()
-    };
-    let (http, admin) = (after("http on "), after("admin on "));
+    let config = static_config(dir.path(), &d, b.addr, true, "{accessLog: json}");
+    let p = ProxyProcess::start(&config, "info").await;
+    let (http, admin, child) = (p.http, p.admin.unwrap(), p.child);
     assert_eq!(get(http, "cart.shop").await.unwrap().cluster, "aws");
 
     let metrics = tokio::task::spawn_blocking(move || {

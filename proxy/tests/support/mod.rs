@@ -9,6 +9,7 @@ pub mod gw;
 
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -300,4 +301,87 @@ pub fn update(
 ) {
     let m = me(d, zone);
     table.send_replace(Arc::new(Table::build(&m.cluster, &m.locality, specs)));
+}
+
+/// Writes a static config in `dir` for a proxy of `d` (HTTP, and admin if
+/// asked, on `d`'s block) serving `shop/cart` at `backend`, with the
+/// SVID and bundle files it names. `settings` is a YAML flow map.
+pub fn static_config(
+    dir: &Path,
+    d: &gw::Domain,
+    backend: SocketAddr,
+    admin: bool,
+    settings: &str,
+) -> PathBuf {
+    let svid = d.workload_svid("shop", "web");
+    std::fs::write(dir.join("web.pem"), svid.chain_pem()).unwrap();
+    std::fs::write(dir.join("web-key.pem"), svid.key_pem()).unwrap();
+    std::fs::write(dir.join("bundle.json"), d.bundle().to_document()).unwrap();
+    let ip = d.ip(5);
+    let admin = if admin {
+        format!(", admin: \"{ip}:0\"")
+    } else {
+        String::new()
+    };
+    let yaml = format!(
+        "cluster: {cluster}
+trustDomain: {td}
+locality: {{cloud: {cluster}, region: r1, zone: az1}}
+listen: {{http: \"{ip}:0\"{admin}}}
+identity: {{certificate: web.pem, key: web-key.pem}}
+bundles: {{{td}: bundle.json}}
+services:
+  - name: shop/cart
+    port: 8080
+    endpoints: [{{address: \"{backend}\", zone: az1}}]
+settings: {settings}
+",
+        cluster = d.cluster,
+        td = d.td,
+    );
+    let config = dir.join("proxy.yaml");
+    std::fs::write(&config, yaml).unwrap();
+    config
+}
+
+/// A real `fedmesh-proxy` process, with the addresses its first line gave.
+pub struct ProxyProcess {
+    pub child: tokio::process::Child,
+    pub http: SocketAddr,
+    pub admin: Option<SocketAddr>,
+}
+
+impl ProxyProcess {
+    /// Starts it on `config` with `RUST_LOG=rust_log`; stderr is piped.
+    pub async fn start(config: &Path, rust_log: &str) -> Self {
+        use tokio::io::AsyncBufReadExt;
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_fedmesh-proxy"))
+            .arg("--config")
+            .arg(config)
+            .env("RUST_LOG", rust_log)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let first = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+            .await
+            .expect("the proxy did not start")
+            .unwrap()
+            .unwrap();
+        // "fedmesh-proxy: http on <addr>, tcp on [...], admin on <addr or ->"
+        let after = |key: &str| {
+            first
+                .split(key)
+                .nth(1)
+                .and_then(|s| s.split(',').next())
+                .and_then(|s| s.trim().parse::<SocketAddr>().ok())
+        };
+        Self {
+            http: after("http on ").expect("the proxy's http address"),
+            admin: after("admin on "),
+            child,
+        }
+    }
 }
