@@ -15,4 +15,4 @@ pub mod state;
 pub use client::{
     ClientError, ClientPolicy, ControllerAccess, Convert, Discovered, certify, channel, start,
 };
-pub use state::MeshState;
+pub use state::{MeshState, local_endpoints, service_ports};

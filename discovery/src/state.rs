@@ -4,7 +4,9 @@
 
 use std::collections::BTreeMap;
 
-use fedmesh_api::ServiceKey;
+use std::net::SocketAddr;
+
+use fedmesh_api::{Endpoint, ServiceKey};
 use fedmesh_proto::discovery::v1 as pb;
 use trust_bundle::{Bundle, BundleSet, TrustDomain};
 
@@ -17,6 +19,37 @@ pub struct MeshState {
     pub bundles: BTreeMap<String, String>,
     /// Every other registered cluster, by name.
     pub peers: BTreeMap<String, pb::PeerCluster>,
+}
+
+/// A discovered service's ports, each checked to be 1-65535.
+pub fn service_ports(s: &pb::Service) -> Result<Vec<u16>, String> {
+    s.ports
+        .iter()
+        .map(|&p| {
+            u16::try_from(p)
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| format!("port {p} is out of range"))
+        })
+        .collect()
+}
+
+/// A discovered service's local endpoints, each address checked.
+pub fn local_endpoints(s: &pb::Service) -> Result<Vec<Endpoint>, String> {
+    s.local
+        .iter()
+        .map(|e| {
+            let address: SocketAddr = e
+                .address
+                .parse()
+                .map_err(|_| format!("endpoint {:?} is not ip:port", e.address))?;
+            Ok(Endpoint {
+                address,
+                zone: e.zone.clone(),
+                healthy: e.healthy,
+            })
+        })
+        .collect()
 }
 
 impl MeshState {

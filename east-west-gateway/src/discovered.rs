@@ -2,9 +2,7 @@
 //! the client's [`MeshState`] to [`Routes`]. An update it cannot read is
 //! NACKed whole, and the gateway keeps its last good routes.
 
-use std::net::SocketAddr;
-
-use fedmesh_api::{Endpoint, validate_label};
+use fedmesh_api::validate_label;
 use fedmesh_discovery::{ClientError, ClientPolicy, Discovered, MeshState};
 use fedmesh_proto::discovery::v1 as pb;
 use trust_bundle::{BundleSet, TrustDomain};
@@ -77,31 +75,8 @@ pub fn routes(me: &Local, m: &MeshState, bundles: &BundleSet) -> Result<Routes, 
     }
     for (key, s) in m.services.iter().filter(|(_, s)| s.exported) {
         let at = format!("service {key}");
-        let ports = s
-            .ports
-            .iter()
-            .map(|&p| {
-                u16::try_from(p)
-                    .ok()
-                    .filter(|p| *p != 0)
-                    .ok_or_else(|| format!("{at}: port {p} is out of range"))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let endpoints = s
-            .local
-            .iter()
-            .map(|e| {
-                let address: SocketAddr = e
-                    .address
-                    .parse()
-                    .map_err(|_| format!("{at}: endpoint {:?} is not ip:port", e.address))?;
-                Ok(Endpoint {
-                    address,
-                    zone: e.zone.clone(),
-                    healthy: e.healthy,
-                })
-            })
-            .collect::<Result<Vec<_>, String>>()?;
+        let ports = fedmesh_discovery::service_ports(s).map_err(|e| format!("{at}: {e}"))?;
+        let endpoints = fedmesh_discovery::local_endpoints(s).map_err(|e| format!("{at}: {e}"))?;
         routes.services.insert(
             key.clone(),
             ExportedService {

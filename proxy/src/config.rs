@@ -20,7 +20,7 @@ use crate::budget::BudgetPolicy;
 use crate::limits::Limits;
 use crate::locality::{DEFAULT_FAILOVER_THRESHOLD, FailoverOrder, Locality};
 use crate::outlier::OutlierPolicy;
-use crate::table::{LocalEndpoint, RemoteCluster, ServiceSpec};
+use crate::table::{RemoteCluster, ServiceSpec};
 
 /// How the proxy behaves. Every field has a production default.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -577,15 +577,7 @@ fn parse_static(
             key: s.name,
             port: s.port,
             failover,
-            local: listed
-                .endpoints
-                .into_iter()
-                .map(|e| LocalEndpoint {
-                    address: e.address,
-                    zone: e.zone,
-                    healthy: e.healthy,
-                })
-                .collect(),
+            local: listed.endpoints,
             remote,
         });
     }

@@ -2,12 +2,10 @@
 //! from the client's [`MeshState`] to the proxy's service specs. An update
 //! it cannot read is NACKed whole, and the proxy keeps its last good table.
 
-use std::net::SocketAddr;
-
 use fedmesh_discovery::MeshState;
 
 use crate::locality::FailoverOrder;
-use crate::table::{LocalEndpoint, RemoteCluster, ServiceSpec};
+use crate::table::{RemoteCluster, ServiceSpec};
 
 /// The services `m` describes, for a proxy in `cluster`, each ordered by
 /// `failover` (the discovery API carries no per-service policy yet).
@@ -25,28 +23,11 @@ pub fn services(
     let mut out = Vec::with_capacity(m.services.len());
     for (key, s) in &m.services {
         let at = format!("service {key}");
-        let Some(&port) = s.ports.first() else {
+        let ports = fedmesh_discovery::service_ports(s).map_err(|e| format!("{at}: {e}"))?;
+        let Some(&port) = ports.first() else {
             return Err(format!("{at}: no port"));
         };
-        let port = u16::try_from(port)
-            .ok()
-            .filter(|p| *p != 0)
-            .ok_or_else(|| format!("{at}: port {port} is out of range"))?;
-        let local = s
-            .local
-            .iter()
-            .map(|e| {
-                let address: SocketAddr = e
-                    .address
-                    .parse()
-                    .map_err(|_| format!("{at}: endpoint {:?} is not ip:port", e.address))?;
-                Ok(LocalEndpoint {
-                    address,
-                    zone: e.zone.clone(),
-                    healthy: e.healthy,
-                })
-            })
-            .collect::<Result<Vec<_>, String>>()?;
+        let local = fedmesh_discovery::local_endpoints(s).map_err(|e| format!("{at}: {e}"))?;
         let remote = s
             .remote
             .iter()

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use fedmesh_api::ServiceKey;
+use fedmesh_api::{Endpoint, ServiceKey};
 
 use crate::balancer::Target;
 use crate::locality::{FailoverOrder, Level, Locality};
@@ -44,14 +44,6 @@ impl std::fmt::Display for TargetKey {
     }
 }
 
-/// A local endpoint of a service.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LocalEndpoint {
-    pub address: SocketAddr,
-    pub zone: String,
-    pub healthy: bool,
-}
-
 /// A remote cluster serving a service.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RemoteCluster {
@@ -68,7 +60,7 @@ pub struct ServiceSpec {
     pub key: ServiceKey,
     /// The port remote clusters serve it on (named in `TunnelOpen`).
     pub port: u16,
-    pub local: Vec<LocalEndpoint>,
+    pub local: Vec<Endpoint>,
     pub remote: Vec<RemoteCluster>,
     /// How its targets are ordered into priorities.
     pub failover: FailoverOrder,
@@ -207,12 +199,12 @@ mod tests {
             key: ServiceKey::new("shop", "cart"),
             port: 8080,
             local: vec![
-                LocalEndpoint {
+                Endpoint {
                     address: "127.0.1.10:8080".parse().unwrap(),
                     zone: "az1".into(),
                     healthy: true,
                 },
-                LocalEndpoint {
+                Endpoint {
                     address: "127.0.1.11:8080".parse().unwrap(),
                     zone: "az2".into(),
                     healthy: false,
@@ -282,7 +274,7 @@ mod tests {
         let spec = |failover| ServiceSpec {
             key: ServiceKey::new("shop", "cart"),
             port: 8080,
-            local: vec![LocalEndpoint {
+            local: vec![Endpoint {
                 address: "127.0.1.10:8080".parse().unwrap(),
                 zone: "az1".into(),
                 healthy: false,

@@ -11,18 +11,18 @@ use std::time::Duration;
 
 use fedmesh_api::ServiceKey;
 use proxy::config::{OutlierSettings, Settings};
-use proxy::table::{LocalEndpoint, RemoteCluster, ServiceSpec};
+use proxy::table::{RemoteCluster, ServiceSpec};
 use support::gw::{Domain, bundles, export, start_gateway};
 use support::{Backend, Load, get, start_proxy, update};
 use tokio::time::Instant;
 
 const CART: &str = "cart.shop.svc.clusterset.local";
 
-fn local(backends: &[&Backend], zones: &[&str], healthy: bool) -> Vec<LocalEndpoint> {
+fn local(backends: &[&Backend], zones: &[&str], healthy: bool) -> Vec<fedmesh_api::Endpoint> {
     backends
         .iter()
         .zip(zones)
-        .map(|(b, z)| LocalEndpoint {
+        .map(|(b, z)| fedmesh_api::Endpoint {
             address: b.addr,
             zone: (*z).into(),
             healthy,
@@ -30,7 +30,7 @@ fn local(backends: &[&Backend], zones: &[&str], healthy: bool) -> Vec<LocalEndpo
         .collect()
 }
 
-fn cart(local: Vec<LocalEndpoint>, remote: Vec<RemoteCluster>) -> ServiceSpec {
+fn cart(local: Vec<fedmesh_api::Endpoint>, remote: Vec<RemoteCluster>) -> ServiceSpec {
     ServiceSpec {
         key: ServiceKey::new("shop", "cart"),
         port: 8080,

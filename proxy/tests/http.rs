@@ -18,7 +18,7 @@ use http_body_util::{BodyExt, Empty, Full};
 use hyper::Request;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use proxy::config::{Common, Listen, Settings, TcpListen};
-use proxy::table::{LocalEndpoint, ServiceSpec, Table};
+use proxy::table::{ServiceSpec, Table};
 use support::gw::{Domain, Echo, bundles};
 use support::{Backend, get, start_proxy};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -31,7 +31,7 @@ fn spec(name: &str, endpoints: &[SocketAddr]) -> ServiceSpec {
         port: 8080,
         local: endpoints
             .iter()
-            .map(|a| LocalEndpoint {
+            .map(|a| fedmesh_api::Endpoint {
                 address: *a,
                 zone: "az1".into(),
                 healthy: true,

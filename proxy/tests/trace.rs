@@ -24,7 +24,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 };
 use opentelemetry_proto::tonic::trace::v1::Span;
 use proxy::config::{Common, Listen, Settings};
-use proxy::table::{LocalEndpoint, ServiceSpec, Table};
+use proxy::table::{ServiceSpec, Table};
 use support::gw::{Domain, bundles};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -109,7 +109,7 @@ async fn a_request_is_a_span_under_the_callers_trace_and_the_backends_parent() {
     let spec = ServiceSpec {
         key: ServiceKey::new("shop", "cart"),
         port: 8080,
-        local: vec![LocalEndpoint {
+        local: vec![fedmesh_api::Endpoint {
             address: backend_addr,
             zone: "az1".into(),
             healthy: true,
