@@ -51,3 +51,29 @@ pub fn bootstrap(
     }
     Ok((set, token))
 }
+
+/// Publishes an SVID and bundle set re-read from files, each only if it
+/// changed, so that nothing downstream rebuilds for an unchanged file.
+pub fn publish_identity(
+    svid_tx: &tokio::sync::watch::Sender<std::sync::Arc<trust_bundle::Svid>>,
+    svid: trust_bundle::Svid,
+    bundles_tx: &tokio::sync::watch::Sender<std::sync::Arc<BundleSet>>,
+    bundles: BundleSet,
+) {
+    svid_tx.send_if_modified(|s| {
+        let changed = s.chain() != svid.chain();
+        if changed {
+            tracing::info!(not_after = ?svid.not_after(), "certificate reloaded");
+            *s = std::sync::Arc::new(svid);
+        }
+        changed
+    });
+    bundles_tx.send_if_modified(|b| {
+        let changed = **b != bundles;
+        if changed {
+            tracing::info!("bundles reloaded");
+            *b = std::sync::Arc::new(bundles);
+        }
+        changed
+    });
+}

@@ -183,21 +183,6 @@ async fn reload(
             }
             changed
         });
-        svid.send_if_modified(|s| {
-            let changed = s.chain() != c.svid.chain();
-            if changed {
-                tracing::info!(not_after = ?c.svid.not_after(), "certificate reloaded");
-                *s = Arc::new(c.svid);
-            }
-            changed
-        });
-        bundles.send_if_modified(|b| {
-            let changed = **b != c.bundles;
-            if changed {
-                tracing::info!("bundles reloaded");
-                *b = Arc::new(c.bundles);
-            }
-            changed
-        });
+        fedmesh_discovery::files::publish_identity(&svid, c.svid, &bundles, c.bundles);
     }
 }

@@ -212,19 +212,6 @@ async fn reload(
             }
             changed
         });
-        svid.send_if_modified(|s| {
-            let changed = s.chain() != c.svid.chain();
-            if changed {
-                *s = Arc::new(c.svid);
-            }
-            changed
-        });
-        bundles.send_if_modified(|b| {
-            let changed = **b != c.bundles;
-            if changed {
-                *b = Arc::new(c.bundles);
-            }
-            changed
-        });
+        fedmesh_discovery::files::publish_identity(&svid, c.svid, &bundles, c.bundles);
     }
 }
