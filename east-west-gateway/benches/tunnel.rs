@@ -38,10 +38,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 
 fn env(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
+    fedmesh_test_support::env_or(name, default)
 }
 
 /// Reads until EOF, then answers with the byte count.

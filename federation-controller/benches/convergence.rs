@@ -29,10 +29,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use trust_bundle::{AllowAnyVerified, Bundle, BundleSet, SpiffeId, Svid, TrustDomain};
 
 fn env(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
+    fedmesh_test_support::env_or(name, default)
 }
 
 #[tokio::main]

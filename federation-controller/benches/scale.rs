@@ -18,10 +18,7 @@ use fedmesh_api::KeySpace;
 use fedmesh_test_support::{Etcd, EtcdOptions};
 
 fn env(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
+    fedmesh_test_support::env_or(name, default)
 }
 
 async fn http_get(addr: &str, path: &str) -> Option<String> {

@@ -30,10 +30,7 @@ use tokio::sync::{Mutex, mpsc};
 use tokio::time::Instant;
 
 fn env(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
+    fedmesh_test_support::env_or(name, default)
 }
 
 /// Memory of `pid` in kB: (resident now, peak resident).

@@ -9,6 +9,7 @@
 //! - [`dns::DnsServer`]: a small authoritative DNS server on loopback UDP
 //!   whose A records a test can change, to move a name.
 //! - [`eventually`]: poll a condition until a deadline instead of sleeping.
+//! - [`env_or`]: a bench knob from the environment.
 //! - [`ensure_haproxy`]: install the benches' peer when it is missing.
 //! - [`write_atomically`]: replace a file a component is watching, so that
 //!   it never reads half an edit.
@@ -29,6 +30,15 @@ pub use udp_relay::UdpRelay;
 use std::future::Future;
 use std::path::Path;
 use std::time::Duration;
+
+/// A bench knob from the environment: `name` parsed, or `default` when it
+/// is unset or does not parse.
+pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
 
 /// Installs Debian's haproxy through the project's setup script when it
 /// is missing (benches compare against it).
