@@ -3,20 +3,60 @@
 //! counted, and what "ready" means, is the caller's: this crate only serves.
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use http_body_util::Full;
 use hyper::body::Bytes;
 use hyper::{Request, Response, StatusCode};
 use prometheus_client::registry::Registry;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 
 /// Says whether the process is ready: `Ok(detail)` or `Err(why not)`.
 pub type Readiness = Arc<dyn Fn() -> Result<String, String> + Send + Sync>;
 
+/// Counts a listener's failed accepts; `failing` holds while the last one
+/// failed, so readiness can say the listener is not serving.
+#[derive(Debug, Default)]
+pub struct AcceptStats {
+    pub errors: AtomicU64,
+    pub failing: std::sync::atomic::AtomicBool,
+}
+
+/// The next connection on `listener`. A failed accept (out of descriptors,
+/// a connection aborted before it was taken) is logged, counted and retried
+/// with backoff, never returned: a listener whose loop ends on the first
+/// error is a silent outage that `/ready` would not show.
+pub async fn accept(
+    listener: &TcpListener,
+    what: &'static str,
+    stats: &AcceptStats,
+) -> (TcpStream, SocketAddr) {
+    let mut backoff = Duration::from_millis(10);
+    loop {
+        match listener.accept().await {
+            Ok(c) => {
+                stats.failing.store(false, Ordering::Relaxed);
+                return c;
+            }
+            Err(error) => {
+                stats.errors.fetch_add(1, Ordering::Relaxed);
+                stats.failing.store(true, Ordering::Relaxed);
+                tracing::warn!(listener = what, %error, retry_in = ?backoff, "accept failed; still listening");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+        }
+    }
+}
+
 /// Serves the admin endpoints on `listener` until the task is dropped.
 pub async fn serve(listener: TcpListener, registry: Arc<Registry>, ready: Readiness) {
-    while let Ok((tcp, _)) = listener.accept().await {
+    let stats = AcceptStats::default();
+    loop {
+        let (tcp, _) = accept(&listener, "admin", &stats).await;
         let (registry, ready) = (registry.clone(), ready.clone());
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {

@@ -21,6 +21,7 @@ impl Default for KeySpace {
 pub enum GlobalKey {
     Cluster(String),
     Alive(String),
+    Seen(String),
     Bundle(String),
     Export {
         cluster: String,
@@ -53,6 +54,10 @@ impl KeySpace {
         format!("{}alive/{cluster}", self.prefix)
     }
 
+    pub fn seen(&self, cluster: &str) -> String {
+        format!("{}seen/{cluster}", self.prefix)
+    }
+
     pub fn bundle(&self, trust_domain: &str) -> String {
         format!("{}bundles/{trust_domain}", self.prefix)
     }
@@ -79,6 +84,7 @@ impl KeySpace {
         match kind {
             "clusters" => single(rest).map(GlobalKey::Cluster),
             "alive" => single(rest).map(GlobalKey::Alive),
+            "seen" => single(rest).map(GlobalKey::Seen),
             "bundles" => single(rest).map(GlobalKey::Bundle),
             "policies" => single(rest).map(GlobalKey::Policy),
             "exports" => {
@@ -118,6 +124,7 @@ mod tests {
         let ks = KeySpace::default();
         assert_eq!(ks.cluster("aws-use1"), "/fedmesh/v1/clusters/aws-use1");
         assert_eq!(ks.alive("aws-use1"), "/fedmesh/v1/alive/aws-use1");
+        assert_eq!(ks.seen("aws-use1"), "/fedmesh/v1/seen/aws-use1");
         assert_eq!(ks.bundle("aws.example"), "/fedmesh/v1/bundles/aws.example");
         assert_eq!(
             ks.export("aws-use1", "shop", "checkout"),
@@ -134,6 +141,7 @@ mod tests {
         let cases = [
             (ks.cluster("a"), GlobalKey::Cluster("a".into())),
             (ks.alive("a"), GlobalKey::Alive("a".into())),
+            (ks.seen("a"), GlobalKey::Seen("a".into())),
             (
                 ks.bundle("a.example"),
                 GlobalKey::Bundle("a.example".into()),

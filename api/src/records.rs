@@ -34,6 +34,12 @@ pub enum RecordError {
         healthy: u32,
         total: u32,
     },
+    #[error("ports: at least one port is required")]
+    NoPorts,
+    #[error("ports: port 0 is out of range (1-65535)")]
+    PortZero,
+    #[error("ports: {0} is listed twice")]
+    DuplicatePort(u16),
 }
 
 /// Where a peer reaches one of a cluster's east-west gateways. The host may
@@ -168,6 +174,23 @@ impl ClusterRecord {
     }
 }
 
+/// `seen/<cluster>`: when that cluster's controller last said it was alive.
+/// Rewritten every [`SeenRecord::INTERVAL`] and bound to no lease, so it
+/// outlives the cluster's `alive` key: it dates the last liveness of a
+/// cluster that has become unverified.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SeenRecord {
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+}
+
+impl SeenRecord {
+    /// How often a live controller rewrites its `seen` key: the precision
+    /// of a stale cluster's age.
+    pub const INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
+}
+
 /// `alive/<cluster>`: kept on a lease by that cluster's controller.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -202,6 +225,24 @@ pub fn validate_locality(zone: &str, healthy: u32, total: u32) -> Result<(), Rec
     Ok(())
 }
 
+/// The rule every service's ports obey: at least one, each 1-65535, none
+/// twice. The first port is the one tunnels name.
+pub fn validate_ports(ports: &[u16]) -> Result<(), RecordError> {
+    if ports.is_empty() {
+        return Err(RecordError::NoPorts);
+    }
+    let mut seen = BTreeSet::new();
+    for &p in ports {
+        if p == 0 {
+            return Err(RecordError::PortZero);
+        }
+        if !seen.insert(p) {
+            return Err(RecordError::DuplicatePort(p));
+        }
+    }
+    Ok(())
+}
+
 /// `exports/<cluster>/<namespace>/<service>`: per-zone capacity only, never
 /// endpoints, so that pod churn does not reach the global zone.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -214,6 +255,7 @@ pub struct ExportSummary {
 
 impl ExportSummary {
     pub fn validate(&self) -> Result<(), RecordError> {
+        validate_ports(&self.ports)?;
         for l in &self.localities {
             validate_locality(&l.zone, l.healthy, l.total)?;
         }

@@ -19,6 +19,7 @@ use trust_bundle::{
 };
 
 use crate::state::MeshState;
+use crate::status::SyncStatus;
 
 /// How a data-plane component reaches its cluster's controller.
 #[derive(Debug, Clone)]
@@ -178,6 +179,8 @@ pub struct Discovered<T> {
     pub svid: watch::Receiver<Arc<Svid>>,
     pub bundles: watch::Receiver<Arc<BundleSet>>,
     pub config: watch::Receiver<Arc<T>>,
+    /// Skipped services and peer liveness, for the admin port.
+    pub status: watch::Receiver<Arc<SyncStatus>>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -239,11 +242,13 @@ where
     let (svid, renewer) =
         trust_bundle::spawn_renewer(source, first_svid, policy.renewal.clone(), SystemClock);
     let (first_tx, first_rx) = oneshot::channel();
+    let (status_tx, status) = watch::channel(Arc::new(SyncStatus::default()));
     let driver = Driver {
         access,
         policy,
         svid: svid.clone(),
         bundles: bundles_tx,
+        status: status_tx,
         state: MeshState::default(),
         out: Output::First(first_tx),
     };
@@ -264,6 +269,7 @@ where
         svid,
         bundles,
         config,
+        status,
         tasks,
     })
 }
@@ -280,6 +286,7 @@ struct Driver<T> {
     policy: ClientPolicy,
     svid: watch::Receiver<Arc<Svid>>,
     bundles: watch::Sender<Arc<BundleSet>>,
+    status: watch::Sender<Arc<SyncStatus>>,
     /// The last good state: kept across reconnections, and its version is
     /// offered on each new stream so an unchanged mesh is not resent.
     state: MeshState,
@@ -340,13 +347,17 @@ impl<T: Send + Sync + 'static> Driver<T> {
                 .into_inner();
             while let Some(r) = responses.message().await? {
                 let reply = match self.accept(&r, convert) {
-                    Ok(()) => {
+                    Ok(skipped) => {
                         applied = true;
+                        if !skipped.is_empty() {
+                            tracing::warn!(version = %r.version_info, skipped = %skipped.join("; "), "skipped services of a discovery update; each keeps its last good value, the rest applied");
+                        }
+                        // A partial ACK: the version is ours, minus what it names.
                         pb::DiscoveryRequest {
                             node: self.access.node.clone(),
                             version_info: r.version_info.clone(),
                             response_nonce: r.nonce.clone(),
-                            error_detail: String::new(),
+                            error_detail: skipped.join("; "),
                         }
                     }
                     Err(detail) => {
@@ -369,14 +380,15 @@ impl<T: Send + Sync + 'static> Driver<T> {
         (applied, result)
     }
 
-    /// Applies one response whole, or nothing.
+    /// Applies one response, less the services it skips (returned, each
+    /// with why); or nothing, when what is wrong cannot be split.
     fn accept(
         &mut self,
         r: &pb::DiscoveryResponse,
         convert: &impl Convert<T>,
-    ) -> Result<(), String> {
+    ) -> Result<Vec<String>, String> {
         let mut next = self.state.clone();
-        next.apply(r)?;
+        let skipped = next.apply(r)?;
         let bundles = next.bundle_set()?;
         let own = self.access.identity.trust_domain();
         if bundles.get(&own).is_none() {
@@ -409,8 +421,10 @@ impl<T: Send + Sync + 'static> Driver<T> {
             }
             Output::Gone => Output::Gone,
         };
+        self.status
+            .send_replace(Arc::new(SyncStatus::of(&self.state)));
         tracing::debug!(version = %self.state.version_info, "discovery update applied");
-        Ok(())
+        Ok(skipped)
     }
 }
 

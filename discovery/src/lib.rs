@@ -7,12 +7,15 @@
 //! - [`client`]: the drivers.
 //! - [`files`]: what a component's config file needs from disk to reach
 //!   its controller.
+//! - [`status`]: the metrics a client shows of its discovery state.
 
 pub mod client;
 pub mod files;
 pub mod state;
+pub mod status;
 
 pub use client::{
     ClientError, ClientPolicy, ControllerAccess, Convert, Discovered, certify, channel, start,
 };
-pub use state::{MeshState, local_endpoints, service_ports};
+pub use state::{MeshState, check_service, local_endpoints, service_ports};
+pub use status::{PeerLiveness, StatusMetrics, SyncStatus};

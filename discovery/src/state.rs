@@ -1,6 +1,9 @@
 //! A client's copy of the mesh, kept up to date from discovery responses.
-//! I/O-free: [`MeshState::apply`] either applies a whole response or
-//! changes nothing, so a client can NACK and keep its last good state.
+//! I/O-free. [`MeshState::apply`] checks each service on its own: one it
+//! cannot accept is skipped (it keeps its last good value) and named, and
+//! the rest applies, so one bad export never freezes a client. What cannot
+//! be split by service (a full snapshot without its peers, a nameless peer)
+//! fails the whole response, which then changes nothing.
 
 use std::collections::BTreeMap;
 
@@ -19,19 +22,34 @@ pub struct MeshState {
     pub bundles: BTreeMap<String, String>,
     /// Every other registered cluster, by name.
     pub peers: BTreeMap<String, pb::PeerCluster>,
+    /// Services the client could not accept, with why. Each keeps its last
+    /// good value in `services` (or is absent, if it never had one).
+    pub rejected: BTreeMap<String, String>,
 }
 
-/// A discovered service's ports, each checked to be 1-65535.
+/// A discovered service's ports: at least one, each 1-65535, none twice.
 pub fn service_ports(s: &pb::Service) -> Result<Vec<u16>, String> {
-    s.ports
+    let ports = s
+        .ports
         .iter()
-        .map(|&p| {
-            u16::try_from(p)
-                .ok()
-                .filter(|p| *p != 0)
-                .ok_or_else(|| format!("port {p} is out of range"))
-        })
-        .collect()
+        .map(|&p| u16::try_from(p).map_err(|_| format!("port {p} is out of range (1-65535)")))
+        .collect::<Result<Vec<u16>, String>>()?;
+    fedmesh_api::validate_ports(&ports).map_err(|e| e.to_string())?;
+    Ok(ports)
+}
+
+/// Everything a client needs of a service to use it: a name, valid ports
+/// and readable local endpoints, and a name for every remote cluster.
+pub fn check_service(s: &pb::Service) -> Result<(), String> {
+    if s.namespace.is_empty() || s.name.is_empty() {
+        return Err("empty namespace or name".into());
+    }
+    service_ports(s)?;
+    local_endpoints(s)?;
+    if s.remote.iter().any(|r| r.cluster.is_empty()) {
+        return Err("a remote cluster with an empty name".into());
+    }
+    Ok(())
 }
 
 /// A discovered service's local endpoints, each address checked.
@@ -53,17 +71,12 @@ pub fn local_endpoints(s: &pb::Service) -> Result<Vec<Endpoint>, String> {
 }
 
 impl MeshState {
-    /// Applies a response. On error nothing is changed: the caller NACKs
-    /// and keeps its last good state.
-    pub fn apply(&mut self, r: &pb::DiscoveryResponse) -> Result<(), String> {
+    /// Applies a response, service by service. Returns the services it
+    /// skipped, each named with why (`shop/evil: ...`): the caller reports
+    /// them in its ACK. On error nothing is changed: the caller NACKs and
+    /// keeps its last good state.
+    pub fn apply(&mut self, r: &pb::DiscoveryResponse) -> Result<Vec<String>, String> {
         let snap = r.snapshot.as_ref().ok_or("response without a snapshot")?;
-        if let Some(bad) = snap
-            .services
-            .iter()
-            .find(|s| s.namespace.is_empty() || s.name.is_empty())
-        {
-            return Err(format!("service with an empty name: {bad:?}"));
-        }
         if !r.incremental && snap.peers.is_none() {
             return Err("a full snapshot without its peer list".into());
         }
@@ -76,14 +89,38 @@ impl MeshState {
             return Err(format!("peer cluster with an empty name: {bad:?}"));
         }
         if !r.incremental {
-            self.services.clear();
+            // A full snapshot replaces everything, except that a service it
+            // carries in a form we cannot accept keeps its last good value.
+            let mut last_good = std::mem::take(&mut self.services);
+            self.services = snap
+                .services
+                .iter()
+                .filter(|s| check_service(s).is_err())
+                .filter_map(|s| {
+                    let key = ServiceKey::new(&s.namespace, &s.name);
+                    last_good.remove(&key).map(|v| (key, v))
+                })
+                .collect();
             self.bundles.clear();
+            self.rejected.clear();
         }
+        let mut skipped = Vec::new();
         for s in &snap.services {
-            self.services
-                .insert(ServiceKey::new(&s.namespace, &s.name), s.clone());
+            let name = format!("{}/{}", s.namespace, s.name);
+            match check_service(s) {
+                Ok(()) => {
+                    self.rejected.remove(&name);
+                    self.services
+                        .insert(ServiceKey::new(&s.namespace, &s.name), s.clone());
+                }
+                Err(why) => {
+                    skipped.push(format!("service {name}: {why}"));
+                    self.rejected.insert(name, why);
+                }
+            }
         }
         for k in &r.removed {
+            self.rejected.remove(&format!("{}/{}", k.namespace, k.name));
             self.services
                 .remove(&ServiceKey::new(&k.namespace, &k.name));
         }
@@ -103,7 +140,7 @@ impl MeshState {
         }
         self.cluster = snap.cluster.clone();
         self.version_info = r.version_info.clone();
-        Ok(())
+        Ok(skipped)
     }
 
     /// The bundles, parsed. An unreadable one is an error that names its
@@ -173,6 +210,86 @@ mod tests {
                 .contains("empty name")
         );
         assert_eq!(s, before);
+    }
+
+    fn service(name: &str, ports: Vec<u32>) -> pb::Service {
+        pb::Service {
+            namespace: "shop".into(),
+            name: name.into(),
+            ports,
+            ..Default::default()
+        }
+    }
+
+    fn with_services(
+        incremental: bool,
+        services: Vec<pb::Service>,
+        version: &str,
+    ) -> pb::DiscoveryResponse {
+        let mut r = response(incremental, Some(vec![peer("gcp")]));
+        r.version_info = version.into();
+        r.snapshot.as_mut().unwrap().services = services;
+        r
+    }
+
+    #[test]
+    fn a_bad_service_is_skipped_and_named_and_the_rest_applies() {
+        let mut s = MeshState::default();
+        let skipped = s
+            .apply(&with_services(
+                false,
+                vec![service("cart", vec![8080]), service("evil", vec![0])],
+                "v1",
+            ))
+            .unwrap();
+        assert_eq!(skipped.len(), 1);
+        assert!(skipped[0].contains("shop/evil") && skipped[0].contains("out of range"));
+        assert_eq!(s.version_info, "v1");
+        assert!(s.services.contains_key(&ServiceKey::new("shop", "cart")));
+        assert!(!s.services.contains_key(&ServiceKey::new("shop", "evil")));
+        assert!(s.rejected.contains_key("shop/evil"));
+
+        // A later update applies around the bad service.
+        let skipped = s
+            .apply(&with_services(
+                true,
+                vec![
+                    service("new", vec![9090]),
+                    service("cart", vec![8080, 8080]),
+                ],
+                "v2",
+            ))
+            .unwrap();
+        assert_eq!(skipped.len(), 1, "{skipped:?}");
+        assert!(s.services.contains_key(&ServiceKey::new("shop", "new")));
+        let cart = &s.services[&ServiceKey::new("shop", "cart")];
+        assert_eq!(cart.ports, [8080], "cart keeps its last good value");
+
+        // Even a full snapshot keeps a rejected service's last good value.
+        let skipped = s
+            .apply(&with_services(
+                false,
+                vec![service("cart", vec![]), service("new", vec![9090])],
+                "v3",
+            ))
+            .unwrap();
+        assert!(skipped[0].contains("at least one port"), "{skipped:?}");
+        assert_eq!(s.services[&ServiceKey::new("shop", "cart")].ports, [8080]);
+        assert_eq!(
+            s.rejected.keys().collect::<Vec<_>>(),
+            ["shop/cart"],
+            "evil is no longer in the mesh"
+        );
+
+        // Fixed: accepted, and no longer reported.
+        s.apply(&with_services(
+            true,
+            vec![service("cart", vec![8081])],
+            "v4",
+        ))
+        .unwrap();
+        assert!(s.rejected.is_empty());
+        assert_eq!(s.services[&ServiceKey::new("shop", "cart")].ports, [8081]);
     }
 
     #[test]

@@ -50,10 +50,14 @@ pub fn routes(me: &Local, m: &MeshState, bundles: &BundleSet) -> Result<Routes, 
     let mut routes = Routes::new(&me.cluster, me.trust_domain.clone());
     routes.zone = me.zone.clone();
     for (name, p) in &m.peers {
-        let at = format!("peer {name}");
-        validate_label("cluster", name).map_err(|e| format!("{at}: {e}"))?;
-        let td =
-            TrustDomain::new(&p.trust_domain).map_err(|e| format!("{at}: trust domain: {e}"))?;
+        // One unusable peer is skipped and reported; the rest still apply.
+        let td = match peer_trust_domain(name, p) {
+            Ok(td) => td,
+            Err(error) => {
+                tracing::error!(peer = %name, %error, "skipping a peer cluster this gateway cannot use");
+                continue;
+            }
+        };
         if bundles.get(&td).is_none() {
             // Without its bundle no gateway of the cluster can be verified;
             // the rest of the mesh still works.
@@ -63,8 +67,14 @@ pub fn routes(me: &Local, m: &MeshState, bundles: &BundleSet) -> Result<Routes, 
             .gateways
             .iter()
             .enumerate()
-            .map(|(i, g)| gateway_address(g).map_err(|e| format!("{at}: gateways[{i}]: {e}")))
-            .collect::<Result<_, _>>()?;
+            .filter_map(|(i, g)| match gateway_address(g) {
+                Ok(a) => Some(a),
+                Err(error) => {
+                    tracing::error!(peer = %name, gateway = i, %error, "skipping a peer gateway address");
+                    None
+                }
+            })
+            .collect();
         routes.peers.insert(
             name.clone(),
             Peer {
@@ -74,9 +84,13 @@ pub fn routes(me: &Local, m: &MeshState, bundles: &BundleSet) -> Result<Routes, 
         );
     }
     for (key, s) in m.services.iter().filter(|(_, s)| s.exported) {
-        let at = format!("service {key}");
-        let ports = fedmesh_discovery::service_ports(s).map_err(|e| format!("{at}: {e}"))?;
-        let endpoints = fedmesh_discovery::local_endpoints(s).map_err(|e| format!("{at}: {e}"))?;
+        // `MeshState` holds only services that passed `check_service`.
+        let (Ok(ports), Ok(endpoints)) = (
+            fedmesh_discovery::service_ports(s),
+            fedmesh_discovery::local_endpoints(s),
+        ) else {
+            continue;
+        };
         routes.services.insert(
             key.clone(),
             ExportedService {
@@ -87,6 +101,11 @@ pub fn routes(me: &Local, m: &MeshState, bundles: &BundleSet) -> Result<Routes, 
         );
     }
     Ok(routes)
+}
+
+fn peer_trust_domain(name: &str, p: &pb::PeerCluster) -> Result<TrustDomain, String> {
+    validate_label("cluster", name).map_err(|e| e.to_string())?;
+    TrustDomain::new(&p.trust_domain).map_err(|e| format!("trust domain: {e}"))
 }
 
 fn gateway_address(g: &pb::GatewayAddress) -> Result<GatewayAddr, String> {
@@ -170,7 +189,17 @@ mod tests {
     }
 
     #[test]
-    fn an_unreadable_update_is_refused_with_its_place() {
+    fn an_unverified_peer_stays_a_peer() {
+        let mut m = mesh();
+        let aws = m.peers.get_mut("aws").unwrap();
+        aws.verified = false;
+        aws.last_seen_unix_ms = 1;
+        let r = routes(&local(), &m, &BundleSet::new()).unwrap();
+        assert_eq!(r.peers["aws"].gateways.len(), 1);
+    }
+
+    #[test]
+    fn only_an_update_for_another_cluster_is_refused_whole() {
         let mut other = mesh();
         other.cluster = "azure".into();
         assert!(
@@ -178,19 +207,33 @@ mod tests {
                 .unwrap_err()
                 .contains("azure")
         );
+    }
 
+    #[test]
+    fn an_unusable_peer_or_gateway_is_skipped_and_the_rest_applies() {
         let mut bad = mesh();
-        bad.services
-            .get_mut(&ServiceKey::new("shop", "checkout"))
-            .unwrap()
-            .local[0]
-            .address = "nowhere".into();
-        let e = routes(&local(), &bad, &BundleSet::new()).unwrap_err();
-        assert!(e.contains("shop/checkout") && e.contains("nowhere"), "{e}");
-
-        let mut bad = mesh();
-        bad.peers.get_mut("aws").unwrap().gateways[0].port = 70000;
-        let e = routes(&local(), &bad, &BundleSet::new()).unwrap_err();
-        assert!(e.contains("peer aws: gateways[0]"), "{e}");
+        bad.peers.insert(
+            "evil".into(),
+            pb::PeerCluster {
+                cluster: "evil".into(),
+                trust_domain: "not a trust domain".into(),
+                ..Default::default()
+            },
+        );
+        let aws = bad.peers.get_mut("aws").unwrap();
+        aws.gateways.push(pb::GatewayAddress {
+            address: "127.0.1.2".into(),
+            port: 70000,
+        });
+        let r = routes(&local(), &bad, &BundleSet::new()).unwrap();
+        assert!(!r.peers.contains_key("evil"));
+        assert_eq!(
+            r.peers["aws"].gateways,
+            [GatewayAddr::parse("127.0.1.1:15443").unwrap()]
+        );
+        assert!(
+            r.services
+                .contains_key(&ServiceKey::new("shop", "checkout"))
+        );
     }
 }

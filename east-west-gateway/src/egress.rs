@@ -39,21 +39,13 @@ pub(crate) async fn serve(
     pool: Arc<Pool>,
     mut stop: watch::Receiver<bool>,
 ) {
+    let stats = fedmesh_admin::AcceptStats::default();
     loop {
-        let accepted = tokio::select! {
-            a = listener.accept() => a,
+        let (tcp, remote) = tokio::select! {
+            c = fedmesh_admin::accept(&listener, "egress", &stats) => c,
             _ = stop.wait_for(|s| *s) => return,
         };
-        match accepted {
-            Ok((tcp, remote)) => {
-                tokio::spawn(connection(tcp, remote, acceptor.clone(), pool.clone()));
-            }
-            Err(e) => {
-                // Out of descriptors, usually: back off rather than spin.
-                tracing::warn!(error = %e, "egress accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
+        tokio::spawn(connection(tcp, remote, acceptor.clone(), pool.clone()));
     }
 }
 

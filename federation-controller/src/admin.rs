@@ -98,9 +98,21 @@ impl Collector for ControllerMetrics {
         )?;
         counter(
             &mut e,
+            "fedmesh_controller_discovery_partial_acks",
+            "updates acknowledged less services the client skipped",
+            r(&d.partial_acks),
+        )?;
+        counter(
+            &mut e,
             "fedmesh_controller_discovery_nacks",
             "snapshots rejected by clients",
             r(&d.nacks),
+        )?;
+        counter(
+            &mut e,
+            "fedmesh_controller_discovery_accept_errors",
+            "failed accepts on the discovery listener (each retried)",
+            r(&d.accept.errors),
         )?;
         gauge(
             &mut e,
@@ -125,13 +137,18 @@ impl Collector for ControllerMetrics {
 }
 
 /// Serves the admin endpoints on `listener` until the task is dropped.
-/// Ready once there is a complete view to serve.
+/// Ready once there is a complete view to serve and the discovery API is
+/// taking connections.
 pub async fn serve(listener: TcpListener, metrics: Arc<ControllerMetrics>, snapshots: Snapshots) {
+    let discovery = metrics.discovery.clone();
     let mut registry = Registry::default();
     registry.register_collector(Box::new(metrics));
-    let ready = move || match snapshots.borrow().as_ref() {
-        Some(s) => Ok(format!("version {}", s.version)),
-        None => Err("no complete view of the global zone yet".into()),
+    let ready = move || {
+        discovery.serving()?;
+        match snapshots.borrow().as_ref() {
+            Some(s) => Ok(format!("version {}", s.version)),
+            None => Err("no complete view of the global zone yet".into()),
+        }
     };
     fedmesh_admin::serve(listener, Arc::new(registry), Arc::new(ready)).await
 }

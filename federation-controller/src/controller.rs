@@ -200,7 +200,8 @@ impl Controller {
         };
         tasks.spawn(publish::run_alive(
             client.clone(),
-            keys.alive(&cluster.name),
+            keys.clone(),
+            cluster.name.clone(),
             alive,
             config.alive_ttl,
             stop_rx.clone(),
@@ -346,9 +347,14 @@ async fn build_mesh(
                 local: l,
                 global: g.clone(),
             };
-            let publish = last.as_ref().is_none_or(|prev| {
-                !mesh::changed(prev, &inputs).is_empty() || inputs.bundles_differ(prev)
-            });
+            let changed = last.as_ref().map(|prev| mesh::changed(prev, &inputs));
+            if let Some(mesh::Changed::Services(keys)) = &changed {
+                report_port_conflicts(&inputs, keys);
+            }
+            let publish = match (&changed, &last) {
+                (Some(c), Some(prev)) => !c.is_empty() || inputs.bundles_differ(prev),
+                _ => true,
+            };
             if publish {
                 version += 1;
                 snapshots.send_replace(Some(Arc::new(Versioned {
@@ -372,6 +378,21 @@ async fn build_mesh(
         tokio::select! {
             r = local.changed(), if local_open => local_open = r.is_ok(),
             r = global.changed() => if r.is_err() { return },
+        }
+    }
+}
+
+/// Says which exporters of the changed services disagree on ports, and so
+/// are left out of them (the rule is [`mesh::MeshInputs::ports`]).
+fn report_port_conflicts(
+    inputs: &mesh::MeshInputs,
+    keys: &std::collections::BTreeSet<fedmesh_api::ServiceKey>,
+) {
+    for key in keys {
+        let (ports, conflicting) = inputs.ports(key);
+        if !conflicting.is_empty() {
+            let conflicting: Vec<&str> = conflicting.iter().map(|c| &**c).collect();
+            tracing::warn!(service = %key, ?ports, ?conflicting, "clusters export this service on other ports and are left out of it");
         }
     }
 }

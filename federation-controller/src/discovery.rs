@@ -6,12 +6,13 @@
 //! diffing persistent maps, so a change costs O(change)). A client that
 //! reconnects with the version it holds is sent nothing until something
 //! changes; a NACKed version is never resent, and the next change goes out as
-//! a full snapshot. Before the controller has a complete view there is no
+//! a full snapshot. A partial ACK (the client skipped a few services it could
+//! not accept) keeps deltas going: one bad service never costs full resends. Before the controller has a complete view there is no
 //! version at all: streams wait rather than receive an empty mesh.
 
 use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -100,9 +101,30 @@ pub struct DiscoveryStats {
     pub connected: AtomicI64,
     pub pushes: AtomicU64,
     pub acks: AtomicU64,
+    /// ACKs that name services the client skipped.
+    pub partial_acks: AtomicU64,
     pub nacks: AtomicU64,
     pub certified: AtomicU64,
     pub certify_refused: AtomicU64,
+    /// The gRPC server is running.
+    pub serving: AtomicBool,
+    pub accept: fedmesh_admin::AcceptStats,
+}
+
+impl DiscoveryStats {
+    /// Whether the discovery API is taking connections, or why not.
+    pub fn serving(&self) -> Result<(), String> {
+        if !self.serving.load(Ordering::Relaxed) {
+            return Err("the discovery server is not running".into());
+        }
+        if self.accept.failing.load(Ordering::Relaxed) {
+            return Err(
+                "the discovery listener cannot accept connections (out of file descriptors?)"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
 }
 
 /// The service. `tokens` maps each join token to the one identity it allows.
@@ -220,6 +242,13 @@ impl Discovery for DiscoveryService {
                         Ok(Some(r)) if r.error_detail.is_empty() => {
                             stats.acks.fetch_add(1, Ordering::Relaxed);
                         }
+                        Ok(Some(r)) if last_sent.as_deref() == Some(r.version_info.as_str()) => {
+                            // A partial ACK: the client holds this version
+                            // less the services it names, so deltas go on;
+                            // a skipped service is resent when it changes.
+                            stats.partial_acks.fetch_add(1, Ordering::Relaxed);
+                            tracing::warn!(%node, version = %r.version_info, skipped = %r.error_detail, "client skipped services of an update and applied the rest");
+                        }
                         Ok(Some(r)) => {
                             stats.nacks.fetch_add(1, Ordering::Relaxed);
                             // The client kept its last good state, which we
@@ -304,8 +333,10 @@ pub async fn serve(
     let (tx, rx) =
         mpsc::channel::<Result<tokio_rustls::server::TlsStream<TcpStream>, std::io::Error>>(64);
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let stats = service.stats.clone();
     let accept = tokio::spawn(async move {
-        while let Ok((tcp, peer)) = listener.accept().await {
+        loop {
+            let (tcp, peer) = fedmesh_admin::accept(&listener, "discovery", &stats.accept).await;
             let (acceptor, tx) = (acceptor.clone(), tx.clone());
             tokio::spawn(async move {
                 match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
@@ -320,10 +351,13 @@ pub async fn serve(
             });
         }
     });
+    let serving = service.stats.clone();
+    serving.serving.store(true, Ordering::Relaxed);
     let result = tonic::transport::Server::builder()
         .add_service(DiscoveryServer::new(service))
         .serve_with_incoming_shutdown(ReceiverStream::new(rx), shutdown)
         .await;
+    serving.serving.store(false, Ordering::Relaxed);
     accept.abort();
     result
 }
@@ -532,8 +566,11 @@ mod tests {
             .unwrap();
         let before = client.clone();
         let mut bad = response(&versioned(2, &[("a", 1)], 1), None);
-        bad.snapshot.as_mut().unwrap().services[0].name.clear();
-        assert!(client.apply(&bad).is_err());
+        bad.snapshot.as_mut().unwrap().peers = None;
+        assert!(
+            client.apply(&bad).is_err(),
+            "a full snapshot needs its peers"
+        );
         bad.snapshot = None;
         assert!(client.apply(&bad).is_err());
         assert_eq!(client, before);

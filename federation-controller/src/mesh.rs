@@ -15,7 +15,7 @@ use fedmesh_api::{LocalService, LocalServices, ServiceKey};
 use fedmesh_proto::discovery::v1 as pb;
 use imbl::ordmap::DiffItem;
 
-use crate::view::{Export, Exporters, GlobalView};
+use crate::view::{Export, Exporters, GlobalView, Name};
 
 /// Everything one version of the mesh is made from.
 #[derive(Debug, Clone)]
@@ -78,16 +78,52 @@ impl MeshInputs {
                 cloud: record.cloud.clone(),
                 region: record.region.clone(),
                 verified: g.alive.contains_key(name),
+                last_seen_unix_ms: last_seen(g, name),
             })
             .collect();
         pb::Peers { clusters }
     }
 
-    /// Whether `other` has different peers (records or liveness).
+    /// Whether `other` has different peers (records or liveness). A live
+    /// cluster rewrites its `seen` key every 30 s; that alone changes
+    /// nothing we send, so only an unverified cluster's is compared.
     pub fn peers_differ(&self, other: &MeshInputs) -> bool {
         let (a, b) = (&self.global, &other.global);
         !a.clusters.ptr_eq(&b.clusters) && a.clusters != b.clusters
             || !a.alive.ptr_eq(&b.alive) && a.alive != b.alive
+            || !a.last_seen.ptr_eq(&b.last_seen) && !stale_seen(a).eq(stale_seen(b))
+    }
+
+    /// The ports a service is served on, and which remote exporters
+    /// disagree with them. The rule: this cluster's own ports when it has
+    /// the service; otherwise those of the exporting cluster that joined
+    /// the federation first (earliest `registeredAt`, then name). Clusters
+    /// that export other ports are left out of the service: a tunnel names
+    /// a port they do not serve.
+    pub fn ports(&self, key: &ServiceKey) -> (Vec<u16>, Vec<Name>) {
+        let g = &self.global;
+        let exporters = || {
+            g.by_service
+                .get(key)
+                .into_iter()
+                .flat_map(Exporters::iter)
+                .filter(|e| e.cluster != self.cluster)
+                .filter_map(|e| Some((e, g.clusters.get(&*e.cluster)?)))
+        };
+        let ports: Vec<u16> = match self.local.get(key) {
+            Some(l) => l.ports.clone(),
+            None => exporters()
+                .min_by(|(a, ra), (b, rb)| {
+                    (ra.registered_at, &a.cluster).cmp(&(rb.registered_at, &b.cluster))
+                })
+                .map(|(e, _)| e.ports.to_vec())
+                .unwrap_or_default(),
+        };
+        let conflicting = exporters()
+            .filter(|(e, _)| *e.ports != *ports)
+            .map(|(e, _)| e.cluster.clone())
+            .collect();
+        (ports, conflicting)
     }
 
     /// One service: our endpoints plus a virtual endpoint per remote cluster
@@ -95,12 +131,13 @@ impl MeshInputs {
     pub fn render(&self, key: &ServiceKey) -> Option<pb::Service> {
         let local = self.local.get(key);
         let g = &self.global;
+        let (ports, conflicting) = self.ports(key);
         let remote: Vec<pb::RemoteCluster> = g
             .by_service
             .get(key)
             .into_iter()
             .flat_map(|exporters| exporters.iter())
-            .filter(|e| e.cluster != self.cluster)
+            .filter(|e| e.cluster != self.cluster && !conflicting.contains(&e.cluster))
             // An export without a cluster record cannot be reached: no gateways.
             .filter_map(|export| {
                 let c = &*export.cluster;
@@ -125,21 +162,13 @@ impl MeshInputs {
                     // An expired `alive` key marks the cluster unverified;
                     // traffic continues while the data plane's signals allow.
                     verified: g.alive.contains_key(c),
+                    last_seen_unix_ms: last_seen(g, c),
                 })
             })
             .collect();
         if local.is_none() && remote.is_empty() {
             return None;
         }
-        let ports = match local {
-            Some(l) => l.ports.clone(),
-            None => g
-                .by_service
-                .get(key)
-                .and_then(|m| m.iter().next())
-                .map(|e| e.ports.to_vec())
-                .unwrap_or_default(),
-        };
         Some(pb::Service {
             namespace: key.namespace.clone(),
             name: key.name.clone(),
@@ -191,6 +220,25 @@ pub fn changed(old: &MeshInputs, new: &MeshInputs) -> Changed {
         );
     }
     Changed::Services(keys)
+}
+
+/// For an unverified cluster, when it was last seen alive (Unix ms; 0 when
+/// never seen). 0 for a live one.
+fn last_seen(g: &GlobalView, cluster: &str) -> u64 {
+    if g.alive.contains_key(cluster) {
+        return 0;
+    }
+    g.last_seen
+        .get(cluster)
+        .map(|s| (s.at.unix_timestamp_nanos() / 1_000_000).max(0) as u64)
+        .unwrap_or(0)
+}
+
+/// The `seen` records of clusters whose `alive` key is absent.
+fn stale_seen(g: &GlobalView) -> impl Iterator<Item = (&String, &fedmesh_api::SeenRecord)> {
+    g.last_seen
+        .iter()
+        .filter(|(c, _)| !g.alive.contains_key(*c))
 }
 
 /// The exports of a service by clusters other than `us`.
@@ -351,5 +399,141 @@ mod tests {
         let v3 = inputs(l, &g);
         assert_eq!(changed(&v2, &v3), Changed::All);
         assert!(remotes(&v3, "s3")[0].2);
+    }
+
+    fn record_at(name: &str, registered_at: &str) -> serde_json::Value {
+        let mut r = record(name);
+        r["registeredAt"] = registered_at.into();
+        r
+    }
+
+    fn export_ports(ports: &[u16]) -> serde_json::Value {
+        serde_json::json!({
+            "ports": ports,
+            "localities": [{"zone": "b", "healthy": 1, "total": 1, "weight": 1}],
+            "generation": 1
+        })
+    }
+
+    #[test]
+    fn disagreeing_ports_go_to_the_cluster_that_joined_first() {
+        let ks = KeySpace::default();
+        let mut g = GlobalView::new(ks.clone());
+        // "zeta" sorts last but joined first; "alpha" joined later.
+        put(
+            &mut g,
+            ks.cluster("zeta"),
+            record_at("zeta", "2026-01-01T00:00:00Z"),
+            1,
+        );
+        put(
+            &mut g,
+            ks.cluster("alpha"),
+            record_at("alpha", "2026-06-01T00:00:00Z"),
+            2,
+        );
+        put(
+            &mut g,
+            ks.cluster("mid"),
+            record_at("mid", "2026-03-01T00:00:00Z"),
+            3,
+        );
+        put(
+            &mut g,
+            ks.export("alpha", "shop", "pay"),
+            export_ports(&[9090]),
+            4,
+        );
+        put(
+            &mut g,
+            ks.export("zeta", "shop", "pay"),
+            export_ports(&[8080]),
+            5,
+        );
+        put(
+            &mut g,
+            ks.export("mid", "shop", "pay"),
+            export_ports(&[8080]),
+            6,
+        );
+        let m = inputs(Arc::default(), &g);
+        let key = ServiceKey::new("shop", "pay");
+        let (ports, conflicting) = m.ports(&key);
+        assert_eq!(ports, [8080]);
+        assert_eq!(conflicting, [Name::from("alpha")]);
+        let s = m.render(&key).unwrap();
+        assert_eq!(s.ports, [8080]);
+        let clusters: Vec<&str> = s.remote.iter().map(|r| r.cluster.as_str()).collect();
+        assert_eq!(
+            clusters,
+            ["mid", "zeta"],
+            "a cluster on other ports is left out"
+        );
+
+        // Our own ports win when we have the service.
+        let ours = Arc::new(LocalServices::from([(
+            key.clone(),
+            LocalService {
+                ports: vec![9090],
+                endpoints: vec![],
+            },
+        )]));
+        let m = inputs(ours, &g);
+        let clusters: Vec<String> = m
+            .render(&key)
+            .unwrap()
+            .remote
+            .into_iter()
+            .map(|r| r.cluster)
+            .collect();
+        assert_eq!(clusters, ["alpha"]);
+    }
+
+    #[test]
+    fn an_unverified_cluster_keeps_its_capacity_and_says_when_it_was_last_seen() {
+        let ks = KeySpace::default();
+        let mut g = GlobalView::new(ks.clone());
+        put(&mut g, ks.cluster("gcp"), record("gcp"), 1);
+        put(&mut g, ks.export("gcp", "shop", "cart"), export(2), 2);
+        put(&mut g, ks.alive("gcp"), alive(), 3);
+        put(
+            &mut g,
+            ks.seen("gcp"),
+            serde_json::json!({"at": "2026-11-24T00:00:10Z"}),
+            4,
+        );
+        let live = inputs(local(), &g);
+        assert_eq!(remotes(&live, "cart"), [("gcp".into(), 2, true)]);
+        assert_eq!(live.peers().clusters[0].last_seen_unix_ms, 0);
+
+        // A live cluster's periodic `seen` write changes nothing we send.
+        put(
+            &mut g,
+            ks.seen("gcp"),
+            serde_json::json!({"at": "2026-11-24T00:00:40Z"}),
+            5,
+        );
+        let rewritten = inputs(local(), &g);
+        assert!(changed(&live, &rewritten).is_empty());
+
+        // Its lease lapses: unverified, same capacity, dated.
+        g.apply_event(RawEvent::Delete {
+            key: ks.alive("gcp"),
+            mod_revision: 6,
+        });
+        let stale = inputs(local(), &g);
+        assert_eq!(changed(&rewritten, &stale), Changed::All);
+        assert_eq!(remotes(&stale, "cart"), [("gcp".into(), 2, false)]);
+        let seen_ms = 1_795_478_440_000; // 2026-11-24T00:00:40Z
+        assert_eq!(stale.peers().clusters[0].last_seen_unix_ms, seen_ms);
+        let cart = stale.render(&ServiceKey::new("shop", "cart")).unwrap();
+        assert_eq!(cart.remote[0].last_seen_unix_ms, seen_ms);
+
+        // Only removing its exports takes it away.
+        g.apply_event(RawEvent::Delete {
+            key: ks.export("gcp", "shop", "cart"),
+            mod_revision: 7,
+        });
+        assert!(remotes(&inputs(local(), &g), "cart").is_empty());
     }
 }

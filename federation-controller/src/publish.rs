@@ -1,5 +1,6 @@
 //! Publishing this cluster into the global zone: per-zone export summaries,
-//! written only when they change, and the `alive/<cluster>` key on a lease.
+//! written only when they change, the `alive/<cluster>` key on a lease, and
+//! `seen/<cluster>`, which dates that liveness.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -8,7 +9,8 @@ use std::time::Duration;
 
 use etcd_client::{Client, PutOptions};
 use fedmesh_api::{
-    AliveRecord, ExportSummary, GlobalKey, KeySpace, LocalServices, ServiceKey, ZoneCapacity,
+    AliveRecord, ExportSummary, GlobalKey, KeySpace, LocalServices, SeenRecord, ServiceKey,
+    ZoneCapacity,
 };
 use tokio::sync::watch;
 
@@ -174,13 +176,15 @@ async fn read_own(
 /// granted and the key written again. Ends when `stop` fires.
 pub async fn run_alive(
     mut client: Client,
-    key: String,
+    keys: KeySpace,
+    cluster: String,
     record: AliveRecord,
     ttl: Duration,
     mut stop: watch::Receiver<bool>,
 ) {
     let ttl_secs = ttl.as_secs().max(2) as i64;
     let value = serde_json::to_vec(&record).unwrap_or_default();
+    let (key, seen_key) = (keys.alive(&cluster), keys.seen(&cluster));
     let mut backoff = Duration::from_millis(200);
     loop {
         let session = async {
@@ -193,11 +197,22 @@ pub async fn run_alive(
                 )
                 .await?;
             let (mut keeper, mut responses) = client.lease_keep_alive(lease).await?;
+            // `seen` dates our last liveness for when the lease has lapsed;
+            // it is on no lease, so it is rewritten on its own slow clock.
+            let mut seen_due = tokio::time::Instant::now();
             loop {
                 keeper.keep_alive().await?;
                 match responses.message().await? {
                     Some(r) if r.ttl() > 0 => {}
                     _ => return Ok::<_, etcd_client::Error>(()), // lease expired
+                }
+                if tokio::time::Instant::now() >= seen_due {
+                    let seen = SeenRecord {
+                        at: time::OffsetDateTime::now_utc(),
+                    };
+                    let raw = serde_json::to_vec(&seen).unwrap_or_default();
+                    client.put(seen_key.as_str(), raw, None).await?;
+                    seen_due += SeenRecord::INTERVAL;
                 }
                 tokio::time::sleep(ttl / 3).await;
             }

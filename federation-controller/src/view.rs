@@ -14,7 +14,10 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use fedmesh_api::{AliveRecord, ClusterRecord, GlobalKey, KeySpace, ServiceKey, validate_locality};
+use fedmesh_api::{
+    AliveRecord, ClusterRecord, GlobalKey, KeySpace, SeenRecord, ServiceKey, validate_locality,
+    validate_ports,
+};
 use imbl::{OrdMap, OrdSet};
 use trust_bundle::Bundle;
 
@@ -147,6 +150,8 @@ pub struct GlobalView {
     export_counts: OrdMap<Name, usize>,
     pub clusters: OrdMap<String, ClusterRecord>,
     pub alive: OrdMap<String, AliveRecord>,
+    /// When each cluster last said it was alive; outlives `alive`.
+    pub last_seen: OrdMap<String, SeenRecord>,
     pub bundles: OrdMap<String, Bundle>,
     /// Exports by service: the shape the mesh is built in.
     pub by_service: OrdMap<ServiceKey, Exporters>,
@@ -165,6 +170,7 @@ impl GlobalView {
             export_counts: OrdMap::new(),
             clusters: OrdMap::new(),
             alive: OrdMap::new(),
+            last_seen: OrdMap::new(),
             bundles: OrdMap::new(),
             by_service: OrdMap::new(),
             invalid: OrdMap::new(),
@@ -351,11 +357,20 @@ impl GlobalView {
             return false; // A replay: this key already holds that revision.
         }
         let result = match &parsed {
-            GlobalKey::Cluster(name) => json(&kv.value).map(|r| {
-                self.clusters.insert(name.clone(), r);
-            }),
+            GlobalKey::Cluster(name) => json::<ClusterRecord>(&kv.value)
+                .and_then(|r| match r.validate() {
+                    Ok(()) if r.name == *name => Ok(r),
+                    Ok(()) => Err(format!("the record names cluster {:?}", r.name)),
+                    Err(e) => Err(e.to_string()),
+                })
+                .map(|r| {
+                    self.clusters.insert(name.clone(), r);
+                }),
             GlobalKey::Alive(name) => json(&kv.value).map(|r| {
                 self.alive.insert(name.clone(), r);
+            }),
+            GlobalKey::Seen(name) => json(&kv.value).map(|r| {
+                self.last_seen.insert(name.clone(), r);
             }),
             GlobalKey::Bundle(td) => decode_bundle(td, &kv.key, &kv.value)
                 .map_err(|e| e.to_string())
@@ -437,6 +452,7 @@ impl GlobalView {
         match &parsed {
             GlobalKey::Cluster(n) => self.clusters.remove(n).map(drop),
             GlobalKey::Alive(n) => self.alive.remove(n).map(drop),
+            GlobalKey::Seen(n) => self.last_seen.remove(n).map(drop),
             GlobalKey::Bundle(td) => self.bundles.remove(td).map(drop),
             GlobalKey::Export {
                 cluster,
@@ -486,6 +502,7 @@ enum Put {
 /// with the same rules, sharing zone names rather than allocating them.
 fn read_export(names: &mut OrdSet<Name>, cluster: &Name, kv: &RawKv) -> Result<Export, String> {
     let wire: WireExport<'_> = json(&kv.value)?;
+    validate_ports(&wire.ports).map_err(|e| e.to_string())?;
     let mut localities = Vec::with_capacity(wire.localities.len());
     for l in wire.localities {
         validate_locality(&l.zone, l.healthy, l.total).map_err(|e| e.to_string())?;
@@ -596,7 +613,7 @@ mod tests {
         let mut v = GlobalView::new(ks());
         let record = serde_json::json!({
             "name": "a", "cloud": "c", "region": "r", "zones": ["z"], "trustDomain": "a.test",
-            "gateways": [], "registeredAt": "2026-11-24T00:00:00Z"
+            "gateways": [{"address": "127.0.1.1", "port": 15443}], "registeredAt": "2026-11-24T00:00:00Z"
         });
         let alive = serde_json::json!({"controller": "c", "startedAt": "2026-11-24T00:00:00Z", "version": "1"});
         // Both keys carry the transaction's revision.
@@ -657,6 +674,39 @@ mod tests {
         assert!(v.invalid.contains_key(&k));
         v.apply_event(put(&k, export(2, 3), 7));
         assert!(v.invalid.is_empty());
+    }
+
+    #[test]
+    fn exports_with_bad_ports_are_refused_like_any_unreadable_value() {
+        let mut v = GlobalView::new(ks());
+        let k = ks().export("a", "shop", "cart");
+        v.apply_event(put(&k, export(1, 3), 5));
+        let bad = |ports: serde_json::Value| {
+            serde_json::to_vec(&serde_json::json!({
+                "ports": ports,
+                "localities": [{"zone": "az1", "healthy": 1, "total": 1, "weight": 1}],
+                "generation": 9,
+            }))
+            .unwrap()
+        };
+        for (rev, ports, why) in [
+            (6, serde_json::json!([0]), "out of range"),
+            (7, serde_json::json!([]), "at least one port"),
+            (8, serde_json::json!([80, 80]), "twice"),
+            (9, serde_json::json!([70000]), "70000"),
+        ] {
+            assert_eq!(v.apply_event(put(&k, bad(ports), rev)), None);
+            assert_eq!(gen_of(&v, "a"), Some(1), "the last good value stays");
+            assert!(v.invalid[&k].contains(why), "{}", v.invalid[&k]);
+        }
+        // A service nobody held before is simply not there.
+        let fresh = ks().export("a", "shop", "evil");
+        assert_eq!(
+            v.apply_event(put(&fresh, bad(serde_json::json!([0])), 10)),
+            None
+        );
+        assert!(v.export("a", "shop", "evil").is_none());
+        assert_eq!(v.export_count(), 1);
     }
 
     #[test]

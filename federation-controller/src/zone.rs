@@ -184,7 +184,7 @@ impl GlobalZone {
         }
     }
 
-    /// Removes a cluster's record, bundle, liveness key and exports in one
+    /// Removes a cluster's record, bundle, liveness keys and exports in one
     /// transaction. Returns the removed record.
     pub async fn deregister(&mut self, name: &str) -> Result<ClusterRecord, ZoneError> {
         let ck = self.keys.cluster(name);
@@ -199,6 +199,7 @@ impl GlobalZone {
                 TxnOp::delete(ck.as_str(), None),
                 TxnOp::delete(self.keys.bundle(&record.trust_domain), None),
                 TxnOp::delete(self.keys.alive(name), None),
+                TxnOp::delete(self.keys.seen(name), None),
                 TxnOp::delete(
                     self.keys.exports_of(name),
                     Some(DeleteOptions::new().with_prefix()),
@@ -212,8 +213,8 @@ impl GlobalZone {
     }
 
     /// Creates (or refreshes) the etcd user and role of a cluster. The role may
-    /// read the whole global zone and write only `alive/<c>`, `exports/<c>/`
-    /// and `bundles/<its trust domain>`.
+    /// read the whole global zone and write only `alive/<c>`, `seen/<c>`,
+    /// `exports/<c>/` and `bundles/<its trust domain>`.
     pub async fn ensure_cluster_access(
         &mut self,
         cluster: &str,
@@ -225,6 +226,7 @@ impl GlobalZone {
         let grants = [
             Permission::read(self.keys.prefix()).with_prefix(),
             Permission::read_write(self.keys.alive(cluster)),
+            Permission::read_write(self.keys.seen(cluster)),
             Permission::read_write(self.keys.exports_of(cluster)).with_prefix(),
             Permission::read_write(self.keys.bundle(trust_domain)),
         ];

@@ -167,7 +167,8 @@ async fn alive_is_kept_on_a_lease_and_expires_when_the_controller_stops() {
     let (stop_tx, stop_rx) = watch::channel(false);
     let task = tokio::spawn(publish::run_alive(
         etcd.client().await.unwrap(),
-        key.clone(),
+        keys.clone(),
+        "aws".into(),
         record,
         Duration::from_secs(2),
         stop_rx,
@@ -198,6 +199,14 @@ async fn alive_is_kept_on_a_lease_and_expires_when_the_controller_stops() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
+    // `seen` dates the liveness, on no lease, so it outlives `alive`.
+    let seen = c.get(keys.seen("aws"), None).await.unwrap();
+    let seen_kv = seen.kvs().first().expect("the seen key is written");
+    assert_eq!(seen_kv.lease(), 0, "seen must outlive the lease");
+    let at: fedmesh_api::SeenRecord = serde_json::from_slice(seen_kv.value()).unwrap();
+    let age = time::OffsetDateTime::now_utc() - at.at;
+    assert!(age < time::Duration::seconds(10), "seen is fresh: {age}");
+
     stop_tx.send(true).unwrap();
     task.await.unwrap();
     eventually("the alive key to expire", Duration::from_secs(10), || {
@@ -208,4 +217,6 @@ async fn alive_is_kept_on_a_lease_and_expires_when_the_controller_stops() {
         }
     })
     .await;
+    let seen = c.get(keys.seen("aws"), None).await.unwrap();
+    assert_eq!(seen.kvs().len(), 1, "seen stays after alive has expired");
 }

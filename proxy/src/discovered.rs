@@ -1,6 +1,7 @@
 //! Services from the controller's discovery stream. I/O-free: a function
-//! from the client's [`MeshState`] to the proxy's service specs. An update
-//! it cannot read is NACKed whole, and the proxy keeps its last good table.
+//! from the client's [`MeshState`] to the proxy's service specs. The
+//! discovery client has already skipped (and reported) any service it
+//! could not accept, so only an update for another cluster fails whole.
 
 use fedmesh_discovery::MeshState;
 
@@ -22,12 +23,16 @@ pub fn services(
     }
     let mut out = Vec::with_capacity(m.services.len());
     for (key, s) in &m.services {
-        let at = format!("service {key}");
-        let ports = fedmesh_discovery::service_ports(s).map_err(|e| format!("{at}: {e}"))?;
-        let Some(&port) = ports.first() else {
-            return Err(format!("{at}: no port"));
+        // `MeshState` holds only services that passed `check_service`.
+        let (Ok(ports), Ok(local)) = (
+            fedmesh_discovery::service_ports(s),
+            fedmesh_discovery::local_endpoints(s),
+        ) else {
+            continue;
         };
-        let local = fedmesh_discovery::local_endpoints(s).map_err(|e| format!("{at}: {e}"))?;
+        let Some(&port) = ports.first() else {
+            continue;
+        };
         let remote = s
             .remote
             .iter()
@@ -35,9 +40,10 @@ pub fn services(
                 cluster: r.cluster.clone(),
                 cloud: r.cloud.clone(),
                 region: r.region.clone(),
-                // A cluster whose liveness key has lapsed serves nothing,
-                // whatever its last summary said.
-                healthy: if r.verified { r.healthy } else { 0 },
+                // An unverified cluster (its liveness key lapsed) keeps its
+                // last known capacity: whether it still works is for the
+                // data plane's own signals to say, never the control plane.
+                healthy: r.healthy,
                 total: r.localities.iter().map(|z| u64::from(z.total)).sum(),
             })
             .collect();
@@ -103,28 +109,23 @@ mod tests {
     }
 
     #[test]
-    fn a_mesh_becomes_specs_and_an_unverified_cluster_serves_nothing() {
+    fn a_mesh_becomes_specs_and_an_unverified_cluster_keeps_its_capacity() {
         let s = services("aws", &mesh(true), &FailoverOrder::Locality).unwrap();
         assert_eq!(s[0].port, 8080);
         assert_eq!(s[0].local[0].address.to_string(), "127.0.1.10:8080");
         assert_eq!((s[0].remote[0].healthy, s[0].remote[0].total), (3, 5));
+        // Static stability: a lapsed liveness key never zeroes a cluster;
+        // the data plane's own signals decide.
         let s = services("aws", &mesh(false), &FailoverOrder::Locality).unwrap();
-        assert_eq!(s[0].remote[0].healthy, 0);
+        assert_eq!((s[0].remote[0].healthy, s[0].remote[0].total), (3, 5));
     }
 
     #[test]
-    fn bad_updates_are_refused_whole() {
+    fn an_update_for_another_cluster_is_refused_whole() {
         assert!(
             services("gcp", &mesh(true), &FailoverOrder::Locality)
                 .unwrap_err()
                 .contains("serves cluster")
-        );
-        let mut m = mesh(true);
-        m.services.values_mut().next().unwrap().local[0].address = "nope".into();
-        assert!(
-            services("aws", &m, &FailoverOrder::Locality)
-                .unwrap_err()
-                .contains("not ip:port")
         );
     }
 }

@@ -49,17 +49,10 @@ pub async fn serve(
 ) {
     let server = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let stats = fedmesh_admin::AcceptStats::default();
     loop {
         let (tcp, _) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    // Out of file descriptors, usually: back off briefly.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+            c = fedmesh_admin::accept(&listener, "http", &stats) => c,
             _ = stopped(&mut shutdown) => break,
         };
         let _ = tcp.set_nodelay(true);

@@ -66,6 +66,16 @@ pub enum StartError {
     Tls(String),
 }
 
+/// What a proxy process adds to [`Proxy::start`].
+#[derive(Debug, Default)]
+pub struct Extras {
+    /// Records a span per request.
+    pub tracer: Option<opentelemetry_sdk::trace::SdkTracer>,
+    /// The discovery client's status, shown on the admin port (skipped
+    /// services, each remote cluster's liveness).
+    pub discovery: Option<watch::Receiver<Arc<fedmesh_discovery::SyncStatus>>>,
+}
+
 /// A running proxy. Dropping it stops its listeners at once; [`Proxy::drain`]
 /// stops them gracefully.
 #[derive(Debug)]
@@ -99,17 +109,18 @@ impl Proxy {
         svid: watch::Receiver<Arc<Svid>>,
         bundles: watch::Receiver<Arc<BundleSet>>,
     ) -> Result<Self, StartError> {
-        Self::start_traced(common, table, svid, bundles, None).await
+        Self::start_with(common, table, svid, bundles, Extras::default()).await
     }
 
-    /// [`Proxy::start`], recording a span per request with `tracer`.
-    pub async fn start_traced(
+    /// [`Proxy::start`], with what a full process adds.
+    pub async fn start_with(
         common: &Common,
         table: watch::Receiver<Arc<Table>>,
         svid: watch::Receiver<Arc<Svid>>,
         bundles: watch::Receiver<Arc<BundleSet>>,
-        tracer: Option<opentelemetry_sdk::trace::SdkTracer>,
+        extras: Extras,
     ) -> Result<Self, StartError> {
+        let Extras { tracer, discovery } = extras;
         let me = &common.me;
         let egress_id = SpiffeId::gateway(&me.trust_domain, &me.cluster)
             .map_err(|e| StartError::Tls(e.to_string()))?;
@@ -170,6 +181,9 @@ impl Proxy {
             admin_addr = l.local_addr().ok();
             let mut registry = prometheus_client::registry::Registry::default();
             metrics.register(&mut registry);
+            if let Some(status) = discovery {
+                registry.register_collector(Box::new(fedmesh_discovery::StatusMetrics(status)));
+            }
             let t = table.clone();
             let ready: fedmesh_admin::Readiness = Arc::new(move || {
                 let n = t.borrow().services.len();

@@ -3,7 +3,6 @@
 //! byte, so every target may be tried), then bytes are copied both ways.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use fedmesh_api::ServiceKey;
 use tokio::net::{TcpListener, TcpStream};
@@ -24,16 +23,10 @@ pub async fn serve(
     shared: Arc<Shared>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let stats = fedmesh_admin::AcceptStats::default();
     loop {
-        let tcp = tokio::select! {
-            r = listener.accept() => match r {
-                Ok((tcp, _)) => tcp,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+        let (tcp, _) = tokio::select! {
+            c = fedmesh_admin::accept(&listener, "tcp", &stats) => c,
             _ = stopped(&mut shutdown) => return,
         };
         let _ = tcp.set_nodelay(true);

@@ -1,7 +1,9 @@
 //! A proxy that takes its SVID, bundles and services from its cluster's
-//! real controller (over a real etcd), with real gateways between two
-//! clusters: it follows a health change in its registry to another
-//! cluster, and keeps serving unchanged once its controller is gone.
+//! real controller (over a real etcd), with real gateways between clusters:
+//! it follows a health change in its registry to another cluster, keeps
+//! serving unchanged once its controller is gone, keeps serving remote
+//! clusters whose controllers and etcd are gone (unverified is not
+//! unhealthy), and applies changes around a poisoned export.
 
 #![allow(clippy::unwrap_used)]
 
@@ -10,16 +12,197 @@ mod support;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use fedmesh_discovery::ControllerAccess;
+use fedmesh_discovery::{ControllerAccess, Discovered};
 use fedmesh_test_support::{Etcd, eventually};
 use proxy::Proxy;
 use proxy::config::{Common, Listen, Settings};
 use proxy::table::Table;
-use support::gw::sites::{WEB_TOKEN, policy, set_service, site};
+use support::gw::sites::{ALIVE_TTL, WEB_TOKEN, policy, set_service, site};
 use support::{Backend, Load, get, me};
 use trust_bundle::{BundleSet, SpiffeId};
 
 const CART: &str = "cart.shop";
+
+/// A proxy of `site` (zone az1) that takes everything from its controller.
+async fn discovery_proxy(site: &support::gw::sites::Site) -> (Discovered<Table>, Proxy) {
+    let d = &site.reg.domain;
+    let access = ControllerAccess {
+        address: site.reg.controller.as_ref().unwrap().discovery_addr,
+        controller: SpiffeId::controller(&d.td, &d.cluster).unwrap(),
+        identity: SpiffeId::workload(&d.td, "shop", "web").unwrap(),
+        join_token: WEB_TOKEN.into(),
+        node: format!("{}-proxy", d.cluster),
+    };
+    let mut bootstrap = BundleSet::new();
+    bootstrap.insert(site.reg.own_bundle.clone());
+    let here = me(d, "az1");
+    let discovered = {
+        let here = here.clone();
+        fedmesh_discovery::start(access, bootstrap, policy(), move |m, _| {
+            let specs = proxy::discovered::services(&here.cluster, m, &Default::default())?;
+            Ok(Table::build(&here.cluster, &here.locality, &specs))
+        })
+        .await
+        .unwrap()
+    };
+    let common = Common {
+        me: here,
+        listen: Listen {
+            http: Some(SocketAddr::new(d.ip(5), 0)),
+            tcp: vec![],
+            admin: None,
+        },
+        gateways: vec![site.gateway.egress_addr().unwrap()],
+        settings: Settings::default(),
+    };
+    let proxy = Proxy::start(
+        &common,
+        discovered.config.clone(),
+        discovered.svid.clone(),
+        discovered.bundles.clone(),
+    )
+    .await
+    .unwrap();
+    (discovered, proxy)
+}
+
+/// DESIGN's static stability: gcp's and azure's controllers die, their
+/// `alive` leases lapse, then etcd dies too. Their gateways and backends
+/// are fine, so aws's proxy goes on serving from them, unchanged, for
+/// three lease TTLs and more, and says they are unverified.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_clusters_whose_controllers_and_etcd_are_gone_keep_serving() {
+    let mut etcd = Etcd::start().await.unwrap();
+    let aws = site(&etcd, "aws", 56).await;
+    let mut gcp = site(&etcd, "gcp", 57).await;
+    let mut azure = site(&etcd, "azure", 58).await;
+    let g = Backend::new(gcp.reg.domain.ip(10), "gcp", "az1", "pay").await;
+    set_service(&gcp.reg, "pay", &[(g.addr, "az1", true)]);
+    let z = Backend::new(azure.reg.domain.ip(10), "azure", "az1", "pay").await;
+    set_service(&azure.reg, "pay", &[(z.addr, "az1", true)]);
+    let (discovered, proxy) = discovery_proxy(&aws).await;
+    let http = proxy.http.unwrap();
+    eventually("pay to be served", Duration::from_secs(20), || async {
+        get(http, "pay.shop").await.ok()
+    })
+    .await;
+    let load = Load::start(http, "pay.shop", 4, Duration::from_millis(2));
+    load.until("answers from gcp", 20, |a| a.cluster == "gcp")
+        .await;
+    load.until("answers from azure", 20, |a| a.cluster == "azure")
+        .await;
+
+    gcp.reg.controller.take().unwrap().shutdown().await;
+    azure.reg.controller.take().unwrap().shutdown().await;
+    let mut status = discovered.status.clone();
+    let lapsed = status
+        .wait_for(|s| {
+            let unverified = |c: &str| s.peers.iter().any(|p| p.cluster == c && !p.verified);
+            unverified("gcp") && unverified("azure")
+        })
+        .await
+        .unwrap()
+        .clone();
+    let gcp_seen = lapsed.peers.iter().find(|p| p.cluster == "gcp").unwrap();
+    assert!(
+        gcp_seen.last_seen.is_some(),
+        "the last sighting is dated: {gcp_seen:?}"
+    );
+    etcd.kill();
+
+    // Three lease TTLs and more with both remote controllers and etcd gone.
+    let window = tokio::time::Instant::now();
+    tokio::time::sleep(ALIVE_TTL * 4).await;
+    let served: std::collections::BTreeSet<String> = load
+        .answers_since(window)
+        .into_iter()
+        .map(|a| a.cluster)
+        .collect();
+    let (answers, failures) = load.finish().await;
+    assert!(
+        failures.is_empty(),
+        "{} failed GETs, the first: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(3)]
+    );
+    assert!(answers.len() > 100, "steady load ran: {}", answers.len());
+    assert_eq!(
+        served,
+        ["azure".to_string(), "gcp".to_string()].into(),
+        "the serving clusters did not change"
+    );
+}
+
+/// One cluster writes an export no one can use (port 0). The controllers
+/// refuse it where they read it, and a change to another service still
+/// reaches the proxy and gateway of another cluster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poisoned_export_blocks_nothing_else() {
+    let etcd = Etcd::start().await.unwrap();
+    let aws = site(&etcd, "aws", 59).await;
+    let gcp = site(&etcd, "gcp", 60).await;
+    let g = Backend::new(gcp.reg.domain.ip(10), "gcp", "az1", "cart").await;
+    set_service(&gcp.reg, "cart", &[(g.addr, "az1", true)]);
+    let (discovered, proxy) = discovery_proxy(&aws).await;
+    let http = proxy.http.unwrap();
+    eventually("cart to be served", Duration::from_secs(20), || async {
+        get(http, "cart.shop").await.ok()
+    })
+    .await;
+
+    // As gcp's etcd role could write it.
+    let poison = serde_json::json!({
+        "ports": [0],
+        "localities": [{"zone": "az1", "healthy": 1, "total": 1, "weight": 1}],
+        "generation": 1
+    });
+    etcd.client()
+        .await
+        .unwrap()
+        .put(
+            fedmesh_api::KeySpace::default().export("gcp", "shop", "evil"),
+            poison.to_string(),
+            None,
+        )
+        .await
+        .unwrap();
+    let gw_version = aws.discovered.status.borrow().version.clone();
+    let f = Backend::new(gcp.reg.domain.ip(11), "gcp", "az1", "fresh").await;
+    set_service(&gcp.reg, "fresh", &[(f.addr, "az1", true)]);
+    let answer = eventually("the unrelated service", Duration::from_secs(20), || async {
+        get(http, "fresh.shop").await.ok()
+    })
+    .await;
+    assert_eq!(answer.cluster, "gcp");
+    assert!(
+        get(http, "evil.shop").await.is_err(),
+        "evil is never served"
+    );
+    assert!(discovered.status.borrow().rejected.is_empty());
+    // aws's gateway moved on too (its peers and bundles stay current).
+    let mut gw_status = aws.discovered.status.clone();
+    gw_status
+        .wait_for(|s| s.version != gw_version)
+        .await
+        .unwrap();
+    let view = aws
+        .reg
+        .controller
+        .as_ref()
+        .unwrap()
+        .snapshots
+        .borrow()
+        .clone()
+        .unwrap();
+    assert!(
+        view.inputs
+            .global
+            .invalid
+            .keys()
+            .any(|k| k.ends_with("exports/gcp/shop/evil")),
+        "the controller reports the refused export"
+    );
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_proxy_follows_its_controller_and_outlives_it() {

@@ -120,9 +120,18 @@ async fn a_request_is_a_span_under_the_callers_trace_and_the_backends_parent() {
     let (_t, table) = watch::channel(Arc::new(Table::build("aws", &common.me.locality, &[spec])));
     let (_s, svid) = watch::channel(Arc::new(d.workload_svid("shop", "web")));
     let (_b, b) = watch::channel(Arc::new(bundles(&[&d])));
-    let p = proxy::Proxy::start_traced(&common, table, svid, b, Some(provider.tracer("test")))
-        .await
-        .unwrap();
+    let p = proxy::Proxy::start_with(
+        &common,
+        table,
+        svid,
+        b,
+        proxy::Extras {
+            tracer: Some(provider.tracer("test")),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
 
     let tcp = TcpStream::connect(p.http.unwrap()).await.unwrap();
     let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))

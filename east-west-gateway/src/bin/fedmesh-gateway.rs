@@ -58,9 +58,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::default());
     // What keeps the routes, SVID and bundles current: the file poller, or
     // the discovery client. Dropped (stopped) at shutdown.
-    let (listen, settings, routes, svid, bundles, _source) = match GatewayConfig::load(
-        &args.config,
-    )? {
+    let (listen, settings, routes, svid, bundles, source) = match GatewayConfig::load(&args.config)?
+    {
         GatewayConfig::Static(first) => {
             let first = *first;
             let (routes_tx, routes) = watch::channel(Arc::new(first.routes));
@@ -113,6 +112,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
             .with_context(|| format!("binding the admin port {addr}"))?;
         let mut registry = prometheus_client::registry::Registry::default();
         metrics.register(&mut registry);
+        if let Source::Controller(d) = &source {
+            let status = fedmesh_discovery::StatusMetrics(d.status.clone());
+            registry.register_collector(Box::new(status));
+        }
         let ready = Arc::new(|| Ok("serving".to_string()));
         tokio::spawn(fedmesh_admin::serve(listener, Arc::new(registry), ready));
     }

@@ -21,6 +21,10 @@ use trust_bundle::{Bundle, BundleSet, CaOptions, ClusterCa, SpiffeId};
 
 use super::Domain;
 
+/// The `alive` lease of test controllers: etcd's shortest, so a dead
+/// controller's cluster turns unverified within seconds.
+pub const ALIVE_TTL: Duration = Duration::from_secs(2);
+
 pub const GATEWAY_TOKEN: &str = "gateway-token-0123456789";
 pub const WEB_TOKEN: &str = "web-token-0123456789abcd";
 
@@ -96,6 +100,7 @@ pub async fn register(etcd: &Etcd, name: &str, block: u8) -> Registered {
         LocalSource::Channel(rx),
         SocketAddr::new(domain.ip(2), 0),
     );
+    config.alive_ttl = ALIVE_TTL;
     config.tokens = HashMap::from([
         (GATEWAY_TOKEN.to_string(), domain.gateway_id()),
         (

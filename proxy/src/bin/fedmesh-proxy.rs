@@ -83,7 +83,7 @@ fn main() -> ExitCode {
 async fn run(args: Args, config: ProxyConfig) -> anyhow::Result<()> {
     let common = config.common().clone();
     // What keeps the table, SVID and bundles current; dropped at shutdown.
-    let (table, svid, bundles, _source) = match config {
+    let (table, svid, bundles, _source, discovery) = match config {
         ProxyConfig::Static(first) => {
             let first = *first;
             let t = Table::build(&common.me.cluster, &common.me.locality, &first.services);
@@ -98,7 +98,13 @@ async fn run(args: Args, config: ProxyConfig) -> anyhow::Result<()> {
                 svid_tx,
                 bundles_tx,
             ));
-            (table, svid, bundles, Source::File(AbortOnDrop(poller)))
+            (
+                table,
+                svid,
+                bundles,
+                Source::File(AbortOnDrop(poller)),
+                None,
+            )
         }
         ProxyConfig::Discovery(c) => {
             tracing::info!(controller = %c.access.address, "getting services from the controller");
@@ -116,7 +122,8 @@ async fn run(args: Args, config: ProxyConfig) -> anyhow::Result<()> {
             .await
             .context("starting from the controller")?;
             let (t, s, b) = (d.config.clone(), d.svid.clone(), d.bundles.clone());
-            (t, s, b, Source::Controller(d))
+            let status = Some(d.status.clone());
+            (t, s, b, Source::Controller(d), status)
         }
     };
     let provider = match &common.settings.otlp_endpoint {
@@ -131,7 +138,8 @@ async fn run(args: Args, config: ProxyConfig) -> anyhow::Result<()> {
         use opentelemetry::trace::TracerProvider as _;
         p.tracer("fedmesh-proxy")
     });
-    let proxy = Proxy::start_traced(&common, table, svid, bundles, tracer).await?;
+    let extras = proxy::Extras { tracer, discovery };
+    let proxy = Proxy::start_with(&common, table, svid, bundles, extras).await?;
     let show = |a: Option<std::net::SocketAddr>| a.map_or("-".to_string(), |a| a.to_string());
     let tcp: Vec<String> = proxy.tcp.iter().map(|a| a.to_string()).collect();
     println!(
