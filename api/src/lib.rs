@@ -14,6 +14,6 @@ pub use keys::{DEFAULT_PREFIX, GlobalKey, KeySpace};
 pub use local::{Endpoint, ListedEndpoint, LocalService, LocalServices, ServiceKey};
 pub use names::{NameError, validate_label};
 pub use records::{
-    AliveRecord, ClusterRecord, ExportSummary, GatewayAddress, SeenRecord, ZoneCapacity,
+    AliveRecord, ClusterRecord, ExportSummary, GatewayAddress, Liveness, SeenRecord, ZoneCapacity,
     validate_locality, validate_ports,
 };

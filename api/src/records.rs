@@ -191,6 +191,43 @@ impl SeenRecord {
     pub const INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
 }
 
+/// What an operator is told of a cluster's liveness.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase", tag = "state")]
+pub enum Liveness {
+    /// Its `alive` key is present.
+    Live,
+    /// Its `alive` key has lapsed: still served at its last known capacity.
+    /// `seconds` since it was last seen alive, when known.
+    Stale { seconds: Option<u64> },
+}
+
+impl Liveness {
+    pub fn of(alive: bool, seen: Option<&SeenRecord>, now: OffsetDateTime) -> Self {
+        if alive {
+            return Liveness::Live;
+        }
+        let seconds = seen.map(|s| (now - s.at).whole_seconds().max(0) as u64);
+        Liveness::Stale { seconds }
+    }
+}
+
+impl fmt::Display for Liveness {
+    /// `LIVE`, `STALE 2m`, `STALE 45s`, `STALE 3h`, or `STALE` when never seen.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Liveness::Live => f.write_str("LIVE"),
+            Liveness::Stale { seconds: None } => f.write_str("STALE"),
+            Liveness::Stale { seconds: Some(s) } => match s {
+                0..60 => write!(f, "STALE {s}s"),
+                60..3600 => write!(f, "STALE {}m", s / 60),
+                3600..86400 => write!(f, "STALE {}h", s / 3600),
+                _ => write!(f, "STALE {}d", s / 86400),
+            },
+        }
+    }
+}
+
 /// `alive/<cluster>`: kept on a lease by that cluster's controller.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -405,6 +442,35 @@ mod tests {
                 .unwrap_err()
                 .to_string()
                 .contains("exceeds total")
+        );
+    }
+
+    #[test]
+    fn liveness_reads_as_an_operator_expects() {
+        let now = OffsetDateTime::UNIX_EPOCH + time::Duration::hours(100);
+        let seen = |ago: i64| SeenRecord {
+            at: now - time::Duration::seconds(ago),
+        };
+        assert_eq!(
+            Liveness::of(true, Some(&seen(500)), now).to_string(),
+            "LIVE"
+        );
+        assert_eq!(Liveness::of(false, None, now).to_string(), "STALE");
+        assert_eq!(
+            Liveness::of(false, Some(&seen(45)), now).to_string(),
+            "STALE 45s"
+        );
+        assert_eq!(
+            Liveness::of(false, Some(&seen(150)), now).to_string(),
+            "STALE 2m"
+        );
+        assert_eq!(
+            Liveness::of(false, Some(&seen(7300)), now).to_string(),
+            "STALE 2h"
+        );
+        assert_eq!(
+            serde_json::to_value(Liveness::of(false, Some(&seen(150)), now)).unwrap(),
+            serde_json::json!({"state": "stale", "seconds": 150})
         );
     }
 }

@@ -252,9 +252,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let dir = up::find_state_dir(state_dir)?;
             let s = up::State::load(&dir)?;
             match output {
-                StatusOutput::Table => up::print_status(&s, &dir),
+                StatusOutput::Table => up::print_status(&s, &dir).await,
                 StatusOutput::Json => {
-                    println!("{}", serde_json::to_string_pretty(&up::status_of(&s))?)
+                    let live = up::liveness(&s).await;
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&up::status_of(&s, &live))?
+                    )
                 }
             }
             Ok(())
@@ -451,6 +455,16 @@ async fn deregister(name: &str, flags: &EtcdFlags) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A cluster's record with its liveness: `LIVE`, or `STALE` with the time
+/// since its controller was last seen (it is still served).
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ClusterRow {
+    #[serde(flatten)]
+    record: fedmesh_api::ClusterRecord,
+    liveness: fedmesh_api::Liveness,
+}
+
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
 struct ServiceRow {
@@ -476,21 +490,34 @@ async fn get(what: GetWhat, output: Output, flags: &EtcdFlags) -> anyhow::Result
     let mut zone = connect(flags).await?;
     match what {
         GetWhat::Clusters => {
-            let rows = zone.clusters().await?;
+            let records = zone.clusters().await?;
+            let liveness = zone
+                .liveness(&records, time::OffsetDateTime::now_utc())
+                .await?;
+            let rows: Vec<ClusterRow> = records
+                .into_iter()
+                .zip(liveness)
+                .map(|(record, liveness)| ClusterRow { record, liveness })
+                .collect();
             print_rows(
                 output,
                 &rows,
                 &[
                     "NAME",
+                    "LIVENESS",
                     "CLOUD",
                     "REGION",
                     "ZONES",
                     "TRUST DOMAIN",
                     "GATEWAYS",
                 ],
-                |c| {
+                |ClusterRow {
+                     record: c,
+                     liveness,
+                 }| {
                     vec![
                         c.name.clone(),
+                        liveness.to_string(),
                         c.cloud.clone(),
                         c.region.clone(),
                         c.zones.join(","),

@@ -400,7 +400,7 @@ pub async fn up(topology_path: &Path, dir: &Path) -> anyhow::Result<()> {
     }
     state.ready = true;
     state.save(dir)?;
-    print_status(&state, dir);
+    print_status(&state, dir).await;
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
@@ -777,7 +777,7 @@ pub async fn up_detached(topology: &Path, dir: &Path) -> anyhow::Result<()> {
             && s.ready
             && s.supervisor == pid
         {
-            print_status(&s, dir);
+            print_status(&s, dir).await;
             return Ok(());
         }
         if !alive(pid) || Instant::now() > deadline {
@@ -825,9 +825,40 @@ pub struct ClusterStatus {
     pub backends_up: usize,
     pub backends: usize,
     pub services: BTreeMap<String, String>,
+    /// `LIVE`, or `STALE` with its age, from the global zone; absent when
+    /// etcd does not answer.
+    pub liveness: Option<fedmesh_api::Liveness>,
 }
 
-pub fn status_of(s: &State) -> Vec<ClusterStatus> {
+/// Each cluster's liveness in the global zone; empty when etcd does not
+/// answer within 2 s (status must work with etcd down).
+pub async fn liveness(s: &State) -> BTreeMap<String, fedmesh_api::Liveness> {
+    let endpoints: Vec<String> = s
+        .etcd
+        .iter()
+        .map(|e| format!("http://{}", e.address))
+        .collect();
+    let read = async {
+        let client = etcd_client::Client::connect(&endpoints, None).await.ok()?;
+        let mut zone = federation_controller::GlobalZone::new(client, Default::default());
+        let records = zone.clusters().await.ok()?;
+        let live = zone
+            .liveness(&records, time::OffsetDateTime::now_utc())
+            .await
+            .ok()?;
+        Some(records.into_iter().map(|r| r.name).zip(live).collect())
+    };
+    tokio::time::timeout(Duration::from_secs(2), read)
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or_default()
+}
+
+pub fn status_of(
+    s: &State,
+    liveness: &BTreeMap<String, fedmesh_api::Liveness>,
+) -> Vec<ClusterStatus> {
     s.clusters
         .iter()
         .map(|c| {
@@ -858,24 +889,26 @@ pub fn status_of(s: &State) -> Vec<ClusterStatus> {
                     .into_iter()
                     .map(|(k, (up, all))| (k, format!("{up}/{all}")))
                     .collect(),
+                liveness: liveness.get(&c.name).copied(),
             }
         })
         .collect()
 }
 
-pub fn print_status(s: &State, dir: &Path) {
+pub async fn print_status(s: &State, dir: &Path) {
     println!(
-        "\n{:<20} {:<8} {:<16} {:<10} {:<9} {:<22} SERVICES (healthy/total)",
-        "CLUSTER", "CLOUD", "REGION", "CONTROLLER", "GATEWAYS", "PROXY"
+        "\n{:<20} {:<8} {:<16} {:<10} {:<10} {:<9} {:<22} SERVICES (healthy/total)",
+        "CLUSTER", "CLOUD", "REGION", "CONTROLLER", "LIVENESS", "GATEWAYS", "PROXY"
     );
-    for c in status_of(s) {
+    for c in status_of(s, &liveness(s).await) {
         let services: Vec<String> = c.services.iter().map(|(k, v)| format!("{k} {v}")).collect();
         println!(
-            "{:<20} {:<8} {:<16} {:<10} {:<9} {:<22} {}",
+            "{:<20} {:<8} {:<16} {:<10} {:<10} {:<9} {:<22} {}",
             c.name,
             c.cloud,
             c.region,
             c.controller,
+            c.liveness.map_or("?".to_string(), |l| l.to_string()),
             format!("{}/{}", c.gateways_up, c.gateways),
             format!("{} {}", c.proxy, c.proxy_health),
             services.join(", ")

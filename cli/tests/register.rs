@@ -156,6 +156,22 @@ async fn register_get_and_deregister() {
     ])))
     .unwrap();
     assert_eq!(json[0]["trustDomain"], "aws.fedmesh.test");
+    // No controller has said it is alive yet.
+    assert_eq!(json[0]["liveness"]["state"], "stale");
+    assert!(table.contains("STALE"), "{table}");
+    // Its controller was last seen 150 s ago; then it comes back.
+    let keys = fedmesh_api::KeySpace::default();
+    let mut c = etcd.client().await.unwrap();
+    let seen = time::OffsetDateTime::now_utc() - time::Duration::seconds(150);
+    let seen = serde_json::json!({"at": seen.format(&time::format_description::well_known::Rfc3339).unwrap()});
+    c.put(keys.seen("aws-use1"), seen.to_string(), None)
+        .await
+        .unwrap();
+    let table = ok(&fedmesh(&["get", "clusters", "--etcd", &ep]));
+    assert!(table.contains("STALE 2m"), "{table}");
+    c.put(keys.alive("aws-use1"), "{}", None).await.unwrap();
+    let table = ok(&fedmesh(&["get", "clusters", "--etcd", &ep]));
+    assert!(table.contains("LIVE"), "{table}");
     let yaml = ok(&fedmesh(&["get", "bundles", "-o", "yaml", "--etcd", &ep]));
     assert!(yaml.contains("trustDomain: aws.fedmesh.test"), "{yaml}");
     assert!(ok(&fedmesh(&["get", "services", "--etcd", &ep])).starts_with("CLUSTER"));

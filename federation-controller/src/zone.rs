@@ -4,7 +4,7 @@
 
 use etcd_client::{Client, Compare, CompareOp, DeleteOptions, GetOptions, Permission, Txn, TxnOp};
 use fedmesh_api::records::RecordError;
-use fedmesh_api::{ClusterRecord, ExportSummary, GlobalKey, KeySpace};
+use fedmesh_api::{ClusterRecord, ExportSummary, GlobalKey, KeySpace, Liveness, SeenRecord};
 
 use crate::view::RawKv;
 use trust_bundle::{Bundle, BundleError, TrustDomain};
@@ -280,6 +280,34 @@ impl GlobalZone {
             .iter()
             .map(|kv| parse_json(&kv.key, &kv.value))
             .collect()
+    }
+
+    /// The liveness of each of `clusters` as of `now`, from the `alive`
+    /// and `seen` keys, in the same order.
+    pub async fn liveness(
+        &mut self,
+        clusters: &[ClusterRecord],
+        now: time::OffsetDateTime,
+    ) -> Result<Vec<Liveness>, ZoneError> {
+        let alive: std::collections::BTreeSet<String> = self
+            .list("alive/")
+            .await?
+            .iter()
+            .filter_map(|kv| match self.keys.parse(&kv.key) {
+                Some(GlobalKey::Alive(c)) => Some(c),
+                _ => None,
+            })
+            .collect();
+        let mut seen = std::collections::BTreeMap::new();
+        for kv in self.list("seen/").await? {
+            if let Some(GlobalKey::Seen(c)) = self.keys.parse(&kv.key) {
+                seen.insert(c, parse_json::<SeenRecord>(&kv.key, &kv.value)?);
+            }
+        }
+        Ok(clusters
+            .iter()
+            .map(|c| Liveness::of(alive.contains(&c.name), seen.get(&c.name), now))
+            .collect())
     }
 
     /// Every export: (cluster, namespace, service, summary).
