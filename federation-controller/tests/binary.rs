@@ -13,7 +13,8 @@ use fedmesh_api::{ClusterRecord, KeySpace};
 use fedmesh_test_support::{Etcd, eventually};
 use trust_bundle::{Bundle, CaOptions, ClusterCa, TrustDomain};
 
-async fn join_dir(etcd: &Etcd, dir: &std::path::Path) {
+/// Registers aws and writes its join directory; returns its own bundle.
+async fn join_dir(etcd: &Etcd, dir: &std::path::Path) -> Bundle {
     let td = TrustDomain::new("aws.fedmesh.test").unwrap();
     let ca = ClusterCa::generate(&td, &CaOptions::default(), SystemTime::now()).unwrap();
     let record = ClusterRecord {
@@ -26,8 +27,9 @@ async fn join_dir(etcd: &Etcd, dir: &std::path::Path) {
         labels: BTreeMap::new(),
         registered_at: time::OffsetDateTime::now_utc(),
     };
+    let bundle = Bundle::with_roots(td, [ca.cert_der().clone()]);
     GlobalZone::new(etcd.client().await.unwrap(), KeySpace::default())
-        .register(&record, &Bundle::with_roots(td, [ca.cert_der().clone()]))
+        .register(&record, &bundle)
         .await
         .unwrap();
     let etcd = EtcdAccess {
@@ -43,6 +45,7 @@ async fn join_dir(etcd: &Etcd, dir: &std::path::Path) {
     }
     .write(dir)
     .unwrap();
+    bundle
 }
 
 async fn http_get(addr: &str, path: &str) -> String {
@@ -158,4 +161,103 @@ fn bad_flags_and_files_are_named() {
     );
     let err = run(&["--registry", "r.yaml"]);
     assert!(err.contains("--join"), "{err}");
+}
+
+/// Out of file descriptors, the discovery listener's accepts fail. The
+/// controller logs it, keeps listening, and serves again once descriptors
+/// are free: proxies can renew their SVIDs afterwards.
+#[tokio::test]
+async fn the_discovery_listener_survives_running_out_of_descriptors() {
+    let etcd = Etcd::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let join = dir.path().join("join");
+    let bundle = join_dir(&etcd, &join).await;
+    let registry = dir.path().join("registry.yaml");
+    std::fs::write(&registry, "services: []\n").unwrap();
+    let tokens = dir.path().join("tokens.yaml");
+    std::fs::write(&tokens, "tokens:\n  - token: web-token-0123456789abcdef\n    spiffeId: spiffe://aws.fedmesh.test/ns/shop/sa/web\n").unwrap();
+
+    // A low descriptor limit for the controller alone.
+    let mut child = Command::new("sh")
+        .args(["-c", "ulimit -n 64 && exec \"$0\" \"$@\""])
+        .arg(env!("CARGO_BIN_EXE_fedmesh-controller"))
+        .args(["--join", join.to_str().unwrap()])
+        .args(["--registry", registry.to_str().unwrap()])
+        .args(["--listen", "127.0.1.2:0", "--admin", "127.0.1.2:0"])
+        .args(["--tokens", tokens.to_str().unwrap()])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()
+        .map(KillOnDrop)
+        .unwrap();
+    let mut stdout = BufReader::new(child.0.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    let discovery: std::net::SocketAddr = line
+        .split("discovery on ")
+        .nth(1)
+        .and_then(|s| s.split([' ', ',']).next())
+        .unwrap()
+        .parse()
+        .unwrap();
+    let warned = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let w = warned.clone();
+    std::thread::spawn(move || {
+        for l in stdout.lines().map_while(Result::ok) {
+            if l.contains("accept failed; still listening") {
+                w.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+    });
+
+    // Idle connections that never handshake hold a descriptor each.
+    let mut hogs = Vec::new();
+    for _ in 0..120 {
+        if let Ok(c) = tokio::net::TcpStream::connect(discovery).await {
+            hogs.push(c);
+        }
+    }
+    eventually("a failed accept", Duration::from_secs(15), || {
+        let w = warned.clone();
+        async move { w.load(std::sync::atomic::Ordering::Relaxed).then_some(()) }
+    })
+    .await;
+    drop(hogs);
+
+    // Descriptors are free again: Certify works over a fresh connection.
+    let access = fedmesh_discovery::ControllerAccess {
+        address: discovery,
+        controller: "spiffe://aws.fedmesh.test/fedmesh/controller/aws"
+            .parse()
+            .unwrap(),
+        identity: "spiffe://aws.fedmesh.test/ns/shop/sa/web".parse().unwrap(),
+        join_token: "web-token-0123456789abcdef".into(),
+        node: "test".into(),
+    };
+    let mut set = trust_bundle::BundleSet::new();
+    set.insert(bundle);
+    let (_tx, bundles) = tokio::sync::watch::channel(std::sync::Arc::new(set));
+    let svid = eventually(
+        "Certify after the exhaustion",
+        Duration::from_secs(20),
+        || {
+            let (access, bundles) = (access.clone(), bundles.clone());
+            async move { fedmesh_discovery::certify(&access, bundles).await.ok() }
+        },
+    )
+    .await;
+    assert_eq!(
+        svid.spiffe_id().to_string(),
+        "spiffe://aws.fedmesh.test/ns/shop/sa/web"
+    );
+}
+
+/// A child process killed when the test ends, however it ends.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
