@@ -160,9 +160,16 @@ impl<K: Hash + Eq + Clone> Balancer<K> {
         }
     }
 
-    /// An attempt on `k` ended: `Ok(latency)` or a failure. `targets` is
-    /// how many targets the service has (the ejection cap's base).
-    pub fn finished(&mut self, k: &K, outcome: Result<Duration, ()>, targets: usize, now: Instant) {
+    /// An attempt on `k` ended: `Ok(latency)` or a failure. `targets` are
+    /// the service's targets: the ejection cap's base, and the panic
+    /// threshold's (the last usable target is never ejected).
+    pub fn finished(
+        &mut self,
+        k: &K,
+        outcome: Result<Duration, ()>,
+        targets: &[Target<K>],
+        now: Instant,
+    ) {
         let decay = self.policy.ewma_decay;
         let entry = self
             .load
@@ -175,7 +182,12 @@ impl<K: Hash + Eq + Clone> Balancer<K> {
                 self.outliers.success(k, now);
             }
             Err(()) => {
-                self.outliers.failure(k, targets, now);
+                let others_usable = targets
+                    .iter()
+                    .filter(|t| t.key != *k && t.healthy > 0)
+                    .filter(|t| !self.outliers.is_ejected(&t.key, now))
+                    .count();
+                self.outliers.failure(k, targets.len(), others_usable, now);
             }
         }
     }
@@ -324,7 +336,7 @@ mod tests {
         let t = fleet();
         for _ in 0..5 {
             b.started(&"a1", t0);
-            b.finished(&"a1", Err(()), t.len(), t0);
+            b.finished(&"a1", Err(()), &t, t0);
         }
         let m = spread(&mut b, &t, 100, t0);
         assert_eq!(m.get("a1"), None, "{m:?}");
@@ -348,9 +360,9 @@ mod tests {
         let mut b = Balancer::new(BalancerPolicy::default());
         let t = fleet();
         b.started(&"a1", t0);
-        b.finished(&"a1", Ok(Duration::from_millis(50)), t.len(), t0);
+        b.finished(&"a1", Ok(Duration::from_millis(50)), &t, t0);
         b.started(&"a2", t0);
-        b.finished(&"a2", Ok(Duration::from_millis(1)), t.len(), t0);
+        b.finished(&"a2", Ok(Duration::from_millis(1)), &t, t0);
         let m = spread(&mut b, &t, 100, t0);
         assert_eq!(
             m.get("a1"),
@@ -367,7 +379,7 @@ mod tests {
         // Equal latency; a1 has an attempt outstanding, so a2 wins.
         for k in ["a1", "a2"] {
             b.started(&k, t0);
-            b.finished(&k, Ok(Duration::from_millis(1)), t.len(), t0);
+            b.finished(&k, Ok(Duration::from_millis(1)), &t, t0);
         }
         b.started(&"a1", t0);
         let draw = Draw {

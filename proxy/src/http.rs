@@ -88,6 +88,17 @@ enum AttemptError {
 }
 
 impl AttemptError {
+    /// Whether the failure counts against the target's health. A pooled
+    /// connection that died (with a gateway, or idle) and a dead local
+    /// egress say nothing about the target; they only cost a fresh path.
+    fn blames_target(&self) -> bool {
+        match self {
+            AttemptError::Connect(e) => e.blames_target(),
+            AttemptError::Send { reused, .. } => !reused,
+            AttemptError::TryTimeout => true,
+        }
+    }
+
     fn label(&self) -> &'static str {
         match self {
             AttemptError::Connect(e) => e.label(),
@@ -402,7 +413,11 @@ fn attempt_failed(
 ) {
     tracing::debug!(service = %svc.key, %target, error = %e, "attempt failed");
     record_attempt(shared, svc, target, e.label());
-    state.finished(svc, target, Err(()));
+    if e.blames_target() {
+        state.finished(svc, target, Err(()));
+    } else {
+        state.cancelled(target);
+    }
 }
 
 fn record_attempt(shared: &Shared, svc: &Routable, target: &TargetKey, result: &'static str) {

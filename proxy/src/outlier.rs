@@ -75,9 +75,19 @@ impl<K: Hash + Eq + Clone> Outliers<K> {
         h.healthy_since.get_or_insert(now);
     }
 
-    /// Records a failure of `k`, one of `total` endpoints of its service.
+    /// Records a failure of `k`, one of `total` endpoints of its service,
+    /// of which `others_usable` others are healthy and not ejected.
     /// Returns how long it is ejected for, if this failure ejects it.
-    pub fn failure(&mut self, k: &K, total: usize, now: Instant) -> Option<Duration> {
+    ///
+    /// The last usable endpoint is never ejected (Envoy's panic threshold):
+    /// serving from a suspect target beats answering 503 to everyone.
+    pub fn failure(
+        &mut self,
+        k: &K,
+        total: usize,
+        others_usable: usize,
+        now: Instant,
+    ) -> Option<Duration> {
         let ejected_now = self
             .hosts
             .values()
@@ -98,7 +108,7 @@ impl<K: Hash + Eq + Clone> Outliers<K> {
             return None;
         }
         let cap = (total * usize::from(policy.max_ejection_percent) / 100).max(1);
-        if total < 2 || ejected_now >= cap {
+        if total < 2 || others_usable == 0 || ejected_now >= cap {
             // Ejecting would leave too little; the failures still count.
             return None;
         }
@@ -140,7 +150,10 @@ mod tests {
         total: usize,
         now: Instant,
     ) -> Option<Duration> {
-        (0..n).map(|_| o.failure(&k, total, now)).last().flatten()
+        (0..n)
+            .map(|_| o.failure(&k, total, total - 1, now))
+            .last()
+            .flatten()
     }
 
     #[test]
@@ -151,13 +164,13 @@ mod tests {
         assert_eq!(fail_n(&mut o, "a", 4, 4, t0), None);
         o.success(&"a", t0);
         assert_eq!(fail_n(&mut o, "a", 4, 4, t0), None);
-        assert_eq!(o.failure(&"a", 4, t0), Some(30 * S));
+        assert_eq!(o.failure(&"a", 4, 3, t0), Some(30 * S));
         assert!(o.is_ejected(&"a", t0 + 29 * S));
         assert!(!o.is_ejected(&"a", t0 + 30 * S));
         // The probe after the ejection fails: out again at once, for longer.
-        assert_eq!(o.failure(&"a", 4, t0 + 31 * S), Some(60 * S));
+        assert_eq!(o.failure(&"a", 4, 3, t0 + 31 * S), Some(60 * S));
         let t1 = t0 + 91 * S;
-        assert_eq!(o.failure(&"a", 4, t1), Some(90 * S));
+        assert_eq!(o.failure(&"a", 4, 3, t1), Some(90 * S));
     }
 
     #[test]
@@ -167,7 +180,7 @@ mod tests {
         assert_eq!(fail_n(&mut o, "a", 5, 4, t0), Some(30 * S));
         o.success(&"a", t0 + 30 * S);
         // One failure is no longer enough.
-        assert_eq!(o.failure(&"a", 4, t0 + 31 * S), None);
+        assert_eq!(o.failure(&"a", 4, 3, t0 + 31 * S), None);
         // Healthy for longer than the longest ejection: the next ejection
         // is a first one again (30 s, not 60 s).
         o.success(&"a", t0 + 32 * S);
@@ -185,9 +198,22 @@ mod tests {
         assert_eq!(fail_n(&mut o, "c", 5, 4, t0), None);
         assert!(!o.is_ejected(&"c", t0));
         // Once one returns, the next outlier may go.
-        assert!(o.failure(&"c", 4, t0 + 31 * S).is_some());
+        assert!(o.failure(&"c", 4, 3, t0 + 31 * S).is_some());
         // A service with one endpoint (one remote cluster) keeps it.
         let mut lone = Outliers::new(OutlierPolicy::default());
         assert_eq!(fail_n(&mut lone, "x", 50, 1, t0), None);
+    }
+
+    #[test]
+    fn the_last_usable_endpoint_is_never_ejected() {
+        let t0 = Instant::now();
+        let mut o = Outliers::new(OutlierPolicy::default());
+        // Three endpoints, two of them down: the third is all that is left.
+        for _ in 0..50 {
+            assert_eq!(o.failure(&"x", 3, 0, t0), None);
+        }
+        assert!(!o.is_ejected(&"x", t0));
+        // Once another is usable again, the outlier may go.
+        assert_eq!(o.failure(&"x", 3, 1, t0), Some(30 * S));
     }
 }

@@ -137,7 +137,7 @@ impl ServiceState {
         let now = Instant::now().into_std();
         lock(&self.lb)
             .balancer
-            .finished(k, outcome, svc.targets.len(), now);
+            .finished(k, outcome, &svc.targets, now);
     }
 
     /// Counts a request against the retry budget.

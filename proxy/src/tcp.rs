@@ -77,7 +77,11 @@ async fn proxy(shared: &Shared, key: &ServiceKey, mut down: TcpStream) {
             }
             Err(e) => {
                 tracing::debug!(service = %key, %target, error = %e, "connect failed; next target");
-                state.finished(&svc, &target, Err(()));
+                if e.blames_target() {
+                    state.finished(&svc, &target, Err(()));
+                } else {
+                    state.cancelled(&target);
+                }
                 tried.push(target);
             }
         }

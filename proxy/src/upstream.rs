@@ -43,6 +43,10 @@ pub enum ConnectError {
     Refused { target: String, refusal: Refusal },
     #[error("{target}: no local gateway is configured to reach other clusters")]
     NoGateway { target: String },
+    /// No local egress could be reached: a fault on our side of the WAN,
+    /// which says nothing about the remote cluster.
+    #[error("connecting to {target}: no local egress answered ({message})")]
+    Egress { target: String, message: String },
 }
 
 impl ConnectError {
@@ -53,7 +57,18 @@ impl ConnectError {
             ConnectError::Timeout { .. } => "connect_timeout",
             ConnectError::Refused { refusal, .. } => refusal.label(),
             ConnectError::NoGateway { .. } => "no_gateway",
+            ConnectError::Egress { .. } => "egress_unreachable",
         }
+    }
+
+    /// Whether the failure says something about the target itself, and so
+    /// counts towards ejecting it. A dead local egress does not: one
+    /// gateway's trouble must never take a whole remote cluster away.
+    pub fn blames_target(&self) -> bool {
+        !matches!(
+            self,
+            ConnectError::Egress { .. } | ConnectError::NoGateway { .. }
+        )
     }
 }
 
@@ -153,7 +168,7 @@ impl Connector {
                 }
                 Ok(Err(Opening::Egress(e))) => {
                     tracing::debug!(%egress, error = %e, "egress unreachable; trying the next");
-                    last = Some(ConnectError::Unreachable {
+                    last = Some(ConnectError::Egress {
                         target: target.clone(),
                         message: format!("egress {egress}: {e}"),
                     });
@@ -256,5 +271,35 @@ impl AsyncWrite for Upstream {
             Upstream::Direct(s) => s.is_write_vectored(),
             Upstream::Tunnel(s) => s.is_write_vectored(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_failures_of_the_target_itself_blame_it() {
+        let t = || "cluster gcp".to_string();
+        let egress = ConnectError::Egress {
+            target: t(),
+            message: "egress 127.0.10.1:4143: connection refused".into(),
+        };
+        assert!(!egress.blames_target());
+        assert_eq!(egress.label(), "egress_unreachable");
+        assert!(!ConnectError::NoGateway { target: t() }.blames_target());
+        let refused = ConnectError::Refused {
+            target: t(),
+            refusal: Refusal {
+                status: fedmesh_proto::tunnel::v1::tunnel_accept::Status::NoHealthyEndpoints,
+                message: String::new(),
+            },
+        };
+        assert!(refused.blames_target(), "a refusal speaks for the service");
+        let timeout = ConnectError::Timeout {
+            target: t(),
+            timeout: Duration::from_secs(1),
+        };
+        assert!(timeout.blames_target());
     }
 }
