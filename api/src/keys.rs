@@ -1,4 +1,4 @@
-//! Where each record lives in etcd (DESIGN §3.1), and the reverse: what a key
+//! Where each record lives in etcd (ARCHITECTURE.md §3.1), and the reverse: what a key
 //! seen on a watch refers to.
 
 /// The default prefix of the global zone.

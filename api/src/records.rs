@@ -1,4 +1,4 @@
-//! The values stored in the global zone (DESIGN §3.1).
+//! The values stored in the global zone (ARCHITECTURE.md §3.1).
 //!
 //! Records are read by controllers of other clusters, which may run another
 //! fedmesh version, so unknown fields are tolerated here (unlike local config,

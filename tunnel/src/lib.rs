@@ -1,4 +1,4 @@
-//! The tunnel header that opens every cross-cluster stream (DESIGN §3.3),
+//! The tunnel header that opens every cross-cluster stream (ARCHITECTURE.md §3.3),
 //! shared by the gateway (both ends of QUIC) and the proxy (the client of
 //! its local gateway's egress).
 //!
