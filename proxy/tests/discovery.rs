@@ -215,44 +215,7 @@ async fn a_proxy_follows_its_controller_and_outlives_it() {
     set_service(&aws.reg, "cart", &[(a.addr, "az1", true)]);
 
     // The proxy's only config: who it is and where its controller is.
-    let d = &aws.reg.domain;
-    let access = ControllerAccess {
-        address: aws.reg.controller.as_ref().unwrap().discovery_addr,
-        controller: SpiffeId::controller(&d.td, "aws").unwrap(),
-        identity: SpiffeId::workload(&d.td, "shop", "web").unwrap(),
-        join_token: WEB_TOKEN.into(),
-        node: "aws-proxy".into(),
-    };
-    let mut bootstrap = BundleSet::new();
-    bootstrap.insert(aws.reg.own_bundle.clone());
-    let here = me(d, "az1");
-    let discovered = {
-        let here = here.clone();
-        fedmesh_discovery::start(access, bootstrap, policy(), move |m, _| {
-            let specs = proxy::discovered::services(&here.cluster, m, &Default::default())?;
-            Ok(Table::build(&here.cluster, &here.locality, &specs))
-        })
-        .await
-        .unwrap()
-    };
-    let common = Common {
-        me: here,
-        listen: Listen {
-            http: Some(SocketAddr::new(d.ip(5), 0)),
-            tcp: vec![],
-            admin: None,
-        },
-        gateways: vec![aws.gateway.egress_addr().unwrap()],
-        settings: Settings::default(),
-    };
-    let proxy = Proxy::start(
-        &common,
-        discovered.config.clone(),
-        discovered.svid.clone(),
-        discovered.bundles.clone(),
-    )
-    .await
-    .unwrap();
+    let (_discovered, proxy) = discovery_proxy(&aws).await;
     let http = proxy.http.unwrap();
     eventually("cart to be served", Duration::from_secs(20), || async {
         get(http, CART).await.ok()
