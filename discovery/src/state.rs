@@ -88,15 +88,19 @@ impl MeshState {
         {
             return Err(format!("peer cluster with an empty name: {bad:?}"));
         }
+        let checked: Vec<_> = snap
+            .services
+            .iter()
+            .map(|s| (s, check_service(s)))
+            .collect();
         if !r.incremental {
             // A full snapshot replaces everything, except that a service it
             // carries in a form we cannot accept keeps its last good value.
             let mut last_good = std::mem::take(&mut self.services);
-            self.services = snap
-                .services
+            self.services = checked
                 .iter()
-                .filter(|s| check_service(s).is_err())
-                .filter_map(|s| {
+                .filter(|(_, ok)| ok.is_err())
+                .filter_map(|(s, _)| {
                     let key = ServiceKey::new(&s.namespace, &s.name);
                     last_good.remove(&key).map(|v| (key, v))
                 })
@@ -105,9 +109,9 @@ impl MeshState {
             self.rejected.clear();
         }
         let mut skipped = Vec::new();
-        for s in &snap.services {
+        for (s, ok) in checked {
             let name = format!("{}/{}", s.namespace, s.name);
-            match check_service(s) {
+            match ok {
                 Ok(()) => {
                     self.rejected.remove(&name);
                     self.services

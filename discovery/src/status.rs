@@ -7,7 +7,8 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::encoding::{DescriptorEncoder, EncodeGaugeValue, EncodeMetric};
+use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::gauge::ConstGauge;
 use tokio::sync::watch;
 
@@ -84,30 +85,40 @@ impl Collector for StatusMetrics {
             None,
             rejected.metric_type(),
         )?)?;
-        let mut verified = encoder.encode_descriptor(
+        per_cluster(
+            &mut encoder,
             "fedmesh_remote_cluster_verified",
             "1 while a remote cluster's liveness key is present; 0 while it is unverified (still served at its last known capacity)",
-            None,
-            prometheus_client::metrics::MetricType::Gauge,
+            status
+                .peers
+                .iter()
+                .map(|p| (&*p.cluster, i64::from(p.verified))),
         )?;
-        for p in &status.peers {
-            let labels = [("cluster", p.cluster.as_str())];
-            ConstGauge::new(i64::from(p.verified)).encode(verified.encode_family(&labels)?)?;
-        }
-        let mut age = encoder.encode_descriptor(
+        per_cluster(
+            &mut encoder,
             "fedmesh_remote_cluster_liveness_age_seconds",
             "Seconds since a remote cluster was last seen alive: 0 while verified; absent when never seen",
-            None,
-            prometheus_client::metrics::MetricType::Gauge,
+            status
+                .peers
+                .iter()
+                .filter_map(|p| Some((&*p.cluster, p.age(now)?.as_secs_f64()))),
         )?;
-        for p in &status.peers {
-            if let Some(a) = p.age(now) {
-                let labels = [("cluster", p.cluster.as_str())];
-                ConstGauge::new(a.as_secs_f64()).encode(age.encode_family(&labels)?)?;
-            }
-        }
         Ok(())
     }
+}
+
+/// One gauge family labelled by `cluster`.
+fn per_cluster<'a, V: EncodeGaugeValue>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    values: impl Iterator<Item = (&'a str, V)>,
+) -> Result<(), std::fmt::Error> {
+    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for (cluster, v) in values {
+        ConstGauge::new(v).encode(family.encode_family(&[("cluster", cluster)])?)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
