@@ -1,0 +1,99 @@
+//! One gateway never takes a cluster away. `fedmesh up
+//! topologies/two-clusters-ha.yaml` runs two clusters with two gateways
+//! each, as real processes. aws's checkout backends are stopped, so aws's
+//! proxy sends every GET to gcp. Under steady GETs, one of aws's gateways
+//! is killed with SIGKILL, then one of gcp's: no GET fails, and traffic
+//! never pauses for long.
+//!
+//! Its own test binary: `cargo test` runs binaries one after another, so
+//! this federation never shares loopback addresses with `up.rs`'s.
+
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use support::{Load, Up, ensure_binaries, fedmesh_ok};
+use tokio::time::Instant;
+
+/// aws-use1's proxy: the first cluster's block, 127.0.10.x.
+const AWS_PROXY: &str = "127.0.10.5:4140";
+
+/// The pid of `cluster`'s gateway `i`, from the state `up` keeps.
+fn gateway_pid(state: &std::path::Path, cluster: &str, i: usize) -> u32 {
+    let raw = std::fs::read(state.join("state.json")).unwrap();
+    let s: serde_json::Value = serde_json::from_slice(&raw).unwrap();
+    let c = s["clusters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == cluster)
+        .unwrap();
+    u32::try_from(c["gateways"][i]["pid"].as_u64().unwrap()).unwrap()
+}
+
+fn kill_9(pid: u32) {
+    let ok = std::process::Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success(), "kill -9 {pid}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_one_gateway_on_either_side_fails_no_get() {
+    ensure_binaries();
+    let state = tempfile::tempdir().unwrap();
+    let topology = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../topologies/two-clusters-ha.yaml"
+    );
+    fedmesh_ok(&["up", topology, "-d"], state.path());
+    let _up = Up(state.path().to_path_buf());
+    fedmesh_ok(&["stop", "aws-use1/shop/checkout"], state.path());
+
+    let proxy: SocketAddr = AWS_PROXY.parse().unwrap();
+    let load = Load::start(proxy, "checkout.shop").await;
+    let t0 = Instant::now();
+    load.wait("answers from gcp", t0, 200, |c| c == "gcp-usc1")
+        .await;
+
+    // One of the caller's own gateways (its egress) dies.
+    kill_9(gateway_pid(state.path(), "aws-use1", 0));
+    let t1 = Instant::now();
+    load.wait("answers from gcp after aws lost a gateway", t1, 400, |c| {
+        c == "gcp-usc1"
+    })
+    .await;
+
+    // One of the serving cluster's gateways dies.
+    kill_9(gateway_pid(state.path(), "gcp-usc1", 0));
+    let t2 = Instant::now();
+    load.wait("answers from gcp after gcp lost a gateway", t2, 400, |c| {
+        c == "gcp-usc1"
+    })
+    .await;
+
+    let (answers, failures) = load.finish().await;
+    assert!(
+        failures.is_empty(),
+        "{} failed GETs, the first: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    // The longest pause in traffic after the first kill: the gateways'
+    // QUIC idle timeout is 700 ms; allow as much again for a loaded machine.
+    let longest = answers
+        .windows(2)
+        .filter(|w| w[0].at >= t1)
+        .map(|w| w[1].at.saturating_duration_since(w[0].at))
+        .max()
+        .unwrap_or_default();
+    println!("longest pause after the first kill: {longest:?}");
+    assert!(
+        longest <= Duration::from_millis(1400),
+        "traffic paused for {longest:?}"
+    );
+}
