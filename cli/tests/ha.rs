@@ -55,7 +55,8 @@ async fn killing_one_gateway_on_either_side_fails_no_get() {
     fedmesh_ok(&["stop", "aws-use1/shop/checkout"], state.path());
 
     let proxy: SocketAddr = AWS_PROXY.parse().unwrap();
-    let load = Load::start(proxy, "checkout.shop").await;
+    // Enough clients that many pooled tunnels run through each gateway.
+    let load = Load::start(proxy, "checkout.shop", 16).await;
     let t0 = Instant::now();
     load.wait("answers from gcp", t0, 200, |c| c == "gcp-usc1")
         .await;

@@ -51,7 +51,7 @@ async fn three_clouds_fail_over_from_aws_and_back() {
 
     // Steady GETs from aws: four keep-alive clients.
     let proxy: SocketAddr = AWS_PROXY.parse().unwrap();
-    let load = Load::start(proxy, "checkout.shop").await;
+    let load = Load::start(proxy, "checkout.shop", 4).await;
     let t0 = Instant::now();
     load.wait("answers from aws", t0, 100, |c| c == "aws-use1")
         .await;

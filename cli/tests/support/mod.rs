@@ -116,8 +116,8 @@ async fn get(tx: &mut Sender, host: &str) -> Result<String, String> {
     Ok(v["cluster"].as_str().unwrap_or_default().to_string())
 }
 
-/// Steady GETs from four keep-alive clients, each stopping by itself
-/// after four minutes at most.
+/// Steady GETs from keep-alive clients, each stopping by itself after four
+/// minutes at most.
 pub struct Load {
     answers: Arc<Mutex<Vec<Answer>>>,
     failures: Arc<Mutex<Vec<String>>>,
@@ -126,12 +126,12 @@ pub struct Load {
 }
 
 impl Load {
-    pub async fn start(proxy: SocketAddr, host: &str) -> Self {
+    pub async fn start(proxy: SocketAddr, host: &str, clients: usize) -> Self {
         let answers = Arc::new(Mutex::new(Vec::new()));
         let failures = Arc::new(Mutex::new(Vec::new()));
         let (stop, stopped) = watch::channel(false);
         let mut workers = Vec::new();
-        for _ in 0..4 {
+        for _ in 0..clients {
             let (answers, failures, stopped) = (answers.clone(), failures.clone(), stopped.clone());
             let host = host.to_string();
             let mut tx = client(proxy).await;
