@@ -5,10 +5,11 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use fedmesh_proto::tunnel::v1::{TunnelOpen, tunnel_accept::Status};
 use quinn::{Connection, RecvStream, SendStream};
+use rustls_pki_types::CertificateDer;
 use tokio::net::TcpStream;
 use tokio::time::{Instant, timeout};
 use tracing::Instrument;
@@ -43,7 +44,7 @@ async fn connection(incoming: quinn::Incoming, sh: Arc<Shared>) {
             return;
         }
     };
-    let Some(peer) = identify(&conn, &sh) else {
+    let Some((peer, chain)) = identify(&conn, &sh) else {
         conn.close(code::BAD_HEADER, b"not a federated gateway");
         return;
     };
@@ -57,34 +58,100 @@ async fn connection(incoming: quinn::Incoming, sh: Arc<Shared>) {
             gateway: remote.to_string(),
         })
         .clone();
+    // The connection ends at its peer's certificate's expiry: a renewed
+    // SVID takes over with a fresh handshake.
+    let expiry = trust_bundle::svid::parse_leaf(&chain[0])
+        .map(|(_, info)| info.not_after)
+        .unwrap_or_else(|_| SystemTime::now());
+    let expires = Instant::now() + expiry.duration_since(SystemTime::now()).unwrap_or_default();
+    let (mut routes, mut bundles) = (sh.routes.clone(), sh.bundles.clone());
+    // Held by each of this connection's streams, to know when they are done.
+    let live = Arc::new(());
+    let mut revoked: Option<(String, Instant)> = None;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
             s = conn.accept_bi() => match s {
-                Ok((send, recv)) => {
-                    tokio::spawn(stream(send, recv, peer.clone(), sh.clone()));
+                Ok((mut send, mut recv)) => {
+                    if let Some((why, _)) = &revoked {
+                        let r = Refusal::new(Status::Forbidden, why.clone());
+                        let (peer, sh) = (peer.clone(), sh.clone());
+                        tokio::spawn(async move { refuse(&mut send, &mut recv, &peer, &sh, r).await });
+                        continue;
+                    }
+                    let live = live.clone();
+                    let (peer, sh) = (peer.clone(), sh.clone());
+                    tokio::spawn(async move {
+                        let _live = live;
+                        stream(send, recv, peer, sh).await
+                    });
                 }
                 Err(e) => {
                     tracing::debug!(%remote, peer = %peer.id, error = %e, "peer gateway connection ended");
                     return;
                 }
             },
+            r = routes.changed(), if revoked.is_none() => {
+                if r.is_err() { return; }
+                revoked = recheck(&sh, &peer, &chain);
+            }
+            r = bundles.changed(), if revoked.is_none() => {
+                if r.is_err() { return; }
+                revoked = recheck(&sh, &peer, &chain);
+            }
+            _ = tokio::time::sleep_until(expires), if revoked.is_none() => {
+                revoked = Some(("the peer's certificate has expired".into(), Instant::now()));
+            }
             _ = tick.tick() => {
                 rtt.set(conn.rtt().as_secs_f64());
+            }
+        }
+        if let Some((why, since)) = &revoked {
+            // New streams are refused at once; live ones may finish for up
+            // to the drain timeout, then the connection closes.
+            let drained = Arc::strong_count(&live) == 1;
+            if drained || since.elapsed() >= sh.settings.drain_timeout {
+                tracing::info!(%remote, peer = %peer.id, reason = %why, "closing a peer connection that no longer verifies");
+                sh.metrics.refused(DIRECTION, &peer.cluster, "revoked");
+                conn.close(code::REVOKED, why.as_bytes());
+                return;
             }
         }
     }
 }
 
+/// Whether a live connection from `peer`, which presented `chain`, still
+/// verifies under the current routes and bundles; why not, with when.
+fn recheck(
+    sh: &Shared,
+    peer: &PeerGateway,
+    chain: &[CertificateDer<'static>],
+) -> Option<(String, Instant)> {
+    let why = if let Err(e) = sh.routes.borrow().peer_gateway(&peer.id) {
+        e
+    } else {
+        match sh
+            .bundles
+            .borrow()
+            .reverify(chain, SystemTime::now(), trust_bundle::Usage::Client)
+        {
+            Ok(_) => return None,
+            Err(e) => e.to_string(),
+        }
+    };
+    Some((why, Instant::now()))
+}
+
 /// The peer's identity. The TLS verifier has already checked the chain and
 /// that the ID is a federated gateway; this recovers the cluster name.
-fn identify(conn: &Connection, sh: &Shared) -> Option<PeerGateway> {
+fn identify(conn: &Connection, sh: &Shared) -> Option<(PeerGateway, Vec<CertificateDer<'static>>)> {
     let chain = conn
         .peer_identity()?
-        .downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>()
+        .downcast::<Vec<CertificateDer<'static>>>()
         .ok()?;
     let id = trust_bundle::peer_spiffe_id(Some(&chain))?;
-    sh.routes.borrow().peer_gateway(&id).ok()
+    let peer = sh.routes.borrow().peer_gateway(&id).ok()?;
+    (!chain.is_empty()).then_some((peer, *chain))
 }
 
 async fn stream(

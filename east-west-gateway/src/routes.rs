@@ -167,6 +167,8 @@ impl Routes {
         spread: usize,
     ) -> Result<Vec<SocketAddr>, Refusal> {
         let forbidden = |m: String| Refusal::new(Status::Forbidden, m);
+        // Identified at the handshake; it may have left the routes since.
+        self.peer_gateway(&from.id).map_err(forbidden)?;
         if open.target_cluster != self.cluster {
             return Err(forbidden(format!(
                 "stream for cluster {:?} reached a gateway of {:?}",

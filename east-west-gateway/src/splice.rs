@@ -27,6 +27,9 @@ pub mod code {
     pub const SHUTDOWN: VarInt = VarInt::from_u32(4);
     /// The stream was refused; its pipelined bytes are not wanted.
     pub const REFUSED: VarInt = VarInt::from_u32(5);
+    /// (A connection's) peer no longer verifies: its cluster left, its
+    /// bundle changed, or its certificate expired.
+    pub const REVOKED: VarInt = VarInt::from_u32(6);
 }
 
 pub use fedmesh_tunnel::{ReadFrameError, read_frame, write_frame};

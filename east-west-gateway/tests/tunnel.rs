@@ -729,3 +729,87 @@ async fn a_gateway_that_leaves_the_routes_is_let_go_after_its_last_stream() {
     .unwrap();
     assert_eq!(refused.status(), Status::Unreachable);
 }
+
+/// A live connection is re-checked when the routes or bundles change.
+/// aws is deregistered while its gateway holds a connection to gcp's with
+/// a live stream: a new stream on that connection is refused FORBIDDEN at
+/// once, the live one may finish, and then the connection closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deregistered_peer_loses_its_live_connection() {
+    let p = pair(Settings::default()).await;
+    let conn = raw_connect(
+        p.a.ip(51),
+        p.a.gateway_svid(),
+        bundles(&[&p.a, &p.b]),
+        p.b.gateway_id(),
+        p.gw_b.quic(),
+    )
+    .await
+    .unwrap();
+    let mut good = open_msg(ECHO, 8080, "gcp-usc1");
+    good.source_identity = "spiffe://aws.example/ns/shop/sa/web".into();
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    write_frame(&mut send, &good).await.unwrap();
+    let a: TunnelAccept = read_frame("TunnelAccept", &mut recv).await.unwrap();
+    assert_eq!(a.status, Status::Ok as i32, "{a:?}");
+    let mut live = tokio::io::join(recv, send);
+    ping(&mut live, b"before").await;
+
+    // gcp's gateway learns that aws is no longer federated.
+    p.gw_b.update(|r| {
+        r.peers.remove("aws-use1");
+    });
+    let refused = eventually(
+        "a new stream to be refused",
+        Duration::from_secs(5),
+        || async {
+            let a = raw_stream(&conn, &framed(&good)).await.ok()?;
+            (a.status == Status::Forbidden as i32).then_some(a)
+        },
+    )
+    .await;
+    assert!(refused.message.contains("not federated"), "{refused:?}");
+    // The live stream may finish...
+    ping(&mut live, b"during").await;
+    drop(live);
+    // ...then the connection closes, however long keep-alives would hold it.
+    let closed = tokio::time::timeout(Duration::from_secs(5), conn.closed())
+        .await
+        .expect("the connection closes once its last stream is done");
+    assert!(
+        matches!(&closed, quinn::ConnectionError::ApplicationClosed(c) if c.error_code == east_west_gateway::splice::code::REVOKED),
+        "{closed:?}"
+    );
+}
+
+/// A connection whose peer's bundle is withdrawn closes too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_withdrawn_bundle_closes_the_peers_connection() {
+    let p = pair(Settings::default()).await;
+    let conn = raw_connect(
+        p.a.ip(52),
+        p.a.gateway_svid(),
+        bundles(&[&p.a, &p.b]),
+        p.b.gateway_id(),
+        p.gw_b.quic(),
+    )
+    .await
+    .unwrap();
+    let mut good = open_msg(ECHO, 8080, "gcp-usc1");
+    good.source_identity = "spiffe://aws.example/ns/shop/sa/web".into();
+    let a = raw_stream(&conn, &framed(&good)).await.unwrap();
+    assert_eq!(a.status, Status::Ok as i32, "{a:?}");
+    // aws's trust domain now has another root: its old certificates no
+    // longer verify.
+    let other = Domain::new("aws-use1", "aws.example", 53);
+    p.gw_b
+        .bundles
+        .send_replace(Arc::new(bundles(&[&other, &p.b])));
+    let closed = tokio::time::timeout(Duration::from_secs(5), conn.closed())
+        .await
+        .expect("the connection closes");
+    assert!(
+        matches!(&closed, quinn::ConnectionError::ApplicationClosed(c) if c.error_code == east_west_gateway::splice::code::REVOKED),
+        "{closed:?}"
+    );
+}

@@ -57,6 +57,35 @@ impl BundleSet {
         self.bundles.is_empty()
     }
 
+    /// Verifies again, at `now`, a chain a peer presented earlier (leaf
+    /// first), with the process's crypto provider: a live connection is
+    /// re-checked when the bundles change, so a withdrawn root or a removed
+    /// trust domain reaches it without waiting for a new handshake.
+    pub fn reverify(
+        &self,
+        chain: &[CertificateDer<'_>],
+        now: std::time::SystemTime,
+        usage: Usage,
+    ) -> Result<SpiffeId, VerifyError> {
+        let (leaf, intermediates) =
+            chain
+                .split_first()
+                .ok_or(VerifyError::NotSvid(SvidError::Malformed(
+                    "empty chain".into(),
+                )))?;
+        let since = now
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let algorithms = crate::tls::crypto_provider().signature_verification_algorithms;
+        self.verify_svid(
+            leaf,
+            intermediates,
+            UnixTime::since_unix_epoch(since),
+            usage,
+            &algorithms,
+        )
+    }
+
     /// Verifies a presented chain and returns the peer's SPIFFE ID.
     ///
     /// Checks, in order: the leaf is an X.509-SVID (exactly one URI SAN with a
