@@ -2,11 +2,13 @@
 //! renewals, and the discovery stream with ACK/NACK, reconnection and the
 //! last good config.
 
+use std::collections::BTreeSet;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use fedmesh_api::ServiceKey;
 use fedmesh_proto::discovery::v1 as pb;
 use pb::discovery_client::DiscoveryClient;
 use rustls_pki_types::ServerName;
@@ -35,12 +37,18 @@ pub struct ControllerAccess {
     pub node: String,
 }
 
-/// Reconnection backoff; it doubles per consecutive failure, with jitter.
+/// Which services a client asks for, and how it reconnects: backoff
+/// doubles per consecutive failure, with jitter.
 #[derive(Debug, Clone)]
 pub struct ClientPolicy {
     pub initial_backoff: Duration,
     pub max_backoff: Duration,
     pub renewal: RenewalPolicy,
+    /// Everything, this cluster's exports (a gateway), or a subscription.
+    pub scope: pb::Scope,
+    /// With `Scope::Listed`: the services to hold from the start,
+    /// "namespace/name" or "namespace/*". More come on demand.
+    pub subscribe: Vec<String>,
 }
 
 impl Default for ClientPolicy {
@@ -49,7 +57,27 @@ impl Default for ClientPolicy {
             initial_backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(5),
             renewal: RenewalPolicy::default(),
+            scope: pb::Scope::All,
+            subscribe: Vec::new(),
         }
+    }
+}
+
+/// Asks the controller for a service on demand (a listed scope), then says
+/// whether the client holds it now.
+#[derive(Debug, Clone)]
+pub struct OnDemand(mpsc::Sender<(ServiceKey, oneshot::Sender<()>)>);
+
+impl OnDemand {
+    /// Subscribes to `key` and waits, up to `wait`, until the controller
+    /// has answered: with the service, or saying it does not exist. Returns
+    /// whether the controller answered in time.
+    pub async fn request(&self, key: ServiceKey, wait: Duration) -> bool {
+        let (tx, rx) = oneshot::channel();
+        if self.0.send((key, tx)).await.is_err() {
+            return false;
+        }
+        matches!(tokio::time::timeout(wait, rx).await, Ok(Ok(())))
     }
 }
 
@@ -181,6 +209,8 @@ pub struct Discovered<T> {
     pub config: watch::Receiver<Arc<T>>,
     /// Skipped services and peer liveness, for the admin port.
     pub status: watch::Receiver<Arc<SyncStatus>>,
+    /// Subscribes to more services (with a listed scope).
+    pub on_demand: OnDemand,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -243,7 +273,13 @@ where
         trust_bundle::spawn_renewer(source, first_svid, policy.renewal.clone(), SystemClock);
     let (first_tx, first_rx) = oneshot::channel();
     let (status_tx, status) = watch::channel(Arc::new(SyncStatus::default()));
+    let (asks_tx, asks) = mpsc::channel(64);
+    let subscribed = policy.subscribe.iter().cloned().collect();
     let driver = Driver {
+        asks,
+        subscribed,
+        waiters: Vec::new(),
+        absent: BTreeSet::new(),
         access,
         policy,
         svid: svid.clone(),
@@ -270,6 +306,7 @@ where
         bundles,
         config,
         status,
+        on_demand: OnDemand(asks_tx),
         tasks,
     })
 }
@@ -282,6 +319,15 @@ enum Output<T> {
 }
 
 struct Driver<T> {
+    /// On-demand subscriptions from the component.
+    asks: mpsc::Receiver<(ServiceKey, oneshot::Sender<()>)>,
+    /// Every subscription so far: resent on each new stream.
+    subscribed: BTreeSet<String>,
+    /// Waiting for the controller's answer about a service.
+    waiters: Vec<(ServiceKey, oneshot::Sender<()>)>,
+    /// Subscribed services the controller says do not exist, so a repeated
+    /// ask is answered at once. Only ever subscribed names, so bounded.
+    absent: BTreeSet<ServiceKey>,
     access: Arc<ControllerAccess>,
     policy: ClientPolicy,
     svid: watch::Receiver<Arc<Svid>>,
@@ -337,6 +383,8 @@ impl<T: Send + Sync + 'static> Driver<T> {
             let hello = pb::DiscoveryRequest {
                 node: self.access.node.clone(),
                 version_info: self.state.version_info.clone(),
+                scope: self.policy.scope as i32,
+                subscribe: self.subscribed.iter().cloned().collect(),
                 ..Default::default()
             };
             // The channel has room: this cannot block or fail.
@@ -345,8 +393,31 @@ impl<T: Send + Sync + 'static> Driver<T> {
                 .stream(ReceiverStream::new(rx))
                 .await?
                 .into_inner();
-            while let Some(r) = responses.message().await? {
-                let reply = match self.accept(&r, convert) {
+            // Chunks of an update, held until its last arrives.
+            let mut chunks: Vec<pb::DiscoveryResponse> = Vec::new();
+            loop {
+                let r = tokio::select! {
+                    r = responses.message() => match r? {
+                        Some(r) => r,
+                        None => return Ok(()),
+                    },
+                    Some((key, done)) = self.asks.recv() => {
+                        if let Some(ask) = self.ask(key, done)
+                            && requests.send(ask).await.is_err()
+                        {
+                            return Ok(());
+                        }
+                        continue;
+                    }
+                };
+                if r.more {
+                    chunks.push(r);
+                    continue;
+                }
+                chunks.push(r);
+                let update = std::mem::take(&mut chunks);
+                let r = update.last().cloned().unwrap_or_default();
+                let reply = match self.accept(&update, convert) {
                     Ok(skipped) => {
                         applied = true;
                         if !skipped.is_empty() {
@@ -358,6 +429,7 @@ impl<T: Send + Sync + 'static> Driver<T> {
                             version_info: r.version_info.clone(),
                             response_nonce: r.nonce.clone(),
                             error_detail: skipped.join("; "),
+                            ..Default::default()
                         }
                     }
                     Err(detail) => {
@@ -367,6 +439,7 @@ impl<T: Send + Sync + 'static> Driver<T> {
                             version_info: self.state.version_info.clone(),
                             response_nonce: r.nonce.clone(),
                             error_detail: detail,
+                            ..Default::default()
                         }
                     }
                 };
@@ -374,21 +447,43 @@ impl<T: Send + Sync + 'static> Driver<T> {
                     return Ok(());
                 }
             }
-            Ok(())
         }
         .await;
         (applied, result)
+    }
+
+    /// An on-demand subscription: answered at once when the client already
+    /// knows the service (held, or known not to exist); otherwise the
+    /// request to send, and the waiter is resolved by the answer.
+    fn ask(&mut self, key: ServiceKey, done: oneshot::Sender<()>) -> Option<pb::DiscoveryRequest> {
+        if self.state.services.contains_key(&key) || self.absent.contains(&key) {
+            let _ = done.send(());
+            return None;
+        }
+        let name = key.to_string();
+        self.waiters.push((key, done));
+        self.subscribed
+            .insert(name.clone())
+            .then(|| pb::DiscoveryRequest {
+                node: self.access.node.clone(),
+                version_info: self.state.version_info.clone(),
+                subscribe: vec![name],
+                ..Default::default()
+            })
     }
 
     /// Applies one response, less the services it skips (returned, each
     /// with why); or nothing, when what is wrong cannot be split.
     fn accept(
         &mut self,
-        r: &pb::DiscoveryResponse,
+        update: &[pb::DiscoveryResponse],
         convert: &impl Convert<T>,
     ) -> Result<Vec<String>, String> {
         let mut next = self.state.clone();
-        let skipped = next.apply(r)?;
+        let mut skipped = Vec::new();
+        for r in update {
+            skipped.extend(next.apply(r)?);
+        }
         let bundles = next.bundle_set()?;
         let own = self.access.identity.trust_domain();
         if bundles.get(&own).is_none() {
@@ -423,6 +518,28 @@ impl<T: Send + Sync + 'static> Driver<T> {
         };
         self.status
             .send_replace(Arc::new(SyncStatus::of(&self.state)));
+        // What the update says of subscribed names: here, or absent.
+        for r in update {
+            if !r.incremental {
+                self.absent.clear();
+            }
+            for k in &r.removed {
+                let key = ServiceKey::new(&k.namespace, &k.name);
+                if self.subscribed.contains(&key.to_string()) {
+                    self.absent.insert(key);
+                }
+            }
+        }
+        let state = &self.state;
+        self.absent.retain(|k| !state.services.contains_key(k));
+        let answered: Vec<_> = std::mem::take(&mut self.waiters);
+        for (k, done) in answered {
+            if state.services.contains_key(&k) || self.absent.contains(&k) {
+                let _ = done.send(());
+            } else {
+                self.waiters.push((k, done));
+            }
+        }
         tracing::debug!(version = %self.state.version_info, "discovery update applied");
         Ok(skipped)
     }

@@ -185,6 +185,7 @@ mod tests {
             }),
             incremental,
             removed: vec![],
+            more: false,
         }
     }
 

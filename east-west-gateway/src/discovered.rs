@@ -1,6 +1,7 @@
 //! Routes from the controller's discovery stream. I/O-free: a function from
-//! the client's [`MeshState`] to [`Routes`]. An update it cannot read is
-//! NACKed whole, and the gateway keeps its last good routes.
+//! the client's [`MeshState`] to [`Routes`]. A gateway asks only for what
+//! its own cluster exports (plus the peers and bundles), so its memory does
+//! not grow with other clusters' services.
 
 use fedmesh_api::validate_label;
 use fedmesh_discovery::{ClientError, ClientPolicy, Discovered, MeshState};
@@ -19,6 +20,10 @@ pub async fn connect(
     policy: ClientPolicy,
 ) -> Result<Discovered<Routes>, ClientError> {
     let local = c.local.clone();
+    let policy = ClientPolicy {
+        scope: pb::Scope::Exported,
+        ..policy
+    };
     fedmesh_discovery::start(
         c.access.clone(),
         c.bootstrap.clone(),

@@ -45,6 +45,9 @@ pub struct ControllerConfig {
     /// TTL of the `alive/<cluster>` lease.
     pub alive_ttl: Duration,
     pub watcher: WatcherConfig,
+    /// How large discovery updates' chunks grow
+    /// ([`discovery::CHUNK_BYTES`] by default).
+    pub discovery_chunk_bytes: usize,
 }
 
 impl ControllerConfig {
@@ -57,6 +60,7 @@ impl ControllerConfig {
             tokens: HashMap::new(),
             alive_ttl: Duration::from_secs(10),
             watcher: WatcherConfig::default(),
+            discovery_chunk_bytes: discovery::CHUNK_BYTES,
         }
     }
 }
@@ -248,13 +252,14 @@ impl Controller {
                 addr: config.discovery_addr,
                 source,
             })?;
-        let service = DiscoveryService::new(
+        let mut service = DiscoveryService::new(
             td,
             snap_rx.clone(),
             authority,
             config.tokens,
             metrics.discovery.clone(),
         );
+        service.chunk_bytes = config.discovery_chunk_bytes;
         let mut stop_grpc = stop_rx.clone();
         tasks.spawn(async move {
             let shutdown = async move {

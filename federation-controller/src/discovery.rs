@@ -26,7 +26,9 @@ use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use tonic::{Request, Response, Status, Streaming};
 use trust_bundle::{Authority, CaError, SpiffeId, TrustDomain};
 
-use crate::mesh::{self, Changed, MeshInputs};
+use crate::mesh::{self, Changed, MeshInputs, Scope};
+use fedmesh_api::ServiceKey;
+use prost::Message as _;
 
 /// A published version of the mesh: its inputs, cheap to share and to diff.
 /// Services are rendered only when they are sent.
@@ -46,31 +48,46 @@ impl Versioned {
         format!("{:x}.{}", self.epoch, self.version)
     }
 
-    /// The whole mesh.
-    pub fn full(&self) -> pb::MeshSnapshot {
-        self.inputs.snapshot()
+    /// The whole mesh as `scope` sees it. Services are rendered only as
+    /// they are cut into chunks, so a large mesh is never held whole.
+    pub fn full(&self, scope: &Scope) -> Update {
+        let (keys, missing) = match scope {
+            Scope::Listed { names, namespaces } => self.inputs.keys_of(&mesh::Subscribed {
+                names: names.clone(),
+                namespaces: namespaces.clone(),
+            }),
+            _ => (self.inputs.keys_in(scope), Vec::new()),
+        };
+        Update {
+            version_info: self.version_info(),
+            incremental: false,
+            frame: self.inputs.frame(),
+            services: Services::Keys(keys.into_iter().collect()),
+            // Subscribed names that do not exist, so the client knows.
+            removed: missing.iter().map(service_ref).collect(),
+        }
     }
 
-    /// What changed since `base`: upserted services (and the bundles, if
-    /// they changed) plus removed services.
-    pub fn delta(&self, base: &Versioned) -> (pb::MeshSnapshot, Vec<pb::ServiceRef>) {
+    /// What changed in `scope` since `base`: upserted services (and the
+    /// bundles and peers, if they changed) plus removed services.
+    pub fn delta(&self, base: &Versioned, scope: &Scope) -> Update {
         let keys = match mesh::changed(&base.inputs, &self.inputs) {
             Changed::All => {
-                let mut all = self.inputs.keys();
-                all.extend(base.inputs.keys());
+                let mut all = self.inputs.keys_in(scope);
+                all.extend(base.inputs.keys_in(scope));
                 all
             }
-            Changed::Services(keys) => keys,
+            Changed::Services(keys) => keys
+                .into_iter()
+                .filter(|k| scope.contains(k, &self.inputs))
+                .collect(),
         };
         let mut upserted = Vec::new();
         let mut removed = Vec::new();
         for k in keys {
             match self.inputs.render(&k) {
                 Some(s) => upserted.push(s),
-                None if base.inputs.render(&k).is_some() => removed.push(pb::ServiceRef {
-                    namespace: k.namespace.clone(),
-                    name: k.name.clone(),
-                }),
+                None if base.inputs.render(&k).is_some() => removed.push(service_ref(&k)),
                 None => {}
             }
         }
@@ -79,16 +96,149 @@ impl Versioned {
         } else {
             HashMap::new()
         };
-        let snapshot = pb::MeshSnapshot {
+        let frame = pb::MeshSnapshot {
             cluster: self.inputs.cluster.to_string(),
-            services: upserted,
+            services: Vec::new(),
             bundles,
             peers: self
                 .inputs
                 .peers_differ(&base.inputs)
                 .then(|| self.inputs.peers()),
         };
-        (snapshot, removed)
+        Update {
+            version_info: self.version_info(),
+            incremental: true,
+            frame,
+            services: Services::Rendered(upserted),
+            removed,
+        }
+    }
+
+    /// What a new subscription adds: each newly subscribed service that
+    /// exists, and each exact name that does not, as removed (so the client
+    /// knows at once).
+    pub fn subscribed(&self, new: &mesh::Subscribed) -> Update {
+        let (found, missing) = self.inputs.keys_of(new);
+        Update {
+            version_info: self.version_info(),
+            incremental: true,
+            frame: pb::MeshSnapshot {
+                cluster: self.inputs.cluster.to_string(),
+                ..Default::default()
+            },
+            services: Services::Keys(found.into_iter().collect()),
+            removed: missing.iter().map(service_ref).collect(),
+        }
+    }
+}
+
+fn service_ref(k: &ServiceKey) -> pb::ServiceRef {
+    pb::ServiceRef {
+        namespace: k.namespace.clone(),
+        name: k.name.clone(),
+    }
+}
+
+/// The services of an update: rendered already (a delta), or to be
+/// rendered as they are sent (a full snapshot or a subscription).
+#[derive(Debug)]
+pub enum Services {
+    Rendered(Vec<pb::Service>),
+    Keys(Vec<ServiceKey>),
+}
+
+/// One update for one client, before it is cut into chunks.
+#[derive(Debug)]
+pub struct Update {
+    pub version_info: String,
+    pub incremental: bool,
+    /// Cluster, bundles and peers; its services are in `services`.
+    pub frame: pb::MeshSnapshot,
+    pub services: Services,
+    pub removed: Vec<pb::ServiceRef>,
+}
+
+/// How large a chunk grows before it is sent: far below gRPC's default
+/// 4 MiB message limit, whatever the size of the mesh.
+pub const CHUNK_BYTES: usize = 1 << 20;
+
+impl Update {
+    /// Cuts the update into responses of at most about `chunk_bytes` each
+    /// (a single service larger than that travels alone), rendering
+    /// services from `inputs` as it goes, and hands each to `send` with its
+    /// nonce from `nonce`. Stops early, returning false, when `send` does.
+    pub async fn send_chunks<F, Fut>(
+        self,
+        inputs: &MeshInputs,
+        chunk_bytes: usize,
+        nonce: &mut u64,
+        mut send: F,
+    ) -> bool
+    where
+        F: FnMut(pb::DiscoveryResponse) -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
+        let Update {
+            version_info,
+            incremental,
+            frame,
+            services,
+            removed,
+        } = self;
+        let empty = pb::MeshSnapshot {
+            cluster: frame.cluster.clone(),
+            ..Default::default()
+        };
+        let mut chunk = frame;
+        let mut chunk_removed = Vec::new();
+        let mut size = chunk.encoded_len();
+        let mut first = true;
+        let mut rendered = match services {
+            Services::Rendered(v) => {
+                Box::new(v.into_iter()) as Box<dyn Iterator<Item = pb::Service> + Send>
+            }
+            Services::Keys(keys) => {
+                let inputs = inputs.clone();
+                Box::new(keys.into_iter().filter_map(move |k| inputs.render(&k)))
+            }
+        };
+        let mut removed = removed.into_iter();
+        loop {
+            // Fill this chunk.
+            let mut more = true;
+            loop {
+                if size >= chunk_bytes {
+                    break;
+                }
+                if let Some(s) = rendered.next() {
+                    size += s.encoded_len() + 4;
+                    chunk.services.push(s);
+                } else if let Some(r) = removed.next() {
+                    size += r.encoded_len() + 4;
+                    chunk_removed.push(r);
+                } else {
+                    more = false;
+                    break;
+                }
+            }
+            *nonce += 1;
+            let resp = pb::DiscoveryResponse {
+                version_info: version_info.clone(),
+                nonce: nonce.to_string(),
+                snapshot: Some(std::mem::replace(&mut chunk, empty.clone())),
+                incremental: incremental || !first,
+                removed: std::mem::take(&mut chunk_removed),
+                more,
+            };
+            if !send(resp).await {
+                return false;
+            }
+            if !more {
+                return true;
+            }
+            first = false;
+            size = empty.encoded_len();
+        }
     }
 }
 
@@ -135,6 +285,8 @@ pub struct DiscoveryService {
     authority: Arc<Mutex<Authority>>,
     tokens: Arc<HashMap<String, SpiffeId>>,
     stats: Arc<DiscoveryStats>,
+    /// How large an update's chunks grow ([`CHUNK_BYTES`]).
+    pub chunk_bytes: usize,
 }
 
 impl DiscoveryService {
@@ -151,6 +303,7 @@ impl DiscoveryService {
             authority,
             tokens: Arc::new(tokens),
             stats,
+            chunk_bytes: CHUNK_BYTES,
         }
     }
 }
@@ -193,12 +346,22 @@ impl Discovery for DiscoveryService {
         let (tx, rx) = mpsc::channel(4);
         stats.connected.fetch_add(1, Ordering::Relaxed);
         let guard = Connected(stats.clone());
+        let chunk_bytes = self.chunk_bytes;
         tokio::spawn(async move {
             let _guard = guard;
             let Ok(Some(first)) = inbound.message().await else {
                 return;
             };
             let node = first.node.clone();
+            let mut scope = match pb::Scope::try_from(first.scope) {
+                Ok(pb::Scope::Exported) => Scope::Exported,
+                Ok(pb::Scope::Listed) => Scope::Listed {
+                    names: Default::default(),
+                    namespaces: Default::default(),
+                },
+                _ => Scope::All,
+            };
+            scope.subscribe(subscriptions(&node, &first.subscribe));
             // What the client holds, as far as we know: the base of deltas.
             let mut base: Option<Arc<Versioned>> = None;
             let mut last_sent: Option<String> = None;
@@ -209,36 +372,47 @@ impl Discovery for DiscoveryService {
                 base = Some(cur);
             }
             let mut nonce = 0u64;
+            let send = |resp: pb::DiscoveryResponse| {
+                let tx = tx.clone();
+                let stats = stats.clone();
+                async move {
+                    stats.pushes.fetch_add(1, Ordering::Relaxed);
+                    tx.send(Ok(resp)).await.is_ok()
+                }
+            };
             loop {
                 let current = snapshots.borrow_and_update().clone();
                 if let Some(cur) = current
                     && last_sent.as_deref() != Some(cur.version_info().as_str())
                 {
-                    nonce += 1;
-                    let (snapshot, removed, incremental) = match &base {
-                        Some(b) => {
-                            let (s, r) = cur.delta(b);
-                            (s, r, true)
-                        }
-                        None => (cur.full(), Vec::new(), false),
+                    let update = match &base {
+                        Some(b) => cur.delta(b, &scope),
+                        None => cur.full(&scope),
                     };
-                    let resp = pb::DiscoveryResponse {
-                        version_info: cur.version_info(),
-                        nonce: nonce.to_string(),
-                        snapshot: Some(snapshot),
-                        incremental,
-                        removed,
-                    };
-                    if tx.send(Ok(resp)).await.is_err() {
+                    if !update
+                        .send_chunks(&cur.inputs, chunk_bytes, &mut nonce, send)
+                        .await
+                    {
                         return;
                     }
-                    stats.pushes.fetch_add(1, Ordering::Relaxed);
                     last_sent = Some(cur.version_info());
                     base = Some(cur);
                 }
                 tokio::select! {
                     changed = snapshots.changed() => if changed.is_err() { return },
                     msg = inbound.message() => match msg {
+                        // On demand: more services for a listed scope.
+                        Ok(Some(r)) if r.response_nonce.is_empty() => {
+                            let new = scope.subscribe(subscriptions(&node, &r.subscribe));
+                            // Before the first update, the first full one
+                            // carries them.
+                            if let (false, Some(b)) = (new.is_empty(), &base) {
+                                let update = b.subscribed(&new);
+                                if !update.send_chunks(&b.inputs, chunk_bytes, &mut nonce, send).await {
+                                    return;
+                                }
+                            }
+                        }
                         Ok(Some(r)) if r.error_detail.is_empty() => {
                             stats.acks.fetch_add(1, Ordering::Relaxed);
                         }
@@ -314,6 +488,15 @@ impl Discovery for DiscoveryService {
             bundles,
         }))
     }
+}
+
+/// A client's subscription entries; malformed ones are logged and skipped.
+fn subscriptions(node: &str, entries: &[String]) -> mesh::Subscribed {
+    let (sub, bad) = mesh::parse_subscriptions(entries);
+    if !bad.is_empty() {
+        tracing::warn!(%node, ?bad, "ignoring subscriptions that are not namespace/name or namespace/*");
+    }
+    sub
 }
 
 /// Whether `a == b`, in time that depends only on their lengths.
@@ -442,21 +625,33 @@ mod tests {
         })
     }
 
+    /// Every chunk of `update`, cut at `chunk_bytes`.
+    fn chunks(
+        update: Update,
+        inputs: &MeshInputs,
+        chunk_bytes: usize,
+    ) -> Vec<pb::DiscoveryResponse> {
+        let out = std::sync::Mutex::new(Vec::new());
+        let mut nonce = 0;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(update.send_chunks(inputs, chunk_bytes, &mut nonce, |r| {
+            out.lock().unwrap().push(r);
+            async { true }
+        }));
+        out.into_inner().unwrap()
+    }
+
+    /// The one response an update makes with the default chunk size.
     fn response(v: &Versioned, base: Option<&Versioned>) -> pb::DiscoveryResponse {
-        let (snapshot, removed, incremental) = match base {
-            Some(b) => {
-                let (s, r) = v.delta(b);
-                (s, r, true)
-            }
-            None => (v.full(), vec![], false),
+        let update = match base {
+            Some(b) => v.delta(b, &Scope::All),
+            None => v.full(&Scope::All),
         };
-        pb::DiscoveryResponse {
-            version_info: v.version_info(),
-            nonce: "1".into(),
-            snapshot: Some(snapshot),
-            incremental,
-            removed,
-        }
+        let mut all = chunks(update, &v.inputs, CHUNK_BYTES);
+        assert_eq!(all.len(), 1);
+        all.remove(0)
     }
 
     #[test]
@@ -474,14 +669,15 @@ mod tests {
                 },
             ],
         );
-        let (snap, removed) = v2.delta(&v1);
+        let delta = response(&v2, Some(&v1));
+        let (snap, removed) = (delta.snapshot.unwrap(), delta.removed);
         let names: Vec<&str> = snap.services.iter().map(|s| s.name.as_str()).collect();
         assert_eq!(names, ["b", "d"]);
         assert_eq!(removed.len(), 1);
         assert_eq!(removed[0].name, "c");
         assert!(snap.bundles.is_empty(), "unchanged bundles are not resent");
         assert!(snap.peers.is_none(), "unchanged peers are not resent");
-        let full = v2.full();
+        let full = response(&v2, None).snapshot.unwrap();
         let peers = full.peers.unwrap().clusters;
         assert_eq!(peers.len(), 1);
         assert_eq!(
@@ -502,6 +698,93 @@ mod tests {
         assert_eq!(client, fresh);
         assert_eq!(client.version_info, "7.2");
         assert_eq!(client.services.len(), 3);
+    }
+
+    #[test]
+    fn a_large_update_arrives_in_bounded_chunks_that_rebuild_the_same_state() {
+        let names: Vec<String> = (0..300).map(|i| format!("svc{i:03}")).collect();
+        let services: Vec<(&str, u32)> = names.iter().map(|n| (n.as_str(), 2)).collect();
+        let v = versioned(1, &services, 1);
+        let limit = 2_000;
+        let parts = chunks(v.full(&Scope::All), &v.inputs, limit);
+        assert!(parts.len() > 10, "{} chunks", parts.len());
+        let largest = parts.iter().map(|p| p.encoded_len()).max().unwrap();
+        assert!(largest < limit + 500, "a chunk of {largest} bytes");
+        assert!(parts.iter().all(|p| p.version_info == v.version_info()));
+        assert!(!parts[0].incremental && parts[1..].iter().all(|p| p.incremental));
+        assert!(parts[0].snapshot.as_ref().unwrap().peers.is_some());
+        let last = parts.len() - 1;
+        assert!(parts[..last].iter().all(|p| p.more) && !parts[last].more);
+        let nonces: std::collections::BTreeSet<&str> =
+            parts.iter().map(|p| p.nonce.as_str()).collect();
+        assert_eq!(nonces.len(), parts.len(), "each chunk has its own nonce");
+
+        let mut chunked = MeshState::default();
+        for p in &parts {
+            chunked.apply(p).unwrap();
+        }
+        let mut whole = MeshState::default();
+        whole.apply(&response(&v, None)).unwrap();
+        assert_eq!(chunked, whole);
+        assert_eq!(chunked.services.len(), 300);
+    }
+
+    #[test]
+    fn scopes_send_what_a_client_uses() {
+        let mut v = versioned(1, &[("cart", 2), ("pay", 2)], 1);
+        let svc = || fedmesh_api::LocalService {
+            ports: vec![8080],
+            endpoints: vec![],
+        };
+        let mut local = fedmesh_api::LocalServices::new();
+        local.insert(ServiceKey::new("shop", "web"), svc());
+        local.insert(ServiceKey::new("ops", "db"), svc());
+        v.inputs.local = Arc::new(local);
+        let names = |u: Update| -> Vec<String> {
+            let mut out: Vec<String> = chunks(u, &v.inputs, CHUNK_BYTES)
+                .into_iter()
+                .flat_map(|r| r.snapshot.unwrap().services)
+                .map(|s| format!("{}/{}", s.namespace, s.name))
+                .collect();
+            out.sort();
+            out
+        };
+        assert_eq!(names(v.full(&Scope::All)).len(), 4);
+        assert_eq!(
+            names(v.full(&Scope::Exported)),
+            ["ops/db", "shop/web"],
+            "a gateway gets only what its cluster exports"
+        );
+        let mut listed = Scope::Listed {
+            names: Default::default(),
+            namespaces: Default::default(),
+        };
+        let (sub, bad) = mesh::parse_subscriptions(&[
+            "shop/cart".to_string(),
+            "shop/ghost".to_string(),
+            "nope".to_string(),
+        ]);
+        assert_eq!(bad, ["nope"]);
+        listed.subscribe(sub);
+        assert_eq!(names(v.full(&listed)), ["shop/cart"]);
+        let missing = chunks(v.full(&listed), &v.inputs, CHUNK_BYTES)[0]
+            .removed
+            .clone();
+        assert_eq!(
+            missing[0].name, "ghost",
+            "a missing name is said to be absent"
+        );
+
+        // On demand: a namespace adds what exists in it, once.
+        let (more, _) = mesh::parse_subscriptions(&["shop/*".to_string()]);
+        let new = listed.subscribe(more.clone());
+        assert_eq!(
+            names(v.subscribed(&new)),
+            ["shop/cart", "shop/pay", "shop/web"]
+        );
+        assert!(listed.subscribe(more).is_empty());
+        assert!(listed.contains(&ServiceKey::new("shop", "anything"), &v.inputs));
+        assert!(!listed.contains(&ServiceKey::new("ops", "db"), &v.inputs));
     }
 
     #[test]
@@ -540,7 +823,7 @@ mod tests {
                 }),
             ],
         );
-        let (snap, _) = v2.delta(&v1);
+        let snap = response(&v2, Some(&v1)).snapshot.unwrap();
         let mut sent: Vec<&str> = snap.bundles.keys().map(String::as_str).collect();
         sent.sort_unstable();
         assert_eq!(

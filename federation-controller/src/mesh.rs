@@ -39,7 +39,135 @@ impl Changed {
     }
 }
 
+/// Which services one client receives: everything, what this cluster
+/// exports itself (a gateway), or what it has subscribed to (a proxy that
+/// names its services or asks on demand). Memory and traffic then grow with
+/// what a client uses, not with the federation.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Scope {
+    #[default]
+    All,
+    Exported,
+    Listed {
+        names: BTreeSet<ServiceKey>,
+        namespaces: BTreeSet<String>,
+    },
+}
+
+/// What a subscription adds: exact services and whole namespaces.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Subscribed {
+    pub names: BTreeSet<ServiceKey>,
+    pub namespaces: BTreeSet<String>,
+}
+
+impl Subscribed {
+    pub fn is_empty(&self) -> bool {
+        self.names.is_empty() && self.namespaces.is_empty()
+    }
+}
+
+/// Reads "namespace/name" and "namespace/*"; a malformed entry is named.
+pub fn parse_subscriptions(entries: &[String]) -> (Subscribed, Vec<String>) {
+    let mut out = Subscribed::default();
+    let mut bad = Vec::new();
+    for e in entries {
+        match e.split_once('/') {
+            Some((ns, "*")) if !ns.is_empty() && !ns.contains('/') => {
+                out.namespaces.insert(ns.to_owned());
+            }
+            Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
+                out.names.insert(ServiceKey::new(ns, name));
+            }
+            _ => bad.push(e.clone()),
+        }
+    }
+    (out, bad)
+}
+
+impl Scope {
+    /// Whether `key` is in this scope, given the mesh `m`.
+    pub fn contains(&self, key: &ServiceKey, m: &MeshInputs) -> bool {
+        match self {
+            Scope::All => true,
+            Scope::Exported => m.local.contains_key(key),
+            Scope::Listed { names, namespaces } => {
+                names.contains(key) || namespaces.contains(&key.namespace)
+            }
+        }
+    }
+
+    /// Adds a subscription; returns what is new. Only a listed scope
+    /// subscribes: the others already hold what they will ever get.
+    pub fn subscribe(&mut self, more: Subscribed) -> Subscribed {
+        let Scope::Listed { names, namespaces } = self else {
+            return Subscribed::default();
+        };
+        let mut new = Subscribed::default();
+        for ns in more.namespaces {
+            if namespaces.insert(ns.clone()) {
+                new.namespaces.insert(ns);
+            }
+        }
+        for k in more.names {
+            if !namespaces.contains(&k.namespace) && names.insert(k.clone()) {
+                new.names.insert(k);
+            }
+        }
+        new
+    }
+}
+
 impl MeshInputs {
+    /// The services of a subscription that exist, and the exact names that
+    /// do not.
+    pub fn keys_of(&self, sub: &Subscribed) -> (BTreeSet<ServiceKey>, Vec<ServiceKey>) {
+        let mut found = BTreeSet::new();
+        let mut missing = Vec::new();
+        for k in &sub.names {
+            if self.local.contains_key(k) || self.global.by_service.contains_key(k) {
+                found.insert(k.clone());
+            } else {
+                missing.push(k.clone());
+            }
+        }
+        for ns in &sub.namespaces {
+            let from = ServiceKey::new(ns, "");
+            let in_ns = |k: &&ServiceKey| k.namespace == *ns;
+            found.extend(
+                self.local
+                    .range::<ServiceKey, _>(&from..)
+                    .map(|(k, _)| k)
+                    .take_while(in_ns)
+                    .cloned(),
+            );
+            found.extend(
+                self.global
+                    .by_service
+                    .range::<_, ServiceKey>(&from..)
+                    .map(|(k, _)| k)
+                    .take_while(in_ns)
+                    .cloned(),
+            );
+        }
+        (found, missing)
+    }
+
+    /// Every service of `scope` that exists.
+    pub fn keys_in(&self, scope: &Scope) -> BTreeSet<ServiceKey> {
+        match scope {
+            Scope::All => self.keys(),
+            Scope::Exported => self.local.keys().cloned().collect(),
+            Scope::Listed { names, namespaces } => {
+                let sub = Subscribed {
+                    names: names.clone(),
+                    namespaces: namespaces.clone(),
+                };
+                self.keys_of(&sub).0
+            }
+        }
+    }
+
     /// Every service that exists locally or remotely.
     pub fn keys(&self) -> BTreeSet<ServiceKey> {
         self.local
@@ -184,6 +312,16 @@ impl MeshInputs {
         pb::MeshSnapshot {
             cluster: self.cluster.to_string(),
             services: self.keys().iter().filter_map(|k| self.render(k)).collect(),
+            bundles: self.bundles().into_iter().collect(),
+            peers: Some(self.peers()),
+        }
+    }
+
+    /// The mesh without its services: what every full snapshot starts with.
+    pub fn frame(&self) -> pb::MeshSnapshot {
+        pb::MeshSnapshot {
+            cluster: self.cluster.to_string(),
+            services: Vec::new(),
             bundles: self.bundles().into_iter().collect(),
             peers: Some(self.peers()),
         }

@@ -410,7 +410,7 @@ async fn with_etcd_down_discovery_keeps_serving_the_last_view_and_resyncs() {
     let current = b.controller.snapshots.borrow().clone().unwrap();
     assert_eq!(current.version_info(), at_kill);
     assert_eq!(
-        remote_healthy(current.full().services.iter(), "aws"),
+        remote_healthy(current.inputs.snapshot().services.iter(), "aws"),
         Some(3)
     );
     // A proxy connecting now is served that view.
@@ -425,7 +425,8 @@ async fn with_etcd_down_discovery_keeps_serving_the_last_view_and_resyncs() {
         Duration::from_secs(10),
         || {
             let local_healthy = snaps.borrow().as_ref().map(|s| {
-                s.full()
+                s.inputs
+                    .snapshot()
                     .services
                     .first()
                     .map_or(0, |svc| svc.local.iter().filter(|e| e.healthy).count())
@@ -497,7 +498,7 @@ async fn a_local_source_that_goes_away_leaves_the_mesh_following_the_global_zone
             let h = snaps
                 .borrow()
                 .as_ref()
-                .and_then(|s| remote_healthy(s.full().services.iter(), "aws"));
+                .and_then(|s| remote_healthy(s.inputs.snapshot().services.iter(), "aws"));
             async move { (h == Some(3)).then_some(()) }
         },
     )

@@ -68,6 +68,10 @@ pub struct Settings {
     pub drain_timeout: Duration,
     /// OTLP/gRPC collector for traces (`http://host:4317`). Off when absent.
     pub otlp_endpoint: Option<String>,
+    /// A request for a service the proxy does not hold yet waits this long
+    /// for the controller to send it (on-demand discovery), then is a 404.
+    #[serde(with = "humantime_serde")]
+    pub on_demand_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -124,6 +128,7 @@ impl Default for Settings {
             access_log: AccessLog::Off,
             drain_timeout: Duration::from_secs(30),
             otlp_endpoint: None,
+            on_demand_timeout: Duration::from_secs(2),
         }
     }
 }
@@ -279,6 +284,11 @@ struct ControllerFile {
     /// The workload identity to ask for: `ns/<namespace>/sa/<account>`.
     namespace: String,
     service_account: String,
+    /// The services to hold from the start (`namespace/name`,
+    /// `namespace/*`), or `["*"]` for every service of the mesh. Others
+    /// come on demand, at their first request.
+    #[serde(default)]
+    services: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -343,6 +353,10 @@ pub struct DiscoveryConfig {
     pub common: Common,
     pub access: ControllerAccess,
     pub bootstrap: BundleSet,
+    /// What to ask the controller for: every service (`["*"]`), or a
+    /// subscription that grows on demand (the default, empty at first).
+    pub scope: fedmesh_proto::discovery::v1::Scope,
+    pub subscribe: Vec<String>,
 }
 
 #[derive(Debug)]
@@ -474,7 +488,10 @@ fn discovery(
     let identity = SpiffeId::workload(&td, &c.namespace, &c.service_account)
         .map_err(|e| format!("controller.namespace / serviceAccount: {e}"))?;
     let controller = SpiffeId::controller(&td, &common.me.cluster).map_err(|e| e.to_string())?;
+    let (scope, subscribe) = subscription(&c.services, &common.listen)?;
     Ok(DiscoveryConfig {
+        scope,
+        subscribe,
         access: ControllerAccess {
             address: c.address,
             controller,
@@ -485,6 +502,38 @@ fn discovery(
         common,
         bootstrap,
     })
+}
+
+/// The scope a proxy asks for: `["*"]` is everything; otherwise the listed
+/// services, plus those its TCP listeners map, and more on demand.
+fn subscription(
+    services: &[String],
+    listen: &Listen,
+) -> Result<(fedmesh_proto::discovery::v1::Scope, Vec<String>), String> {
+    use fedmesh_proto::discovery::v1::Scope;
+    if services.iter().any(|s| s == "*") {
+        if services.len() > 1 {
+            return Err("controller.services: \"*\" (every service) stands alone".into());
+        }
+        return Ok((Scope::All, Vec::new()));
+    }
+    for (i, s) in services.iter().enumerate() {
+        let ok = match s.split_once('/') {
+            Some((ns, name)) => {
+                validate_label("namespace", ns).is_ok()
+                    && (name == "*" || validate_label("name", name).is_ok())
+            }
+            None => false,
+        };
+        if !ok {
+            return Err(format!(
+                "controller.services[{i}]: {s:?} is not namespace/name, namespace/* or \"*\""
+            ));
+        }
+    }
+    let mut subscribe = services.to_vec();
+    subscribe.extend(listen.tcp.iter().map(|t| t.service.to_string()));
+    Ok((Scope::Listed, subscribe))
 }
 
 fn parse_static(

@@ -120,6 +120,22 @@ impl std::fmt::Display for AttemptError {
     }
 }
 
+/// The service a host names. One the table lacks is asked of the
+/// controller (on-demand discovery): the request waits until the controller
+/// has sent it or said it does not exist, up to `onDemandTimeout`.
+async fn find_service(shared: &Shared, authority: &str) -> Option<Arc<Routable>> {
+    if let Some(svc) = shared.table.borrow().by_host(authority) {
+        return Some(svc.clone());
+    }
+    let on_demand = shared.on_demand.as_ref()?;
+    let key = crate::table::service_of_host(authority)?;
+    on_demand
+        .request(key.clone(), shared.settings.on_demand_timeout)
+        .await;
+    // The discovery client publishes the new table before it answers.
+    shared.table.borrow().services.get(&key).cloned()
+}
+
 pub async fn handle(shared: &Shared, mut req: Request<Incoming>) -> Response<Body> {
     let started = Instant::now();
     let authority = req
@@ -133,8 +149,7 @@ pub async fn handle(shared: &Shared, mut req: Request<Incoming>) -> Response<Bod
                 .map(str::to_owned)
         })
         .unwrap_or_default();
-    let table = shared.table.borrow().clone();
-    let Some(svc) = table.by_host(&authority).cloned() else {
+    let Some(svc) = find_service(shared, &authority).await else {
         count(shared, "", "", "", "unknown_service", started);
         return local_reply(
             StatusCode::NOT_FOUND,

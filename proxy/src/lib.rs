@@ -74,6 +74,9 @@ pub struct Extras {
     /// The discovery client's status, shown on the admin port (skipped
     /// services, each remote cluster's liveness).
     pub discovery: Option<watch::Receiver<Arc<fedmesh_discovery::SyncStatus>>>,
+    /// Asks the controller for services the table lacks, at their first
+    /// request (discovery with a listed scope).
+    pub on_demand: Option<fedmesh_discovery::OnDemand>,
 }
 
 /// A running proxy. Dropping it stops its listeners at once; [`Proxy::drain`]
@@ -120,7 +123,11 @@ impl Proxy {
         bundles: watch::Receiver<Arc<BundleSet>>,
         extras: Extras,
     ) -> Result<Self, StartError> {
-        let Extras { tracer, discovery } = extras;
+        let Extras {
+            tracer,
+            discovery,
+            on_demand,
+        } = extras;
         let me = &common.me;
         let egress_id = SpiffeId::gateway(&me.trust_domain, &me.cluster)
             .map_err(|e| StartError::Tls(e.to_string()))?;
@@ -137,14 +144,16 @@ impl Proxy {
             common.settings.connect_timeout,
         );
         let metrics = Arc::new(Metrics::default());
-        let shared = Arc::new(Shared::new(
+        let mut shared = Shared::new(
             me.clone(),
             common.settings.clone(),
             table.clone(),
             connector,
             metrics.clone(),
             tracer,
-        ));
+        );
+        shared.on_demand = on_demand;
+        let shared = Arc::new(shared);
         let (shutdown, stop) = watch::channel(false);
         let bind = |what, addr| async move {
             TcpListener::bind(addr)

@@ -47,6 +47,8 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// Set when spans are exported (OTLP).
     pub tracer: Option<opentelemetry_sdk::trace::SdkTracer>,
+    /// Asks the controller for a service the table lacks (discovery mode).
+    pub on_demand: Option<fedmesh_discovery::OnDemand>,
     states: Mutex<HashMap<ServiceKey, Arc<ServiceState>>>,
 }
 
@@ -76,6 +78,7 @@ impl Shared {
             table,
             connector,
             metrics,
+            on_demand: None,
             states: Mutex::new(HashMap::new()),
         }
     }

@@ -12,7 +12,8 @@ mod support;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use fedmesh_discovery::{ControllerAccess, Discovered};
+use fedmesh_discovery::{ClientPolicy, ControllerAccess, Discovered};
+use fedmesh_proto::discovery::v1::Scope;
 use fedmesh_test_support::{Etcd, eventually};
 use proxy::Proxy;
 use proxy::config::{Common, Listen, Settings};
@@ -25,6 +26,15 @@ const CART: &str = "cart.shop";
 
 /// A proxy of `site` (zone az1) that takes everything from its controller.
 async fn discovery_proxy(site: &support::gw::sites::Site) -> (Discovered<Table>, Proxy) {
+    discovery_proxy_in(site, Scope::All).await
+}
+
+/// A proxy of `site` that asks its controller for `scope`; with a listed
+/// scope, services come on demand.
+async fn discovery_proxy_in(
+    site: &support::gw::sites::Site,
+    scope: Scope,
+) -> (Discovered<Table>, Proxy) {
     let d = &site.reg.domain;
     let access = ControllerAccess {
         address: site.reg.controller.as_ref().unwrap().discovery_addr,
@@ -38,7 +48,8 @@ async fn discovery_proxy(site: &support::gw::sites::Site) -> (Discovered<Table>,
     let here = me(d, "az1");
     let discovered = {
         let here = here.clone();
-        fedmesh_discovery::start(access, bootstrap, policy(), move |m, _| {
+        let policy = ClientPolicy { scope, ..policy() };
+        fedmesh_discovery::start(access, bootstrap, policy, move |m, _| {
             let specs = proxy::discovered::services(&here.cluster, m, &Default::default())?;
             Ok(Table::build(&here.cluster, &here.locality, &specs))
         })
@@ -55,15 +66,85 @@ async fn discovery_proxy(site: &support::gw::sites::Site) -> (Discovered<Table>,
         gateways: vec![site.gateway.egress_addr().unwrap()],
         settings: Settings::default(),
     };
-    let proxy = Proxy::start(
+    let extras = proxy::Extras {
+        on_demand: (scope == Scope::Listed).then(|| discovered.on_demand.clone()),
+        ..Default::default()
+    };
+    let proxy = Proxy::start_with(
         &common,
         discovered.config.clone(),
         discovered.svid.clone(),
         discovered.bundles.clone(),
+        extras,
     )
     .await
     .unwrap();
     (discovered, proxy)
+}
+
+/// A scoped proxy holds nothing at first; the first request for a service
+/// brings it on demand, a name nobody exports is a prompt 404, and the
+/// proxy never holds what it was not asked for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scoped_proxy_learns_services_on_demand() {
+    let etcd = Etcd::start().await.unwrap();
+    let aws = site(&etcd, "aws", 61).await;
+    let gcp = site(&etcd, "gcp", 62).await;
+    let c = Backend::new(gcp.reg.domain.ip(10), "gcp", "az1", "cart").await;
+    set_service(&gcp.reg, "cart", &[(c.addr, "az1", true)]);
+    let p = Backend::new(gcp.reg.domain.ip(11), "gcp", "az1", "pay").await;
+    set_service(&gcp.reg, "pay", &[(p.addr, "az1", true)]);
+    // Both are in aws's controller's view before the proxy starts.
+    let ctl = aws.reg.controller.as_ref().unwrap();
+    let mut snaps = ctl.snapshots.clone();
+    snaps
+        .wait_for(|s| {
+            s.as_ref()
+                .is_some_and(|s| s.inputs.global.by_service.len() == 2)
+        })
+        .await
+        .unwrap();
+    let (discovered, proxy) = discovery_proxy_in(&aws, Scope::Listed).await;
+    assert!(
+        discovered.config.borrow().services.is_empty(),
+        "nothing until asked"
+    );
+    let http = proxy.http.unwrap();
+
+    let answer = get(http, "cart.shop").await.unwrap();
+    assert_eq!(answer.cluster, "gcp", "served at its first request");
+    let held: Vec<String> = discovered
+        .config
+        .borrow()
+        .services
+        .keys()
+        .map(|k| k.to_string())
+        .collect();
+    assert_eq!(held, ["shop/cart"], "only what was asked for");
+
+    // A name nobody exports: 404 as soon as the controller says so.
+    let started = std::time::Instant::now();
+    let err = get(http, "ghost.shop").await.unwrap_err();
+    assert!(err.starts_with("404"), "{err}");
+    assert!(
+        started.elapsed() < Settings::default().on_demand_timeout,
+        "answered by the controller, not the timeout: {:?}",
+        started.elapsed()
+    );
+    // A subscribed service follows changes like any other.
+    set_service(&gcp.reg, "cart", &[(c.addr, "az1", false)]);
+    eventually(
+        "cart's change to arrive",
+        Duration::from_secs(10),
+        || async {
+            let t = discovered.config.borrow().clone();
+            let cart = t
+                .services
+                .get(&fedmesh_api::ServiceKey::new("shop", "cart"))?;
+            cart.targets.iter().all(|t| t.healthy == 0).then_some(())
+        },
+    )
+    .await;
 }
 
 /// DESIGN's static stability: gcp's and azure's controllers die, their

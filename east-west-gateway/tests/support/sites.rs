@@ -101,6 +101,8 @@ pub async fn register(etcd: &Etcd, name: &str, block: u8) -> Registered {
         SocketAddr::new(domain.ip(2), 0),
     );
     config.alive_ttl = ALIVE_TTL;
+    // Small chunks, so that every test's updates arrive in several.
+    config.discovery_chunk_bytes = 2048;
     config.tokens = HashMap::from([
         (GATEWAY_TOKEN.to_string(), domain.gateway_id()),
         (

@@ -83,7 +83,7 @@ fn main() -> ExitCode {
 async fn run(args: Args, config: ProxyConfig) -> anyhow::Result<()> {
     let common = config.common().clone();
     // What keeps the table, SVID and bundles current; dropped at shutdown.
-    let (table, svid, bundles, _source, discovery) = match config {
+    let (table, svid, bundles, _source, discovery, on_demand) = match config {
         ProxyConfig::Static(first) => {
             let first = *first;
             let t = Table::build(&common.me.cluster, &common.me.locality, &first.services);
@@ -104,16 +104,22 @@ async fn run(args: Args, config: ProxyConfig) -> anyhow::Result<()> {
                 bundles,
                 Source::File(AbortOnDrop(poller)),
                 None,
+                None,
             )
         }
         ProxyConfig::Discovery(c) => {
             tracing::info!(controller = %c.access.address, "getting services from the controller");
             let me = common.me.clone();
             let failover = common.settings.failover.clone();
+            let policy = fedmesh_discovery::ClientPolicy {
+                scope: c.scope,
+                subscribe: c.subscribe.clone(),
+                ..Default::default()
+            };
             let d = fedmesh_discovery::start(
                 c.access.clone(),
                 c.bootstrap.clone(),
-                Default::default(),
+                policy,
                 move |m, _| {
                     let specs = proxy::discovered::services(&me.cluster, m, &failover)?;
                     Ok(Table::build(&me.cluster, &me.locality, &specs))
@@ -123,7 +129,9 @@ async fn run(args: Args, config: ProxyConfig) -> anyhow::Result<()> {
             .context("starting from the controller")?;
             let (t, s, b) = (d.config.clone(), d.svid.clone(), d.bundles.clone());
             let status = Some(d.status.clone());
-            (t, s, b, Source::Controller(d), status)
+            let on_demand = (c.scope == fedmesh_proto::discovery::v1::Scope::Listed)
+                .then(|| d.on_demand.clone());
+            (t, s, b, Source::Controller(d), status, on_demand)
         }
     };
     let provider = match &common.settings.otlp_endpoint {
@@ -138,7 +146,11 @@ async fn run(args: Args, config: ProxyConfig) -> anyhow::Result<()> {
         use opentelemetry::trace::TracerProvider as _;
         p.tracer("fedmesh-proxy")
     });
-    let extras = proxy::Extras { tracer, discovery };
+    let extras = proxy::Extras {
+        tracer,
+        discovery,
+        on_demand,
+    };
     let proxy = Proxy::start_with(&common, table, svid, bundles, extras).await?;
     let show = |a: Option<std::net::SocketAddr>| a.map_or("-".to_string(), |a| a.to_string());
     let tcp: Vec<String> = proxy.tcp.iter().map(|a| a.to_string()).collect();
