@@ -1,6 +1,9 @@
 //! Scale: a controller's cold sync and memory with a large global zone, and
-//! what one later change costs. The same measurements at a small size in
-//! the same run show how the per-change cost grows with the total.
+//! what one later change costs; then its clients: a scoped proxy (ten named
+//! services, more on demand), an unscoped one (every service), and a
+//! gateway (its own cluster's exports), each a real process, with how long
+//! each takes to be ready and its RSS. The same measurements at a small
+//! size in the same run show what grows with the federation.
 //!
 //! Run: `cargo bench -p federation-controller --bench scale`
 //! (CLUSTERS=100 SERVICES=10000 by default; SMALL_CLUSTERS=10 SMALL_SERVICES=1000;
@@ -14,8 +17,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
+use federation_controller::join::JoinDir;
 use fedmesh_api::KeySpace;
 use fedmesh_test_support::{Etcd, EtcdOptions};
+use trust_bundle::{Bundle, TrustDomain};
 
 fn env(name: &str, default: usize) -> usize {
     fedmesh_test_support::env_or(name, default)
@@ -81,6 +86,141 @@ struct Measured {
     rss_mb: f64,
     peak_mb: f64,
     change_ms: Vec<f64>,
+    clients: Clients,
+}
+
+/// A discovery client's start: until it serves, and its RSS then.
+#[derive(Debug, Default, Clone, Copy)]
+struct Ready {
+    ready_s: f64,
+    rss_mb: f64,
+}
+
+#[derive(Debug, Default)]
+struct Clients {
+    scoped: Ready,
+    /// A scoped proxy's first request to a service it does not hold, and
+    /// its second (both answered 503: the bench runs no remote gateways).
+    first_ms: f64,
+    second_ms: f64,
+    unscoped: Ready,
+    gateway: Ready,
+}
+
+/// The sibling binaries of the controller's, built if missing.
+fn binary(name: &str) -> std::path::PathBuf {
+    let dir = std::path::Path::new(env!("CARGO_BIN_EXE_fedmesh-controller"))
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    if !dir.join(name).is_file() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let ok = Command::new(cargo)
+            .args([
+                "build",
+                "--release",
+                "--bins",
+                "-p",
+                "proxy",
+                "-p",
+                "east-west-gateway",
+            ])
+            .status()
+            .unwrap();
+        assert!(ok.success(), "building the proxy and gateway failed");
+    }
+    dir.join(name)
+}
+
+/// Starts `bin --config config`; returns it once it prints its listening
+/// line, with how long that took and its RSS then.
+fn start_client(bin: &str, config: &std::path::Path) -> (Child, Ready) {
+    use std::io::BufRead;
+    let started = Instant::now();
+    let mut child = Command::new(binary(bin))
+        .arg("--config")
+        .arg(config)
+        .env("RUST_LOG", "error")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.contains(" on "), "{bin} did not start: {line:?}");
+    let ready = Ready {
+        ready_s: started.elapsed().as_secs_f64(),
+        rss_mb: rss_mb(child.id(), "VmRSS:"),
+    };
+    (child, ready)
+}
+
+/// One GET through a proxy; how long until its answer's headers.
+async fn time_get(proxy: &str, host: &str) -> f64 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let t0 = Instant::now();
+    let mut tcp = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    tcp.write_all(
+        format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut first = [0u8; 12];
+    tcp.read_exact(&mut first).await.unwrap();
+    t0.elapsed().as_secs_f64() * 1000.0
+}
+
+/// The clients of the controller at `discovery`, one after another.
+async fn measure_clients(dir: &std::path::Path, join: &JoinDir, discovery: &str, n: u8) -> Clients {
+    let td = &join.cluster.trust_domain;
+    let bundle = Bundle::with_roots(TrustDomain::new(td).unwrap(), [join.ca.cert_der().clone()]);
+    std::fs::write(dir.join("bundle.json"), bundle.to_document()).unwrap();
+    std::fs::write(dir.join("proxy.token"), "bench-proxy-token-0123456789").unwrap();
+    std::fs::write(dir.join("gateway.token"), "bench-gateway-token-0123456789").unwrap();
+    let proxy_yaml = |name: &str, port: u16, services: &str| {
+        let path = dir.join(format!("{name}.yaml"));
+        std::fs::write(
+            &path,
+            format!(
+                "cluster: c0\ntrustDomain: {td}\nlocality: {{cloud: cloud0, region: region0, zone: az1}}\nlisten: {{http: \"127.0.{n}.5:{port}\"}}\ngateways: []\ncontroller: {{address: \"{discovery}\", bundle: bundle.json, joinTokenFile: proxy.token, namespace: fedmesh, serviceAccount: proxy, services: {services}}}\n"
+            ),
+        )
+        .unwrap();
+        path
+    };
+    let named: Vec<String> = (0..10).map(|i| format!("bench/svc-{i}")).collect();
+    let scoped_cfg = proxy_yaml("scoped", 4140, &format!("{named:?}"));
+    let (mut scoped_child, scoped) = start_client("fedmesh-proxy", &scoped_cfg);
+    let addr = format!("127.0.{n}.5:4140");
+    let first_ms = time_get(&addr, "svc-20.bench").await;
+    let second_ms = time_get(&addr, "svc-20.bench").await;
+    let _ = scoped_child.kill();
+    let _ = scoped_child.wait();
+
+    let unscoped_cfg = proxy_yaml("unscoped", 4141, "[\"*\"]");
+    let (mut child, unscoped) = start_client("fedmesh-proxy", &unscoped_cfg);
+    let _ = child.kill();
+    let _ = child.wait();
+
+    let gw_cfg = dir.join("gateway.yaml");
+    std::fs::write(
+        &gw_cfg,
+        format!(
+            "cluster: c0\ntrustDomain: {td}\nzone: az1\nlisten: {{quic: \"127.0.{n}.1:0\"}}\ncontroller: {{address: \"{discovery}\", bundle: bundle.json, joinTokenFile: gateway.token}}\n"
+        ),
+    )
+    .unwrap();
+    let (mut child, gateway) = start_client("fedmesh-gateway", &gw_cfg);
+    let _ = child.kill();
+    let _ = child.wait();
+    Clients {
+        scoped,
+        first_ms,
+        second_ms,
+        unscoped,
+        gateway,
+    }
 }
 
 async fn measure(clusters: usize, services: usize, changes: usize, n: u8) -> Measured {
@@ -103,6 +243,14 @@ async fn measure(clusters: usize, services: usize, changes: usize, n: u8) -> Mea
     let dir = tempfile::tempdir().unwrap();
     observer.write(&dir.path().join("join")).unwrap();
     std::fs::write(dir.path().join("registry.yaml"), "").unwrap();
+    let td = &observer.cluster.trust_domain;
+    std::fs::write(
+        dir.path().join("tokens.yaml"),
+        format!(
+            "tokens:\n  - token: bench-proxy-token-0123456789\n    spiffeId: spiffe://{td}/ns/fedmesh/sa/proxy\n  - token: bench-gateway-token-0123456789\n    spiffeId: spiffe://{td}/fedmesh/gateway/c0\n"
+        ),
+    )
+    .unwrap();
     let admin = format!("127.0.{n}.2:{}", 20000 + u16::from(n));
     let log = std::env::var("CONTROLLER_LOG").ok();
     let etcd_pid = etcd.pid().unwrap();
@@ -114,14 +262,31 @@ async fn measure(clusters: usize, services: usize, changes: usize, n: u8) -> Mea
         .arg("--registry")
         .arg(dir.path().join("registry.yaml"))
         .args(["--listen", &format!("127.0.{n}.2:0"), "--admin", &admin])
+        .arg("--tokens")
+        .arg(dir.path().join("tokens.yaml"))
         .env("RUST_LOG", log.as_deref().unwrap_or("error"))
-        .stdout(if log.is_some() {
-            Stdio::inherit()
-        } else {
-            Stdio::null()
-        })
+        .stdout(Stdio::piped())
         .spawn()
         .unwrap();
+    // Its first line names the discovery address; the rest (its log, with
+    // CONTROLLER_LOG) is passed through.
+    let discovery = {
+        use std::io::BufRead;
+        let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let found = loop {
+            let line = lines.next().unwrap().unwrap();
+            if let Some(rest) = line.split("discovery on ").nth(1) {
+                break rest.split(',').next().unwrap().to_string();
+            }
+            println!("{line}");
+        };
+        std::thread::spawn(move || {
+            for l in lines.map_while(Result::ok) {
+                println!("{l}");
+            }
+        });
+        found
+    };
     let mut version = loop {
         if let Some(v) = ready_version(&admin).await {
             break v;
@@ -161,6 +326,7 @@ async fn measure(clusters: usize, services: usize, changes: usize, n: u8) -> Mea
         }
         change_ms.push(t0.elapsed().as_secs_f64() * 1000.0);
     }
+    let clients = measure_clients(dir.path(), &observer, &discovery, n).await;
     let peak = rss_mb(child.id(), "VmHWM:");
     let _ = child.kill();
     let _ = child.wait();
@@ -173,6 +339,7 @@ async fn measure(clusters: usize, services: usize, changes: usize, n: u8) -> Mea
         rss_mb: rss,
         peak_mb: peak,
         change_ms,
+        clients,
     }
 }
 
@@ -220,4 +387,25 @@ async fn main() {
     println!(
         "one change costs {ratio:.1}x more at {size_ratio:.0}x the size (O(change) would be ~1x)"
     );
+    println!();
+    println!(
+        "| global zone | scoped proxy (10 services): ready (s) | RSS (MB) | first request to an unheld service (ms) | second (ms) | unscoped proxy: ready (s) | RSS (MB) | gateway: ready (s) | RSS (MB) |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for m in &rows {
+        let c = &m.clients;
+        println!(
+            "| {} clusters x {} services | {:.2} | {:.1} | {:.1} | {:.1} | {:.2} | {:.1} | {:.2} | {:.1} |",
+            m.clusters,
+            m.services,
+            c.scoped.ready_s,
+            c.scoped.rss_mb,
+            c.first_ms,
+            c.second_ms,
+            c.unscoped.ready_s,
+            c.unscoped.rss_mb,
+            c.gateway.ready_s,
+            c.gateway.rss_mb,
+        );
+    }
 }
