@@ -356,11 +356,18 @@ fn framed(open: &TunnelOpen) -> Vec<u8> {
     east_west_gateway::frame::encode(open).unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bad_streams_never_disturb_their_neighbours() {
-    let p = pair(Settings::default()).await;
+/// A raw connection from aws's gateway identity to gcp's gateway, with one
+/// live echo tunnel on it, and the header that opened it.
+async fn live_tunnel(
+    p: &Pair,
+    host: u8,
+) -> (
+    quinn::Connection,
+    TunnelOpen,
+    tokio::io::Join<quinn::RecvStream, quinn::SendStream>,
+) {
     let conn = raw_connect(
-        p.a.ip(50),
+        p.a.ip(host),
         p.a.gateway_svid(),
         bundles(&[&p.a, &p.b]),
         p.b.gateway_id(),
@@ -376,6 +383,13 @@ async fn bad_streams_never_disturb_their_neighbours() {
     assert_eq!(a.status, Status::Ok as i32, "{a:?}");
     let mut live = tokio::io::join(recv, send);
     ping(&mut live, b"before").await;
+    (conn, good, live)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_streams_never_disturb_their_neighbours() {
+    let p = pair(Settings::default()).await;
+    let (conn, good, mut live) = live_tunnel(&p, 50).await;
 
     let mut garbage = 3u32.to_be_bytes().to_vec();
     garbage.extend([0xff, 0xff, 0xff]);
@@ -737,23 +751,7 @@ async fn a_gateway_that_leaves_the_routes_is_let_go_after_its_last_stream() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deregistered_peer_loses_its_live_connection() {
     let p = pair(Settings::default()).await;
-    let conn = raw_connect(
-        p.a.ip(51),
-        p.a.gateway_svid(),
-        bundles(&[&p.a, &p.b]),
-        p.b.gateway_id(),
-        p.gw_b.quic(),
-    )
-    .await
-    .unwrap();
-    let mut good = open_msg(ECHO, 8080, "gcp-usc1");
-    good.source_identity = "spiffe://aws.example/ns/shop/sa/web".into();
-    let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    write_frame(&mut send, &good).await.unwrap();
-    let a: TunnelAccept = read_frame("TunnelAccept", &mut recv).await.unwrap();
-    assert_eq!(a.status, Status::Ok as i32, "{a:?}");
-    let mut live = tokio::io::join(recv, send);
-    ping(&mut live, b"before").await;
+    let (conn, good, mut live) = live_tunnel(&p, 51).await;
 
     // gcp's gateway learns that aws is no longer federated.
     p.gw_b.update(|r| {
@@ -786,19 +784,8 @@ async fn a_deregistered_peer_loses_its_live_connection() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_withdrawn_bundle_closes_the_peers_connection() {
     let p = pair(Settings::default()).await;
-    let conn = raw_connect(
-        p.a.ip(52),
-        p.a.gateway_svid(),
-        bundles(&[&p.a, &p.b]),
-        p.b.gateway_id(),
-        p.gw_b.quic(),
-    )
-    .await
-    .unwrap();
-    let mut good = open_msg(ECHO, 8080, "gcp-usc1");
-    good.source_identity = "spiffe://aws.example/ns/shop/sa/web".into();
-    let a = raw_stream(&conn, &framed(&good)).await.unwrap();
-    assert_eq!(a.status, Status::Ok as i32, "{a:?}");
+    let (conn, _, live) = live_tunnel(&p, 52).await;
+    drop(live);
     // aws's trust domain now has another root: its old certificates no
     // longer verify.
     let other = Domain::new("aws-use1", "aws.example", 53);

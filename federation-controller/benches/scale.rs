@@ -107,29 +107,31 @@ struct Clients {
     gateway: Ready,
 }
 
-/// The sibling binaries of the controller's, built if missing.
+/// Builds the proxy and gateway binaries beside the controller's (cargo
+/// bench builds only this package's), so that none is stale.
+fn build_clients() {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let ok = Command::new(cargo)
+        .args([
+            "build",
+            "--release",
+            "--bins",
+            "-p",
+            "proxy",
+            "-p",
+            "east-west-gateway",
+        ])
+        .status()
+        .unwrap();
+    assert!(ok.success(), "building the proxy and gateway failed");
+}
+
+/// A sibling binary of the controller's.
 fn binary(name: &str) -> std::path::PathBuf {
-    let dir = std::path::Path::new(env!("CARGO_BIN_EXE_fedmesh-controller"))
+    std::path::Path::new(env!("CARGO_BIN_EXE_fedmesh-controller"))
         .parent()
         .unwrap()
-        .to_path_buf();
-    if !dir.join(name).is_file() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let ok = Command::new(cargo)
-            .args([
-                "build",
-                "--release",
-                "--bins",
-                "-p",
-                "proxy",
-                "-p",
-                "east-west-gateway",
-            ])
-            .status()
-            .unwrap();
-        assert!(ok.success(), "building the proxy and gateway failed");
-    }
-    dir.join(name)
+        .join(name)
 }
 
 /// Starts `bin --config config`; returns it once it prints its listening
@@ -351,6 +353,7 @@ fn median(v: &mut [f64]) -> f64 {
 #[tokio::main]
 async fn main() {
     trust_bundle::install_default_provider();
+    build_clients();
     let changes = env("CHANGES", 10).max(1);
     let small = measure(
         env("SMALL_CLUSTERS", 10),
