@@ -566,6 +566,7 @@ async fn watch_connection(
         })
         .clone();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut bundles = sh.bundles.clone();
     let reason = loop {
         tokio::select! {
             r = conn.closed() => break r,
@@ -573,6 +574,13 @@ async fn watch_connection(
             // Pruned: let go of the connection, so that it closes once its
             // streams are done.
             _ = slot.retired.notified() => return,
+            // A changed bundle may no longer vouch for this peer.
+            r = bundles.changed() => {
+                if r.is_err() { return; }
+                if let Some(why) = no_longer_verifies(&conn, &sh) {
+                    return revoke(conn, &slot, gw, &cluster, why, &sh).await;
+                }
+            }
         }
     };
     slot.up.set(0);
@@ -587,4 +595,52 @@ async fn watch_connection(
         retry_in_ms = wait.as_millis() as u64,
         "lost peer gateway; new streams go to the cluster's other gateways"
     );
+}
+
+/// Why the peer of `conn` no longer verifies against the current bundles,
+/// if it does not.
+fn no_longer_verifies(conn: &Connection, sh: &Shared) -> Option<String> {
+    let chain = conn
+        .peer_identity()?
+        .downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>()
+        .ok()?;
+    sh.bundles
+        .borrow()
+        .reverify(
+            &chain,
+            std::time::SystemTime::now(),
+            trust_bundle::Usage::Server,
+        )
+        .err()
+        .map(|e| e.to_string())
+}
+
+/// New streams to `gw` get a fresh handshake (which the new bundle decides);
+/// live ones may finish for up to the drain timeout, then the connection
+/// closes.
+async fn revoke(
+    conn: Connection,
+    slot: &Slot,
+    gw: SocketAddr,
+    cluster: &str,
+    why: String,
+    sh: &Shared,
+) {
+    tracing::warn!(gateway = %gw, cluster, reason = %why, "peer gateway no longer verifies; its connection closes after its streams");
+    slot.up.set(0);
+    {
+        let mut held = slot.conn.lock().await;
+        if held
+            .as_ref()
+            .is_some_and(|c| c.stable_id() == conn.stable_id())
+        {
+            *held = None;
+        }
+    }
+    tokio::select! {
+        _ = conn.closed() => {}
+        _ = tokio::time::sleep(sh.settings.drain_timeout) => {
+            conn.close(code::REVOKED, why.as_bytes());
+        }
+    }
 }

@@ -800,3 +800,27 @@ async fn a_withdrawn_bundle_closes_the_peers_connection() {
         "{closed:?}"
     );
 }
+
+/// The egress side: when gcp's bundle changes so that its gateway no longer
+/// verifies, aws's egress stops using its pooled connection, and a new
+/// tunnel needs a fresh handshake, which the new bundle refuses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_egress_lets_go_of_a_peer_that_no_longer_verifies() {
+    let p = pair(Settings::default()).await;
+    let (_s, accept) = p.open(&open_msg(ECHO, 8080, "gcp-usc1")).await;
+    assert_eq!(accept.status(), Status::Ok);
+    assert!(p.gw_a.gateway.pool().connected(p.gw_b.quic()));
+
+    let other = Domain::new("gcp-usc1", "gcp.example", 54);
+    p.gw_a
+        .bundles
+        .send_replace(Arc::new(bundles(&[&p.a, &other])));
+    eventually(
+        "the pool to let go of the connection",
+        Duration::from_secs(5),
+        || async { (!p.gw_a.gateway.pool().connected(p.gw_b.quic())).then_some(()) },
+    )
+    .await;
+    let (status, message) = p.status(&open_msg(ECHO, 8080, "gcp-usc1")).await;
+    assert_eq!(status, Status::Unreachable, "{message}");
+}

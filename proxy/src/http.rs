@@ -198,6 +198,7 @@ pub async fn handle(shared: &Shared, mut req: Request<Incoming>) -> Response<Bod
     let mut retries_left = settings.retries;
     let mut last: Option<(TargetKey, AttemptError)> = None;
     let mut same_again = false;
+    let mut fresh_path_used = false;
     loop {
         let now = Instant::now();
         if now >= deadline {
@@ -334,7 +335,17 @@ pub async fn handle(shared: &Shared, mut req: Request<Incoming>) -> Response<Bod
             same_again = true;
         } else {
             retries_left -= 1;
-            tried.push(target.clone());
+            // A tunnel that died mid-request says more about the gateway it
+            // went through than about the cluster: once per request, the
+            // same cluster may be tried again, on a fresh path.
+            let fresh_path = !fresh_path_used
+                && matches!(target, TargetKey::Remote(_))
+                && matches!(error, AttemptError::Send { .. });
+            if fresh_path {
+                fresh_path_used = true;
+            } else {
+                tried.push(target.clone());
+            }
         }
         last = Some((target, error));
     }

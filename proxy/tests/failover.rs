@@ -269,3 +269,88 @@ fn scrape(p: &proxy::Proxy) -> String {
     prometheus_client::encoding::text::encode(&mut out, &reg).unwrap();
     out
 }
+
+/// A backend that answers each request after `delay`, saying it is gcp's.
+async fn slow_backend(ip: std::net::IpAddr, delay: Duration) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind((ip, 0)).await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 1024];
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                tokio::time::sleep(delay).await;
+                let body = r#"{"cluster":"gcp","zone":"az1","service":"cart"}"#;
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = s.write_all(resp.as_bytes()).await;
+            });
+        }
+    });
+    addr
+}
+
+/// The only cluster that serves a service is reached through one of its
+/// two gateways; that gateway dies while a GET is in flight through it.
+/// The GET is retried on a fresh path to the same cluster (its other
+/// gateway) instead of failing: the cluster was never the problem.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tunnel_that_dies_with_its_gateway_is_retried_on_a_fresh_path() {
+    let aws = Domain::new("aws", "aws.fedmesh.test", 58);
+    let gcp = Domain::new("gcp", "gcp.fedmesh.test", 59);
+    let all = bundles(&[&aws, &gcp]);
+    let backend = slow_backend(gcp.ip(10), Duration::from_millis(500)).await;
+    let mut rg = gcp.routes("az1");
+    rg.peers.extend([aws.as_peer(vec![])]);
+    export(&mut rg, "shop/cart", 8080, &[(backend, "az1")]);
+    // gw1 cuts its live streams almost at once when it shuts down.
+    let quick = east_west_gateway::Settings {
+        drain_timeout: Duration::from_millis(10),
+        ..Default::default()
+    };
+    let gw1 = start_gateway(&gcp, 1, false, all.clone(), rg.clone(), quick).await;
+    let gw2 = start_gateway(&gcp, 2, false, all.clone(), rg, Default::default()).await;
+    let mut ra = aws.routes("az1");
+    ra.peers.extend([gcp.as_peer(vec![gw1.quic()])]);
+    let gw_aws = start_gateway(&aws, 1, true, all.clone(), ra, Default::default()).await;
+    let remote = vec![RemoteCluster {
+        cluster: "gcp".into(),
+        cloud: "gcp".into(),
+        region: "r1".into(),
+        healthy: 1,
+        total: 1,
+    }];
+    let (proxy, _table) = start_proxy(
+        &aws,
+        "az1",
+        &[cart(vec![], remote)],
+        vec![gw_aws.egress()],
+        all,
+        Settings::default(),
+    )
+    .await;
+    let http = proxy.http.unwrap();
+    // The GET goes through gw1, the only gateway aws knows yet.
+    let pending = tokio::spawn(async move { get(http, CART).await });
+    fedmesh_test_support::eventually("the tunnel through gw1", Duration::from_secs(5), || async {
+        (gw1.gateway.active_streams() > 0).then_some(())
+    })
+    .await;
+    // gcp now lists both gateways; gw1 goes away mid-request.
+    gw_aws.update(|r| {
+        r.peers.get_mut("gcp").unwrap().gateways = vec![gw1.quic().into(), gw2.quic().into()];
+    });
+    gw1.gateway.shutdown().await;
+    let answer = pending.await.unwrap();
+    assert_eq!(answer.map(|a| a.cluster), Ok("gcp".to_string()));
+    assert!(gw2.scrape().contains("ingress"), "served through gw2");
+}
