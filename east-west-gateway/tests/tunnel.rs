@@ -824,3 +824,30 @@ async fn the_egress_lets_go_of_a_peer_that_no_longer_verifies() {
     let (status, message) = p.status(&open_msg(ECHO, 8080, "gcp-usc1")).await;
     assert_eq!(status, Status::Unreachable, "{message}");
 }
+
+/// A peer connection ends when its certificate expires, so that a renewed
+/// SVID takes over with a fresh handshake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_closes_at_its_peers_certificate_expiry() {
+    let p = pair(Settings::default()).await;
+    let conn = raw_connect(
+        p.a.ip(53),
+        p.a.short_gateway_svid(Duration::from_secs(3)),
+        bundles(&[&p.a, &p.b]),
+        p.b.gateway_id(),
+        p.gw_b.quic(),
+    )
+    .await
+    .unwrap();
+    let mut good = open_msg(ECHO, 8080, "gcp-usc1");
+    good.source_identity = "spiffe://aws.example/ns/shop/sa/web".into();
+    let a = raw_stream(&conn, &framed(&good)).await.unwrap();
+    assert_eq!(a.status, Status::Ok as i32, "{a:?}");
+    let closed = tokio::time::timeout(Duration::from_secs(10), conn.closed())
+        .await
+        .expect("the connection closes at the certificate's expiry");
+    assert!(
+        matches!(&closed, quinn::ConnectionError::ApplicationClosed(c) if c.error_code == east_west_gateway::splice::code::REVOKED),
+        "{closed:?}"
+    );
+}

@@ -67,6 +67,17 @@ impl Domain {
             .unwrap()
     }
 
+    /// A gateway SVID that expires after `lifetime`.
+    pub fn short_gateway_svid(&self, lifetime: std::time::Duration) -> Svid {
+        let policy = SvidPolicy {
+            lifetime,
+            ..SvidPolicy::default()
+        };
+        self.ca
+            .issue(&self.gateway_id(), &policy, SystemTime::now())
+            .unwrap()
+    }
+
     pub fn workload_id(&self, ns: &str, sa: &str) -> SpiffeId {
         SpiffeId::workload(&self.td, ns, sa).unwrap()
     }
