@@ -318,6 +318,9 @@ enum Output<T> {
     Gone,
 }
 
+/// The most services a client subscribes to on demand.
+pub const MAX_SUBSCRIPTIONS: usize = 10_000;
+
 struct Driver<T> {
     /// On-demand subscriptions from the component.
     asks: mpsc::Receiver<(ServiceKey, oneshot::Sender<()>)>,
@@ -456,11 +459,19 @@ impl<T: Send + Sync + 'static> Driver<T> {
     /// knows the service (held, or known not to exist); otherwise the
     /// request to send, and the waiter is resolved by the answer.
     fn ask(&mut self, key: ServiceKey, done: oneshot::Sender<()>) -> Option<pb::DiscoveryRequest> {
-        if self.state.services.contains_key(&key) || self.absent.contains(&key) {
+        // Callers that gave up waiting (the controller was away).
+        self.waiters.retain(|(_, w)| !w.is_closed());
+        let name = key.to_string();
+        let known = self.state.services.contains_key(&key) || self.absent.contains(&key);
+        // A bound on what arbitrary Host headers can make a proxy hold.
+        let full = self.subscribed.len() >= MAX_SUBSCRIPTIONS && !self.subscribed.contains(&name);
+        if known || full {
+            if full {
+                tracing::warn!(service = %key, "not subscribing: the subscription limit is reached");
+            }
             let _ = done.send(());
             return None;
         }
-        let name = key.to_string();
         self.waiters.push((key, done));
         self.subscribed
             .insert(name.clone())
