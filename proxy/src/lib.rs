@@ -10,7 +10,9 @@
 //!   a cap on the ejected share, and recovery;
 //! - [`pick`]: power of two choices over peak-EWMA latency and load;
 //! - [`budget`]: the retry budget;
-//! - [`limits`]: circuit breakers, and which failures may be retried;
+//! - [`limits`]: circuit breakers;
+//! - [`attempts`]: the attempts of one request: failover, retries,
+//!   timeouts and giving up;
 //! - [`balancer`]: all of the above over one service's targets (local
 //!   endpoints, and one virtual endpoint per remote cluster);
 //! - [`table`]: services and their targets, from plain data; and
@@ -23,6 +25,7 @@
 //! from (a static file or the controller: [`config`]) is the caller's
 //! business; this crate depends on neither etcd nor kube.
 
+pub mod attempts;
 pub mod balancer;
 pub mod budget;
 pub mod config;

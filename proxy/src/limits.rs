@@ -1,6 +1,4 @@
-//! Circuit breaking, and when a failed attempt may be retried.
-//!
-//! Both are I/O-free decisions. A tripped breaker names its reason, which
+//! Circuit breaking, an I/O-free decision. A tripped breaker names its reason, which
 //! the proxy returns in its 503 (header `x-fedmesh-overloaded`), so a
 //! caller can tell "the proxy protected the service" from "the service
 //! failed".
@@ -92,32 +90,6 @@ fn take(count: &Arc<AtomicU32>, max: u32, trip: Trip) -> Result<Slot, Trip> {
         .map_err(|_| trip)
 }
 
-/// How an attempt failed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Failure {
-    /// Refused or unreachable before any byte of the request was sent: the
-    /// target never saw it.
-    BeforeFirstByte,
-    /// After the request (or part of it) was sent.
-    AfterSending,
-}
-
-/// Whether a failed attempt may go to another target. A refusal before
-/// the first byte always may; anything later only for an idempotent
-/// method, and only while the budget allows (`budget` is asked last, so
-/// that it is spent only on retries that happen).
-pub fn may_retry(method: &str, failure: Failure, budget: impl FnOnce() -> bool) -> bool {
-    match failure {
-        Failure::BeforeFirstByte => true,
-        Failure::AfterSending => {
-            matches!(
-                method,
-                "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE"
-            ) && budget()
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -136,24 +108,5 @@ mod tests {
         let _p = b.pending().unwrap();
         let trip = b.clone().pending().unwrap_err();
         assert_eq!(trip.reason(), "max-pending-requests");
-    }
-
-    #[test]
-    fn only_safe_failures_are_retried_and_only_they_spend_budget() {
-        let mut spent = 0;
-        assert!(may_retry("POST", Failure::BeforeFirstByte, || {
-            spent += 1;
-            true
-        }));
-        assert!(!may_retry("POST", Failure::AfterSending, || {
-            spent += 1;
-            true
-        }));
-        assert_eq!(spent, 0, "neither asked the budget");
-        assert!(may_retry("GET", Failure::AfterSending, || true));
-        assert!(
-            !may_retry("GET", Failure::AfterSending, || false),
-            "budget spent"
-        );
     }
 }

@@ -1,28 +1,23 @@
 //! The state the listeners share: the current service table, each
 //! service's balancer, retry budget and breakers (which outlive table
-//! updates), the connector, and the pool of idle upstream HTTP/1.1
-//! connections.
+//! updates), the connector, and the HTTP pool.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use bytes::Bytes;
 use fedmesh_api::ServiceKey;
-use http_body_util::combinators::BoxBody;
-use hyper::client::conn::http1::SendRequest;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::balancer::{Balancer, Draw};
 use crate::budget::RetryBudget;
 use crate::config::{Me, Settings};
+use crate::http::Pool;
 use crate::limits::Breakers;
 use crate::metrics::Metrics;
 use crate::table::{Routable, Table, TargetKey};
 use crate::upstream::Connector;
-
-pub type Body = BoxBody<Bytes, hyper::Error>;
 
 /// One service's balancing state.
 #[derive(Debug)]
@@ -151,80 +146,6 @@ impl ServiceState {
     /// Takes a retry from the budget, if one is left.
     pub fn try_retry(&self) -> bool {
         lock(&self.lb).budget.try_retry(Instant::now().into_std())
-    }
-}
-
-/// What an upstream connection may be reused for: one service on one
-/// target. A tunnel to a remote cluster ends at one service's endpoint, so
-/// the target alone would send another service's requests there.
-pub type PoolKey = (ServiceKey, TargetKey);
-
-/// Idle upstream HTTP/1.1 connections by service and target.
-#[derive(Debug)]
-pub struct Pool {
-    idle: Mutex<HashMap<PoolKey, Vec<Idle>>>,
-    max_idle: usize,
-    idle_timeout: Duration,
-}
-
-#[derive(Debug)]
-struct Idle {
-    tx: SendRequest<Body>,
-    since: Instant,
-}
-
-impl Pool {
-    pub fn new(max_idle: usize, idle_timeout: Duration) -> Self {
-        Self {
-            idle: Mutex::new(HashMap::new()),
-            max_idle,
-            idle_timeout,
-        }
-    }
-
-    /// A ready idle connection to `k`, if there is one. Closed and expired
-    /// ones are dropped; one still finishing its last response stays.
-    pub fn take(&self, k: &PoolKey) -> Option<SendRequest<Body>> {
-        let mut idle = lock(&self.idle);
-        let list = idle.get_mut(k)?;
-        let now = Instant::now();
-        list.retain(|i| !i.tx.is_closed() && now - i.since < self.idle_timeout);
-        let i = list.iter().rposition(|i| i.tx.is_ready())?;
-        Some(list.swap_remove(i).tx)
-    }
-
-    /// Returns a connection whose last response has ended.
-    pub fn put(&self, k: PoolKey, tx: SendRequest<Body>) {
-        if tx.is_closed() {
-            return;
-        }
-        let mut idle = lock(&self.idle);
-        let list = idle.entry(k).or_default();
-        if list.len() < self.max_idle {
-            list.push(Idle {
-                tx,
-                since: Instant::now(),
-            });
-        }
-    }
-
-    /// Drops closed and expired connections, and those to targets that
-    /// are gone.
-    pub fn sweep(&self, table: &Table) {
-        let now = Instant::now();
-        let mut idle = lock(&self.idle);
-        idle.retain(|k, list| {
-            let known = table
-                .services
-                .get(&k.0)
-                .is_some_and(|s| s.targets.iter().any(|t| t.key == k.1));
-            list.retain(|i| known && !i.tx.is_closed() && now - i.since < self.idle_timeout);
-            !list.is_empty()
-        });
-    }
-
-    pub fn idle_count(&self) -> usize {
-        lock(&self.idle).values().map(Vec::len).sum()
     }
 }
 

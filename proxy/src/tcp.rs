@@ -1,6 +1,7 @@
 //! TCP listeners, each mapped to one service: a connection goes to the
-//! first target that accepts it (every failure here is before the first
-//! byte, so every target may be tried), then bytes are copied both ways.
+//! first target that accepts it, by the rules of [`crate::attempts`]
+//! (every failure here is before the first byte, so every target may be
+//! tried until the request timeout), then bytes are copied both ways.
 
 use std::sync::Arc;
 
@@ -9,9 +10,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use crate::attempts::{AttemptPolicy, Attempts, Ending, Next, Replay};
 use crate::metrics::TcpLabels;
 use crate::runtime::{Shared, stopped};
-use crate::table::TargetKey;
 use crate::upstream::{TunnelAsk, Upstream};
 
 /// Serves `service` on `listener` until `shutdown` turns true. Live
@@ -56,23 +57,34 @@ async fn proxy(shared: &Shared, key: &ServiceKey, mut down: TcpStream) {
     let Ok(_slot) = state.breakers.connection() else {
         return outcome("", "overloaded");
     };
+    let policy = AttemptPolicy {
+        retries: 0,
+        per_try_timeout: None,
+    };
     let deadline = Instant::now() + shared.settings.request_timeout;
-    let mut tried: Vec<TargetKey> = Vec::new();
+    let mut attempts = Attempts::new(deadline.into_std(), policy, Replay::STREAM);
     let (target, mut up) = loop {
-        let Some(target) = state.choose(&svc, &tried) else {
-            tracing::info!(service = %key, tried = tried.len(), "no target accepted the connection");
-            return outcome("", "no_healthy_upstream");
+        let now = Instant::now();
+        let target = match attempts.next(now.into_std(), |tried| state.choose(&svc, tried)) {
+            Next::Try(t) => t.target,
+            Next::GiveUp(ending) => {
+                tracing::info!(service = %key, attempts = attempts.made(), "no target accepted the connection");
+                let label = match ending {
+                    Ending::Deadline => "timeout",
+                    _ => "no_healthy_upstream",
+                };
+                return outcome("", label);
+            }
         };
-        let started = Instant::now();
         let ask = TunnelAsk {
             service: key,
             port: svc.port,
             traceparent: None,
-            deadline: deadline.saturating_duration_since(started),
+            deadline: attempts.remaining(now.into_std()),
         };
         match shared.connector.connect(&target, &ask).await {
             Ok(up) => {
-                state.finished(&svc, &target, Ok(started.elapsed()));
+                state.finished(&svc, &target, Ok(now.elapsed()));
                 break (target, up);
             }
             Err(e) => {
@@ -82,7 +94,7 @@ async fn proxy(shared: &Shared, key: &ServiceKey, mut down: TcpStream) {
                 } else {
                     state.cancelled(&target);
                 }
-                tried.push(target);
+                attempts.not_sent(e);
             }
         }
     };
