@@ -14,12 +14,12 @@ use std::time::{Duration, SystemTime};
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use etcd_client::{Client, ConnectOptions};
-use federation_controller::join::{EtcdAccess, JoinDir};
-use federation_controller::zone::cluster_role;
-use federation_controller::{GlobalZone, RegisterOutcome};
 use fedmesh_api::{ClusterRecord, DEFAULT_PREFIX, GatewayAddress, KeySpace, validate_label};
+use fedmesh_controller::join::{EtcdAccess, JoinDir};
+use fedmesh_controller::zone::cluster_role;
+use fedmesh_controller::{GlobalZone, RegisterOutcome};
+use fedmesh_trust::{Bundle, CaOptions, ClusterCa, TrustDomain};
 use serde::Serialize;
-use trust_bundle::{Bundle, CaOptions, ClusterCa, TrustDomain};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -204,7 +204,7 @@ enum Output {
 }
 
 fn main() -> ExitCode {
-    trust_bundle::install_default_provider();
+    fedmesh_trust::install_default_provider();
     let cli = Cli::parse();
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -429,7 +429,7 @@ async fn register(args: RegisterCluster) -> anyhow::Result<()> {
 
 fn random_password() -> anyhow::Result<String> {
     let mut bytes = [0u8; 18];
-    trust_bundle::crypto_provider()
+    fedmesh_trust::crypto_provider()
         .secure_random
         .fill(&mut bytes)
         .map_err(|_| anyhow::anyhow!("the system random number generator failed"))?;

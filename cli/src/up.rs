@@ -19,11 +19,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use federation_controller::join::JoinDir;
+use fedmesh_controller::join::JoinDir;
 use fedmesh_topology::{ClusterPlan, Plan, Protocol, Topology};
+use fedmesh_trust::{Bundle, SpiffeId, TrustDomain};
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
-use trust_bundle::{Bundle, SpiffeId, TrustDomain};
 
 use crate::wan::{self, Link};
 
@@ -620,8 +620,8 @@ async fn start_cluster(
             "tokens:\n  - {{token: \"{gw_token}\", spiffeId: \"{gw_id}\"}}\n  - {{token: \"{proxy_token}\", spiffeId: \"{proxy_id}\"}}\n"
         ),
     )?;
-    trust_bundle::ca::write_private(&cdir.join("gateway.token"), gw_token.as_bytes())?;
-    trust_bundle::ca::write_private(&cdir.join("proxy.token"), proxy_token.as_bytes())?;
+    fedmesh_trust::ca::write_private(&cdir.join("gateway.token"), gw_token.as_bytes())?;
+    fedmesh_trust::ca::write_private(&cdir.join("proxy.token"), proxy_token.as_bytes())?;
 
     // Backends, and the registry that lists them.
     let mut backends = Vec::new();
@@ -840,7 +840,7 @@ pub async fn liveness(s: &State) -> BTreeMap<String, fedmesh_api::Liveness> {
         .collect();
     let read = async {
         let client = etcd_client::Client::connect(&endpoints, None).await.ok()?;
-        let mut zone = federation_controller::GlobalZone::new(client, Default::default());
+        let mut zone = fedmesh_controller::GlobalZone::new(client, Default::default());
         let records = zone.clusters().await.ok()?;
         let live = zone
             .liveness(&records, time::OffsetDateTime::now_utc())

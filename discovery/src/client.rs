@@ -10,15 +10,15 @@ use std::time::Duration;
 
 use fedmesh_api::ServiceKey;
 use fedmesh_proto::discovery::v1 as pb;
+use fedmesh_trust::{
+    AllowIds, BundleSet, RenewError, RenewalPolicy, SpiffeId, Svid, SvidSource, SystemClock,
+};
 use pb::discovery_client::DiscoveryClient;
 use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
-use trust_bundle::{
-    AllowIds, BundleSet, RenewError, RenewalPolicy, SpiffeId, Svid, SvidSource, SystemClock,
-};
 
 use crate::state::MeshState;
 use crate::status::SyncStatus;
@@ -95,7 +95,7 @@ pub enum ClientError {
     #[error("discovery RPC failed: {0}")]
     Rpc(#[from] tonic::Status),
     #[error("building the TLS config: {0}")]
-    Tls(#[from] trust_bundle::TlsConfigError),
+    Tls(#[from] fedmesh_trust::TlsConfigError),
 }
 
 impl ClientError {
@@ -143,7 +143,7 @@ pub async fn certify(
     access: &ControllerAccess,
     bundles: watch::Receiver<Arc<BundleSet>>,
 ) -> Result<Svid, ClientError> {
-    let tls = trust_bundle::client_config_without_svid(
+    let tls = fedmesh_trust::client_config_without_svid(
         bundles,
         Arc::new(AllowIds::one(access.controller.clone())),
         &[b"h2"],
@@ -154,7 +154,7 @@ pub async fn certify(
             addr: access.address,
             source,
         })?;
-    let (csr, key) = trust_bundle::certificate_request(&access.identity)
+    let (csr, key) = fedmesh_trust::certificate_request(&access.identity)
         .map_err(|e| ClientError::BadReply(format!("making a CSR: {e}")))?;
     let reply = DiscoveryClient::new(ch)
         .certify(pb::CertifyRequest {
@@ -270,7 +270,7 @@ where
         bundles: bundles.clone(),
     };
     let (svid, renewer) =
-        trust_bundle::spawn_renewer(source, first_svid, policy.renewal.clone(), SystemClock);
+        fedmesh_trust::spawn_renewer(source, first_svid, policy.renewal.clone(), SystemClock);
     let (first_tx, first_rx) = oneshot::channel();
     let (status_tx, status) = watch::channel(Arc::new(SyncStatus::default()));
     let (asks_tx, asks) = mpsc::channel(64);
@@ -370,7 +370,7 @@ impl<T: Send + Sync + 'static> Driver<T> {
     async fn stream_once(&mut self, convert: &impl Convert<T>) -> (bool, Result<(), ClientError>) {
         let mut applied = false;
         let result = async {
-            let tls = trust_bundle::client_config(
+            let tls = fedmesh_trust::client_config(
                 self.svid.clone(),
                 self.bundles.subscribe(),
                 Arc::new(AllowIds::one(self.access.controller.clone())),

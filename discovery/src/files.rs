@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use trust_bundle::{Bundle, BundleSet, TrustDomain};
+use fedmesh_trust::{Bundle, BundleSet, TrustDomain};
 
 /// The directory a config file's relative paths start from.
 #[derive(Debug, Clone)]
@@ -55,8 +55,8 @@ pub fn bootstrap(
 /// Publishes an SVID and bundle set re-read from files, each only if it
 /// changed, so that nothing downstream rebuilds for an unchanged file.
 pub fn publish_identity(
-    svid_tx: &tokio::sync::watch::Sender<std::sync::Arc<trust_bundle::Svid>>,
-    svid: trust_bundle::Svid,
+    svid_tx: &tokio::sync::watch::Sender<std::sync::Arc<fedmesh_trust::Svid>>,
+    svid: fedmesh_trust::Svid,
     bundles_tx: &tokio::sync::watch::Sender<std::sync::Arc<BundleSet>>,
     bundles: BundleSet,
 ) {

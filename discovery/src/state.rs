@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 
 use fedmesh_api::{Endpoint, ServiceKey};
 use fedmesh_proto::discovery::v1 as pb;
-use trust_bundle::{Bundle, BundleSet, TrustDomain};
+use fedmesh_trust::{Bundle, BundleSet, TrustDomain};
 
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct MeshState {

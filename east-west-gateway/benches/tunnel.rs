@@ -1,6 +1,6 @@
 //! Tunnel throughput and latency next to a direct TCP path, in one run.
 //!
-//! `cargo bench -p east-west-gateway --bench tunnel`
+//! `cargo bench -p fedmesh-gateway --bench tunnel`
 //!
 //! - Bulk: one tunnel (proxy TLS → egress → QUIC → ingress → backend,
 //!   the two gateways being real `fedmesh-gateway` processes)
@@ -24,13 +24,12 @@
 //! Loopback only; every loop is bounded in count and time.
 #![allow(clippy::unwrap_used)]
 
-#[path = "../tests/support/mod.rs"]
-mod support;
+use fedmesh_testbed::gateway as support;
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use east_west_gateway::Settings;
+use fedmesh_gateway::Settings;
 use hdrhistogram::Histogram;
 use support::*;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -112,7 +111,7 @@ async fn haproxy_chain(
     backends: &[SocketAddr],
 ) -> (Vec<SocketAddr>, Vec<tokio::process::Child>) {
     fedmesh_test_support::ensure_haproxy();
-    let pem = |name: &str, svid: &trust_bundle::Svid| {
+    let pem = |name: &str, svid: &fedmesh_trust::Svid| {
         let path = dir.join(name);
         std::fs::write(&path, format!("{}{}", svid.chain_pem(), svid.key_pem())).unwrap();
         path.display().to_string()

@@ -9,13 +9,13 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use fedmesh_api::{ListedEndpoint, LocalService, ServiceKey, validate_label};
+use fedmesh_trust::{Bundle, BundleSet, SpiffeId, Svid, TrustDomain};
 use serde::Deserialize;
-use trust_bundle::{Bundle, BundleSet, SpiffeId, Svid, TrustDomain};
 
 use fedmesh_discovery::ControllerAccess;
 
+use crate::backoff::BackoffPolicy;
 use crate::discovered::Local;
-use crate::health::BackoffPolicy;
 use crate::routes::{AllowRule, ExportedService, GatewayAddr, Peer, Routes};
 
 /// How the gateway behaves; everything has a production default.
@@ -489,9 +489,9 @@ fn parse_static(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use fedmesh_trust::{CaOptions, ClusterCa, SvidPolicy};
     use std::collections::HashMap;
     use std::time::SystemTime;
-    use trust_bundle::{CaOptions, ClusterCa, SvidPolicy};
 
     /// A valid document, and the files it names.
     fn fixture() -> (String, HashMap<PathBuf, Vec<u8>>) {

@@ -6,7 +6,7 @@
 use fedmesh_api::validate_label;
 use fedmesh_discovery::{ClientError, ClientPolicy, Discovered, MeshState};
 use fedmesh_proto::discovery::v1 as pb;
-use trust_bundle::{BundleSet, TrustDomain};
+use fedmesh_trust::{BundleSet, TrustDomain};
 
 use crate::config::DiscoveryConfig;
 use crate::routes::{ExportedService, GatewayAddr, Peer, Routes};

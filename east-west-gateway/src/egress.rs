@@ -10,6 +10,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use fedmesh_proto::tunnel::v1::{TunnelAccept, TunnelOpen, tunnel_accept::Status};
+use fedmesh_trust::tls::ALPN_TUNNEL;
+use fedmesh_trust::{SpiffeId, TrustDomain};
 use prometheus_client::metrics::gauge::Gauge;
 use quinn::{Connection, ConnectionError, RecvStream, SendStream};
 use tokio::io::AsyncWriteExt;
@@ -18,13 +20,11 @@ use tokio::sync::watch;
 use tokio::time::{Instant, timeout};
 use tokio_rustls::TlsAcceptor;
 use tracing::Instrument;
-use trust_bundle::tls::ALPN_TUNNEL;
-use trust_bundle::{SpiffeId, TrustDomain};
 
+use crate::backoff::{PeerHealth, try_order};
 use crate::dns::Dns;
 use crate::frame::{self, OpenRequest, Refusal};
-use crate::gateway::Shared;
-use crate::health::{PeerHealth, try_order};
+use crate::gateway::GatewayState;
 use crate::metrics::{GatewayLabels, handshake_reason};
 use crate::quic;
 use crate::routes::GatewayAddr;
@@ -36,7 +36,7 @@ const DIRECTION: &str = "egress";
 pub(crate) async fn serve(
     listener: TcpListener,
     acceptor: TlsAcceptor,
-    pool: Arc<Pool>,
+    pool: Arc<PeerPool>,
     mut stop: watch::Receiver<bool>,
 ) {
     let stats = fedmesh_admin::AcceptStats::default();
@@ -49,7 +49,12 @@ pub(crate) async fn serve(
     }
 }
 
-async fn connection(tcp: TcpStream, remote: SocketAddr, acceptor: TlsAcceptor, pool: Arc<Pool>) {
+async fn connection(
+    tcp: TcpStream,
+    remote: SocketAddr,
+    acceptor: TlsAcceptor,
+    pool: Arc<PeerPool>,
+) {
     let sh = pool.sh.clone();
     let sh = &*sh;
     let _ = tcp.set_nodelay(true);
@@ -66,7 +71,7 @@ async fn connection(tcp: TcpStream, remote: SocketAddr, acceptor: TlsAcceptor, p
         }
     };
     let (_, session) = tls.get_ref();
-    let source = trust_bundle::peer_spiffe_id(session.peer_certificates());
+    let source = fedmesh_trust::peer_spiffe_id(session.peer_certificates());
     let alpn_ok = session.alpn_protocol() == Some(ALPN_TUNNEL);
     let req = match read_request(&mut tls, source, alpn_ok, sh).await {
         Ok(req) => req,
@@ -114,7 +119,7 @@ async fn read_request(
     tls: &mut tokio_rustls::server::TlsStream<TcpStream>,
     source: Option<SpiffeId>,
     alpn_ok: bool,
-    sh: &Shared,
+    sh: &GatewayState,
 ) -> Result<OpenRequest, Option<Refusal>> {
     let bad = |m: String| Some(Refusal::new(Status::BadRequest, m));
     if !alpn_ok {
@@ -164,15 +169,15 @@ pub struct Opened {
     pub gateway: SocketAddr,
 }
 
-enum Failure {
+enum DialFailure {
     Refused(Refusal),
     Unreachable(String),
 }
 
 /// One pooled connection per peer gateway, shared by all streams to it.
 #[derive(Debug)]
-pub struct Pool {
-    pub(crate) sh: Arc<Shared>,
+pub struct PeerPool {
+    pub(crate) sh: Arc<GatewayState>,
     endpoint: quinn::Endpoint,
     transport: Arc<quinn::TransportConfig>,
     slots: Mutex<HashMap<SocketAddr, Arc<Slot>>>,
@@ -196,9 +201,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-impl Pool {
+impl PeerPool {
     pub(crate) fn new(
-        sh: Arc<Shared>,
+        sh: Arc<GatewayState>,
         endpoint: quinn::Endpoint,
         transport: Arc<quinn::TransportConfig>,
     ) -> Self {
@@ -263,12 +268,12 @@ impl Pool {
             }
             match self.attempt(gw, req, &td, deadline).await {
                 Ok(o) => return Ok(o),
-                Err(Failure::Refused(r)) if !r.worth_another_gateway() => return Err(r),
-                Err(Failure::Refused(r)) => {
+                Err(DialFailure::Refused(r)) if !r.worth_another_gateway() => return Err(r),
+                Err(DialFailure::Refused(r)) => {
                     tried.push(format!("{gw}: {r}"));
                     refusal.get_or_insert(r);
                 }
-                Err(Failure::Unreachable(m)) => {
+                Err(DialFailure::Unreachable(m)) => {
                     // The name may have moved (a replaced load balancer).
                     if let Some(host) = name_of(gw) {
                         self.dns.expire(host);
@@ -386,17 +391,17 @@ impl Pool {
         req: &OpenRequest,
         td: &TrustDomain,
         deadline: Instant,
-    ) -> Result<Opened, Failure> {
+    ) -> Result<Opened, DialFailure> {
         let conn = self
             .connection(gw, &req.target_cluster, td, deadline)
             .await
-            .map_err(Failure::Unreachable)?;
+            .map_err(DialFailure::Unreachable)?;
         let left = || deadline.saturating_duration_since(Instant::now());
         let (mut send, mut recv) = match timeout(left(), conn.open_bi()).await {
             Ok(Ok(s)) => s,
-            Ok(Err(e)) => return Err(Failure::Unreachable(e.to_string())),
+            Ok(Err(e)) => return Err(DialFailure::Unreachable(e.to_string())),
             Err(_) => {
-                return Err(Failure::Unreachable(
+                return Err(DialFailure::Unreachable(
                     "no stream credit before the deadline".into(),
                 ));
             }
@@ -418,11 +423,11 @@ impl Pool {
             Ok(Ok(a)) => a,
             Ok(Err(e)) => {
                 splice::reset_stream(&mut send, &mut recv, code::ABORTED);
-                return Err(Failure::Unreachable(e));
+                return Err(DialFailure::Unreachable(e));
             }
             Err(_) => {
                 splice::reset_stream(&mut send, &mut recv, code::ABORTED);
-                return Err(Failure::Unreachable(
+                return Err(DialFailure::Unreachable(
                     "no TunnelAccept before the deadline".into(),
                 ));
             }
@@ -434,7 +439,7 @@ impl Pool {
                 endpoint,
                 gateway: gw,
             }),
-            Err(r) => Err(Failure::Refused(r)),
+            Err(r) => Err(DialFailure::Refused(r)),
         }
     }
 
@@ -555,7 +560,7 @@ async fn watch_connection(
     slot: Arc<Slot>,
     gw: SocketAddr,
     cluster: String,
-    sh: Arc<Shared>,
+    sh: Arc<GatewayState>,
 ) {
     let rtt = sh
         .metrics
@@ -599,7 +604,7 @@ async fn watch_connection(
 
 /// Why the peer of `conn` no longer verifies against the current bundles,
 /// if it does not.
-fn no_longer_verifies(conn: &Connection, sh: &Shared) -> Option<String> {
+fn no_longer_verifies(conn: &Connection, sh: &GatewayState) -> Option<String> {
     let chain = conn
         .peer_identity()?
         .downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>()
@@ -609,7 +614,7 @@ fn no_longer_verifies(conn: &Connection, sh: &Shared) -> Option<String> {
         .reverify(
             &chain,
             std::time::SystemTime::now(),
-            trust_bundle::Usage::Server,
+            fedmesh_trust::Usage::Server,
         )
         .err()
         .map(|e| e.to_string())
@@ -624,7 +629,7 @@ async fn revoke(
     gw: SocketAddr,
     cluster: &str,
     why: String,
-    sh: &Shared,
+    sh: &GatewayState,
 ) {
     tracing::warn!(gateway = %gw, cluster, reason = %why, "peer gateway no longer verifies; its connection closes after its streams");
     slot.up.set(0);

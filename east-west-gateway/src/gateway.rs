@@ -8,17 +8,17 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use fedmesh_trust::tls::ALPN_TUNNEL;
+use fedmesh_trust::{AuthorizeFn, BundleSet, Svid};
 use quinn::{RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
-use trust_bundle::tls::ALPN_TUNNEL;
-use trust_bundle::{AuthorizeFn, BundleSet, Svid};
 
 use crate::config::Settings;
-use crate::egress::{self, Pool};
+use crate::egress::{self, PeerPool};
 use crate::metrics::{BytesLabels, Direction, Metrics, StreamLabels};
 use crate::routes::Routes;
 use crate::splice::{self, Counters, code};
@@ -26,7 +26,7 @@ use crate::{ingress, quic};
 
 /// What the ingress and egress share.
 #[derive(Debug)]
-pub(crate) struct Shared {
+pub(crate) struct GatewayState {
     pub routes: watch::Receiver<Arc<Routes>>,
     pub svid: watch::Receiver<Arc<Svid>>,
     pub bundles: watch::Receiver<Arc<BundleSet>>,
@@ -38,7 +38,7 @@ pub(crate) struct Shared {
     pub spread: AtomicUsize,
 }
 
-impl Shared {
+impl GatewayState {
     /// Splices an accepted tunnel with `to` (the endpoint or gateway on the
     /// far side, for the log), counting it and its bytes for `peer_cluster`.
     pub async fn relay(
@@ -167,7 +167,7 @@ pub enum StartError {
     #[error(transparent)]
     Quic(#[from] quic::QuicConfigError),
     #[error("egress TLS: {0}")]
-    Tls(#[from] trust_bundle::tls::TlsConfigError),
+    Tls(#[from] fedmesh_trust::tls::TlsConfigError),
     #[error("binding {what} on {addr}: {source}")]
     Bind {
         what: &'static str,
@@ -181,9 +181,9 @@ pub enum StartError {
 pub struct Gateway {
     quic_addr: SocketAddr,
     egress_addr: Option<SocketAddr>,
-    shared: Arc<Shared>,
+    shared: Arc<GatewayState>,
     endpoint: quinn::Endpoint,
-    pool: Arc<Pool>,
+    pool: Arc<PeerPool>,
     stop_egress: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -199,7 +199,7 @@ impl Gateway {
         metrics: Arc<Metrics>,
     ) -> Result<Self, StartError> {
         options.settings.validate().map_err(StartError::Settings)?;
-        let shared = Arc::new(Shared {
+        let shared = Arc::new(GatewayState {
             routes: routes.clone(),
             svid: svid.clone(),
             bundles: bundles.clone(),
@@ -214,7 +214,7 @@ impl Gateway {
         // Peers: only registered gateway identities of federated clusters,
         // each verified against its own trust domain's bundle.
         let peer_routes = routes.clone();
-        let peers = Arc::new(AuthorizeFn(move |id: &trust_bundle::SpiffeId| {
+        let peers = Arc::new(AuthorizeFn(move |id: &fedmesh_trust::SpiffeId| {
             peer_routes.borrow().peer_gateway(id).map(|_| ())
         }));
         let server = quic::server_config(svid.clone(), bundles.clone(), peers, transport.clone())?;
@@ -238,7 +238,7 @@ impl Gateway {
             addr: options.quic,
             source,
         })?;
-        let pool = Arc::new(Pool::new(shared.clone(), endpoint.clone(), transport));
+        let pool = Arc::new(PeerPool::new(shared.clone(), endpoint.clone(), transport));
         let mut tasks = vec![
             tokio::spawn(ingress::serve(endpoint.clone(), shared.clone())),
             tokio::spawn(prune(pool.clone(), routes.clone())),
@@ -249,7 +249,7 @@ impl Gateway {
         if let Some(addr) = options.egress {
             // Local proxies: workloads of this cluster's own trust domain.
             let own = routes.clone();
-            let locals = Arc::new(AuthorizeFn(move |id: &trust_bundle::SpiffeId| {
+            let locals = Arc::new(AuthorizeFn(move |id: &fedmesh_trust::SpiffeId| {
                 let td = own.borrow().trust_domain.clone();
                 if id.is_member_of(&td) {
                     Ok(())
@@ -257,7 +257,7 @@ impl Gateway {
                     Err(format!("{id} is not in this cluster's trust domain {td}"))
                 }
             }));
-            let tls = trust_bundle::server_config(svid, bundles, locals, &[ALPN_TUNNEL])?;
+            let tls = fedmesh_trust::server_config(svid, bundles, locals, &[ALPN_TUNNEL])?;
             let listener = TcpListener::bind(addr)
                 .await
                 .map_err(|source| StartError::Bind {
@@ -303,7 +303,7 @@ impl Gateway {
     }
 
     /// The egress's connection pool (for tests and status).
-    pub fn pool(&self) -> &Pool {
+    pub fn pool(&self) -> &PeerPool {
         &self.pool
     }
 
@@ -350,7 +350,7 @@ impl Gateway {
 
 /// Drops pooled connections to gateways that left the routes: at every
 /// routes change, and every 30 s for DNS answers that moved.
-async fn prune(pool: Arc<Pool>, mut routes: watch::Receiver<Arc<Routes>>) {
+async fn prune(pool: Arc<PeerPool>, mut routes: watch::Receiver<Arc<Routes>>) {
     loop {
         tokio::select! {
             changed = routes.changed() => if changed.is_err() { return },

@@ -15,7 +15,7 @@ use tokio::time::{Instant, timeout};
 use tracing::Instrument;
 
 use crate::frame::{self, OpenRequest, Refusal};
-use crate::gateway::Shared;
+use crate::gateway::GatewayState;
 use crate::metrics::{GatewayLabels, handshake_reason};
 use crate::routes::PeerGateway;
 use crate::splice::{self, ReadFrameError, code, read_frame, write_frame};
@@ -23,7 +23,7 @@ use crate::splice::{self, ReadFrameError, code, read_frame, write_frame};
 const DIRECTION: &str = "ingress";
 
 /// Accepts connections until the endpoint closes.
-pub(crate) async fn serve(endpoint: quinn::Endpoint, sh: Arc<Shared>) {
+pub(crate) async fn serve(endpoint: quinn::Endpoint, sh: Arc<GatewayState>) {
     while let Some(incoming) = endpoint.accept().await {
         if sh.draining.load(Ordering::Relaxed) {
             incoming.refuse();
@@ -33,7 +33,7 @@ pub(crate) async fn serve(endpoint: quinn::Endpoint, sh: Arc<Shared>) {
     }
 }
 
-async fn connection(incoming: quinn::Incoming, sh: Arc<Shared>) {
+async fn connection(incoming: quinn::Incoming, sh: Arc<GatewayState>) {
     let remote = incoming.remote_address();
     let conn = match incoming.await {
         Ok(c) => c,
@@ -60,7 +60,7 @@ async fn connection(incoming: quinn::Incoming, sh: Arc<Shared>) {
         .clone();
     // The connection ends at its peer's certificate's expiry: a renewed
     // SVID takes over with a fresh handshake.
-    let expiry = trust_bundle::svid::parse_leaf(&chain[0])
+    let expiry = fedmesh_trust::svid::parse_leaf(&chain[0])
         .map(|(_, info)| info.not_after)
         .unwrap_or_else(|_| SystemTime::now());
     let expires = Instant::now() + expiry.duration_since(SystemTime::now()).unwrap_or_default();
@@ -123,7 +123,7 @@ async fn connection(incoming: quinn::Incoming, sh: Arc<Shared>) {
 /// Whether a live connection from `peer`, which presented `chain`, still
 /// verifies under the current routes and bundles; why not, with when.
 fn recheck(
-    sh: &Shared,
+    sh: &GatewayState,
     peer: &PeerGateway,
     chain: &[CertificateDer<'static>],
 ) -> Option<(String, Instant)> {
@@ -133,7 +133,7 @@ fn recheck(
         match sh
             .bundles
             .borrow()
-            .reverify(chain, SystemTime::now(), trust_bundle::Usage::Client)
+            .reverify(chain, SystemTime::now(), fedmesh_trust::Usage::Client)
         {
             Ok(_) => return None,
             Err(e) => e.to_string(),
@@ -144,12 +144,15 @@ fn recheck(
 
 /// The peer's identity. The TLS verifier has already checked the chain and
 /// that the ID is a federated gateway; this recovers the cluster name.
-fn identify(conn: &Connection, sh: &Shared) -> Option<(PeerGateway, Vec<CertificateDer<'static>>)> {
+fn identify(
+    conn: &Connection,
+    sh: &GatewayState,
+) -> Option<(PeerGateway, Vec<CertificateDer<'static>>)> {
     let chain = conn
         .peer_identity()?
         .downcast::<Vec<CertificateDer<'static>>>()
         .ok()?;
-    let id = trust_bundle::peer_spiffe_id(Some(&chain))?;
+    let id = fedmesh_trust::peer_spiffe_id(Some(&chain))?;
     let peer = sh.routes.borrow().peer_gateway(&id).ok()?;
     (!chain.is_empty()).then_some((peer, *chain))
 }
@@ -158,7 +161,7 @@ async fn stream(
     mut send: SendStream,
     mut recv: RecvStream,
     peer: Arc<PeerGateway>,
-    sh: Arc<Shared>,
+    sh: Arc<GatewayState>,
 ) {
     let header = timeout(
         sh.settings.header_timeout,
@@ -198,7 +201,7 @@ async fn tunnel(
     mut recv: RecvStream,
     req: OpenRequest,
     peer: Arc<PeerGateway>,
-    sh: Arc<Shared>,
+    sh: Arc<GatewayState>,
 ) {
     if sh.draining.load(Ordering::Relaxed) {
         let r = Refusal::new(Status::Overloaded, "gateway is draining before shutdown");
@@ -286,7 +289,7 @@ async fn refuse(
     send: &mut SendStream,
     recv: &mut RecvStream,
     peer: &PeerGateway,
-    sh: &Shared,
+    sh: &GatewayState,
     r: Refusal,
 ) {
     tracing::debug!(peer = %peer.id, refusal = %r, "refused stream");

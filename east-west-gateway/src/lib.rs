@@ -12,17 +12,17 @@
 //!   when one refuses or is dead.
 //!
 //! The protocol logic is I/O-free: [`frame`] (the header), [`routes`]
-//! (admission and endpoint ranking) and [`health`] (reconnect backoff).
+//! (admission and endpoint ranking) and [`backoff`] (reconnect backoff).
 //! [`Gateway`] drives them with tokio and quinn. Where routes come from
 //! (the controller's discovery stream, or a static file: [`config`]) is the
 //! caller's business; this crate depends on neither etcd nor kube.
 
+pub mod backoff;
 pub mod config;
 pub mod discovered;
 pub mod dns;
 mod egress;
 mod gateway;
-pub mod health;
 mod ingress;
 pub mod metrics;
 pub mod quic;
@@ -33,7 +33,7 @@ pub mod splice;
 pub use fedmesh_tunnel::frame;
 
 pub use config::{Settings, StaticConfig};
-pub use egress::{Opened, Pool};
+pub use egress::{Opened, PeerPool};
 pub use gateway::{Gateway, GatewayOptions, StartError};
 pub use metrics::Metrics;
 pub use routes::Routes;

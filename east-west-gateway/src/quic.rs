@@ -7,18 +7,18 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use fedmesh_trust::tls::ALPN_TUNNEL;
+use fedmesh_trust::{AllowIds, Authorizer, BundleSet, SpiffeId, Svid};
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{IdleTimeout, MtuDiscoveryConfig, TransportConfig, VarInt};
 use tokio::sync::watch;
-use trust_bundle::tls::ALPN_TUNNEL;
-use trust_bundle::{AllowIds, Authorizer, BundleSet, SpiffeId, Svid};
 
 use crate::config::Settings;
 
 #[derive(Debug, thiserror::Error)]
 pub enum QuicConfigError {
     #[error(transparent)]
-    Tls(#[from] trust_bundle::tls::TlsConfigError),
+    Tls(#[from] fedmesh_trust::tls::TlsConfigError),
     #[error("TLS config unusable for QUIC: {0}")]
     Quic(String),
     #[error("idle timeout {0:?} is out of range")]
@@ -104,7 +104,7 @@ pub fn server_config(
     authorizer: Arc<dyn Authorizer>,
     transport: Arc<TransportConfig>,
 ) -> Result<quinn::ServerConfig, QuicConfigError> {
-    let tls = trust_bundle::server_config(svid, bundles, authorizer, &[ALPN_TUNNEL])?;
+    let tls = fedmesh_trust::server_config(svid, bundles, authorizer, &[ALPN_TUNNEL])?;
     let crypto =
         QuicServerConfig::try_from(tls).map_err(|e| QuicConfigError::Quic(e.to_string()))?;
     let mut c = quinn::ServerConfig::with_crypto(Arc::new(crypto));
@@ -122,7 +122,7 @@ pub fn client_config(
     transport: Arc<TransportConfig>,
 ) -> Result<quinn::ClientConfig, QuicConfigError> {
     let tls =
-        trust_bundle::client_config(svid, bundles, Arc::new(AllowIds::one(peer)), &[ALPN_TUNNEL])?;
+        fedmesh_trust::client_config(svid, bundles, Arc::new(AllowIds::one(peer)), &[ALPN_TUNNEL])?;
     let crypto =
         QuicClientConfig::try_from(tls).map_err(|e| QuicConfigError::Quic(e.to_string()))?;
     let mut c = quinn::ClientConfig::new(Arc::new(crypto));

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 
 use fedmesh_api::{Endpoint, ServiceKey};
 use fedmesh_proto::tunnel::v1::tunnel_accept::Status;
-use trust_bundle::{SpiffeId, TrustDomain};
+use fedmesh_trust::{SpiffeId, TrustDomain};
 
 use crate::frame::{OpenRequest, Refusal};
 

@@ -5,7 +5,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod support;
+use fedmesh_testbed::gateway as support;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -15,9 +15,9 @@ use fedmesh_api::ServiceKey;
 use fedmesh_discovery::ControllerAccess;
 use fedmesh_proto::tunnel::v1::tunnel_accept::Status;
 use fedmesh_test_support::{Etcd, eventually};
+use fedmesh_trust::SpiffeId;
 use support::sites::{GATEWAY_TOKEN, Site, WEB_TOKEN, export, register, site};
 use support::{Echo, GatewayProcess, echo_through, proxy_tls};
-use trust_bundle::SpiffeId;
 
 /// A workload of `from` calling `service` in `to` through `from`'s egress.
 /// Its SVID comes from `from`'s controller, as a proxy's would.

@@ -3,13 +3,13 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod support;
+use fedmesh_testbed::gateway as support;
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use east_west_gateway::Settings;
-use east_west_gateway::routes::GatewayAddr;
+use fedmesh_gateway::Settings;
+use fedmesh_gateway::routes::GatewayAddr;
 use fedmesh_proto::tunnel::v1::tunnel_accept::Status;
 use fedmesh_test_support::{DnsServer, eventually};
 use support::{

@@ -4,11 +4,11 @@
 //! gateways here are real `fedmesh-gateway` processes on static YAML.
 #![allow(clippy::unwrap_used)]
 
-mod support;
+use fedmesh_testbed::gateway as support;
 
 use std::time::Duration;
 
-use east_west_gateway::Settings;
+use fedmesh_gateway::Settings;
 use fedmesh_proto::tunnel::v1::tunnel_accept::Status;
 use fedmesh_test_support::eventually;
 use support::*;

@@ -3,21 +3,21 @@
 //! TCP to an echo backend. Each cluster has its own CA and trust domain.
 #![allow(clippy::unwrap_used)]
 
-mod support;
+use fedmesh_testbed::gateway as support;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use east_west_gateway::routes::AllowRule;
-use east_west_gateway::splice::{read_frame, write_frame};
-use east_west_gateway::{Settings, quic};
+use fedmesh_gateway::routes::AllowRule;
+use fedmesh_gateway::splice::{read_frame, write_frame};
+use fedmesh_gateway::{Settings, quic};
 use fedmesh_proto::tunnel::v1::{TunnelAccept, TunnelOpen, tunnel_accept::Status};
 use fedmesh_test_support::{UdpRelay, eventually};
+use fedmesh_trust::{BundleSet, SpiffeId, Svid};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
-use trust_bundle::{BundleSet, SpiffeId, Svid};
 
 const ECHO: &str = "shop/echo";
 
@@ -261,7 +261,7 @@ async fn every_refusal_comes_before_any_application_byte() {
     p.gw_a.update(|r| {
         r.peers.extend([(
             "azure-weu".to_string(),
-            east_west_gateway::routes::Peer {
+            fedmesh_gateway::routes::Peer {
                 trust_domain: c.td.clone(),
                 gateways: vec![silent.local_addr().unwrap().into()],
             },
@@ -353,7 +353,7 @@ async fn raw_stream(conn: &quinn::Connection, header: &[u8]) -> Result<TunnelAcc
 }
 
 fn framed(open: &TunnelOpen) -> Vec<u8> {
-    east_west_gateway::frame::encode(open).unwrap()
+    fedmesh_gateway::frame::encode(open).unwrap()
 }
 
 /// A raw connection from aws's gateway identity to gcp's gateway, with one
@@ -431,7 +431,7 @@ async fn the_egress_stamps_the_proxys_identity_and_keeps_the_trace() {
     let server = quic::server_config(
         svid,
         bset,
-        Arc::new(trust_bundle::AllowAnyVerified),
+        Arc::new(fedmesh_trust::AllowAnyVerified),
         transport,
     )
     .unwrap();
@@ -443,7 +443,7 @@ async fn the_egress_stamps_the_proxys_identity_and_keeps_the_trace() {
         let open: TunnelOpen = read_frame("TunnelOpen", &mut recv).await.unwrap();
         write_frame(
             &mut send,
-            &east_west_gateway::frame::accept_ok("10.0.0.1:80".into()),
+            &fedmesh_gateway::frame::accept_ok("10.0.0.1:80".into()),
         )
         .await
         .unwrap();
@@ -775,7 +775,7 @@ async fn a_deregistered_peer_loses_its_live_connection() {
         .await
         .expect("the connection closes once its last stream is done");
     assert!(
-        matches!(&closed, quinn::ConnectionError::ApplicationClosed(c) if c.error_code == east_west_gateway::splice::code::REVOKED),
+        matches!(&closed, quinn::ConnectionError::ApplicationClosed(c) if c.error_code == fedmesh_gateway::splice::code::REVOKED),
         "{closed:?}"
     );
 }
@@ -796,7 +796,7 @@ async fn a_withdrawn_bundle_closes_the_peers_connection() {
         .await
         .expect("the connection closes");
     assert!(
-        matches!(&closed, quinn::ConnectionError::ApplicationClosed(c) if c.error_code == east_west_gateway::splice::code::REVOKED),
+        matches!(&closed, quinn::ConnectionError::ApplicationClosed(c) if c.error_code == fedmesh_gateway::splice::code::REVOKED),
         "{closed:?}"
     );
 }
@@ -847,7 +847,7 @@ async fn a_connection_closes_at_its_peers_certificate_expiry() {
         .await
         .expect("the connection closes at the certificate's expiry");
     assert!(
-        matches!(&closed, quinn::ConnectionError::ApplicationClosed(c) if c.error_code == east_west_gateway::splice::code::REVOKED),
+        matches!(&closed, quinn::ConnectionError::ApplicationClosed(c) if c.error_code == fedmesh_gateway::splice::code::REVOKED),
         "{closed:?}"
     );
 }

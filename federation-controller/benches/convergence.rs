@@ -4,7 +4,7 @@
 //! of a bare etcd put → watch notification, the floor any etcd-based design
 //! sits on.
 //!
-//! Run: `cargo bench -p federation-controller --bench convergence`
+//! Run: `cargo bench -p fedmesh-controller --bench convergence`
 //! (CHANGES=1000 CLUSTERS=10 SERVICES=1000 by default).
 
 #![allow(clippy::unwrap_used)]
@@ -17,16 +17,16 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use etcd_client::{EventType, WatchOptions};
-use federation_controller::controller::{Controller, ControllerConfig, LocalSource};
-use federation_controller::discovery::{self, MeshState};
 use fedmesh_api::ServiceKey;
+use fedmesh_controller::controller::{Controller, ControllerConfig, LocalSource};
+use fedmesh_discovery::MeshState;
 use fedmesh_proto::discovery::v1 as pb;
 use fedmesh_test_support::Etcd;
+use fedmesh_trust::{AllowAnyVerified, Bundle, BundleSet, SpiffeId, Svid, TrustDomain};
 use hdrhistogram::Histogram;
 use pb::discovery_client::DiscoveryClient;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
-use trust_bundle::{AllowAnyVerified, Bundle, BundleSet, SpiffeId, Svid, TrustDomain};
 
 fn env(name: &str, default: usize) -> usize {
     fedmesh_test_support::env_or(name, default)
@@ -34,7 +34,7 @@ fn env(name: &str, default: usize) -> usize {
 
 #[tokio::main]
 async fn main() {
-    trust_bundle::install_default_provider();
+    fedmesh_trust::install_default_provider();
     let changes = env("CHANGES", 1000);
     let clusters = env("CLUSTERS", 10).max(2);
     let services = env("SERVICES", 1000);
@@ -77,17 +77,17 @@ async fn main() {
     let mut set = BundleSet::new();
     set.insert(b_bundle);
     let bundles = watch::channel(Arc::new(set)).1;
-    let boot = trust_bundle::client_config_without_svid(
+    let boot = fedmesh_trust::client_config_without_svid(
         bundles.clone(),
         Arc::new(AllowAnyVerified),
         &[b"h2"],
     )
     .unwrap();
-    let ch = discovery::channel(b.discovery_addr, Arc::new(boot))
+    let ch = fedmesh_discovery::channel(b.discovery_addr, Arc::new(boot))
         .await
         .unwrap();
     let id = SpiffeId::workload(&b_td, "bench", "client").unwrap();
-    let (csr, key) = trust_bundle::certificate_request(&id).unwrap();
+    let (csr, key) = fedmesh_trust::certificate_request(&id).unwrap();
     let resp = DiscoveryClient::new(ch)
         .certify(pb::CertifyRequest {
             csr_der: csr,
@@ -98,9 +98,9 @@ async fn main() {
         .into_inner();
     let svid = Svid::new(resp.chain_der.into_iter().map(Into::into).collect(), key).unwrap();
     let (_svid_tx, svid_rx) = watch::channel(Arc::new(svid));
-    let tls = trust_bundle::client_config(svid_rx, bundles, Arc::new(AllowAnyVerified), &[b"h2"])
+    let tls = fedmesh_trust::client_config(svid_rx, bundles, Arc::new(AllowAnyVerified), &[b"h2"])
         .unwrap();
-    let ch = discovery::channel(b.discovery_addr, Arc::new(tls))
+    let ch = fedmesh_discovery::channel(b.discovery_addr, Arc::new(tls))
         .await
         .unwrap();
     let (req_tx, req_rx) = mpsc::channel(16);

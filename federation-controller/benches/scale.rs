@@ -5,7 +5,7 @@
 //! each takes to be ready and its RSS. The same measurements at a small
 //! size in the same run show what grows with the federation.
 //!
-//! Run: `cargo bench -p federation-controller --bench scale`
+//! Run: `cargo bench -p fedmesh-controller --bench scale`
 //! (CLUSTERS=100 SERVICES=10000 by default; SMALL_CLUSTERS=10 SMALL_SERVICES=1000;
 //! CHANGES=10 per size; CONTROLLER_LOG=info shows the controller's own log).
 
@@ -17,10 +17,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-use federation_controller::join::JoinDir;
 use fedmesh_api::KeySpace;
+use fedmesh_controller::join::JoinDir;
 use fedmesh_test_support::{Etcd, EtcdOptions};
-use trust_bundle::{Bundle, TrustDomain};
+use fedmesh_trust::{Bundle, TrustDomain};
 
 fn env(name: &str, default: usize) -> usize {
     fedmesh_test_support::env_or(name, default)
@@ -352,7 +352,7 @@ fn median(v: &mut [f64]) -> f64 {
 
 #[tokio::main]
 async fn main() {
-    trust_bundle::install_default_provider();
+    fedmesh_trust::install_default_provider();
     build_clients();
     let changes = env("CHANGES", 10).max(1);
     let small = measure(

@@ -11,13 +11,13 @@ use std::time::{Duration, SystemTime};
 
 use etcd_client::{Client, ConnectOptions};
 use fedmesh_api::{AliveRecord, KeySpace, LocalServices};
-use tokio::net::TcpListener;
-use tokio::sync::watch;
-use tokio::task::JoinSet;
-use trust_bundle::{
+use fedmesh_trust::{
     AllowTrustDomains, Authority, Bundle, BundleSet, RenewError, RenewalPolicy, RotationPolicy,
     SpiffeId, Svid, SvidPolicy, SvidSource, SystemClock, TrustDomain,
 };
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
 
 use crate::admin::{self, ControllerMetrics};
 use crate::discovery::{self, DiscoveryService, Versioned};
@@ -96,11 +96,11 @@ pub enum ControllerError {
     #[error("etcd client: {0}")]
     Etcd(#[from] etcd_client::Error),
     #[error("issuing the controller's SVID: {0}")]
-    Identity(#[from] trust_bundle::CaError),
+    Identity(#[from] fedmesh_trust::CaError),
     #[error("trust domain: {0}")]
-    TrustDomain(#[from] trust_bundle::SpiffeIdError),
+    TrustDomain(#[from] fedmesh_trust::SpiffeIdError),
     #[error("TLS: {0}")]
-    Tls(#[from] trust_bundle::tls::TlsConfigError),
+    Tls(#[from] fedmesh_trust::tls::TlsConfigError),
 }
 
 /// A running controller. Dropping it stops every task.
@@ -158,7 +158,7 @@ impl Controller {
             id: controller_id,
         };
         let (svid_rx, renewer) =
-            trust_bundle::spawn_renewer(issuer, svid, RenewalPolicy::default(), SystemClock);
+            fedmesh_trust::spawn_renewer(issuer, svid, RenewalPolicy::default(), SystemClock);
         tasks.spawn(async move {
             let _ = renewer.await;
         });
@@ -232,7 +232,7 @@ impl Controller {
         });
 
         // Discovery and Certify.
-        let tls = trust_bundle::server_config_optional_client_auth(
+        let tls = fedmesh_trust::server_config_optional_client_auth(
             svid_rx,
             bundles_rx.clone(),
             Arc::new(AllowTrustDomains([td.clone()].into())),

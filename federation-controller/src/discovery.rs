@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use fedmesh_proto::discovery::v1 as pb;
+use fedmesh_trust::{Authority, CaError, SpiffeId, TrustDomain};
 use pb::discovery_server::{Discovery, DiscoveryServer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
@@ -24,7 +25,6 @@ use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use tonic::{Request, Response, Status, Streaming};
-use trust_bundle::{Authority, CaError, SpiffeId, TrustDomain};
 
 use crate::mesh::{self, Changed, MeshInputs, Scope};
 use fedmesh_api::ServiceKey;
@@ -332,7 +332,7 @@ impl Discovery for DiscoveryService {
             .extensions()
             .get::<TlsConnectInfo<TcpConnectInfo>>()
             .and_then(|i| i.peer_certs());
-        let peer = trust_bundle::peer_spiffe_id(certs.as_deref().map(|v| &v[..]))
+        let peer = fedmesh_trust::peer_spiffe_id(certs.as_deref().map(|v| &v[..]))
             .ok_or_else(|| Status::unauthenticated("discovery requires a client SVID"))?;
         if !peer.is_member_of(&self.trust_domain) {
             return Err(Status::permission_denied(format!(
@@ -545,16 +545,13 @@ pub async fn serve(
     result
 }
 
-/// The client side lives in the data plane's crate; re-exported for tools
-/// and tests that talk to a controller.
-pub use fedmesh_discovery::{MeshState, channel};
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     use crate::view::{GlobalView, RawEvent, RawKv};
     use fedmesh_api::KeySpace;
+    use fedmesh_discovery::MeshState;
 
     /// A global view where cluster gcp exports `services` (name, healthy).
     fn versioned(version: u64, services: &[(&str, u32)], bundle_seq: u64) -> Versioned {
@@ -584,9 +581,9 @@ mod tests {
             );
         }
         let td = TrustDomain::new("gcp.fedmesh").unwrap();
-        let ca =
-            trust_bundle::ClusterCa::generate(&td, &Default::default(), SystemTime::now()).unwrap();
-        let mut bundle = trust_bundle::Bundle::with_roots(td, [ca.cert_der().clone()]);
+        let ca = fedmesh_trust::ClusterCa::generate(&td, &Default::default(), SystemTime::now())
+            .unwrap();
+        let mut bundle = fedmesh_trust::Bundle::with_roots(td, [ca.cert_der().clone()]);
         bundle.sequence = bundle_seq;
         put(ks.bundle("gcp.fedmesh"), bundle.to_document());
         Versioned {
@@ -803,9 +800,9 @@ mod tests {
             "gateways": [{"address": "gw.azure.example", "port": 15443}], "registeredAt": "2026-11-24T00:00:00Z"
         });
         let td = TrustDomain::new("azure.fedmesh").unwrap();
-        let ca =
-            trust_bundle::ClusterCa::generate(&td, &Default::default(), SystemTime::now()).unwrap();
-        let bundle = trust_bundle::Bundle::with_roots(td, [ca.cert_der().clone()]);
+        let ca = fedmesh_trust::ClusterCa::generate(&td, &Default::default(), SystemTime::now())
+            .unwrap();
+        let bundle = fedmesh_trust::Bundle::with_roots(td, [ca.cert_der().clone()]);
         // As `register` writes them: one transaction, one revision.
         let v2 = next(
             &v1,

@@ -6,9 +6,9 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use fedmesh_api::ClusterRecord;
+use fedmesh_trust::ca::write_private;
+use fedmesh_trust::{CaError, ClusterCa, TrustDomain};
 use serde::{Deserialize, Serialize};
-use trust_bundle::ca::write_private;
-use trust_bundle::{CaError, ClusterCa, TrustDomain};
 
 pub const CLUSTER_FILE: &str = "cluster.json";
 pub const ETCD_FILE: &str = "etcd.json";

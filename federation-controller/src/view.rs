@@ -18,8 +18,8 @@ use fedmesh_api::{
     AliveRecord, ClusterRecord, GlobalKey, KeySpace, SeenRecord, ServiceKey, validate_locality,
     validate_ports,
 };
+use fedmesh_trust::Bundle;
 use imbl::{OrdMap, OrdSet};
-use trust_bundle::Bundle;
 
 use crate::zone::decode_bundle;
 
@@ -45,9 +45,10 @@ pub enum RawEvent {
 /// A cluster or zone name, shared by every export that mentions it.
 pub type Name = Arc<str>;
 
-/// The healthy capacity of one zone, as an export reports it.
+/// The healthy capacity of one zone, as an export reports it: the view's
+/// interned form of [`fedmesh_api::ZoneCapacity`].
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Locality {
+pub struct ZoneCapacity {
     pub zone: Name,
     pub healthy: u32,
     pub total: u32,
@@ -61,7 +62,7 @@ pub struct Export {
     pub mod_revision: i64,
     pub generation: u64,
     pub ports: Box<[u16]>,
-    pub localities: Box<[Locality]>,
+    pub localities: Box<[ZoneCapacity]>,
 }
 
 impl Export {
@@ -506,7 +507,7 @@ fn read_export(names: &mut OrdSet<Name>, cluster: &Name, kv: &RawKv) -> Result<E
     let mut localities = Vec::with_capacity(wire.localities.len());
     for l in wire.localities {
         validate_locality(&l.zone, l.healthy, l.total).map_err(|e| e.to_string())?;
-        localities.push(Locality {
+        localities.push(ZoneCapacity {
             zone: intern(names, &l.zone),
             healthy: l.healthy,
             total: l.total,

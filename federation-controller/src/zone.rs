@@ -7,7 +7,7 @@ use fedmesh_api::records::RecordError;
 use fedmesh_api::{ClusterRecord, ExportSummary, GlobalKey, KeySpace, Liveness, SeenRecord};
 
 use crate::view::RawKv;
-use trust_bundle::{Bundle, BundleError, TrustDomain};
+use fedmesh_trust::{Bundle, BundleError, TrustDomain};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ZoneError {

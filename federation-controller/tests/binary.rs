@@ -7,11 +7,11 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, SystemTime};
 
-use federation_controller::GlobalZone;
-use federation_controller::join::{EtcdAccess, JoinDir};
 use fedmesh_api::{ClusterRecord, KeySpace};
+use fedmesh_controller::GlobalZone;
+use fedmesh_controller::join::{EtcdAccess, JoinDir};
 use fedmesh_test_support::{Etcd, eventually};
-use trust_bundle::{Bundle, CaOptions, ClusterCa, TrustDomain};
+use fedmesh_trust::{Bundle, CaOptions, ClusterCa, TrustDomain};
 
 /// Registers aws and writes its join directory; returns its own bundle.
 async fn join_dir(etcd: &Etcd, dir: &std::path::Path) -> Bundle {
@@ -234,7 +234,7 @@ async fn the_discovery_listener_survives_running_out_of_descriptors() {
         join_token: "web-token-0123456789abcdef".into(),
         node: "test".into(),
     };
-    let mut set = trust_bundle::BundleSet::new();
+    let mut set = fedmesh_trust::BundleSet::new();
     set.insert(bundle);
     let (_tx, bundles) = tokio::sync::watch::channel(std::sync::Arc::new(set));
     let svid = eventually(

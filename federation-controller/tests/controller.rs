@@ -8,20 +8,20 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use federation_controller::controller::{Controller, ControllerConfig, LocalSource};
-use federation_controller::discovery::MeshState;
-use federation_controller::join::{EtcdAccess, JoinDir};
-use federation_controller::watcher::WatcherConfig;
-use federation_controller::{GlobalZone, discovery};
 use fedmesh_api::{ClusterRecord, KeySpace};
+use fedmesh_controller::GlobalZone;
+use fedmesh_controller::controller::{Controller, ControllerConfig, LocalSource};
+use fedmesh_controller::join::{EtcdAccess, JoinDir};
+use fedmesh_controller::watcher::WatcherConfig;
+use fedmesh_discovery::MeshState;
 use fedmesh_proto::discovery::v1 as pb;
 use fedmesh_test_support::{Etcd, eventually};
+use fedmesh_trust::{
+    AllowAnyVerified, Bundle, BundleSet, CaOptions, ClusterCa, SpiffeId, Svid, TrustDomain,
+};
 use pb::discovery_client::DiscoveryClient;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
-use trust_bundle::{
-    AllowAnyVerified, Bundle, BundleSet, CaOptions, ClusterCa, SpiffeId, Svid, TrustDomain,
-};
 
 const TOKEN: &str = "web-token-0123456789abcdef";
 
@@ -121,16 +121,16 @@ fn own_bundles(c: &Cluster) -> watch::Receiver<Arc<BundleSet>> {
 
 /// Bootstraps an SVID through Certify, as a proxy would.
 async fn certify(c: &Cluster, token: &str, id: &SpiffeId) -> Result<Svid, tonic::Status> {
-    let tls = trust_bundle::client_config_without_svid(
+    let tls = fedmesh_trust::client_config_without_svid(
         own_bundles(c),
         Arc::new(AllowAnyVerified),
         &[b"h2"],
     )
     .unwrap();
-    let channel = discovery::channel(c.controller.discovery_addr, Arc::new(tls))
+    let channel = fedmesh_discovery::channel(c.controller.discovery_addr, Arc::new(tls))
         .await
         .unwrap();
-    let (csr, key) = trust_bundle::certificate_request(id).unwrap();
+    let (csr, key) = fedmesh_trust::certificate_request(id).unwrap();
     let resp = DiscoveryClient::new(channel)
         .certify(pb::CertifyRequest {
             csr_der: csr,
@@ -155,14 +155,14 @@ impl Stream {
     async fn open(c: &Cluster, svid: Svid, version: &str) -> Result<Self, tonic::Status> {
         let (_tx, svid_rx) = watch::channel(Arc::new(svid));
         std::mem::forget(_tx);
-        let tls = trust_bundle::client_config(
+        let tls = fedmesh_trust::client_config(
             svid_rx,
             own_bundles(c),
             Arc::new(AllowAnyVerified),
             &[b"h2"],
         )
         .unwrap();
-        let channel = discovery::channel(c.controller.discovery_addr, Arc::new(tls))
+        let channel = fedmesh_discovery::channel(c.controller.discovery_addr, Arc::new(tls))
             .await
             .unwrap();
         let (requests, rx) = mpsc::channel(8);
@@ -350,13 +350,13 @@ async fn certify_signs_only_what_the_token_allows_and_discovery_needs_an_svid() 
     assert!(err.message().contains("sa/admin"), "{}", err.message());
 
     // Discovery without a client certificate is refused.
-    let tls = trust_bundle::client_config_without_svid(
+    let tls = fedmesh_trust::client_config_without_svid(
         own_bundles(&b),
         Arc::new(AllowAnyVerified),
         &[b"h2"],
     )
     .unwrap();
-    let channel = discovery::channel(b.controller.discovery_addr, Arc::new(tls))
+    let channel = fedmesh_discovery::channel(b.controller.discovery_addr, Arc::new(tls))
         .await
         .unwrap();
     let (_tx, rx) = mpsc::channel(1);

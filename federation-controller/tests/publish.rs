@@ -6,10 +6,10 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use federation_controller::publish::{self, PublishStats};
 use fedmesh_api::{
     AliveRecord, Endpoint, ExportSummary, KeySpace, LocalService, LocalServices, ServiceKey,
 };
+use fedmesh_controller::publish::{self, PublishStats};
 use fedmesh_test_support::{Etcd, eventually};
 use tokio::sync::watch;
 

@@ -4,8 +4,8 @@
 
 use std::time::Duration;
 
-use federation_controller::registry::{DiscoverySource, FileRegistry};
 use fedmesh_api::ServiceKey;
+use fedmesh_controller::registry::{DiscoverySource, FileRegistry};
 use fedmesh_test_support::eventually;
 
 fn doc(healthy: bool) -> String {

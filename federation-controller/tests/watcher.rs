@@ -9,9 +9,9 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use etcd_client::{Client, ConnectOptions};
-use federation_controller::view::GlobalView;
-use federation_controller::watcher::{self, WatchStats, WatcherConfig};
 use fedmesh_api::KeySpace;
+use fedmesh_controller::view::GlobalView;
+use fedmesh_controller::watcher::{self, WatchStats, WatcherConfig};
 use fedmesh_test_support::{Etcd, TcpRelay, eventually};
 use tokio::sync::watch;
 

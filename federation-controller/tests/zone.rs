@@ -6,12 +6,12 @@ use std::collections::BTreeMap;
 use std::time::SystemTime;
 
 use etcd_client::{Client, ConnectOptions};
-use federation_controller::zone::cluster_role;
-use federation_controller::{GlobalZone, RegisterOutcome, ZoneError};
 use fedmesh_api::{ClusterRecord, KeySpace};
+use fedmesh_controller::zone::cluster_role;
+use fedmesh_controller::{GlobalZone, RegisterOutcome, ZoneError};
 use fedmesh_test_support::{Etcd, EtcdOptions};
+use fedmesh_trust::{Bundle, CaOptions, ClusterCa, TrustDomain};
 use time::OffsetDateTime;
-use trust_bundle::{Bundle, CaOptions, ClusterCa, TrustDomain};
 
 fn record(name: &str, td: &str) -> ClusterRecord {
     ClusterRecord {

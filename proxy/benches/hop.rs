@@ -12,12 +12,11 @@
 //! rounds of `SECS` seconds each; the report gives each path's median p50
 //! and p99 over the rounds, and what each hop adds to the direct path.
 //!
-//! `cargo bench -p proxy --bench hop` (`SECS=5 ROUNDS=3 RATE=1000 CONNS=32`).
+//! `cargo bench -p fedmesh-proxy --bench hop` (`SECS=5 ROUNDS=3 RATE=1000 CONNS=32`).
 
 #![allow(clippy::unwrap_used)]
 
-#[path = "../tests/support/mod.rs"]
-mod support;
+use fedmesh_testbed::proxy as support;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use fedmesh_api::{ListedEndpoint, LocalService, ServiceKey, validate_label};
 use fedmesh_discovery::ControllerAccess;
+use fedmesh_trust::{Bundle, BundleSet, SpiffeId, Svid, TrustDomain};
 use serde::Deserialize;
-use trust_bundle::{Bundle, BundleSet, SpiffeId, Svid, TrustDomain};
 
 use crate::balancer::BalancerPolicy;
 use crate::budget::BudgetPolicy;

@@ -46,10 +46,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use fedmesh_trust::{AllowIds, BundleSet, SpiffeId, Svid};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use trust_bundle::{AllowIds, BundleSet, SpiffeId, Svid};
 
 use crate::config::Common;
 use crate::metrics::Metrics;
@@ -134,11 +134,11 @@ impl Proxy {
         let me = &common.me;
         let egress_id = SpiffeId::gateway(&me.trust_domain, &me.cluster)
             .map_err(|e| StartError::Tls(e.to_string()))?;
-        let tls = trust_bundle::client_config(
+        let tls = fedmesh_trust::client_config(
             svid,
             bundles,
             Arc::new(AllowIds::one(egress_id)),
-            &[trust_bundle::tls::ALPN_TUNNEL],
+            &[fedmesh_trust::tls::ALPN_TUNNEL],
         )
         .map_err(|e| StartError::Tls(e.to_string()))?;
         let connector = Connector::new(

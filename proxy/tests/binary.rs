@@ -4,7 +4,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod support;
+use fedmesh_testbed::proxy as support;
 
 use std::time::Duration;
 

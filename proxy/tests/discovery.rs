@@ -7,20 +7,20 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod support;
+use fedmesh_testbed::proxy as support;
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use fedmesh_discovery::{ClientPolicy, ControllerAccess, Discovered};
 use fedmesh_proto::discovery::v1::Scope;
+use fedmesh_proxy::Proxy;
+use fedmesh_proxy::config::{Common, Listen, Settings};
+use fedmesh_proxy::table::Table;
 use fedmesh_test_support::{Etcd, eventually};
-use proxy::Proxy;
-use proxy::config::{Common, Listen, Settings};
-use proxy::table::Table;
+use fedmesh_trust::{BundleSet, SpiffeId};
 use support::gw::sites::{ALIVE_TTL, WEB_TOKEN, policy, set_service, site};
 use support::{Backend, Load, get, me};
-use trust_bundle::{BundleSet, SpiffeId};
 
 const CART: &str = "cart.shop";
 
@@ -50,7 +50,7 @@ async fn discovery_proxy_in(
         let here = here.clone();
         let policy = ClientPolicy { scope, ..policy() };
         fedmesh_discovery::start(access, bootstrap, policy, move |m, _| {
-            let specs = proxy::discovered::services(&here.cluster, m, &Default::default())?;
+            let specs = fedmesh_proxy::discovered::services(&here.cluster, m, &Default::default())?;
             Ok(Table::build(&here.cluster, &here.locality, &specs))
         })
         .await
@@ -66,7 +66,7 @@ async fn discovery_proxy_in(
         gateways: vec![site.gateway.egress_addr().unwrap()],
         settings: Settings::default(),
     };
-    let extras = proxy::Extras {
+    let extras = fedmesh_proxy::Extras {
         on_demand: (scope == Scope::Listed).then(|| discovered.on_demand.clone()),
         ..Default::default()
     };

@@ -5,13 +5,13 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod support;
+use fedmesh_testbed::proxy as support;
 
 use std::time::Duration;
 
 use fedmesh_api::ServiceKey;
-use proxy::config::{OutlierSettings, Settings};
-use proxy::table::{RemoteCluster, ServiceSpec};
+use fedmesh_proxy::config::{OutlierSettings, Settings};
+use fedmesh_proxy::table::{RemoteCluster, ServiceSpec};
 use support::gw::{Domain, bundles, export, start_gateway};
 use support::{Backend, Load, get, start_proxy, update};
 use tokio::time::Instant;
@@ -262,7 +262,7 @@ async fn two_services_of_one_remote_cluster_never_share_a_tunnel() {
     assert!(proxy.idle_connections() >= 2, "both tunnels were pooled");
 }
 
-fn scrape(p: &proxy::Proxy) -> String {
+fn scrape(p: &fedmesh_proxy::Proxy) -> String {
     let mut reg = prometheus_client::registry::Registry::default();
     p.metrics.register(&mut reg);
     let mut out = String::new();
@@ -313,7 +313,7 @@ async fn a_tunnel_that_dies_with_its_gateway_is_retried_on_a_fresh_path() {
     rg.peers.extend([aws.as_peer(vec![])]);
     export(&mut rg, "shop/cart", 8080, &[(backend, "az1")]);
     // gw1 cuts its live streams almost at once when it shuts down.
-    let quick = east_west_gateway::Settings {
+    let quick = fedmesh_gateway::Settings {
         drain_timeout: Duration::from_millis(10),
         ..Default::default()
     };

@@ -4,7 +4,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod support;
+use fedmesh_testbed::proxy as support;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -13,12 +13,12 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use fedmesh_api::ServiceKey;
+use fedmesh_proxy::config::{Common, Listen, Settings, TcpListen};
+use fedmesh_proxy::table::{ServiceSpec, Table};
 use fedmesh_test_support::eventually;
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::Request;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use proxy::config::{Common, Listen, Settings, TcpListen};
-use proxy::table::{ServiceSpec, Table};
 use support::gw::{Domain, Echo, bundles};
 use support::{Backend, get, start_proxy};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -316,7 +316,9 @@ async fn a_tcp_listener_fails_over_at_connect_time() {
     let (_t, table) = watch::channel(Arc::new(table));
     let (_s, svid) = watch::channel(Arc::new(d.workload_svid("shop", "web")));
     let (_b, b) = watch::channel(Arc::new(bundles(&[&d])));
-    let p = proxy::Proxy::start(&common, table, svid, b).await.unwrap();
+    let p = fedmesh_proxy::Proxy::start(&common, table, svid, b)
+        .await
+        .unwrap();
     for i in 0..10 {
         let mut s = TcpStream::connect(p.tcp[0]).await.unwrap();
         let msg = format!("query {i}");

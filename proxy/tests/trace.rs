@@ -4,13 +4,15 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod support;
+use fedmesh_testbed::proxy as support;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
 use fedmesh_api::ServiceKey;
+use fedmesh_proxy::config::{Common, Listen, Settings};
+use fedmesh_proxy::table::{ServiceSpec, Table};
 use fedmesh_test_support::eventually;
 use http_body_util::{BodyExt, Empty};
 use hyper::Request;
@@ -23,8 +25,6 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
 use opentelemetry_proto::tonic::trace::v1::Span;
-use proxy::config::{Common, Listen, Settings};
-use proxy::table::{ServiceSpec, Table};
 use support::gw::{Domain, bundles};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -95,7 +95,7 @@ async fn a_request_is_a_span_under_the_callers_trace_and_the_backends_parent() {
         }
     });
 
-    let provider = proxy::trace::otlp(&otlp, "fedmesh-proxy").unwrap();
+    let provider = fedmesh_proxy::trace::otlp(&otlp, "fedmesh-proxy").unwrap();
     let common = Common {
         me: support::me(&d, "az1"),
         listen: Listen {
@@ -120,12 +120,12 @@ async fn a_request_is_a_span_under_the_callers_trace_and_the_backends_parent() {
     let (_t, table) = watch::channel(Arc::new(Table::build("aws", &common.me.locality, &[spec])));
     let (_s, svid) = watch::channel(Arc::new(d.workload_svid("shop", "web")));
     let (_b, b) = watch::channel(Arc::new(bundles(&[&d])));
-    let p = proxy::Proxy::start_with(
+    let p = fedmesh_proxy::Proxy::start_with(
         &common,
         table,
         svid,
         b,
-        proxy::Extras {
+        fedmesh_proxy::Extras {
             tracer: Some(provider.tracer("test")),
             ..Default::default()
         },

@@ -6,25 +6,25 @@
 //! aws identity is refused. Finally aws rotates its CA under continuous
 //! handshakes, and the demo counts failures (there should be none).
 //!
-//! Run: `scripts/main.sh` (or `cargo run -p trust-bundle --example federation`).
+//! Run: `scripts/main.sh` (or `cargo run -p fedmesh-trust --example federation`).
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, bail};
+use fedmesh_trust::tls::ALPN_TUNNEL;
+use fedmesh_trust::{
+    AllowAnyVerified, Authority, Bundle, BundleSet, CaOptions, ClusterCa, RotationPhase,
+    RotationPolicy, SpiffeId, SvidPolicy, TrustDomain,
+};
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
-use trust_bundle::tls::ALPN_TUNNEL;
-use trust_bundle::{
-    AllowAnyVerified, Authority, Bundle, BundleSet, CaOptions, ClusterCa, RotationPhase,
-    RotationPolicy, SpiffeId, SvidPolicy, TrustDomain,
-};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    trust_bundle::install_default_provider();
+    fedmesh_trust::install_default_provider();
     let state = tempfile::Builder::new().prefix("fedmesh-demo-").tempdir()?;
     let now = SystemTime::now();
     // Short lifetimes so that a whole rotation fits in a few seconds.
@@ -76,13 +76,13 @@ async fn main() -> anyhow::Result<()> {
     let gw = SpiffeId::parse("spiffe://gcp.fedmesh.demo/fedmesh/gateway/gcp-1")?;
     let (client_svid_tx, client_svid) = watch::channel(Arc::new(issue(&aws, &web)?));
     let (server_svid_tx, server_svid) = watch::channel(Arc::new(issue(&gcp, &gw)?));
-    let server_cfg = Arc::new(trust_bundle::server_config(
+    let server_cfg = Arc::new(fedmesh_trust::server_config(
         server_svid,
         bundles_rx.clone(),
         Arc::new(AllowAnyVerified),
         &[ALPN_TUNNEL],
     )?);
-    let client_cfg = Arc::new(trust_bundle::client_config(
+    let client_cfg = Arc::new(fedmesh_trust::client_config(
         client_svid,
         bundles_rx.clone(),
         Arc::new(AllowAnyVerified),
@@ -183,14 +183,14 @@ fn poisoned<T>(_: T) -> anyhow::Error {
     anyhow::anyhow!("authority lock poisoned")
 }
 
-fn issue(a: &Mutex<Authority>, id: &SpiffeId) -> anyhow::Result<trust_bundle::Svid> {
+fn issue(a: &Mutex<Authority>, id: &SpiffeId) -> anyhow::Result<fedmesh_trust::Svid> {
     Ok(a.lock().map_err(poisoned)?.issue(id, SystemTime::now())?)
 }
 
 fn renew_if_due(
     a: &Mutex<Authority>,
     id: &SpiffeId,
-    tx: &watch::Sender<Arc<trust_bundle::Svid>>,
+    tx: &watch::Sender<Arc<fedmesh_trust::Svid>>,
     now: SystemTime,
 ) -> anyhow::Result<()> {
     if tx.borrow().renew_at() <= now {
@@ -240,7 +240,7 @@ async fn handshake(
         .await
         .context("server closed the connection")?;
     let conn = tls.get_ref().1;
-    let id = trust_bundle::peer_spiffe_id(conn.peer_certificates()).context("no peer ID")?;
+    let id = fedmesh_trust::peer_spiffe_id(conn.peer_certificates()).context("no peer ID")?;
     let group = conn
         .negotiated_key_exchange_group()
         .map(|g| format!("{:?}", g.name()))

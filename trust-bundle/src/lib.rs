@@ -14,10 +14,10 @@
 //! ```
 //! use std::{sync::Arc, time::SystemTime};
 //! use tokio::sync::watch;
-//! use trust_bundle::*;
+//! use fedmesh_trust::*;
 //!
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! trust_bundle::install_default_provider(); // first thing in main
+//! fedmesh_trust::install_default_provider(); // first thing in main
 //! let td = TrustDomain::new("aws.example")?;
 //! let ca = ClusterCa::generate(&td, &CaOptions::default(), SystemTime::now())?;
 //! let id = SpiffeId::gateway(&td, "aws-use1")?;

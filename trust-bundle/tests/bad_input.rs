@@ -5,7 +5,7 @@
 
 use std::time::SystemTime;
 
-use trust_bundle::{Bundle, CaOptions, ClusterCa, SpiffeId, Svid, SvidPolicy, TrustDomain};
+use fedmesh_trust::{Bundle, CaOptions, ClusterCa, SpiffeId, Svid, SvidPolicy, TrustDomain};
 
 /// Deterministic bit flips: (byte index, bit) pairs spread over the input.
 fn flips(len: usize) -> impl Iterator<Item = (usize, u8)> {
@@ -79,12 +79,12 @@ fn truncated_or_corrupted_svids_are_errors() {
     let leaf = svid.leaf().as_ref().to_vec();
     for n in 0..leaf.len() {
         assert!(
-            trust_bundle::svid::parse_leaf(&leaf[..n]).is_err(),
+            fedmesh_trust::svid::parse_leaf(&leaf[..n]).is_err(),
             "truncated at {n}"
         );
     }
     for m in mutations(&leaf) {
-        let _ = trust_bundle::svid::parse_leaf(&m);
+        let _ = fedmesh_trust::svid::parse_leaf(&m);
     }
     let (chain, key) = (svid.chain_pem(), svid.key_pem());
     for m in mutations(chain.as_bytes()) {

@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use common::*;
+use fedmesh_trust::{AllowAnyVerified, AllowIds, AllowTrustDomains, AuthorizeFn, SpiffeId};
 use rustls::CertificateError;
-use trust_bundle::{AllowAnyVerified, AllowIds, AllowTrustDomains, AuthorizeFn, SpiffeId};
 
 fn is_cert_error(e: &rustls::Error, pred: impl Fn(&CertificateError) -> bool) -> bool {
     matches!(e, rustls::Error::InvalidCertificate(c) if pred(c))
@@ -18,8 +18,8 @@ fn is_cert_error(e: &rustls::Error, pred: impl Fn(&CertificateError) -> bool) ->
 struct Fixture {
     aws: Cluster,
     gcp: Cluster,
-    bundles: tokio::sync::watch::Receiver<Arc<trust_bundle::BundleSet>>,
-    _bundles_tx: tokio::sync::watch::Sender<Arc<trust_bundle::BundleSet>>,
+    bundles: tokio::sync::watch::Receiver<Arc<fedmesh_trust::BundleSet>>,
+    _bundles_tx: tokio::sync::watch::Sender<Arc<fedmesh_trust::BundleSet>>,
 }
 
 impl Fixture {

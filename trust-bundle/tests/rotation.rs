@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime};
 
 use common::*;
 use fedmesh_test_support::eventually;
-use trust_bundle::{
+use fedmesh_trust::{
     AllowAnyVerified, Authority, BundleSet, CaOptions, Clock, ClusterCa, RenewError, RenewalPolicy,
     RotationPhase, RotationPolicy, SpiffeId, Svid, SvidPolicy, SvidSource, SystemClock,
     spawn_renewer,
@@ -91,7 +91,7 @@ fn authority(
     rotation: RotationPolicy,
     now: SystemTime,
 ) -> Arc<Mutex<Authority>> {
-    let td = trust_bundle::TrustDomain::new(td).unwrap();
+    let td = fedmesh_trust::TrustDomain::new(td).unwrap();
     let ca = ClusterCa::generate(&td, &CaOptions::default(), now).unwrap();
     Arc::new(Mutex::new(Authority::new(ca, svid, rotation, now)))
 }

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use fedmesh_api::ServiceKey;
 use fedmesh_proto::tunnel::v1::{TunnelAccept, TunnelOpen, tunnel_accept::Status};
+use fedmesh_trust::SpiffeId;
 use prost::Message;
-use trust_bundle::SpiffeId;
 
 /// The largest frame body a peer may send (§3.3): 16 KiB.
 pub const MAX_FRAME: usize = 16 * 1024;

@@ -11,11 +11,11 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use east_west_gateway::config::GatewayConfig;
-use east_west_gateway::{Gateway, GatewayOptions, Metrics, StaticConfig, discovered};
 use fedmesh_discovery::Discovered;
+use fedmesh_gateway::config::GatewayConfig;
+use fedmesh_gateway::{Gateway, GatewayOptions, Metrics, StaticConfig, discovered};
+use fedmesh_trust::{BundleSet, Svid};
 use tokio::sync::watch;
-use trust_bundle::{BundleSet, Svid};
 
 #[derive(Parser)]
 #[command(version, about = "fedmesh east-west gateway")]
@@ -33,7 +33,7 @@ fn humantime_parse(s: &str) -> Result<Duration, String> {
 }
 
 fn main() -> ExitCode {
-    trust_bundle::install_default_provider();
+    fedmesh_trust::install_default_provider();
     // Logs go to stderr; stdout carries only the one "listening" line.
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
@@ -136,7 +136,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
 #[allow(dead_code)] // Held only for its Drop.
 enum Source {
     File(AbortOnDrop),
-    Controller(Discovered<east_west_gateway::Routes>),
+    Controller(Discovered<fedmesh_gateway::Routes>),
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
@@ -152,11 +152,8 @@ impl Drop for AbortOnDrop {
 async fn reload(
     path: PathBuf,
     every: Duration,
-    fixed: (
-        east_west_gateway::config::Listen,
-        east_west_gateway::Settings,
-    ),
-    routes: watch::Sender<Arc<east_west_gateway::Routes>>,
+    fixed: (fedmesh_gateway::config::Listen, fedmesh_gateway::Settings),
+    routes: watch::Sender<Arc<fedmesh_gateway::Routes>>,
     svid: watch::Sender<Arc<Svid>>,
     bundles: watch::Sender<Arc<BundleSet>>,
 ) {

@@ -7,10 +7,10 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use etcd_client::{Client, Txn, TxnOp};
-use federation_controller::GlobalZone;
-use federation_controller::join::{EtcdAccess, JoinDir};
 use fedmesh_api::{ClusterRecord, Endpoint, KeySpace, LocalService, LocalServices, ServiceKey};
-use trust_bundle::{Bundle, CaOptions, ClusterCa, TrustDomain};
+use fedmesh_controller::GlobalZone;
+use fedmesh_controller::join::{EtcdAccess, JoinDir};
+use fedmesh_trust::{Bundle, CaOptions, ClusterCa, TrustDomain};
 
 pub fn record(name: &str, n: usize) -> ClusterRecord {
     ClusterRecord {

@@ -10,10 +10,10 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use federation_controller::controller::{Controller, ControllerConfig, LocalSource};
-use federation_controller::join::JoinDir;
+use fedmesh_controller::controller::{Controller, ControllerConfig, LocalSource};
+use fedmesh_controller::join::JoinDir;
+use fedmesh_trust::SpiffeId;
 use serde::Deserialize;
-use trust_bundle::SpiffeId;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -77,7 +77,7 @@ fn load_tokens(path: &Path) -> anyhow::Result<HashMap<String, SpiffeId>> {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    trust_bundle::install_default_provider();
+    fedmesh_trust::install_default_provider();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),

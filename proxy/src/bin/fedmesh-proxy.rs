@@ -10,11 +10,11 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use proxy::Proxy;
-use proxy::config::{AccessLog, Me, ProxyConfig, StaticConfig};
-use proxy::table::Table;
+use fedmesh_proxy::Proxy;
+use fedmesh_proxy::config::{AccessLog, Me, ProxyConfig, StaticConfig};
+use fedmesh_proxy::table::Table;
+use fedmesh_trust::{BundleSet, Svid};
 use tokio::sync::watch;
-use trust_bundle::{BundleSet, Svid};
 
 #[derive(Parser)]
 #[command(version, about = "fedmesh local proxy")]
@@ -37,7 +37,7 @@ fn humantime_parse(s: &str) -> Result<Duration, String> {
 }
 
 fn main() -> ExitCode {
-    trust_bundle::install_default_provider();
+    fedmesh_trust::install_default_provider();
     let args = Args::parse();
     // The log format follows `settings.accessLog`, so the file is read
     // before logging starts; its errors go to stderr as plain text.
@@ -121,7 +121,7 @@ async fn run(args: Args, config: ProxyConfig) -> anyhow::Result<()> {
                 c.bootstrap.clone(),
                 policy,
                 move |m, _| {
-                    let specs = proxy::discovered::services(&me.cluster, m, &failover)?;
+                    let specs = fedmesh_proxy::discovered::services(&me.cluster, m, &failover)?;
                     Ok(Table::build(&me.cluster, &me.locality, &specs))
                 },
             )
@@ -136,7 +136,8 @@ async fn run(args: Args, config: ProxyConfig) -> anyhow::Result<()> {
     };
     let provider = match &common.settings.otlp_endpoint {
         Some(endpoint) => {
-            let p = proxy::trace::otlp(endpoint, "fedmesh-proxy").map_err(anyhow::Error::msg)?;
+            let p = fedmesh_proxy::trace::otlp(endpoint, "fedmesh-proxy")
+                .map_err(anyhow::Error::msg)?;
             tracing::info!(%endpoint, "exporting traces over OTLP");
             Some(p)
         }
@@ -146,7 +147,7 @@ async fn run(args: Args, config: ProxyConfig) -> anyhow::Result<()> {
         use opentelemetry::trace::TracerProvider as _;
         p.tracer("fedmesh-proxy")
     });
-    let extras = proxy::Extras {
+    let extras = fedmesh_proxy::Extras {
         tracer,
         discovery,
         on_demand,

@@ -243,8 +243,8 @@ impl Forward<'_> {
         let started = Instant::now();
         let (mut tx, reused) = match self.sender(t, now).await {
             Ok(s) => s,
-            Err(Opened::Overloaded(reason)) => return Step::Overloaded(reason),
-            Err(Opened::Failed(e)) => {
+            Err(NoSender::Overloaded(reason)) => return Step::Overloaded(reason),
+            Err(NoSender::Failed(e)) => {
                 // Never reached the target: always safe to go elsewhere.
                 let e = AttemptError::Connect(e);
                 self.failed(&t.target, &e);
@@ -353,7 +353,7 @@ impl Forward<'_> {
         &self,
         t: &Try<TargetKey>,
         now: Instant,
-    ) -> Result<(SendRequest<Body>, bool), Opened> {
+    ) -> Result<(SendRequest<Body>, bool), NoSender> {
         let key = (self.svc.key.clone(), t.target.clone());
         if !t.fresh_connection
             && let Some(tx) = self.shared.pool.take(&key)
@@ -364,7 +364,7 @@ impl Forward<'_> {
             .state
             .breakers
             .connection()
-            .map_err(|trip| Opened::Overloaded(trip.reason()))?;
+            .map_err(|trip| NoSender::Overloaded(trip.reason()))?;
         let ask = TunnelAsk {
             service: &self.svc.key,
             port: self.svc.port,
@@ -376,12 +376,12 @@ impl Forward<'_> {
             .connector
             .connect(&t.target, &ask)
             .await
-            .map_err(Opened::Failed)?;
+            .map_err(NoSender::Failed)?;
         let (tx, conn) = hyper::client::conn::http1::Builder::new()
             .handshake(TokioIo::new(io))
             .await
             .map_err(|e| {
-                Opened::Failed(ConnectError::Unreachable {
+                NoSender::Failed(ConnectError::Unreachable {
                     target: t.target.to_string(),
                     message: e.to_string(),
                 })
@@ -426,7 +426,7 @@ impl Forward<'_> {
     }
 }
 
-enum Opened {
+enum NoSender {
     Overloaded(&'static str),
     Failed(ConnectError),
 }

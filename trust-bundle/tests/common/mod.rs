@@ -7,6 +7,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use fedmesh_trust::{
+    Authorizer, BundleSet, CaOptions, ClusterCa, SpiffeId, Svid, SvidPolicy, TrustDomain,
+};
 use rcgen::{
     CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
@@ -15,9 +18,6 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
-use trust_bundle::{
-    Authorizer, BundleSet, CaOptions, ClusterCa, SpiffeId, Svid, SvidPolicy, TrustDomain,
-};
 
 pub struct Cluster {
     pub td: TrustDomain,
@@ -41,8 +41,8 @@ impl Cluster {
             .unwrap()
     }
 
-    pub fn bundle(&self) -> trust_bundle::Bundle {
-        trust_bundle::Bundle::with_roots(self.td.clone(), [self.ca.cert_der().clone()])
+    pub fn bundle(&self) -> fedmesh_trust::Bundle {
+        fedmesh_trust::Bundle::with_roots(self.td.clone(), [self.ca.cert_der().clone()])
     }
 }
 
@@ -133,11 +133,11 @@ pub fn server(
     authz: Arc<dyn Authorizer>,
 ) -> Arc<ServerConfig> {
     Arc::new(
-        trust_bundle::server_config(
+        fedmesh_trust::server_config(
             svid.clone(),
             bundles.clone(),
             authz,
-            &[trust_bundle::tls::ALPN_TUNNEL],
+            &[fedmesh_trust::tls::ALPN_TUNNEL],
         )
         .unwrap(),
     )
@@ -149,11 +149,11 @@ pub fn client(
     authz: Arc<dyn Authorizer>,
 ) -> Arc<ClientConfig> {
     Arc::new(
-        trust_bundle::client_config(
+        fedmesh_trust::client_config(
             svid.clone(),
             bundles.clone(),
             authz,
-            &[trust_bundle::tls::ALPN_TUNNEL],
+            &[fedmesh_trust::tls::ALPN_TUNNEL],
         )
         .unwrap(),
     )
@@ -161,7 +161,7 @@ pub fn client(
 
 /// A server presenting `forged`, requiring no client certificate.
 pub fn forged_server(forged: &Forged) -> Arc<ServerConfig> {
-    let cfg = ServerConfig::builder_with_provider(trust_bundle::crypto_provider())
+    let cfg = ServerConfig::builder_with_provider(fedmesh_trust::crypto_provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .unwrap()
         .with_no_client_auth()
@@ -176,12 +176,12 @@ pub fn forged_client(
     bundles: &watch::Receiver<Arc<BundleSet>>,
 ) -> Arc<ClientConfig> {
     let verifier =
-        trust_bundle::verify::SpiffeServerVerifier(trust_bundle::verify::SpiffeVerifier::new(
+        fedmesh_trust::verify::SpiffeServerVerifier(fedmesh_trust::verify::SpiffeVerifier::new(
             bundles.clone(),
-            Arc::new(trust_bundle::AllowAnyVerified),
-            trust_bundle::crypto_provider().signature_verification_algorithms,
+            Arc::new(fedmesh_trust::AllowAnyVerified),
+            fedmesh_trust::crypto_provider().signature_verification_algorithms,
         ));
-    let cfg = ClientConfig::builder_with_provider(trust_bundle::crypto_provider())
+    let cfg = ClientConfig::builder_with_provider(fedmesh_trust::crypto_provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .unwrap()
         .dangerous()
@@ -236,7 +236,7 @@ pub async fn connect_at(
         }
         let _ = tls.write_all(b"pong").await;
         let _ = tls.shutdown().await;
-        Ok(trust_bundle::peer_spiffe_id(
+        Ok(fedmesh_trust::peer_spiffe_id(
             tls.get_ref().1.peer_certificates(),
         ))
     });
@@ -258,7 +258,7 @@ pub async fn connect_at(
         let mut buf = [0u8; 4];
         tls.read_exact(&mut buf).await.map_err(|e| e.to_string())?;
         Ok::<_, String>((
-            trust_bundle::peer_spiffe_id(tls.get_ref().1.peer_certificates()),
+            fedmesh_trust::peer_spiffe_id(tls.get_ref().1.peer_certificates()),
             group,
             leaf,
         ))

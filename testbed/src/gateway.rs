@@ -1,31 +1,29 @@
-//! Fixtures for gateway tests and benches: per-cluster CAs and SVIDs, real
-//! gateways on their cluster's loopback block (127.0.<n>.x), echo backends,
-//! and a minimal local proxy that opens tunnels through an egress. The
-//! proxy's tests include this file too (by path), for real gateways.
-#![allow(dead_code, clippy::unwrap_used)]
+//! Gateway fixtures: per-cluster CAs and SVIDs, real gateways on their
+//! cluster's loopback block (127.0.<n>.x), echo backends, and a minimal
+//! local proxy that opens tunnels through an egress.
 
-pub mod sites;
+pub use crate::sites;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::SystemTime;
 
-use east_west_gateway::routes::{ExportedService, Peer};
-use east_west_gateway::splice::{read_frame, write_frame};
-use east_west_gateway::{Gateway, GatewayOptions, Metrics, Routes, Settings};
 use fedmesh_api::{Endpoint, ServiceKey};
+use fedmesh_gateway::routes::{ExportedService, Peer};
+use fedmesh_gateway::splice::{read_frame, write_frame};
+use fedmesh_gateway::{Gateway, GatewayOptions, Metrics, Routes, Settings};
 use fedmesh_proto::tunnel::v1::tunnel_accept::Status;
 use fedmesh_proto::tunnel::v1::{TunnelAccept, TunnelOpen};
+use fedmesh_trust::tls::ALPN_TUNNEL;
+use fedmesh_trust::{
+    AllowIds, Bundle, BundleSet, CaOptions, ClusterCa, SpiffeId, Svid, SvidPolicy, TrustDomain,
+};
 use rustls_pki_types::ServerName;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_rustls::client::TlsStream;
-use trust_bundle::tls::ALPN_TUNNEL;
-use trust_bundle::{
-    AllowIds, Bundle, BundleSet, CaOptions, ClusterCa, SpiffeId, Svid, SvidPolicy, TrustDomain,
-};
 
 /// One simulated cluster: its name, trust domain, CA and loopback block.
 pub struct Domain {
@@ -37,7 +35,7 @@ pub struct Domain {
 
 impl Domain {
     pub fn new(cluster: &str, td: &str, block: u8) -> Self {
-        trust_bundle::install_default_provider();
+        fedmesh_trust::install_default_provider();
         init_tracing();
         let td = TrustDomain::new(td).unwrap();
         let ca = ClusterCa::generate(&td, &CaOptions::default(), SystemTime::now()).unwrap();
@@ -274,7 +272,7 @@ pub fn proxy_tls(svid: Svid, bundles: BundleSet, egress_of: &Domain) -> Arc<rust
     let (_s, svid) = watch::channel(Arc::new(svid));
     let (_b, bundles) = watch::channel(Arc::new(bundles));
     let authz = Arc::new(AllowIds::one(egress_of.gateway_id()));
-    Arc::new(trust_bundle::client_config(svid, bundles, authz, &[ALPN_TUNNEL]).unwrap())
+    Arc::new(fedmesh_trust::client_config(svid, bundles, authz, &[ALPN_TUNNEL]).unwrap())
 }
 
 pub fn open_msg(service: &str, port: u32, target: &str) -> TunnelOpen {
@@ -433,12 +431,7 @@ impl GatewayProcess {
     /// Starts `fedmesh-gateway --config <config>`; returns once it listens.
     pub async fn start(config: &std::path::Path) -> Self {
         use tokio::io::AsyncBufReadExt;
-        // Other crates' tests share this file; only the gateway's own have
-        // the binary built.
-        let Some(bin) = option_env!("CARGO_BIN_EXE_fedmesh-gateway") else {
-            panic!("gateway processes are started only by the gateway's own tests");
-        };
-        let mut child = tokio::process::Command::new(bin)
+        let mut child = tokio::process::Command::new(crate::binary("fedmesh-gateway"))
             .arg("--config")
             .arg(config)
             .stdout(std::process::Stdio::piped())

@@ -1,11 +1,8 @@
-//! Fixtures for proxy tests: HTTP echo backends that say where they run,
-//! proxies in this process fed a table the test controls, and a bounded
-//! GET load that records every answer. Real gateways come from the
-//! gateway's own fixtures, included by path.
-#![allow(dead_code, clippy::unwrap_used)]
+//! Proxy fixtures: HTTP echo backends that say where they run, proxies in
+//! this process fed a table the test controls, and a bounded GET load that
+//! records every answer. Real gateways come from [`crate::gateway`].
 
-#[path = "../../../east-west-gateway/tests/support/mod.rs"]
-pub mod gw;
+pub use crate::gateway as gw;
 
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
@@ -14,18 +11,18 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use fedmesh_proxy::Proxy;
+use fedmesh_proxy::config::{Common, Listen, Me, Settings};
+use fedmesh_proxy::locality::Locality;
+use fedmesh_proxy::table::{ServiceSpec, Table};
+use fedmesh_trust::{BundleSet, Svid};
 use http_body_util::{BodyExt, Full};
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
-use proxy::Proxy;
-use proxy::config::{Common, Listen, Me, Settings};
-use proxy::locality::Locality;
-use proxy::table::{ServiceSpec, Table};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
-use trust_bundle::{BundleSet, Svid};
 
 /// An HTTP/1.1 echo backend: answers every request with
 /// `{"cluster":…,"zone":…,"service":…}`. `stop` kills it (listener and
@@ -355,7 +352,7 @@ impl ProxyProcess {
     /// Starts it on `config` with `RUST_LOG=rust_log`; stderr is piped.
     pub async fn start(config: &Path, rust_log: &str) -> Self {
         use tokio::io::AsyncBufReadExt;
-        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_fedmesh-proxy"))
+        let mut child = tokio::process::Command::new(crate::binary("fedmesh-proxy"))
             .arg("--config")
             .arg(config)
             .env("RUST_LOG", rust_log)

@@ -7,19 +7,19 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use east_west_gateway::config::{DiscoveryConfig, Listen};
-use east_west_gateway::discovered::{self, Local};
-use east_west_gateway::{Gateway, GatewayOptions, Metrics, Routes, Settings};
-use federation_controller::GlobalZone;
-use federation_controller::controller::{Controller, ControllerConfig, LocalSource};
-use federation_controller::join::{EtcdAccess, JoinDir};
 use fedmesh_api::{ClusterRecord, Endpoint, KeySpace, LocalService, LocalServices, ServiceKey};
+use fedmesh_controller::GlobalZone;
+use fedmesh_controller::controller::{Controller, ControllerConfig, LocalSource};
+use fedmesh_controller::join::{EtcdAccess, JoinDir};
 use fedmesh_discovery::{ClientPolicy, ControllerAccess, Discovered};
+use fedmesh_gateway::config::{DiscoveryConfig, Listen};
+use fedmesh_gateway::discovered::{self, Local};
+use fedmesh_gateway::{Gateway, GatewayOptions, Metrics, Routes, Settings};
 use fedmesh_test_support::Etcd;
+use fedmesh_trust::{Bundle, BundleSet, CaOptions, ClusterCa, SpiffeId};
 use tokio::sync::watch;
-use trust_bundle::{Bundle, BundleSet, CaOptions, ClusterCa, SpiffeId};
 
-use super::Domain;
+use crate::gateway::Domain;
 
 /// The `alive` lease of test controllers: etcd's shortest, so a dead
 /// controller's cluster turns unverified within seconds.
