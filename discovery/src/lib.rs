@@ -10,7 +10,6 @@
 //! - [`status`]: the metrics a client shows of its discovery state.
 
 pub mod client;
-pub mod files;
 pub mod state;
 pub mod status;
 

@@ -238,13 +238,8 @@ pub enum GatewayConfig {
 impl GatewayConfig {
     /// Reads `path` and the files it names (relative to its directory).
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let origin = path.display().to_string();
-        let (text, beside) =
-            fedmesh_discovery::files::read_config(path).map_err(|message| ConfigError {
-                origin: origin.clone(),
-                message,
-            })?;
-        Self::parse(&text, &origin, |p| beside.read(p))
+        let (text, beside) = fedmesh_dataplane::files::read_config(path)?;
+        Self::parse(&text, &path.display().to_string(), |p| beside.read(p))
     }
 
     /// Parses a config document; `read` fetches the files it names.
@@ -253,18 +248,15 @@ impl GatewayConfig {
         origin: &str,
         read: impl Fn(&Path) -> Result<Vec<u8>, String>,
     ) -> Result<Self, ConfigError> {
-        let err = |message: String| ConfigError {
-            origin: origin.into(),
-            message,
-        };
-        let f: File = serde_saphyr::from_str(yaml).map_err(|e| err(e.to_string()))?;
+        let err = ConfigError::at(origin);
+        let f: File = fedmesh_dataplane::files::parse_yaml(yaml, origin)?;
         match f.controller {
             Some(_) => discovery(f, &read)
                 .map(|c| GatewayConfig::Discovery(Box::new(c)))
-                .map_err(err),
+                .map_err(&err),
             None => parse_static(f, &read)
                 .map(|c| GatewayConfig::Static(Box::new(c)))
-                .map_err(err),
+                .map_err(&err),
         }
     }
 }
@@ -300,7 +292,7 @@ fn discovery(
         return Err("controller: missing".into());
     };
     let (bootstrap, token) =
-        fedmesh_discovery::files::bootstrap(&td, &c.bundle, &c.join_token_file, read)?;
+        fedmesh_dataplane::files::bootstrap(&td, &c.bundle, &c.join_token_file, read)?;
     let identity = SpiffeId::gateway(&td, &f.cluster).map_err(|e| e.to_string())?;
     let controller = SpiffeId::controller(&td, &f.cluster).map_err(|e| e.to_string())?;
     Ok(DiscoveryConfig {
@@ -322,14 +314,7 @@ fn discovery(
     })
 }
 
-#[derive(Debug, thiserror::Error)]
-#[error("{origin}: {message}")]
-pub struct ConfigError {
-    pub origin: String,
-    /// Names the field (and the YAML line and column, where the parser
-    /// knows them).
-    pub message: String,
-}
+pub use fedmesh_dataplane::ConfigError;
 
 impl StaticConfig {
     /// Reads a static config; a discovery-mode file is an error here.

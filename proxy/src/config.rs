@@ -365,25 +365,13 @@ pub enum ProxyConfig {
     Discovery(Box<DiscoveryConfig>),
 }
 
-#[derive(Debug, thiserror::Error)]
-#[error("{origin}: {message}")]
-pub struct ConfigError {
-    pub origin: String,
-    /// Names the field (and the YAML line and column, where the parser
-    /// knows them).
-    pub message: String,
-}
+pub use fedmesh_dataplane::ConfigError;
 
 impl ProxyConfig {
     /// Reads `path` and the files it names (relative to its directory).
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let origin = path.display().to_string();
-        let (text, beside) =
-            fedmesh_discovery::files::read_config(path).map_err(|message| ConfigError {
-                origin: origin.clone(),
-                message,
-            })?;
-        Self::parse(&text, &origin, |p| beside.read(p))
+        let (text, beside) = fedmesh_dataplane::files::read_config(path)?;
+        Self::parse(&text, &path.display().to_string(), |p| beside.read(p))
     }
 
     /// Parses a config document; `read` fetches the files it names.
@@ -392,19 +380,16 @@ impl ProxyConfig {
         origin: &str,
         read: impl Fn(&Path) -> Result<Vec<u8>, String>,
     ) -> Result<Self, ConfigError> {
-        let err = |message: String| ConfigError {
-            origin: origin.into(),
-            message,
-        };
-        let f: File = serde_saphyr::from_str(yaml).map_err(|e| err(e.to_string()))?;
-        let common = common(&f).map_err(err)?;
+        let err = ConfigError::at(origin);
+        let f: File = fedmesh_dataplane::files::parse_yaml(yaml, origin)?;
+        let common = common(&f).map_err(&err)?;
         match f.controller {
             Some(c) => discovery(common, c, f.identity, f.bundles, f.services, &read)
                 .map(|c| ProxyConfig::Discovery(Box::new(c)))
-                .map_err(err),
+                .map_err(&err),
             None => parse_static(common, f.identity, f.bundles, f.services, &read)
                 .map(|c| ProxyConfig::Static(Box::new(c)))
-                .map_err(err),
+                .map_err(&err),
         }
     }
 
@@ -484,7 +469,7 @@ fn discovery(
     }
     let td = common.me.trust_domain.clone();
     let (bootstrap, token) =
-        fedmesh_discovery::files::bootstrap(&td, &c.bundle, &c.join_token_file, read)?;
+        fedmesh_dataplane::files::bootstrap(&td, &c.bundle, &c.join_token_file, read)?;
     let identity = SpiffeId::workload(&td, &c.namespace, &c.service_account)
         .map_err(|e| format!("controller.namespace / serviceAccount: {e}"))?;
     let controller = SpiffeId::controller(&td, &common.me.cluster).map_err(|e| e.to_string())?;

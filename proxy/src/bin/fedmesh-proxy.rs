@@ -5,16 +5,15 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
+use fedmesh_dataplane::process::{duration_arg, init_logs, shutdown_signal};
+use fedmesh_dataplane::{ConfigSource, Snapshot};
 use fedmesh_proxy::Proxy;
 use fedmesh_proxy::config::{AccessLog, Me, ProxyConfig, StaticConfig};
 use fedmesh_proxy::table::Table;
-use fedmesh_trust::{BundleSet, Svid};
-use tokio::sync::watch;
 
 #[derive(Parser)]
 #[command(version, about = "fedmesh local proxy")]
@@ -28,12 +27,8 @@ struct Args {
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
     threads: u16,
     /// How often a static config is checked for changes.
-    #[arg(long, default_value = "2s", value_parser = humantime_parse)]
+    #[arg(long, default_value = "2s", value_parser = duration_arg)]
     reload_interval: Duration,
-}
-
-fn humantime_parse(s: &str) -> Result<Duration, String> {
-    humantime_serde::re::humantime::parse_duration(s).map_err(|e| e.to_string())
 }
 
 fn main() -> ExitCode {
@@ -48,16 +43,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let logs = tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(filter);
-    if config.common().settings.access_log == AccessLog::Json {
-        logs.json().init();
-    } else {
-        logs.init();
-    }
+    init_logs(config.common().settings.access_log == AccessLog::Json);
     let runtime = match args.threads {
         1 => tokio::runtime::Builder::new_current_thread(),
         n => {
@@ -82,29 +68,14 @@ fn main() -> ExitCode {
 
 async fn run(args: Args, config: ProxyConfig) -> anyhow::Result<()> {
     let common = config.common().clone();
-    // What keeps the table, SVID and bundles current; dropped at shutdown.
-    let (table, svid, bundles, _source, discovery, on_demand) = match config {
+    let (source, on_demand) = match config {
         ProxyConfig::Static(first) => {
-            let first = *first;
-            let t = Table::build(&common.me.cluster, &common.me.locality, &first.services);
-            let (table_tx, table) = watch::channel(Arc::new(t));
-            let (svid_tx, svid) = watch::channel(Arc::new(first.svid));
-            let (bundles_tx, bundles) = watch::channel(Arc::new(first.bundles));
-            let poller = tokio::spawn(reload(
-                args.config.clone(),
-                args.reload_interval,
-                common.me.clone(),
-                table_tx,
-                svid_tx,
-                bundles_tx,
-            ));
+            let me = common.me.clone();
+            let first = snapshot(&me, *first);
+            let load = move |p: &Path| reload(&me, p);
             (
-                table,
-                svid,
-                bundles,
-                Source::File(AbortOnDrop(poller)),
-                None,
-                None,
+                ConfigSource::file(args.config.clone(), args.reload_interval, first, load),
+                false,
             )
         }
         ProxyConfig::Discovery(c) => {
@@ -127,13 +98,12 @@ async fn run(args: Args, config: ProxyConfig) -> anyhow::Result<()> {
             )
             .await
             .context("starting from the controller")?;
-            let (t, s, b) = (d.config.clone(), d.svid.clone(), d.bundles.clone());
-            let status = Some(d.status.clone());
-            let on_demand = (c.scope == fedmesh_proto::discovery::v1::Scope::Listed)
-                .then(|| d.on_demand.clone());
-            (t, s, b, Source::Controller(d), status, on_demand)
+            let listed = c.scope == fedmesh_proto::discovery::v1::Scope::Listed;
+            (ConfigSource::controller(d), listed)
         }
     };
+    // The source keeps the feeds current until it is dropped, at exit.
+    let (source, feeds) = source;
     let provider = match &common.settings.otlp_endpoint {
         Some(endpoint) => {
             let p = fedmesh_proxy::trace::otlp(endpoint, "fedmesh-proxy")
@@ -149,10 +119,10 @@ async fn run(args: Args, config: ProxyConfig) -> anyhow::Result<()> {
     });
     let extras = fedmesh_proxy::Extras {
         tracer,
-        discovery,
-        on_demand,
+        discovery: source.status(),
+        on_demand: source.on_demand().filter(|_| on_demand),
     };
-    let proxy = Proxy::start_with(&common, table, svid, bundles, extras).await?;
+    let proxy = Proxy::start_with(&common, feeds.config, feeds.svid, feeds.bundles, extras).await?;
     let show = |a: Option<std::net::SocketAddr>| a.map_or("-".to_string(), |a| a.to_string());
     let tcp: Vec<String> = proxy.tcp.iter().map(|a| a.to_string()).collect();
     println!(
@@ -161,78 +131,40 @@ async fn run(args: Args, config: ProxyConfig) -> anyhow::Result<()> {
         tcp.join(", "),
         show(proxy.admin)
     );
-
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("installing the SIGTERM handler")?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
+    shutdown_signal().await?;
     tracing::info!("draining");
     proxy.drain().await;
     if let Some(p) = provider {
         // Flushes the last spans; its exports need this runtime's thread.
         let _ = tokio::task::spawn_blocking(move || p.shutdown()).await;
     }
+    drop(source);
     tracing::info!("stopped");
     Ok(())
 }
 
-/// Where the running config comes from.
-#[allow(dead_code)] // Held only for its Drop.
-enum Source {
-    File(AbortOnDrop),
-    Controller(fedmesh_discovery::Discovered<Table>),
-}
-
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
+fn snapshot(me: &Me, c: StaticConfig) -> Snapshot<Table> {
+    Snapshot {
+        config: Table::build(&me.cluster, &me.locality, &c.services),
+        svid: c.svid,
+        bundles: c.bundles,
     }
 }
 
-/// Polls a static config; applies services, SVID and bundles when they
-/// change. A bad edit is logged and the running config stays.
-async fn reload(
-    path: PathBuf,
-    every: Duration,
-    me: Me,
-    table: watch::Sender<Arc<Table>>,
-    svid: watch::Sender<Arc<Svid>>,
-    bundles: watch::Sender<Arc<BundleSet>>,
-) {
-    loop {
-        tokio::time::sleep(every).await;
-        let p = path.clone();
-        let loaded = tokio::task::spawn_blocking(move || ProxyConfig::load(Path::new(&p))).await;
-        let c: StaticConfig = match loaded {
-            Ok(Ok(ProxyConfig::Static(c))) => *c,
-            Ok(Ok(ProxyConfig::Discovery(_))) => {
-                tracing::error!("the config now names a controller; that takes a restart");
-                continue;
+/// A static config re-read. Only services, SVID and bundles change a
+/// running proxy.
+fn reload(me: &Me, path: &Path) -> Result<Snapshot<Table>, String> {
+    match ProxyConfig::load(path).map_err(|e| e.to_string())? {
+        ProxyConfig::Static(c) => {
+            if c.common.me != *me {
+                tracing::warn!(
+                    "cluster, trust domain and locality changes take effect only at restart"
+                );
             }
-            Ok(Err(e)) => {
-                tracing::error!(error = %e, "config not reloaded; keeping the running one");
-                continue;
-            }
-            Err(_) => continue,
-        };
-        if c.common.me != me {
-            tracing::warn!(
-                "cluster, trust domain and locality changes take effect only at restart"
-            );
+            Ok(snapshot(me, *c))
         }
-        let t = Table::build(&me.cluster, &me.locality, &c.services);
-        table.send_if_modified(|cur| {
-            let changed = **cur != t;
-            if changed {
-                tracing::info!(services = t.services.len(), "services reloaded");
-                *cur = Arc::new(t);
-            }
-            changed
-        });
-        fedmesh_discovery::files::publish_identity(&svid, c.svid, &bundles, c.bundles);
+        ProxyConfig::Discovery(_) => {
+            Err("the config now names a controller; that takes a restart".into())
+        }
     }
 }

@@ -5,6 +5,8 @@
 
 use std::path::{Path, PathBuf};
 
+use serde::de::DeserializeOwned;
+
 use fedmesh_trust::{Bundle, BundleSet, TrustDomain};
 
 /// The directory a config file's relative paths start from.
@@ -19,12 +21,39 @@ impl Beside {
     }
 }
 
-/// Reads a config file: its text, and where the files it names are. The
-/// error is the message for the file's origin.
-pub fn read_config(path: &Path) -> Result<(String, Beside), String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read: {e}"))?;
+/// A config that cannot be used: the file, and what in it is wrong.
+#[derive(Debug, thiserror::Error)]
+#[error("{origin}: {message}")]
+pub struct ConfigError {
+    pub origin: String,
+    /// Names the field (and the YAML line and column, where the parser
+    /// knows them).
+    pub message: String,
+}
+
+impl ConfigError {
+    /// A maker of errors about `origin`.
+    pub fn at(origin: &str) -> impl Fn(String) -> ConfigError + '_ {
+        move |message| ConfigError {
+            origin: origin.into(),
+            message,
+        }
+    }
+}
+
+/// Reads a config file: its text, and where the files it names are.
+pub fn read_config(path: &Path) -> Result<(String, Beside), ConfigError> {
+    let origin = path.display().to_string();
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError::at(&origin)(format!("cannot read: {e}")))?;
     let base = path.parent().unwrap_or(Path::new(".")).to_path_buf();
     Ok((text, Beside(base)))
+}
+
+/// Parses a YAML document into `F` (whose serde attributes refuse unknown
+/// fields); the error names the line and column.
+pub fn parse_yaml<F: DeserializeOwned>(yaml: &str, origin: &str) -> Result<F, ConfigError> {
+    serde_saphyr::from_str(yaml).map_err(|e| ConfigError::at(origin)(e.to_string()))
 }
 
 /// The bundle of our own trust domain `td` (to verify the controller

@@ -1,0 +1,18 @@
+//! What fedmesh's data-plane processes (`fedmesh-gateway`, `fedmesh-proxy`)
+//! share, so that each binary is only its own wiring:
+//!
+//! - [`source`]: where the running config, SVID and bundles come from: a
+//!   static file re-read when it changes, or the controller's discovery
+//!   stream ([`ConfigSource`]);
+//! - [`files`]: reading a config file and the files it names, with errors
+//!   that name the file and field ([`ConfigError`]);
+//! - [`process`]: logs, the admin port, and the shutdown signal.
+//!
+//! Like the rest of the data plane, it links neither etcd nor kube.
+
+pub mod files;
+pub mod process;
+pub mod source;
+
+pub use files::ConfigError;
+pub use source::{ConfigSource, Feeds, Snapshot};
