@@ -1,5 +1,6 @@
-//! Routes from the controller's discovery stream. I/O-free: a function from
-//! the client's [`MeshState`] to [`Routes`]. A gateway asks only for what
+//! Routes from the controller's discovery stream: [`routes`], an I/O-free
+//! function from the client's [`MeshState`] to [`Routes`], and [`connect`],
+//! the thin driver that starts the discovery client with it. A gateway asks only for what
 //! its own cluster exports (plus the peers and bundles), so its memory does
 //! not grow with other clusters' services.
 
