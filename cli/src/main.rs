@@ -15,10 +15,10 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use etcd_client::{Client, ConnectOptions};
 use fedmesh_api::{ClusterRecord, DEFAULT_PREFIX, GatewayAddress, KeySpace, validate_label};
-use fedmesh_controller::join::{EtcdAccess, JoinDir};
-use fedmesh_controller::zone::cluster_role;
-use fedmesh_controller::{GlobalZone, RegisterOutcome};
 use fedmesh_trust::{Bundle, CaOptions, ClusterCa, TrustDomain};
+use fedmesh_zone::client::cluster_role;
+use fedmesh_zone::join::{EtcdAccess, JoinDir};
+use fedmesh_zone::{GlobalZone, RegisterOutcome};
 use serde::Serialize;
 
 #[derive(Parser, Debug)]

@@ -19,9 +19,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use fedmesh_controller::join::JoinDir;
 use fedmesh_topology::{ClusterPlan, Plan, Protocol, Topology};
 use fedmesh_trust::{Bundle, SpiffeId, TrustDomain};
+use fedmesh_zone::join::JoinDir;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
@@ -840,7 +840,7 @@ pub async fn liveness(s: &State) -> BTreeMap<String, fedmesh_api::Liveness> {
         .collect();
     let read = async {
         let client = etcd_client::Client::connect(&endpoints, None).await.ok()?;
-        let mut zone = fedmesh_controller::GlobalZone::new(client, Default::default());
+        let mut zone = fedmesh_zone::GlobalZone::new(client, Default::default());
         let records = zone.clusters().await.ok()?;
         let live = zone
             .liveness(&records, time::OffsetDateTime::now_utc())

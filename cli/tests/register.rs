@@ -94,7 +94,7 @@ async fn register_get_and_deregister() {
     }
 
     // The controller starts from exactly this directory.
-    let join = fedmesh_controller::join::JoinDir::load(Path::new(out_a)).unwrap();
+    let join = fedmesh_zone::join::JoinDir::load(Path::new(out_a)).unwrap();
     assert_eq!(join.cluster.name, "aws-use1");
     assert_eq!(join.etcd.endpoints, vec![ep.to_string()]);
 

@@ -18,9 +18,9 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use fedmesh_api::KeySpace;
-use fedmesh_controller::join::JoinDir;
 use fedmesh_test_support::{Etcd, EtcdOptions};
 use fedmesh_trust::{Bundle, TrustDomain};
+use fedmesh_zone::join::JoinDir;
 
 fn env(name: &str, default: usize) -> usize {
     fedmesh_test_support::env_or(name, default)

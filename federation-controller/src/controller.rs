@@ -21,12 +21,12 @@ use tokio::task::JoinSet;
 
 use crate::admin::{self, ControllerMetrics};
 use crate::discovery::{self, DiscoveryService, Versioned};
-use crate::join::JoinDir;
 use crate::mesh;
 use crate::publish;
 use crate::registry::{DiscoverySource, FileRegistry, RegistryError};
 use crate::view::GlobalView;
 use crate::watcher::{self, WatcherConfig};
+use fedmesh_zone::join::JoinDir;
 
 /// How a controller runs. Fields are public and documented; the binary fills
 /// them from flags.

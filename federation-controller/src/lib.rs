@@ -1,7 +1,8 @@
 //! The federation controller: one per cluster.
 //!
-//! - [`zone`]: the global zone's schema on etcd: registration (one
-//!   transaction), deregistration, per-cluster etcd roles, paginated reads.
+//! The global zone's client (registration, roles, typed reads, the join
+//! directory) is `fedmesh-zone`, shared with the `fedmesh` command.
+//!
 //! - [`registry`]: local discovery sources (the file registry).
 //! - [`publish`]: this cluster's export summaries and its liveness lease.
 //! - [`view`] and [`watcher`]: everyone else's records, listed then watched,
@@ -10,8 +11,7 @@
 //!   I/O-free.
 //! - [`discovery`]: the gRPC discovery stream (incremental, ACK/NACK) and
 //!   `Certify`, over mutual TLS; [`admin`]: metrics, `/ready`, `/live`.
-//! - [`controller`]: wires these into a running controller; [`join`]: the
-//!   join directory `fedmesh register cluster` writes.
+//! - [`controller`]: wires these into a running controller.
 //!
 //! It does not own the data plane: proxies and gateways never talk to etcd,
 //! and a controller that loses etcd keeps serving its last view.
@@ -19,12 +19,8 @@
 pub mod admin;
 pub mod controller;
 pub mod discovery;
-pub mod join;
 pub mod mesh;
 pub mod publish;
 pub mod registry;
 pub mod view;
 pub mod watcher;
-pub mod zone;
-
-pub use zone::{GlobalZone, RegisterOutcome, ZoneError};

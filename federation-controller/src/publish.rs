@@ -14,7 +14,7 @@ use fedmesh_api::{
 };
 use tokio::sync::watch;
 
-use crate::zone::{Pager, list_range};
+use fedmesh_zone::{Pager, list_range};
 
 /// Per-zone capacity of every local service; the generation is left at 0
 /// for the publisher to fill in. Pure: the same services give the same

@@ -21,15 +21,8 @@ use fedmesh_api::{
 use fedmesh_trust::Bundle;
 use imbl::{OrdMap, OrdSet};
 
-use crate::zone::decode_bundle;
-
-/// One key of the global zone as etcd reports it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RawKv {
-    pub key: String,
-    pub value: Vec<u8>,
-    pub mod_revision: i64,
-}
+pub use fedmesh_zone::RawKv;
+use fedmesh_zone::decode_bundle;
 
 /// A watch event.
 #[derive(Debug, Clone, PartialEq, Eq)]

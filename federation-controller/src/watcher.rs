@@ -14,7 +14,7 @@ use etcd_client::{Client, EventType, WatchOptions};
 use tokio::sync::watch;
 
 use crate::view::{GlobalView, Listing, RawEvent, RawKv};
-use crate::zone::{Pager, list_range};
+use fedmesh_zone::{Pager, list_range};
 
 /// Counters for the admin port.
 #[derive(Debug, Default)]

@@ -8,10 +8,10 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, SystemTime};
 
 use fedmesh_api::{ClusterRecord, KeySpace};
-use fedmesh_controller::GlobalZone;
-use fedmesh_controller::join::{EtcdAccess, JoinDir};
 use fedmesh_test_support::{Etcd, eventually};
 use fedmesh_trust::{Bundle, CaOptions, ClusterCa, TrustDomain};
+use fedmesh_zone::GlobalZone;
+use fedmesh_zone::join::{EtcdAccess, JoinDir};
 
 /// Registers aws and writes its join directory; returns its own bundle.
 async fn join_dir(etcd: &Etcd, dir: &std::path::Path) -> Bundle {

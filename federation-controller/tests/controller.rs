@@ -9,9 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use fedmesh_api::{ClusterRecord, KeySpace};
-use fedmesh_controller::GlobalZone;
 use fedmesh_controller::controller::{Controller, ControllerConfig, LocalSource};
-use fedmesh_controller::join::{EtcdAccess, JoinDir};
 use fedmesh_controller::watcher::WatcherConfig;
 use fedmesh_discovery::MeshState;
 use fedmesh_proto::discovery::v1 as pb;
@@ -19,6 +17,8 @@ use fedmesh_test_support::{Etcd, eventually};
 use fedmesh_trust::{
     AllowAnyVerified, Bundle, BundleSet, CaOptions, ClusterCa, SpiffeId, Svid, TrustDomain,
 };
+use fedmesh_zone::GlobalZone;
+use fedmesh_zone::join::{EtcdAccess, JoinDir};
 use pb::discovery_client::DiscoveryClient;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;

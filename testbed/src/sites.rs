@@ -8,15 +8,15 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use fedmesh_api::{ClusterRecord, Endpoint, KeySpace, LocalService, LocalServices, ServiceKey};
-use fedmesh_controller::GlobalZone;
 use fedmesh_controller::controller::{Controller, ControllerConfig, LocalSource};
-use fedmesh_controller::join::{EtcdAccess, JoinDir};
 use fedmesh_discovery::{ClientPolicy, ControllerAccess, Discovered};
 use fedmesh_gateway::config::{DiscoveryConfig, Listen};
 use fedmesh_gateway::discovered::{self, Local};
 use fedmesh_gateway::{Gateway, GatewayOptions, Metrics, Routes, Settings};
 use fedmesh_test_support::Etcd;
 use fedmesh_trust::{Bundle, BundleSet, CaOptions, ClusterCa, SpiffeId};
+use fedmesh_zone::GlobalZone;
+use fedmesh_zone::join::{EtcdAccess, JoinDir};
 use tokio::sync::watch;
 
 use crate::gateway::Domain;

@@ -8,9 +8,9 @@ use std::time::SystemTime;
 
 use etcd_client::{Client, Txn, TxnOp};
 use fedmesh_api::{ClusterRecord, Endpoint, KeySpace, LocalService, LocalServices, ServiceKey};
-use fedmesh_controller::GlobalZone;
-use fedmesh_controller::join::{EtcdAccess, JoinDir};
 use fedmesh_trust::{Bundle, CaOptions, ClusterCa, TrustDomain};
+use fedmesh_zone::GlobalZone;
+use fedmesh_zone::join::{EtcdAccess, JoinDir};
 
 pub fn record(name: &str, n: usize) -> ClusterRecord {
     ClusterRecord {

@@ -11,8 +11,8 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use fedmesh_controller::controller::{Controller, ControllerConfig, LocalSource};
-use fedmesh_controller::join::JoinDir;
 use fedmesh_trust::SpiffeId;
+use fedmesh_zone::join::JoinDir;
 use serde::Deserialize;
 
 #[derive(Parser, Debug)]

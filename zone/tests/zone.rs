@@ -7,10 +7,10 @@ use std::time::SystemTime;
 
 use etcd_client::{Client, ConnectOptions};
 use fedmesh_api::{ClusterRecord, KeySpace};
-use fedmesh_controller::zone::cluster_role;
-use fedmesh_controller::{GlobalZone, RegisterOutcome, ZoneError};
 use fedmesh_test_support::{Etcd, EtcdOptions};
 use fedmesh_trust::{Bundle, CaOptions, ClusterCa, TrustDomain};
+use fedmesh_zone::client::cluster_role;
+use fedmesh_zone::{GlobalZone, RegisterOutcome, ZoneError};
 use time::OffsetDateTime;
 
 fn record(name: &str, td: &str) -> ClusterRecord {

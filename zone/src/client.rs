@@ -6,8 +6,15 @@ use etcd_client::{Client, Compare, CompareOp, DeleteOptions, GetOptions, Permiss
 use fedmesh_api::records::RecordError;
 use fedmesh_api::{ClusterRecord, ExportSummary, GlobalKey, KeySpace, Liveness, SeenRecord};
 
-use crate::view::RawKv;
 use fedmesh_trust::{Bundle, BundleError, TrustDomain};
+
+/// One key of the global zone as etcd reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawKv {
+    pub key: String,
+    pub value: Vec<u8>,
+    pub mod_revision: i64,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ZoneError {
@@ -347,7 +354,7 @@ impl GlobalZone {
 /// carried from one range to the next, so that a range of similar keys is
 /// read in one page.
 #[derive(Debug, Clone, Copy, Default)]
-pub(crate) struct Pager {
+pub struct Pager {
     bytes: usize,
     keys: usize,
 }
@@ -373,7 +380,7 @@ impl Pager {
 ///
 /// etcd 3.4 walks the whole remaining range to answer each limited page, so
 /// callers keep ranges small (one cluster's exports, say).
-pub(crate) async fn list_range(
+pub async fn list_range(
     client: &mut Client,
     prefix: &str,
     revision: &mut i64,
@@ -437,10 +444,7 @@ fn to_json<T: serde::Serialize>(v: &T) -> String {
     serde_json::to_string(v).unwrap_or_default()
 }
 
-pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(
-    key: &str,
-    raw: &[u8],
-) -> Result<T, ZoneError> {
+pub fn parse_json<T: serde::de::DeserializeOwned>(key: &str, raw: &[u8]) -> Result<T, ZoneError> {
     serde_json::from_slice(raw).map_err(|e| ZoneError::Corrupt {
         key: key.into(),
         reason: e.to_string(),
@@ -449,7 +453,7 @@ pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(
 
 /// Decodes the bundle stored at `key` for trust domain `td`. Pure: the
 /// watcher's view uses it too.
-pub(crate) fn decode_bundle(td: &str, key: &str, raw: &[u8]) -> Result<Bundle, ZoneError> {
+pub fn decode_bundle(td: &str, key: &str, raw: &[u8]) -> Result<Bundle, ZoneError> {
     let td = TrustDomain::new(td).map_err(|e| ZoneError::Corrupt {
         key: key.into(),
         reason: format!("trust domain {e}"),

@@ -1,0 +1,19 @@
+//! The global zone's client, shared by the controller and the `fedmesh`
+//! command without either linking the other's servers:
+//!
+//! - [`client`]: [`GlobalZone`], registration and deregistration (each one
+//!   etcd transaction guarded by revisions), per-cluster etcd roles, typed
+//!   reads and liveness;
+//! - [`join`]: the join directory `fedmesh register cluster` writes and
+//!   `fedmesh-controller --join` reads, and the join-token file the
+//!   controller's `Certify` checks.
+//!
+//! The key layout is in `fedmesh-api` (ARCHITECTURE.md §3.1).
+
+pub mod client;
+pub mod join;
+
+pub use client::{
+    GlobalZone, Pager, RawKv, RegisterOutcome, ZoneError, cluster_role, decode_bundle, list_range,
+};
+pub use join::{EtcdAccess, JoinDir};
