@@ -11,7 +11,9 @@ pub mod names;
 pub mod records;
 
 pub use keys::{DEFAULT_PREFIX, GlobalKey, KeySpace};
-pub use local::{Endpoint, ListedEndpoint, LocalService, LocalServices, ServiceKey};
+pub use local::{
+    Endpoint, ListedEndpoint, ListedService, LocalService, LocalServices, RegistryFile, ServiceKey,
+};
 pub use names::{NameError, validate_label};
 pub use records::{
     AliveRecord, ClusterRecord, ExportSummary, GatewayAddress, Liveness, SeenRecord, ZoneCapacity,

@@ -72,7 +72,7 @@ pub struct LocalService {
 }
 
 /// An endpoint as a config file lists it, before its checks.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ListedEndpoint {
     pub address: String,
@@ -83,6 +83,27 @@ pub struct ListedEndpoint {
 
 fn healthy_by_default() -> bool {
     true
+}
+
+/// The file registry's document (`fedmesh-controller --registry`): a
+/// cluster's services, as an operator or `fedmesh up` writes them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryFile {
+    #[serde(default)]
+    pub services: Vec<ListedService>,
+}
+
+/// One service of a [`RegistryFile`], before its checks
+/// ([`LocalService::from_listed`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListedService {
+    pub namespace: String,
+    pub name: String,
+    pub ports: Vec<u16>,
+    #[serde(default)]
+    pub endpoints: Vec<ListedEndpoint>,
 }
 
 impl LocalService {

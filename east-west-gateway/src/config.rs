@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use fedmesh_api::{ListedEndpoint, LocalService, ServiceKey, validate_label};
 use fedmesh_trust::{Bundle, BundleSet, SpiffeId, Svid, TrustDomain};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use fedmesh_discovery::ControllerAccess;
 
@@ -19,7 +19,7 @@ use crate::discovered::Local;
 use crate::routes::{AllowRule, ExportedService, GatewayAddr, Peer, Routes};
 
 /// How the gateway behaves; everything has a production default.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase", default)]
 pub struct Settings {
     /// QUIC keep-alive interval. A few per idle timeout, so that one lost
@@ -123,87 +123,89 @@ impl Settings {
 }
 
 /// Where a gateway listens.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Listen {
     /// UDP, for peer gateways.
     pub quic: SocketAddr,
     /// TCP+TLS, for local proxies. Off when absent.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub egress: Option<SocketAddr>,
     /// HTTP: /metrics, /ready, /live. Off when absent.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub admin: Option<SocketAddr>,
 }
 
-#[derive(Debug, Deserialize)]
+/// The gateway's YAML file, as written. `GatewayConfig::parse` checks
+/// it; `fedmesh up` writes it.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct File {
-    cluster: String,
-    trust_domain: String,
-    #[serde(default)]
-    zone: Option<String>,
-    listen: Listen,
+pub struct GatewayFile {
+    pub cluster: String,
+    pub trust_domain: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
+    pub listen: Listen,
     /// Discovery mode: everything below comes from the controller.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub controller: Option<ControllerFile>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<IdentityFiles>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bundles: Option<BTreeMap<String, PathBuf>>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub peers: Vec<PeerFile>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<ServiceFile>,
     #[serde(default)]
-    controller: Option<ControllerFile>,
-    #[serde(default)]
-    identity: Option<IdentityFiles>,
-    #[serde(default)]
-    bundles: Option<BTreeMap<String, PathBuf>>,
-    #[serde(default)]
-    peers: Vec<PeerFile>,
-    #[serde(default)]
-    services: Vec<ServiceFile>,
-    #[serde(default)]
-    settings: Settings,
+    pub settings: Settings,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct ControllerFile {
+pub struct ControllerFile {
     /// The controller's discovery API.
-    address: SocketAddr,
+    pub address: SocketAddr,
     /// This cluster's own bundle document: how the gateway verifies the
     /// controller before it has anything else.
-    bundle: PathBuf,
+    pub bundle: PathBuf,
     /// A file holding the join token that lets `Certify` issue this
     /// gateway's identity.
-    join_token_file: PathBuf,
+    pub join_token_file: PathBuf,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-struct IdentityFiles {
-    certificate: PathBuf,
-    key: PathBuf,
+pub struct IdentityFiles {
+    pub certificate: PathBuf,
+    pub key: PathBuf,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct PeerFile {
-    cluster: String,
-    trust_domain: String,
-    gateways: Vec<String>,
+pub struct PeerFile {
+    pub cluster: String,
+    pub trust_domain: String,
+    pub gateways: Vec<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-struct ServiceFile {
-    name: String,
-    ports: Vec<u16>,
-    #[serde(default)]
-    endpoints: Vec<ListedEndpoint>,
-    #[serde(default)]
-    allow: Option<Vec<AllowFile>>,
+pub struct ServiceFile {
+    pub name: String,
+    pub ports: Vec<u16>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub endpoints: Vec<ListedEndpoint>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow: Option<Vec<AllowFile>>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-struct AllowFile {
-    cluster: String,
-    #[serde(default)]
-    identities: Vec<String>,
+pub struct AllowFile {
+    pub cluster: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub identities: Vec<String>,
 }
 
 /// A static config file, read and checked. Its identity and bundle files
@@ -249,7 +251,7 @@ impl GatewayConfig {
         read: impl Fn(&Path) -> Result<Vec<u8>, String>,
     ) -> Result<Self, ConfigError> {
         let err = ConfigError::at(origin);
-        let f: File = fedmesh_dataplane::files::parse_yaml(yaml, origin)?;
+        let f: GatewayFile = fedmesh_dataplane::files::parse_yaml(yaml, origin)?;
         match f.controller {
             Some(_) => discovery(f, &read)
                 .map(|c| GatewayConfig::Discovery(Box::new(c)))
@@ -261,7 +263,7 @@ impl GatewayConfig {
     }
 }
 
-fn common(f: &File) -> Result<TrustDomain, String> {
+fn common(f: &GatewayFile) -> Result<TrustDomain, String> {
     f.settings.validate().map_err(|e| format!("settings.{e}"))?;
     validate_label("cluster", &f.cluster).map_err(|e| e.to_string())?;
     let td = TrustDomain::new(&f.trust_domain).map_err(|e| format!("trustDomain: {e}"))?;
@@ -272,7 +274,7 @@ fn common(f: &File) -> Result<TrustDomain, String> {
 }
 
 fn discovery(
-    f: File,
+    f: GatewayFile,
     read: &impl Fn(&Path) -> Result<Vec<u8>, String>,
 ) -> Result<DiscoveryConfig, String> {
     let td = common(&f)?;
@@ -344,7 +346,7 @@ impl StaticConfig {
 }
 
 fn parse_static(
-    f: File,
+    f: GatewayFile,
     read: &impl Fn(&Path) -> Result<Vec<u8>, String>,
 ) -> Result<StaticConfig, String> {
     let td = common(&f)?;

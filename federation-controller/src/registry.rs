@@ -10,8 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use fedmesh_api::{ListedEndpoint, LocalService, LocalServices, ServiceKey, validate_label};
-use serde::Deserialize;
+use fedmesh_api::{LocalService, LocalServices, RegistryFile, ServiceKey, validate_label};
 use tokio::sync::watch;
 
 /// A source of this cluster's services.
@@ -28,31 +27,14 @@ pub struct RegistryError {
     pub message: String,
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileDoc {
-    #[serde(default)]
-    services: Vec<FileService>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileService {
-    namespace: String,
-    name: String,
-    ports: Vec<u16>,
-    #[serde(default)]
-    endpoints: Vec<ListedEndpoint>,
-}
-
 /// Parses and validates a registry document. `origin` names the file.
 pub fn parse_registry(yaml: &str, origin: &str) -> Result<LocalServices, RegistryError> {
     let err = |message: String| RegistryError {
         path: origin.into(),
         message,
     };
-    let doc: FileDoc = if yaml.trim().is_empty() {
-        FileDoc { services: vec![] }
+    let doc: RegistryFile = if yaml.trim().is_empty() {
+        RegistryFile::default()
     } else {
         serde_saphyr::from_str(yaml).map_err(|e| err(e.to_string()))?
     };

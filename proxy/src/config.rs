@@ -13,7 +13,7 @@ use std::time::Duration;
 use fedmesh_api::{ListedEndpoint, LocalService, ServiceKey, validate_label};
 use fedmesh_discovery::ControllerAccess;
 use fedmesh_trust::{Bundle, BundleSet, SpiffeId, Svid, TrustDomain};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::balancer::BalancerPolicy;
 use crate::budget::BudgetPolicy;
@@ -23,7 +23,7 @@ use crate::outlier::OutlierPolicy;
 use crate::table::{RemoteCluster, ServiceSpec};
 
 /// How the proxy behaves. Every field has a production default.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase", default)]
 pub struct Settings {
     /// Connecting to an endpoint, or opening a tunnel through the egress.
@@ -33,7 +33,7 @@ pub struct Settings {
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
     /// One attempt, until its response headers. Off when absent.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
     pub per_try_timeout: Option<Duration>,
     /// Retries after a failure once the request was sent (idempotent
     /// requests without a body only). Failover before the first byte is
@@ -67,6 +67,7 @@ pub struct Settings {
     #[serde(with = "humantime_serde")]
     pub drain_timeout: Duration,
     /// OTLP/gRPC collector for traces (`http://host:4317`). Off when absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub otlp_endpoint: Option<String>,
     /// A request for a service the proxy does not hold yet waits this long
     /// for the controller to send it (on-demand discovery), then is a 404.
@@ -74,7 +75,7 @@ pub struct Settings {
     pub on_demand_timeout: Duration,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum AccessLog {
     Off,
@@ -82,7 +83,7 @@ pub enum AccessLog {
     Json,
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase", default)]
 pub struct OutlierSettings {
     pub consecutive_failures: u32,
@@ -222,21 +223,21 @@ impl Settings {
 }
 
 /// Where the proxy listens.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Listen {
     /// Outbound HTTP/1.1 and h2c. Off when absent.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http: Option<SocketAddr>,
     /// One listener per TCP service.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tcp: Vec<TcpListen>,
     /// HTTP: /metrics, /ready, /live. Off when absent.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub admin: Option<SocketAddr>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TcpListen {
     pub address: SocketAddr,
@@ -244,83 +245,85 @@ pub struct TcpListen {
     pub service: ServiceKey,
 }
 
-#[derive(Debug, Deserialize)]
+/// The proxy's YAML file, as written. `ProxyConfig::parse` checks it;
+/// `fedmesh up` writes it.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct File {
-    cluster: String,
-    trust_domain: String,
-    locality: LocalityFile,
-    listen: Listen,
+pub struct ProxyFile {
+    pub cluster: String,
+    pub trust_domain: String,
+    pub locality: LocalityFile,
+    pub listen: Listen,
     /// The local gateways' egress listeners, for remote targets.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gateways: Vec<SocketAddr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub controller: Option<ControllerFile>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<IdentityFiles>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bundles: Option<BTreeMap<String, PathBuf>>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<ServiceFile>,
     #[serde(default)]
-    gateways: Vec<SocketAddr>,
-    #[serde(default)]
-    controller: Option<ControllerFile>,
-    #[serde(default)]
-    identity: Option<IdentityFiles>,
-    #[serde(default)]
-    bundles: Option<BTreeMap<String, PathBuf>>,
-    #[serde(default)]
-    services: Vec<ServiceFile>,
-    #[serde(default)]
-    settings: Settings,
+    pub settings: Settings,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-struct LocalityFile {
-    cloud: String,
-    region: String,
-    zone: String,
+pub struct LocalityFile {
+    pub cloud: String,
+    pub region: String,
+    pub zone: String,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct ControllerFile {
-    address: SocketAddr,
+pub struct ControllerFile {
+    pub address: SocketAddr,
     /// This cluster's own bundle document, to verify the controller.
-    bundle: PathBuf,
-    join_token_file: PathBuf,
+    pub bundle: PathBuf,
+    pub join_token_file: PathBuf,
     /// The workload identity to ask for: `ns/<namespace>/sa/<account>`.
-    namespace: String,
-    service_account: String,
+    pub namespace: String,
+    pub service_account: String,
     /// The services to hold from the start (`namespace/name`,
     /// `namespace/*`), or `["*"]` for every service of the mesh. Others
     /// come on demand, at their first request.
-    #[serde(default)]
-    services: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-struct IdentityFiles {
-    certificate: PathBuf,
-    key: PathBuf,
+pub struct IdentityFiles {
+    pub certificate: PathBuf,
+    pub key: PathBuf,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-struct ServiceFile {
+pub struct ServiceFile {
     /// `namespace/name`.
-    name: ServiceKey,
-    port: u16,
-    #[serde(default)]
-    endpoints: Vec<ListedEndpoint>,
-    #[serde(default)]
-    remote: Vec<RemoteFile>,
+    pub name: ServiceKey,
+    pub port: u16,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub endpoints: Vec<ListedEndpoint>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub remote: Vec<RemoteFile>,
     /// Overrides `settings.failover` for this service.
-    #[serde(default)]
-    failover: Option<FailoverOrder>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failover: Option<FailoverOrder>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-struct RemoteFile {
-    cluster: String,
-    cloud: String,
-    region: String,
-    healthy: u64,
-    total: u64,
+pub struct RemoteFile {
+    pub cluster: String,
+    pub cloud: String,
+    pub region: String,
+    pub healthy: u64,
+    pub total: u64,
 }
 
 /// Who this proxy is, in both modes.
@@ -381,7 +384,7 @@ impl ProxyConfig {
         read: impl Fn(&Path) -> Result<Vec<u8>, String>,
     ) -> Result<Self, ConfigError> {
         let err = ConfigError::at(origin);
-        let f: File = fedmesh_dataplane::files::parse_yaml(yaml, origin)?;
+        let f: ProxyFile = fedmesh_dataplane::files::parse_yaml(yaml, origin)?;
         let common = common(&f).map_err(&err)?;
         match f.controller {
             Some(c) => discovery(common, c, f.identity, f.bundles, f.services, &read)
@@ -401,7 +404,7 @@ impl ProxyConfig {
     }
 }
 
-fn common(f: &File) -> Result<Common, String> {
+fn common(f: &ProxyFile) -> Result<Common, String> {
     f.settings.validate().map_err(|e| format!("settings.{e}"))?;
     validate_label("cluster", &f.cluster).map_err(|e| e.to_string())?;
     let trust_domain =

@@ -19,7 +19,9 @@ pub struct Locality {
 }
 
 /// How close a target is to us; lower is preferred.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Deserialize, serde::Serialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Level {
     Zone = 0,
@@ -49,7 +51,7 @@ impl Locality {
 
 /// How a service's targets are ordered into priorities: the policy's
 /// override of the locality order.
-#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub enum FailoverOrder {
     /// Zone, region, cloud, then the rest.

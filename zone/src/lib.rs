@@ -16,4 +16,4 @@ pub mod join;
 pub use client::{
     GlobalZone, Pager, RawKv, RegisterOutcome, ZoneError, cluster_role, decode_bundle, list_range,
 };
-pub use join::{EtcdAccess, JoinDir};
+pub use join::{EtcdAccess, JoinDir, TokenEntry, TokensFile};

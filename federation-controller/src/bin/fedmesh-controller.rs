@@ -13,7 +13,6 @@ use clap::Parser;
 use fedmesh_controller::controller::{Controller, ControllerConfig, LocalSource};
 use fedmesh_trust::SpiffeId;
 use fedmesh_zone::join::JoinDir;
-use serde::Deserialize;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -42,37 +41,13 @@ struct Args {
     alive_ttl: u64,
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct TokenFile {
-    tokens: Vec<TokenEntry>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct TokenEntry {
-    token: String,
-    spiffe_id: SpiffeId,
-}
-
 fn load_tokens(path: &Path) -> anyhow::Result<HashMap<String, SpiffeId>> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let file: TokenFile =
+    let file: fedmesh_zone::TokensFile =
         serde_saphyr::from_str(&text).with_context(|| format!("{}", path.display()))?;
-    let mut out = HashMap::new();
-    for (i, t) in file.tokens.into_iter().enumerate() {
-        if t.token.len() < 16 {
-            anyhow::bail!(
-                "{}: tokens[{i}].token: use at least 16 characters",
-                path.display()
-            );
-        }
-        if out.insert(t.token, t.spiffe_id).is_some() {
-            anyhow::bail!("{}: tokens[{i}].token: listed twice", path.display());
-        }
-    }
-    Ok(out)
+    file.checked()
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
 
 #[tokio::main]

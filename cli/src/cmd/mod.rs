@@ -1,0 +1,55 @@
+//! The commands that act on the global zone: `register`, `deregister` and
+//! `get`. `fedmesh up` and friends are in [`crate::up`].
+
+pub mod get;
+pub mod register;
+
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use etcd_client::{Client, ConnectOptions};
+use fedmesh_api::{DEFAULT_PREFIX, KeySpace};
+use fedmesh_zone::GlobalZone;
+
+#[derive(Args, Debug, Clone)]
+pub struct EtcdFlags {
+    /// etcd endpoints of the global zone, comma-separated.
+    #[arg(
+        long,
+        env = "FEDMESH_ETCD",
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:2379"
+    )]
+    pub etcd: Vec<String>,
+    /// etcd user with rights to register clusters (needed when etcd runs with auth).
+    #[arg(long, env = "FEDMESH_ETCD_USER")]
+    pub etcd_user: Option<String>,
+    /// Password of --etcd-user.
+    #[arg(long, env = "FEDMESH_ETCD_PASSWORD", hide_env_values = true)]
+    pub etcd_password: Option<String>,
+    /// Key prefix of the global zone.
+    #[arg(long, default_value = DEFAULT_PREFIX)]
+    pub prefix: String,
+}
+
+/// The global zone behind `flags`, checked to answer.
+pub async fn connect(flags: &EtcdFlags) -> anyhow::Result<GlobalZone> {
+    let mut opts = ConnectOptions::new()
+        .with_connect_timeout(Duration::from_secs(5))
+        .with_timeout(Duration::from_secs(10));
+    if let (Some(u), Some(p)) = (&flags.etcd_user, &flags.etcd_password) {
+        opts = opts.with_user(u.as_str(), p.as_str());
+    }
+    let endpoints = flags.etcd.join(",");
+    let mut client = Client::connect(&flags.etcd, Some(opts))
+        .await
+        .with_context(|| format!("connecting to etcd at {endpoints}"))?;
+    // The client connects lazily; ask once so that an unreachable etcd is
+    // reported as such, before anything else is attempted.
+    client
+        .status()
+        .await
+        .with_context(|| format!("connecting to etcd at {endpoints}"))?;
+    Ok(GlobalZone::new(client, KeySpace::new(&flags.prefix)))
+}

@@ -1,0 +1,204 @@
+//! `fedmesh register cluster` and `fedmesh deregister cluster`.
+
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use anyhow::Context;
+use clap::Args;
+use fedmesh_api::{ClusterRecord, GatewayAddress, validate_label};
+use fedmesh_trust::{Bundle, CaOptions, ClusterCa, TrustDomain};
+use fedmesh_zone::RegisterOutcome;
+use fedmesh_zone::client::cluster_role;
+use fedmesh_zone::join::{EtcdAccess, JoinDir};
+
+use super::{EtcdFlags, connect};
+
+#[derive(Args, Debug)]
+pub struct RegisterCluster {
+    /// Cluster name: an RFC 1123 label (lowercase letters, digits, '-'; at most 63).
+    name: String,
+    /// Cloud the cluster runs in (aws, gcp, azure, onprem, ...).
+    #[arg(long)]
+    cloud: String,
+    /// Region within the cloud (us-east-1, europe-west1, ...).
+    #[arg(long)]
+    region: String,
+    /// Zones of the cluster, comma-separated.
+    #[arg(long, value_delimiter = ',', required = true)]
+    zones: Vec<String>,
+    /// East-west gateway addresses peers dial, host:port, comma-separated.
+    #[arg(long = "gateway", value_delimiter = ',', required = true)]
+    gateways: Vec<String>,
+    /// SPIFFE trust domain of the cluster [default: <name>.fedmesh].
+    #[arg(long)]
+    trust_domain: Option<String>,
+    /// Extra labels, key=value (repeatable).
+    #[arg(long = "label")]
+    labels: Vec<String>,
+    /// Import an existing CA certificate (PEM) instead of creating one.
+    #[arg(long, requires = "ca_key")]
+    ca_cert: Option<PathBuf>,
+    /// The private key (PEM) of --ca-cert.
+    #[arg(long, requires = "ca_cert")]
+    ca_key: Option<PathBuf>,
+    /// Where to write the join directory [default: ./fedmesh-join-<name>].
+    #[arg(long)]
+    out: Option<PathBuf>,
+    #[command(flatten)]
+    etcd: EtcdFlags,
+}
+
+pub struct Plan {
+    pub record: ClusterRecord,
+    pub trust_domain: TrustDomain,
+    pub out: PathBuf,
+}
+
+pub fn plan(args: &RegisterCluster) -> anyhow::Result<Plan> {
+    validate_label("cluster name", &args.name)?;
+    let td_name = args
+        .trust_domain
+        .clone()
+        .unwrap_or_else(|| format!("{}.fedmesh", args.name));
+    let trust_domain =
+        TrustDomain::new(&td_name).with_context(|| format!("--trust-domain {td_name:?}"))?;
+    let gateways = args
+        .gateways
+        .iter()
+        .map(|g| g.parse::<GatewayAddress>())
+        .collect::<Result<Vec<_>, _>>()
+        .context("--gateway")?;
+    let mut labels = std::collections::BTreeMap::new();
+    for l in &args.labels {
+        let (k, v) = l
+            .split_once('=')
+            .with_context(|| format!("--label {l:?}: expected key=value"))?;
+        labels.insert(k.to_owned(), v.to_owned());
+    }
+    let record = ClusterRecord {
+        name: args.name.clone(),
+        cloud: args.cloud.clone(),
+        region: args.region.clone(),
+        zones: args.zones.clone(),
+        trust_domain: trust_domain.to_string(),
+        gateways,
+        labels,
+        registered_at: time::OffsetDateTime::now_utc(),
+    };
+    record.validate()?;
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("fedmesh-join-{}", args.name)));
+    Ok(Plan {
+        record,
+        trust_domain,
+        out,
+    })
+}
+
+fn load_or_create_ca(args: &RegisterCluster, plan: &Plan) -> anyhow::Result<ClusterCa> {
+    if let (Some(cert), Some(key)) = (&args.ca_cert, &args.ca_key) {
+        let read = |p: &Path| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+        return Ok(ClusterCa::from_pem(
+            &plan.trust_domain,
+            &read(cert)?,
+            &read(key)?,
+            &cert.display().to_string(),
+            &key.display().to_string(),
+        )?);
+    }
+    if let Some(ca) = JoinDir::existing_ca(&plan.out, &plan.trust_domain) {
+        return Ok(ca);
+    }
+    Ok(ClusterCa::generate(
+        &plan.trust_domain,
+        &CaOptions::default(),
+        SystemTime::now(),
+    )?)
+}
+
+pub async fn register(args: RegisterCluster) -> anyhow::Result<()> {
+    let plan = plan(&args)?;
+    let ca = load_or_create_ca(&args, &plan)?;
+    let bundle = Bundle::with_roots(plan.trust_domain.clone(), [ca.cert_der().clone()]);
+    let mut zone = connect(&args.etcd).await?;
+    let outcome = zone
+        .register(&plan.record, &bundle)
+        .await
+        .with_context(|| format!("registering cluster {:?}", plan.record.name))?;
+
+    // With auth, the cluster gets its own etcd user, allowed to write only its keys.
+    let mut access = EtcdAccess {
+        endpoints: args.etcd.etcd.clone(),
+        prefix: zone.keys().prefix().to_owned(),
+        user: None,
+        password: None,
+    };
+    if args.etcd.etcd_user.is_some() {
+        let previous = JoinDir::existing_etcd(&plan.out).and_then(|e| e.password);
+        let password = match previous {
+            Some(p) => p,
+            None => random_password()?,
+        };
+        zone.ensure_cluster_access(&plan.record.name, &plan.record.trust_domain, &password)
+            .await
+            .context("creating the cluster's etcd user and role")?;
+        access.user = Some(cluster_role(&plan.record.name));
+        access.password = Some(password);
+    }
+    let join = JoinDir {
+        cluster: plan.record.clone(),
+        etcd: access,
+        ca,
+    };
+    join.write(&plan.out)
+        .with_context(|| format!("writing the join directory {}", plan.out.display()))?;
+
+    let verb = match outcome {
+        RegisterOutcome::Created => "registered",
+        RegisterOutcome::Updated => "updated",
+        RegisterOutcome::Unchanged => "already registered, unchanged:",
+    };
+    println!(
+        "cluster {} {verb} (trust domain {}, {} zone(s), {} gateway(s))",
+        plan.record.name,
+        plan.record.trust_domain,
+        plan.record.zones.len(),
+        plan.record.gateways.len()
+    );
+    println!("join directory: {}", plan.out.display());
+    println!(
+        "next: fedmesh-controller --join {} --registry <services.yaml>",
+        plan.out.display()
+    );
+    Ok(())
+}
+
+fn random_password() -> anyhow::Result<String> {
+    let mut bytes = [0u8; 18];
+    fedmesh_trust::crypto_provider()
+        .secure_random
+        .fill(&mut bytes)
+        .map_err(|_| anyhow::anyhow!("the system random number generator failed"))?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+pub async fn deregister(name: &str, flags: &EtcdFlags) -> anyhow::Result<()> {
+    validate_label("cluster name", name)?;
+    let mut zone = connect(flags).await?;
+    let record = zone
+        .deregister(name)
+        .await
+        .with_context(|| format!("deregistering cluster {name:?}"))?;
+    if flags.etcd_user.is_some() {
+        zone.remove_cluster_access(name)
+            .await
+            .context("removing the cluster's etcd user and role")?;
+    }
+    println!(
+        "cluster {name} deregistered (trust domain {} and its exports removed)",
+        record.trust_domain
+    );
+    Ok(())
+}

@@ -1,0 +1,486 @@
+//! `fedmesh up`: a whole federation on this machine, from a topology, made
+//! of real processes: etcd, each cluster registered with `fedmesh register
+//! cluster`, its controller, gateways and proxy, and the demo backends.
+//! Every process logs to the state directory, which also records what runs
+//! (`state.json`), so that `down`, `status`, `stop` and `start` work from
+//! another shell.
+//!
+//! The supervisor (`up` in the foreground, or detached with `-d`) also runs
+//! the WAN relays in front of each gateway ([`crate::wan`]), and stays
+//! until Ctrl-C or `fedmesh down`, then stops everything: proxies and
+//! gateways first, etcd last.
+//!
+//! - [`state`]: what runs, on disk; [`supervise`]: processes;
+//! - [`render`]: the files each process reads, from their types;
+//! - [`probe`]: readiness over HTTP and etcd; [`status`]: `fedmesh status`;
+//! - [`backends`]: `fedmesh stop` / `start`.
+
+pub mod backends;
+pub mod probe;
+pub mod render;
+pub mod state;
+pub mod status;
+pub mod supervise;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use fedmesh_topology::{Cluster, ClusterPlan, GatewayPlan, Plan, Protocol, Topology};
+use fedmesh_trust::{Bundle, SpiffeId, TrustDomain};
+use fedmesh_zone::join::JoinDir;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+pub use backends::stop_start;
+pub use state::{State, find_state_dir, load_topology, state_dir_for};
+pub use status::{observe, print_status, status_of};
+
+use crate::wan::{self, Link};
+use state::{BackendState, ClusterState, Proc, STATE_FILE};
+use supervise::{
+    Binaries, alive, backend_cmd, binaries, check_ports, listening, signal, spawn, stop_all, token,
+};
+
+/// The WAN relays, running in the supervisor for as long as it does.
+type Relays = Vec<JoinHandle<()>>;
+
+/// What starting a topology needs at every step.
+struct Launch<'a> {
+    topology: &'a Topology,
+    plan: &'a Plan,
+    bins: &'a Binaries,
+    dir: &'a Path,
+    logs: PathBuf,
+}
+
+/// Brings the topology up and supervises it until Ctrl-C or SIGTERM.
+pub async fn up(topology_path: &Path, dir: &Path) -> anyhow::Result<()> {
+    let topology = load_topology(topology_path)?;
+    if let Ok(s) = State::load(dir)
+        && alive(s.supervisor)
+    {
+        bail!(
+            "{} is already up (supervisor pid {}); `fedmesh down --state-dir {}` first",
+            s.topology,
+            s.supervisor,
+            dir.display()
+        );
+    }
+    let bins = binaries()?;
+    if std::process::Command::new("etcd")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_err()
+    {
+        bail!("etcd is not installed: install Debian's etcd-server (scripts/setup.sh does)");
+    }
+    let plan = topology.plan();
+    check_ports(&plan)?;
+    let logs = dir.join("logs");
+    std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
+    let mut state = State {
+        topology: topology.name.clone(),
+        supervisor: std::process::id(),
+        ready: false,
+        etcd: Vec::new(),
+        clusters: Vec::new(),
+    };
+    // The WAN relays run in this process, for as long as it does.
+    let mut relays = Vec::new();
+    let launch = Launch {
+        topology: &topology,
+        plan: &plan,
+        bins: &bins,
+        dir,
+        logs: logs.clone(),
+    };
+    let result = launch.start(&mut state, &mut relays).await;
+    // Saved even when a start failed, so that what did start is stopped.
+    state.save(dir)?;
+    if let Err(e) = result {
+        stop_all(&state.pids(), Duration::from_secs(5)).await;
+        let _ = std::fs::remove_file(dir.join(STATE_FILE));
+        return Err(e);
+    }
+    state.ready = true;
+    state.save(dir)?;
+    print_status(&state, dir).await;
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    println!("stopping {}…", topology.name);
+    // `stop` and `start` may have changed the backends since.
+    let latest = State::load(dir).unwrap_or(state);
+    stop_all(&latest.pids(), Duration::from_secs(10)).await;
+    let _ = std::fs::remove_file(dir.join(STATE_FILE));
+    for r in relays {
+        r.abort();
+    }
+    println!("stopped; logs are in {}", logs.display());
+    Ok(())
+}
+
+impl Launch<'_> {
+    /// Starts etcd, then each cluster, recording each process in `state`
+    /// as it starts; done when every proxy serves.
+    async fn start(&self, state: &mut State, relays: &mut Relays) -> anyhow::Result<()> {
+        let (topology, plan, logs) = (self.topology, self.plan, &self.logs);
+        // etcd.
+        let initial: Vec<String> = plan
+            .etcd
+            .iter()
+            .map(|e| format!("{}=http://{}", e.name, e.peer))
+            .collect();
+        for e in &plan.etcd {
+            let data = self.dir.join(&e.name);
+            let _ = std::fs::remove_dir_all(&data);
+            let mut cmd = std::process::Command::new("etcd");
+            cmd.args(["--name", &e.name])
+                .arg("--data-dir")
+                .arg(&data)
+                .arg(format!("--listen-client-urls=http://{}", e.client))
+                .arg(format!("--advertise-client-urls=http://{}", e.client))
+                .arg(format!("--listen-peer-urls=http://{}", e.peer))
+                .arg(format!("--initial-advertise-peer-urls=http://{}", e.peer))
+                .arg(format!("--initial-cluster={}", initial.join(",")))
+                .arg("--initial-cluster-state=new");
+            let log = logs.join(format!("{}.log", e.name));
+            let pid = spawn(cmd, &log)?;
+            state.etcd.push(Proc {
+                name: e.name.clone(),
+                pid,
+                address: e.client,
+                admin: None,
+            });
+        }
+        for (e, p) in plan.etcd.iter().zip(&state.etcd) {
+            listening(
+                e.client,
+                &e.name,
+                p.pid,
+                &logs.join(format!("{}.log", e.name)),
+            )
+            .await?;
+        }
+        let endpoints: Vec<String> = plan
+            .etcd
+            .iter()
+            .map(|e| format!("http://{}", e.client))
+            .collect();
+        probe::wait_for_etcd(&endpoints).await?;
+        println!(
+            "etcd: {} member(s) on {}",
+            plan.etcd.len(),
+            endpoints.join(",")
+        );
+
+        for (c, cp) in topology.clusters.iter().zip(&plan.clusters) {
+            let cs = self.start_cluster(c, cp, &endpoints, relays).await?;
+            println!(
+                "{}: controller, {} gateway(s), proxy on {}, {} backend(s)",
+                c.name,
+                cs.gateways.len(),
+                cs.proxy.address,
+                cs.backends.len()
+            );
+            state.clusters.push(cs);
+            state.save(self.dir)?;
+        }
+        // Ready when every cluster's proxy serves a service it has locally.
+        for (cs, cp) in state.clusters.iter().zip(&plan.clusters) {
+            if let Some(b) = cp.backends.iter().find(|b| {
+                topology
+                    .services
+                    .iter()
+                    .any(|s| s.key == b.service && s.protocol == Protocol::Http)
+            }) {
+                let host = format!("{}.{}", b.service.name, b.service.namespace);
+                probe::wait_http(cs.proxy.address, &host)
+                    .await
+                    .with_context(|| format!("{}'s proxy never served {host}", cs.name))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// One cluster: registered with `fedmesh register cluster`, then its
+    /// backends, controller, gateways (each behind its WAN relay) and proxy.
+    async fn start_cluster(
+        &self,
+        c: &Cluster,
+        cp: &ClusterPlan,
+        etcd: &[String],
+        relays: &mut Relays,
+    ) -> anyhow::Result<ClusterState> {
+        let cdir = self.dir.join(&c.name);
+        std::fs::create_dir_all(&cdir)?;
+        let td = TrustDomain::new(&format!("{}.fedmesh.local", c.name))?;
+        self.register(c, cp, &td, &cdir, etcd)?;
+        let mut cs = ClusterState {
+            name: c.name.clone(),
+            cloud: c.cloud.clone(),
+            region: c.region.clone(),
+            trust_domain: td.to_string(),
+            controller: Proc {
+                name: format!("{}-controller", c.name),
+                pid: 0,
+                address: cp.controller,
+                admin: Some(cp.controller_admin),
+            },
+            gateways: Vec::new(),
+            proxy: Proc {
+                name: format!("{}-proxy", c.name),
+                pid: 0,
+                address: cp.proxy_http,
+                admin: Some(cp.proxy_admin),
+            },
+            registry: cdir.join("registry.yaml"),
+            backends: self.backends(c, cp),
+        };
+        for b in &mut cs.backends {
+            b.pid = Some(spawn(
+                backend_cmd(self.bins, b, &c.name),
+                &self.backend_log(b),
+            )?);
+        }
+        render::write_registry(&cs)?;
+        self.start_controller(&mut cs, cp, &cdir).await?;
+        for (i, g) in cp.gateways.iter().enumerate() {
+            relays.push(self.wan_relay(c, g).await?);
+            let zone = &c.zones[i % c.zones.len()];
+            let from = from_controller(cp, &cdir, "gateway.token");
+            let config = cdir.join(format!("gateway-{i}.yaml"));
+            render::write_yaml(&config, &render::gateway(c, td.as_str(), zone, g, &from))?;
+            let name = format!("{}-gateway-{i}", c.name);
+            let pid = self
+                .run(&self.bins.gateway, &config, &name, g.egress, "a gateway")
+                .await?;
+            cs.gateways.push(Proc {
+                name,
+                pid,
+                address: g.quic,
+                admin: Some(g.admin),
+            });
+        }
+        let from = from_controller(cp, &cdir, "proxy.token");
+        let config = cdir.join("proxy.yaml");
+        render::write_yaml(&config, &render::proxy(c, td.as_str(), cp, &from))?;
+        let name = cs.proxy.name.clone();
+        cs.proxy.pid = self
+            .run(&self.bins.proxy, &config, &name, cp.proxy_http, "the proxy")
+            .await?;
+        for b in &cs.backends {
+            listening(
+                b.address,
+                "a backend",
+                b.pid.unwrap_or(0),
+                &self.backend_log(b),
+            )
+            .await?;
+        }
+        Ok(cs)
+    }
+
+    /// Registers `c` with the operator's own command, then writes what its
+    /// data plane starts from: its bundle, and one join token each for the
+    /// gateways and the proxy.
+    fn register(
+        &self,
+        c: &Cluster,
+        cp: &ClusterPlan,
+        td: &TrustDomain,
+        cdir: &Path,
+        etcd: &[String],
+    ) -> anyhow::Result<()> {
+        let join = cdir.join("join");
+        let _ = std::fs::remove_dir_all(&join);
+        let gateways: Vec<String> = cp.gateways.iter().map(|g| g.quic.to_string()).collect();
+        let out = std::process::Command::new(&self.bins.fedmesh)
+            .args([
+                "register", "cluster", &c.name, "--cloud", &c.cloud, "--region", &c.region,
+            ])
+            .arg("--zones")
+            .arg(c.zones.join(","))
+            .arg("--gateway")
+            .arg(gateways.join(","))
+            .arg("--trust-domain")
+            .arg(td.to_string())
+            .arg("--out")
+            .arg(&join)
+            .arg("--etcd")
+            .arg(etcd.join(","))
+            .output()
+            .context("running fedmesh register cluster")?;
+        std::fs::write(
+            self.logs.join(format!("{}-register.log", c.name)),
+            [&out.stdout[..], &out.stderr[..]].concat(),
+        )?;
+        if !out.status.success() {
+            bail!(
+                "registering {}: {}",
+                c.name,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        let joined = JoinDir::load(&join)?;
+        let bundle = Bundle::with_roots(td.clone(), [joined.ca.cert_der().clone()]);
+        std::fs::write(cdir.join("bundle.json"), bundle.to_document())?;
+        let (gw_token, proxy_token) = (token()?, token()?);
+        let gw_id = SpiffeId::gateway(td, &c.name)?;
+        let proxy_id = SpiffeId::workload(td, "fedmesh", "proxy")?;
+        let tokens = render::tokens(&[(&gw_token, &gw_id), (&proxy_token, &proxy_id)]);
+        render::write_yaml(&cdir.join("tokens.yaml"), &tokens)?;
+        fedmesh_trust::ca::write_private(&cdir.join("gateway.token"), gw_token.as_bytes())?;
+        fedmesh_trust::ca::write_private(&cdir.join("proxy.token"), proxy_token.as_bytes())?;
+        Ok(())
+    }
+
+    /// The demo backends of `c`, not started yet.
+    fn backends(&self, c: &Cluster, cp: &ClusterPlan) -> Vec<BackendState> {
+        cp.backends
+            .iter()
+            .map(|b| BackendState {
+                id: b.id(&c.name),
+                service: b.service.to_string(),
+                zone: b.zone.clone(),
+                address: b.address,
+                tcp: self
+                    .topology
+                    .services
+                    .iter()
+                    .any(|s| s.key == b.service && s.protocol == Protocol::Tcp),
+                pid: None,
+            })
+            .collect()
+    }
+
+    async fn start_controller(
+        &self,
+        cs: &mut ClusterState,
+        cp: &ClusterPlan,
+        cdir: &Path,
+    ) -> anyhow::Result<()> {
+        let mut cmd = std::process::Command::new(&self.bins.controller);
+        cmd.arg("--join")
+            .arg(cdir.join("join"))
+            .arg("--registry")
+            .arg(&cs.registry)
+            .arg("--listen")
+            .arg(cp.controller.to_string())
+            .arg("--admin")
+            .arg(cp.controller_admin.to_string())
+            .arg("--tokens")
+            .arg(cdir.join("tokens.yaml"));
+        let log = self.logs.join(format!("{}.log", cs.controller.name));
+        cs.controller.pid = spawn(cmd, &log)?;
+        listening(cp.controller, "the controller", cs.controller.pid, &log).await
+    }
+
+    /// The relay in front of gateway `g` of `c`: a datagram from another
+    /// cluster takes the topology's link between the two.
+    async fn wan_relay(&self, c: &Cluster, g: &GatewayPlan) -> anyhow::Result<JoinHandle<()>> {
+        let link_of: Arc<dyn Fn(SocketAddr) -> Link + Send + Sync> = {
+            let (topology, plan, here) = (self.topology.clone(), self.plan.clone(), c.name.clone());
+            Arc::new(move |from: SocketAddr| {
+                plan.cluster_of(from.ip())
+                    .and_then(|src| topology.link(&src.name, &here))
+                    .map_or(Link::default(), |l| Link {
+                        latency: l.latency,
+                        jitter: l.jitter,
+                        loss: l.loss,
+                    })
+            })
+        };
+        wan::relay(g.quic, g.quic_listen, link_of)
+            .await
+            .with_context(|| format!("the WAN relay on {}", g.quic))
+    }
+
+    /// Starts `bin --config <config>` as `name`; returns once `addr` listens.
+    async fn run(
+        &self,
+        bin: &Path,
+        config: &Path,
+        name: &str,
+        addr: SocketAddr,
+        what: &str,
+    ) -> anyhow::Result<u32> {
+        let mut cmd = std::process::Command::new(bin);
+        cmd.arg("--config").arg(config);
+        let log = self.logs.join(format!("{name}.log"));
+        let pid = spawn(cmd, &log)?;
+        listening(addr, what, pid, &log).await?;
+        Ok(pid)
+    }
+
+    fn backend_log(&self, b: &BackendState) -> PathBuf {
+        self.logs
+            .join(format!("{}.log", b.id.replace(['/', '@', '#'], "_")))
+    }
+}
+
+/// Where a data-plane process of the cluster finds its controller, from
+/// the cluster's directory.
+fn from_controller(cp: &ClusterPlan, cdir: &Path, token: &str) -> render::FromController {
+    render::FromController {
+        controller: cp.controller,
+        bundle: cdir.join("bundle.json"),
+        join_token_file: cdir.join(token),
+    }
+}
+
+/// `-d`: runs `up` detached in its own process group, logging to
+/// `<dir>/up.log`, and returns once it is ready.
+pub async fn up_detached(topology: &Path, dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let log = dir.join("up.log");
+    let mut cmd = std::process::Command::new(std::env::current_exe()?);
+    cmd.arg("up").arg(topology).arg("--state-dir").arg(dir);
+    let pid = spawn(cmd, &log)?;
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        if let Ok(s) = State::load(dir)
+            && s.ready
+            && s.supervisor == pid
+        {
+            print_status(&s, dir).await;
+            return Ok(());
+        }
+        if !alive(pid) || Instant::now() > deadline {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            signal(pid, "TERM");
+            bail!(
+                "fedmesh up did not come up; its log ({}):\n{text}",
+                log.display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// `fedmesh down`: asks the supervisor to stop everything, and waits.
+pub async fn down(dir: &Path) -> anyhow::Result<()> {
+    let s = State::load(dir)?;
+    if alive(s.supervisor) {
+        signal(s.supervisor, "TERM");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while alive(s.supervisor) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    // A supervisor that died left its children: stop them here.
+    let left: Vec<u32> = s.pids().into_iter().filter(|&p| alive(p)).collect();
+    stop_all(&left, Duration::from_secs(10)).await;
+    let _ = std::fs::remove_file(dir.join(STATE_FILE));
+    println!("{} is down", s.topology);
+    Ok(())
+}

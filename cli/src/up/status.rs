@@ -1,0 +1,286 @@
+//! `fedmesh status`: what runs, and how it is. [`observe`] asks (process
+//! table, admin ports, the global zone); [`status_of`] judges what was
+//! observed, without I/O, so that its rules are unit-tested.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use super::probe;
+use super::state::{Proc, State};
+use super::supervise::alive;
+
+/// A process's health.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Health {
+    /// Not running.
+    Down,
+    /// Running, but its `/ready` does not answer 200.
+    NotReady,
+    /// Running, and ready (or running, for one without an admin port).
+    Up,
+}
+
+impl Health {
+    pub fn label(self) -> &'static str {
+        match self {
+            Health::Down => "down",
+            Health::NotReady => "not ready",
+            Health::Up => "up",
+        }
+    }
+}
+
+/// What [`observe`] saw.
+#[derive(Debug, Default)]
+pub struct Observed {
+    /// By process name.
+    pub health: HashMap<String, Health>,
+    /// Backend processes still running.
+    pub alive: HashSet<u32>,
+    /// Each cluster's liveness in the global zone; empty when etcd did not
+    /// answer.
+    pub liveness: BTreeMap<String, fedmesh_api::Liveness>,
+}
+
+async fn health(p: &Proc) -> Health {
+    if !alive(p.pid) {
+        return Health::Down;
+    }
+    match p.admin {
+        None => Health::Up,
+        Some(admin) if probe::ready(admin).await => Health::Up,
+        Some(_) => Health::NotReady,
+    }
+}
+
+/// Looks at everything `s` lists.
+pub async fn observe(s: &State) -> Observed {
+    let mut o = Observed {
+        liveness: liveness(s).await,
+        ..Default::default()
+    };
+    for c in &s.clusters {
+        for p in std::iter::once(&c.controller)
+            .chain(&c.gateways)
+            .chain(std::iter::once(&c.proxy))
+        {
+            o.health.insert(p.name.clone(), health(p).await);
+        }
+        o.alive.extend(
+            c.backends
+                .iter()
+                .filter_map(|b| b.pid)
+                .filter(|&p| alive(p)),
+        );
+    }
+    o
+}
+
+/// What `status` reports of one cluster.
+#[derive(Debug, Serialize)]
+pub struct ClusterStatus {
+    pub name: String,
+    pub cloud: String,
+    pub region: String,
+    /// `up`, `not ready` or `down`, from its `/ready`.
+    pub controller: &'static str,
+    pub gateways_up: usize,
+    pub gateways: usize,
+    pub proxy: SocketAddr,
+    pub proxy_health: &'static str,
+    pub backends_up: usize,
+    pub backends: usize,
+    pub services: BTreeMap<String, String>,
+    /// `LIVE`, or `STALE` with its age, from the global zone; absent when
+    /// etcd does not answer.
+    pub liveness: Option<fedmesh_api::Liveness>,
+}
+
+/// Each cluster's liveness in the global zone; empty when etcd does not
+/// answer within 2 s (status must work with etcd down).
+pub async fn liveness(s: &State) -> BTreeMap<String, fedmesh_api::Liveness> {
+    let endpoints: Vec<String> = s
+        .etcd
+        .iter()
+        .map(|e| format!("http://{}", e.address))
+        .collect();
+    let read = async {
+        let client = etcd_client::Client::connect(&endpoints, None).await.ok()?;
+        let mut zone = fedmesh_zone::GlobalZone::new(client, Default::default());
+        let records = zone.clusters().await.ok()?;
+        let live = zone
+            .liveness(&records, time::OffsetDateTime::now_utc())
+            .await
+            .ok()?;
+        Some(records.into_iter().map(|r| r.name).zip(live).collect())
+    };
+    tokio::time::timeout(Duration::from_secs(2), read)
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or_default()
+}
+
+/// Each cluster's status from what was observed.
+pub fn status_of(s: &State, o: &Observed) -> Vec<ClusterStatus> {
+    let health = |p: &Proc| o.health.get(&p.name).copied().unwrap_or(Health::Down);
+    let running = |pid: Option<u32>| pid.is_some_and(|p| o.alive.contains(&p));
+    s.clusters
+        .iter()
+        .map(|c| {
+            let mut services: BTreeMap<String, (usize, usize)> = BTreeMap::new();
+            for b in &c.backends {
+                let e = services.entry(b.service.clone()).or_default();
+                e.1 += 1;
+                if running(b.pid) {
+                    e.0 += 1;
+                }
+            }
+            ClusterStatus {
+                name: c.name.clone(),
+                cloud: c.cloud.clone(),
+                region: c.region.clone(),
+                controller: health(&c.controller).label(),
+                gateways_up: c
+                    .gateways
+                    .iter()
+                    .filter(|g| health(g) == Health::Up)
+                    .count(),
+                gateways: c.gateways.len(),
+                proxy: c.proxy.address,
+                proxy_health: health(&c.proxy).label(),
+                backends_up: c.backends.iter().filter(|b| running(b.pid)).count(),
+                backends: c.backends.len(),
+                services: services
+                    .into_iter()
+                    .map(|(k, (up, all))| (k, format!("{up}/{all}")))
+                    .collect(),
+                liveness: o.liveness.get(&c.name).copied(),
+            }
+        })
+        .collect()
+}
+
+pub async fn print_status(s: &State, dir: &Path) {
+    println!(
+        "\n{:<20} {:<8} {:<16} {:<10} {:<10} {:<9} {:<22} SERVICES (healthy/total)",
+        "CLUSTER", "CLOUD", "REGION", "CONTROLLER", "LIVENESS", "GATEWAYS", "PROXY"
+    );
+    for c in status_of(s, &observe(s).await) {
+        let services: Vec<String> = c.services.iter().map(|(k, v)| format!("{k} {v}")).collect();
+        println!(
+            "{:<20} {:<8} {:<16} {:<10} {:<10} {:<9} {:<22} {}",
+            c.name,
+            c.cloud,
+            c.region,
+            c.controller,
+            c.liveness.map_or("?".to_string(), |l| l.to_string()),
+            format!("{}/{}", c.gateways_up, c.gateways),
+            format!("{} {}", c.proxy, c.proxy_health),
+            services.join(", ")
+        );
+    }
+    if let Some(c) = s.clusters.first()
+        && let Some(b) = c.backends.iter().find(|b| !b.tcp)
+    {
+        let (ns, name) = b.service.split_once('/').unwrap_or(("", &b.service));
+        println!(
+            "\nTry it: curl -s -H 'host: {name}.{ns}' http://{}/\nLogs and state: {}\nStop a service's backends: fedmesh stop {}/{}   (and `fedmesh start …`)\n",
+            c.proxy.address,
+            dir.display(),
+            c.name,
+            b.service
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::up::state::{BackendState, ClusterState};
+
+    fn proc(name: &str, pid: u32) -> Proc {
+        Proc {
+            name: name.into(),
+            pid,
+            address: "127.0.1.1:1".parse().unwrap(),
+            admin: None,
+        }
+    }
+
+    fn backend(service: &str, pid: Option<u32>) -> BackendState {
+        BackendState {
+            id: format!("aws/{service}@az1#{pid:?}"),
+            service: service.into(),
+            zone: "az1".into(),
+            address: "127.0.1.50:8080".parse().unwrap(),
+            tcp: false,
+            pid,
+        }
+    }
+
+    fn state() -> State {
+        State {
+            topology: "t".into(),
+            supervisor: 1,
+            ready: true,
+            etcd: vec![],
+            clusters: vec![ClusterState {
+                name: "aws".into(),
+                cloud: "aws".into(),
+                region: "r".into(),
+                trust_domain: "aws.fedmesh.local".into(),
+                controller: proc("aws-controller", 10),
+                gateways: vec![proc("aws-gateway-0", 11), proc("aws-gateway-1", 12)],
+                proxy: proc("aws-proxy", 13),
+                registry: "registry.yaml".into(),
+                backends: vec![
+                    backend("shop/cart", Some(20)),
+                    backend("shop/cart", Some(21)),
+                    backend("shop/cart", None),
+                    backend("shop/web", Some(22)),
+                ],
+            }],
+        }
+    }
+
+    #[test]
+    fn status_counts_ready_gateways_and_running_backends() {
+        let o = Observed {
+            health: [
+                ("aws-controller", Health::Up),
+                ("aws-gateway-0", Health::Up),
+                ("aws-gateway-1", Health::NotReady),
+                ("aws-proxy", Health::NotReady),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect(),
+            // 21 died; the stopped one has no pid.
+            alive: [20, 22].into(),
+            liveness: BTreeMap::new(),
+        };
+        let [c] = status_of(&state(), &o).try_into().unwrap();
+        assert_eq!(c.controller, "up");
+        assert_eq!((c.gateways_up, c.gateways), (1, 2), "not ready is not up");
+        assert_eq!(c.proxy_health, "not ready");
+        assert_eq!((c.backends_up, c.backends), (2, 4));
+        assert_eq!(c.services["shop/cart"], "1/3");
+        assert_eq!(c.services["shop/web"], "1/1");
+        assert_eq!(c.liveness, None, "etcd did not answer");
+    }
+
+    #[test]
+    fn a_process_nobody_could_ask_about_is_down() {
+        let [c] = status_of(&state(), &Observed::default())
+            .try_into()
+            .unwrap();
+        assert_eq!((c.controller, c.proxy_health), ("down", "down"));
+        assert_eq!(c.gateways_up, 0);
+        assert_eq!(c.backends_up, 0);
+    }
+}
