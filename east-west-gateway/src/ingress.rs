@@ -33,6 +33,8 @@ pub(crate) async fn serve(endpoint: quinn::Endpoint, sh: Arc<GatewayState>) {
     }
 }
 
+/// A peer connection: its handshake, then its streams, until it ends or
+/// stops verifying.
 async fn connection(incoming: quinn::Incoming, sh: Arc<GatewayState>) {
     let remote = incoming.remote_address();
     let conn = match incoming.await {
@@ -48,98 +50,130 @@ async fn connection(incoming: quinn::Incoming, sh: Arc<GatewayState>) {
         conn.close(code::BAD_HEADER, b"not a federated gateway");
         return;
     };
-    let peer = Arc::new(peer);
     tracing::debug!(%remote, peer = %peer.id, "peer gateway connected");
-    let rtt = sh
-        .metrics
-        .rtt_seconds
-        .get_or_create(&GatewayLabels {
-            peer_cluster: peer.cluster.clone(),
-            gateway: remote.to_string(),
-        })
-        .clone();
     // The connection ends at its peer's certificate's expiry: a renewed
     // SVID takes over with a fresh handshake.
     let expiry = fedmesh_trust::svid::parse_leaf(&chain[0])
         .map(|(_, info)| info.not_after)
         .unwrap_or_else(|_| SystemTime::now());
     let expires = Instant::now() + expiry.duration_since(SystemTime::now()).unwrap_or_default();
+    let why = serve_peer(&conn, Arc::new(peer), &chain, expires, &sh).await;
+    if let Some((why, peer)) = why {
+        tracing::info!(%remote, %peer, reason = %why, "closing a peer connection that no longer verifies");
+        conn.close(code::REVOKED, why.as_bytes());
+    }
+}
+
+/// Serves `conn`'s streams. Returns why, and whose, when the connection
+/// must close for no longer verifying; `None` when it simply ended.
+async fn serve_peer(
+    conn: &Connection,
+    peer: Arc<PeerGateway>,
+    chain: &[CertificateDer<'static>],
+    expires: Instant,
+    sh: &Arc<GatewayState>,
+) -> Option<(String, String)> {
+    let rtt = sh
+        .metrics
+        .rtt_seconds
+        .get_or_create(&GatewayLabels {
+            peer_cluster: peer.cluster.clone(),
+            gateway: conn.remote_address().to_string(),
+        })
+        .clone();
     let (mut routes, mut bundles) = (sh.routes.clone(), sh.bundles.clone());
     // Held by each of this connection's streams, to know when they are done.
     let live = Arc::new(());
-    let mut revoked: Option<(String, Instant)> = None;
+    let mut standing = Standing::default();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
+        let verified = standing.revoked.is_none();
         tokio::select! {
-            s = conn.accept_bi() => match s {
-                Ok((mut send, mut recv)) => {
-                    if let Some((why, _)) = &revoked {
-                        let r = Refusal::new(Status::Forbidden, why.clone());
-                        let (peer, sh) = (peer.clone(), sh.clone());
+            s = conn.accept_bi() => {
+                let Ok((send, recv)) = s else { return None };
+                let (peer, sh) = (peer.clone(), sh.clone());
+                match standing.refusal() {
+                    Some(r) => {
+                        let (mut send, mut recv) = (send, recv);
                         tokio::spawn(async move { refuse(&mut send, &mut recv, &peer, &sh, r).await });
-                        continue;
                     }
-                    let live = live.clone();
-                    let (peer, sh) = (peer.clone(), sh.clone());
-                    tokio::spawn(async move {
-                        let _live = live;
-                        stream(send, recv, peer, sh).await
-                    });
+                    None => {
+                        let live = live.clone();
+                        tokio::spawn(async move {
+                            let _live = live;
+                            stream(send, recv, peer, sh).await
+                        });
+                    }
                 }
-                Err(e) => {
-                    tracing::debug!(%remote, peer = %peer.id, error = %e, "peer gateway connection ended");
-                    return;
-                }
-            },
-            r = routes.changed(), if revoked.is_none() => {
-                if r.is_err() { return; }
-                revoked = recheck(&sh, &peer, &chain);
             }
-            r = bundles.changed(), if revoked.is_none() => {
-                if r.is_err() { return; }
-                revoked = recheck(&sh, &peer, &chain);
+            r = routes.changed(), if verified => {
+                r.ok()?;
+                standing.check(recheck(sh, &peer, chain), Instant::now());
             }
-            _ = tokio::time::sleep_until(expires), if revoked.is_none() => {
-                revoked = Some(("the peer's certificate has expired".into(), Instant::now()));
+            r = bundles.changed(), if verified => {
+                r.ok()?;
+                standing.check(recheck(sh, &peer, chain), Instant::now());
+            }
+            _ = tokio::time::sleep_until(expires), if verified => {
+                standing.check(Err("the peer's certificate has expired".into()), Instant::now());
             }
             _ = tick.tick() => {
                 rtt.set(conn.rtt().as_secs_f64());
             }
         }
-        if let Some((why, since)) = &revoked {
-            // New streams are refused at once; live ones may finish for up
-            // to the drain timeout, then the connection closes.
-            let drained = Arc::strong_count(&live) == 1;
-            if drained || since.elapsed() >= sh.settings.drain_timeout {
-                tracing::info!(%remote, peer = %peer.id, reason = %why, "closing a peer connection that no longer verifies");
-                sh.metrics.refused(DIRECTION, &peer.cluster, "revoked");
-                conn.close(code::REVOKED, why.as_bytes());
-                return;
-            }
+        let streams = Arc::strong_count(&live) - 1;
+        if let Some(why) = standing.must_close(streams, Instant::now(), sh.settings.drain_timeout) {
+            sh.metrics.refused(DIRECTION, &peer.cluster, "revoked");
+            return Some((why.to_string(), peer.id.to_string()));
         }
     }
 }
 
+/// Whether a peer connection still verifies, and when it must close once
+/// it does not. I/O-free: the driver reports each re-check and passes `now`.
+/// A revoked connection refuses new streams at once (`FORBIDDEN`); its live
+/// streams may finish for up to the drain timeout.
+#[derive(Debug, Default)]
+struct Standing {
+    /// Why it no longer verifies, and since when.
+    revoked: Option<(String, Instant)>,
+}
+
+impl Standing {
+    /// Records a re-check. The first failure is the one reported.
+    fn check(&mut self, verified: Result<(), String>, now: Instant) {
+        if let (None, Err(why)) = (&self.revoked, verified) {
+            self.revoked = Some((why, now));
+        }
+    }
+
+    /// The refusal for a new stream, when revoked.
+    fn refusal(&self) -> Option<Refusal> {
+        let (why, _) = self.revoked.as_ref()?;
+        Some(Refusal::new(Status::Forbidden, why.clone()))
+    }
+
+    /// Why the connection must close now: revoked, and no stream is live or
+    /// the drain timeout has passed.
+    fn must_close(&self, live_streams: usize, now: Instant, drain: Duration) -> Option<&str> {
+        let (why, since) = self.revoked.as_ref()?;
+        (live_streams == 0 || now.saturating_duration_since(*since) >= drain).then_some(why)
+    }
+}
+
 /// Whether a live connection from `peer`, which presented `chain`, still
-/// verifies under the current routes and bundles; why not, with when.
+/// verifies under the current routes and bundles; why not.
 fn recheck(
     sh: &GatewayState,
     peer: &PeerGateway,
     chain: &[CertificateDer<'static>],
-) -> Option<(String, Instant)> {
-    let why = if let Err(e) = sh.routes.borrow().peer_gateway(&peer.id) {
-        e
-    } else {
-        match sh
-            .bundles
-            .borrow()
-            .reverify(chain, SystemTime::now(), fedmesh_trust::Usage::Client)
-        {
-            Ok(_) => return None,
-            Err(e) => e.to_string(),
-        }
-    };
-    Some((why, Instant::now()))
+) -> Result<(), String> {
+    sh.routes.borrow().peer_gateway(&peer.id)?;
+    sh.bundles
+        .borrow()
+        .reverify(chain, SystemTime::now(), fedmesh_trust::Usage::Client)
+        .map(|_| ())
+        .map_err(|e| e.to_string())
 }
 
 /// The peer's identity. The TLS verifier has already checked the chain and
@@ -298,5 +332,56 @@ async fn refuse(
     let _ = recv.stop(code::REFUSED);
     if write_frame(send, &r.to_wire()).await.is_ok() {
         let _ = send.finish();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: Duration = Duration::from_secs(1);
+
+    #[test]
+    fn a_verified_connection_takes_streams_and_stays_open() {
+        let t0 = Instant::now();
+        let mut s = Standing::default();
+        s.check(Ok(()), t0);
+        assert!(s.refusal().is_none());
+        assert_eq!(s.must_close(0, t0 + 3600 * S, 5 * S), None);
+    }
+
+    #[test]
+    fn a_revoked_connection_refuses_at_once_and_closes_when_drained() {
+        let t0 = Instant::now();
+        let mut s = Standing::default();
+        s.check(Err("bundle rotated out".into()), t0);
+        let r = s.refusal().expect("new streams are refused");
+        assert_eq!(r.status, Status::Forbidden);
+        // Live streams may finish...
+        assert_eq!(s.must_close(2, t0 + 4 * S, 5 * S), None);
+        // ...and the connection closes once they have,
+        assert_eq!(
+            s.must_close(0, t0 + 4 * S, 5 * S),
+            Some("bundle rotated out")
+        );
+        // or at the drain timeout, whatever is still live.
+        assert_eq!(
+            s.must_close(2, t0 + 5 * S, 5 * S),
+            Some("bundle rotated out")
+        );
+    }
+
+    #[test]
+    fn the_first_reason_and_its_time_are_kept() {
+        let t0 = Instant::now();
+        let mut s = Standing::default();
+        s.check(Err("no longer a peer".into()), t0);
+        s.check(Err("certificate expired".into()), t0 + 4 * S);
+        s.check(Ok(()), t0 + 4 * S);
+        assert_eq!(
+            s.must_close(1, t0 + 5 * S, 5 * S),
+            Some("no longer a peer"),
+            "the drain counts from the first revocation, which stands"
+        );
     }
 }

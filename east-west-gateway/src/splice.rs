@@ -4,7 +4,6 @@
 //! credit instead of filling the gateway's memory.
 
 use std::io;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -65,71 +64,25 @@ const CHUNK: usize = 64 * 1024;
 /// stream is reset (never silently finished: the far end must not take a
 /// truncated stream for a complete one).
 pub async fn splice(
-    mut r: impl AsyncRead + Unpin,
-    mut w: impl AsyncWrite + Unpin,
+    r: impl AsyncRead + Unpin,
+    w: impl AsyncWrite + Unpin,
     send: &mut SendStream,
     recv: &mut RecvStream,
     idle: Duration,
     counters: &Counters,
 ) -> Result<Spliced, SpliceError> {
-    let start = Instant::now();
-    let last = Arc::new(AtomicU64::new(0));
-    let touch =
-        |last: &AtomicU64| last.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
-
-    let up = async {
-        let mut n = 0u64;
-        loop {
-            let mut buf = BytesMut::with_capacity(CHUNK);
-            let got = r.read_buf(&mut buf).await.map_err(SpliceError::Local)?;
-            if got == 0 {
-                send.finish()
-                    .map_err(|e| SpliceError::Peer(e.to_string()))?;
-                return Ok(n);
-            }
-            touch(&last);
-            n += got as u64;
-            counters.to_peer.inc_by(got as u64);
-            send.write_chunk(buf.freeze())
-                .await
-                .map_err(|e| SpliceError::Peer(e.to_string()))?;
-        }
-    };
-    let down = async {
-        let mut n = 0u64;
-        // Stream frames arrive a packet (about 1.4 KB) at a time: gather
-        // what has arrived into one buffer, so that the local side sees
-        // one write (one syscall, one TLS record) per 64 KiB, not per packet.
-        let mut buf = vec![0u8; CHUNK];
-        loop {
-            match recv.read(&mut buf).await {
-                Ok(Some(got)) => {
-                    touch(&last);
-                    n += got as u64;
-                    counters.from_peer.inc_by(got as u64);
-                    w.write_all(&buf[..got]).await.map_err(SpliceError::Local)?;
-                }
-                Ok(None) => {
-                    w.shutdown().await.map_err(SpliceError::Local)?;
-                    return Ok(n);
-                }
-                Err(e) => return Err(SpliceError::Peer(e.to_string())),
-            }
-        }
-    };
-    let watchdog = async {
-        loop {
-            let seen = Duration::from_millis(last.load(Ordering::Relaxed));
-            let due = start + seen + idle;
-            if Instant::now() >= due {
-                return SpliceError::Idle(idle);
-            }
-            tokio::time::sleep_until(due).await;
-        }
+    let activity = Activity {
+        start: Instant::now(),
+        last: AtomicU64::new(0),
     };
     let result = tokio::select! {
-        r = async { tokio::try_join!(up, down) } => r,
-        e = watchdog => Err(e),
+        r = async {
+            tokio::try_join!(
+                to_peer(r, send, &activity, counters),
+                from_peer(recv, w, &activity, counters),
+            )
+        } => r,
+        e = activity.idle_for(idle) => Err(e),
     };
     match result {
         Ok((to_peer, from_peer)) => {
@@ -146,6 +99,86 @@ pub async fn splice(
             let _ = send.reset(why);
             let _ = recv.stop(why);
             Err(e)
+        }
+    }
+}
+
+/// When a splice last moved a byte either way.
+struct Activity {
+    start: Instant,
+    /// Milliseconds since `start`.
+    last: AtomicU64,
+}
+
+impl Activity {
+    fn touch(&self) {
+        self.last
+            .store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// Resolves once nothing has moved for `idle`.
+    async fn idle_for(&self, idle: Duration) -> SpliceError {
+        loop {
+            let seen = Duration::from_millis(self.last.load(Ordering::Relaxed));
+            let due = self.start + seen + idle;
+            if Instant::now() >= due {
+                return SpliceError::Idle(idle);
+            }
+            tokio::time::sleep_until(due).await;
+        }
+    }
+}
+
+/// Local bytes to the peer, then FIN; the count.
+async fn to_peer(
+    mut r: impl AsyncRead + Unpin,
+    send: &mut SendStream,
+    activity: &Activity,
+    counters: &Counters,
+) -> Result<u64, SpliceError> {
+    let mut n = 0u64;
+    loop {
+        let mut buf = BytesMut::with_capacity(CHUNK);
+        let got = r.read_buf(&mut buf).await.map_err(SpliceError::Local)?;
+        if got == 0 {
+            send.finish()
+                .map_err(|e| SpliceError::Peer(e.to_string()))?;
+            return Ok(n);
+        }
+        activity.touch();
+        n += got as u64;
+        counters.to_peer.inc_by(got as u64);
+        send.write_chunk(buf.freeze())
+            .await
+            .map_err(|e| SpliceError::Peer(e.to_string()))?;
+    }
+}
+
+/// The peer's bytes to the local side, then shutdown; the count.
+async fn from_peer(
+    recv: &mut RecvStream,
+    mut w: impl AsyncWrite + Unpin,
+    activity: &Activity,
+    counters: &Counters,
+) -> Result<u64, SpliceError> {
+    let mut n = 0u64;
+    // Stream frames arrive a packet (about 1.4 KB) at a time: gather what
+    // has arrived into one buffer, so that the local side sees one write
+    // (one syscall, one TLS record) per 64 KiB, not per packet.
+    let mut buf = vec![0u8; CHUNK];
+    loop {
+        match recv.read(&mut buf).await {
+            Ok(Some(got)) => {
+                activity.touch();
+                n += got as u64;
+                counters.from_peer.inc_by(got as u64);
+                w.write_all(&buf[..got]).await.map_err(SpliceError::Local)?;
+            }
+            Ok(None) => {
+                w.shutdown().await.map_err(SpliceError::Local)?;
+                return Ok(n);
+            }
+            Err(e) => return Err(SpliceError::Peer(e.to_string())),
         }
     }
 }

@@ -147,7 +147,7 @@ async fn a_scoped_proxy_learns_services_on_demand() {
     .await;
 }
 
-/// DESIGN's static stability: gcp's and azure's controllers die, their
+/// Static stability (ARCHITECTURE.md §3.1): gcp's and azure's controllers die, their
 /// `alive` leases lapse, then etcd dies too. Their gateways and backends
 /// are fine, so aws's proxy goes on serving from them, unchanged, for
 /// three lease TTLs and more, and says they are unverified.
