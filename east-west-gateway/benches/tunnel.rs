@@ -178,7 +178,10 @@ async fn main() {
     let secs = env("SECS", 5);
     let payload = env("UDP_PAYLOAD", 1452);
     println!("maxUdpPayload {payload}");
-    let settings = format!("{{maxUdpPayload: {payload}}}");
+    let settings = fedmesh_gateway::Settings {
+        max_udp_payload: payload as u16,
+        ..Default::default()
+    };
     let a = Domain::new("aws-use1", "aws.example", 1);
     let b = Domain::new("gcp-usc1", "gcp.example", 2);
     let echo = Echo::start(b.ip(10)).await;
@@ -220,7 +223,7 @@ async fn main() {
             &[(&a, vec![])],
             &services,
             false,
-            &settings,
+            settings.clone(),
         )
         .await;
         let gw_a = GatewayProcess::spawn(
@@ -230,7 +233,7 @@ async fn main() {
             &[(&b, vec![gw_b.quic])],
             &[],
             true,
-            &settings,
+            settings.clone(),
         )
         .await;
         (

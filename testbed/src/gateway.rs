@@ -358,8 +358,8 @@ pub struct GatewayProcess {
 impl GatewayProcess {
     /// Starts a gateway of `d` on 127.0.<block>.<host>: it knows `peers`
     /// (each with its gateways), exports `services` (name, one endpoint),
-    /// and has an egress when asked. `settings` is a YAML flow map (`{}`
-    /// for the defaults). Returns once it listens.
+    /// and has an egress when asked. Its file is written from the gateway's
+    /// own `GatewayFile`. Returns once it listens.
     pub async fn spawn(
         dir: &std::path::Path,
         d: &Domain,
@@ -367,64 +367,60 @@ impl GatewayProcess {
         peers: &[(&Domain, Vec<SocketAddr>)],
         services: &[(&str, SocketAddr)],
         egress: bool,
-        settings: &str,
+        settings: Settings,
     ) -> Self {
-        use std::fmt::Write;
+        use fedmesh_gateway::config::{GatewayFile, IdentityFiles, Listen, PeerFile, ServiceFile};
         let svid = d.gateway_svid();
         let name = format!("{}-gw{host}", d.cluster);
-        std::fs::write(dir.join(format!("{name}.pem")), svid.chain_pem()).unwrap();
-        std::fs::write(dir.join(format!("{name}-key.pem")), svid.key_pem()).unwrap();
-        let mut yaml = format!(
-            "cluster: {}\ntrustDomain: {}\nzone: z1\nlisten:\n  quic: \"{}:0\"\n",
-            d.cluster,
-            d.td,
-            d.ip(host)
-        );
-        if egress {
-            writeln!(yaml, "  egress: \"{}:0\"", d.ip(host)).unwrap();
-        }
-        writeln!(
-            yaml,
-            "identity: {{certificate: {name}.pem, key: {name}-key.pem}}"
-        )
-        .unwrap();
-        yaml += "bundles:\n";
+        let (cert, key) = (format!("{name}.pem"), format!("{name}-key.pem"));
+        std::fs::write(dir.join(&cert), svid.chain_pem()).unwrap();
+        std::fs::write(dir.join(&key), svid.key_pem()).unwrap();
+        let mut bundles = std::collections::BTreeMap::new();
         for b in std::iter::once(d).chain(peers.iter().map(|(p, _)| *p)) {
             let file = format!("{}.json", b.td);
             std::fs::write(dir.join(&file), b.bundle().to_document()).unwrap();
-            writeln!(yaml, "  {}: {file}", b.td).unwrap();
+            bundles.insert(b.td.to_string(), file.into());
         }
-        yaml += if peers.is_empty() {
-            "peers: []\n"
-        } else {
-            "peers:\n"
+        let file = GatewayFile {
+            cluster: d.cluster.clone(),
+            trust_domain: d.td.to_string(),
+            zone: Some("z1".into()),
+            listen: Listen {
+                quic: SocketAddr::new(d.ip(host), 0),
+                egress: egress.then(|| SocketAddr::new(d.ip(host), 0)),
+                admin: None,
+            },
+            controller: None,
+            identity: Some(IdentityFiles {
+                certificate: cert.into(),
+                key: key.into(),
+            }),
+            bundles: Some(bundles),
+            peers: peers
+                .iter()
+                .map(|(p, gws)| PeerFile {
+                    cluster: p.cluster.clone(),
+                    trust_domain: p.td.to_string(),
+                    gateways: gws.iter().map(|g| g.to_string()).collect(),
+                })
+                .collect(),
+            services: services
+                .iter()
+                .map(|(svc, endpoint)| ServiceFile {
+                    name: (*svc).into(),
+                    ports: vec![8080],
+                    endpoints: vec![fedmesh_api::ListedEndpoint {
+                        address: endpoint.to_string(),
+                        zone: "z1".into(),
+                        healthy: true,
+                    }],
+                    allow: None,
+                })
+                .collect(),
+            settings,
         };
-        for (p, gws) in peers {
-            let gws: Vec<String> = gws.iter().map(|g| format!("\"{g}\"")).collect();
-            writeln!(
-                yaml,
-                "  - {{cluster: {}, trustDomain: {}, gateways: [{}]}}",
-                p.cluster,
-                p.td,
-                gws.join(", ")
-            )
-            .unwrap();
-        }
-        yaml += if services.is_empty() {
-            "services: []\n"
-        } else {
-            "services:\n"
-        };
-        for (svc, endpoint) in services {
-            writeln!(
-                yaml,
-                "  - {{name: {svc}, ports: [8080], endpoints: [{{address: \"{endpoint}\", zone: z1}}]}}"
-            )
-            .unwrap();
-        }
-        writeln!(yaml, "settings: {settings}").unwrap();
         let config = dir.join(format!("{name}.yaml"));
-        std::fs::write(&config, yaml).unwrap();
+        std::fs::write(&config, serde_saphyr::to_string(&file).unwrap()).unwrap();
         Self::start(&config).await
     }
 
