@@ -50,6 +50,46 @@ pub fn read_config(path: &Path) -> Result<(String, Beside), ConfigError> {
     Ok((text, Beside(base)))
 }
 
+/// How a data-plane process runs: from its file alone, or from its
+/// controller (the file names one).
+#[derive(Debug)]
+pub enum Mode<S, D> {
+    Static(S),
+    Discovery(D),
+}
+
+/// A data-plane process's config document (the gateway's, the proxy's).
+pub trait ConfigFile: DeserializeOwned {
+    type Static;
+    type Discovery;
+
+    /// Checks the document and reads the files it names with `read`. The
+    /// error names the field (`listen.tcp[1].address: ...`).
+    fn check(
+        self,
+        read: &dyn Fn(&Path) -> Result<Vec<u8>, String>,
+    ) -> Result<Mode<Self::Static, Self::Discovery>, String>;
+}
+
+/// Reads the config file at `path` and the files it names (relative to its
+/// directory), and checks it.
+pub fn load_config<F: ConfigFile>(
+    path: &Path,
+) -> Result<Mode<F::Static, F::Discovery>, ConfigError> {
+    let (text, beside) = read_config(path)?;
+    parse_config::<F>(&text, &path.display().to_string(), |p| beside.read(p))
+}
+
+/// Parses and checks a config document; `read` fetches the files it names.
+pub fn parse_config<F: ConfigFile>(
+    yaml: &str,
+    origin: &str,
+    read: impl Fn(&Path) -> Result<Vec<u8>, String>,
+) -> Result<Mode<F::Static, F::Discovery>, ConfigError> {
+    let f: F = parse_yaml(yaml, origin)?;
+    f.check(&read).map_err(ConfigError::at(origin))
+}
+
 /// Parses a YAML document into `F` (whose serde attributes refuse unknown
 /// fields); the error names the line and column.
 pub fn parse_yaml<F: DeserializeOwned>(yaml: &str, origin: &str) -> Result<F, ConfigError> {

@@ -240,8 +240,7 @@ pub enum GatewayConfig {
 impl GatewayConfig {
     /// Reads `path` and the files it names (relative to its directory).
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let (text, beside) = fedmesh_dataplane::files::read_config(path)?;
-        Self::parse(&text, &path.display().to_string(), |p| beside.read(p))
+        fedmesh_dataplane::files::load_config::<GatewayFile>(path).map(Self::from)
     }
 
     /// Parses a config document; `read` fetches the files it names.
@@ -250,15 +249,30 @@ impl GatewayConfig {
         origin: &str,
         read: impl Fn(&Path) -> Result<Vec<u8>, String>,
     ) -> Result<Self, ConfigError> {
-        let err = ConfigError::at(origin);
-        let f: GatewayFile = fedmesh_dataplane::files::parse_yaml(yaml, origin)?;
-        match f.controller {
-            Some(_) => discovery(f, &read)
-                .map(|c| GatewayConfig::Discovery(Box::new(c)))
-                .map_err(&err),
-            None => parse_static(f, &read)
-                .map(|c| GatewayConfig::Static(Box::new(c)))
-                .map_err(&err),
+        fedmesh_dataplane::files::parse_config::<GatewayFile>(yaml, origin, read).map(Self::from)
+    }
+}
+
+impl From<Mode<StaticConfig, DiscoveryConfig>> for GatewayConfig {
+    fn from(m: Mode<StaticConfig, DiscoveryConfig>) -> Self {
+        match m {
+            Mode::Static(s) => GatewayConfig::Static(Box::new(s)),
+            Mode::Discovery(d) => GatewayConfig::Discovery(Box::new(d)),
+        }
+    }
+}
+
+impl ConfigFile for GatewayFile {
+    type Static = StaticConfig;
+    type Discovery = DiscoveryConfig;
+
+    fn check(
+        self,
+        read: &dyn Fn(&Path) -> Result<Vec<u8>, String>,
+    ) -> Result<Mode<StaticConfig, DiscoveryConfig>, String> {
+        match self.controller {
+            Some(_) => discovery(self, &read).map(Mode::Discovery),
+            None => parse_static(self, &read).map(Mode::Static),
         }
     }
 }
@@ -317,6 +331,7 @@ fn discovery(
 }
 
 pub use fedmesh_dataplane::ConfigError;
+use fedmesh_dataplane::{ConfigFile, Mode};
 
 impl StaticConfig {
     /// Reads a static config; a discovery-mode file is an error here.

@@ -369,12 +369,12 @@ pub enum ProxyConfig {
 }
 
 pub use fedmesh_dataplane::ConfigError;
+use fedmesh_dataplane::{ConfigFile, Mode};
 
 impl ProxyConfig {
     /// Reads `path` and the files it names (relative to its directory).
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let (text, beside) = fedmesh_dataplane::files::read_config(path)?;
-        Self::parse(&text, &path.display().to_string(), |p| beside.read(p))
+        fedmesh_dataplane::files::load_config::<ProxyFile>(path).map(Self::from)
     }
 
     /// Parses a config document; `read` fetches the files it names.
@@ -383,23 +383,40 @@ impl ProxyConfig {
         origin: &str,
         read: impl Fn(&Path) -> Result<Vec<u8>, String>,
     ) -> Result<Self, ConfigError> {
-        let err = ConfigError::at(origin);
-        let f: ProxyFile = fedmesh_dataplane::files::parse_yaml(yaml, origin)?;
-        let common = common(&f).map_err(&err)?;
-        match f.controller {
-            Some(c) => discovery(common, c, f.identity, f.bundles, f.services, &read)
-                .map(|c| ProxyConfig::Discovery(Box::new(c)))
-                .map_err(&err),
-            None => parse_static(common, f.identity, f.bundles, f.services, &read)
-                .map(|c| ProxyConfig::Static(Box::new(c)))
-                .map_err(&err),
-        }
+        fedmesh_dataplane::files::parse_config::<ProxyFile>(yaml, origin, read).map(Self::from)
     }
 
     pub fn common(&self) -> &Common {
         match self {
             ProxyConfig::Static(s) => &s.common,
             ProxyConfig::Discovery(d) => &d.common,
+        }
+    }
+}
+
+impl From<Mode<StaticConfig, DiscoveryConfig>> for ProxyConfig {
+    fn from(m: Mode<StaticConfig, DiscoveryConfig>) -> Self {
+        match m {
+            Mode::Static(s) => ProxyConfig::Static(Box::new(s)),
+            Mode::Discovery(d) => ProxyConfig::Discovery(Box::new(d)),
+        }
+    }
+}
+
+impl ConfigFile for ProxyFile {
+    type Static = StaticConfig;
+    type Discovery = DiscoveryConfig;
+
+    fn check(
+        self,
+        read: &dyn Fn(&Path) -> Result<Vec<u8>, String>,
+    ) -> Result<Mode<StaticConfig, DiscoveryConfig>, String> {
+        let common = common(&self)?;
+        match self.controller {
+            Some(c) => discovery(common, c, self.identity, self.bundles, self.services, &read)
+                .map(Mode::Discovery),
+            None => parse_static(common, self.identity, self.bundles, self.services, &read)
+                .map(Mode::Static),
         }
     }
 }
