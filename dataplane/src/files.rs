@@ -50,32 +50,20 @@ pub fn read_config(path: &Path) -> Result<(String, Beside), ConfigError> {
     Ok((text, Beside(base)))
 }
 
-/// How a data-plane process runs: from its file alone, or from its
-/// controller (the file names one).
-#[derive(Debug)]
-pub enum Mode<S, D> {
-    Static(S),
-    Discovery(D),
-}
-
-/// A data-plane process's config document (the gateway's, the proxy's).
+/// A data-plane process's config document (the gateway's, the proxy's):
+/// what it parses into once checked.
 pub trait ConfigFile: DeserializeOwned {
-    type Static;
-    type Discovery;
+    type Config;
 
     /// Checks the document and reads the files it names with `read`. The
     /// error names the field (`listen.tcp[1].address: ...`).
-    fn check(
-        self,
-        read: &dyn Fn(&Path) -> Result<Vec<u8>, String>,
-    ) -> Result<Mode<Self::Static, Self::Discovery>, String>;
+    fn check(self, read: &dyn Fn(&Path) -> Result<Vec<u8>, String>)
+    -> Result<Self::Config, String>;
 }
 
 /// Reads the config file at `path` and the files it names (relative to its
 /// directory), and checks it.
-pub fn load_config<F: ConfigFile>(
-    path: &Path,
-) -> Result<Mode<F::Static, F::Discovery>, ConfigError> {
+pub fn load_config<F: ConfigFile>(path: &Path) -> Result<F::Config, ConfigError> {
     let (text, beside) = read_config(path)?;
     parse_config::<F>(&text, &path.display().to_string(), |p| beside.read(p))
 }
@@ -85,7 +73,7 @@ pub fn parse_config<F: ConfigFile>(
     yaml: &str,
     origin: &str,
     read: impl Fn(&Path) -> Result<Vec<u8>, String>,
-) -> Result<Mode<F::Static, F::Discovery>, ConfigError> {
+) -> Result<F::Config, ConfigError> {
     let f: F = parse_yaml(yaml, origin)?;
     f.check(&read).map_err(ConfigError::at(origin))
 }

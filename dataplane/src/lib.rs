@@ -14,5 +14,5 @@ pub mod files;
 pub mod process;
 pub mod source;
 
-pub use files::{ConfigError, ConfigFile, Mode};
+pub use files::{ConfigError, ConfigFile};
 pub use source::{ConfigSource, Feeds, Snapshot};

@@ -240,7 +240,7 @@ pub enum GatewayConfig {
 impl GatewayConfig {
     /// Reads `path` and the files it names (relative to its directory).
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        fedmesh_dataplane::files::load_config::<GatewayFile>(path).map(Self::from)
+        fedmesh_dataplane::files::load_config::<GatewayFile>(path)
     }
 
     /// Parses a config document; `read` fetches the files it names.
@@ -249,30 +249,20 @@ impl GatewayConfig {
         origin: &str,
         read: impl Fn(&Path) -> Result<Vec<u8>, String>,
     ) -> Result<Self, ConfigError> {
-        fedmesh_dataplane::files::parse_config::<GatewayFile>(yaml, origin, read).map(Self::from)
-    }
-}
-
-impl From<Mode<StaticConfig, DiscoveryConfig>> for GatewayConfig {
-    fn from(m: Mode<StaticConfig, DiscoveryConfig>) -> Self {
-        match m {
-            Mode::Static(s) => GatewayConfig::Static(Box::new(s)),
-            Mode::Discovery(d) => GatewayConfig::Discovery(Box::new(d)),
-        }
+        fedmesh_dataplane::files::parse_config::<GatewayFile>(yaml, origin, read)
     }
 }
 
 impl ConfigFile for GatewayFile {
-    type Static = StaticConfig;
-    type Discovery = DiscoveryConfig;
+    type Config = GatewayConfig;
 
     fn check(
         self,
         read: &dyn Fn(&Path) -> Result<Vec<u8>, String>,
-    ) -> Result<Mode<StaticConfig, DiscoveryConfig>, String> {
+    ) -> Result<GatewayConfig, String> {
         match self.controller {
-            Some(_) => discovery(self, &read).map(Mode::Discovery),
-            None => parse_static(self, &read).map(Mode::Static),
+            Some(_) => discovery(self, &read).map(|c| GatewayConfig::Discovery(Box::new(c))),
+            None => parse_static(self, &read).map(|c| GatewayConfig::Static(Box::new(c))),
         }
     }
 }
@@ -331,7 +321,7 @@ fn discovery(
 }
 
 pub use fedmesh_dataplane::ConfigError;
-use fedmesh_dataplane::{ConfigFile, Mode};
+use fedmesh_dataplane::ConfigFile;
 
 impl StaticConfig {
     /// Reads a static config; a discovery-mode file is an error here.

@@ -369,12 +369,12 @@ pub enum ProxyConfig {
 }
 
 pub use fedmesh_dataplane::ConfigError;
-use fedmesh_dataplane::{ConfigFile, Mode};
+use fedmesh_dataplane::ConfigFile;
 
 impl ProxyConfig {
     /// Reads `path` and the files it names (relative to its directory).
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        fedmesh_dataplane::files::load_config::<ProxyFile>(path).map(Self::from)
+        fedmesh_dataplane::files::load_config::<ProxyFile>(path)
     }
 
     /// Parses a config document; `read` fetches the files it names.
@@ -383,7 +383,7 @@ impl ProxyConfig {
         origin: &str,
         read: impl Fn(&Path) -> Result<Vec<u8>, String>,
     ) -> Result<Self, ConfigError> {
-        fedmesh_dataplane::files::parse_config::<ProxyFile>(yaml, origin, read).map(Self::from)
+        fedmesh_dataplane::files::parse_config::<ProxyFile>(yaml, origin, read)
     }
 
     pub fn common(&self) -> &Common {
@@ -394,29 +394,16 @@ impl ProxyConfig {
     }
 }
 
-impl From<Mode<StaticConfig, DiscoveryConfig>> for ProxyConfig {
-    fn from(m: Mode<StaticConfig, DiscoveryConfig>) -> Self {
-        match m {
-            Mode::Static(s) => ProxyConfig::Static(Box::new(s)),
-            Mode::Discovery(d) => ProxyConfig::Discovery(Box::new(d)),
-        }
-    }
-}
-
 impl ConfigFile for ProxyFile {
-    type Static = StaticConfig;
-    type Discovery = DiscoveryConfig;
+    type Config = ProxyConfig;
 
-    fn check(
-        self,
-        read: &dyn Fn(&Path) -> Result<Vec<u8>, String>,
-    ) -> Result<Mode<StaticConfig, DiscoveryConfig>, String> {
+    fn check(self, read: &dyn Fn(&Path) -> Result<Vec<u8>, String>) -> Result<ProxyConfig, String> {
         let common = common(&self)?;
         match self.controller {
             Some(c) => discovery(common, c, self.identity, self.bundles, self.services, &read)
-                .map(Mode::Discovery),
+                .map(|c| ProxyConfig::Discovery(Box::new(c))),
             None => parse_static(common, self.identity, self.bundles, self.services, &read)
-                .map(Mode::Static),
+                .map(|c| ProxyConfig::Static(Box::new(c))),
         }
     }
 }
