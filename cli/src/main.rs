@@ -65,6 +65,11 @@ enum Command {
         /// Where logs, pids and state go [default: .fedmesh/<topology name>].
         #[arg(long)]
         state_dir: Option<PathBuf>,
+        /// Move every loopback block up by this many (etcd in 127.0.<9+N>.x,
+        /// cluster i in 127.0.<10+N+i>.x), so that a second federation
+        /// (tests, say) runs beside one that is up.
+        #[arg(long, default_value_t = 0, env = "FEDMESH_BLOCK_OFFSET")]
+        block_offset: u8,
     },
     /// Stop what `fedmesh up` started.
     Down {
@@ -167,13 +172,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             topology,
             detach,
             state_dir,
+            block_offset,
         } => {
             let t = up::load_topology(&topology)?;
             let dir = up::state_dir_for(state_dir, &t);
             if detach {
-                up::up_detached(&topology, &dir).await
+                up::up_detached(&topology, &dir, block_offset).await
             } else {
-                up::up(&topology, &dir).await
+                up::up(&topology, &dir, block_offset).await
             }
         }
         Command::Down { state_dir } => up::down(&up::find_state_dir(state_dir)?).await,

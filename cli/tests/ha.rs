@@ -18,8 +18,9 @@ use std::time::Duration;
 use support::{Load, Up, ensure_binaries, fedmesh_ok};
 use tokio::time::Instant;
 
-/// aws-use1's proxy: the first cluster's block, 127.0.10.x.
-const AWS_PROXY: &str = "127.0.10.5:4140";
+/// aws-use1's proxy: the first cluster's block, 127.0.110.x (the tests move
+/// every block up by 100, clear of a federation the user may have up).
+const AWS_PROXY: &str = "127.0.110.5:4140";
 
 /// The pid of `cluster`'s gateway `i`, from the state `up` keeps.
 fn gateway_pid(state: &std::path::Path, cluster: &str, i: usize) -> u32 {

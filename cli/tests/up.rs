@@ -16,8 +16,8 @@ use support::{Load, Up, ensure_binaries, fedmesh, fedmesh_ok};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-/// aws-use1's proxy in three-clouds.yaml (block 127.0.10.x).
-const AWS_PROXY: &str = "127.0.10.5:4140";
+/// aws-use1's proxy in three-clouds.yaml (block 127.0.110.x: the tests move every block up by 100, clear of a federation the user may have up).
+const AWS_PROXY: &str = "127.0.110.5:4140";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_clouds_fail_over_from_aws_and_back() {
@@ -34,7 +34,7 @@ async fn three_clouds_fail_over_from_aws_and_back() {
         assert_eq!(out.status.code(), Some(1));
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(
-            err.contains("127.0.10.5:4140 is taken; it is aws-use1's proxy"),
+            err.contains("127.0.110.5:4140 is taken; it is aws-use1's proxy"),
             "{err}"
         );
     }
@@ -97,6 +97,24 @@ async fn three_clouds_fail_over_from_aws_and_back() {
         TcpStream::connect(proxy).await.is_err(),
         "the proxy is gone"
     );
+}
+
+#[test]
+fn a_block_offset_that_leaves_no_room_is_refused_before_anything_starts() {
+    ensure_binaries();
+    let dir = tempfile::tempdir().unwrap();
+    let topology = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../topologies/three-clouds.yaml"
+    );
+    let out = fedmesh(&["up", topology, "--block-offset", "250"], dir.path());
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--block-offset: a block offset of 250") && err.contains("use at most 243"),
+        "{err}"
+    );
+    assert!(!dir.path().join("state.json").exists(), "nothing started");
 }
 
 #[test]

@@ -338,7 +338,9 @@ fn check(f: File) -> Result<Topology, String> {
 }
 
 /// Where everything of a topology listens, on loopback: etcd in
-/// 127.0.9.x, cluster i in 127.0.<10 + i>.x.
+/// 127.0.<9 + offset>.x, cluster i in 127.0.<10 + offset + i>.x. The
+/// offset (0 by default) lets a second federation (tests beside a running
+/// demo) take other blocks.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Plan {
     pub etcd: Vec<EtcdMember>,
@@ -408,12 +410,33 @@ impl Plan {
 }
 
 impl Topology {
+    /// The address plan in the default blocks (a topology's clusters always
+    /// fit there).
     pub fn plan(&self) -> Plan {
+        self.blocks(0)
+    }
+
+    /// The address plan with every block moved up by `offset`; an error
+    /// when the last cluster's block would pass 127.0.255.x.
+    pub fn plan_at(&self, offset: u8) -> Result<Plan, String> {
+        let last = usize::from(FIRST_BLOCK) + usize::from(offset) + self.clusters.len() - 1;
+        if last > usize::from(u8::MAX) {
+            let most = usize::from(u8::MAX) + 1 - usize::from(FIRST_BLOCK) - self.clusters.len();
+            return Err(format!(
+                "a block offset of {offset} would put the last of {} clusters in 127.0.{last}.x; \
+                 use at most {most}",
+                self.clusters.len()
+            ));
+        }
+        Ok(self.blocks(offset))
+    }
+
+    fn blocks(&self, offset: u8) -> Plan {
         let etcd = (0..self.etcd_members)
             .map(|i| EtcdMember {
                 name: format!("etcd-{i}"),
-                client: addr(9, 1 + i, 2379),
-                peer: addr(9, 1 + i, 2380),
+                client: addr((FIRST_BLOCK - 1).saturating_add(offset), 1 + i, 2379),
+                peer: addr((FIRST_BLOCK - 1).saturating_add(offset), 1 + i, 2380),
             })
             .collect();
         let clusters = self
@@ -421,7 +444,9 @@ impl Topology {
             .iter()
             .enumerate()
             .map(|(i, c)| {
-                let block = FIRST_BLOCK + u8::try_from(i).unwrap_or(u8::MAX - FIRST_BLOCK);
+                // `plan_at` checked that every block fits.
+                let i = u8::try_from(i).unwrap_or(u8::MAX);
+                let block = FIRST_BLOCK.saturating_add(offset).saturating_add(i);
                 let gateways = (0..c.gateways)
                     .map(|g| GatewayPlan {
                         quic: addr(block, 11 + g, 15443),
@@ -484,6 +509,32 @@ wan:
 
     fn parse(y: &str) -> Result<Topology, TopologyError> {
         Topology::parse(y, "t.yaml")
+    }
+
+    #[test]
+    fn an_offset_moves_every_block_and_nothing_else() {
+        let t = Topology::parse(GOOD, "t.yaml").unwrap();
+        let (base, moved) = (t.plan(), t.plan_at(100).unwrap());
+        assert_eq!(moved.etcd[0].client.to_string(), "127.0.109.1:2379");
+        for (b, m) in base.clusters.iter().zip(&moved.clusters) {
+            assert_eq!(m.block, b.block + 100);
+            assert_eq!(m.proxy_http.port(), b.proxy_http.port());
+            assert_eq!(m.backends.len(), b.backends.len());
+            assert!(
+                moved
+                    .cluster_of(m.proxy_http.ip())
+                    .is_some_and(|c| c.name == b.name),
+                "the moved plan knows its own blocks"
+            );
+            assert!(moved.cluster_of(b.proxy_http.ip()).is_none());
+        }
+        // The last block may be 127.0.255.x, not past it.
+        let n = t.clusters.len() as u16;
+        let most = u8::try_from(256 - u16::from(FIRST_BLOCK) - n).unwrap();
+        let top = t.plan_at(most).unwrap();
+        assert_eq!(top.clusters.last().unwrap().block, u8::MAX);
+        let err = t.plan_at(most + 1).unwrap_err();
+        assert!(err.contains(&format!("use at most {most}")), "{err}");
     }
 
     #[test]

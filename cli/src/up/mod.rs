@@ -57,8 +57,9 @@ struct Launch<'a> {
     logs: PathBuf,
 }
 
-/// Brings the topology up and supervises it until Ctrl-C or SIGTERM.
-pub async fn up(topology_path: &Path, dir: &Path) -> anyhow::Result<()> {
+/// Brings the topology up, its blocks moved up by `offset`, and supervises
+/// it until Ctrl-C or SIGTERM.
+pub async fn up(topology_path: &Path, dir: &Path, offset: u8) -> anyhow::Result<()> {
     let topology = load_topology(topology_path)?;
     if let Ok(s) = State::load(dir)
         && alive(s.supervisor)
@@ -80,7 +81,9 @@ pub async fn up(topology_path: &Path, dir: &Path) -> anyhow::Result<()> {
     {
         bail!("etcd is not installed: install Debian's etcd-server (scripts/setup.sh does)");
     }
-    let plan = topology.plan();
+    let plan = topology
+        .plan_at(offset)
+        .map_err(|e| anyhow::anyhow!("--block-offset: {e}"))?;
     check_ports(&plan)?;
     let logs = dir.join("logs");
     std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
@@ -440,11 +443,16 @@ fn from_controller(cp: &ClusterPlan, cdir: &Path, token: &str) -> render::FromCo
 
 /// `-d`: runs `up` detached in its own process group, logging to
 /// `<dir>/up.log`, and returns once it is ready.
-pub async fn up_detached(topology: &Path, dir: &Path) -> anyhow::Result<()> {
+pub async fn up_detached(topology: &Path, dir: &Path, offset: u8) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir)?;
     let log = dir.join("up.log");
     let mut cmd = std::process::Command::new(std::env::current_exe()?);
-    cmd.arg("up").arg(topology).arg("--state-dir").arg(dir);
+    cmd.arg("up")
+        .arg(topology)
+        .arg("--state-dir")
+        .arg(dir)
+        .arg("--block-offset")
+        .arg(offset.to_string());
     let pid = spawn(cmd, &log)?;
     let deadline = Instant::now() + Duration::from_secs(180);
     loop {

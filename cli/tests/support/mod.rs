@@ -45,9 +45,14 @@ pub fn ensure_binaries() {
     }
 }
 
+/// Every federation a test brings up has its blocks moved up by this much,
+/// clear of one the user may have up (127.0.9.x to 127.0.12.x by default).
+pub const BLOCK_OFFSET: &str = "100";
+
 pub fn fedmesh(args: &[&str], state: &Path) -> std::process::Output {
     Command::new(FEDMESH)
         .args(args)
+        .env("FEDMESH_BLOCK_OFFSET", BLOCK_OFFSET)
         .arg("--state-dir")
         .arg(state)
         .output()
