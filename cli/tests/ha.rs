@@ -3,7 +3,9 @@
 //! each, as real processes. aws's checkout backends are stopped, so aws's
 //! proxy sends every GET to gcp. Under steady GETs, one of aws's gateways
 //! is killed with SIGKILL, then one of gcp's: no GET fails, and traffic
-//! never pauses for long.
+//! never pauses for long. The topology's TCP service is reachable through
+//! each proxy's listener for it, from aws's own backend and, once that is
+//! stopped, from gcp's.
 //!
 //! Its own test binary: `cargo test` runs binaries one after another, so
 //! this federation never shares loopback addresses with `up.rs`'s.
@@ -21,6 +23,22 @@ use tokio::time::Instant;
 /// aws-use1's proxy: the first cluster's block, 127.0.110.x (the tests move
 /// every block up by 100, clear of a federation the user may have up).
 const AWS_PROXY: &str = "127.0.110.5:4140";
+/// aws-use1's proxy listener for the TCP service shop/db (port 5432).
+const AWS_DB: &str = "127.0.110.5:5432";
+
+/// Bytes through the mesh's TCP listener come back from the db's demo
+/// backend, a byte echo.
+async fn echo_through(listener: &str) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(listener).await.unwrap();
+    s.write_all(b"select 1").await.unwrap();
+    let mut back = [0u8; 8];
+    tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut back))
+        .await
+        .expect("an echo within 10 s")
+        .unwrap();
+    assert_eq!(&back, b"select 1");
+}
 
 /// The pid of `cluster`'s gateway `i`, from the state `up` keeps.
 fn gateway_pid(state: &std::path::Path, cluster: &str, i: usize) -> u32 {
@@ -98,4 +116,28 @@ async fn killing_one_gateway_on_either_side_fails_no_get() {
         longest <= Duration::from_millis(1400),
         "traffic paused for {longest:?}"
     );
+
+    // The TCP service, through aws's proxy listener: from aws's own db,
+    // then, with it stopped, across the WAN from gcp's.
+    let status = fedmesh_ok(&["status", "-o", "json"], state.path());
+    assert!(
+        status.contains(AWS_DB),
+        "status names the listener: {status}"
+    );
+    echo_through(AWS_DB).await;
+    fedmesh_ok(&["stop", "aws-use1/shop/db"], state.path());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        // The proxy learns of the stop from its controller; until then a
+        // connection may still go to the stopped backend and be refused.
+        let tried = tokio::spawn(echo_through(AWS_DB)).await;
+        if tried.is_ok() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no echo from gcp's db within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

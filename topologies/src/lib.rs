@@ -26,6 +26,10 @@ pub const KIND: &str = "Topology";
 pub const FIRST_BLOCK: u8 = 10;
 pub const MAX_CLUSTERS: usize = 200;
 pub const MAX_GATEWAYS: u8 = 4;
+/// The proxy's HTTP and admin ports (host .5 of each block); its TCP
+/// listeners take their services' own ports there.
+pub const PROXY_HTTP_PORT: u16 = 4140;
+pub const PROXY_ADMIN_PORT: u16 = 4191;
 /// Backends of a cluster use hosts 100 and up of its block.
 pub const MAX_BACKENDS_PER_CLUSTER: usize = 150;
 
@@ -260,6 +264,24 @@ fn check(f: File) -> Result<Topology, String> {
         if v.port == 0 {
             return Err(format!("{here}.port: 0 is not a port"));
         }
+        if v.protocol == Protocol::Tcp {
+            // Each proxy listens for a TCP service on the service's port.
+            if [PROXY_HTTP_PORT, PROXY_ADMIN_PORT].contains(&v.port) {
+                return Err(format!(
+                    "{here}.port: {} is the proxy's own (HTTP {PROXY_HTTP_PORT}, admin {PROXY_ADMIN_PORT}); a TCP service's proxy listener takes its port",
+                    v.port
+                ));
+            }
+            if let Some(other) = services
+                .iter()
+                .find(|x| x.protocol == Protocol::Tcp && x.port == v.port)
+            {
+                return Err(format!(
+                    "{here}.port: {} is also TCP service {}'s; the proxy listens for each on its port",
+                    v.port, other.key
+                ));
+            }
+        }
         for (cluster, zones) in &v.replicas {
             let Some(c) = clusters.iter().find(|c| &c.name == cluster) else {
                 return Err(format!(
@@ -364,6 +386,9 @@ pub struct ClusterPlan {
     pub gateways: Vec<GatewayPlan>,
     pub proxy_http: SocketAddr,
     pub proxy_admin: SocketAddr,
+    /// The proxy's listener for each TCP service of the topology, on the
+    /// service's port.
+    pub proxy_tcp: Vec<(ServiceKey, SocketAddr)>,
     pub backends: Vec<BackendPlan>,
 }
 
@@ -476,8 +501,14 @@ impl Topology {
                     controller: addr(block, 2, 15010),
                     controller_admin: addr(block, 2, 15014),
                     gateways,
-                    proxy_http: addr(block, 5, 4140),
-                    proxy_admin: addr(block, 5, 4191),
+                    proxy_http: addr(block, 5, PROXY_HTTP_PORT),
+                    proxy_admin: addr(block, 5, PROXY_ADMIN_PORT),
+                    proxy_tcp: self
+                        .services
+                        .iter()
+                        .filter(|s| s.protocol == Protocol::Tcp)
+                        .map(|s| (s.key.clone(), addr(block, 5, s.port)))
+                        .collect(),
                     backends,
                 }
             })
@@ -569,6 +600,51 @@ wan:
             "gcp"
         );
         assert!(p.cluster_of("127.0.99.1".parse().unwrap()).is_none());
+    }
+
+    #[test]
+    fn every_proxy_listens_for_every_tcp_service_on_its_port() {
+        let y = format!(
+            "{GOOD}  - name: shop/db\n    port: 5432\n    protocol: tcp\n    replicas: {{gcp: {{a: 1}}}}\n"
+        )
+        .replace("wan:\n  - {between: [aws, gcp], latency: 30ms, jitter: 2ms, loss: 0.001}\n", "")
+            + "wan:\n  - {between: [aws, gcp], latency: 30ms}\n";
+        let p = parse(&y).unwrap().plan();
+        for c in &p.clusters {
+            let [(svc, addr)] = c.proxy_tcp.as_slice() else {
+                panic!("{}: {:?}", c.name, c.proxy_tcp);
+            };
+            assert_eq!(svc.to_string(), "shop/db");
+            assert_eq!(*addr, SocketAddr::new(c.proxy_http.ip(), 5432));
+        }
+        // No HTTP service gets one.
+        assert!(parse(GOOD).unwrap().plan().clusters[0].proxy_tcp.is_empty());
+    }
+
+    #[test]
+    fn a_tcp_service_may_not_take_the_proxys_ports_or_anothers() {
+        let tcp = |name: &str, port: u16| {
+            format!(
+                "  - name: {name}\n    port: {port}\n    protocol: tcp\n    replicas: {{gcp: {{a: 1}}}}\n"
+            )
+        };
+        let with = |extra: String| GOOD.replace("wan:\n", &format!("{extra}wan:\n"));
+        let e = parse(&with(tcp("shop/db", 4140))).unwrap_err().to_string();
+        assert!(
+            e.contains("services[1].port: 4140 is the proxy's own"),
+            "{e}"
+        );
+        let e = parse(&with(tcp("shop/db", 4191))).unwrap_err().to_string();
+        assert!(e.contains("services[1].port: 4191"), "{e}");
+        let two = tcp("shop/db", 5432) + &tcp("shop/cache", 5432);
+        let e = parse(&with(two)).unwrap_err().to_string();
+        assert!(
+            e.contains("services[2].port: 5432 is also TCP service shop/db's"),
+            "{e}"
+        );
+        // An HTTP service on a TCP one's port is fine: it has no listener.
+        let http = "  - name: shop/web\n    port: 5432\n    replicas: {gcp: {a: 1}}\n";
+        parse(&with(tcp("shop/db", 5432) + http)).unwrap();
     }
 
     #[test]

@@ -246,6 +246,11 @@ impl Launch<'_> {
                 address: cp.proxy_http,
                 admin: Some(cp.proxy_admin),
             },
+            proxy_tcp: cp
+                .proxy_tcp
+                .iter()
+                .map(|(s, a)| (s.to_string(), *a))
+                .collect(),
             registry: cdir.join("registry.yaml"),
             backends: self.backends(c, cp),
         };

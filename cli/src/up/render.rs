@@ -122,7 +122,7 @@ pub fn proxy(
     from: &FromController,
 ) -> fedmesh_proxy::config::ProxyFile {
     use fedmesh_proxy::config::{
-        ControllerFile, Listen, LocalityFile, OutlierSettings, ProxyFile, Settings,
+        ControllerFile, Listen, LocalityFile, OutlierSettings, ProxyFile, Settings, TcpListen,
     };
     let settings = Settings {
         failback_hold: Duration::from_secs(5),
@@ -142,7 +142,14 @@ pub fn proxy(
         },
         listen: Listen {
             http: Some(cp.proxy_http),
-            tcp: Vec::new(),
+            tcp: cp
+                .proxy_tcp
+                .iter()
+                .map(|(service, address)| TcpListen {
+                    address: *address,
+                    service: service.clone(),
+                })
+                .collect(),
             admin: Some(cp.proxy_admin),
         },
         gateways: cp.gateways.iter().map(|g| g.egress).collect(),
@@ -200,6 +207,7 @@ mod tests {
             gateways: vec![gw()],
             proxy_http: addr("127.0.1.3:15080"),
             proxy_admin: addr("127.0.1.3:15081"),
+            proxy_tcp: vec![("shop/db".parse().unwrap(), addr("127.0.1.3:5432"))],
             backends: vec![],
         }
     }
@@ -238,6 +246,9 @@ mod tests {
         assert_eq!(common.settings.failback_hold, Duration::from_secs(5));
         assert_eq!(common.listen.http, Some(addr("127.0.1.3:15080")));
         assert_eq!(common.gateways, vec![addr("127.0.1.1:15001")]);
+        assert_eq!(common.listen.tcp.len(), 1);
+        assert_eq!(common.listen.tcp[0].address, addr("127.0.1.3:5432"));
+        assert_eq!(common.listen.tcp[0].service.to_string(), "shop/db");
         assert!(matches!(
             config,
             fedmesh_proxy::config::ProxyConfig::Discovery(_)
@@ -285,6 +296,7 @@ mod tests {
             controller: p("c"),
             gateways: vec![],
             proxy: p("p"),
+            proxy_tcp: Default::default(),
             registry: "registry.yaml".into(),
             backends: vec![
                 b("shop/cart", "127.0.1.50:8080", Some(5)),

@@ -2,6 +2,7 @@
 //! `status`, `stop` and `start` work from another shell; and where that
 //! directory is.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -40,6 +41,9 @@ pub struct ClusterState {
     pub controller: Proc,
     pub gateways: Vec<Proc>,
     pub proxy: Proc,
+    /// The proxy's listener for each TCP service.
+    #[serde(default)]
+    pub proxy_tcp: BTreeMap<String, SocketAddr>,
     pub registry: PathBuf,
     pub backends: Vec<BackendState>,
 }

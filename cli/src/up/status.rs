@@ -92,6 +92,8 @@ pub struct ClusterStatus {
     pub gateways: usize,
     pub proxy: SocketAddr,
     pub proxy_health: &'static str,
+    /// The proxy's listener for each TCP service.
+    pub proxy_tcp: BTreeMap<String, SocketAddr>,
     pub backends_up: usize,
     pub backends: usize,
     pub services: BTreeMap<String, String>,
@@ -153,6 +155,7 @@ pub fn status_of(s: &State, o: &Observed) -> Vec<ClusterStatus> {
                 gateways: c.gateways.len(),
                 proxy: c.proxy.address,
                 proxy_health: health(&c.proxy).label(),
+                proxy_tcp: c.proxy_tcp.clone(),
                 backends_up: c.backends.iter().filter(|b| running(b.pid)).count(),
                 backends: c.backends.len(),
                 services: services
@@ -195,6 +198,9 @@ pub async fn print_status(s: &State, dir: &Path) {
             c.name,
             b.service
         );
+        for (service, at) in &c.proxy_tcp {
+            println!("TCP service {service}: through {}'s proxy at {at}", c.name);
+        }
     }
 }
 
@@ -237,6 +243,7 @@ mod tests {
                 controller: proc("aws-controller", 10),
                 gateways: vec![proc("aws-gateway-0", 11), proc("aws-gateway-1", 12)],
                 proxy: proc("aws-proxy", 13),
+                proxy_tcp: BTreeMap::new(),
                 registry: "registry.yaml".into(),
                 backends: vec![
                     backend("shop/cart", Some(20)),

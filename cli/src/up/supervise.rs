@@ -91,6 +91,9 @@ pub fn check_ports(plan: &Plan) -> anyhow::Result<()> {
         tcp.push((c.controller_admin, format!("{}'s controller admin", c.name)));
         tcp.push((c.proxy_http, format!("{}'s proxy", c.name)));
         tcp.push((c.proxy_admin, format!("{}'s proxy admin", c.name)));
+        for (service, a) in &c.proxy_tcp {
+            tcp.push((*a, format!("{}'s proxy listener for {service}", c.name)));
+        }
         for (i, g) in c.gateways.iter().enumerate() {
             udp.push((g.quic, format!("{}'s WAN relay for gateway {i}", c.name)));
             udp.push((g.quic_listen, format!("{}'s gateway {i} (QUIC)", c.name)));
