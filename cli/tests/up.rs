@@ -136,3 +136,79 @@ fn a_bad_topology_is_refused_with_its_line_and_column() {
         "{err}"
     );
 }
+
+/// Every live process whose command line names `dir` (etcd, controllers,
+/// gateways and proxies are given paths in it) or `block` (the demo
+/// backends listen there).
+fn processes_under(dir: &std::path::Path, block: &str) -> Vec<String> {
+    let needle = dir.to_string_lossy().into_owned();
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(raw) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let cmd = String::from_utf8_lossy(&raw).replace('\0', " ");
+        let zombie = std::fs::read_to_string(entry.path().join("stat"))
+            .ok()
+            .and_then(|s| {
+                s.rsplit_once(')')
+                    .map(|(_, r)| r.trim_start().starts_with('Z'))
+            })
+            .unwrap_or(true);
+        let ours = cmd.contains(&needle) || cmd.contains(block);
+        if ours && !zombie && !cmd.contains("--state-dir") {
+            out.push(cmd);
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctrl_c_during_the_start_stops_everything_started_so_far() {
+    ensure_binaries();
+    let state = tempfile::tempdir().unwrap();
+    let topology = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../topologies/three-clouds.yaml"
+    );
+    // Its own blocks: up.rs's other federation may be up at the same time.
+    let mut up = std::process::Command::new(support::FEDMESH)
+        .args(["up", topology, "--block-offset", "150", "--state-dir"])
+        .arg(state.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Interrupt once a cluster is half-way: its controller has started.
+    let deadline = Instant::now() + std::time::Duration::from_secs(60);
+    // aws-use1's block, moved up by 150.
+    let block = "127.0.160.";
+    while !processes_under(state.path(), block)
+        .iter()
+        .any(|p| p.contains("fedmesh-controller"))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no controller started within 60 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let pid = up.id().to_string();
+    std::process::Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap();
+    let out = tokio::task::spawn_blocking(move || up.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("interrupted while starting"), "{err}");
+    assert_eq!(
+        processes_under(state.path(), block),
+        Vec::<String>::new(),
+        "left running"
+    );
+    assert!(!state.path().join("state.json").exists());
+}

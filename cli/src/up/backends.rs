@@ -31,6 +31,8 @@ pub fn matches(target: &str, cluster: &str, b: &BackendState) -> anyhow::Result<
 /// registry, as a readiness probe would.
 pub async fn stop_start(dir: &Path, target: &str, start: bool) -> anyhow::Result<()> {
     let mut s = State::load(dir)?;
+    let started = s.started.clone();
+    let ours = |pid| super::state::ours(&started, pid);
     let bins = binaries()?;
     let logs = dir.join("logs");
     let mut touched = Vec::new();
@@ -43,7 +45,9 @@ pub async fn stop_start(dir: &Path, target: &str, start: bool) -> anyhow::Result
             touched.push(b.id.clone());
             match (start, b.pid) {
                 (false, Some(pid)) => {
-                    stop_all(&[pid], Duration::from_secs(5)).await;
+                    if ours(pid) {
+                        stop_all(&[pid], Duration::from_secs(5)).await;
+                    }
                     b.pid = None;
                     changed = true;
                 }

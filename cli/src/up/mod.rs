@@ -42,7 +42,8 @@ pub use status::{observe, print_status, status_of};
 use crate::wan::{self, Link};
 use state::{BackendState, ClusterState, Proc, STATE_FILE};
 use supervise::{
-    Binaries, alive, backend_cmd, binaries, check_ports, listening, signal, spawn, stop_all, token,
+    Binaries, alive, backend_cmd, binaries, check_ports, listening, signal, spawn, stop_all,
+    stop_children, token,
 };
 
 /// The WAN relays, running in the supervisor for as long as it does.
@@ -58,11 +59,14 @@ struct Launch<'a> {
 }
 
 /// Brings the topology up, its blocks moved up by `offset`, and supervises
-/// it until Ctrl-C or SIGTERM.
+/// it until Ctrl-C or SIGTERM. Either signal is honoured from the first
+/// moment: one during the start stops what had started, as a failed start
+/// does.
 pub async fn up(topology_path: &Path, dir: &Path, offset: u8) -> anyhow::Result<()> {
+    let mut stop = Box::pin(shutdown_signal()?);
     let topology = load_topology(topology_path)?;
     if let Ok(s) = State::load(dir)
-        && alive(s.supervisor)
+        && s.ours(s.supervisor)
     {
         bail!(
             "{} is already up (supervisor pid {}); `fedmesh down --state-dir {}` first",
@@ -87,12 +91,17 @@ pub async fn up(topology_path: &Path, dir: &Path, offset: u8) -> anyhow::Result<
     check_ports(&plan)?;
     let logs = dir.join("logs");
     std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
+    let me = std::process::id();
     let mut state = State {
         topology: topology.name.clone(),
-        supervisor: std::process::id(),
+        supervisor: me,
         ready: false,
         etcd: Vec::new(),
         clusters: Vec::new(),
+        started: supervise::start_time(me)
+            .map(|t| (me, t))
+            .into_iter()
+            .collect(),
     };
     // The WAN relays run in this process, for as long as it does.
     let mut relays = Vec::new();
@@ -103,11 +112,14 @@ pub async fn up(topology_path: &Path, dir: &Path, offset: u8) -> anyhow::Result<
         dir,
         logs: logs.clone(),
     };
-    let result = launch.start(&mut state, &mut relays).await;
-    // Saved even when a start failed, so that what did start is stopped.
-    state.save(dir)?;
+    let result = tokio::select! {
+        r = launch.start(&mut state, &mut relays) => r,
+        _ = &mut stop => Err(anyhow::anyhow!("interrupted while starting")),
+    };
     if let Err(e) = result {
-        stop_all(&state.pids(), Duration::from_secs(5)).await;
+        // Every process this one started, whether or not the state lists
+        // it yet (a cluster half-way through its start).
+        stop_children(Duration::from_secs(5)).await;
         let _ = std::fs::remove_file(dir.join(STATE_FILE));
         return Err(e);
     }
@@ -115,21 +127,38 @@ pub async fn up(topology_path: &Path, dir: &Path, offset: u8) -> anyhow::Result<
     state.save(dir)?;
     print_status(&state, dir).await;
 
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+    // Supervise: reap what ends (a drill's kill -9) until told to stop.
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            _ = tick.tick() => supervise::reap(),
+        }
     }
     println!("stopping {}…", topology.name);
     // `stop` and `start` may have changed the backends since.
     let latest = State::load(dir).unwrap_or(state);
-    stop_all(&latest.pids(), Duration::from_secs(10)).await;
+    stop_all(&latest.live_pids(), Duration::from_secs(10)).await;
+    stop_children(Duration::from_secs(5)).await;
     let _ = std::fs::remove_file(dir.join(STATE_FILE));
     for r in relays {
         r.abort();
     }
     println!("stopped; logs are in {}", logs.display());
     Ok(())
+}
+
+/// Resolves at Ctrl-C or SIGTERM; the handlers are installed at once.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    })
 }
 
 impl Launch<'_> {
@@ -483,16 +512,16 @@ pub async fn up_detached(topology: &Path, dir: &Path, offset: u8) -> anyhow::Res
 /// `fedmesh down`: asks the supervisor to stop everything, and waits.
 pub async fn down(dir: &Path) -> anyhow::Result<()> {
     let s = State::load(dir)?;
-    if alive(s.supervisor) {
+    if s.ours(s.supervisor) {
         signal(s.supervisor, "TERM");
         let deadline = Instant::now() + Duration::from_secs(30);
-        while alive(s.supervisor) && Instant::now() < deadline {
+        while s.ours(s.supervisor) && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
-    // A supervisor that died left its children: stop them here.
-    let left: Vec<u32> = s.pids().into_iter().filter(|&p| alive(p)).collect();
-    stop_all(&left, Duration::from_secs(10)).await;
+    // A supervisor that died left its children: stop them here (only those
+    // still the processes it started: a pid may have been reused since).
+    stop_all(&s.live_pids(), Duration::from_secs(10)).await;
     let _ = std::fs::remove_file(dir.join(STATE_FILE));
     println!("{} is down", s.topology);
     Ok(())

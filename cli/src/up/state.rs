@@ -20,6 +20,10 @@ pub struct State {
     pub ready: bool,
     pub etcd: Vec<Proc>,
     pub clusters: Vec<ClusterState>,
+    /// When each process was started (pid → clock ticks since boot): a pid
+    /// the system has since given to another process is never signalled.
+    #[serde(default)]
+    pub started: BTreeMap<u32, u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -72,14 +76,28 @@ impl State {
         serde_json::from_str(&text).with_context(|| format!("{}", path.display()))
     }
 
-    pub fn save(&self, dir: &Path) -> anyhow::Result<()> {
+    /// Saves the state, with the start time of every process this process
+    /// started.
+    pub fn save(&mut self, dir: &Path) -> anyhow::Result<()> {
+        self.started.extend(super::supervise::started());
         let tmp = dir.join(format!("{STATE_FILE}.tmp"));
         std::fs::write(&tmp, serde_json::to_vec_pretty(self)?)?;
         std::fs::rename(&tmp, dir.join(STATE_FILE))?;
         Ok(())
     }
 
-    pub fn pids(&self) -> Vec<u32> {
+    /// Whether `pid` is still the process that was started under it.
+    pub fn ours(&self, pid: u32) -> bool {
+        ours(&self.started, pid)
+    }
+
+    /// Every process listed that is still the one started, as `down` and
+    /// the supervisor's exit stop them.
+    pub fn live_pids(&self) -> Vec<u32> {
+        self.pids().into_iter().filter(|&p| self.ours(p)).collect()
+    }
+
+    fn pids(&self) -> Vec<u32> {
         let mut out = Vec::new();
         for c in &self.clusters {
             out.push(c.proxy.pid);
@@ -90,6 +108,16 @@ impl State {
         out.extend(self.etcd.iter().map(|e| e.pid));
         out
     }
+}
+
+/// Whether `pid` is alive and still the process `started` recorded for it
+/// (a pid with no record, from an older state file, is taken as it is).
+pub fn ours(started: &BTreeMap<u32, u64>, pid: u32) -> bool {
+    use super::supervise::{alive, start_time};
+    alive(pid)
+        && started
+            .get(&pid)
+            .is_none_or(|&t| start_time(pid) == Some(t))
 }
 
 /// Where `up` keeps a topology's state: `--state-dir`, or `.fedmesh/<name>`.
@@ -124,4 +152,24 @@ pub fn load_topology(path: &Path) -> anyhow::Result<Topology> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading the topology {}", path.display()))?;
     Ok(Topology::parse(&text, &path.display().to_string())?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::up::supervise::start_time;
+
+    #[test]
+    fn a_pid_is_ours_only_while_its_start_time_matches() {
+        let me = std::process::id();
+        let born = start_time(me).unwrap();
+        assert!(ours(&BTreeMap::from([(me, born)]), me));
+        // The same pid, given since to another process: never signalled.
+        assert!(!ours(&BTreeMap::from([(me, born + 1)]), me));
+        // No record (an older state file): taken as it is.
+        assert!(ours(&BTreeMap::new(), me));
+        // No such process at all.
+        let gone = u32::MAX - 1;
+        assert!(!ours(&BTreeMap::new(), gone));
+    }
 }

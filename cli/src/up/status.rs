@@ -11,7 +11,6 @@ use serde::Serialize;
 
 use super::probe;
 use super::state::{Proc, State};
-use super::supervise::alive;
 
 /// A process's health.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,8 +45,8 @@ pub struct Observed {
     pub liveness: BTreeMap<String, fedmesh_api::Liveness>,
 }
 
-async fn health(p: &Proc) -> Health {
-    if !alive(p.pid) {
+async fn health(s: &State, p: &Proc) -> Health {
+    if !s.ours(p.pid) {
         return Health::Down;
     }
     match p.admin {
@@ -68,13 +67,13 @@ pub async fn observe(s: &State) -> Observed {
             .chain(&c.gateways)
             .chain(std::iter::once(&c.proxy))
         {
-            o.health.insert(p.name.clone(), health(p).await);
+            o.health.insert(p.name.clone(), health(s, p).await);
         }
         o.alive.extend(
             c.backends
                 .iter()
                 .filter_map(|b| b.pid)
-                .filter(|&p| alive(p)),
+                .filter(|&p| s.ours(p)),
         );
     }
     o
@@ -235,6 +234,7 @@ mod tests {
             supervisor: 1,
             ready: true,
             etcd: vec![],
+            started: BTreeMap::new(),
             clusters: vec![ClusterState {
                 name: "aws".into(),
                 cloud: "aws".into(),

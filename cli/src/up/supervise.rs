@@ -5,7 +5,8 @@
 use std::net::SocketAddr;
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::process::{Child, Stdio};
+use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -23,6 +24,48 @@ pub fn alive(pid: u32) -> bool {
                 .and_then(|(_, rest)| rest.split_whitespace().next().map(|st| st != "Z"))
         })
         .unwrap_or(false)
+}
+
+/// When `pid` started, in clock ticks since boot (`/proc/<pid>/stat`, field
+/// 22): with the pid, it tells a process from a later one given the same
+/// pid.
+pub fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which may hold spaces and parentheses;
+    // the state is field 3, so the start time is the 20th after it.
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Every process this one started, until it is reaped.
+static CHILDREN: Mutex<Vec<Child>> = Mutex::new(Vec::new());
+
+fn children() -> MutexGuard<'static, Vec<Child>> {
+    // A panic while holding it cannot leave the list inconsistent.
+    CHILDREN.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Each process this one started, with its start time.
+pub fn started() -> Vec<(u32, u64)> {
+    children()
+        .iter()
+        .filter_map(|c| Some((c.id(), start_time(c.id())?)))
+        .collect()
+}
+
+/// Collects the exit of children that have ended (a process killed by a
+/// drill, say), so that none lingers as a zombie.
+pub fn reap() {
+    children().retain_mut(|c| matches!(c.try_wait(), Ok(None)));
+}
+
+/// Stops every child still running: what a start that failed half-way
+/// (or was interrupted) had started.
+pub async fn stop_children(grace: Duration) {
+    reap();
+    let pids: Vec<u32> = children().iter().map(Child::id).collect();
+    stop_all(&pids, grace).await;
+    reap();
 }
 
 /// Sends SIGTERM (or SIGKILL) with kill(1): the project stays free of
@@ -124,7 +167,8 @@ pub fn token() -> anyhow::Result<String> {
     Ok(b.iter().map(|x| format!("{x:02x}")).collect())
 }
 
-/// Starts `cmd` in its own process group, logging to `log`.
+/// Starts `cmd` in its own process group, logging to `log`. The child is
+/// kept, to be reaped when it ends.
 pub fn spawn(mut cmd: std::process::Command, log: &Path) -> anyhow::Result<u32> {
     let out = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
     let err = out.try_clone()?;
@@ -135,7 +179,9 @@ pub fn spawn(mut cmd: std::process::Command, log: &Path) -> anyhow::Result<u32> 
         .process_group(0)
         .spawn()
         .with_context(|| format!("starting {:?}", cmd.get_program()))?;
-    Ok(child.id())
+    let pid = child.id();
+    children().push(child);
+    Ok(pid)
 }
 
 /// Waits until `addr` accepts TCP, or fails naming `what` and its log.
@@ -175,4 +221,30 @@ pub fn backend_cmd(bins: &Binaries, b: &BackendState, cluster: &str) -> std::pro
         cmd.arg("--tcp");
     }
     cmd
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_pid_is_known_by_its_start_time_and_reaped_when_it_ends() {
+        let me = start_time(std::process::id()).expect("our own start time");
+        assert!(me > 0);
+        let dir = tempfile::tempdir().unwrap();
+        let mut cmd = std::process::Command::new("sleep");
+        cmd.arg("30");
+        let pid = spawn(cmd, &dir.path().join("sleep.log")).unwrap();
+        let born = start_time(pid).expect("a live child has a start time");
+        assert!(born >= me);
+        assert!(started().contains(&(pid, born)));
+        stop_all(&[pid], Duration::from_secs(5)).await;
+        assert!(!alive(pid), "stopped (a zombie counts as dead)");
+        reap();
+        assert!(
+            !started().iter().any(|(p, _)| *p == pid),
+            "reaped, so no longer listed"
+        );
+        assert_eq!(start_time(pid), None, "no zombie left");
+    }
 }
