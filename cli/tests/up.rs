@@ -172,7 +172,7 @@ async fn ctrl_c_during_the_start_stops_everything_started_so_far() {
         "/../topologies/three-clouds.yaml"
     );
     // Its own blocks: up.rs's other federation may be up at the same time.
-    let mut up = std::process::Command::new(support::FEDMESH)
+    let up = std::process::Command::new(support::FEDMESH)
         .args(["up", topology, "--block-offset", "150", "--state-dir"])
         .arg(state.path())
         .stdout(std::process::Stdio::null())
