@@ -375,7 +375,7 @@ impl Launch<'_> {
         let gw_id = SpiffeId::gateway(td, &c.name)?;
         let proxy_id = SpiffeId::workload(td, "fedmesh", "proxy")?;
         let tokens = render::tokens(&[(&gw_token, &gw_id), (&proxy_token, &proxy_id)]);
-        render::write_yaml(&cdir.join("tokens.yaml"), &tokens)?;
+        render::write_secret_yaml(&cdir.join("tokens.yaml"), &tokens)?;
         fedmesh_trust::ca::write_private(&cdir.join("gateway.token"), gw_token.as_bytes())?;
         fedmesh_trust::ca::write_private(&cdir.join("proxy.token"), proxy_token.as_bytes())?;
         Ok(())

@@ -28,6 +28,15 @@ pub fn write_yaml<T: Serialize>(path: &Path, value: &T) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Writes `value` as YAML to `path`, readable by its owner only (it holds
+/// secrets), atomically.
+pub fn write_secret_yaml<T: Serialize>(path: &Path, value: &T) -> anyhow::Result<()> {
+    let yaml =
+        serde_saphyr::to_string(value).with_context(|| format!("rendering {}", path.display()))?;
+    fedmesh_trust::ca::write_private(path, yaml.as_bytes())
+        .with_context(|| format!("writing {}", path.display()))
+}
+
 /// A cluster's registry: its backends, healthy unless stopped.
 pub fn registry(c: &ClusterState) -> RegistryFile {
     let mut by_service: BTreeMap<&str, ListedService> = BTreeMap::new();
@@ -327,7 +336,17 @@ mod tests {
         let gw = SpiffeId::gateway(&td, "aws").unwrap();
         let px = SpiffeId::workload(&td, "fedmesh", "proxy").unwrap();
         let file = tokens(&[("0123456789abcdef01", &gw), ("fedcba9876543210fe", &px)]);
-        let yaml = serde_saphyr::to_string(&file).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens.yaml");
+        write_secret_yaml(&path, &file).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(
+            mode & 0o777,
+            0o600,
+            "join tokens are readable by their owner only"
+        );
+        let yaml = std::fs::read_to_string(&path).unwrap();
         let parsed: TokensFile = serde_saphyr::from_str(&yaml).unwrap();
         let grants = parsed.checked().unwrap();
         assert_eq!(grants["0123456789abcdef01"], gw);
