@@ -83,14 +83,18 @@ enum Command {
         #[arg(long)]
         state_dir: Option<PathBuf>,
     },
-    /// Stop demo backends: <cluster>/<namespace>/<name>[@zone]. They are
-    /// also marked unhealthy in their cluster's registry.
+    /// Stop demo backends (<cluster>/<namespace>/<name>[@zone]; they are
+    /// also marked unhealthy in their cluster's registry) or one of the
+    /// federation's processes: etcd-<i>, <cluster>/controller,
+    /// <cluster>/proxy, <cluster>/gateway-<i>.
     Stop {
         target: String,
         #[arg(long)]
         state_dir: Option<PathBuf>,
     },
-    /// Start stopped demo backends again: <cluster>/<namespace>/<name>[@zone].
+    /// Start again what `stop` stopped: demo backends
+    /// (<cluster>/<namespace>/<name>[@zone]) or a process (etcd-<i>,
+    /// <cluster>/controller, <cluster>/proxy, <cluster>/gateway-<i>).
     Start {
         target: String,
         #[arg(long)]

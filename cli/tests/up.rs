@@ -92,6 +92,36 @@ async fn three_clouds_fail_over_from_aws_and_back() {
     assert_eq!(status[0]["proxy_health"], "up");
     assert_eq!(status[1]["controller"], "up");
     assert_eq!(status[2]["gateways_up"], 1);
+
+    // The federation's own processes stop and start again by name, from
+    // the command they were first started with.
+    let status_of = |field: &str| {
+        let out = fedmesh(&["status", "-o", "json"], state.path());
+        let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        status[0][field].clone()
+    };
+    use serde_json::json;
+    for (target, field, down, up) in [
+        (
+            "aws-use1/controller",
+            "controller",
+            json!("down"),
+            json!("up"),
+        ),
+        ("aws-use1/gateway-0", "gateways_up", json!(0), json!(1)),
+    ] {
+        fedmesh_ok(&["stop", target], state.path());
+        assert_eq!(status_of(field), down, "{target} stopped");
+        fedmesh_ok(&["start", target], state.path());
+        let deadline = Instant::now() + std::time::Duration::from_secs(30);
+        while status_of(field) != up {
+            assert!(
+                Instant::now() < deadline,
+                "{target} not ready again in 30 s"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+    }
     fedmesh_ok(&["down"], state.path());
     assert!(
         TcpStream::connect(proxy).await.is_err(),

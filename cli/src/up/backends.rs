@@ -1,5 +1,7 @@
 //! `fedmesh stop` / `fedmesh start`: demo backends by
-//! `<cluster>/<namespace>/<name>[@zone]`.
+//! `<cluster>/<namespace>/<name>[@zone]`, and the federation's own processes
+//! by `etcd-<i>`, `<cluster>/controller`, `<cluster>/proxy` or
+//! `<cluster>/gateway-<i>`.
 
 use std::path::Path;
 use std::time::Duration;
@@ -7,7 +9,7 @@ use std::time::Duration;
 use anyhow::bail;
 
 use super::render;
-use super::state::{BackendState, State};
+use super::state::{BackendState, Proc, State};
 use super::supervise::{backend_cmd, binaries, listening, spawn, stop_all};
 
 /// `<cluster>/<namespace>/<name>[@zone]`.
@@ -26,11 +28,79 @@ pub fn matches(target: &str, cluster: &str, b: &BackendState) -> anyhow::Result<
     Ok(c == cluster && b.service == service && zone.is_none_or(|z| z == b.zone))
 }
 
-/// `fedmesh stop` / `fedmesh start`: kills or restarts the demo backends
-/// `target` names, and marks them unhealthy or healthy in their cluster's
-/// registry, as a readiness probe would.
+/// The name of the process a component target names (`etcd-0`,
+/// `aws/controller`, `aws/proxy`, `aws/gateway-1`), as the state lists it;
+/// `None` for anything else (a backend target).
+pub fn component(target: &str) -> Option<String> {
+    if target.starts_with("etcd-") && !target.contains('/') {
+        return Some(target.to_string());
+    }
+    let (cluster, what) = target.split_once('/')?;
+    let known = what == "controller"
+        || what == "proxy"
+        || what
+            .strip_prefix("gateway-")
+            .is_some_and(|i| i.parse::<u8>().is_ok());
+    (known && !cluster.is_empty()).then(|| format!("{cluster}-{what}"))
+}
+
+/// Stops or starts again one of the federation's own processes, from the
+/// command it was first started with. Started, it is waited for until it
+/// listens (a gateway: its admin port).
+async fn stop_start_process(
+    s: &mut State,
+    dir: &Path,
+    name: &str,
+    start: bool,
+) -> anyhow::Result<()> {
+    let started = s.started.clone();
+    let ours = |pid| super::state::ours(&started, pid);
+    let topology = s.topology.clone();
+    let procs = s.etcd.iter_mut().chain(s.clusters.iter_mut().flat_map(|c| {
+        std::iter::once(&mut c.controller)
+            .chain(c.gateways.iter_mut())
+            .chain(std::iter::once(&mut c.proxy))
+    }));
+    let Some(p): Option<&mut Proc> = procs.into_iter().find(|p| p.name == name) else {
+        bail!("{name:?} names no process of {topology}");
+    };
+    if !start {
+        if ours(p.pid) {
+            stop_all(&[p.pid], Duration::from_secs(10)).await;
+        }
+        p.pid = 0;
+        return Ok(());
+    }
+    if ours(p.pid) {
+        return Ok(());
+    }
+    let Some((program, args)) = p.command.split_first() else {
+        bail!(
+            "{name} was started by an older fedmesh that did not record how; bring the federation down and up again"
+        );
+    };
+    let log = dir.join("logs").join(format!("{name}.log"));
+    // Keep the log of the run that ended.
+    let _ = std::fs::rename(&log, log.with_extension("log.1"));
+    let mut cmd = std::process::Command::new(program);
+    cmd.args(args);
+    let pid = spawn(cmd, &log)?;
+    p.pid = pid;
+    listening(p.admin.unwrap_or(p.address), name, pid, &log).await
+}
+
+/// `fedmesh stop` / `fedmesh start`: kills or restarts what `target`
+/// names. Demo backends are also marked unhealthy or healthy in their
+/// cluster's registry, as a readiness probe would.
 pub async fn stop_start(dir: &Path, target: &str, start: bool) -> anyhow::Result<()> {
     let mut s = State::load(dir)?;
+    if let Some(name) = component(target) {
+        let result = stop_start_process(&mut s, dir, &name, start).await;
+        s.save(dir)?;
+        result?;
+        println!("{} {name}", if start { "started" } else { "stopped" });
+        return Ok(());
+    }
     let started = s.started.clone();
     let ours = |pid| super::state::ours(&started, pid);
     let bins = binaries()?;
@@ -104,6 +174,26 @@ mod tests {
             !matches("aws/shop/car", "aws", &b).unwrap(),
             "no prefix match"
         );
+    }
+
+    #[test]
+    fn component_targets_name_the_federations_own_processes() {
+        assert_eq!(component("etcd-0").as_deref(), Some("etcd-0"));
+        assert_eq!(
+            component("aws/controller").as_deref(),
+            Some("aws-controller")
+        );
+        assert_eq!(component("aws/proxy").as_deref(), Some("aws-proxy"));
+        assert_eq!(component("aws/gateway-1").as_deref(), Some("aws-gateway-1"));
+        for other in [
+            "aws/shop/cart",
+            "aws/gateway-x",
+            "aws/gateway",
+            "/proxy",
+            "aws",
+        ] {
+            assert_eq!(component(other), None, "{other}");
+        }
     }
 
     #[test]

@@ -186,12 +186,14 @@ impl Launch<'_> {
                 .arg(format!("--initial-cluster={}", initial.join(",")))
                 .arg("--initial-cluster-state=new");
             let log = logs.join(format!("{}.log", e.name));
+            let command = supervise::argv(&cmd);
             let pid = spawn(cmd, &log)?;
             state.etcd.push(Proc {
                 name: e.name.clone(),
                 pid,
                 address: e.client,
                 admin: None,
+                command,
             });
         }
         for (e, p) in plan.etcd.iter().zip(&state.etcd) {
@@ -267,6 +269,7 @@ impl Launch<'_> {
                 pid: 0,
                 address: cp.controller,
                 admin: Some(cp.controller_admin),
+                command: Vec::new(),
             },
             gateways: Vec::new(),
             proxy: Proc {
@@ -274,6 +277,7 @@ impl Launch<'_> {
                 pid: 0,
                 address: cp.proxy_http,
                 admin: Some(cp.proxy_admin),
+                command: Vec::new(),
             },
             proxy_tcp: cp
                 .proxy_tcp
@@ -298,7 +302,7 @@ impl Launch<'_> {
             let config = cdir.join(format!("gateway-{i}.yaml"));
             render::write_yaml(&config, &render::gateway(c, td.as_str(), zone, g, &from))?;
             let name = format!("{}-gateway-{i}", c.name);
-            let pid = self
+            let (pid, command) = self
                 .run(&self.bins.gateway, &config, &name, g.egress, "a gateway")
                 .await?;
             cs.gateways.push(Proc {
@@ -306,13 +310,14 @@ impl Launch<'_> {
                 pid,
                 address: g.quic,
                 admin: Some(g.admin),
+                command,
             });
         }
         let from = from_controller(cp, &cdir, "proxy.token");
         let config = cdir.join("proxy.yaml");
         render::write_yaml(&config, &render::proxy(c, td.as_str(), cp, &from))?;
         let name = cs.proxy.name.clone();
-        cs.proxy.pid = self
+        (cs.proxy.pid, cs.proxy.command) = self
             .run(&self.bins.proxy, &config, &name, cp.proxy_http, "the proxy")
             .await?;
         for b in &cs.backends {
@@ -418,6 +423,7 @@ impl Launch<'_> {
             .arg("--tokens")
             .arg(cdir.join("tokens.yaml"));
         let log = self.logs.join(format!("{}.log", cs.controller.name));
+        cs.controller.command = supervise::argv(&cmd);
         cs.controller.pid = spawn(cmd, &log)?;
         listening(cp.controller, "the controller", cs.controller.pid, &log).await
     }
@@ -442,7 +448,8 @@ impl Launch<'_> {
             .with_context(|| format!("the WAN relay on {}", g.quic))
     }
 
-    /// Starts `bin --config <config>` as `name`; returns once `addr` listens.
+    /// Starts `bin --config <config>` as `name`; returns its pid and
+    /// command once `addr` listens.
     async fn run(
         &self,
         bin: &Path,
@@ -450,13 +457,14 @@ impl Launch<'_> {
         name: &str,
         addr: SocketAddr,
         what: &str,
-    ) -> anyhow::Result<u32> {
+    ) -> anyhow::Result<(u32, Vec<String>)> {
         let mut cmd = std::process::Command::new(bin);
         cmd.arg("--config").arg(config);
+        let command = supervise::argv(&cmd);
         let log = self.logs.join(format!("{name}.log"));
         let pid = spawn(cmd, &log)?;
         listening(addr, what, pid, &log).await?;
-        Ok(pid)
+        Ok((pid, command))
     }
 
     fn backend_log(&self, b: &BackendState) -> PathBuf {

@@ -288,6 +288,7 @@ mod tests {
             pid: 1,
             address: addr("127.0.1.9:1"),
             admin: None,
+            command: Vec::new(),
         };
         let b = |svc: &str, a: &str, pid: Option<u32>| BackendState {
             id: format!("aws/{svc}@az1#{a}"),

@@ -34,6 +34,10 @@ pub struct Proc {
     /// Its admin port (`/ready`), if it has one.
     #[serde(default)]
     pub admin: Option<SocketAddr>,
+    /// How it was started (program, then arguments), so that `fedmesh
+    /// start` can start it again. Its pid is 0 while it is stopped.
+    #[serde(default)]
+    pub command: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -214,6 +214,7 @@ mod tests {
             pid,
             address: "127.0.1.1:1".parse().unwrap(),
             admin: None,
+            command: Vec::new(),
         }
     }
 

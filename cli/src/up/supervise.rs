@@ -167,6 +167,14 @@ pub fn token() -> anyhow::Result<String> {
     Ok(b.iter().map(|x| format!("{x:02x}")).collect())
 }
 
+/// A command as program and arguments, to keep in the state.
+pub fn argv(cmd: &std::process::Command) -> Vec<String> {
+    std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect()
+}
+
 /// Starts `cmd` in its own process group, logging to `log`. The child is
 /// kept, to be reaped when it ends.
 pub fn spawn(mut cmd: std::process::Command, log: &Path) -> anyhow::Result<u32> {
