@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what fedmesh needs beyond the Rust toolchain, only when missing:
 # Debian's etcd-server (the global zone in tests), protobuf-compiler and
-# libprotobuf-dev (protoc's well-known types, which etcd-client's protos import).
+# libprotobuf-dev (protoc's well-known types, which etcd-client's protos import),
+# and librsvg2-bin (rsvg-convert, to check drill timelines render).
 # Extra Debian packages may be named as arguments (the benches ask for haproxy).
 set -euo pipefail
 
@@ -9,6 +10,8 @@ need=()
 command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
 command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
 [ -f /usr/include/google/protobuf/descriptor.proto ] || need+=(libprotobuf-dev)
+# rsvg-convert: a test checks that a drill's SVG timeline really renders.
+command -v rsvg-convert >/dev/null 2>&1 || need+=(librsvg2-bin)
 for pkg in "$@"; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done

@@ -1,0 +1,376 @@
+//! A drill, as its YAML file says it: which federation, a client, steady
+//! load on one service, one fault at `at` recovered at `recover`, and the
+//! thresholds the result is judged against.
+//!
+//! ```yaml
+//! name: zone-outage
+//! topology: three-clouds
+//! client: aws-use1
+//! service: shop/frontend
+//! rate: 200
+//! duration: 9s
+//! fault: {kill: aws-use1@use1-az1, at: 3s, recover: 6s}
+//! thresholds: {failed: 0, rto: 1s}
+//! ```
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// A drill file that cannot be run, and where it is wrong.
+#[derive(Debug, thiserror::Error)]
+#[error("{origin}: {message}")]
+pub struct DrillError {
+    pub origin: String,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Drill {
+    pub name: String,
+    /// One line on what breaks, for the report.
+    #[serde(default)]
+    pub about: String,
+    /// The name of the topology it is written for (`three-clouds`).
+    pub topology: String,
+    /// The cluster whose proxy the load goes through.
+    pub client: String,
+    /// `namespace/name`.
+    pub service: String,
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// Requests (or TCP exchanges) a second, sent on schedule whatever
+    /// the answers do.
+    pub rate: u32,
+    #[serde(with = "humantime_serde")]
+    pub duration: Duration,
+    pub fault: Fault,
+    #[serde(default)]
+    pub thresholds: Thresholds,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    #[default]
+    Http,
+    Tcp,
+}
+
+/// What breaks, when, and when it is put right.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(try_from = "RawFault")]
+pub struct Fault {
+    #[serde(flatten)]
+    pub action: Action,
+    #[serde(with = "humantime_serde")]
+    pub at: Duration,
+    /// When the fault is undone; never within the drill if absent.
+    #[serde(with = "humantime_serde")]
+    pub recover: Option<Duration>,
+}
+
+/// A fault as written: one action beside `at` and `recover`. (Serde's
+/// flatten would let a misspelt `recover` pass unnoticed.)
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFault {
+    #[serde(with = "humantime_serde")]
+    at: Duration,
+    #[serde(default, with = "humantime_serde")]
+    recover: Option<Duration>,
+    kill: Option<Targets>,
+    freeze: Option<Targets>,
+    flap: Option<Flap>,
+    wan: Option<WanFault>,
+    rotate_ca: Option<String>,
+    poison: Option<Poison>,
+}
+
+impl TryFrom<RawFault> for Fault {
+    type Error = String;
+
+    fn try_from(r: RawFault) -> Result<Self, String> {
+        let actions = [
+            r.kill.map(Action::Kill),
+            r.freeze.map(Action::Freeze),
+            r.flap.map(Action::Flap),
+            r.wan.map(Action::Wan),
+            r.rotate_ca.map(Action::RotateCa),
+            r.poison.map(Action::Poison),
+        ];
+        let mut given = actions.into_iter().flatten();
+        match (given.next(), given.next()) {
+            (Some(action), None) => Ok(Fault {
+                action,
+                at: r.at,
+                recover: r.recover,
+            }),
+            _ => {
+                Err("fault: give exactly one of kill, freeze, flap, wan, rotate_ca, poison".into())
+            }
+        }
+    }
+}
+
+/// Processes are named as `fedmesh stop` names them, plus groups:
+/// `<cluster>` (every process of it), `cloud:<cloud>`, `<cluster>@<zone>`
+/// (every process placed in that zone), `etcd-leader`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    /// SIGKILL; recovery starts them again.
+    Kill(Targets),
+    /// SIGSTOP, the gray failure; recovery is SIGCONT.
+    Freeze(Targets),
+    /// Killed and started again every `period` until recovery.
+    Flap(Flap),
+    /// Changes the WAN between two clouds; recovery restores the topology's
+    /// link.
+    Wan(WanFault),
+    /// Starts a CA rotation of a cluster; nothing to undo.
+    RotateCa(String),
+    /// Overwrites what the global zone holds with bytes that do not parse;
+    /// recovery puts the original back.
+    Poison(Poison),
+}
+
+/// One target or several.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum Targets {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Targets {
+    pub fn list(&self) -> Vec<String> {
+        match self {
+            Targets::One(t) => vec![t.clone()],
+            Targets::Many(ts) => ts.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Flap {
+    pub target: String,
+    #[serde(with = "humantime_serde")]
+    pub period: Duration,
+}
+
+/// A change to the links between two clouds, both ways unless `one_way`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct WanFault {
+    /// Two clouds.
+    pub between: [String; 2],
+    /// Only from the first cloud to the second.
+    #[serde(default)]
+    pub one_way: bool,
+    #[serde(default, with = "humantime_serde")]
+    pub latency: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub jitter: Option<Duration>,
+    #[serde(default)]
+    pub loss: Option<f64>,
+    /// Every datagram dropped.
+    #[serde(default)]
+    pub blackhole: bool,
+    /// Bits a second.
+    #[serde(default)]
+    pub bandwidth: Option<u64>,
+    /// Every flow across the link gets a new source address (NAT
+    /// rebinding); nothing to undo.
+    #[serde(default)]
+    pub rebind: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Poison {
+    /// `<cluster>/<namespace>/<name>`: that cluster's export of a service.
+    Export(String),
+    /// A cluster's trust bundle.
+    Bundle(String),
+}
+
+/// What a drill must show to pass. Unset, a threshold is not judged.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Thresholds {
+    /// Failed requests, at most.
+    #[serde(default)]
+    pub failed: Option<u64>,
+    /// Time from the fault until requests succeed again at the steady rate.
+    #[serde(default, with = "humantime_serde")]
+    pub rto: Option<Duration>,
+    /// Requests served by a cluster that served none before the fault
+    /// (0: traffic must not move at all).
+    #[serde(default)]
+    pub moved: Option<u64>,
+    /// p99 while the fault lasts, at most.
+    #[serde(default, with = "humantime_serde")]
+    pub p99_during: Option<Duration>,
+    /// Time after recovery until traffic is back where it was.
+    #[serde(default, with = "humantime_serde")]
+    pub failback: Option<Duration>,
+    /// A request slower than this counts as not yet recovered (1 s).
+    #[serde(default, with = "humantime_serde")]
+    pub slow: Option<Duration>,
+}
+
+impl Thresholds {
+    pub fn slow(&self) -> Duration {
+        self.slow.unwrap_or(Duration::from_secs(1))
+    }
+}
+
+impl Drill {
+    /// Parses and checks a drill file; errors name `origin` and the line,
+    /// or the field.
+    pub fn parse(yaml: &str, origin: &str) -> Result<Self, DrillError> {
+        let err = |message: String| DrillError {
+            origin: origin.to_string(),
+            message,
+        };
+        let d: Drill = serde_saphyr::from_str(yaml).map_err(|e| err(e.to_string()))?;
+        d.check().map_err(err)?;
+        Ok(d)
+    }
+
+    fn check(&self) -> Result<(), String> {
+        if self.name.is_empty() || self.name.contains(['/', ' ']) {
+            return Err(format!(
+                "name: {:?} must be a word (letters, digits, '-')",
+                self.name
+            ));
+        }
+        if !self.service.contains('/') {
+            return Err(format!(
+                "service: {:?} must be <namespace>/<name>",
+                self.service
+            ));
+        }
+        if self.rate == 0 || self.rate > 5000 {
+            return Err(format!(
+                "rate: {} must be between 1 and 5000 a second",
+                self.rate
+            ));
+        }
+        if self.duration.is_zero() || self.duration > Duration::from_secs(600) {
+            return Err("duration: must be more than 0 and at most 10m".into());
+        }
+        let f = &self.fault;
+        if f.at.is_zero() || f.at >= self.duration {
+            return Err(format!(
+                "fault.at: {:?} must fall within the drill (after 0, before {:?}) so that there is load before it",
+                f.at, self.duration
+            ));
+        }
+        if let Some(r) = f.recover
+            && (r <= f.at || r >= self.duration)
+        {
+            return Err(format!(
+                "fault.recover: {r:?} must come after fault.at ({:?}) and before the end ({:?})",
+                f.at, self.duration
+            ));
+        }
+        match &f.action {
+            Action::Kill(t) | Action::Freeze(t) if t.list().iter().any(String::is_empty) => {
+                Err("fault: an empty target".into())
+            }
+            Action::Kill(t) | Action::Freeze(t) if t.list().is_empty() => {
+                Err("fault: no target".into())
+            }
+            Action::Flap(flap) if flap.period < Duration::from_millis(100) => {
+                Err("fault.flap.period: at least 100ms".into())
+            }
+            Action::Wan(w) => {
+                if w.loss.is_some_and(|l| !(0.0..1.0).contains(&l)) {
+                    return Err("fault.wan.loss: a share in [0, 1)".into());
+                }
+                if w.bandwidth == Some(0) {
+                    return Err("fault.wan.bandwidth: bits a second, more than 0 (use blackhole: true to cut the link)".into());
+                }
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// When the fault is put right, or the end of the drill.
+    pub fn recovery(&self) -> Duration {
+        self.fault.recover.unwrap_or(self.duration)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ZONE: &str = "
+name: zone-outage
+topology: three-clouds
+client: aws-use1
+service: shop/frontend
+rate: 200
+duration: 9s
+fault: {kill: aws-use1@use1-az1, at: 3s, recover: 6s}
+thresholds: {failed: 0, rto: 1s}
+";
+
+    #[test]
+    fn a_drill_reads_as_written() {
+        let d = Drill::parse(ZONE, "zone.yaml").unwrap();
+        assert_eq!(
+            d.fault.action,
+            Action::Kill(Targets::One("aws-use1@use1-az1".into()))
+        );
+        assert_eq!(d.fault.at, Duration::from_secs(3));
+        assert_eq!(d.recovery(), Duration::from_secs(6));
+        assert_eq!(d.thresholds.failed, Some(0));
+        assert_eq!(d.thresholds.slow(), Duration::from_secs(1));
+        assert_eq!(d.protocol, Protocol::Http);
+    }
+
+    #[test]
+    fn every_fault_kind_parses() {
+        for fault in [
+            "{freeze: [aws-use1/gateway-0, gcp-usc1/gateway-0], at: 1s}",
+            "{flap: {target: aws-use1/shop/frontend@use1-az1, period: 2s}, at: 1s}",
+            "{wan: {between: [aws, gcp], latency: 500ms, jitter: 10ms}, at: 1s}",
+            "{wan: {between: [aws, gcp], blackhole: true, one_way: true}, at: 1s}",
+            "{wan: {between: [aws, gcp], bandwidth: 1000000, rebind: true}, at: 1s}",
+            "{rotate_ca: gcp-usc1, at: 1s}",
+            "{poison: {export: gcp-usc1/shop/payments}, at: 1s}",
+            "{poison: {bundle: gcp-usc1}, at: 1s}",
+        ] {
+            let yaml = ZONE.replace("{kill: aws-use1@use1-az1, at: 3s, recover: 6s}", fault);
+            Drill::parse(&yaml, "d.yaml").unwrap_or_else(|e| panic!("{fault}: {e}"));
+        }
+    }
+
+    #[test]
+    fn a_bad_drill_says_where() {
+        for (from, to, says) in [
+            ("rate: 200", "rate: 0", "rate"),
+            ("at: 3s", "at: 12s", "fault.at"),
+            ("recover: 6s", "recover: 2s", "fault.recover"),
+            ("shop/frontend", "frontend", "service"),
+            ("kill:", "explode:", "explode"),
+            ("failed: 0", "failures: 0", "failures"),
+            ("duration: 9s", "duration: soon", "duration"),
+        ] {
+            let e = Drill::parse(&ZONE.replace(from, to), "zone.yaml")
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.starts_with("zone.yaml: ") && e.contains(says),
+                "{to}: {e}"
+            );
+        }
+    }
+}
