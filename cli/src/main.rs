@@ -7,12 +7,14 @@
 
 mod cmd;
 mod demo;
+mod drill;
 mod up;
 mod wan;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use cmd::EtcdFlags;
@@ -100,6 +102,65 @@ enum Command {
         #[arg(long)]
         state_dir: Option<PathBuf>,
     },
+    /// Run failover drills against a federation `fedmesh up` runs (or one
+    /// brought up for them with --topology): steady load through a client
+    /// cluster's proxy, a fault, recovery, and a report judged against the
+    /// drill's thresholds. Exits non-zero when any drill misses one.
+    Drill {
+        /// Shipped drills by name (--list shows them), `all`, or drill files.
+        #[arg(required_unless_present = "list")]
+        drills: Vec<String>,
+        /// List the shipped drills.
+        #[arg(long)]
+        list: bool,
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        /// Bring this topology up first (in blocks moved by
+        /// --block-offset, beside anything already up), and down after.
+        #[arg(long)]
+        topology: Option<PathBuf>,
+        /// With --topology: how far to move its loopback blocks.
+        #[arg(long, default_value_t = 60, env = "FEDMESH_DRILL_BLOCK_OFFSET")]
+        block_offset: u8,
+        #[arg(short, long, default_value = "table")]
+        output: drill::Output,
+        /// Where each drill's SVG timeline goes [default: <state dir>/drills].
+        #[arg(long)]
+        svg_dir: Option<PathBuf>,
+    },
+    /// Change the WAN between two clouds of a running federation, live:
+    /// latency, jitter, loss, a blackhole, a bandwidth cap, or a NAT
+    /// rebinding. --reset puts the topology's link back.
+    Wan {
+        /// The cloud traffic leaves.
+        from: String,
+        /// The cloud traffic goes to.
+        to: String,
+        /// Only from FROM to TO (a one-way partition, say).
+        #[arg(long)]
+        one_way: bool,
+        #[arg(long, value_parser = duration_arg)]
+        latency: Option<std::time::Duration>,
+        #[arg(long, value_parser = duration_arg)]
+        jitter: Option<std::time::Duration>,
+        /// Share of datagrams lost, in [0, 1).
+        #[arg(long)]
+        loss: Option<f64>,
+        /// Drop every datagram.
+        #[arg(long)]
+        blackhole: bool,
+        /// Bits a second.
+        #[arg(long)]
+        bandwidth: Option<u64>,
+        /// The topology's link again.
+        #[arg(long, conflicts_with_all = ["latency", "jitter", "loss", "blackhole", "bandwidth", "rebind"])]
+        reset: bool,
+        /// Give every flow a new source address, as a NAT rebinding does.
+        #[arg(long, conflicts_with_all = ["latency", "jitter", "loss", "blackhole", "bandwidth"])]
+        rebind: bool,
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+    },
     /// A demo backend (started by `fedmesh up`).
     #[command(hide = true)]
     DemoBackend {
@@ -141,13 +202,21 @@ enum DeregisterWhat {
     },
 }
 
+/// A duration as people write it: `500ms`, `2s`.
+fn duration_arg(s: &str) -> Result<std::time::Duration, String> {
+    humantime_serde::re::humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e}"))
+}
+
 fn main() -> ExitCode {
     fedmesh_trust::install_default_provider();
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    // A drill's load must not queue behind its own fault injection.
+    let mut builder = if matches!(cli.command, Command::Drill { .. }) {
+        tokio::runtime::Builder::new_multi_thread()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+    };
+    let rt = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: starting the runtime: {e}");
@@ -207,6 +276,89 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Start { target, state_dir } => {
             up::stop_start(&up::find_state_dir(state_dir)?, &target, true).await
+        }
+        Command::Drill {
+            drills,
+            list,
+            state_dir,
+            topology,
+            block_offset,
+            output,
+            svg_dir,
+        } => {
+            if list {
+                for (name, _) in fedmesh_chaos::SHIPPED {
+                    let d = fedmesh_chaos::shipped(name).context("a shipped drill")??;
+                    println!("{name:<26} {:<16} {}", d.topology, d.about);
+                }
+                return Ok(());
+            }
+            let chosen = drill::drills(&drills)?;
+            let all = drills.iter().any(|d| d == "all");
+            let passed = match topology {
+                None => {
+                    let dir = up::find_state_dir(state_dir)?;
+                    let svgs = svg_dir.unwrap_or_else(|| dir.join("drills"));
+                    drill::run_all(&dir, &chosen, all, output, &svgs).await?
+                }
+                Some(path) => {
+                    let t = up::load_topology(&path)?;
+                    let dir = state_dir
+                        .unwrap_or_else(|| PathBuf::from(".fedmesh").join(format!("drill-{}", t.name)));
+                    up::up_detached(&path, &dir, block_offset).await?;
+                    let svgs = svg_dir.unwrap_or_else(|| dir.join("drills"));
+                    let result = drill::run_all(&dir, &chosen, all, output, &svgs).await;
+                    up::down(&dir).await?;
+                    result?
+                }
+            };
+            if !passed {
+                anyhow::bail!("a drill missed its thresholds");
+            }
+            Ok(())
+        }
+        Command::Wan {
+            from,
+            to,
+            one_way,
+            latency,
+            jitter,
+            loss,
+            blackhole,
+            bandwidth,
+            reset,
+            rebind,
+            state_dir,
+        } => {
+            let change = if reset {
+                wan::Change::Reset
+            } else if rebind {
+                wan::Change::Rebind
+            } else {
+                wan::Change::Impair(wan::Impairment {
+                    latency,
+                    jitter,
+                    loss,
+                    blackhole,
+                    bandwidth,
+                })
+            };
+            let dir = up::find_state_dir(state_dir)?;
+            let cmd = wan::WanCommand {
+                from,
+                to,
+                both_ways: !one_way,
+                change,
+            };
+            wan::command(&dir, &cmd).await?;
+            println!(
+                "{} {} {}: {:?}",
+                cmd.from,
+                if one_way { "→" } else { "↔" },
+                cmd.to,
+                cmd.change
+            );
+            Ok(())
         }
         Command::DemoBackend {
             listen,

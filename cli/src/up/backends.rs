@@ -10,7 +10,7 @@ use anyhow::bail;
 
 use super::render;
 use super::state::{BackendState, Proc, State};
-use super::supervise::{backend_cmd, binaries, listening, spawn, stop_all};
+use super::supervise::{Binaries, backend_cmd, binaries, listening, spawn, stop_all};
 
 /// `<cluster>/<namespace>/<name>[@zone]`.
 pub fn matches(target: &str, cluster: &str, b: &BackendState) -> anyhow::Result<bool> {
@@ -74,6 +74,13 @@ async fn stop_start_process(
     if ours(p.pid) {
         return Ok(());
     }
+    respawn(p, dir).await
+}
+
+/// Starts `p` again from the command it was first started with; returns
+/// once it listens (a gateway: its admin port).
+pub async fn respawn(p: &mut Proc, dir: &Path) -> anyhow::Result<()> {
+    let name = p.name.clone();
     let Some((program, args)) = p.command.split_first() else {
         bail!(
             "{name} was started by an older fedmesh that did not record how; bring the federation down and up again"
@@ -86,7 +93,22 @@ async fn stop_start_process(
     cmd.args(args);
     let pid = spawn(cmd, &log)?;
     p.pid = pid;
-    listening(p.admin.unwrap_or(p.address), name, pid, &log).await
+    listening(p.admin.unwrap_or(p.address), &name, pid, &log).await
+}
+
+/// Starts demo backend `b` of `cluster` again; returns once it listens.
+pub async fn respawn_backend(
+    b: &mut BackendState,
+    cluster: &str,
+    bins: &Binaries,
+    dir: &Path,
+) -> anyhow::Result<()> {
+    let log = dir
+        .join("logs")
+        .join(format!("{}.log", b.id.replace(['/', '@', '#'], "_")));
+    let pid = spawn(backend_cmd(bins, b, cluster), &log)?;
+    b.pid = Some(pid);
+    listening(b.address, "the backend", pid, &log).await
 }
 
 /// `fedmesh stop` / `fedmesh start`: kills or restarts what `target`
@@ -104,7 +126,6 @@ pub async fn stop_start(dir: &Path, target: &str, start: bool) -> anyhow::Result
     let started = s.started.clone();
     let ours = |pid| super::state::ours(&started, pid);
     let bins = binaries()?;
-    let logs = dir.join("logs");
     let mut touched = Vec::new();
     for c in &mut s.clusters {
         let mut changed = false;
@@ -122,10 +143,7 @@ pub async fn stop_start(dir: &Path, target: &str, start: bool) -> anyhow::Result
                     changed = true;
                 }
                 (true, None) => {
-                    let log = logs.join(format!("{}.log", b.id.replace(['/', '@', '#'], "_")));
-                    let pid = spawn(backend_cmd(&bins, b, &c.name), &log)?;
-                    listening(b.address, "the backend", pid, &log).await?;
-                    b.pid = Some(pid);
+                    respawn_backend(b, &c.name, &bins, dir).await?;
                     changed = true;
                 }
                 _ => {}

@@ -39,7 +39,7 @@ pub use backends::stop_start;
 pub use state::{State, find_state_dir, load_topology, state_dir_for};
 pub use status::{observe, print_status, status_of};
 
-use crate::wan::{self, Link};
+use crate::wan::{self, Link, Wan};
 use state::{BackendState, ClusterState, Proc, STATE_FILE};
 use supervise::{
     Binaries, alive, backend_cmd, binaries, check_ports, listening, signal, spawn, stop_all,
@@ -56,6 +56,8 @@ struct Launch<'a> {
     bins: &'a Binaries,
     dir: &'a Path,
     logs: PathBuf,
+    /// Every link between clouds, changed live on `wan.sock`.
+    wan: Arc<Wan>,
 }
 
 /// Brings the topology up, its blocks moved up by `offset`, and supervises
@@ -103,14 +105,17 @@ pub async fn up(topology_path: &Path, dir: &Path, offset: u8) -> anyhow::Result<
             .into_iter()
             .collect(),
     };
-    // The WAN relays run in this process, for as long as it does.
-    let mut relays = Vec::new();
+    // The WAN relays, and the socket that changes their links, run in
+    // this process, for as long as it does.
+    let wan = Arc::new(wan_of(&topology));
+    let mut relays = vec![wan::serve_control(&wan::control_socket(dir), wan.clone())?];
     let launch = Launch {
         topology: &topology,
         plan: &plan,
         bins: &bins,
         dir,
         logs: logs.clone(),
+        wan,
     };
     let result = tokio::select! {
         r = launch.start(&mut state, &mut relays) => r,
@@ -121,6 +126,7 @@ pub async fn up(topology_path: &Path, dir: &Path, offset: u8) -> anyhow::Result<
         // it yet (a cluster half-way through its start).
         stop_children(Duration::from_secs(5)).await;
         let _ = std::fs::remove_file(dir.join(STATE_FILE));
+        let _ = std::fs::remove_file(wan::control_socket(dir));
         return Err(e);
     }
     state.ready = true;
@@ -144,6 +150,7 @@ pub async fn up(topology_path: &Path, dir: &Path, offset: u8) -> anyhow::Result<
     for r in relays {
         r.abort();
     }
+    let _ = std::fs::remove_file(wan::control_socket(dir));
     println!("stopped; logs are in {}", logs.display());
     Ok(())
 }
@@ -194,6 +201,7 @@ impl Launch<'_> {
                 address: e.client,
                 admin: None,
                 command,
+                zone: None,
             });
         }
         for (e, p) in plan.etcd.iter().zip(&state.etcd) {
@@ -270,6 +278,7 @@ impl Launch<'_> {
                 address: cp.controller,
                 admin: Some(cp.controller_admin),
                 command: Vec::new(),
+                zone: None,
             },
             gateways: Vec::new(),
             proxy: Proc {
@@ -278,6 +287,7 @@ impl Launch<'_> {
                 address: cp.proxy_http,
                 admin: Some(cp.proxy_admin),
                 command: Vec::new(),
+                zone: None,
             },
             proxy_tcp: cp
                 .proxy_tcp
@@ -311,6 +321,7 @@ impl Launch<'_> {
                 address: g.quic,
                 admin: Some(g.admin),
                 command,
+                zone: Some(zone.clone()),
             });
         }
         let from = from_controller(cp, &cdir, "proxy.token");
@@ -429,21 +440,16 @@ impl Launch<'_> {
     }
 
     /// The relay in front of gateway `g` of `c`: a datagram from another
-    /// cluster takes the topology's link between the two.
+    /// cluster takes the live link between their clouds.
     async fn wan_relay(&self, c: &Cluster, g: &GatewayPlan) -> anyhow::Result<JoinHandle<()>> {
-        let link_of: Arc<dyn Fn(SocketAddr) -> Link + Send + Sync> = {
-            let (topology, plan, here) = (self.topology.clone(), self.plan.clone(), c.name.clone());
+        let cloud_of: Arc<dyn Fn(SocketAddr) -> Option<String> + Send + Sync> = {
+            let (topology, plan) = (self.topology.clone(), self.plan.clone());
             Arc::new(move |from: SocketAddr| {
-                plan.cluster_of(from.ip())
-                    .and_then(|src| topology.link(&src.name, &here))
-                    .map_or(Link::default(), |l| Link {
-                        latency: l.latency,
-                        jitter: l.jitter,
-                        loss: l.loss,
-                    })
+                let src = plan.cluster_of(from.ip())?;
+                Some(topology.cluster(&src.name)?.cloud.clone())
             })
         };
-        wan::relay(g.quic, g.quic_listen, link_of)
+        wan::relay(g.quic, g.quic_listen, c.cloud.clone(), self.wan.clone(), cloud_of)
             .await
             .with_context(|| format!("the WAN relay on {}", g.quic))
     }
@@ -471,6 +477,26 @@ impl Launch<'_> {
         self.logs
             .join(format!("{}.log", b.id.replace(['/', '@', '#'], "_")))
     }
+}
+
+/// The WAN of `topology`: every pair of its clouds, with the link the
+/// topology gives them (none within a cloud).
+fn wan_of(topology: &Topology) -> Wan {
+    let mut clouds: Vec<String> = topology.clusters.iter().map(|c| c.cloud.clone()).collect();
+    clouds.sort();
+    clouds.dedup();
+    Wan::new(&clouds, |a, b| {
+        topology
+            .wan
+            .iter()
+            .find(|l| a != b && l.clouds.contains(&a.to_string()) && l.clouds.contains(&b.to_string()))
+            .map_or(Link::default(), |l| Link {
+                latency: l.latency,
+                jitter: l.jitter,
+                loss: l.loss,
+                ..Default::default()
+            })
+    })
 }
 
 /// Where a data-plane process of the cluster finds its controller, from

@@ -289,6 +289,7 @@ mod tests {
             address: addr("127.0.1.9:1"),
             admin: None,
             command: Vec::new(),
+            zone: None,
         };
         let b = |svc: &str, a: &str, pid: Option<u32>| BackendState {
             id: format!("aws/{svc}@az1#{a}"),

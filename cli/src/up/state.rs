@@ -38,6 +38,9 @@ pub struct Proc {
     /// start` can start it again. Its pid is 0 while it is stopped.
     #[serde(default)]
     pub command: Vec<String>,
+    /// The zone it runs in (gateways), which a zone outage takes down.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -215,6 +215,7 @@ mod tests {
             address: "127.0.1.1:1".parse().unwrap(),
             admin: None,
             command: Vec::new(),
+            zone: None,
         }
     }
 

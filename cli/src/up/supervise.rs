@@ -92,6 +92,7 @@ pub async fn stop_all(pids: &[u32], grace: Duration) {
     }
 }
 
+#[derive(Debug)]
 pub struct Binaries {
     pub fedmesh: PathBuf,
     pub controller: PathBuf,

@@ -1,0 +1,512 @@
+//! `fedmesh drill`: failover drills (`fedmesh-chaos`) against what `fedmesh
+//! up` runs. [`UpFederation`] turns a drill's fault into acts on that
+//! federation: signals to the processes its state lists, commands to its
+//! WAN relays, and writes to its global zone.
+
+use std::io::{IsTerminal as _, Write as _};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use etcd_client::Client;
+use fedmesh_api::KeySpace;
+use fedmesh_chaos::drill::{Poison, Protocol, WanFault};
+use fedmesh_chaos::{Action, Drill, Federation, Report};
+use tokio::time::Instant;
+
+use crate::up::backends::{component, matches, respawn, respawn_backend};
+use crate::up::state::State;
+use crate::up::supervise::{Binaries, alive, binaries, reap, signal};
+use crate::wan::{self, Change, Impairment, WanCommand};
+
+/// One process a target names.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum Member {
+    /// By the state's name for it (`etcd-0`, `aws-use1-gateway-0`). Sorted
+    /// as they must start again: etcd, controllers, gateways, proxies.
+    Etcd(String),
+    Backend(String),
+    Controller(String),
+    Gateway(String),
+    Proxy(String),
+}
+
+/// The federation in a state directory, as a drill acts on it.
+#[derive(Debug)]
+pub struct UpFederation {
+    dir: PathBuf,
+    state: State,
+    bins: Binaries,
+    /// What a poisoning overwrote: (key, original value) to put back.
+    poisoned: Vec<(String, Option<Vec<u8>>)>,
+    /// Members a kill or freeze took down, to bring back on recovery.
+    down: Vec<Member>,
+}
+
+impl UpFederation {
+    pub fn open(dir: &Path) -> anyhow::Result<Self> {
+        let state = State::load(dir)?;
+        if !state.ready {
+            bail!("{} in {} is still starting", state.topology, dir.display());
+        }
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            state,
+            bins: binaries()?,
+            poisoned: Vec::new(),
+            down: Vec::new(),
+        })
+    }
+
+    pub fn topology(&self) -> &str {
+        &self.state.topology
+    }
+
+    /// Every process `target` names; an error that shows the forms when it
+    /// names none.
+    async fn resolve(&self, target: &str) -> anyhow::Result<Vec<Member>> {
+        let s = &self.state;
+        let whole = |c: &crate::up::state::ClusterState| {
+            let mut all = vec![
+                Member::Controller(c.controller.name.clone()),
+                Member::Proxy(c.proxy.name.clone()),
+            ];
+            all.extend(c.gateways.iter().map(|g| Member::Gateway(g.name.clone())));
+            all.extend(c.backends.iter().map(|b| Member::Backend(b.id.clone())));
+            all
+        };
+        let mut out = Vec::new();
+        if target == "etcd-leader" {
+            out.push(Member::Etcd(self.etcd_leader().await?));
+        } else if let Some(name) = component(target) {
+            let known = s.etcd.iter().any(|e| e.name == name)
+                || s.clusters.iter().any(|c| {
+                    c.controller.name == name
+                        || c.proxy.name == name
+                        || c.gateways.iter().any(|g| g.name == name)
+                });
+            if known {
+                out.push(if name.starts_with("etcd-") {
+                    Member::Etcd(name)
+                } else if name.ends_with("-controller") {
+                    Member::Controller(name)
+                } else if name.ends_with("-proxy") {
+                    Member::Proxy(name)
+                } else {
+                    Member::Gateway(name)
+                });
+            }
+        } else if let Some(cloud) = target.strip_prefix("cloud:") {
+            for c in s.clusters.iter().filter(|c| c.cloud == cloud) {
+                out.extend(whole(c));
+            }
+        } else if let Some((cluster, zone)) = target.split_once('@')
+            && !cluster.contains('/')
+        {
+            for c in s.clusters.iter().filter(|c| c.name == cluster) {
+                out.extend(
+                    c.backends
+                        .iter()
+                        .filter(|b| b.zone == zone)
+                        .map(|b| Member::Backend(b.id.clone())),
+                );
+                out.extend(
+                    c.gateways
+                        .iter()
+                        .filter(|g| g.zone.as_deref() == Some(zone))
+                        .map(|g| Member::Gateway(g.name.clone())),
+                );
+            }
+        } else if !target.contains('/') {
+            for c in s.clusters.iter().filter(|c| c.name == target) {
+                out.extend(whole(c));
+            }
+        } else {
+            for c in &s.clusters {
+                for b in &c.backends {
+                    if matches(target, &c.name, b)? {
+                        out.push(Member::Backend(b.id.clone()));
+                    }
+                }
+            }
+        }
+        if out.is_empty() {
+            bail!(
+                "{target:?} names nothing in {}: use <cluster>, cloud:<cloud>, <cluster>@<zone>, \
+                 <cluster>/controller|proxy|gateway-<i>, etcd-<i>, etcd-leader or \
+                 <cluster>/<namespace>/<name>[@zone]",
+                s.topology
+            );
+        }
+        out.sort();
+        out.dedup();
+        Ok(out)
+    }
+
+    /// The name of the etcd member that leads now.
+    async fn etcd_leader(&self) -> anyhow::Result<String> {
+        for e in &self.state.etcd {
+            let Ok(mut client) = Client::connect([format!("http://{}", e.address)], None).await
+            else {
+                continue;
+            };
+            let Ok(status) = client.status().await else {
+                continue;
+            };
+            if status.header().map(|h| h.member_id()) == Some(status.leader()) {
+                return Ok(e.name.clone());
+            }
+        }
+        bail!("no etcd member says it leads")
+    }
+
+    fn pid_of(&self, m: &Member) -> Option<u32> {
+        let s = &self.state;
+        match m {
+            Member::Backend(id) => s
+                .clusters
+                .iter()
+                .flat_map(|c| &c.backends)
+                .find(|b| &b.id == id)
+                .and_then(|b| b.pid),
+            Member::Etcd(n) | Member::Controller(n) | Member::Gateway(n) | Member::Proxy(n) => s
+                .etcd
+                .iter()
+                .chain(s.clusters.iter().flat_map(|c| {
+                    std::iter::once(&c.controller)
+                        .chain(&c.gateways)
+                        .chain(std::iter::once(&c.proxy))
+                }))
+                .find(|p| &p.name == n)
+                .map(|p| p.pid),
+        }
+    }
+
+    /// Signals every member; with KILL, waits until each has gone.
+    async fn signal_all(&mut self, members: &[Member], sig: &str) -> anyhow::Result<()> {
+        let pids: Vec<u32> = members
+            .iter()
+            .filter_map(|m| self.pid_of(m))
+            .filter(|&p| p != 0 && self.state.ours(p))
+            .collect();
+        for &pid in &pids {
+            signal(pid, sig);
+        }
+        if sig == "KILL" {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while pids.iter().any(|&p| alive(p)) {
+                if Instant::now() > deadline {
+                    bail!("processes {pids:?} outlived SIGKILL for 5 s");
+                }
+                reap();
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts every member again, in the order they need each other.
+    async fn restart(&mut self, members: &[Member]) -> anyhow::Result<()> {
+        let mut members = members.to_vec();
+        members.sort();
+        let mut result = Ok(());
+        for m in &members {
+            if self.pid_of(m).is_some_and(|p| p != 0 && self.state.ours(p)) {
+                continue;
+            }
+            let r = match m {
+                Member::Backend(id) => {
+                    let found = self.state.clusters.iter_mut().find_map(|c| {
+                        let name = c.name.clone();
+                        c.backends.iter_mut().find(|b| &b.id == id).map(|b| (name, b))
+                    });
+                    match found {
+                        Some((cluster, b)) => {
+                            respawn_backend(b, &cluster, &self.bins, &self.dir).await
+                        }
+                        None => Ok(()),
+                    }
+                }
+                Member::Etcd(n) | Member::Controller(n) | Member::Gateway(n) | Member::Proxy(n) => {
+                    let s = &mut self.state;
+                    let p = s.etcd.iter_mut().chain(s.clusters.iter_mut().flat_map(|c| {
+                        std::iter::once(&mut c.controller)
+                            .chain(c.gateways.iter_mut())
+                            .chain(std::iter::once(&mut c.proxy))
+                    }));
+                    match p.into_iter().find(|p| &p.name == n) {
+                        Some(p) => respawn(p, &self.dir).await,
+                        None => Ok(()),
+                    }
+                }
+            };
+            result = result.and(r);
+        }
+        // Save even after a failure: what did start is recorded.
+        self.state.save(&self.dir)?;
+        result
+    }
+
+    fn wan_commands(&self, w: &WanFault, change: Change) -> Vec<WanCommand> {
+        vec![WanCommand {
+            from: w.between[0].clone(),
+            to: w.between[1].clone(),
+            both_ways: !w.one_way,
+            change,
+        }]
+    }
+
+    async fn etcd(&self) -> anyhow::Result<Client> {
+        let endpoints: Vec<String> = self
+            .state
+            .etcd
+            .iter()
+            .map(|e| format!("http://{}", e.address))
+            .collect();
+        Client::connect(&endpoints, None)
+            .await
+            .with_context(|| format!("connecting to etcd at {}", endpoints.join(",")))
+    }
+
+    fn poison_key(&self, p: &Poison) -> anyhow::Result<String> {
+        let ks = KeySpace::default();
+        match p {
+            Poison::Export(path) => {
+                let mut parts = path.splitn(3, '/');
+                match (parts.next(), parts.next(), parts.next()) {
+                    (Some(c), Some(ns), Some(name)) if !name.contains('/') => {
+                        Ok(ks.export(c, ns, name))
+                    }
+                    _ => bail!("poison.export: {path:?} must be <cluster>/<namespace>/<name>"),
+                }
+            }
+            Poison::Bundle(cluster) => {
+                let c = self
+                    .state
+                    .clusters
+                    .iter()
+                    .find(|c| &c.name == cluster)
+                    .with_context(|| format!("poison.bundle: no cluster {cluster:?}"))?;
+                Ok(ks.bundle(&c.trust_domain))
+            }
+        }
+    }
+}
+
+/// What a poisoned key holds: bytes that are no JSON at all.
+const POISON: &[u8] = b"{\"poisoned by fedmesh drill\": \x00\xff";
+
+impl Federation for UpFederation {
+    fn entry(&self, drill: &Drill) -> anyhow::Result<SocketAddr> {
+        let c = self
+            .state
+            .clusters
+            .iter()
+            .find(|c| c.name == drill.client)
+            .with_context(|| format!("client: no cluster {:?} in {}", drill.client, self.topology()))?;
+        match drill.protocol {
+            Protocol::Http => Ok(c.proxy.address),
+            Protocol::Tcp => c.proxy_tcp.get(&drill.service).copied().with_context(|| {
+                format!(
+                    "service: {} is not a TCP service of {} (its proxy listens for {:?})",
+                    drill.service,
+                    c.name,
+                    c.proxy_tcp.keys().collect::<Vec<_>>()
+                )
+            }),
+        }
+    }
+
+    async fn inject(&mut self, action: &Action) -> anyhow::Result<()> {
+        // Another shell may have stopped or started something since.
+        self.state = State::load(&self.dir)?;
+        match action {
+            Action::Kill(targets) | Action::Freeze(targets) => {
+                let mut members = Vec::new();
+                for t in targets.list() {
+                    members.extend(self.resolve(&t).await?);
+                }
+                let sig = if matches!(action, Action::Kill(_)) {
+                    "KILL"
+                } else {
+                    "STOP"
+                };
+                self.signal_all(&members, sig).await?;
+                self.down = members;
+                Ok(())
+            }
+            Action::Flap(flap) => {
+                let members = self.resolve(&flap.target).await?;
+                self.signal_all(&members, "KILL").await?;
+                self.down = members;
+                Ok(())
+            }
+            Action::Wan(w) => {
+                let change = if w.rebind {
+                    Change::Rebind
+                } else {
+                    Change::Impair(Impairment {
+                        latency: w.latency,
+                        jitter: w.jitter,
+                        loss: w.loss,
+                        blackhole: w.blackhole,
+                        bandwidth: w.bandwidth,
+                    })
+                };
+                for cmd in self.wan_commands(w, change) {
+                    wan::command(&self.dir, &cmd).await?;
+                }
+                Ok(())
+            }
+            Action::Poison(p) => {
+                let key = self.poison_key(p)?;
+                let mut etcd = self.etcd().await?;
+                let before = etcd
+                    .get(key.as_str(), None)
+                    .await?
+                    .kvs()
+                    .first()
+                    .map(|kv| kv.value().to_vec());
+                etcd.put(key.as_str(), POISON, None).await?;
+                self.poisoned.push((key, before));
+                Ok(())
+            }
+            Action::RotateCa(cluster) => bail!(
+                "rotate_ca: {cluster}'s controller cannot rotate its CA while it runs yet (no trigger exists)"
+            ),
+        }
+    }
+
+    async fn recover(&mut self, action: &Action) -> anyhow::Result<()> {
+        match action {
+            Action::Kill(_) | Action::Flap(_) => {
+                let members = std::mem::take(&mut self.down);
+                self.restart(&members).await
+            }
+            Action::Freeze(_) => {
+                let members = std::mem::take(&mut self.down);
+                self.signal_all(&members, "CONT").await
+            }
+            Action::Wan(w) => {
+                if !w.rebind {
+                    for cmd in self.wan_commands(w, Change::Reset) {
+                        wan::command(&self.dir, &cmd).await?;
+                    }
+                }
+                Ok(())
+            }
+            Action::Poison(_) => {
+                let mut etcd = self.etcd().await?;
+                for (key, before) in std::mem::take(&mut self.poisoned) {
+                    match before {
+                        Some(v) => etcd.put(key, v, None).await.map(drop)?,
+                        None => etcd.delete(key, None).await.map(drop)?,
+                    }
+                }
+                Ok(())
+            }
+            // A rotation is not undone: the cluster keeps its new CA.
+            Action::RotateCa(_) => Ok(()),
+        }
+    }
+}
+
+/// How `fedmesh drill` shows its results.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+/// The drills `names` ask for: shipped ones by name, `all`, or files.
+pub fn drills(names: &[String]) -> anyhow::Result<Vec<Drill>> {
+    let mut out = Vec::new();
+    for name in names {
+        if name == "all" {
+            for (n, _) in fedmesh_chaos::SHIPPED {
+                out.push(fedmesh_chaos::shipped(n).context("a shipped drill")??);
+            }
+        } else if let Some(d) = fedmesh_chaos::shipped(name) {
+            out.push(d?);
+        } else if name.ends_with(".yaml") || name.ends_with(".yml") || Path::new(name).is_file() {
+            let text =
+                std::fs::read_to_string(name).with_context(|| format!("reading the drill {name}"))?;
+            out.push(Drill::parse(&text, name)?);
+        } else {
+            let known: Vec<&str> = fedmesh_chaos::SHIPPED.iter().map(|(n, _)| *n).collect();
+            bail!(
+                "no drill {name:?}: name a drill file, `all`, or one of {}",
+                known.join(", ")
+            );
+        }
+    }
+    Ok(out)
+}
+
+/// Runs `drills` against the federation in `dir`: those written for
+/// another topology are skipped when `all` asked for them, an error when
+/// named. Writes each timeline to `svg_dir`; true when every drill passed.
+pub async fn run_all(
+    dir: &Path,
+    drills: &[Drill],
+    named_all: bool,
+    output: Output,
+    svg_dir: &Path,
+) -> anyhow::Result<bool> {
+    let mut fed = UpFederation::open(dir)?;
+    std::fs::create_dir_all(svg_dir).with_context(|| format!("creating {}", svg_dir.display()))?;
+    let mut reports: Vec<Report> = Vec::new();
+    let tty = std::io::stderr().is_terminal();
+    for d in drills {
+        if d.topology != fed.topology() {
+            if named_all {
+                eprintln!("skip  {} (written for {}; {} is up)", d.name, d.topology, fed.topology());
+                continue;
+            }
+            bail!(
+                "{} is written for the topology {}, but {} is up in {}",
+                d.name,
+                d.topology,
+                fed.topology(),
+                dir.display()
+            );
+        }
+        eprintln!("drill {}: {}", d.name, d.about);
+        let mut last_phase = "";
+        let (report, _records) = fedmesh_chaos::run(d, &mut fed, |p| {
+            if tty {
+                eprint!(
+                    "\r      {:>5.1} s  {:<9} sent {:>6}  ok {:>6}  failed {:>5}",
+                    p.elapsed.as_secs_f64(),
+                    p.phase,
+                    p.sent,
+                    p.ok,
+                    p.failed
+                );
+                let _ = std::io::stderr().flush();
+            } else if p.phase != last_phase {
+                eprintln!("      {:>5.1} s  {}", p.elapsed.as_secs_f64(), p.phase);
+            }
+            last_phase = p.phase;
+        })
+        .await
+        .with_context(|| format!("drill {}", d.name))?;
+        if tty {
+            eprintln!();
+        }
+        let svg = svg_dir.join(format!("{}.svg", d.name));
+        std::fs::write(&svg, fedmesh_chaos::svg::render(&report))
+            .with_context(|| format!("writing {}", svg.display()))?;
+        if output == Output::Table {
+            print!("{}", fedmesh_chaos::text::text(&report));
+            println!("      timeline: {}", svg.display());
+        }
+        reports.push(report);
+    }
+    match output {
+        Output::Table => println!("{}", fedmesh_chaos::text::summary(&reports)),
+        Output::Json => println!("{}", serde_json::to_string_pretty(&reports)?),
+    }
+    Ok(reports.iter().all(|r| r.verdict.passed))
+}
