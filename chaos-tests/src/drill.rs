@@ -116,7 +116,10 @@ impl TryFrom<RawFault> for Fault {
 
 /// Processes are named as `fedmesh stop` names them, plus groups:
 /// `<cluster>` (every process of it), `cloud:<cloud>`, `<cluster>@<zone>`
-/// (every process placed in that zone), `etcd-leader`.
+/// (every process placed in that zone), `etcd-leader`. Anywhere a cluster
+/// or cloud is named, `{serving}` and `{serving-cloud}` stand for the
+/// cluster that served most in the second before the fault, and its
+/// cloud: the fault hits wherever the traffic goes.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "snake_case")]
 pub enum Action {
@@ -220,6 +223,72 @@ pub struct Thresholds {
     /// A request slower than this counts as not yet recovered (1 s).
     #[serde(default, with = "humantime_serde")]
     pub slow: Option<Duration>,
+}
+
+impl Action {
+    /// This action with `{serving}` and `{serving-cloud}` replaced.
+    pub fn resolve(&self, serving: &str, cloud: &str) -> Action {
+        let r = |s: &String| {
+            s.replace("{serving}", serving)
+                .replace("{serving-cloud}", cloud)
+        };
+        match self {
+            Action::Kill(t) => Action::Kill(Targets::Many(t.list().iter().map(r).collect())),
+            Action::Freeze(t) => Action::Freeze(Targets::Many(t.list().iter().map(r).collect())),
+            Action::Flap(f) => Action::Flap(Flap {
+                target: r(&f.target),
+                period: f.period,
+            }),
+            Action::Wan(w) => Action::Wan(WanFault {
+                between: [r(&w.between[0]), r(&w.between[1])],
+                ..w.clone()
+            }),
+            Action::RotateCa(c) => Action::RotateCa(r(c)),
+            Action::Poison(Poison::Export(p)) => Action::Poison(Poison::Export(r(p))),
+            Action::Poison(Poison::Bundle(c)) => Action::Poison(Poison::Bundle(r(c))),
+        }
+    }
+
+    /// Whether it names `{serving}` or `{serving-cloud}` anywhere.
+    pub fn follows_traffic(&self) -> bool {
+        self.resolve("a", "a") != self.resolve("b", "b")
+    }
+}
+
+impl std::fmt::Display for Action {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Action::Kill(t) => write!(f, "kill {}", t.list().join(", ")),
+            Action::Freeze(t) => write!(f, "freeze {}", t.list().join(", ")),
+            Action::Flap(fl) => write!(f, "flap {} every {:?}", fl.target, fl.period),
+            Action::Wan(w) => {
+                let arrow = if w.one_way { "→" } else { "↔" };
+                write!(f, "wan {} {arrow} {}:", w.between[0], w.between[1])?;
+                if let Some(l) = w.latency {
+                    write!(f, " latency {l:?}")?;
+                }
+                if let Some(j) = w.jitter {
+                    write!(f, " jitter {j:?}")?;
+                }
+                if let Some(l) = w.loss {
+                    write!(f, " loss {l}")?;
+                }
+                if w.blackhole {
+                    write!(f, " blackhole")?;
+                }
+                if let Some(b) = w.bandwidth {
+                    write!(f, " bandwidth {b} bit/s")?;
+                }
+                if w.rebind {
+                    write!(f, " rebind")?;
+                }
+                Ok(())
+            }
+            Action::RotateCa(c) => write!(f, "rotate the CA of {c}"),
+            Action::Poison(Poison::Export(p)) => write!(f, "poison the export {p}"),
+            Action::Poison(Poison::Bundle(c)) => write!(f, "poison the bundle of {c}"),
+        }
+    }
 }
 
 impl Thresholds {
@@ -351,6 +420,26 @@ thresholds: {failed: 0, rto: 1s}
             let yaml = ZONE.replace("{kill: aws-use1@use1-az1, at: 3s, recover: 6s}", fault);
             Drill::parse(&yaml, "d.yaml").unwrap_or_else(|e| panic!("{fault}: {e}"));
         }
+    }
+
+    #[test]
+    fn serving_stands_for_where_the_traffic_goes() {
+        let yaml = ZONE.replace(
+            "{kill: aws-use1@use1-az1, at: 3s, recover: 6s}",
+            "{wan: {between: [aws, \"{serving-cloud}\"], blackhole: true}, at: 1s}",
+        );
+        let d = Drill::parse(&yaml, "d.yaml").unwrap();
+        assert!(d.fault.action.follows_traffic());
+        let hit = d.fault.action.resolve("gcp-usc1", "gcp");
+        assert!(!hit.follows_traffic());
+        assert_eq!(hit.to_string(), "wan aws ↔ gcp: blackhole");
+        let kill = Action::Kill(Targets::One("{serving}/gateway-0".into()));
+        assert_eq!(
+            kill.resolve("gcp-usc1", "gcp").to_string(),
+            "kill gcp-usc1/gateway-0"
+        );
+        let fixed = Action::Kill(Targets::One("aws-use1".into()));
+        assert!(!fixed.follows_traffic());
     }
 
     #[test]

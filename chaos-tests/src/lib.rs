@@ -22,26 +22,74 @@ pub use run::{Federation, run};
 
 /// The shipped drills, by file name, as `fedmesh drill <name>` finds them.
 pub const SHIPPED: &[(&str, &str)] = &[
-    ("service-outage", include_str!("../drills/service-outage.yaml")),
+    (
+        "service-outage",
+        include_str!("../drills/service-outage.yaml"),
+    ),
     ("zone-outage", include_str!("../drills/zone-outage.yaml")),
-    ("cluster-outage", include_str!("../drills/cluster-outage.yaml")),
+    (
+        "cluster-outage",
+        include_str!("../drills/cluster-outage.yaml"),
+    ),
     ("cloud-outage", include_str!("../drills/cloud-outage.yaml")),
-    ("gateway-crash", include_str!("../drills/gateway-crash.yaml")),
-    ("gateway-crash-ha", include_str!("../drills/gateway-crash-ha.yaml")),
-    ("gateway-freeze", include_str!("../drills/gateway-freeze.yaml")),
-    ("wan-partition", include_str!("../drills/wan-partition.yaml")),
-    ("wan-one-way-partition", include_str!("../drills/wan-one-way-partition.yaml")),
-    ("wan-degradation", include_str!("../drills/wan-degradation.yaml")),
-    ("wan-bandwidth", include_str!("../drills/wan-bandwidth.yaml")),
+    (
+        "gateway-crash",
+        include_str!("../drills/gateway-crash.yaml"),
+    ),
+    (
+        "gateway-crash-ha",
+        include_str!("../drills/gateway-crash-ha.yaml"),
+    ),
+    (
+        "gateway-freeze",
+        include_str!("../drills/gateway-freeze.yaml"),
+    ),
+    (
+        "wan-partition",
+        include_str!("../drills/wan-partition.yaml"),
+    ),
+    (
+        "wan-one-way-partition",
+        include_str!("../drills/wan-one-way-partition.yaml"),
+    ),
+    (
+        "wan-degradation",
+        include_str!("../drills/wan-degradation.yaml"),
+    ),
+    (
+        "wan-bandwidth",
+        include_str!("../drills/wan-bandwidth.yaml"),
+    ),
     ("wan-rebind", include_str!("../drills/wan-rebind.yaml")),
     ("etcd-outage", include_str!("../drills/etcd-outage.yaml")),
-    ("etcd-leader-outage", include_str!("../drills/etcd-leader-outage.yaml")),
-    ("controller-crash", include_str!("../drills/controller-crash.yaml")),
-    ("remote-controllers-crash", include_str!("../drills/remote-controllers-crash.yaml")),
-    ("poisoned-export", include_str!("../drills/poisoned-export.yaml")),
-    ("poisoned-bundle", include_str!("../drills/poisoned-bundle.yaml")),
-    ("flapping-backend", include_str!("../drills/flapping-backend.yaml")),
-    ("tcp-service-outage", include_str!("../drills/tcp-service-outage.yaml")),
+    (
+        "etcd-leader-outage",
+        include_str!("../drills/etcd-leader-outage.yaml"),
+    ),
+    (
+        "controller-crash",
+        include_str!("../drills/controller-crash.yaml"),
+    ),
+    (
+        "remote-controllers-crash",
+        include_str!("../drills/remote-controllers-crash.yaml"),
+    ),
+    (
+        "poisoned-export",
+        include_str!("../drills/poisoned-export.yaml"),
+    ),
+    (
+        "poisoned-bundle",
+        include_str!("../drills/poisoned-bundle.yaml"),
+    ),
+    (
+        "flapping-backend",
+        include_str!("../drills/flapping-backend.yaml"),
+    ),
+    (
+        "tcp-service-outage",
+        include_str!("../drills/tcp-service-outage.yaml"),
+    ),
 ];
 
 /// The shipped drill called `name`.

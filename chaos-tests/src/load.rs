@@ -84,6 +84,18 @@ pub struct Counters {
     pub sent: AtomicU64,
     pub ok: AtomicU64,
     pub failed: AtomicU64,
+    /// Successes by the cluster that served them.
+    pub served: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
+}
+
+impl Counters {
+    /// Successes by cluster so far.
+    pub fn served(&self) -> std::collections::BTreeMap<String, u64> {
+        self.served
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
 }
 
 /// The load while it runs.
@@ -164,6 +176,10 @@ async fn drive(load: Load, start: Instant, counters: Arc<Counters>) -> Vec<Recor
             };
             counter.fetch_add(1, Ordering::Relaxed);
             let (cluster, zone) = served.unzip();
+            if let Some(c) = &cluster {
+                let mut by = counters.served.lock().unwrap_or_else(|e| e.into_inner());
+                *by.entry(c.clone()).or_default() += 1;
+            }
             let _ = tx.send(Record {
                 due: since,
                 latency: due.elapsed(),

@@ -6,7 +6,7 @@
 //! - **RTO**: from the fault until the first good request after the last
 //!   bad one has its answer (0 when no request was ever bad);
 //! - **failback**: from recovery until a request is served again by the
-//!   cluster that served most before the fault.
+//!   cluster and zone that served most before the fault.
 //!
 //! A request is *good* when it succeeded within the drill's `slow` bound.
 
@@ -28,6 +28,8 @@ pub struct Report {
     pub client: String,
     pub service: String,
     pub rate: u32,
+    /// What was broken, as it was resolved at the fault.
+    pub fault: String,
     #[serde(with = "humantime_serde")]
     pub fault_at: Duration,
     #[serde(with = "humantime_serde")]
@@ -49,7 +51,11 @@ pub struct Report {
     pub failback: Option<Duration>,
     /// Requests served by a cluster that served none before the fault.
     pub moved: u64,
-    /// The cluster that served most before the fault.
+    /// Whether any request was served by a cluster or zone that served
+    /// none before the fault.
+    pub left_home: bool,
+    /// Where most requests were served before the fault:
+    /// `cluster/zone`.
     pub home: Option<String>,
     pub before: Percentiles,
     pub during: Percentiles,
@@ -82,7 +88,8 @@ pub struct Percentiles {
 pub struct Bucket {
     #[serde(with = "humantime_serde")]
     pub at: Duration,
-    /// Successes by the cluster that served them (`?` when unknown: TCP).
+    /// Successes by where they were served (`cluster/zone`; `?` when
+    /// unknown: TCP).
     pub served: BTreeMap<String, u64>,
     pub failed: u64,
     #[serde(with = "humantime_serde")]
@@ -122,21 +129,28 @@ impl Report {
             .filter(|r| recover.is_some_and(|at| r.due >= at))
             .collect();
 
-        // Who served before the fault, and who served the most.
-        let mut home_counts: BTreeMap<&str, u64> = BTreeMap::new();
-        for r in &before {
-            if let (true, Some(c)) = (r.outcome.ok(), &r.cluster) {
-                *home_counts.entry(c).or_default() += 1;
+        // Where (cluster and zone) requests were served before the fault,
+        // and where most were.
+        let mut homes: BTreeMap<String, u64> = BTreeMap::new();
+        for r in before.iter().filter(|r| r.outcome.ok()) {
+            if let Some(p) = place(r) {
+                *homes.entry(p).or_default() += 1;
             }
         }
-        let home = home_counts
+        let home = homes
             .iter()
             .max_by_key(|(_, n)| **n)
-            .map(|(c, _)| c.to_string());
-        let elsewhere = |r: &Record| {
+            .map(|(p, _)| p.clone());
+        let home_clusters: Vec<&str> = before
+            .iter()
+            .filter(|r| r.outcome.ok())
+            .filter_map(|r| r.cluster.as_deref())
+            .collect();
+        let elsewhere = |r: &Record| place(r).is_some_and(|p| !homes.contains_key(&p));
+        let other_cluster = |r: &Record| {
             r.cluster
                 .as_deref()
-                .is_some_and(|c| !home_counts.contains_key(c))
+                .is_some_and(|c| !home_clusters.contains(&c))
         };
 
         let detect = during
@@ -152,12 +166,13 @@ impl Report {
         };
         let moved = records
             .iter()
-            .filter(|r| r.outcome.ok() && elsewhere(r))
+            .filter(|r| r.outcome.ok() && other_cluster(r))
             .count() as u64;
+        let left_home = records.iter().any(|r| r.outcome.ok() && elsewhere(r));
         let failback = match (recover, &home) {
-            (Some(at), Some(home)) if moved > 0 => after
+            (Some(at), Some(home)) if left_home => after
                 .iter()
-                .find(|r| r.outcome.ok() && r.cluster.as_deref() == Some(home))
+                .find(|r| r.outcome.ok() && place(r).as_ref() == Some(home))
                 .map(|r| done(r).saturating_sub(at)),
             _ => None,
         };
@@ -174,6 +189,7 @@ impl Report {
             client: drill.client.clone(),
             service: drill.service.clone(),
             rate: drill.rate,
+            fault: drill.fault.action.to_string(),
             fault_at: fault,
             recover_at: recover,
             duration: drill.duration,
@@ -185,6 +201,7 @@ impl Report {
             rto,
             failback,
             moved,
+            left_home,
             home,
             before: percentiles(&before),
             during: percentiles(&during),
@@ -195,6 +212,15 @@ impl Report {
         report.verdict = judge(&report, &drill.thresholds);
         report
     }
+}
+
+/// Where a request was served: `cluster/zone`, or the cluster alone.
+fn place(r: &Record) -> Option<String> {
+    let c = r.cluster.as_deref()?;
+    Some(match &r.zone {
+        Some(z) => format!("{c}/{z}"),
+        None => c.to_string(),
+    })
 }
 
 fn longest_run(records: &[Record]) -> Run {
@@ -250,7 +276,7 @@ fn timeline(records: &[Record], duration: Duration) -> Vec<Bucket> {
             continue;
         };
         if r.outcome.ok() {
-            let c = r.cluster.clone().unwrap_or_else(|| "?".into());
+            let c = place(r).unwrap_or_else(|| "?".into());
             *b.served.entry(c).or_default() += 1;
         } else {
             b.failed += 1;
@@ -295,7 +321,7 @@ fn judge(r: &Report, t: &Thresholds) -> Verdict {
         ));
     }
     if let Some(max) = t.failback
-        && r.moved > 0
+        && r.left_home
     {
         match r.failback {
             None => missed.push("traffic never came back after recovery".into()),
@@ -375,14 +401,14 @@ thresholds: {thresholds}
         });
         let r = Report::new(&drill("{failed: 0, rto: 1s, failback: 1s}"), &recs);
         assert_eq!((r.requests, r.failed), (600, 0));
-        assert_eq!(r.home.as_deref(), Some("aws"));
+        assert_eq!(r.home.as_deref(), Some("aws/z"));
         assert_eq!(r.detect, Some(305 * MS));
         assert_eq!(r.rto, Some(Duration::ZERO), "no request was ever bad");
         assert_eq!(r.moved, 220);
         assert_eq!(r.failback, Some(505 * MS));
         assert!(r.verdict.passed, "{:?}", r.verdict);
         assert_eq!(r.timeline.len(), 24);
-        assert_eq!(r.timeline[0].served.get("aws"), Some(&25));
+        assert_eq!(r.timeline[0].served.get("aws/z"), Some(&25));
     }
 
     #[test]

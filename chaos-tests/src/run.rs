@@ -19,6 +19,8 @@ use crate::report::Report;
 pub trait Federation {
     /// Where the client cluster's proxy takes the drill's service.
     fn entry(&self, drill: &Drill) -> anyhow::Result<SocketAddr>;
+    /// The cloud a cluster runs in.
+    fn cloud_of(&self, cluster: &str) -> Option<String>;
     /// Breaks what `action` names; returns once it is broken.
     fn inject(&mut self, action: &Action) -> impl Future<Output = anyhow::Result<()>>;
     /// Undoes `action`; returns once what it broke runs again.
@@ -70,10 +72,33 @@ pub async fn run<F: Federation>(
             failed: counters.failed.load(Ordering::Relaxed),
         })
     };
-    let fault = drill.fault.clone();
+    let mut fault = drill.fault.clone();
     let mut actual = drill.clone();
 
+    // Where the traffic goes in the last second before the fault, for a
+    // fault that follows it.
+    let second = Duration::from_secs(1);
+    wait_until(start + fault.at.saturating_sub(second), || tell("steady")).await;
+    let earlier = counters.served();
     wait_until(start + fault.at, || tell("steady")).await;
+    if fault.action.follows_traffic() {
+        let now = counters.served();
+        let serving = now
+            .iter()
+            .map(|(c, n)| (c, n - earlier.get(c).copied().unwrap_or(0)))
+            .max_by_key(|(_, n)| *n)
+            .filter(|(_, n)| *n > 0)
+            .map(|(c, _)| c.clone());
+        let Some(serving) = serving else {
+            let _ = running.finish().await;
+            bail!("the fault follows the traffic, but nothing was served in the second before it");
+        };
+        let cloud = fed
+            .cloud_of(&serving)
+            .with_context(|| format!("{serving} is no cluster of this federation"))?;
+        fault.action = fault.action.resolve(&serving, &cloud);
+        actual.fault.action = fault.action.clone();
+    }
     actual.fault.at = start.elapsed();
     let mut broken = true;
     let mut result = fed
@@ -182,9 +207,13 @@ mod tests {
         fn entry(&self, _: &Drill) -> anyhow::Result<SocketAddr> {
             Ok(self.addr)
         }
-        async fn inject(&mut self, _: &Action) -> anyhow::Result<()> {
+        fn cloud_of(&self, cluster: &str) -> Option<String> {
+            (cluster == "c1").then(|| "cloud1".to_string())
+        }
+        async fn inject(&mut self, action: &Action) -> anyhow::Result<()> {
             self.broken.store(true, Ordering::Relaxed);
-            self.log.push(("inject".into(), self.t0.elapsed()));
+            self.log
+                .push((format!("inject: {action}"), self.t0.elapsed()));
             Ok(())
         }
         async fn recover(&mut self, _: &Action) -> anyhow::Result<()> {
@@ -253,15 +282,16 @@ thresholds: {{failed: 0}}
             log: Vec::new(),
             t0: Instant::now(),
         };
-        let d = drill("{kill: c1/x, at: 500ms, recover: 1s}");
+        let d = drill("{kill: \"{serving}/x\", at: 500ms, recover: 1s}");
         let mut ticks = 0;
         let (report, records) = run(&d, &mut fed, |_| ticks += 1).await.unwrap();
         assert!(ticks >= 3, "progress is told while the drill runs");
         assert_eq!(records.len(), 200);
         assert_eq!(
             fed.log.iter().map(|(w, _)| w.as_str()).collect::<Vec<_>>(),
-            ["inject", "recover"]
+            ["inject: kill c1/x", "recover"]
         );
+        assert_eq!(report.fault, "kill c1/x", "the report says what was hit");
         // About half a second of 503s, and the drill fails on them.
         assert!(
             report.failed >= 40 && report.failed <= 60,
@@ -285,7 +315,11 @@ thresholds: {{failed: 0}}
         };
         let d = drill("{flap: {target: c1/x, period: 300ms}, at: 400ms, recover: 1500ms}");
         run(&d, &mut fed, |_| {}).await.unwrap();
-        let steps: Vec<&str> = fed.log.iter().map(|(w, _)| w.as_str()).collect();
+        let steps: Vec<&str> = fed
+            .log
+            .iter()
+            .map(|(w, _)| w.split(':').next().unwrap())
+            .collect();
         // Down at 0.4, up 0.7, down 1.0, up 1.3; at 1.5 it is already up.
         assert_eq!(steps, ["inject", "recover", "inject", "recover"]);
         assert!(!broken.load(Ordering::Relaxed));

@@ -41,10 +41,12 @@ pub fn render(report: &Report) -> String {
     };
     let _ = writeln!(
         s,
-        r#"<text x="{LEFT}" y="24" font-size="16" font-weight="bold">{} <tspan fill="{}">{}</tspan></text>"#,
+        r##"<text x="{LEFT}" y="24" font-size="16" font-weight="bold">{} <tspan fill="{}">{}</tspan><tspan font-size="13" font-weight="normal" fill="#444">   {} at {:.1} s</tspan></text>"##,
         esc(&report.drill),
         verdict.1,
-        verdict.0
+        verdict.0,
+        esc(&report.fault),
+        report.fault_at.as_secs_f64()
     );
     let figures = format!(
         "{} → {} at {}/s · {} requests, {} failed · RTO {} · p99 before {} / during {} / after {}",
@@ -276,7 +278,7 @@ thresholds: {failed: 0, rto: 1s}
                     latency: ms(20 + i % 7),
                     outcome,
                     cluster: cluster.map(str::to_string),
-                    zone: None,
+                    zone: cluster.map(|_| "a".to_string()),
                 }
             })
             .collect();
@@ -291,8 +293,8 @@ thresholds: {failed: 0, rto: 1s}
         for text in [
             ">fault<",
             ">recovery<",
-            ">gcp-usc1<",
-            ">azure-eus<",
+            ">gcp-usc1/a<",
+            ">azure-eus/a<",
             ">failed<",
         ] {
             assert!(svg.contains(text), "{text}");

@@ -9,6 +9,15 @@ pub fn text(r: &Report) -> String {
     let mut s = String::new();
     let verdict = if r.verdict.passed { "PASS" } else { "FAIL" };
     let _ = writeln!(s, "{verdict}  {}  {}", r.drill, r.about);
+    let recovered = r.recover_at.map_or(String::new(), |t| {
+        format!(", undone at {:.1} s", t.as_secs_f64())
+    });
+    let _ = writeln!(
+        s,
+        "      fault: {} at {:.1} s{recovered}",
+        r.fault,
+        r.fault_at.as_secs_f64()
+    );
     let opt = |d: Option<std::time::Duration>, none: &str| d.map_or(none.to_string(), ms);
     let failures = if r.failed_by.is_empty() {
         String::new()
@@ -36,10 +45,10 @@ pub fn text(r: &Report) -> String {
         "      detect {}  RTO {}  failback {}  moved {}",
         opt(r.detect, "-"),
         opt(r.rto, "never"),
-        match (r.moved, r.failback) {
-            (0, _) => "-".to_string(),
-            (_, None) => "never".to_string(),
-            (_, Some(d)) => ms(d),
+        match (r.left_home, r.failback) {
+            (false, _) => "-".to_string(),
+            (true, None) => "never".to_string(),
+            (true, Some(d)) => ms(d),
         },
         r.moved,
     );

@@ -219,7 +219,10 @@ impl UpFederation {
                 Member::Backend(id) => {
                     let found = self.state.clusters.iter_mut().find_map(|c| {
                         let name = c.name.clone();
-                        c.backends.iter_mut().find(|b| &b.id == id).map(|b| (name, b))
+                        c.backends
+                            .iter_mut()
+                            .find(|b| &b.id == id)
+                            .map(|b| (name, b))
                     });
                     match found {
                         Some((cluster, b)) => {
@@ -304,7 +307,13 @@ impl Federation for UpFederation {
             .clusters
             .iter()
             .find(|c| c.name == drill.client)
-            .with_context(|| format!("client: no cluster {:?} in {}", drill.client, self.topology()))?;
+            .with_context(|| {
+                format!(
+                    "client: no cluster {:?} in {}",
+                    drill.client,
+                    self.topology()
+                )
+            })?;
         match drill.protocol {
             Protocol::Http => Ok(c.proxy.address),
             Protocol::Tcp => c.proxy_tcp.get(&drill.service).copied().with_context(|| {
@@ -316,6 +325,11 @@ impl Federation for UpFederation {
                 )
             }),
         }
+    }
+
+    fn cloud_of(&self, cluster: &str) -> Option<String> {
+        let c = self.state.clusters.iter().find(|c| c.name == cluster)?;
+        Some(c.cloud.clone())
     }
 
     async fn inject(&mut self, action: &Action) -> anyhow::Result<()> {
@@ -430,8 +444,8 @@ pub fn drills(names: &[String]) -> anyhow::Result<Vec<Drill>> {
         } else if let Some(d) = fedmesh_chaos::shipped(name) {
             out.push(d?);
         } else if name.ends_with(".yaml") || name.ends_with(".yml") || Path::new(name).is_file() {
-            let text =
-                std::fs::read_to_string(name).with_context(|| format!("reading the drill {name}"))?;
+            let text = std::fs::read_to_string(name)
+                .with_context(|| format!("reading the drill {name}"))?;
             out.push(Drill::parse(&text, name)?);
         } else {
             let known: Vec<&str> = fedmesh_chaos::SHIPPED.iter().map(|(n, _)| *n).collect();
@@ -461,7 +475,12 @@ pub async fn run_all(
     for d in drills {
         if d.topology != fed.topology() {
             if named_all {
-                eprintln!("skip  {} (written for {}; {} is up)", d.name, d.topology, fed.topology());
+                eprintln!(
+                    "skip  {} (written for {}; {} is up)",
+                    d.name,
+                    d.topology,
+                    fed.topology()
+                );
                 continue;
             }
             bail!(

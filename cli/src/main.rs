@@ -303,8 +303,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 Some(path) => {
                     let t = up::load_topology(&path)?;
-                    let dir = state_dir
-                        .unwrap_or_else(|| PathBuf::from(".fedmesh").join(format!("drill-{}", t.name)));
+                    let dir = state_dir.unwrap_or_else(|| {
+                        PathBuf::from(".fedmesh").join(format!("drill-{}", t.name))
+                    });
                     up::up_detached(&path, &dir, block_offset).await?;
                     let svgs = svg_dir.unwrap_or_else(|| dir.join("drills"));
                     let result = drill::run_all(&dir, &chosen, all, output, &svgs).await;

@@ -213,7 +213,8 @@ impl Wan {
         let mut targets = Vec::new();
         for (a, b) in pairs {
             let Some((base, cell)) = self.directions.get(&(a.to_string(), b.to_string())) else {
-                let mut clouds: Vec<&str> = self.directions.keys().map(|(a, _)| a.as_str()).collect();
+                let mut clouds: Vec<&str> =
+                    self.directions.keys().map(|(a, _)| a.as_str()).collect();
                 clouds.sort();
                 clouds.dedup();
                 return Err(format!(
@@ -356,7 +357,8 @@ pub async fn relay(
             // A sender outside every cloud's block takes a link that adds
             // nothing.
             let there = cloud_of(from).unwrap_or_else(|| here.clone());
-            let (Some(to_here), Some(to_there)) = (wan.cell(&there, &here), wan.cell(&here, &there))
+            let (Some(to_here), Some(to_there)) =
+                (wan.cell(&there, &here), wan.cell(&here, &there))
             else {
                 continue;
             };
@@ -516,7 +518,10 @@ mod tests {
         assert!(times[20].is_some());
         assert_eq!(times[21], None);
         // Once the queue has drained, the link carries again.
-        assert!(line.schedule(&link, t0 + 300 * MS, 1250, 0.5, 0.5).is_some());
+        assert!(
+            line.schedule(&link, t0 + 300 * MS, 1250, 0.5, 0.5)
+                .is_some()
+        );
     }
 
     fn two_clouds() -> Arc<Wan> {
@@ -621,7 +626,9 @@ mod tests {
                 .map(|r| r.unwrap().1)
         }
         client.send_to(b"1", listen).await.unwrap();
-        let first = recv(&server, Duration::from_secs(5)).await.expect("delivered");
+        let first = recv(&server, Duration::from_secs(5))
+            .await
+            .expect("delivered");
 
         let cut = |change| WanCommand {
             from: "aws".into(),
@@ -654,7 +661,9 @@ mod tests {
 
         command(dir.path(), &cut(Change::Rebind)).await.unwrap();
         client.send_to(b"4", listen).await.unwrap();
-        let rebound = recv(&server, Duration::from_secs(5)).await.expect("delivered");
+        let rebound = recv(&server, Duration::from_secs(5))
+            .await
+            .expect("delivered");
         assert_ne!(rebound, first, "a new source address");
 
         let e = command(

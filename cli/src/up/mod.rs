@@ -449,9 +449,15 @@ impl Launch<'_> {
                 Some(topology.cluster(&src.name)?.cloud.clone())
             })
         };
-        wan::relay(g.quic, g.quic_listen, c.cloud.clone(), self.wan.clone(), cloud_of)
-            .await
-            .with_context(|| format!("the WAN relay on {}", g.quic))
+        wan::relay(
+            g.quic,
+            g.quic_listen,
+            c.cloud.clone(),
+            self.wan.clone(),
+            cloud_of,
+        )
+        .await
+        .with_context(|| format!("the WAN relay on {}", g.quic))
     }
 
     /// Starts `bin --config <config>` as `name`; returns its pid and
@@ -489,7 +495,9 @@ fn wan_of(topology: &Topology) -> Wan {
         topology
             .wan
             .iter()
-            .find(|l| a != b && l.clouds.contains(&a.to_string()) && l.clouds.contains(&b.to_string()))
+            .find(|l| {
+                a != b && l.clouds.contains(&a.to_string()) && l.clouds.contains(&b.to_string())
+            })
             .map_or(Link::default(), |l| Link {
                 latency: l.latency,
                 jitter: l.jitter,
