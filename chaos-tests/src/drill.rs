@@ -220,7 +220,7 @@ pub struct Thresholds {
     /// Time after recovery until traffic is back where it was.
     #[serde(default, with = "humantime_serde")]
     pub failback: Option<Duration>,
-    /// A request slower than this counts as not yet recovered (1 s).
+    /// A request slower than this counts as not yet recovered (500 ms).
     #[serde(default, with = "humantime_serde")]
     pub slow: Option<Duration>,
 }
@@ -293,7 +293,7 @@ impl std::fmt::Display for Action {
 
 impl Thresholds {
     pub fn slow(&self) -> Duration {
-        self.slow.unwrap_or(Duration::from_secs(1))
+        self.slow.unwrap_or(Duration::from_millis(500))
     }
 }
 
@@ -401,7 +401,7 @@ thresholds: {failed: 0, rto: 1s}
         assert_eq!(d.fault.at, Duration::from_secs(3));
         assert_eq!(d.recovery(), Duration::from_secs(6));
         assert_eq!(d.thresholds.failed, Some(0));
-        assert_eq!(d.thresholds.slow(), Duration::from_secs(1));
+        assert_eq!(d.thresholds.slow(), Duration::from_millis(500));
         assert_eq!(d.protocol, Protocol::Http);
     }
 

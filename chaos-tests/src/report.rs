@@ -2,9 +2,11 @@
 //! is tested on made-up records.
 //!
 //! - **detect**: from the fault until the first request that shows it
-//!   (failed, slow, or served by a cluster that served none before);
-//! - **RTO**: from the fault until the first good request after the last
-//!   bad one has its answer (0 when no request was ever bad);
+//!   (failed, slow, or served away from home: a cluster and zone that did
+//!   not serve a twentieth of the second before the fault);
+//! - **RTO**: from the fault until every bad request has ended and a good
+//!   one due after the last of them has its answer (0 when no request was
+//!   ever bad);
 //! - **failback**: from recovery until a request is served again by the
 //!   cluster and zone that served most before the fault.
 //!
@@ -17,6 +19,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::drill::{Drill, Thresholds};
 use crate::load::Record;
+
+/// How long before the fault traffic is looked at to say where home is.
+pub const HOME_WINDOW: Duration = Duration::from_secs(1);
 
 /// The width of one step of the timeline.
 pub const BUCKET: Duration = Duration::from_millis(250);
@@ -49,10 +54,11 @@ pub struct Report {
     /// `None`: traffic never moved, or never came back.
     #[serde(with = "humantime_serde")]
     pub failback: Option<Duration>,
-    /// Requests served by a cluster that served none before the fault.
+    /// Requests served by a cluster that was not home: one that served at
+    /// least a twentieth of the second before the fault.
     pub moved: u64,
-    /// Whether any request was served by a cluster or zone that served
-    /// none before the fault.
+    /// Whether any request was served by a cluster or zone that was not
+    /// home.
     pub left_home: bool,
     /// Where most requests were served before the fault:
     /// `cluster/zone`.
@@ -129,40 +135,52 @@ impl Report {
             .filter(|r| recover.is_some_and(|at| r.due >= at))
             .collect();
 
-        // Where (cluster and zone) requests were served before the fault,
-        // and where most were.
+        // Home: where (cluster and zone) traffic went in the last second
+        // before the fault, each place with at least a twentieth of it (a
+        // balancer's occasional probe elsewhere is not home).
+        let last_second = before
+            .iter()
+            .filter(|r| r.outcome.ok() && r.due + HOME_WINDOW >= fault);
         let mut homes: BTreeMap<String, u64> = BTreeMap::new();
-        for r in before.iter().filter(|r| r.outcome.ok()) {
+        let mut counted = 0u64;
+        for r in last_second {
             if let Some(p) = place(r) {
                 *homes.entry(p).or_default() += 1;
+                counted += 1;
             }
         }
         let home = homes
             .iter()
             .max_by_key(|(_, n)| **n)
             .map(|(p, _)| p.clone());
-        let home_clusters: Vec<&str> = before
-            .iter()
-            .filter(|r| r.outcome.ok())
-            .filter_map(|r| r.cluster.as_deref())
+        homes.retain(|_, n| *n * 20 >= counted);
+        let home_clusters: Vec<String> = homes
+            .keys()
+            .map(|p| p.split('/').next().unwrap_or(p).to_string())
             .collect();
         let elsewhere = |r: &Record| place(r).is_some_and(|p| !homes.contains_key(&p));
         let other_cluster = |r: &Record| {
             r.cluster
                 .as_deref()
-                .is_some_and(|c| !home_clusters.contains(&c))
+                .is_some_and(|c| !home_clusters.iter().any(|h| h == c))
         };
 
         let detect = during
             .iter()
             .find(|r| !good(r) || elsewhere(r))
             .map(|r| done(r).saturating_sub(fault));
+        // Recovered once every bad request has ended and a good one after
+        // the last of them has its answer.
         let rto = match during.iter().rposition(|r| !good(r)) {
             None => Some(Duration::ZERO),
-            Some(last_bad) => during[last_bad + 1..]
-                .iter()
-                .find(|r| good(r))
-                .map(|r| done(r).saturating_sub(fault)),
+            Some(last_bad) => {
+                let bad_ended = during.iter().filter(|r| !good(r)).map(|r| done(r)).max();
+                during[last_bad + 1..].iter().find(|r| good(r)).map(|r| {
+                    done(r)
+                        .max(bad_ended.unwrap_or_default())
+                        .saturating_sub(fault)
+                })
+            }
         };
         let moved = records
             .iter()
@@ -451,10 +469,10 @@ thresholds: {thresholds}
         }
         let r = Report::new(&drill("{failed: 0, rto: 1s, moved: 0}"), &recs);
         assert_eq!(r.failed, 0);
-        assert_eq!(r.rto, Some(505 * MS), "the first good one after the stall");
+        assert_eq!(r.rto, Some(1500 * MS), "until the stalled ones ended");
         assert_eq!(r.during.p99, Some(1480 * MS));
         assert_eq!(r.moved, 0);
-        assert!(r.verdict.passed);
+        assert_eq!(r.verdict.missed, ["RTO 1.50 s (at most 1.00 s)"]);
         let r = Report::new(&drill("{p99_during: 100ms}"), &recs);
         assert_eq!(
             r.verdict.missed,
@@ -471,6 +489,24 @@ thresholds: {thresholds}
             r.verdict.missed,
             ["300 requests moved to another cluster (at most 0)"]
         );
+    }
+
+    /// A balancer's occasional request elsewhere before the fault does not
+    /// make that cluster home: traffic moving there is still a move.
+    #[test]
+    fn a_probe_elsewhere_is_not_home() {
+        let recs = records(|t| {
+            let probe = (t.as_millis() / 10) % 50 == 0;
+            Some(if t < 2000 * MS && !probe {
+                "aws"
+            } else {
+                "gcp"
+            })
+        });
+        let r = Report::new(&drill("{moved: 0}"), &recs);
+        assert_eq!(r.home.as_deref(), Some("aws/z"));
+        assert_eq!(r.moved, 400 + 4, "after the fault, and the probes before");
+        assert_eq!(r.detect, Some(5 * MS));
     }
 
     #[test]

@@ -85,8 +85,9 @@ impl<K: Hash + Eq + Clone> Balancer<K> {
         }
     }
 
-    /// The target for the next attempt, or `None` when no target is
-    /// usable (every one unhealthy, ejected or already tried).
+    /// The target for the next attempt: an ejected one only when nothing
+    /// else is left; `None` when every target is unhealthy or already
+    /// tried.
     pub fn choose(
         &mut self,
         targets: &[Target<K>],
@@ -140,7 +141,15 @@ impl<K: Hash + Eq + Clone> Balancer<K> {
                 return Some(usable[i].key.clone());
             }
         }
-        None
+        // Nothing usable is left untried: an ejected target is still a
+        // better last resort than failing the request (ejection is a guess
+        // from past failures; the target may be fine again, and it may be
+        // all there is while the rest of the mesh is partitioned away).
+        targets
+            .iter()
+            .filter(|t| t.healthy > 0 && !tried.contains(&t.key))
+            .min_by_key(|t| (prio(t), self.outliers.ejected_until(&t.key)))
+            .map(|t| t.key.clone())
     }
 
     /// An attempt on `k` began.
@@ -352,6 +361,35 @@ mod tests {
         };
         assert!(matches!(b.choose(&t, &["a2"], draw, t0), Some("b1" | "b2")));
         assert_eq!(b.choose(&t, &[], draw, t0), Some("a2"));
+    }
+
+    /// An ejected target is the last resort: when every other has been
+    /// tried, the attempt goes to the one whose ejection ends first rather
+    /// than nowhere.
+    #[test]
+    fn an_ejected_target_is_tried_when_nothing_else_is_left() {
+        let t0 = Instant::now();
+        let mut b = Balancer::new(BalancerPolicy::default());
+        let t = vec![remote("gcp", 2, 2), remote("azure", 2, 2)];
+        for _ in 0..5 {
+            b.started(&"azure", t0);
+            b.finished(&"azure", Err(()), &t, t0);
+        }
+        let draw = Draw {
+            level: 0.0,
+            a: 0,
+            b: 1,
+        };
+        assert_eq!(
+            b.choose(&t, &[], draw, t0),
+            Some("gcp"),
+            "not while gcp is usable"
+        );
+        assert_eq!(b.choose(&t, &["gcp"], draw, t0), Some("azure"));
+        assert_eq!(b.choose(&t, &["gcp", "azure"], draw, t0), None);
+        // An unhealthy target is never a resort.
+        let down = vec![remote("gcp", 2, 2), remote("azure", 0, 2)];
+        assert_eq!(b.choose(&down, &["gcp"], draw, t0), None);
     }
 
     #[test]

@@ -56,6 +56,11 @@ impl<K: Hash + Eq + Clone> Outliers<K> {
         }
     }
 
+    /// When `k`'s ejection ends (`None`: it never was ejected).
+    pub fn ejected_until(&self, k: &K) -> Option<Instant> {
+        self.hosts.get(k).and_then(|h| h.ejected_until)
+    }
+
     pub fn is_ejected(&self, k: &K, now: Instant) -> bool {
         self.hosts
             .get(k)
