@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# Runs every test of the workspace. Installs etcd-server and protoc first when
-# they are missing. Extra arguments go to `cargo test`.
+# Runs every test of the workspace, then the fast subset of the failover
+# drills (scripts/drills.sh), which fails when a drill misses a threshold.
+# Installs etcd-server and protoc first when they are missing. Extra
+# arguments go to `cargo test`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-exec cargo test --workspace "$@"
+cargo test --workspace "$@"
+exec scripts/drills.sh

@@ -78,7 +78,9 @@ impl UpFederation {
         };
         let mut out = Vec::new();
         if target == "etcd-leader" {
-            out.push(Member::Etcd(self.etcd_leader().await?));
+            let leader = self.etcd_leader().await?;
+            eprintln!("      etcd-leader is {leader}");
+            out.push(Member::Etcd(leader));
         } else if let Some(name) = component(target) {
             let known = s.etcd.iter().any(|e| e.name == name)
                 || s.clusters.iter().any(|c| {

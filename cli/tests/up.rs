@@ -122,11 +122,69 @@ async fn three_clouds_fail_over_from_aws_and_back() {
             tokio::time::sleep(std::time::Duration::from_millis(200)).await;
         }
     }
+    drills_run_against_what_is_up(state.path());
+
     fedmesh_ok(&["down"], state.path());
     assert!(
         TcpStream::connect(proxy).await.is_err(),
         "the proxy is gone"
     );
+}
+
+/// `fedmesh drill` on the federation that is up: a drill file of the
+/// user's, whose fault follows the traffic (the WAN to whichever cloud
+/// serves aws is cut, live, through the supervisor's relays), reported as
+/// JSON with its timeline; the exit code is the verdict. A drill written
+/// for another topology, and a WAN command for an unknown cloud, are
+/// refused by name.
+fn drills_run_against_what_is_up(state: &std::path::Path) {
+    let file = state.join("cut.yaml");
+    std::fs::write(
+        &file,
+        "name: cut
+about: the WAN to the serving cloud is cut
+topology: three-clouds
+client: aws-use1
+service: shop/payments
+rate: 100
+duration: 4s
+fault: {wan: {between: [aws, \"{serving-cloud}\"], blackhole: true}, at: 1500ms, recover: 3s}
+thresholds: {failed: 0}
+",
+    )
+    .unwrap();
+    let out = fedmesh(&["drill", file.to_str().unwrap(), "-o", "json"], state);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let reports: serde_json::Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {stderr}"));
+    let r = &reports[0];
+    assert_eq!(r["drill"], "cut");
+    assert_eq!(r["requests"], 400, "every due request is recorded");
+    let fault = r["fault"].as_str().unwrap();
+    assert!(
+        fault == "wan aws ↔ gcp: blackhole" || fault == "wan aws ↔ azure: blackhole",
+        "{fault}"
+    );
+    let passed = r["verdict"]["passed"].as_bool().unwrap();
+    assert_eq!(out.status.success(), passed, "{stderr}");
+    assert!(state.join("drills/cut.svg").is_file());
+
+    let other = state.join("other.yaml");
+    let text = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(
+        &other,
+        text.replace("topology: three-clouds", "topology: two-clusters-ha"),
+    )
+    .unwrap();
+    let out = fedmesh(&["drill", other.to_str().unwrap()], state);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("cut is written for the topology two-clusters-ha"),
+        "{err}"
+    );
+    let out = fedmesh(&["wan", "aws", "mars", "--latency", "100ms"], state);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("\"mars\""), "{err}");
 }
 
 #[test]
