@@ -23,6 +23,7 @@ use crate::admin::{self, ControllerMetrics};
 use crate::discovery::{self, DiscoveryService, Versioned};
 use crate::mesh;
 use crate::publish;
+use crate::rotation;
 use crate::registry::{DiscoverySource, FileRegistry, RegistryError};
 use crate::view::GlobalView;
 use crate::watcher::{self, WatcherConfig};
@@ -48,6 +49,9 @@ pub struct ControllerConfig {
     /// How large discovery updates' chunks grow
     /// ([`discovery::CHUNK_BYTES`] by default).
     pub discovery_chunk_bytes: usize,
+    /// Where `join` was read from, to take up CA rotations staged there
+    /// (`fedmesh rotate-ca`); `None`: no rotation.
+    pub join_dir: Option<PathBuf>,
 }
 
 impl ControllerConfig {
@@ -61,6 +65,7 @@ impl ControllerConfig {
             alive_ttl: Duration::from_secs(10),
             watcher: WatcherConfig::default(),
             discovery_chunk_bytes: discovery::CHUNK_BYTES,
+            join_dir: None,
         }
     }
 }
@@ -150,7 +155,8 @@ impl Controller {
             RotationPolicy::default(),
             now,
         )));
-        let own_bundle = lock(&authority).bundle();
+        // Our own bundle: what the authority says, changed by a rotation.
+        let (own_tx, own_rx) = watch::channel(lock(&authority).bundle());
         let controller_id = SpiffeId::controller(&td, &cluster.name)?;
         let svid = lock(&authority).issue(&controller_id, now)?;
         let issuer = LocalIssuer {
@@ -210,15 +216,25 @@ impl Controller {
             config.alive_ttl,
             stop_rx.clone(),
         ));
+        if let Some(dir) = config.join_dir.clone() {
+            tasks.spawn(rotation::run(
+                dir,
+                authority.clone(),
+                own_tx,
+                client.clone(),
+                keys.bundle(td.as_str()),
+            ));
+        }
         tasks.spawn(sample_lag(client, view_rx.clone(), metrics.clone()));
 
         // The mesh: rebuilt on every change, versioned, published only once
         // the global zone has been listed at least once.
         let (snap_tx, snap_rx) = watch::channel::<Option<Arc<Versioned>>>(None);
-        let (bundles_tx, bundles_rx) = watch::channel(Arc::new(bundle_set(&own_bundle, None)));
+        let first = bundle_set(&own_rx.borrow(), None);
+        let (bundles_tx, bundles_rx) = watch::channel(Arc::new(first));
         tasks.spawn(build_mesh(
             cluster.name.clone(),
-            own_bundle,
+            own_rx,
             local,
             view_rx,
             snap_tx,
@@ -325,7 +341,7 @@ fn bundle_set(own: &Bundle, global: Option<&GlobalView>) -> BundleSet {
 
 async fn build_mesh(
     cluster: String,
-    own_bundle: Bundle,
+    mut own_bundle: watch::Receiver<Bundle>,
     mut local: watch::Receiver<Arc<LocalServices>>,
     mut global: watch::Receiver<Arc<GlobalView>>,
     snapshots: watch::Sender<Option<Arc<Versioned>>>,
@@ -340,6 +356,8 @@ async fn build_mesh(
     let cluster: Arc<str> = cluster.into();
     let mut last: Option<mesh::MeshInputs> = None;
     let mut local_open = true;
+    // Without a rotation driver the sender is gone at once: nothing changes.
+    let mut own_open = true;
     loop {
         let g = global.borrow_and_update().clone();
         let l = local.borrow_and_update().clone();
@@ -367,21 +385,22 @@ async fn build_mesh(
                     epoch,
                     inputs: inputs.clone(),
                 })));
-                let set = bundle_set(&own_bundle, Some(&g));
-                bundles.send_if_modified(|cur| {
-                    if **cur == set {
-                        return false;
-                    }
-                    *cur = Arc::new(set);
-                    true
-                });
             }
+            let set = bundle_set(&own_bundle.borrow_and_update(), Some(&g));
+            bundles.send_if_modified(|cur| {
+                if **cur == set {
+                    return false;
+                }
+                *cur = Arc::new(set);
+                true
+            });
             last = Some(inputs);
         }
         // A local source that has gone away leaves its last services in
         // force; the global zone keeps the mesh moving.
         tokio::select! {
             r = local.changed(), if local_open => local_open = r.is_ok(),
+            r = own_bundle.changed(), if own_open => own_open = r.is_ok(),
             r = global.changed() => if r.is_err() { return },
         }
     }

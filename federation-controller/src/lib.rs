@@ -11,6 +11,8 @@
 //!   I/O-free.
 //! - [`discovery`]: the gRPC discovery stream (incremental, ACK/NACK) and
 //!   `Certify`, over mutual TLS; [`admin`]: metrics, `/ready`, `/live`.
+//! - [`rotation`]: takes up a CA rotation staged in the join directory,
+//!   and publishes the cluster's bundle as its roots change.
 //! - [`controller`]: wires these into a running controller.
 //!
 //! It does not own the data plane: proxies and gateways never talk to etcd,
@@ -22,5 +24,6 @@ pub mod discovery;
 pub mod mesh;
 pub mod publish;
 pub mod registry;
+pub mod rotation;
 pub mod view;
 pub mod watcher;

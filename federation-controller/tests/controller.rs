@@ -15,8 +15,9 @@ use fedmesh_discovery::MeshState;
 use fedmesh_proto::discovery::v1 as pb;
 use fedmesh_test_support::{Etcd, eventually};
 use fedmesh_trust::{
-    AllowAnyVerified, Bundle, BundleSet, CaOptions, ClusterCa, SpiffeId, Svid, TrustDomain,
+    AllowAnyVerified, Bundle, BundleSet, CaOptions, ClusterCa, SpiffeId, Svid, TrustDomain, Usage,
 };
+use rustls_pki_types::CertificateDer;
 use fedmesh_zone::GlobalZone;
 use fedmesh_zone::join::{EtcdAccess, JoinDir};
 use pb::discovery_client::DiscoveryClient;
@@ -86,6 +87,10 @@ async fn cluster_with(
         },
         ca,
     };
+    // On disk too, as `fedmesh register cluster` leaves it: the controller
+    // takes up CA rotations staged there.
+    let join_dir = dir.path().join("join");
+    join.write(&join_dir).unwrap();
     let registry = dir.path().join("registry.yaml");
     std::fs::write(&registry, services).unwrap();
     let source = source.unwrap_or(LocalSource::File {
@@ -94,6 +99,7 @@ async fn cluster_with(
     });
     let mut config = ControllerConfig::new(join, source, format!("127.0.{n}.2:0").parse().unwrap());
     config.admin_addr = Some(format!("127.0.{n}.2:0").parse().unwrap());
+    config.join_dir = Some(join_dir);
     config.tokens = HashMap::from([(
         TOKEN.to_string(),
         SpiffeId::workload(&td, "shop", "web").unwrap(),
@@ -503,4 +509,69 @@ async fn a_local_source_that_goes_away_leaves_the_mesh_following_the_global_zone
         },
     )
     .await;
+}
+
+/// A CA staged in the join directory, as `fedmesh rotate-ca` stages it, is
+/// taken up by the running controller: the cluster's bundle in the global
+/// zone gains the new root at once; Certify signs with the old root until
+/// the propagation delay has passed and with the new one after; then the
+/// join directory's CA is the new one, for a controller that restarts.
+#[tokio::test]
+async fn a_staged_ca_is_published_then_signs_and_becomes_the_join_directorys_ca() {
+    let etcd = Etcd::start().await.unwrap();
+    let c = cluster(&etcd, "aws", 44, &registry_doc(1)).await;
+    let join = c._dir.path().join("join");
+    let next = ClusterCa::generate(&c.td, &CaOptions::default(), SystemTime::now()).unwrap();
+    let web = SpiffeId::workload(&c.td, "shop", "web").unwrap();
+    let signed_by = |svid: &Svid, root: &CertificateDer<'static>| {
+        let mut only = BundleSet::new();
+        only.insert(Bundle::with_roots(c.td.clone(), [root.clone()]));
+        only.reverify(svid.chain(), SystemTime::now(), Usage::Client)
+            .is_ok()
+    };
+    let old_root = c.ca_bundle.roots()[0].clone();
+    let new_root = next.cert_der().clone();
+
+    JoinDir::stage_rotation(&join, &next, Duration::from_secs(3)).unwrap();
+    let mut kv = etcd.client().await.unwrap();
+    let key = KeySpace::default().bundle(c.td.as_str());
+    eventually("the bundle in etcd has both roots", Duration::from_secs(10), || {
+        let (mut kv, key, td) = (kv.clone(), key.clone(), c.td.clone());
+        async move {
+            let resp = kv.get(key.as_str(), None).await.ok()?;
+            let doc = resp.kvs().first()?.value().to_vec();
+            let b = Bundle::from_document(td, &doc, "etcd").ok()?;
+            (b.roots().len() == 2).then_some(())
+        }
+    })
+    .await;
+    // Published, not signing yet.
+    let during = certify(&c, TOKEN, &web).await.unwrap();
+    assert!(signed_by(&during, &old_root) && !signed_by(&during, &new_root));
+
+    eventually("Certify signs with the new root", Duration::from_secs(15), || {
+        let (c, web, new_root) = (&c, web.clone(), new_root.clone());
+        async move {
+            let svid = certify(c, TOKEN, &web).await.ok()?;
+            let mut only = BundleSet::new();
+            only.insert(Bundle::with_roots(c.td.clone(), [new_root]));
+            only.reverify(svid.chain(), SystemTime::now(), Usage::Client)
+                .ok()
+                .map(drop)
+        }
+    })
+    .await;
+    eventually("the join directory's CA is the new one", Duration::from_secs(5), || {
+        let (join, td, new_root) = (join.clone(), c.td.clone(), new_root.clone());
+        async move {
+            let ca = ClusterCa::load(&join.join("ca"), &td).ok()?;
+            (ca.cert_der() == &new_root).then_some(())
+        }
+    })
+    .await;
+    // The old root stays published while leaves it signed live.
+    let resp = kv.get(key.as_str(), None).await.unwrap();
+    let doc = resp.kvs()[0].value().to_vec();
+    let b = Bundle::from_document(c.td.clone(), &doc, "etcd").unwrap();
+    assert!(b.roots().contains(&old_root) && b.roots().contains(&new_root));
 }

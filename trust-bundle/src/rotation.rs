@@ -304,6 +304,18 @@ impl Authority {
         next: ClusterCa,
         now: SystemTime,
     ) -> Result<(), RotationError> {
+        let delay = self.rotation.propagation_delay;
+        self.begin_rotation_in(next, now, delay)
+    }
+
+    /// As [`Authority::begin_rotation`], with this rotation's own
+    /// propagation delay (an operator's choice for this one rotation).
+    pub fn begin_rotation_in(
+        &mut self,
+        next: ClusterCa,
+        now: SystemTime,
+        propagation_delay: Duration,
+    ) -> Result<(), RotationError> {
         if let Some((_, at)) = &self.incoming {
             return Err(RotationError::InProgress(*at));
         }
@@ -317,9 +329,18 @@ impl Authority {
             ca: next,
             last_leaf_expiry: None,
         };
-        self.incoming = Some((root, now + self.rotation.propagation_delay));
+        self.incoming = Some((root, now + propagation_delay));
         self.sequence += 1;
         Ok(())
+    }
+
+    /// Whether `cert` is one of this authority's roots: signing, incoming
+    /// or retiring.
+    pub fn has_root(&self, cert: &rustls_pki_types::CertificateDer<'_>) -> bool {
+        std::iter::once(&self.active)
+            .chain(self.incoming.iter().map(|(r, _)| r))
+            .chain(self.retiring.iter().map(|(r, _)| r))
+            .any(|r| r.ca.cert_der().as_ref() == cert.as_ref())
     }
 
     /// Advances the rotation to `now`. Returns true when the bundle changed
@@ -493,7 +514,10 @@ mod tests {
         let seq_before = auth.bundle().sequence;
         let next = ClusterCa::generate(auth.trust_domain(), &CaOptions::default(), now).unwrap();
         let new_subject = subject_of(&next);
+        let next_cert = next.cert_der().clone();
+        assert!(!auth.has_root(&next_cert));
         auth.begin_rotation(next, now).unwrap();
+        assert!(auth.has_root(&next_cert), "incoming roots count");
         assert_eq!(auth.bundle().roots().len(), 2);
         assert!(auth.bundle().sequence > seq_before);
         assert_eq!(

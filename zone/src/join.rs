@@ -14,6 +14,20 @@ use serde::{Deserialize, Serialize};
 pub const CLUSTER_FILE: &str = "cluster.json";
 pub const ETCD_FILE: &str = "etcd.json";
 pub const CA_DIR: &str = "ca";
+/// Where `fedmesh rotate-ca` stages the cluster's next CA, beside `ca/`.
+pub const NEXT_CA_DIR: &str = "ca-next";
+/// The CA a rotation replaced.
+pub const PREVIOUS_CA_DIR: &str = "ca-previous";
+/// In `ca-next/`: how long the new root is published before it signs.
+pub const ROTATION_FILE: &str = "rotation.json";
+
+/// A staged rotation's schedule.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct Staged {
+    /// Milliseconds between publishing the new root and signing with it.
+    propagation_ms: u64,
+}
 
 /// How a cluster reaches the global zone.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -95,6 +109,133 @@ impl JoinDir {
     /// Only the etcd access, if present.
     pub fn existing_etcd(dir: &Path) -> Option<EtcdAccess> {
         read_json(&dir.join(ETCD_FILE)).ok()
+    }
+
+    /// Stages `next` as the cluster's next CA, to be published
+    /// `propagation` before it signs; the running controller takes it up.
+    /// Refused while another rotation is staged. Written beside and renamed
+    /// into place, so the controller never sees half of it.
+    pub fn stage_rotation(
+        dir: &Path,
+        next: &ClusterCa,
+        propagation: std::time::Duration,
+    ) -> Result<(), JoinError> {
+        let staged = dir.join(NEXT_CA_DIR);
+        if staged.exists() {
+            return Err(JoinError::Invalid {
+                path: staged,
+                reason: "a rotation is already staged: its root becomes the CA once it signs".into(),
+            });
+        }
+        if !dir.join(CA_DIR).is_dir() {
+            return Err(JoinError::Invalid {
+                path: dir.to_path_buf(),
+                reason: "not a join directory (no ca/)".into(),
+            });
+        }
+        let tmp = dir.join(format!("{NEXT_CA_DIR}.tmp"));
+        let _ = fs::remove_dir_all(&tmp);
+        let schedule = Staged {
+            propagation_ms: u64::try_from(propagation.as_millis()).unwrap_or(u64::MAX),
+        };
+        let result = (|| {
+            next.save(&tmp)?;
+            write_private(&tmp.join(ROTATION_FILE), &pretty(&schedule))?;
+            fs::rename(&tmp, &staged).map_err(|source| JoinError::Io {
+                path: staged.clone(),
+                source,
+            })
+        })();
+        if result.is_err() {
+            let _ = fs::remove_dir_all(&tmp);
+        }
+        result
+    }
+
+    /// The staged next CA of `td` and its propagation delay, if one is
+    /// staged.
+    pub fn staged_rotation(
+        dir: &Path,
+        td: &TrustDomain,
+    ) -> Result<Option<(ClusterCa, std::time::Duration)>, JoinError> {
+        let staged = dir.join(NEXT_CA_DIR);
+        if !staged.exists() {
+            return Ok(None);
+        }
+        let ca = ClusterCa::load(&staged, td)?;
+        let schedule: Staged = read_json(&staged.join(ROTATION_FILE))?;
+        Ok(Some((
+            ca,
+            std::time::Duration::from_millis(schedule.propagation_ms),
+        )))
+    }
+
+    /// The staged CA signs now: it becomes the directory's CA (the old one
+    /// moves to `ca-previous/`), so that a restarted controller signs with
+    /// it too.
+    pub fn promote_staged(dir: &Path) -> Result<(), JoinError> {
+        let io = |path: PathBuf| move |source| JoinError::Io { path, source };
+        let (ca, next, previous) = (
+            dir.join(CA_DIR),
+            dir.join(NEXT_CA_DIR),
+            dir.join(PREVIOUS_CA_DIR),
+        );
+        if !next.is_dir() {
+            return Ok(());
+        }
+        let _ = fs::remove_file(next.join(ROTATION_FILE));
+        let _ = fs::remove_dir_all(&previous);
+        fs::rename(&ca, &previous).map_err(io(ca.clone()))?;
+        fs::rename(&next, &ca).map_err(io(next.clone()))
+    }
+}
+
+#[cfg(test)]
+mod rotation_tests {
+    use super::*;
+    use fedmesh_trust::CaOptions;
+    use std::time::{Duration, SystemTime};
+
+    #[test]
+    fn a_staged_rotation_reads_back_and_is_promoted_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let td = TrustDomain::new("aws.fedmesh.test").unwrap();
+        let now = SystemTime::now();
+        let first = ClusterCa::generate(&td, &CaOptions::default(), now).unwrap();
+        first.save(&dir.path().join(CA_DIR)).unwrap();
+        assert!(JoinDir::staged_rotation(dir.path(), &td).unwrap().is_none());
+
+        let next = ClusterCa::generate(&td, &CaOptions::default(), now).unwrap();
+        JoinDir::stage_rotation(dir.path(), &next, Duration::from_secs(90)).unwrap();
+        let (staged, delay) = JoinDir::staged_rotation(dir.path(), &td).unwrap().unwrap();
+        assert_eq!(staged.cert_der(), next.cert_der());
+        assert_eq!(delay, Duration::from_secs(90));
+        let again = JoinDir::stage_rotation(dir.path(), &next, Duration::ZERO)
+            .unwrap_err()
+            .to_string();
+        assert!(again.contains("already staged"), "{again}");
+
+        JoinDir::promote_staged(dir.path()).unwrap();
+        let ca = ClusterCa::load(&dir.path().join(CA_DIR), &td).unwrap();
+        assert_eq!(ca.cert_der(), next.cert_der());
+        let old = ClusterCa::load(&dir.path().join(PREVIOUS_CA_DIR), &td).unwrap();
+        assert_eq!(old.cert_der(), first.cert_der());
+        assert!(JoinDir::staged_rotation(dir.path(), &td).unwrap().is_none());
+        // Nothing staged: promoting again changes nothing.
+        JoinDir::promote_staged(dir.path()).unwrap();
+        let ca = ClusterCa::load(&dir.path().join(CA_DIR), &td).unwrap();
+        assert_eq!(ca.cert_der(), next.cert_der());
+    }
+
+    #[test]
+    fn staging_outside_a_join_directory_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let td = TrustDomain::new("aws.fedmesh.test").unwrap();
+        let next = ClusterCa::generate(&td, &CaOptions::default(), SystemTime::now()).unwrap();
+        let e = JoinDir::stage_rotation(dir.path(), &next, Duration::ZERO)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not a join directory"), "{e}");
     }
 }
 

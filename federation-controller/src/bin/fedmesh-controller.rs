@@ -72,6 +72,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .with_context(|| format!("loading the join directory {}", args.join.display()))?;
     let mut config = ControllerConfig::new(join, LocalSource::file(args.registry), args.listen);
     config.admin_addr = Some(args.admin);
+    config.join_dir = Some(args.join.clone());
     config.alive_ttl = Duration::from_secs(args.alive_ttl.max(2));
     if let Some(path) = &args.tokens {
         config.tokens = load_tokens(path)?;
