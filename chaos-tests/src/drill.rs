@@ -84,7 +84,7 @@ struct RawFault {
     freeze: Option<Targets>,
     flap: Option<Flap>,
     wan: Option<WanFault>,
-    rotate_ca: Option<String>,
+    rotate_ca: Option<Rotation>,
     poison: Option<Poison>,
 }
 
@@ -132,8 +132,9 @@ pub enum Action {
     /// Changes the WAN between two clouds; recovery restores the topology's
     /// link.
     Wan(WanFault),
-    /// Starts a CA rotation of a cluster; nothing to undo.
-    RotateCa(String),
+    /// Starts a CA rotation of a cluster (`fedmesh rotate-ca`); nothing to
+    /// undo.
+    RotateCa(Rotation),
     /// Overwrites what the global zone holds with bytes that do not parse;
     /// recovery puts the original back.
     Poison(Poison),
@@ -154,6 +155,15 @@ impl Targets {
             Targets::Many(ts) => ts.clone(),
         }
     }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Rotation {
+    pub cluster: String,
+    /// How long the new root is published before it signs.
+    #[serde(with = "humantime_serde")]
+    pub propagation: Duration,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -243,7 +253,10 @@ impl Action {
                 between: [r(&w.between[0]), r(&w.between[1])],
                 ..w.clone()
             }),
-            Action::RotateCa(c) => Action::RotateCa(r(c)),
+            Action::RotateCa(rot) => Action::RotateCa(Rotation {
+                cluster: r(&rot.cluster),
+                propagation: rot.propagation,
+            }),
             Action::Poison(Poison::Export(p)) => Action::Poison(Poison::Export(r(p))),
             Action::Poison(Poison::Bundle(c)) => Action::Poison(Poison::Bundle(r(c))),
         }
@@ -284,7 +297,11 @@ impl std::fmt::Display for Action {
                 }
                 Ok(())
             }
-            Action::RotateCa(c) => write!(f, "rotate the CA of {c}"),
+            Action::RotateCa(rot) => write!(
+                f,
+                "rotate the CA of {} (signs after {:?})",
+                rot.cluster, rot.propagation
+            ),
             Action::Poison(Poison::Export(p)) => write!(f, "poison the export {p}"),
             Action::Poison(Poison::Bundle(c)) => write!(f, "poison the bundle of {c}"),
         }
@@ -413,7 +430,7 @@ thresholds: {failed: 0, rto: 1s}
             "{wan: {between: [aws, gcp], latency: 500ms, jitter: 10ms}, at: 1s}",
             "{wan: {between: [aws, gcp], blackhole: true, one_way: true}, at: 1s}",
             "{wan: {between: [aws, gcp], bandwidth: 1000000, rebind: true}, at: 1s}",
-            "{rotate_ca: gcp-usc1, at: 1s}",
+            "{rotate_ca: {cluster: gcp-usc1, propagation: 2s}, at: 1s}",
             "{poison: {export: gcp-usc1/shop/payments}, at: 1s}",
             "{poison: {bundle: gcp-usc1}, at: 1s}",
         ] {

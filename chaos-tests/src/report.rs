@@ -54,8 +54,7 @@ pub struct Report {
     /// `None`: traffic never moved, or never came back.
     #[serde(with = "humantime_serde")]
     pub failback: Option<Duration>,
-    /// Requests served by a cluster that was not home: one that served at
-    /// least a twentieth of the second before the fault.
+    /// Requests served by a cluster that served none before the fault.
     pub moved: u64,
     /// Whether any request was served by a cluster or zone that was not
     /// home.
@@ -154,15 +153,18 @@ impl Report {
             .max_by_key(|(_, n)| **n)
             .map(|(p, _)| p.clone());
         homes.retain(|_, n| *n * 20 >= counted);
-        let home_clusters: Vec<String> = homes
-            .keys()
-            .map(|p| p.split('/').next().unwrap_or(p).to_string())
+        // Every cluster that served anything before the fault: traffic
+        // going to one of them has not moved.
+        let served_before: Vec<&str> = before
+            .iter()
+            .filter(|r| r.outcome.ok())
+            .filter_map(|r| r.cluster.as_deref())
             .collect();
         let elsewhere = |r: &Record| place(r).is_some_and(|p| !homes.contains_key(&p));
         let other_cluster = |r: &Record| {
             r.cluster
                 .as_deref()
-                .is_some_and(|c| !home_clusters.iter().any(|h| h == c))
+                .is_some_and(|c| !served_before.contains(&c))
         };
 
         let detect = during
@@ -492,7 +494,8 @@ thresholds: {thresholds}
     }
 
     /// A balancer's occasional request elsewhere before the fault does not
-    /// make that cluster home: traffic moving there is still a move.
+    /// make that cluster home: traffic going there shows the fault. It is
+    /// not a cluster new to the traffic, though.
     #[test]
     fn a_probe_elsewhere_is_not_home() {
         let recs = records(|t| {
@@ -505,8 +508,9 @@ thresholds: {thresholds}
         });
         let r = Report::new(&drill("{moved: 0}"), &recs);
         assert_eq!(r.home.as_deref(), Some("aws/z"));
-        assert_eq!(r.moved, 400 + 4, "after the fault, and the probes before");
-        assert_eq!(r.detect, Some(5 * MS));
+        assert_eq!(r.detect, Some(5 * MS), "gcp is not home");
+        assert!(r.left_home);
+        assert_eq!(r.moved, 0, "but it had served before: no cluster is new");
     }
 
     #[test]

@@ -13,6 +13,7 @@ use etcd_client::Client;
 use fedmesh_api::KeySpace;
 use fedmesh_chaos::drill::{Poison, Protocol, WanFault};
 use fedmesh_chaos::{Action, Drill, Federation, Report};
+use fedmesh_trust::Bundle;
 use tokio::time::Instant;
 
 use crate::up::backends::{component, matches, respawn, respawn_backend};
@@ -388,9 +389,29 @@ impl Federation for UpFederation {
                 self.poisoned.push((key, before));
                 Ok(())
             }
-            Action::RotateCa(cluster) => bail!(
-                "rotate_ca: {cluster}'s controller cannot rotate its CA while it runs yet (no trigger exists)"
-            ),
+            Action::RotateCa(rot) => {
+                let join = crate::up::join_dir_of(&self.dir, &rot.cluster)?;
+                let (td, next) = crate::cmd::rotate::stage(&join, rot.propagation)?;
+                crate::up::add_bootstrap_root(&self.dir, &rot.cluster, &td, next.cert_der())?;
+                // Under way once the global zone publishes the new root.
+                let mut etcd = self.etcd().await?;
+                let key = KeySpace::default().bundle(td.as_str());
+                let deadline = Instant::now() + Duration::from_secs(10);
+                loop {
+                    let resp = etcd.get(key.as_str(), None).await?;
+                    let published = resp.kvs().first().is_some_and(|kv| {
+                        Bundle::from_document(td.clone(), kv.value(), &key)
+                            .is_ok_and(|b| b.roots().contains(next.cert_der()))
+                    });
+                    if published {
+                        return Ok(());
+                    }
+                    if Instant::now() > deadline {
+                        bail!("{}'s controller did not publish the new root within 10 s", rot.cluster);
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
         }
     }
 

@@ -102,6 +102,24 @@ enum Command {
         #[arg(long)]
         state_dir: Option<PathBuf>,
     },
+    /// Rotate a cluster's CA: stage its next CA in the join directory; the
+    /// cluster's controller publishes the new root at once and signs with
+    /// it after --propagation. Name a cluster `fedmesh up` runs, or give
+    /// --join.
+    RotateCa {
+        /// A cluster of the federation in --state-dir.
+        #[arg(required_unless_present = "join")]
+        cluster: Option<String>,
+        /// The cluster's join directory (as `register cluster --out` wrote it).
+        #[arg(long, conflicts_with = "cluster")]
+        join: Option<PathBuf>,
+        /// How long the new root is published before it signs: long enough
+        /// for every peer to have it.
+        #[arg(long, default_value = "15m", value_parser = duration_arg)]
+        propagation: std::time::Duration,
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+    },
     /// Run failover drills against a federation `fedmesh up` runs (or one
     /// brought up for them with --topology): steady load through a client
     /// cluster's proxy, a fault, recovery, and a report judged against the
@@ -276,6 +294,30 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Start { target, state_dir } => {
             up::stop_start(&up::find_state_dir(state_dir)?, &target, true).await
+        }
+        Command::RotateCa {
+            cluster,
+            join,
+            propagation,
+            state_dir,
+        } => {
+            match (join, cluster) {
+                (Some(join), _) => {
+                    cmd::rotate::rotate_ca(&join, propagation)?;
+                    println!(
+                        "data planes that start from a bundle file need the new root too: {}",
+                        join.join("ca-next/ca.crt").display()
+                    );
+                    Ok(())
+                }
+                (None, Some(c)) => {
+                    let dir = up::find_state_dir(state_dir)?;
+                    let join = up::join_dir_of(&dir, &c)?;
+                    let (td, next) = cmd::rotate::rotate_ca(&join, propagation)?;
+                    up::add_bootstrap_root(&dir, &c, &td, next.cert_der())
+                }
+                (None, None) => anyhow::bail!("name a cluster or give --join"),
+            }
         }
         Command::Drill {
             drills,

@@ -149,12 +149,19 @@ impl Controller {
 
         // Identity: our authority, and the controller's own SVID, renewed.
         let now = SystemTime::now();
-        let authority = Arc::new(Mutex::new(Authority::new(
-            ca,
-            SvidPolicy::default(),
-            RotationPolicy::default(),
-            now,
-        )));
+        let mut authority = Authority::new(ca, SvidPolicy::default(), RotationPolicy::default(), now);
+        // A rotation finished before a restart: the root it replaced still
+        // vouches for leaves it signed, for one leaf lifetime after it
+        // stopped signing.
+        if let Some(dir) = &config.join_dir
+            && let Some((previous, retired)) = JoinDir::previous_ca(dir, &td)
+        {
+            let drop_at = retired + SvidPolicy::default().lifetime;
+            if drop_at > now {
+                authority = authority.retiring(previous, drop_at);
+            }
+        }
+        let authority = Arc::new(Mutex::new(authority));
         // Our own bundle: what the authority says, changed by a rotation.
         let (own_tx, own_rx) = watch::channel(lock(&authority).bundle());
         let controller_id = SpiffeId::controller(&td, &cluster.name)?;

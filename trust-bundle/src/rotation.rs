@@ -334,6 +334,23 @@ impl Authority {
         Ok(())
     }
 
+    /// Keeps `previous` in the bundle until `drop_at`: the root a rotation
+    /// replaced before this authority was made (a restarted controller),
+    /// whose leaves may still be live.
+    pub fn retiring(mut self, previous: ClusterCa, drop_at: SystemTime) -> Self {
+        if previous.trust_domain() == self.trust_domain()
+            && previous.cert_der() != self.active.ca.cert_der()
+        {
+            let root = Root {
+                ca: previous,
+                last_leaf_expiry: None,
+            };
+            self.retiring.push((root, drop_at));
+            self.sequence += 1;
+        }
+        self
+    }
+
     /// Whether `cert` is one of this authority's roots: signing, incoming
     /// or retiring.
     pub fn has_root(&self, cert: &rustls_pki_types::CertificateDer<'_>) -> bool {
@@ -574,6 +591,36 @@ mod tests {
                 drop_at: now + 60 * S
             }
         );
+    }
+
+    /// A restarted controller whose last rotation finished recently keeps
+    /// the replaced root in its bundle until that root's leaves are gone.
+    #[test]
+    fn a_root_replaced_before_a_restart_retires_on_schedule() {
+        let now = t0();
+        let fresh = authority(now);
+        let previous = ClusterCa::generate(fresh.trust_domain(), &CaOptions::default(), now).unwrap();
+        let old = previous.cert_der().clone();
+        let mut auth = fresh.retiring(previous, now + 30 * S);
+        assert!(auth.has_root(&old));
+        assert_eq!(auth.bundle().roots().len(), 2);
+        assert_eq!(auth.phase(), RotationPhase::Retiring { drop_at: now + 30 * S });
+        assert!(!auth.poll(now + 29 * S));
+        assert!(auth.poll(now + 30 * S), "dropped: the bundle changes");
+        assert_eq!(auth.bundle().roots().len(), 1);
+        assert!(!auth.has_root(&old));
+        // Its own signing root is never retired.
+        let same = authority(now);
+        let active = ClusterCa::from_pem(
+            same.trust_domain(),
+            same.active().cert_pem().as_bytes(),
+            same.active().key_pem().as_bytes(),
+            "cert",
+            "key",
+        )
+        .unwrap();
+        let auth = same.retiring(active, now + 30 * S);
+        assert_eq!(auth.bundle().roots().len(), 1);
     }
 
     #[test]

@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use fedmesh_api::ClusterRecord;
 use fedmesh_trust::ca::write_private;
@@ -20,6 +21,15 @@ pub const NEXT_CA_DIR: &str = "ca-next";
 pub const PREVIOUS_CA_DIR: &str = "ca-previous";
 /// In `ca-next/`: how long the new root is published before it signs.
 pub const ROTATION_FILE: &str = "rotation.json";
+
+/// In `ca-previous/`: when that CA stopped signing.
+pub const RETIRED_FILE: &str = "retired.json";
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct Retired {
+    unix_secs: u64,
+}
 
 /// A staged rotation's schedule.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -170,6 +180,15 @@ impl JoinDir {
         )))
     }
 
+    /// The CA the last rotation replaced, if the directory keeps it, and
+    /// when it stopped signing.
+    pub fn previous_ca(dir: &Path, td: &TrustDomain) -> Option<(ClusterCa, SystemTime)> {
+        let previous = dir.join(PREVIOUS_CA_DIR);
+        let ca = ClusterCa::load(&previous, td).ok()?;
+        let retired: Retired = read_json(&previous.join(RETIRED_FILE)).ok()?;
+        Some((ca, UNIX_EPOCH + std::time::Duration::from_secs(retired.unix_secs)))
+    }
+
     /// The staged CA signs now: it becomes the directory's CA (the old one
     /// moves to `ca-previous/`), so that a restarted controller signs with
     /// it too.
@@ -186,6 +205,12 @@ impl JoinDir {
         let _ = fs::remove_file(next.join(ROTATION_FILE));
         let _ = fs::remove_dir_all(&previous);
         fs::rename(&ca, &previous).map_err(io(ca.clone()))?;
+        let retired = Retired {
+            unix_secs: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+        };
+        write_private(&previous.join(RETIRED_FILE), &pretty(&retired))?;
         fs::rename(&next, &ca).map_err(io(next.clone()))
     }
 }
@@ -194,7 +219,7 @@ impl JoinDir {
 mod rotation_tests {
     use super::*;
     use fedmesh_trust::CaOptions;
-    use std::time::{Duration, SystemTime};
+    use std::time::Duration;
 
     #[test]
     fn a_staged_rotation_reads_back_and_is_promoted_once() {
@@ -218,8 +243,9 @@ mod rotation_tests {
         JoinDir::promote_staged(dir.path()).unwrap();
         let ca = ClusterCa::load(&dir.path().join(CA_DIR), &td).unwrap();
         assert_eq!(ca.cert_der(), next.cert_der());
-        let old = ClusterCa::load(&dir.path().join(PREVIOUS_CA_DIR), &td).unwrap();
+        let (old, retired) = JoinDir::previous_ca(dir.path(), &td).unwrap();
         assert_eq!(old.cert_der(), first.cert_der());
+        assert!(retired <= SystemTime::now() && retired + Duration::from_secs(5) > now);
         assert!(JoinDir::staged_rotation(dir.path(), &td).unwrap().is_none());
         // Nothing staged: promoting again changes nothing.
         JoinDir::promote_staged(dir.path()).unwrap();

@@ -1,8 +1,10 @@
 //! The commands that act on the global zone: `register`, `deregister` and
-//! `get`. `fedmesh up` and friends are in [`crate::up`].
+//! `get`; and `rotate-ca`, on a join directory. `fedmesh up` and friends are
+//! in [`crate::up`].
 
 pub mod get;
 pub mod register;
+pub mod rotate;
 
 use std::time::Duration;
 

@@ -66,6 +66,9 @@ struct Launch<'a> {
 /// does.
 pub async fn up(topology_path: &Path, dir: &Path, offset: u8) -> anyhow::Result<()> {
     let mut stop = Box::pin(shutdown_signal()?);
+    // The files written for each process name others by absolute path: a
+    // relative one would be read against the file's own directory.
+    let dir = &std::path::absolute(dir).with_context(|| format!("{}", dir.display()))?;
     let topology = load_topology(topology_path)?;
     if let Ok(s) = State::load(dir)
         && s.ours(s.supervisor)
@@ -515,6 +518,42 @@ fn from_controller(cp: &ClusterPlan, cdir: &Path, token: &str) -> render::FromCo
         bundle: cdir.join("bundle.json"),
         join_token_file: cdir.join(token),
     }
+}
+
+/// The join directory of `cluster` in the federation in `dir`.
+pub fn join_dir_of(dir: &Path, cluster: &str) -> anyhow::Result<PathBuf> {
+    let s = State::load(dir)?;
+    if !s.clusters.iter().any(|c| c.name == cluster) {
+        let names: Vec<&str> = s.clusters.iter().map(|c| c.name.as_str()).collect();
+        bail!(
+            "no cluster {cluster:?} in {}: its clusters are {}",
+            s.topology,
+            names.join(", ")
+        );
+    }
+    Ok(dir.join(cluster).join("join"))
+}
+
+/// Adds `root` to the bundle file `cluster`'s data plane bootstraps from
+/// (`<dir>/<cluster>/bundle.json`), as an operator updates the trust bundle
+/// their workloads mount: a proxy or gateway started after a CA rotation
+/// must trust the new root to reach its controller.
+pub fn add_bootstrap_root(
+    dir: &Path,
+    cluster: &str,
+    td: &TrustDomain,
+    root: &rustls_pki_types::CertificateDer<'static>,
+) -> anyhow::Result<()> {
+    let path = dir.join(cluster).join("bundle.json");
+    let doc = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+    let old = Bundle::from_document(td.clone(), &doc, &path.display().to_string())?;
+    let mut roots = old.roots().to_vec();
+    if !roots.contains(root) {
+        roots.push(root.clone());
+    }
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, Bundle::with_roots(td.clone(), roots).to_document())?;
+    std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))
 }
 
 /// `-d`: runs `up` detached in its own process group, logging to
