@@ -407,7 +407,10 @@ impl Federation for UpFederation {
                         return Ok(());
                     }
                     if Instant::now() > deadline {
-                        bail!("{}'s controller did not publish the new root within 10 s", rot.cluster);
+                        bail!(
+                            "{}'s controller did not publish the new root within 10 s",
+                            rot.cluster
+                        );
                     }
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }

@@ -268,12 +268,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let t = up::load_topology(&topology)?;
             let dir = up::state_dir_for(state_dir, &t);
             if detach {
-                up::up_detached(&topology, &dir, block_offset).await
+                up::up_detached(&topology, &dir, block_offset, true).await
             } else {
                 up::up(&topology, &dir, block_offset).await
             }
         }
-        Command::Down { state_dir } => up::down(&up::find_state_dir(state_dir)?).await,
+        Command::Down { state_dir } => up::down(&up::find_state_dir(state_dir)?, true).await,
         Command::Status { output, state_dir } => {
             let dir = up::find_state_dir(state_dir)?;
             let s = up::State::load(&dir)?;
@@ -300,25 +300,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             join,
             propagation,
             state_dir,
-        } => {
-            match (join, cluster) {
-                (Some(join), _) => {
-                    cmd::rotate::rotate_ca(&join, propagation)?;
-                    println!(
-                        "data planes that start from a bundle file need the new root too: {}",
-                        join.join("ca-next/ca.crt").display()
-                    );
-                    Ok(())
-                }
-                (None, Some(c)) => {
-                    let dir = up::find_state_dir(state_dir)?;
-                    let join = up::join_dir_of(&dir, &c)?;
-                    let (td, next) = cmd::rotate::rotate_ca(&join, propagation)?;
-                    up::add_bootstrap_root(&dir, &c, &td, next.cert_der())
-                }
-                (None, None) => anyhow::bail!("name a cluster or give --join"),
+        } => match (join, cluster) {
+            (Some(join), _) => {
+                cmd::rotate::rotate_ca(&join, propagation)?;
+                println!(
+                    "data planes that start from a bundle file need the new root too: {}",
+                    join.join("ca-next/ca.crt").display()
+                );
+                Ok(())
             }
-        }
+            (None, Some(c)) => {
+                let dir = up::find_state_dir(state_dir)?;
+                let join = up::join_dir_of(&dir, &c)?;
+                let (td, next) = cmd::rotate::rotate_ca(&join, propagation)?;
+                up::add_bootstrap_root(&dir, &c, &td, next.cert_der())
+            }
+            (None, None) => anyhow::bail!("name a cluster or give --join"),
+        },
         Command::Drill {
             drills,
             list,
@@ -348,10 +346,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     let dir = state_dir.unwrap_or_else(|| {
                         PathBuf::from(".fedmesh").join(format!("drill-{}", t.name))
                     });
-                    up::up_detached(&path, &dir, block_offset).await?;
+                    // Stdout is the report's alone (`-o json`).
+                    eprintln!("bringing {} up in {}…", t.name, dir.display());
+                    up::up_detached(&path, &dir, block_offset, false).await?;
                     let svgs = svg_dir.unwrap_or_else(|| dir.join("drills"));
                     let result = drill::run_all(&dir, &chosen, all, output, &svgs).await;
-                    up::down(&dir).await?;
+                    up::down(&dir, false).await?;
+                    eprintln!("{} is down", t.name);
                     result?
                 }
             };

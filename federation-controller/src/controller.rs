@@ -23,8 +23,8 @@ use crate::admin::{self, ControllerMetrics};
 use crate::discovery::{self, DiscoveryService, Versioned};
 use crate::mesh;
 use crate::publish;
-use crate::rotation;
 use crate::registry::{DiscoverySource, FileRegistry, RegistryError};
+use crate::rotation;
 use crate::view::GlobalView;
 use crate::watcher::{self, WatcherConfig};
 use fedmesh_zone::join::JoinDir;
@@ -149,7 +149,8 @@ impl Controller {
 
         // Identity: our authority, and the controller's own SVID, renewed.
         let now = SystemTime::now();
-        let mut authority = Authority::new(ca, SvidPolicy::default(), RotationPolicy::default(), now);
+        let mut authority =
+            Authority::new(ca, SvidPolicy::default(), RotationPolicy::default(), now);
         // A rotation finished before a restart: the root it replaced still
         // vouches for leaves it signed, for one leaf lifetime after it
         // stopped signing.

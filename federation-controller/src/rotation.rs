@@ -55,7 +55,10 @@ pub async fn run(
                 }
             }
             Ok(None) => {}
-            Err(e) => warn_once(&mut last_error, format!("the staged CA cannot be read: {e}")),
+            Err(e) => warn_once(
+                &mut last_error,
+                format!("the staged CA cannot be read: {e}"),
+            ),
         }
         let bundle = {
             let mut a = lock();

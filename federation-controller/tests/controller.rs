@@ -17,10 +17,10 @@ use fedmesh_test_support::{Etcd, eventually};
 use fedmesh_trust::{
     AllowAnyVerified, Bundle, BundleSet, CaOptions, ClusterCa, SpiffeId, Svid, TrustDomain, Usage,
 };
-use rustls_pki_types::CertificateDer;
 use fedmesh_zone::GlobalZone;
 use fedmesh_zone::join::{EtcdAccess, JoinDir};
 use pb::discovery_client::DiscoveryClient;
+use rustls_pki_types::CertificateDer;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 
@@ -535,39 +535,51 @@ async fn a_staged_ca_is_published_then_signs_and_becomes_the_join_directorys_ca(
     JoinDir::stage_rotation(&join, &next, Duration::from_secs(3)).unwrap();
     let mut kv = etcd.client().await.unwrap();
     let key = KeySpace::default().bundle(c.td.as_str());
-    eventually("the bundle in etcd has both roots", Duration::from_secs(10), || {
-        let (mut kv, key, td) = (kv.clone(), key.clone(), c.td.clone());
-        async move {
-            let resp = kv.get(key.as_str(), None).await.ok()?;
-            let doc = resp.kvs().first()?.value().to_vec();
-            let b = Bundle::from_document(td, &doc, "etcd").ok()?;
-            (b.roots().len() == 2).then_some(())
-        }
-    })
+    eventually(
+        "the bundle in etcd has both roots",
+        Duration::from_secs(10),
+        || {
+            let (mut kv, key, td) = (kv.clone(), key.clone(), c.td.clone());
+            async move {
+                let resp = kv.get(key.as_str(), None).await.ok()?;
+                let doc = resp.kvs().first()?.value().to_vec();
+                let b = Bundle::from_document(td, &doc, "etcd").ok()?;
+                (b.roots().len() == 2).then_some(())
+            }
+        },
+    )
     .await;
     // Published, not signing yet.
     let during = certify(&c, TOKEN, &web).await.unwrap();
     assert!(signed_by(&during, &old_root) && !signed_by(&during, &new_root));
 
-    eventually("Certify signs with the new root", Duration::from_secs(15), || {
-        let (c, web, new_root) = (&c, web.clone(), new_root.clone());
-        async move {
-            let svid = certify(c, TOKEN, &web).await.ok()?;
-            let mut only = BundleSet::new();
-            only.insert(Bundle::with_roots(c.td.clone(), [new_root]));
-            only.reverify(svid.chain(), SystemTime::now(), Usage::Client)
-                .ok()
-                .map(drop)
-        }
-    })
+    eventually(
+        "Certify signs with the new root",
+        Duration::from_secs(15),
+        || {
+            let (c, web, new_root) = (&c, web.clone(), new_root.clone());
+            async move {
+                let svid = certify(c, TOKEN, &web).await.ok()?;
+                let mut only = BundleSet::new();
+                only.insert(Bundle::with_roots(c.td.clone(), [new_root]));
+                only.reverify(svid.chain(), SystemTime::now(), Usage::Client)
+                    .ok()
+                    .map(drop)
+            }
+        },
+    )
     .await;
-    eventually("the join directory's CA is the new one", Duration::from_secs(5), || {
-        let (join, td, new_root) = (join.clone(), c.td.clone(), new_root.clone());
-        async move {
-            let ca = ClusterCa::load(&join.join("ca"), &td).ok()?;
-            (ca.cert_der() == &new_root).then_some(())
-        }
-    })
+    eventually(
+        "the join directory's CA is the new one",
+        Duration::from_secs(5),
+        || {
+            let (join, td, new_root) = (join.clone(), c.td.clone(), new_root.clone());
+            async move {
+                let ca = ClusterCa::load(&join.join("ca"), &td).ok()?;
+                (ca.cert_der() == &new_root).then_some(())
+            }
+        },
+    )
     .await;
     // The old root stays published while leaves it signed live.
     let resp = kv.get(key.as_str(), None).await.unwrap();

@@ -113,10 +113,32 @@ impl<K: Hash + Eq + Clone> Outliers<K> {
             return None;
         }
         let cap = (total * usize::from(policy.max_ejection_percent) / 100).max(1);
-        if total < 2 || others_usable == 0 || ejected_now >= cap {
-            // Ejecting would leave too little; the failures still count.
+        if total < 2 {
             return None;
         }
+        let (mut others_usable, mut ejected_now) = (others_usable, ejected_now);
+        if others_usable == 0 {
+            // The last usable target fails now, and what is ejected failed
+            // earlier: newer evidence wins. The ejection that ends first is
+            // ended (its next failure ejects it again at once), so that
+            // traffic has somewhere to go, and this one is ejected instead.
+            let earliest = self
+                .hosts
+                .iter_mut()
+                .filter(|(other, o)| *other != k && o.ejected_until.is_some_and(|u| now < u))
+                .min_by_key(|(_, o)| o.ejected_until);
+            let Some((_, released)) = earliest else {
+                // Ejecting would leave too little; the failures still count.
+                return None;
+            };
+            released.ejected_until = Some(now);
+            others_usable += 1;
+            ejected_now -= 1;
+        }
+        if others_usable == 0 || ejected_now >= cap {
+            return None;
+        }
+        let h = self.hosts.entry(k.clone()).or_default();
         h.times_ejected += 1;
         let length = policy
             .base_ejection
@@ -176,6 +198,28 @@ mod tests {
         assert_eq!(o.failure(&"a", 4, 3, t0 + 31 * S), Some(60 * S));
         let t1 = t0 + 91 * S;
         assert_eq!(o.failure(&"a", 4, 3, t1), Some(90 * S));
+    }
+
+    /// Two remote clusters: azure was ejected for an earlier fault, and
+    /// now gcp, the last usable one, fails. Newer evidence wins: azure's
+    /// ejection ends so that traffic has somewhere to go, and gcp is out.
+    #[test]
+    fn the_last_usable_target_failing_ends_an_older_ejection() {
+        let t0 = Instant::now();
+        let mut o = Outliers::new(OutlierPolicy::default());
+        assert_eq!(fail_n(&mut o, "azure", 5, 2, t0), Some(30 * S));
+        let t1 = t0 + 10 * S;
+        // gcp is all that is usable: before its fifth failure nothing moves.
+        for _ in 0..4 {
+            assert_eq!(o.failure(&"gcp", 2, 0, t1), None);
+        }
+        assert!(o.is_ejected(&"azure", t1));
+        assert_eq!(o.failure(&"gcp", 2, 0, t1), Some(30 * S));
+        assert!(o.is_ejected(&"gcp", t1));
+        assert!(!o.is_ejected(&"azure", t1), "released for the newer fault");
+        // A lone endpoint is never ejected, whatever else is.
+        let mut lone = Outliers::new(OutlierPolicy::default());
+        assert_eq!(fail_n(&mut lone, "a", 9, 1, t0), None);
     }
 
     #[test]

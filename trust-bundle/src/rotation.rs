@@ -599,12 +599,18 @@ mod tests {
     fn a_root_replaced_before_a_restart_retires_on_schedule() {
         let now = t0();
         let fresh = authority(now);
-        let previous = ClusterCa::generate(fresh.trust_domain(), &CaOptions::default(), now).unwrap();
+        let previous =
+            ClusterCa::generate(fresh.trust_domain(), &CaOptions::default(), now).unwrap();
         let old = previous.cert_der().clone();
         let mut auth = fresh.retiring(previous, now + 30 * S);
         assert!(auth.has_root(&old));
         assert_eq!(auth.bundle().roots().len(), 2);
-        assert_eq!(auth.phase(), RotationPhase::Retiring { drop_at: now + 30 * S });
+        assert_eq!(
+            auth.phase(),
+            RotationPhase::Retiring {
+                drop_at: now + 30 * S
+            }
+        );
         assert!(!auth.poll(now + 29 * S));
         assert!(auth.poll(now + 30 * S), "dropped: the bundle changes");
         assert_eq!(auth.bundle().roots().len(), 1);

@@ -134,7 +134,8 @@ impl JoinDir {
         if staged.exists() {
             return Err(JoinError::Invalid {
                 path: staged,
-                reason: "a rotation is already staged: its root becomes the CA once it signs".into(),
+                reason: "a rotation is already staged: its root becomes the CA once it signs"
+                    .into(),
             });
         }
         if !dir.join(CA_DIR).is_dir() {
@@ -186,7 +187,10 @@ impl JoinDir {
         let previous = dir.join(PREVIOUS_CA_DIR);
         let ca = ClusterCa::load(&previous, td).ok()?;
         let retired: Retired = read_json(&previous.join(RETIRED_FILE)).ok()?;
-        Some((ca, UNIX_EPOCH + std::time::Duration::from_secs(retired.unix_secs)))
+        Some((
+            ca,
+            UNIX_EPOCH + std::time::Duration::from_secs(retired.unix_secs),
+        ))
     }
 
     /// The staged CA signs now: it becomes the directory's CA (the old one

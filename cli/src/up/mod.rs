@@ -557,8 +557,14 @@ pub fn add_bootstrap_root(
 }
 
 /// `-d`: runs `up` detached in its own process group, logging to
-/// `<dir>/up.log`, and returns once it is ready.
-pub async fn up_detached(topology: &Path, dir: &Path, offset: u8) -> anyhow::Result<()> {
+/// `<dir>/up.log`, and returns once it is ready, showing its status when
+/// `show`.
+pub async fn up_detached(
+    topology: &Path,
+    dir: &Path,
+    offset: u8,
+    show: bool,
+) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir)?;
     let log = dir.join("up.log");
     let mut cmd = std::process::Command::new(std::env::current_exe()?);
@@ -575,7 +581,9 @@ pub async fn up_detached(topology: &Path, dir: &Path, offset: u8) -> anyhow::Res
             && s.ready
             && s.supervisor == pid
         {
-            print_status(&s, dir).await;
+            if show {
+                print_status(&s, dir).await;
+            }
             return Ok(());
         }
         if !alive(pid) || Instant::now() > deadline {
@@ -590,8 +598,9 @@ pub async fn up_detached(topology: &Path, dir: &Path, offset: u8) -> anyhow::Res
     }
 }
 
-/// `fedmesh down`: asks the supervisor to stop everything, and waits.
-pub async fn down(dir: &Path) -> anyhow::Result<()> {
+/// `fedmesh down`: asks the supervisor to stop everything, and waits;
+/// says so when `show`.
+pub async fn down(dir: &Path, show: bool) -> anyhow::Result<()> {
     let s = State::load(dir)?;
     if s.ours(s.supervisor) {
         signal(s.supervisor, "TERM");
@@ -604,6 +613,8 @@ pub async fn down(dir: &Path) -> anyhow::Result<()> {
     // still the processes it started: a pid may have been reused since).
     stop_all(&s.live_pids(), Duration::from_secs(10)).await;
     let _ = std::fs::remove_file(dir.join(STATE_FILE));
-    println!("{} is down", s.topology);
+    if show {
+        println!("{} is down", s.topology);
+    }
     Ok(())
 }
