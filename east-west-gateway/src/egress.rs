@@ -189,10 +189,25 @@ pub struct PeerPool {
 struct Slot {
     conn: tokio::sync::Mutex<Option<Connection>>,
     health: Mutex<PeerHealth>,
+    /// The last connection's round trip, in microseconds (0: none yet).
+    rtt_us: std::sync::atomic::AtomicU64,
+    /// A reconnection after a failure runs in the background.
+    probing: std::sync::atomic::AtomicBool,
+    /// Told when it ends.
+    probed: tokio::sync::Notify,
     up: Gauge,
     labels: GatewayLabels,
     /// Set when the routes no longer name this gateway.
     retired: tokio::sync::Notify,
+}
+
+impl Slot {
+    fn rtt(&self) -> Option<Duration> {
+        match self.rtt_us.load(Ordering::Relaxed) {
+            0 => None,
+            us => Some(Duration::from_micros(us)),
+        }
+    }
 }
 
 /// A pool lock is never held across an await; a poisoned one only means a
@@ -457,6 +472,9 @@ impl PeerPool {
                     up: self.sh.metrics.peer_up.get_or_create(&labels).clone(),
                     labels,
                     retired: tokio::sync::Notify::new(),
+                    rtt_us: Default::default(),
+                    probing: Default::default(),
+                    probed: tokio::sync::Notify::new(),
                 })
             })
             .clone()
@@ -509,47 +527,100 @@ impl PeerPool {
             return Err("in reconnect backoff after a failure".into());
         }
         let config = self.client_config(cluster, td)?;
-        let connecting = self
-            .endpoint
-            .connect_with(config, gw, "fedmesh-gateway")
-            .map_err(|e| e.to_string())?;
-        let result = timeout(
-            deadline.saturating_duration_since(Instant::now()),
-            connecting,
-        )
-        .await;
-        let failed = |reason: &'static str, message: String| {
-            self.sh.metrics.handshake_failed(DIRECTION, cluster, reason);
-            let wait = lock(&slot.health).failed(
-                Instant::now(),
-                &self.sh.settings.backoff(),
-                fastrand::f64(),
-            );
-            tracing::info!(gateway = %gw, cluster, error = %message, retry_in_ms = wait.as_millis() as u64, "cannot connect to peer gateway");
-            message
+        let dial = |budget| {
+            dial(
+                self.endpoint.clone(),
+                config,
+                slot.clone(),
+                gw,
+                cluster.to_string(),
+                self.sh.clone(),
+                budget,
+            )
         };
-        match result {
-            Ok(Ok(c)) => {
-                lock(&slot.health).succeeded();
-                slot.up.set(1);
-                tracing::debug!(gateway = %gw, cluster, "connected to peer gateway");
-                tokio::spawn(watch_connection(
-                    c.clone(),
-                    slot.clone(),
-                    gw,
-                    cluster.to_string(),
-                    self.sh.clone(),
-                ));
-                *held = Some(c.clone());
-                Ok(c)
-            }
-            Ok(Err(e)) => Err(failed(handshake_reason(&e), format!("handshake: {e}"))),
-            Err(_) => Err(failed(
-                "timeout",
-                "handshake did not finish before the deadline".into(),
-            )),
+        if !lock(&slot.health).is_down() {
+            let c = dial(deadline.saturating_duration_since(Instant::now())).await?;
+            *held = Some(c.clone());
+            return Ok(c);
+        }
+        // It failed before, maybe silently (an idle timeout: frozen,
+        // partitioned). Streams must not stall on a handshake that may
+        // never finish: the handshake goes on in the background, and this
+        // stream waits for it no longer than a few round trips before it
+        // is refused (and goes to another gateway or cluster).
+        drop(held);
+        let probed = slot.probed.notified();
+        tokio::pin!(probed);
+        probed.as_mut().enable();
+        if !slot.probing.swap(true, Ordering::AcqRel) {
+            let probe = dial(PROBE_TIMEOUT);
+            let slot = slot.clone();
+            tokio::spawn(async move {
+                if let Ok(c) = probe.await {
+                    *slot.conn.lock().await = Some(c);
+                }
+                slot.probing.store(false, Ordering::Release);
+                slot.probed.notify_waiters();
+            });
+        }
+        let wait = probe_wait(slot.rtt()).min(deadline.saturating_duration_since(Instant::now()));
+        let _ = timeout(wait, probed).await;
+        let conn = slot.conn.lock().await;
+        match conn.as_ref().filter(|c| c.close_reason().is_none()) {
+            Some(c) => Ok(c.clone()),
+            None => Err("reconnecting after it was lost".into()),
         }
     }
+}
+
+/// The longest a reconnection to a gateway that failed goes on in the
+/// background.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long a stream waits for a reconnection to a gateway that failed:
+/// three round trips as last measured (a restarted gateway answers in one
+/// or two), between 50 and 250 ms.
+fn probe_wait(rtt: Option<Duration>) -> Duration {
+    rtt.map_or(Duration::from_millis(250), |r| r * 3)
+        .clamp(Duration::from_millis(50), Duration::from_millis(250))
+}
+
+/// One handshake with `gw`, within `budget`; its outcome goes into the
+/// slot's health, and a new connection is watched.
+async fn dial(
+    endpoint: quinn::Endpoint,
+    config: quinn::ClientConfig,
+    slot: Arc<Slot>,
+    gw: SocketAddr,
+    cluster: String,
+    sh: Arc<GatewayState>,
+    budget: Duration,
+) -> Result<Connection, String> {
+    let failed = |reason: &'static str, message: String| {
+        sh.metrics.handshake_failed(DIRECTION, &cluster, reason);
+        let wait =
+            lock(&slot.health).failed(Instant::now(), &sh.settings.backoff(), fastrand::f64());
+        tracing::info!(gateway = %gw, cluster, error = %message, retry_in_ms = wait.as_millis() as u64, "cannot connect to peer gateway");
+        message
+    };
+    let connecting = endpoint
+        .connect_with(config, gw, "fedmesh-gateway")
+        .map_err(|e| e.to_string())?;
+    let c = match timeout(budget, connecting).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => return Err(failed(handshake_reason(&e), format!("handshake: {e}"))),
+        Err(_) => {
+            return Err(failed(
+                "timeout",
+                "handshake did not finish before the deadline".into(),
+            ));
+        }
+    };
+    lock(&slot.health).succeeded();
+    slot.up.set(1);
+    tracing::debug!(gateway = %gw, cluster, "connected to peer gateway");
+    tokio::spawn(watch_connection(c.clone(), slot, gw, cluster, sh));
+    Ok(c)
 }
 
 /// Samples RTT while the connection lives; when it dies (idle timeout after
@@ -575,7 +646,11 @@ async fn watch_connection(
     let reason = loop {
         tokio::select! {
             r = conn.closed() => break r,
-            _ = tick.tick() => { rtt.set(conn.rtt().as_secs_f64()); }
+            _ = tick.tick() => {
+                rtt.set(conn.rtt().as_secs_f64());
+                let us = u64::try_from(conn.rtt().as_micros()).unwrap_or(u64::MAX).max(1);
+                slot.rtt_us.store(us, Ordering::Relaxed);
+            }
             // Pruned: let go of the connection, so that it closes once its
             // streams are done.
             _ = slot.retired.notified() => return,
@@ -647,5 +722,19 @@ async fn revoke(
         _ = tokio::time::sleep(sh.settings.drain_timeout) => {
             conn.close(code::REVOKED, why.as_bytes());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stream_waits_a_few_round_trips_for_a_reconnection() {
+        let ms = Duration::from_millis;
+        assert_eq!(probe_wait(Some(ms(40))), ms(120));
+        assert_eq!(probe_wait(Some(ms(5))), ms(50), "never less than 50 ms");
+        assert_eq!(probe_wait(Some(ms(400))), ms(250), "never more than 250 ms");
+        assert_eq!(probe_wait(None), ms(250), "no round trip measured yet");
     }
 }
