@@ -41,7 +41,7 @@ pub fn render(report: &Report) -> String {
     };
     let _ = writeln!(
         s,
-        r##"<text x="{LEFT}" y="24" font-size="16" font-weight="bold">{} <tspan fill="{}">{}</tspan><tspan font-size="13" font-weight="normal" fill="#444">   {} at {:.1} s</tspan></text>"##,
+        r##"<text x="{LEFT}" y="24" font-size="16" font-weight="bold">{} <tspan fill="{}">{}</tspan><tspan dx="12" font-size="13" font-weight="normal" fill="#444">{} at {:.1} s</tspan></text>"##,
         esc(&report.drill),
         verdict.1,
         verdict.0,
