@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use tokio::time::Instant;
 
-use crate::drill::{Action, Drill, Targets};
+use crate::drill::{Action, Drill};
 use crate::load::{self, Load, Record};
 use crate::report::Report;
 
@@ -179,12 +179,6 @@ pub async fn steady(load: &Load) -> anyhow::Result<()> {
                 bad.outcome.label()
             );
         }
-    }
-}
-
-impl std::fmt::Display for Targets {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.list().join(", "))
     }
 }
 

@@ -254,13 +254,14 @@ impl UpFederation {
         result
     }
 
-    fn wan_commands(&self, w: &WanFault, change: Change) -> Vec<WanCommand> {
-        vec![WanCommand {
+    async fn wan(&self, w: &WanFault, change: Change) -> anyhow::Result<()> {
+        let cmd = WanCommand {
             from: w.between[0].clone(),
             to: w.between[1].clone(),
             both_ways: !w.one_way,
             change,
-        }]
+        };
+        wan::command(&self.dir, &cmd).await
     }
 
     async fn etcd(&self) -> anyhow::Result<Client> {
@@ -371,10 +372,7 @@ impl Federation for UpFederation {
                         bandwidth: w.bandwidth,
                     })
                 };
-                for cmd in self.wan_commands(w, change) {
-                    wan::command(&self.dir, &cmd).await?;
-                }
-                Ok(())
+                self.wan(w, change).await
             }
             Action::Poison(p) => {
                 let key = self.poison_key(p)?;
@@ -429,12 +427,10 @@ impl Federation for UpFederation {
                 self.signal_all(&members, "CONT").await
             }
             Action::Wan(w) => {
-                if !w.rebind {
-                    for cmd in self.wan_commands(w, Change::Reset) {
-                        wan::command(&self.dir, &cmd).await?;
-                    }
+                if w.rebind {
+                    return Ok(());
                 }
-                Ok(())
+                self.wan(w, Change::Reset).await
             }
             Action::Poison(_) => {
                 let mut etcd = self.etcd().await?;

@@ -523,6 +523,11 @@ impl PeerPool {
         if let Some(c) = held.as_ref().filter(|c| c.close_reason().is_none()) {
             return Ok(c.clone());
         }
+        // A connection the peer lost, before its watcher has said so.
+        let lost = held.as_ref().is_some_and(|c| {
+            c.close_reason()
+                .is_some_and(|r| !matches!(r, ConnectionError::LocallyClosed))
+        });
         if !lock(&slot.health).available(Instant::now()) {
             return Err("in reconnect backoff after a failure".into());
         }
@@ -538,7 +543,7 @@ impl PeerPool {
                 budget,
             )
         };
-        if !lock(&slot.health).is_down() {
+        if !lost && !lock(&slot.health).is_down() {
             let c = dial(deadline.saturating_duration_since(Instant::now())).await?;
             *held = Some(c.clone());
             return Ok(c);
