@@ -220,8 +220,8 @@ pub struct Thresholds {
     /// Time from the fault until requests succeed again at the steady rate.
     #[serde(default, with = "humantime_serde")]
     pub rto: Option<Duration>,
-    /// Requests served by a cluster that served none before the fault
-    /// (0: traffic must not move at all).
+    /// Requests served, while the fault lasts, by a cluster that served
+    /// none before it (0: traffic must not move at all).
     #[serde(default)]
     pub moved: Option<u64>,
     /// p99 while the fault lasts, at most.
