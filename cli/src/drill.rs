@@ -24,8 +24,9 @@ use crate::wan::{self, Change, Impairment, WanCommand};
 /// One process a target names.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 enum Member {
-    /// By the state's name for it (`etcd-0`, `aws-use1-gateway-0`). Sorted
-    /// as they must start again: etcd, controllers, gateways, proxies.
+    /// By the state's name for it (`etcd-0`, `aws-use1-gateway-0`), or a
+    /// backend's id. Sorted as they must start again: etcd, backends (a
+    /// registry lists them), controllers, gateways, proxies.
     Etcd(String),
     Backend(String),
     Controller(String),
