@@ -217,6 +217,18 @@ mod tests {
         }
     }
 
+    impl OneServer {
+        async fn start() -> Self {
+            let broken = Arc::new(AtomicBool::new(false));
+            OneServer {
+                addr: server(broken.clone()).await,
+                broken,
+                log: Vec::new(),
+                t0: Instant::now(),
+            }
+        }
+    }
+
     async fn server(broken: Arc<AtomicBool>) -> SocketAddr {
         use std::convert::Infallible;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -269,13 +281,7 @@ thresholds: {{failed: 0}}
 
     #[tokio::test]
     async fn the_fault_lands_at_its_time_and_the_report_sees_it() {
-        let broken = Arc::new(AtomicBool::new(false));
-        let mut fed = OneServer {
-            addr: server(broken.clone()).await,
-            broken,
-            log: Vec::new(),
-            t0: Instant::now(),
-        };
+        let mut fed = OneServer::start().await;
         let d = drill("{kill: \"{serving}/x\", at: 500ms, recover: 1s}");
         let mut ticks = 0;
         let (report, records) = run(&d, &mut fed, |_| ticks += 1).await.unwrap();
@@ -300,13 +306,8 @@ thresholds: {{failed: 0}}
 
     #[tokio::test]
     async fn a_flap_goes_down_and_up_until_recovery_and_ends_up() {
-        let broken = Arc::new(AtomicBool::new(false));
-        let mut fed = OneServer {
-            addr: server(broken.clone()).await,
-            broken: broken.clone(),
-            log: Vec::new(),
-            t0: Instant::now(),
-        };
+        let mut fed = OneServer::start().await;
+        let broken = fed.broken.clone();
         let d = drill("{flap: {target: c1/x, period: 300ms}, at: 400ms, recover: 1500ms}");
         run(&d, &mut fed, |_| {}).await.unwrap();
         let steps: Vec<&str> = fed
@@ -321,13 +322,8 @@ thresholds: {{failed: 0}}
 
     #[tokio::test]
     async fn a_fault_without_recovery_is_undone_after_the_drill() {
-        let broken = Arc::new(AtomicBool::new(false));
-        let mut fed = OneServer {
-            addr: server(broken.clone()).await,
-            broken: broken.clone(),
-            log: Vec::new(),
-            t0: Instant::now(),
-        };
+        let mut fed = OneServer::start().await;
+        let broken = fed.broken.clone();
         let d = drill("{kill: c1/x, at: 1s}");
         let (report, _) = run(&d, &mut fed, |_| {}).await.unwrap();
         assert_eq!(report.rto, None, "never recovered within the drill");

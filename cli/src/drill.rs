@@ -84,13 +84,7 @@ impl UpFederation {
             eprintln!("      etcd-leader is {leader}");
             out.push(Member::Etcd(leader));
         } else if let Some(name) = component(target) {
-            let known = s.etcd.iter().any(|e| e.name == name)
-                || s.clusters.iter().any(|c| {
-                    c.controller.name == name
-                        || c.proxy.name == name
-                        || c.gateways.iter().any(|g| g.name == name)
-                });
-            if known {
+            if s.procs().any(|p| p.name == name) {
                 out.push(if name.starts_with("etcd-") {
                     Member::Etcd(name)
                 } else if name.ends_with("-controller") {
@@ -174,16 +168,9 @@ impl UpFederation {
                 .flat_map(|c| &c.backends)
                 .find(|b| &b.id == id)
                 .and_then(|b| b.pid),
-            Member::Etcd(n) | Member::Controller(n) | Member::Gateway(n) | Member::Proxy(n) => s
-                .etcd
-                .iter()
-                .chain(s.clusters.iter().flat_map(|c| {
-                    std::iter::once(&c.controller)
-                        .chain(&c.gateways)
-                        .chain(std::iter::once(&c.proxy))
-                }))
-                .find(|p| &p.name == n)
-                .map(|p| p.pid),
+            Member::Etcd(n) | Member::Controller(n) | Member::Gateway(n) | Member::Proxy(n) => {
+                s.procs().find(|p| &p.name == n).map(|p| p.pid)
+            }
         }
     }
 
@@ -236,13 +223,7 @@ impl UpFederation {
                     }
                 }
                 Member::Etcd(n) | Member::Controller(n) | Member::Gateway(n) | Member::Proxy(n) => {
-                    let s = &mut self.state;
-                    let p = s.etcd.iter_mut().chain(s.clusters.iter_mut().flat_map(|c| {
-                        std::iter::once(&mut c.controller)
-                            .chain(c.gateways.iter_mut())
-                            .chain(std::iter::once(&mut c.proxy))
-                    }));
-                    match p.into_iter().find(|p| &p.name == n) {
+                    match self.state.proc_mut(n) {
                         Some(p) => respawn(p, &self.dir).await,
                         None => Ok(()),
                     }

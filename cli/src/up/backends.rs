@@ -56,12 +56,7 @@ async fn stop_start_process(
     let started = s.started.clone();
     let ours = |pid| super::state::ours(&started, pid);
     let topology = s.topology.clone();
-    let procs = s.etcd.iter_mut().chain(s.clusters.iter_mut().flat_map(|c| {
-        std::iter::once(&mut c.controller)
-            .chain(c.gateways.iter_mut())
-            .chain(std::iter::once(&mut c.proxy))
-    }));
-    let Some(p): Option<&mut Proc> = procs.into_iter().find(|p| p.name == name) else {
+    let Some(p) = s.proc_mut(name) else {
         bail!("{name:?} names no process of {topology}");
     };
     if !start {

@@ -104,6 +104,28 @@ impl State {
         self.pids().into_iter().filter(|&p| self.ours(p)).collect()
     }
 
+    /// The federation's own processes: etcd, then each cluster's
+    /// controller, gateways and proxy (not the demo backends).
+    pub fn procs(&self) -> impl Iterator<Item = &Proc> {
+        self.etcd.iter().chain(self.clusters.iter().flat_map(|c| {
+            std::iter::once(&c.controller)
+                .chain(&c.gateways)
+                .chain(std::iter::once(&c.proxy))
+        }))
+    }
+
+    /// The process the state calls `name`.
+    pub fn proc_mut(&mut self, name: &str) -> Option<&mut Proc> {
+        self.etcd
+            .iter_mut()
+            .chain(self.clusters.iter_mut().flat_map(|c| {
+                std::iter::once(&mut c.controller)
+                    .chain(c.gateways.iter_mut())
+                    .chain(std::iter::once(&mut c.proxy))
+            }))
+            .find(|p| p.name == name)
+    }
+
     fn pids(&self) -> Vec<u32> {
         let mut out = Vec::new();
         for c in &self.clusters {
