@@ -8,6 +8,7 @@
 pub mod keys;
 pub mod local;
 pub mod names;
+pub mod policy;
 pub mod records;
 
 pub use keys::{DEFAULT_PREFIX, GlobalKey, KeySpace};

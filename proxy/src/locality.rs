@@ -10,28 +10,14 @@
 
 use std::time::{Duration, Instant};
 
+pub use fedmesh_api::policy::{FailoverOrder, Level};
+
 /// Where an endpoint (or a remote cluster) runs.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Locality {
     pub cloud: String,
     pub region: String,
     pub zone: String,
-}
-
-/// How close a target is to us; lower is preferred.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Deserialize, serde::Serialize,
-)]
-#[serde(rename_all = "lowercase")]
-pub enum Level {
-    Zone = 0,
-    Region = 1,
-    Cloud = 2,
-    Other = 3,
-}
-
-impl Level {
-    pub const ALL: [Level; 4] = [Level::Zone, Level::Region, Level::Cloud, Level::Other];
 }
 
 impl Locality {
@@ -45,83 +31,6 @@ impl Locality {
             Level::Region
         } else {
             Level::Zone
-        }
-    }
-}
-
-/// How a service's targets are ordered into priorities: the policy's
-/// override of the locality order.
-#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub enum FailoverOrder {
-    /// Zone, region, cloud, then the rest.
-    #[default]
-    Locality,
-    /// The four levels in this order.
-    Levels(Vec<Level>),
-    /// Clusters in this order. Our own cluster counts as two priorities
-    /// (our zone, then its other zones) and comes first unless listed;
-    /// clusters not listed share one priority after every listed one.
-    Clusters(Vec<String>),
-}
-
-impl FailoverOrder {
-    /// The priority of a target in `cluster` at `level` (lower first),
-    /// for a proxy in `ours`.
-    pub fn priority(&self, ours: &str, cluster: &str, level: Level) -> u8 {
-        match self {
-            FailoverOrder::Locality => level as u8,
-            FailoverOrder::Levels(order) => order
-                .iter()
-                .position(|l| *l == level)
-                .map_or(Level::ALL.len(), |i| i) as u8,
-            FailoverOrder::Clusters(list) => {
-                let own_listed = list.iter().any(|c| c == ours);
-                let mut next = if own_listed { 0 } else { 2 };
-                for c in list {
-                    if c == cluster {
-                        return if c == ours {
-                            next + u8::from(level != Level::Zone)
-                        } else {
-                            next
-                        };
-                    }
-                    next += if c == ours { 2 } else { 1 };
-                }
-                if cluster == ours {
-                    u8::from(level != Level::Zone)
-                } else {
-                    next
-                }
-            }
-        }
-    }
-
-    /// Checks an order from a config; the error names what is wrong.
-    pub fn validate(&self) -> Result<(), String> {
-        match self {
-            FailoverOrder::Locality => Ok(()),
-            FailoverOrder::Levels(order) => {
-                let mut sorted = order.clone();
-                sorted.sort();
-                if sorted != Level::ALL {
-                    return Err(format!(
-                        "levels: list each of zone, region, cloud and other once (got {order:?})"
-                    ));
-                }
-                Ok(())
-            }
-            FailoverOrder::Clusters(list) => {
-                if list.is_empty() || list.len() > 12 {
-                    return Err("clusters: list 1 to 12 clusters".into());
-                }
-                for (i, c) in list.iter().enumerate() {
-                    if list[..i].contains(c) {
-                        return Err(format!("clusters[{i}]: {c} is listed twice"));
-                    }
-                }
-                Ok(())
-            }
         }
     }
 }
