@@ -46,14 +46,53 @@ enum Command {
         #[command(subcommand)]
         what: DeregisterWhat,
     },
-    /// Show what the global zone holds.
+    /// Show what the global zone holds, or (proxies) what each
+    /// cluster's proxies and gateways run.
     Get {
         what: GetWhat,
+        /// One policy, by name (with `policies`).
+        name: Option<String>,
         /// Output format.
         #[arg(short, long, default_value = "table")]
         output: Output,
         #[command(flatten)]
         etcd: EtcdFlags,
+    },
+    /// Apply global traffic policies: every document of every file is
+    /// checked first, then all are written in one etcd transaction (all or
+    /// nothing; refused if a policy changed meanwhile).
+    Apply {
+        /// Files of GlobalTrafficPolicy documents (several per file, `---`).
+        #[arg(short = 'f', long = "filename", required = true)]
+        files: Vec<PathBuf>,
+        /// Print what would change, and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[command(flatten)]
+        etcd: EtcdFlags,
+    },
+    /// Show what `apply -f` would change, as a unified diff. Exit code 0:
+    /// no change; 1: changes; 2: an error.
+    Diff {
+        #[arg(short = 'f', long = "filename", required = true)]
+        files: Vec<PathBuf>,
+        #[command(flatten)]
+        etcd: EtcdFlags,
+    },
+    /// Delete a global traffic policy.
+    Delete {
+        #[command(subcommand)]
+        what: PolicyWhat,
+    },
+    /// A policy's revisions, from etcd's history (until etcd compacts it).
+    History {
+        #[command(subcommand)]
+        what: PolicyWhat,
+    },
+    /// Put a policy back as it was at a revision (`history` lists them).
+    Rollback {
+        #[command(subcommand)]
+        what: RollbackWhat,
     },
     /// Run a whole federation on this machine from a topology file: etcd,
     /// each cluster's registration, controller, gateways and proxy, and demo
@@ -210,6 +249,43 @@ enum RegisterWhat {
 }
 
 #[derive(Subcommand, Debug)]
+enum PolicyWhat {
+    /// A global traffic policy.
+    Policy {
+        name: String,
+        #[arg(short, long, default_value = "table")]
+        output: Output,
+        #[command(flatten)]
+        etcd: EtcdFlags,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum RollbackWhat {
+    /// A global traffic policy.
+    Policy {
+        name: String,
+        /// The revision to go back to.
+        #[arg(long)]
+        to: i64,
+        #[command(flatten)]
+        etcd: EtcdFlags,
+    },
+}
+
+/// `fedmesh diff` found changes: exit code 1, nothing more to say.
+#[derive(Debug)]
+struct Differs;
+
+impl std::fmt::Display for Differs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("differences found")
+    }
+}
+
+impl std::error::Error for Differs {}
+
+#[derive(Subcommand, Debug)]
 enum DeregisterWhat {
     /// Remove a cluster.
     Cluster {
@@ -241,11 +317,14 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let diff = matches!(cli.command, Command::Diff { .. });
     match rt.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.is::<Differs>() => ExitCode::from(1),
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            // diff's 1 means "changes", as diff(1)'s does.
+            ExitCode::from(if diff { 2 } else { 1 })
         }
     }
 }
@@ -258,7 +337,43 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Deregister {
             what: DeregisterWhat::Cluster { name, etcd },
         } => deregister(&name, &etcd).await,
-        Command::Get { what, output, etcd } => get(what, output, &etcd).await,
+        Command::Get {
+            what: GetWhat::Policies,
+            name,
+            output,
+            etcd,
+        } => cmd::policy::get(name.as_deref(), output, &etcd).await,
+        Command::Get {
+            what,
+            name: Some(name),
+            ..
+        } => anyhow::bail!("`get {what:?}` takes no name (got {name:?}); only `get policies` does"),
+        Command::Get {
+            what,
+            name: None,
+            output,
+            etcd,
+        } => get(what, output, &etcd).await,
+        Command::Apply {
+            files,
+            dry_run,
+            etcd,
+        } => cmd::policy::apply(&files, dry_run, &etcd).await,
+        Command::Diff { files, etcd } => {
+            if cmd::policy::diff(&files, &etcd).await? {
+                return Err(Differs.into());
+            }
+            Ok(())
+        }
+        Command::Delete {
+            what: PolicyWhat::Policy { name, etcd, .. },
+        } => cmd::policy::delete(&name, &etcd).await,
+        Command::History {
+            what: PolicyWhat::Policy { name, output, etcd },
+        } => cmd::policy::history(&name, output, &etcd).await,
+        Command::Rollback {
+            what: RollbackWhat::Policy { name, to, etcd },
+        } => cmd::policy::rollback(&name, to, &etcd).await,
         Command::Up {
             topology,
             detach,

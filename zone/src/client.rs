@@ -48,6 +48,9 @@ pub enum ZoneError {
     NotRegistered(String),
     #[error("the global zone changed while {0}; nothing was written, retry")]
     Raced(&'static str),
+    /// etcd refused a write for lack of rights.
+    #[error("{0}")]
+    Denied(String),
 }
 
 impl ZoneError {
@@ -94,6 +97,10 @@ impl GlobalZone {
 
     pub fn keys(&self) -> &KeySpace {
         &self.keys
+    }
+
+    pub(crate) fn client(&mut self) -> &mut Client {
+        &mut self.client
     }
 
     async fn get_one(&mut self, key: &str) -> Result<Option<(Vec<u8>, i64)>, ZoneError> {
@@ -428,7 +435,7 @@ pub async fn list_range(
 }
 
 /// The first key after every key that starts with `prefix`.
-fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+pub(crate) fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     let mut end = prefix.to_vec();
     while let Some(last) = end.pop() {
         if last < 0xff {
@@ -439,7 +446,7 @@ fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     vec![0] // every key
 }
 
-fn to_json<T: serde::Serialize>(v: &T) -> String {
+pub(crate) fn to_json<T: serde::Serialize>(v: &T) -> String {
     // Plain records always serialise.
     serde_json::to_string(v).unwrap_or_default()
 }

@@ -12,8 +12,10 @@
 
 pub mod client;
 pub mod join;
+pub mod policies;
 
 pub use client::{
     GlobalZone, Pager, RawKv, RegisterOutcome, ZoneError, cluster_role, decode_bundle, list_range,
 };
 pub use join::{EtcdAccess, JoinDir, TokenEntry, TokensFile};
+pub use policies::{HistoryEntry, PolicyChange, PolicyHistory, StoredPolicies, StoredPolicy};

@@ -328,7 +328,7 @@ impl PolicySpec {
                     format!("list 1 to {MAX_WEIGHTED_CLUSTERS} clusters"),
                 ));
             }
-            for (c, _) in w {
+            for c in w.keys() {
                 validate_label("cluster", c)
                     .map_err(|e| bad(format!("weights.{c}"), e.to_string()))?;
             }
@@ -476,6 +476,32 @@ impl PolicySpec {
             .map(|d| d.service.as_str())
             .filter(move |s| *s != self.service)
     }
+}
+
+/// Checks policies that live together (what etcd would hold after an
+/// apply): at most one default, and at most one policy per service.
+pub fn check_set<'a>(
+    set: impl IntoIterator<Item = (&'a str, &'a PolicySpec)>,
+) -> Result<(), String> {
+    let mut by_service: BTreeMap<&str, &str> = BTreeMap::new();
+    for (name, spec) in set {
+        if let Some(other) = by_service.insert(&spec.service, name) {
+            let what = if spec.is_default() {
+                "the mesh-wide default (service \"*\")".to_string()
+            } else {
+                format!("service {}", spec.service)
+            };
+            let (a, b) = if other < name {
+                (other, name)
+            } else {
+                (name, other)
+            };
+            return Err(format!(
+                "policies {a:?} and {b:?} are both for {what}; there can be one"
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn check_service(path: &str, s: &str) -> Result<ServiceKey, PolicyError> {

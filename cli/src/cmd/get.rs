@@ -10,6 +10,8 @@ pub enum GetWhat {
     Clusters,
     Services,
     Bundles,
+    /// Global traffic policies (`fedmesh get policies [NAME]`).
+    Policies,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy)]
@@ -129,6 +131,7 @@ pub async fn get(what: GetWhat, output: Output, flags: &EtcdFlags) -> anyhow::Re
                 },
             )
         }
+        GetWhat::Policies => super::policy::get(None, output, flags).await,
         GetWhat::Bundles => {
             let rows: Vec<BundleRow> = zone
                 .bundles()
@@ -152,7 +155,7 @@ pub async fn get(what: GetWhat, output: Output, flags: &EtcdFlags) -> anyhow::Re
     }
 }
 
-fn print_rows<T: Serialize>(
+pub(crate) fn print_rows<T: Serialize>(
     output: Output,
     rows: &[T],
     headers: &[&str],

@@ -3,6 +3,7 @@
 //! in [`crate::up`].
 
 pub mod get;
+pub mod policy;
 pub mod register;
 pub mod rotate;
 

@@ -1,0 +1,256 @@
+//! Global traffic policies in etcd (`policies/<name>`): read them all at one
+//! revision, write a set of changes in one transaction that fails if any
+//! policy changed since that read, and read a policy's history back from
+//! etcd's own revisions.
+//!
+//! History lives in etcd's MVCC store, so it lasts until etcd compacts: a
+//! history read after a compaction starts at the compaction revision and
+//! says so, and `rollback --to` a compacted revision is refused.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use etcd_client::{Compare, CompareOp, EventType, GetOptions, Txn, TxnOp, WatchOptions};
+use fedmesh_api::policy::GlobalTrafficPolicy;
+
+use crate::client::{GlobalZone, ZoneError, prefix_end, to_json};
+
+/// One stored policy: its value (or why it cannot be read) and revision.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredPolicy {
+    pub policy: Result<GlobalTrafficPolicy, String>,
+    pub mod_revision: i64,
+}
+
+/// Every stored policy, by name, as of `revision`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StoredPolicies {
+    pub revision: i64,
+    pub policies: BTreeMap<String, StoredPolicy>,
+}
+
+/// A change `write_policies` makes.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PolicyChange {
+    Put(GlobalTrafficPolicy),
+    Delete(String),
+}
+
+impl PolicyChange {
+    pub fn name(&self) -> &str {
+        match self {
+            PolicyChange::Put(p) => &p.metadata.name,
+            PolicyChange::Delete(n) => n,
+        }
+    }
+}
+
+/// One revision of a policy.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HistoryEntry {
+    pub revision: i64,
+    /// `None`: deleted at this revision.
+    pub policy: Option<Result<GlobalTrafficPolicy, String>>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct PolicyHistory {
+    pub entries: Vec<HistoryEntry>,
+    /// Set when etcd has compacted revisions before this one: older
+    /// history is gone.
+    pub compacted_before: Option<i64>,
+}
+
+/// The most documents one apply writes: etcd's default `--max-txn-ops` is
+/// 128, and the transaction also compares.
+pub const MAX_CHANGES: usize = 100;
+
+fn decode(key: &str, raw: &[u8]) -> Result<GlobalTrafficPolicy, String> {
+    let p: GlobalTrafficPolicy =
+        serde_json::from_slice(raw).map_err(|e| format!("{key}: not a policy: {e}"))?;
+    p.validate().map_err(|e| format!("{key}: {e}"))?;
+    Ok(p)
+}
+
+fn denied(e: &etcd_client::Error) -> bool {
+    let s = e.to_string();
+    s.contains("permission denied") || s.contains("user name is empty")
+}
+
+impl GlobalZone {
+    /// Every policy, at one revision.
+    pub async fn policies(&mut self) -> Result<StoredPolicies, ZoneError> {
+        let prefix = self.keys().policy("");
+        let resp = self
+            .client()
+            .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
+            .await?;
+        let revision = resp.header().map_or(0, |h| h.revision());
+        let mut policies = BTreeMap::new();
+        for kv in resp.kvs() {
+            let key = String::from_utf8_lossy(kv.key()).into_owned();
+            let name = key[prefix.len()..].to_owned();
+            policies.insert(
+                name,
+                StoredPolicy {
+                    policy: decode(&key, kv.value()),
+                    mod_revision: kv.mod_revision(),
+                },
+            );
+        }
+        Ok(StoredPolicies { revision, policies })
+    }
+
+    /// Writes `changes` in one transaction, which applies only if no policy
+    /// was added, changed or (among those changed here) deleted since
+    /// `read`. Returns the revision of the write.
+    pub async fn write_policies(
+        &mut self,
+        read: &StoredPolicies,
+        changes: &[PolicyChange],
+    ) -> Result<i64, ZoneError> {
+        if changes.len() > MAX_CHANGES {
+            return Err(ZoneError::Corrupt {
+                key: self.keys().policy(""),
+                reason: format!(
+                    "{} changes in one apply; at most {MAX_CHANGES} fit in one etcd transaction",
+                    changes.len()
+                ),
+            });
+        }
+        let prefix = self.keys().policy("");
+        // Nothing under policies/ changed after the read...
+        let mut when = vec![
+            Compare::mod_revision(prefix.as_str(), CompareOp::Less, read.revision + 1)
+                .with_range(prefix_end(prefix.as_bytes())),
+        ];
+        let mut ops = Vec::with_capacity(changes.len());
+        for c in changes {
+            let key = self.keys().policy(c.name());
+            // ...and each key written is as read (this catches a deletion).
+            let seen = read.policies.get(c.name()).map_or(0, |p| p.mod_revision);
+            when.push(Compare::mod_revision(key.as_str(), CompareOp::Equal, seen));
+            ops.push(match c {
+                PolicyChange::Put(p) => TxnOp::put(key.as_str(), to_json(p), None),
+                PolicyChange::Delete(_) => TxnOp::delete(key.as_str(), None),
+            });
+        }
+        let txn = Txn::new().when(when).and_then(ops);
+        match self.client().txn(txn).await {
+            Ok(r) if r.succeeded() => Ok(r.header().map_or(0, |h| h.revision())),
+            Ok(_) => Err(ZoneError::Raced(
+                "applying: another change to the policies landed after they were read",
+            )),
+            Err(e) if denied(&e) => Err(ZoneError::Denied(format!(
+                "etcd refused to write {prefix}*: {e}. Policies are an operator's write: \
+                 a cluster's own etcd user (fedmesh-cluster-*) may not write them; \
+                 use an operator's credentials (--etcd-user/--etcd-password, e.g. root)"
+            ))),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The policy `name` as it was at `revision`; `None` if it did not
+    /// exist then.
+    pub async fn policy_at(
+        &mut self,
+        name: &str,
+        revision: i64,
+    ) -> Result<Option<Result<GlobalTrafficPolicy, String>>, ZoneError> {
+        let key = self.keys().policy(name);
+        let resp = self
+            .client()
+            .get(
+                key.as_str(),
+                Some(GetOptions::new().with_revision(revision)),
+            )
+            .await?;
+        Ok(resp.kvs().first().map(|kv| decode(&key, kv.value())))
+    }
+
+    /// Every revision of `name` etcd still holds, oldest first: puts and
+    /// deletions, replayed by a watch from revision 1 (or from the
+    /// compaction). The replay is complete once it reaches the key's
+    /// current revision or, for a key deleted now, ends on that deletion
+    /// (etcd 3.4 answers progress requests before an unsynced watch has
+    /// replayed, so those alone prove nothing).
+    pub async fn policy_history(&mut self, name: &str) -> Result<PolicyHistory, ZoneError> {
+        let key = self.keys().policy(name);
+        let current = self
+            .client()
+            .get(key.as_str(), None)
+            .await?
+            .kvs()
+            .first()
+            .map(|kv| kv.mod_revision());
+        let mut from = 1;
+        let mut compacted_before = None;
+        loop {
+            let mut stream = self
+                .client()
+                .watch(
+                    key.as_str(),
+                    Some(WatchOptions::new().with_start_revision(from)),
+                )
+                .await?;
+            let mut entries: Vec<HistoryEntry> = Vec::new();
+            let mut restart = None;
+            // A key that never existed replays nothing: give the watch a
+            // moment to sync, then say so.
+            let quiet = Duration::from_secs(2);
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            loop {
+                let complete = match (current, entries.last()) {
+                    (Some(rev), Some(last)) => last.revision >= rev,
+                    (None, Some(last)) => last.policy.is_none(),
+                    (_, None) => false,
+                };
+                if complete {
+                    break;
+                }
+                let wait = if entries.is_empty() && current.is_none() {
+                    quiet
+                } else {
+                    deadline.saturating_duration_since(tokio::time::Instant::now())
+                };
+                let resp = match tokio::time::timeout(wait, stream.message()).await {
+                    Err(_) if current.is_none() && entries.is_empty() => break,
+                    Err(_) => {
+                        return Err(ZoneError::Raced(
+                            "reading the history (etcd did not answer)",
+                        ));
+                    }
+                    Ok(msg) => {
+                        msg?.ok_or(ZoneError::Raced("reading the history (the watch ended)"))?
+                    }
+                };
+                if resp.compact_revision() > 0 {
+                    restart = Some(resp.compact_revision());
+                    break;
+                }
+                for ev in resp.events() {
+                    let Some(kv) = ev.kv() else { continue };
+                    entries.push(HistoryEntry {
+                        revision: kv.mod_revision(),
+                        policy: match ev.event_type() {
+                            EventType::Put => Some(decode(&key, kv.value())),
+                            EventType::Delete => None,
+                        },
+                    });
+                }
+            }
+            match restart {
+                Some(r) => {
+                    compacted_before = Some(r);
+                    from = r;
+                }
+                None => {
+                    return Ok(PolicyHistory {
+                        entries,
+                        compacted_before,
+                    });
+                }
+            }
+        }
+    }
+}
