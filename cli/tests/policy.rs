@@ -243,11 +243,11 @@ async fn a_concurrent_change_is_refused_not_overwritten() {
     let mut other = fedmesh_zone::GlobalZone::new(client, fedmesh_api::KeySpace::default());
     let theirs = other.policies().await.unwrap();
     other
-        .write_policies(&theirs, &[fedmesh_zone::PolicyChange::Put(p("1"))])
+        .write_policies(&theirs, &[fedmesh_zone::PolicyChange::Put(Box::new(p("1")))])
         .await
         .unwrap();
     let e = zone
-        .write_policies(&read, &[fedmesh_zone::PolicyChange::Put(p("2"))])
+        .write_policies(&read, &[fedmesh_zone::PolicyChange::Put(Box::new(p("2")))])
         .await
         .unwrap_err();
     assert!(
@@ -264,11 +264,11 @@ async fn a_concurrent_change_is_refused_not_overwritten() {
         .remove(0);
     let theirs = other.policies().await.unwrap();
     other
-        .write_policies(&theirs, &[fedmesh_zone::PolicyChange::Put(q)])
+        .write_policies(&theirs, &[fedmesh_zone::PolicyChange::Put(Box::new(q))])
         .await
         .unwrap();
     assert!(
-        zone.write_policies(&read, &[fedmesh_zone::PolicyChange::Put(p("4"))])
+        zone.write_policies(&read, &[fedmesh_zone::PolicyChange::Put(Box::new(p("4")))])
             .await
             .is_err()
     );

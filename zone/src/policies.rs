@@ -32,7 +32,7 @@ pub struct StoredPolicies {
 /// A change `write_policies` makes.
 #[derive(Debug, Clone, PartialEq)]
 pub enum PolicyChange {
-    Put(GlobalTrafficPolicy),
+    Put(Box<GlobalTrafficPolicy>),
     Delete(String),
 }
 

@@ -49,7 +49,7 @@ fn plan(stored: &StoredPolicies, new: &[GlobalTrafficPolicy]) -> anyhow::Result<
                 .is_none_or(|s| s.policy.as_ref().ok() != Some(*p))
         })
         .cloned()
-        .map(PolicyChange::Put)
+        .map(|p| PolicyChange::Put(Box::new(p)))
         .collect();
     check_after(stored, &changes)?;
     Ok(changes)
@@ -321,7 +321,7 @@ pub async fn rollback(name: &str, to: i64, flags: &EtcdFlags) -> anyhow::Result<
     };
     let stored = zone.policies().await?;
     let change = match old {
-        Some(Ok(p)) => PolicyChange::Put(p),
+        Some(Ok(p)) => PolicyChange::Put(Box::new(p)),
         Some(Err(e)) => bail!("revision {to} of policy {name:?} is not a valid policy: {e}"),
         None if stored.policies.contains_key(name) => PolicyChange::Delete(name.into()),
         None => bail!("policy {name:?} did not exist at revision {to}, and does not now"),
