@@ -17,5 +17,5 @@ pub use client::{
     ClientError, ClientPolicy, ControllerAccess, Convert, Discovered, OnDemand, certify, channel,
     start,
 };
-pub use state::{MeshState, check_service, local_endpoints, service_ports};
+pub use state::{MeshState, check_service, local_endpoints, service_policy, service_ports};
 pub use status::{PeerLiveness, StatusMetrics, SyncStatus};

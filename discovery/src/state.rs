@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 
 use std::net::SocketAddr;
 
+use fedmesh_api::policy::PolicySpec;
 use fedmesh_api::{Endpoint, ServiceKey};
 use fedmesh_proto::discovery::v1 as pb;
 use fedmesh_trust::{Bundle, BundleSet, TrustDomain};
@@ -49,7 +50,18 @@ pub fn check_service(s: &pb::Service) -> Result<(), String> {
     if s.remote.iter().any(|r| r.cluster.is_empty()) {
         return Err("a remote cluster with an empty name".into());
     }
+    service_policy(s)?;
     Ok(())
+}
+
+/// A service's effective traffic policy, checked as `fedmesh apply` checks
+/// it; `None` when no policy applies.
+pub fn service_policy(s: &pb::Service) -> Result<Option<PolicySpec>, String> {
+    let Some(p) = &s.policy else { return Ok(None) };
+    let spec: PolicySpec =
+        serde_json::from_str(&p.spec).map_err(|e| format!("policy: not a policy spec: {e}"))?;
+    spec.validate().map_err(|e| format!("policy: spec.{e}"))?;
+    Ok(Some(spec))
 }
 
 /// A discovered service's local endpoints, each address checked.

@@ -7,10 +7,11 @@
 use fedmesh_api::validate_label;
 use fedmesh_discovery::{ClientError, ClientPolicy, Discovered, MeshState};
 use fedmesh_proto::discovery::v1 as pb;
-use fedmesh_trust::{BundleSet, TrustDomain};
+use fedmesh_api::policy::PolicySpec;
+use fedmesh_trust::{BundleSet, SpiffeId, TrustDomain};
 
 use crate::config::DiscoveryConfig;
-use crate::routes::{ExportedService, GatewayAddr, Peer, Routes};
+use crate::routes::{AllowRule, ExportedService, GatewayAddr, Peer, Routes};
 
 /// Gets the gateway's SVID from the controller and follows its discovery
 /// stream. Returns once the first routes are in; after that the routes,
@@ -43,9 +44,8 @@ pub struct Local {
 }
 
 /// The routes a mesh state describes: every service this cluster exports,
-/// with its local endpoints, and every other registered cluster as a peer.
-/// Exported services are open to every federated cluster: the discovery
-/// API carries no allow rules yet.
+/// with its local endpoints and its traffic policy's allow rules, and every
+/// other registered cluster as a peer.
 pub fn routes(me: &Local, m: &MeshState, bundles: &BundleSet) -> Result<Routes, String> {
     if m.cluster != me.cluster {
         return Err(format!(
@@ -91,22 +91,53 @@ pub fn routes(me: &Local, m: &MeshState, bundles: &BundleSet) -> Result<Routes, 
     }
     for (key, s) in m.services.iter().filter(|(_, s)| s.exported) {
         // `MeshState` holds only services that passed `check_service`.
-        let (Ok(ports), Ok(endpoints)) = (
+        let (Ok(ports), Ok(endpoints), Ok(policy)) = (
             fedmesh_discovery::service_ports(s),
             fedmesh_discovery::local_endpoints(s),
+            fedmesh_discovery::service_policy(s),
         ) else {
             continue;
         };
+        let allow = policy.as_ref().and_then(allow_rules);
         routes.services.insert(
             key.clone(),
             ExportedService {
                 ports,
                 endpoints,
-                allow: None,
+                allow,
             },
         );
     }
     Ok(routes)
+}
+
+/// A policy's `export.allow`, as the ingress checks it; `None`: open to
+/// every federated cluster. The policy was checked whole; an identity that
+/// still does not parse admits nobody rather than everybody.
+pub fn allow_rules(p: &PolicySpec) -> Option<Vec<AllowRule>> {
+    let rules = p.export.as_ref()?.allow.as_ref()?;
+    Some(
+        rules
+            .iter()
+            .map(|r| AllowRule {
+                cluster: r.cluster.clone(),
+                identities: match &r.identities {
+                    None => Vec::new(),
+                    Some(ids) => {
+                        let parsed: Vec<SpiffeId> =
+                            ids.iter().filter_map(|i| i.parse().ok()).collect();
+                        if parsed.is_empty() {
+                            return AllowRule {
+                                cluster: String::new(),
+                                identities: Vec::new(),
+                            };
+                        }
+                        parsed
+                    }
+                },
+            })
+            .collect(),
+    )
 }
 
 fn peer_trust_domain(name: &str, p: &pb::PeerCluster) -> Result<TrustDomain, String> {
@@ -151,6 +182,7 @@ mod tests {
             }],
             remote: vec![],
             exported,
+            policy: None,
         }
     }
 

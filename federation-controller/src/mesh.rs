@@ -15,7 +15,9 @@ use fedmesh_api::{LocalService, LocalServices, ServiceKey};
 use fedmesh_proto::discovery::v1 as pb;
 use imbl::ordmap::DiffItem;
 
-use crate::view::{Export, Exporters, GlobalView, Name};
+use fedmesh_api::policy::{DEFAULT_SERVICE, PolicySpec};
+
+use crate::view::{Export, Exporters, GlobalView, Name, Policy};
 
 /// Everything one version of the mesh is made from.
 #[derive(Debug, Clone)]
@@ -254,11 +256,37 @@ impl MeshInputs {
         (ports, conflicting)
     }
 
+    /// A service's effective policy (its own over the default, field by
+    /// field), with the policies it came from; `None` when none applies.
+    pub fn policy(&self, key: &ServiceKey) -> Option<(PolicySpec, Vec<pb::PolicySource>)> {
+        let g = &self.global;
+        let own = g.policy_for(&key.to_string());
+        let default = g.policy_for(DEFAULT_SERVICE);
+        let source = |(name, p): (&String, &Policy)| pb::PolicySource {
+            name: name.clone(),
+            revision: p.revision,
+        };
+        let spec = match (own, default) {
+            (None, None) => return None,
+            (Some((_, p)), None) => (*p.spec).clone(),
+            (None, Some((_, d))) => PolicySpec {
+                service: key.to_string(),
+                ..d.spec.over(&PolicySpec::default())
+            },
+            (Some((_, p)), Some((_, d))) => p.spec.over(&d.spec),
+        };
+        Some((spec, own.into_iter().chain(default).map(source).collect()))
+    }
+
     /// One service: our endpoints plus a virtual endpoint per remote cluster
-    /// (never one per gateway). `None` when nobody has it.
+    /// (never one per gateway). `None` when nobody has it. A policy's
+    /// `export.clusters` leaves out the clusters it does not list: as
+    /// exporters here, and as `exported` for our own gateways.
     pub fn render(&self, key: &ServiceKey) -> Option<pb::Service> {
         let local = self.local.get(key);
         let g = &self.global;
+        let policy = self.policy(key);
+        let exported_by = |c: &str| policy.as_ref().is_none_or(|(p, _)| p.exported_by(c));
         let (ports, conflicting) = self.ports(key);
         let remote: Vec<pb::RemoteCluster> = g
             .by_service
@@ -266,6 +294,7 @@ impl MeshInputs {
             .into_iter()
             .flat_map(|exporters| exporters.iter())
             .filter(|e| e.cluster != self.cluster && !conflicting.contains(&e.cluster))
+            .filter(|e| exported_by(&e.cluster))
             // An export without a cluster record cannot be reached: no gateways.
             .filter_map(|export| {
                 let c = &*export.cluster;
@@ -303,7 +332,11 @@ impl MeshInputs {
             ports: ports.into_iter().map(u32::from).collect(),
             local: local.map(local_endpoints).unwrap_or_default(),
             remote,
-            exported: local.is_some(),
+            exported: local.is_some() && exported_by(&self.cluster),
+            policy: policy.map(|(spec, sources)| pb::ServicePolicy {
+                spec: serde_json::to_string(&spec).unwrap_or_default(),
+                sources,
+            }),
         })
     }
 
@@ -336,6 +369,26 @@ pub fn changed(old: &MeshInputs, new: &MeshInputs) -> Changed {
     }
     let (o, n) = (&old.global, &new.global);
     let mut keys = BTreeSet::new();
+    // A policy change touches the services it was and is for (and, through
+    // their routes, nothing else: a route's target keeps its own policy).
+    for d in o.policies.diff(&n.policies) {
+        let specs: Vec<&Policy> = match &d {
+            DiffItem::Add(_, p) | DiffItem::Remove(_, p) => vec![p],
+            DiffItem::Update {
+                old: (_, a),
+                new: (_, b),
+            } => vec![a, b],
+        };
+        for p in specs {
+            match p.spec.service_key() {
+                Some(k) => {
+                    keys.insert(k);
+                }
+                // The default touches every service.
+                None => return Changed::All,
+            }
+        }
+    }
     for d in o.by_service.diff(&n.by_service) {
         let (key, before, after) = match d {
             DiffItem::Add(k, v) => (k, None, Some(v)),

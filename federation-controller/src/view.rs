@@ -18,6 +18,7 @@ use fedmesh_api::{
     AliveRecord, ClusterRecord, GlobalKey, KeySpace, SeenRecord, ServiceKey, validate_locality,
     validate_ports,
 };
+use fedmesh_api::policy::{GlobalTrafficPolicy, PolicySpec};
 use fedmesh_trust::Bundle;
 use imbl::{OrdMap, OrdSet};
 
@@ -149,9 +150,18 @@ pub struct GlobalView {
     pub bundles: OrdMap<String, Bundle>,
     /// Exports by service: the shape the mesh is built in.
     pub by_service: OrdMap<ServiceKey, Exporters>,
+    /// Global traffic policies by name, each checked, with its revision.
+    pub policies: OrdMap<String, Policy>,
     /// Keys whose latest value could not be read, with the reason. Their last
     /// good value (if any) stays in the view.
     pub invalid: OrdMap<String, String>,
+}
+
+/// A checked global traffic policy and the revision it was read at.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Policy {
+    pub spec: Arc<PolicySpec>,
+    pub revision: i64,
 }
 
 impl GlobalView {
@@ -167,7 +177,26 @@ impl GlobalView {
             last_seen: OrdMap::new(),
             bundles: OrdMap::new(),
             by_service: OrdMap::new(),
+            policies: OrdMap::new(),
             invalid: OrdMap::new(),
+        }
+    }
+
+    /// The policy for `service` ("*" for the default): with two (written
+    /// around `fedmesh apply`), the first by name, as every controller picks.
+    pub fn policy_for(&self, service: &str) -> Option<(&String, &Policy)> {
+        self.policies.iter().find(|(_, p)| p.spec.service == service)
+    }
+
+    /// A policy for a service another policy already covers is refused
+    /// (and reported); the one held stays.
+    fn check_policy(&self, name: &str, p: &Policy) -> Result<(), String> {
+        match self.policy_for(&p.spec.service) {
+            Some((other, _)) if other != name => Err(format!(
+                "policy {other:?} is already for {:?}; there can be one",
+                p.spec.service
+            )),
+            _ => Ok(()),
         }
     }
 
@@ -380,8 +409,11 @@ impl GlobalView {
                 let svc = ServiceKey::new(namespace, service);
                 return matches!(self.upsert_export(&name, svc, &kv), Put::Taken);
             }
-            // Policies are read by a later part of the controller.
-            GlobalKey::Policy(_) => Ok(()),
+            GlobalKey::Policy(name) => read_policy(name, &kv).and_then(|p| {
+                self.check_policy(name, &p)?;
+                self.policies.insert(name.clone(), p);
+                Ok(())
+            }),
         };
         self.seen.insert(kv.key.clone(), kv.mod_revision);
         self.settle(&kv.key, result)
@@ -455,7 +487,7 @@ impl GlobalView {
             } => self
                 .remove_export(cluster, &ServiceKey::new(namespace, service))
                 .then_some(()),
-            GlobalKey::Policy(_) => Some(()),
+            GlobalKey::Policy(n) => self.policies.remove(n).map(drop),
         }
         .map(|()| parsed)
     }
@@ -524,6 +556,18 @@ fn intern(names: &mut OrdSet<Name>, name: &str) -> Name {
     let n: Name = name.into();
     names.insert(n.clone());
     n
+}
+
+fn read_policy(name: &str, kv: &RawKv) -> Result<Policy, String> {
+    let p: GlobalTrafficPolicy = json(&kv.value)?;
+    p.validate().map_err(|e| e.to_string())?;
+    if p.metadata.name != name {
+        return Err(format!("the policy names itself {:?}", p.metadata.name));
+    }
+    Ok(Policy {
+        spec: Arc::new(p.spec),
+        revision: kv.mod_revision,
+    })
 }
 
 fn json<'a, T: serde::Deserialize<'a>>(raw: &'a [u8]) -> Result<T, String> {

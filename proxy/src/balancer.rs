@@ -26,6 +26,9 @@ pub struct BalancerPolicy {
     pub failback_hold: Duration,
     pub outlier: OutlierPolicy,
     pub ewma_decay: Duration,
+    /// Steady shares of the weighted clusters ([`Target::group`] indexes
+    /// it); empty: by priority alone.
+    pub weights: Vec<u32>,
 }
 
 impl Default for BalancerPolicy {
@@ -35,6 +38,7 @@ impl Default for BalancerPolicy {
             failback_hold: Duration::from_secs(30),
             outlier: OutlierPolicy::default(),
             ewma_decay: Duration::from_secs(10),
+            weights: Vec::new(),
         }
     }
 }
@@ -53,12 +57,17 @@ pub struct Target<K> {
     pub priority: u8,
     pub healthy: u64,
     pub total: u64,
+    /// The weighted cluster the target belongs to, if the policy weights
+    /// its cluster.
+    pub group: Option<u16>,
 }
 
-/// The randomness one choice uses: `level` in [0, 1), two picks.
+/// The randomness one choice uses: `level` and `weight` in [0, 1), two
+/// picks.
 #[derive(Debug, Clone, Copy)]
 pub struct Draw {
     pub level: f64,
+    pub weight: f64,
     pub a: usize,
     pub b: usize,
 }
@@ -71,6 +80,8 @@ fn prio<K>(t: &Target<K>) -> usize {
 pub struct Balancer<K> {
     policy: BalancerPolicy,
     failback: Failback,
+    /// Failback hysteresis of each weighted cluster.
+    groups: Failback,
     outliers: Outliers<K>,
     load: HashMap<K, (PeakEwma, u32)>,
 }
@@ -79,6 +90,7 @@ impl<K: Hash + Eq + Clone> Balancer<K> {
     pub fn new(policy: BalancerPolicy) -> Self {
         Self {
             failback: Failback::new(PRIORITIES, policy.failback_hold),
+            groups: Failback::new(policy.weights.len(), policy.failback_hold),
             outliers: Outliers::new(policy.outlier.clone()),
             load: HashMap::new(),
             policy,
@@ -95,6 +107,9 @@ impl<K: Hash + Eq + Clone> Balancer<K> {
         draw: Draw,
         now: Instant,
     ) -> Option<K> {
+        if let Some(k) = self.choose_weighted(targets, tried, draw, now) {
+            return Some(k);
+        }
         let up = |t: &Target<K>| t.healthy > 0 && !self.outliers.is_ejected(&t.key, now);
         let mut caps = [Capacity::default(); PRIORITIES];
         for t in targets {
@@ -122,21 +137,7 @@ impl<K: Hash + Eq + Clone> Balancer<K> {
                 .iter()
                 .filter(|t| prio(t) == level && up(t) && !tried.contains(&t.key))
                 .collect();
-            let candidates: Vec<Candidate> = usable
-                .iter()
-                .map(|t| {
-                    let (ewma, pending) = self
-                        .load
-                        .get(&t.key)
-                        .copied()
-                        .unwrap_or((PeakEwma::new(now), 0));
-                    Candidate {
-                        latency: ewma.get(),
-                        pending,
-                        weight: u32::try_from(t.healthy).unwrap_or(u32::MAX),
-                    }
-                })
-                .collect();
+            let candidates = self.candidates(&usable, now);
             if let Some(i) = p2c(&candidates, draw.a, draw.b) {
                 return Some(usable[i].key.clone());
             }
@@ -150,6 +151,77 @@ impl<K: Hash + Eq + Clone> Balancer<K> {
             .filter(|t| t.healthy > 0 && !tried.contains(&t.key))
             .min_by_key(|t| (prio(t), self.outliers.ejected_until(&t.key)))
             .map(|t| t.key.clone())
+    }
+
+    /// With weights: a weighted cluster drawn by its share keeps the
+    /// request while it is healthy (through the failover threshold and
+    /// failback hold, as a priority does). What it cannot keep, and every
+    /// retry, goes by the failover order (`None` here).
+    fn choose_weighted(
+        &mut self,
+        targets: &[Target<K>],
+        tried: &[K],
+        draw: Draw,
+        now: Instant,
+    ) -> Option<K> {
+        let weights = &self.policy.weights;
+        if weights.is_empty() || !tried.is_empty() {
+            return None;
+        }
+        let up = |t: &Target<K>| t.healthy > 0 && !self.outliers.is_ejected(&t.key, now);
+        let mut caps = vec![Capacity::default(); weights.len()];
+        for t in targets {
+            if let Some(c) = t.group.and_then(|g| caps.get_mut(usize::from(g))) {
+                c.total += t.total;
+                if up(t) {
+                    c.healthy += t.healthy;
+                }
+            }
+        }
+        let observed = health(&caps, self.policy.failover_threshold);
+        let effective = self.groups.update(&observed, now);
+        // Shares among the clusters that serve the service at all.
+        let live = |g: usize| if caps[g].total > 0 { f64::from(weights[g]) } else { 0.0 };
+        let total: f64 = (0..weights.len()).map(live).sum();
+        if total <= 0.0 {
+            return None;
+        }
+        let mut at = draw.weight * total;
+        let g = (0..weights.len()).find(|&g| {
+            at -= live(g);
+            at < 0.0
+        })?;
+        // Where in the group's share the draw fell, as a fresh uniform:
+        // below the group's health, the group keeps the request.
+        let within = (at + live(g)) / live(g);
+        if within >= effective[g] {
+            return None;
+        }
+        let usable: Vec<&Target<K>> = targets
+            .iter()
+            .filter(|t| t.group == u16::try_from(g).ok() && up(t))
+            .collect();
+        let candidates = self.candidates(&usable, now);
+        p2c(&candidates, draw.a, draw.b).map(|i| usable[i].key.clone())
+    }
+
+    /// Latency, load and weight of each usable target, for p2c.
+    fn candidates(&self, usable: &[&Target<K>], now: Instant) -> Vec<Candidate> {
+        usable
+            .iter()
+            .map(|t| {
+                let (ewma, pending) = self
+                    .load
+                    .get(&t.key)
+                    .copied()
+                    .unwrap_or((PeakEwma::new(now), 0));
+                Candidate {
+                    latency: ewma.get(),
+                    pending,
+                    weight: u32::try_from(t.healthy).unwrap_or(u32::MAX),
+                }
+            })
+            .collect()
     }
 
     /// An attempt on `k` began.
@@ -215,6 +287,7 @@ mod tests {
             priority: level as u8,
             healthy: u64::from(up),
             total: 1,
+            group: None,
         }
     }
 
@@ -224,6 +297,7 @@ mod tests {
             priority: Level::Other as u8,
             healthy,
             total,
+            group: None,
         }
     }
 
@@ -258,6 +332,7 @@ mod tests {
         for i in 0..n {
             let draw = Draw {
                 level: i as f64 / n as f64,
+                weight: 0.5,
                 a: i * 7,
                 b: i * 13,
             };
@@ -356,6 +431,7 @@ mod tests {
         // region, and our zone's health is untouched by it.
         let draw = Draw {
             level: 0.0,
+            weight: 0.5,
             a: 0,
             b: 0,
         };
@@ -377,6 +453,7 @@ mod tests {
         }
         let draw = Draw {
             level: 0.0,
+            weight: 0.5,
             a: 0,
             b: 1,
         };
@@ -422,6 +499,7 @@ mod tests {
         b.started(&"a1", t0);
         let draw = Draw {
             level: 0.0,
+            weight: 0.5,
             a: 0,
             b: 0,
         };

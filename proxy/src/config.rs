@@ -10,6 +10,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use std::sync::Arc;
+
+use fedmesh_api::policy::{GlobalTrafficPolicy, PolicySpec};
 use fedmesh_api::{ListedEndpoint, LocalService, ServiceKey, validate_label};
 use fedmesh_discovery::ControllerAccess;
 use fedmesh_trust::{Bundle, BundleSet, SpiffeId, Svid, TrustDomain};
@@ -20,6 +23,7 @@ use crate::budget::BudgetPolicy;
 use crate::limits::Limits;
 use crate::locality::{DEFAULT_FAILOVER_THRESHOLD, FailoverOrder, Locality};
 use crate::outlier::OutlierPolicy;
+use crate::policy::ServicePolicy;
 use crate::table::{RemoteCluster, ServiceSpec};
 
 /// How the proxy behaves. Every field has a production default.
@@ -192,6 +196,29 @@ impl Settings {
         Ok(())
     }
 
+    /// The fields of `new` that differ from these and only take effect at
+    /// a restart (listeners, pools, logs, tracing). Every other field is
+    /// per service, and applies when a static file is re-read.
+    pub fn restart_only_changes(&self, new: &Settings) -> Vec<&'static str> {
+        let mut out = Vec::new();
+        let mut differs = |name, changed: bool| {
+            if changed {
+                out.push(name);
+            }
+        };
+        differs("connectTimeout", self.connect_timeout != new.connect_timeout);
+        differs("poolIdleTimeout", self.pool_idle_timeout != new.pool_idle_timeout);
+        differs(
+            "poolMaxIdlePerTarget",
+            self.pool_max_idle_per_target != new.pool_max_idle_per_target,
+        );
+        differs("accessLog", self.access_log != new.access_log);
+        differs("drainTimeout", self.drain_timeout != new.drain_timeout);
+        differs("otlpEndpoint", self.otlp_endpoint != new.otlp_endpoint);
+        differs("onDemandTimeout", self.on_demand_timeout != new.on_demand_timeout);
+        out
+    }
+
     pub fn balancer(&self) -> BalancerPolicy {
         BalancerPolicy {
             failover_threshold: self.failover_threshold,
@@ -265,6 +292,11 @@ pub struct ProxyFile {
     pub bundles: Option<BTreeMap<String, PathBuf>>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub services: Vec<ServiceFile>,
+    /// Global traffic policies (the resource `fedmesh apply` takes), for a
+    /// proxy without a controller: each applies to its service, the
+    /// default (`service: "*"`) to every service.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub policies: Vec<GlobalTrafficPolicy>,
     #[serde(default)]
     pub settings: Settings,
 }
@@ -400,10 +432,16 @@ impl ConfigFile for ProxyFile {
     fn check(self, read: &dyn Fn(&Path) -> Result<Vec<u8>, String>) -> Result<ProxyConfig, String> {
         let common = common(&self)?;
         match self.controller {
+            Some(_) if !self.policies.is_empty() => Err(
+                "policies: come from the controller when `controller` is set (`fedmesh apply`); remove them".into(),
+            ),
             Some(c) => discovery(common, c, self.identity, self.bundles, self.services, &read)
                 .map(|c| ProxyConfig::Discovery(Box::new(c))),
-            None => parse_static(common, self.identity, self.bundles, self.services, &read)
-                .map(|c| ProxyConfig::Static(Box::new(c))),
+            None => {
+                let policies = check_policies(&self.policies)?;
+                parse_static(common, self.identity, self.bundles, self.services, &policies, &read)
+                    .map(|c| ProxyConfig::Static(Box::new(c)))
+            }
         }
     }
 }
@@ -528,11 +566,38 @@ fn subscription(
     Ok((Scope::Listed, subscribe))
 }
 
+/// The policies of a static file, each checked, by service ("*" for the
+/// default).
+fn check_policies(policies: &[GlobalTrafficPolicy]) -> Result<BTreeMap<String, PolicySpec>, String> {
+    for (i, p) in policies.iter().enumerate() {
+        p.validate().map_err(|e| format!("policies[{i}].{e}"))?;
+    }
+    fedmesh_api::policy::check_set(policies.iter().map(|p| (p.metadata.name.as_str(), &p.spec)))
+        .map_err(|e| format!("policies: {e}"))?;
+    Ok(policies
+        .iter()
+        .map(|p| (p.spec.service.clone(), p.spec.clone()))
+        .collect())
+}
+
+/// A service's effective policy in a static file: its own over the default.
+fn effective(policies: &BTreeMap<String, PolicySpec>, key: &ServiceKey) -> Option<PolicySpec> {
+    let own = policies.get(&key.to_string());
+    let default = policies.get(fedmesh_api::policy::DEFAULT_SERVICE);
+    match (own, default) {
+        (Some(p), Some(d)) => Some(p.over(d)),
+        (Some(p), None) => Some(p.clone()),
+        (None, Some(d)) => Some(d.clone()),
+        (None, None) => None,
+    }
+}
+
 fn parse_static(
     common: Common,
     identity: Option<IdentityFiles>,
     bundle_files: Option<BTreeMap<String, PathBuf>>,
     services: Vec<ServiceFile>,
+    policies: &BTreeMap<String, PolicySpec>,
     read: &impl Fn(&Path) -> Result<Vec<u8>, String>,
 ) -> Result<StaticConfig, String> {
     let mut bundles = BundleSet::new();
@@ -607,17 +672,17 @@ fn parse_static(
                 "{at}.remote: remote clusters need a local gateway; list its egress under `gateways`"
             ));
         }
-        let failover = match s.failover {
-            Some(f) => {
-                f.validate().map_err(|e| format!("{at}.failover.{e}"))?;
-                f
-            }
-            None => common.settings.failover.clone(),
-        };
+        // The service's own `failover` over the settings, its policy over both.
+        let mut settings = common.settings.clone();
+        if let Some(f) = s.failover {
+            f.validate().map_err(|e| format!("{at}.failover.{e}"))?;
+            settings.failover = f;
+        }
+        let policy = ServicePolicy::resolve(&settings, effective(policies, &s.name).as_ref());
         specs.push(ServiceSpec {
             key: s.name,
             port: s.port,
-            failover,
+            policy: Arc::new(policy),
             local: listed.endpoints,
             remote,
         });

@@ -5,15 +5,18 @@
 
 use fedmesh_discovery::MeshState;
 
-use crate::locality::FailoverOrder;
+use std::sync::Arc;
+
+use crate::config::Settings;
+use crate::policy::ServicePolicy;
 use crate::table::{RemoteCluster, ServiceSpec};
 
-/// The services `m` describes, for a proxy in `cluster`, each ordered by
-/// `failover` (the discovery API carries no per-service policy yet).
+/// The services `m` describes, for a proxy in `cluster`, each under its
+/// traffic policy over `settings`.
 pub fn services(
     cluster: &str,
     m: &MeshState,
-    failover: &FailoverOrder,
+    settings: &Settings,
 ) -> Result<Vec<ServiceSpec>, String> {
     if m.cluster != cluster {
         return Err(format!(
@@ -24,9 +27,10 @@ pub fn services(
     let mut out = Vec::with_capacity(m.services.len());
     for (key, s) in &m.services {
         // `MeshState` holds only services that passed `check_service`.
-        let (Ok(ports), Ok(local)) = (
+        let (Ok(ports), Ok(local), Ok(policy)) = (
             fedmesh_discovery::service_ports(s),
             fedmesh_discovery::local_endpoints(s),
+            fedmesh_discovery::service_policy(s),
         ) else {
             continue;
         };
@@ -52,7 +56,7 @@ pub fn services(
             port,
             local,
             remote,
-            failover: failover.clone(),
+            policy: Arc::new(ServicePolicy::resolve(settings, policy.as_ref())),
         });
     }
     Ok(out)
@@ -103,6 +107,7 @@ mod tests {
                     ..Default::default()
                 }],
                 exported: false,
+                policy: None,
             },
         );
         m
@@ -110,20 +115,20 @@ mod tests {
 
     #[test]
     fn a_mesh_becomes_specs_and_an_unverified_cluster_keeps_its_capacity() {
-        let s = services("aws", &mesh(true), &FailoverOrder::Locality).unwrap();
+        let s = services("aws", &mesh(true), &Settings::default()).unwrap();
         assert_eq!(s[0].port, 8080);
         assert_eq!(s[0].local[0].address.to_string(), "127.0.1.10:8080");
         assert_eq!((s[0].remote[0].healthy, s[0].remote[0].total), (3, 5));
         // Static stability: a lapsed liveness key never zeroes a cluster;
         // the data plane's own signals decide.
-        let s = services("aws", &mesh(false), &FailoverOrder::Locality).unwrap();
+        let s = services("aws", &mesh(false), &Settings::default()).unwrap();
         assert_eq!((s[0].remote[0].healthy, s[0].remote[0].total), (3, 5));
     }
 
     #[test]
     fn an_update_for_another_cluster_is_refused_whole() {
         assert!(
-            services("gcp", &mesh(true), &FailoverOrder::Locality)
+            services("gcp", &mesh(true), &Settings::default())
                 .unwrap_err()
                 .contains("serves cluster")
         );

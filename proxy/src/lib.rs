@@ -36,6 +36,7 @@ pub mod locality;
 pub mod metrics;
 pub mod outlier;
 pub mod pick;
+pub mod policy;
 pub mod runtime;
 pub mod table;
 pub mod tcp;

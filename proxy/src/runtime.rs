@@ -16,6 +16,7 @@ use crate::config::{Me, Settings};
 use crate::http::Pool;
 use crate::limits::Breakers;
 use crate::metrics::Metrics;
+use crate::policy::ServicePolicy;
 use crate::table::{Routable, Table, TargetKey};
 use crate::upstream::Connector;
 
@@ -24,6 +25,8 @@ use crate::upstream::Connector;
 pub struct ServiceState {
     lb: Mutex<Lb>,
     pub breakers: Breakers,
+    /// The policy this state was built for.
+    policy: Arc<ServicePolicy>,
 }
 
 #[derive(Debug)]
@@ -78,21 +81,30 @@ impl Shared {
         }
     }
 
-    /// The balancing state of `key`, created on first use and kept across
-    /// table updates so that ejections and latency survive them.
-    pub fn state(&self, key: &ServiceKey) -> Arc<ServiceState> {
-        lock(&self.states)
-            .entry(key.clone())
-            .or_insert_with(|| {
-                Arc::new(ServiceState {
-                    lb: Mutex::new(Lb {
-                        balancer: Balancer::new(self.settings.balancer()),
-                        budget: RetryBudget::new(self.settings.budget(), Instant::now().into_std()),
-                    }),
-                    breakers: Breakers::new(self.settings.limits()),
-                })
-            })
-            .clone()
+    /// The balancing state of `svc`, created on first use and kept across
+    /// table updates so that ejections and latency survive them, until the
+    /// service's policy changes: then it is built anew, for that service
+    /// alone (requests in flight finish on the state they began with).
+    pub fn state(&self, svc: &Routable) -> Arc<ServiceState> {
+        let mut states = lock(&self.states);
+        if let Some(s) = states.get(&svc.key)
+            && s.policy == svc.policy
+        {
+            return s.clone();
+        }
+        let p = &svc.policy;
+        let mut balancer = p.balancer.clone();
+        balancer.weights = p.weights.iter().map(|(_, w)| *w).collect();
+        let state = Arc::new(ServiceState {
+            lb: Mutex::new(Lb {
+                balancer: Balancer::new(balancer),
+                budget: RetryBudget::new(p.budget.clone(), Instant::now().into_std()),
+            }),
+            breakers: Breakers::new(p.limits.clone()),
+            policy: p.clone(),
+        });
+        states.insert(svc.key.clone(), state.clone());
+        state
     }
 
     /// Forgets the state of services the table no longer has.
@@ -108,6 +120,7 @@ impl ServiceState {
         let now = Instant::now().into_std();
         let draw = Draw {
             level: fastrand::f64(),
+            weight: fastrand::f64(),
             a: fastrand::usize(..),
             b: fastrand::usize(..),
         };

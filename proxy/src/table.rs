@@ -14,7 +14,8 @@ use std::sync::Arc;
 use fedmesh_api::{Endpoint, ServiceKey};
 
 use crate::balancer::Target;
-use crate::locality::{FailoverOrder, Level, Locality};
+use crate::locality::{Level, Locality};
+use crate::policy::ServicePolicy;
 
 /// Where an attempt goes.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -55,29 +56,31 @@ pub struct RemoteCluster {
 }
 
 /// One service as configured or discovered.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ServiceSpec {
     pub key: ServiceKey,
     /// The port remote clusters serve it on (named in `TunnelOpen`).
     pub port: u16,
     pub local: Vec<Endpoint>,
     pub remote: Vec<RemoteCluster>,
-    /// How its targets are ordered into priorities.
-    pub failover: FailoverOrder,
+    /// Its knobs: the proxy's settings under its traffic policy (failover
+    /// order, weights, routes, timeouts, retries, outliers, limits).
+    pub policy: Arc<ServicePolicy>,
 }
 
 /// One service's targets, ready for the balancer.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Routable {
     pub key: ServiceKey,
     pub port: u16,
     pub targets: Vec<Target<TargetKey>>,
     /// Zone of each local endpoint, for metrics and access logs.
     pub zones: HashMap<SocketAddr, String>,
+    pub policy: Arc<ServicePolicy>,
 }
 
 /// Every service this proxy can route to.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Table {
     pub cluster: String,
     pub services: HashMap<ServiceKey, Arc<Routable>>,
@@ -105,6 +108,14 @@ impl Table {
 fn routable(cluster: &str, me: &Locality, s: &ServiceSpec) -> Routable {
     let mut targets = Vec::with_capacity(s.local.len() + s.remote.len());
     let mut zones = HashMap::new();
+    let failover = &s.policy.failover;
+    let group = |c: &str| {
+        s.policy
+            .weights
+            .iter()
+            .position(|(w, _)| w == c)
+            .and_then(|g| u16::try_from(g).ok())
+    };
     for e in &s.local {
         // Local endpoints share our cloud and region; only the zone differs.
         let level = if e.zone == me.zone {
@@ -114,9 +125,10 @@ fn routable(cluster: &str, me: &Locality, s: &ServiceSpec) -> Routable {
         };
         targets.push(Target {
             key: TargetKey::Local(e.address),
-            priority: s.failover.priority(cluster, cluster, level),
+            priority: failover.priority(cluster, cluster, level),
             healthy: u64::from(e.healthy),
             total: 1,
+            group: group(cluster),
         });
         zones.insert(e.address, e.zone.clone());
     }
@@ -130,10 +142,11 @@ fn routable(cluster: &str, me: &Locality, s: &ServiceSpec) -> Routable {
         let level = me.level_of(&there).max(Level::Region);
         targets.push(Target {
             key: TargetKey::Remote(r.cluster.clone()),
-            priority: s.failover.priority(cluster, &r.cluster, level),
+            priority: failover.priority(cluster, &r.cluster, level),
             healthy: r.healthy,
             // A summary racing its own update may say healthy > total.
             total: r.total.max(r.healthy),
+            group: group(&r.cluster),
         });
     }
     Routable {
@@ -141,6 +154,7 @@ fn routable(cluster: &str, me: &Locality, s: &ServiceSpec) -> Routable {
         port: s.port,
         targets,
         zones,
+        policy: s.policy.clone(),
     }
 }
 
@@ -166,6 +180,7 @@ pub fn service_of_host(host: &str) -> Option<ServiceKey> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::locality::FailoverOrder;
 
     fn me() -> Locality {
         Locality {
@@ -240,7 +255,7 @@ mod tests {
                     total: 9,
                 },
             ],
-            failover: FailoverOrder::Locality,
+            policy: Arc::new(ServicePolicy::of(&crate::config::Settings::default())),
         };
         let t = Table::build("aws", &me(), &[spec]);
         let r = t.by_host("cart.shop").unwrap();
@@ -272,6 +287,10 @@ mod tests {
             total: healthy,
         };
         let spec = |failover| ServiceSpec {
+            policy: Arc::new(ServicePolicy {
+                failover,
+                ..ServicePolicy::of(&crate::config::Settings::default())
+            }),
             key: ServiceKey::new("shop", "cart"),
             port: 8080,
             local: vec![Endpoint {
@@ -281,7 +300,6 @@ mod tests {
             }],
             // gcp has more capacity; by locality both are "other".
             remote: vec![remote("gcp", 9), remote("azure", 1)],
-            failover,
         };
         let picks = |failover| {
             let t = Table::build("aws", &me(), &[spec(failover)]);
@@ -292,6 +310,7 @@ mod tests {
                 .map(|i| {
                     let draw = Draw {
                         level: f64::from(i) / 100.0,
+                        weight: 0.5,
                         a: i as usize,
                         b: 7 * i as usize,
                     };

@@ -53,7 +53,7 @@ async fn proxy(shared: &Shared, key: &ServiceKey, mut down: TcpStream) {
         tracing::warn!(service = %key, "no such service (yet); closing the connection");
         return outcome("", "unknown_service");
     };
-    let state = shared.state(key);
+    let state = shared.state(&svc);
     let Ok(_slot) = state.breakers.connection() else {
         return outcome("", "overloaded");
     };
@@ -61,7 +61,7 @@ async fn proxy(shared: &Shared, key: &ServiceKey, mut down: TcpStream) {
         retries: 0,
         per_try_timeout: None,
     };
-    let deadline = Instant::now() + shared.settings.request_timeout;
+    let deadline = Instant::now() + svc.policy.request_timeout;
     let mut attempts = Attempts::new(deadline.into_std(), policy, Replay::STREAM);
     let (target, mut up) = loop {
         let now = Instant::now();

@@ -38,7 +38,7 @@ fn spec(name: &str, endpoints: &[SocketAddr]) -> ServiceSpec {
             })
             .collect(),
         remote: vec![],
-        failover: Default::default(),
+        policy: std::sync::Arc::new(fedmesh_proxy::policy::ServicePolicy::of(&Default::default())),
     }
 }
 

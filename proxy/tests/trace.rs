@@ -115,7 +115,7 @@ async fn a_request_is_a_span_under_the_callers_trace_and_the_backends_parent() {
             healthy: true,
         }],
         remote: vec![],
-        failover: Default::default(),
+        policy: std::sync::Arc::new(fedmesh_proxy::policy::ServicePolicy::of(&Default::default())),
     };
     let (_t, table) = watch::channel(Arc::new(Table::build("aws", &common.me.locality, &[spec])));
     let (_s, svid) = watch::channel(Arc::new(d.workload_svid("shop", "web")));

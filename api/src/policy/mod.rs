@@ -93,14 +93,6 @@ pub struct PolicySpec {
     /// the service itself.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub routes: Option<Vec<Route>>,
-    /// Connecting to an endpoint or opening a tunnel. Default: 1s.
-    #[serde(
-        default,
-        with = "humantime_serde",
-        skip_serializing_if = "Option::is_none"
-    )]
-    #[schemars(with = "Option<String>")]
-    pub connect_timeout: Option<Duration>,
     /// The whole request, retries included, until the response headers.
     /// Default: 15s.
     #[serde(
@@ -350,7 +342,6 @@ impl PolicySpec {
         }
         for (name, d) in [
             ("failbackHold", self.failback_hold),
-            ("connectTimeout", self.connect_timeout),
             ("requestTimeout", self.request_timeout),
             ("perTryTimeout", self.per_try_timeout),
         ] {
@@ -445,7 +436,6 @@ impl PolicySpec {
             weights: pick(&self.weights, &default.weights),
             // The default has none.
             routes: self.routes.clone(),
-            connect_timeout: self.connect_timeout.or(default.connect_timeout),
             request_timeout: self.request_timeout.or(default.request_timeout),
             per_try_timeout: self.per_try_timeout.or(default.per_try_timeout),
             retries: self.retries.or(default.retries),

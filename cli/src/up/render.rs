@@ -173,6 +173,7 @@ pub fn proxy(
         identity: None,
         bundles: None,
         services: Vec::new(),
+        policies: Vec::new(),
         settings,
     }
 }

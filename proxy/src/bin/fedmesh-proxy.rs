@@ -12,7 +12,7 @@ use clap::Parser;
 use fedmesh_dataplane::process::{duration_arg, init_logs, shutdown_signal};
 use fedmesh_dataplane::{ConfigSource, Snapshot};
 use fedmesh_proxy::Proxy;
-use fedmesh_proxy::config::{AccessLog, Me, ProxyConfig, StaticConfig};
+use fedmesh_proxy::config::{AccessLog, Me, ProxyConfig, Settings, StaticConfig};
 use fedmesh_proxy::table::Table;
 
 #[derive(Parser)]
@@ -71,8 +71,9 @@ async fn run(args: Args, config: ProxyConfig) -> anyhow::Result<()> {
     let (source, on_demand) = match config {
         ProxyConfig::Static(first) => {
             let me = common.me.clone();
+            let started = common.settings.clone();
             let first = snapshot(&me, *first);
-            let load = move |p: &Path| reload(&me, p);
+            let load = move |p: &Path| reload(&me, &started, p);
             (
                 ConfigSource::file(args.config.clone(), args.reload_interval, first, load),
                 false,
@@ -81,7 +82,7 @@ async fn run(args: Args, config: ProxyConfig) -> anyhow::Result<()> {
         ProxyConfig::Discovery(c) => {
             tracing::info!(controller = %c.access.address, "getting services from the controller");
             let me = common.me.clone();
-            let failover = common.settings.failover.clone();
+            let settings = common.settings.clone();
             let policy = fedmesh_discovery::ClientPolicy {
                 scope: c.scope,
                 subscribe: c.subscribe.clone(),
@@ -92,7 +93,7 @@ async fn run(args: Args, config: ProxyConfig) -> anyhow::Result<()> {
                 c.bootstrap.clone(),
                 policy,
                 move |m, _| {
-                    let specs = fedmesh_proxy::discovered::services(&me.cluster, m, &failover)?;
+                    let specs = fedmesh_proxy::discovered::services(&me.cluster, m, &settings)?;
                     Ok(Table::build(&me.cluster, &me.locality, &specs))
                 },
             )
@@ -151,15 +152,19 @@ fn snapshot(me: &Me, c: StaticConfig) -> Snapshot<Table> {
     }
 }
 
-/// A static config re-read. Only services, SVID and bundles change a
-/// running proxy.
-fn reload(me: &Me, path: &Path) -> Result<Snapshot<Table>, String> {
+/// A static config re-read: services, their policies and the per-service
+/// settings apply at once; what takes a restart is said so.
+fn reload(me: &Me, started: &Settings, path: &Path) -> Result<Snapshot<Table>, String> {
     match ProxyConfig::load(path).map_err(|e| e.to_string())? {
         ProxyConfig::Static(c) => {
             if c.common.me != *me {
                 tracing::warn!(
                     "cluster, trust domain and locality changes take effect only at restart"
                 );
+            }
+            let pending = started.restart_only_changes(&c.common.settings);
+            if !pending.is_empty() {
+                tracing::warn!(fields = ?pending, "settings changed that take effect only at restart; the rest of the file applies now");
             }
             Ok(snapshot(me, *c))
         }

@@ -83,13 +83,35 @@ async fn find_service(shared: &Shared, authority: &str) -> Option<Arc<Routable>>
     if let Some(svc) = shared.table.borrow().by_host(authority) {
         return Some(svc.clone());
     }
+    find_key(shared, crate::table::service_of_host(authority)?).await
+}
+
+async fn find_key(shared: &Shared, key: fedmesh_api::ServiceKey) -> Option<Arc<Routable>> {
+    if let Some(svc) = shared.table.borrow().services.get(&key) {
+        return Some(svc.clone());
+    }
     let on_demand = shared.on_demand.as_ref()?;
-    let key = crate::table::service_of_host(authority)?;
     on_demand
         .request(key.clone(), shared.settings.on_demand_timeout)
         .await;
     // The discovery client publishes the new table before it answers.
     shared.table.borrow().services.get(&key).cloned()
+}
+
+/// Where the service's routes send this request: another service (a
+/// canary, a version), or the service itself.
+async fn routed(shared: &Shared, svc: Arc<Routable>, req: &Request<Incoming>) -> Option<Arc<Routable>> {
+    if svc.policy.routes.is_empty() {
+        return Some(svc);
+    }
+    let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
+    match svc
+        .policy
+        .route(req.method().as_str(), req.uri().path(), header, fastrand::f64())
+    {
+        Some(dest) if dest != svc.key => find_key(shared, dest).await,
+        _ => Some(svc),
+    }
 }
 
 fn authority_of(req: &Request<Incoming>) -> String {
@@ -116,7 +138,15 @@ pub async fn handle(shared: &Shared, mut req: Request<Incoming>) -> Response<Bod
             format!("fedmesh: no service is named by host {authority:?}\n"),
         );
     };
-    let state = shared.state(&svc.key);
+    let Some(svc) = routed(shared, svc, &req).await else {
+        count(shared, "", "", "", "unknown_service", started);
+        return local_reply(
+            StatusCode::NOT_FOUND,
+            "unknown-service",
+            format!("fedmesh: {authority:?}: a route names a service that does not exist\n"),
+        );
+    };
+    let state = shared.state(&svc);
     let service = svc.key.to_string();
     let _pending = match state.breakers.pending() {
         Ok(slot) => slot,
@@ -144,10 +174,10 @@ pub async fn handle(shared: &Shared, mut req: Request<Incoming>) -> Response<Bod
         span,
         started,
     };
-    let settings = &shared.settings;
+    let knobs = &svc.policy;
     let policy = AttemptPolicy {
-        retries: settings.retries,
-        per_try_timeout: settings.per_try_timeout,
+        retries: knobs.retries,
+        per_try_timeout: knobs.per_try_timeout,
     };
     let forward = Forward {
         shared,
@@ -161,7 +191,7 @@ pub async fn handle(shared: &Shared, mut req: Request<Incoming>) -> Response<Bod
         parts,
         body: (!replay.bodiless).then_some(body),
         attempts: Attempts::new(
-            (started + settings.request_timeout).into_std(),
+            (started + knobs.request_timeout).into_std(),
             policy,
             replay,
         ),
@@ -323,7 +353,7 @@ impl Forward<'_> {
                 "timeout",
                 format!(
                     "fedmesh: {service}: no response within the request timeout ({} ms)",
-                    self.shared.settings.request_timeout.as_millis()
+                    self.svc.policy.request_timeout.as_millis()
                 ),
             ),
             (Ending::LastTimedOut, Some(l)) => {
