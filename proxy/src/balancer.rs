@@ -508,4 +508,52 @@ mod tests {
         b.cancelled(&"a1");
         assert_eq!(b.choose(&t, &[], draw, t0), Some("a1"));
     }
+
+    #[test]
+    fn weights_split_steady_traffic_and_a_failed_cluster_gives_its_share_back_by_failover() {
+        // Our zone (group 0, weight 90) and gcp (group 1, weight 10);
+        // azure is unweighted: it only takes failover.
+        let mut t = fleet();
+        for x in t.iter_mut() {
+            x.group = match x.key {
+                "a1" | "a2" | "b1" | "b2" => Some(0),
+                "gcp" => Some(1),
+                _ => None,
+            };
+        }
+        let policy = BalancerPolicy {
+            weights: vec![90, 10],
+            ..BalancerPolicy::default()
+        };
+        let mut b = Balancer::new(policy);
+        let t0 = Instant::now();
+        let share = |b: &mut Balancer<&'static str>, t: &[Target<&'static str>], now| {
+            let n = 1000;
+            let mut counts: HashMap<&str, usize> = HashMap::new();
+            for i in 0..n {
+                let draw = Draw {
+                    level: (i * 7 % n) as f64 / n as f64,
+                    weight: i as f64 / n as f64,
+                    a: i * 7,
+                    b: i * 13,
+                };
+                *counts.entry(b.choose(t, &[], draw, now).unwrap()).or_default() += 1;
+            }
+            counts
+        };
+        let c = share(&mut b, &t, t0);
+        assert_eq!(c.get("gcp").copied().unwrap_or(0), 100, "{c:?}");
+        assert_eq!(c.get("azure"), None, "unweighted clusters get no steady share");
+        // gcp fails: its share goes where failover sends it (our zone).
+        t.iter_mut().find(|x| x.key == "gcp").unwrap().healthy = 0;
+        let c = share(&mut b, &t, t0 + S);
+        assert_eq!(c.get("gcp"), None, "{c:?}");
+        assert_eq!(c.values().sum::<usize>(), 1000);
+        // Back, but not before the failback hold.
+        t.iter_mut().find(|x| x.key == "gcp").unwrap().healthy = 6;
+        let c = share(&mut b, &t, t0 + 2 * S);
+        assert_eq!(c.get("gcp"), None, "held back: {c:?}");
+        let c = share(&mut b, &t, t0 + 40 * S);
+        assert_eq!(c.get("gcp").copied().unwrap_or(0), 100, "{c:?}");
+    }
 }
