@@ -52,16 +52,41 @@ pub async fn accept(
     }
 }
 
+/// A JSON page of the admin port (`/clients`, say), rendered per request.
+pub type JsonPage = (&'static str, Arc<dyn Fn() -> String + Send + Sync>);
+
 /// Serves the admin endpoints on `listener` until the task is dropped.
 pub async fn serve(listener: TcpListener, registry: Arc<Registry>, ready: Readiness) {
+    serve_with(listener, registry, ready, Vec::new()).await
+}
+
+/// [`serve`], with JSON pages of the caller's.
+pub async fn serve_with(
+    listener: TcpListener,
+    registry: Arc<Registry>,
+    ready: Readiness,
+    pages: Vec<JsonPage>,
+) {
     let stats = AcceptStats::default();
+    let pages = Arc::new(pages);
     loop {
         let (tcp, _) = accept(&listener, "admin", &stats).await;
-        let (registry, ready) = (registry.clone(), ready.clone());
+        let (registry, ready, pages) = (registry.clone(), ready.clone(), pages.clone());
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                let (registry, ready) = (registry.clone(), ready.clone());
-                async move { Ok::<_, Infallible>(route(req.uri().path(), &registry, &*ready)) }
+                let (registry, ready, pages) = (registry.clone(), ready.clone(), pages.clone());
+                async move {
+                    let path = req.uri().path();
+                    if let Some((_, page)) = pages.iter().find(|(p, _)| *p == path) {
+                        let mut r = text(StatusCode::OK, page());
+                        r.headers_mut().insert(
+                            hyper::header::CONTENT_TYPE,
+                            hyper::header::HeaderValue::from_static("application/json"),
+                        );
+                        return Ok::<_, Infallible>(r);
+                    }
+                    Ok::<_, Infallible>(route(path, &registry, &*ready))
+                }
             });
             let io = hyper_util::rt::TokioIo::new(tcp);
             let _ = hyper::server::conn::http1::Builder::new()

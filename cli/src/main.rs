@@ -52,6 +52,13 @@ enum Command {
         what: GetWhat,
         /// One policy, by name (with `policies`).
         name: Option<String>,
+        /// With `proxies`: a controller's admin address, as CLUSTER=ADDR
+        /// (repeat). Default: every controller `fedmesh up` runs.
+        #[arg(long = "controller-admin", value_parser = cluster_addr)]
+        controller_admin: Vec<(String, std::net::SocketAddr)>,
+        /// With `proxies`: the `fedmesh up` state directory.
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
         /// Output format.
         #[arg(short, long, default_value = "table")]
         output: Output,
@@ -296,6 +303,15 @@ enum DeregisterWhat {
     },
 }
 
+/// `CLUSTER=ADDR`.
+fn cluster_addr(s: &str) -> Result<(String, std::net::SocketAddr), String> {
+    let (c, a) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not CLUSTER=ADDR"))?;
+    let addr = a.parse().map_err(|e| format!("{a:?}: {e}"))?;
+    Ok((c.to_owned(), addr))
+}
+
 /// A duration as people write it: `500ms`, `2s`.
 fn duration_arg(s: &str) -> Result<std::time::Duration, String> {
     humantime_serde::re::humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e}"))
@@ -342,7 +358,27 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             name,
             output,
             etcd,
+            ..
         } => cmd::policy::get(name.as_deref(), output, &etcd).await,
+        Command::Get {
+            what: GetWhat::Proxies,
+            output,
+            etcd,
+            controller_admin,
+            state_dir,
+            ..
+        } => {
+            let admins = if controller_admin.is_empty() {
+                let s = up::State::load(&up::find_state_dir(state_dir)?)?;
+                s.clusters
+                    .iter()
+                    .filter_map(|c| Some((c.name.clone(), c.controller.admin?)))
+                    .collect()
+            } else {
+                controller_admin
+            };
+            cmd::proxies::get(&admins, output, &etcd).await
+        }
         Command::Get {
             what,
             name: Some(name),
@@ -353,6 +389,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             name: None,
             output,
             etcd,
+            ..
         } => get(what, output, &etcd).await,
         Command::Apply {
             files,

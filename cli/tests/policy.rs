@@ -243,7 +243,10 @@ async fn a_concurrent_change_is_refused_not_overwritten() {
     let mut other = fedmesh_zone::GlobalZone::new(client, fedmesh_api::KeySpace::default());
     let theirs = other.policies().await.unwrap();
     other
-        .write_policies(&theirs, &[fedmesh_zone::PolicyChange::Put(Box::new(p("1")))])
+        .write_policies(
+            &theirs,
+            &[fedmesh_zone::PolicyChange::Put(Box::new(p("1")))],
+        )
         .await
         .unwrap();
     let e = zone

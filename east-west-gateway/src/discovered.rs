@@ -4,10 +4,10 @@
 //! its own cluster exports (plus the peers and bundles), so its memory does
 //! not grow with other clusters' services.
 
+use fedmesh_api::policy::PolicySpec;
 use fedmesh_api::validate_label;
 use fedmesh_discovery::{ClientError, ClientPolicy, Discovered, MeshState};
 use fedmesh_proto::discovery::v1 as pb;
-use fedmesh_api::policy::PolicySpec;
 use fedmesh_trust::{BundleSet, SpiffeId, TrustDomain};
 
 use crate::config::DiscoveryConfig;

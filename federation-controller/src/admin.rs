@@ -141,6 +141,7 @@ impl Collector for ControllerMetrics {
 /// taking connections.
 pub async fn serve(listener: TcpListener, metrics: Arc<ControllerMetrics>, snapshots: Snapshots) {
     let discovery = metrics.discovery.clone();
+    let discovery_for_pages = metrics.discovery.clone();
     let mut registry = Registry::default();
     registry.register_collector(Box::new(metrics));
     let ready = move || {
@@ -150,5 +151,20 @@ pub async fn serve(listener: TcpListener, metrics: Arc<ControllerMetrics>, snaps
             None => Err("no complete view of the global zone yet".into()),
         }
     };
-    fedmesh_admin::serve(listener, Arc::new(registry), Arc::new(ready)).await
+    let clients = metrics_discovery_clients(&discovery_for_pages);
+    fedmesh_admin::serve_with(
+        listener,
+        Arc::new(registry),
+        Arc::new(ready),
+        vec![("/clients", clients)],
+    )
+    .await
+}
+
+/// `/clients`: every connected proxy and gateway, and what it runs.
+fn metrics_discovery_clients(
+    d: &Arc<crate::discovery::DiscoveryStats>,
+) -> Arc<dyn Fn() -> String + Send + Sync> {
+    let d = d.clone();
+    Arc::new(move || d.clients_json())
 }

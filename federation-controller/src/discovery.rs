@@ -10,7 +10,7 @@
 //! not accept) keeps deltas going: one bad service never costs full resends. Before the controller has a complete view there is no
 //! version at all: streams wait rather than receive an empty mesh.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -259,6 +259,66 @@ pub struct DiscoveryStats {
     /// The gRPC server is running.
     pub serving: AtomicBool,
     pub accept: fedmesh_admin::AcceptStats,
+    /// Every connected proxy and gateway, by stream: what it runs.
+    pub clients: Mutex<BTreeMap<u64, ClientStatus>>,
+    next_client: AtomicU64,
+}
+
+/// One connected client as the controller sees it: config skew is visible
+/// here (`/clients` on the admin port, `fedmesh get proxies`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClientStatus {
+    /// `proxy/<cluster>/<identity>` or `gateway/...`: what the client says.
+    pub node: String,
+    /// Its verified SPIFFE ID.
+    pub identity: String,
+    pub connected_unix_ms: u64,
+    /// The last version sent, and the last one it acknowledged.
+    pub sent_version: String,
+    pub acked_version: String,
+    pub acked_unix_ms: u64,
+    /// Policy name → etcd revision, as of the acknowledged version.
+    pub policies: BTreeMap<String, i64>,
+    /// Services it skipped in its last (partial) ACK, with why.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub skipped: Option<String>,
+    /// Its last NACK, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_nack: Option<String>,
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+impl DiscoveryStats {
+    /// Every connected client, as JSON.
+    pub fn clients_json(&self) -> String {
+        let clients: Vec<ClientStatus> = lock(&self.clients).values().cloned().collect();
+        serde_json::to_string_pretty(&clients).unwrap_or_default()
+    }
+
+    fn client_update(&self, id: u64, f: impl FnOnce(&mut ClientStatus)) {
+        if let Some(c) = lock(&self.clients).get_mut(&id) {
+            f(c);
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn policy_revisions(v: &Versioned) -> BTreeMap<String, i64> {
+    v.inputs
+        .global
+        .policies
+        .iter()
+        .map(|(n, p)| (n.clone(), p.revision))
+        .collect()
 }
 
 impl DiscoveryStats {
@@ -310,12 +370,14 @@ impl DiscoveryService {
 
 type ResponseStream = Pin<Box<dyn Stream<Item = Result<pb::DiscoveryResponse, Status>> + Send>>;
 
-/// Decrements the connected-clients gauge when a stream ends.
-struct Connected(Arc<DiscoveryStats>);
+/// Decrements the connected-clients gauge, and forgets the client, when a
+/// stream ends.
+struct Connected(Arc<DiscoveryStats>, u64);
 
 impl Drop for Connected {
     fn drop(&mut self) {
         self.0.connected.fetch_sub(1, Ordering::Relaxed);
+        lock(&self.0.clients).remove(&self.1);
     }
 }
 
@@ -345,7 +407,16 @@ impl Discovery for DiscoveryService {
         let stats = self.stats.clone();
         let (tx, rx) = mpsc::channel(4);
         stats.connected.fetch_add(1, Ordering::Relaxed);
-        let guard = Connected(stats.clone());
+        let id = stats.next_client.fetch_add(1, Ordering::Relaxed);
+        lock(&stats.clients).insert(
+            id,
+            ClientStatus {
+                identity: peer.to_string(),
+                connected_unix_ms: unix_ms(),
+                ..Default::default()
+            },
+        );
+        let guard = Connected(stats.clone(), id);
         let chunk_bytes = self.chunk_bytes;
         tokio::spawn(async move {
             let _guard = guard;
@@ -353,6 +424,7 @@ impl Discovery for DiscoveryService {
                 return;
             };
             let node = first.node.clone();
+            stats.client_update(id, |c| c.node = node.clone());
             let mut scope = match pb::Scope::try_from(first.scope) {
                 Ok(pb::Scope::Exported) => Scope::Exported,
                 Ok(pb::Scope::Listed) => Scope::Listed {
@@ -396,6 +468,7 @@ impl Discovery for DiscoveryService {
                         return;
                     }
                     last_sent = Some(cur.version_info());
+                    stats.client_update(id, |c| c.sent_version = cur.version_info());
                     base = Some(cur);
                 }
                 tokio::select! {
@@ -415,16 +488,19 @@ impl Discovery for DiscoveryService {
                         }
                         Ok(Some(r)) if r.error_detail.is_empty() => {
                             stats.acks.fetch_add(1, Ordering::Relaxed);
+                            acked(&stats, id, &r, base.as_deref(), None);
                         }
                         Ok(Some(r)) if last_sent.as_deref() == Some(r.version_info.as_str()) => {
                             // A partial ACK: the client holds this version
                             // less the services it names, so deltas go on;
                             // a skipped service is resent when it changes.
                             stats.partial_acks.fetch_add(1, Ordering::Relaxed);
+                            acked(&stats, id, &r, base.as_deref(), Some(r.error_detail.clone()));
                             tracing::warn!(%node, version = %r.version_info, skipped = %r.error_detail, "client skipped services of an update and applied the rest");
                         }
                         Ok(Some(r)) => {
                             stats.nacks.fetch_add(1, Ordering::Relaxed);
+                            stats.client_update(id, |c| c.last_nack = Some(r.error_detail.clone()));
                             // The client kept its last good state, which we
                             // no longer know: the next update goes out whole.
                             base = None;
@@ -491,6 +567,25 @@ impl Discovery for DiscoveryService {
 }
 
 /// A client's subscription entries; malformed ones are logged and skipped.
+/// Records an ACK of `base` (the version last sent), with what it skipped.
+fn acked(
+    stats: &DiscoveryStats,
+    id: u64,
+    r: &pb::DiscoveryRequest,
+    base: Option<&Versioned>,
+    skipped: Option<String>,
+) {
+    let Some(b) = base.filter(|b| b.version_info() == r.version_info) else {
+        return;
+    };
+    stats.client_update(id, |c| {
+        c.acked_version = r.version_info.clone();
+        c.acked_unix_ms = unix_ms();
+        c.policies = policy_revisions(b);
+        c.skipped = skipped;
+    });
+}
+
 fn subscriptions(node: &str, entries: &[String]) -> mesh::Subscribed {
     let (sub, bad) = mesh::parse_subscriptions(entries);
     if !bad.is_empty() {

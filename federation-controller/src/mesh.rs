@@ -747,10 +747,23 @@ mod tests {
         put(
             &mut g,
             ks.policy("cart"),
-            policy("cart", "shop/cart", serde_json::json!({"retries": 0, "export": {"clusters": ["aws"]}})),
+            policy(
+                "cart",
+                "shop/cart",
+                serde_json::json!({"retries": 0, "export": {"clusters": ["aws"]}}),
+            ),
             6,
         );
-        put(&mut g, ks.policy("all"), policy("all", "*", serde_json::json!({"retries": 3, "requestTimeout": "2s"})), 7);
+        put(
+            &mut g,
+            ks.policy("all"),
+            policy(
+                "all",
+                "*",
+                serde_json::json!({"retries": 3, "requestTimeout": "2s"}),
+            ),
+            7,
+        );
         let mut after_cart = g.clone();
         after_cart.policies.remove("all");
         let m1 = inputs(before.local.clone(), &after_cart);
@@ -760,33 +773,58 @@ mod tests {
             "one service's policy touches that service alone"
         );
         let m2 = inputs(before.local.clone(), &g);
-        assert_eq!(changed(&m1, &m2), Changed::All, "the default touches every service");
+        assert_eq!(
+            changed(&m1, &m2),
+            Changed::All,
+            "the default touches every service"
+        );
 
         let cart = m2.render(&ServiceKey::new("shop", "cart")).unwrap();
         let p = cart.policy.unwrap();
         let spec: PolicySpec = serde_json::from_str(&p.spec).unwrap();
         assert_eq!(spec.retries, Some(0), "the service's own value wins");
-        assert_eq!(spec.request_timeout, Some(std::time::Duration::from_secs(2)));
-        let sources: Vec<(String, i64)> = p.sources.iter().map(|s| (s.name.clone(), s.revision)).collect();
+        assert_eq!(
+            spec.request_timeout,
+            Some(std::time::Duration::from_secs(2))
+        );
+        let sources: Vec<(String, i64)> = p
+            .sources
+            .iter()
+            .map(|s| (s.name.clone(), s.revision))
+            .collect();
         assert_eq!(sources, [("cart".to_string(), 6), ("all".to_string(), 7)]);
         // export.clusters: [aws] leaves gcp out as an exporter; we still export.
         assert!(cart.remote.is_empty() && cart.exported);
         let pay = m2.render(&ServiceKey::new("shop", "pay")).unwrap();
         assert_eq!(pay.remote.len(), 1);
-        assert!(pay.policy.unwrap().spec.contains("\"service\":\"shop/pay\""));
+        assert!(
+            pay.policy
+                .unwrap()
+                .spec
+                .contains("\"service\":\"shop/pay\"")
+        );
 
         // A value that parses but fails the checks is refused and reported;
         // the last good one stays.
         put(
             &mut g,
             ks.policy("cart"),
-            policy("cart", "shop/cart", serde_json::json!({"failoverThreshold": 1.5})),
+            policy(
+                "cart",
+                "shop/cart",
+                serde_json::json!({"failoverThreshold": 1.5}),
+            ),
             8,
         );
         assert!(g.invalid[&ks.policy("cart")].contains("failoverThreshold"));
         assert_eq!(g.policies["cart"].revision, 6);
         // A second policy for the same service is refused too.
-        put(&mut g, ks.policy("cart2"), policy("cart2", "shop/cart", serde_json::json!({})), 9);
+        put(
+            &mut g,
+            ks.policy("cart2"),
+            policy("cart2", "shop/cart", serde_json::json!({})),
+            9,
+        );
         assert!(g.invalid[&ks.policy("cart2")].contains("already for"));
         assert!(!g.policies.contains_key("cart2"));
     }

@@ -14,11 +14,11 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
+use fedmesh_api::policy::{GlobalTrafficPolicy, PolicySpec};
 use fedmesh_api::{
     AliveRecord, ClusterRecord, GlobalKey, KeySpace, SeenRecord, ServiceKey, validate_locality,
     validate_ports,
 };
-use fedmesh_api::policy::{GlobalTrafficPolicy, PolicySpec};
 use fedmesh_trust::Bundle;
 use imbl::{OrdMap, OrdSet};
 
@@ -185,7 +185,9 @@ impl GlobalView {
     /// The policy for `service` ("*" for the default): with two (written
     /// around `fedmesh apply`), the first by name, as every controller picks.
     pub fn policy_for(&self, service: &str) -> Option<(&String, &Policy)> {
-        self.policies.iter().find(|(_, p)| p.spec.service == service)
+        self.policies
+            .iter()
+            .find(|(_, p)| p.spec.service == service)
     }
 
     /// A policy for a service another policy already covers is refused

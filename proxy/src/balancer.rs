@@ -181,7 +181,13 @@ impl<K: Hash + Eq + Clone> Balancer<K> {
         let observed = health(&caps, self.policy.failover_threshold);
         let effective = self.groups.update(&observed, now);
         // Shares among the clusters that serve the service at all.
-        let live = |g: usize| if caps[g].total > 0 { f64::from(weights[g]) } else { 0.0 };
+        let live = |g: usize| {
+            if caps[g].total > 0 {
+                f64::from(weights[g])
+            } else {
+                0.0
+            }
+        };
         let total: f64 = (0..weights.len()).map(live).sum();
         if total <= 0.0 {
             return None;
@@ -537,13 +543,19 @@ mod tests {
                     a: i * 7,
                     b: i * 13,
                 };
-                *counts.entry(b.choose(t, &[], draw, now).unwrap()).or_default() += 1;
+                *counts
+                    .entry(b.choose(t, &[], draw, now).unwrap())
+                    .or_default() += 1;
             }
             counts
         };
         let c = share(&mut b, &t, t0);
         assert_eq!(c.get("gcp").copied().unwrap_or(0), 100, "{c:?}");
-        assert_eq!(c.get("azure"), None, "unweighted clusters get no steady share");
+        assert_eq!(
+            c.get("azure"),
+            None,
+            "unweighted clusters get no steady share"
+        );
         // gcp fails: its share goes where failover sends it (our zone).
         t.iter_mut().find(|x| x.key == "gcp").unwrap().healthy = 0;
         let c = share(&mut b, &t, t0 + S);

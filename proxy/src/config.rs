@@ -206,8 +206,14 @@ impl Settings {
                 out.push(name);
             }
         };
-        differs("connectTimeout", self.connect_timeout != new.connect_timeout);
-        differs("poolIdleTimeout", self.pool_idle_timeout != new.pool_idle_timeout);
+        differs(
+            "connectTimeout",
+            self.connect_timeout != new.connect_timeout,
+        );
+        differs(
+            "poolIdleTimeout",
+            self.pool_idle_timeout != new.pool_idle_timeout,
+        );
         differs(
             "poolMaxIdlePerTarget",
             self.pool_max_idle_per_target != new.pool_max_idle_per_target,
@@ -215,7 +221,10 @@ impl Settings {
         differs("accessLog", self.access_log != new.access_log);
         differs("drainTimeout", self.drain_timeout != new.drain_timeout);
         differs("otlpEndpoint", self.otlp_endpoint != new.otlp_endpoint);
-        differs("onDemandTimeout", self.on_demand_timeout != new.on_demand_timeout);
+        differs(
+            "onDemandTimeout",
+            self.on_demand_timeout != new.on_demand_timeout,
+        );
         out
     }
 
@@ -568,7 +577,9 @@ fn subscription(
 
 /// The policies of a static file, each checked, by service ("*" for the
 /// default).
-fn check_policies(policies: &[GlobalTrafficPolicy]) -> Result<BTreeMap<String, PolicySpec>, String> {
+fn check_policies(
+    policies: &[GlobalTrafficPolicy],
+) -> Result<BTreeMap<String, PolicySpec>, String> {
     for (i, p) in policies.iter().enumerate() {
         p.validate().map_err(|e| format!("policies[{i}].{e}"))?;
     }

@@ -120,7 +120,9 @@ impl ServicePolicy {
                         let got = header(name);
                         match want {
                             HeaderMatch::Exact(v) => got == Some(v.as_str()),
-                            HeaderMatch::Prefix(v) => got.is_some_and(|g| g.starts_with(v.as_str())),
+                            HeaderMatch::Prefix(v) => {
+                                got.is_some_and(|g| g.starts_with(v.as_str()))
+                            }
                             HeaderMatch::Present(p) => got.is_some() == *p,
                         }
                     })
@@ -149,7 +151,10 @@ mod tests {
         let text = format!(
             "apiVersion: fedmesh.io/v1\nkind: GlobalTrafficPolicy\nmetadata: {{name: p}}\nspec:\n  service: shop/cart\n{yaml}"
         );
-        fedmesh_api::policy::parse_documents(&text, "t").unwrap().remove(0).spec
+        fedmesh_api::policy::parse_documents(&text, "t")
+            .unwrap()
+            .remove(0)
+            .spec
     }
 
     #[test]
@@ -159,12 +164,17 @@ mod tests {
         assert_eq!(ServicePolicy::resolve(&settings, None), base);
         let p = ServicePolicy::resolve(
             &settings,
-            Some(&spec("  retries: 0\n  requestTimeout: 2s\n  outlier: {consecutiveFailures: 2}\n  maxPendingRequests: 7\n")),
+            Some(&spec(
+                "  retries: 0\n  requestTimeout: 2s\n  outlier: {consecutiveFailures: 2}\n  maxPendingRequests: 7\n",
+            )),
         );
         assert_eq!(p.retries, 0);
         assert_eq!(p.request_timeout, Duration::from_secs(2));
         assert_eq!(p.balancer.outlier.consecutive_failures, 2);
-        assert_eq!(p.balancer.outlier.base_ejection, base.balancer.outlier.base_ejection);
+        assert_eq!(
+            p.balancer.outlier.base_ejection,
+            base.balancer.outlier.base_ejection
+        );
         assert_eq!(p.limits.max_pending, 7);
         assert_eq!(p.limits.max_connections, base.limits.max_connections);
         assert_eq!(p.budget, base.budget);

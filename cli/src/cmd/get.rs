@@ -12,6 +12,9 @@ pub enum GetWhat {
     Bundles,
     /// Global traffic policies (`fedmesh get policies [NAME]`).
     Policies,
+    /// Every connected proxy and gateway: the policies it runs, whether
+    /// they are etcd's current ones, its last NACK.
+    Proxies,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy)]
@@ -132,6 +135,7 @@ pub async fn get(what: GetWhat, output: Output, flags: &EtcdFlags) -> anyhow::Re
             )
         }
         GetWhat::Policies => super::policy::get(None, output, flags).await,
+        GetWhat::Proxies => anyhow::bail!("`get proxies` needs its controllers' admin ports"),
         GetWhat::Bundles => {
             let rows: Vec<BundleRow> = zone
                 .bundles()

@@ -4,6 +4,7 @@
 
 pub mod get;
 pub mod policy;
+pub mod proxies;
 pub mod register;
 pub mod rotate;
 

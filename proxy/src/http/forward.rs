@@ -100,15 +100,21 @@ async fn find_key(shared: &Shared, key: fedmesh_api::ServiceKey) -> Option<Arc<R
 
 /// Where the service's routes send this request: another service (a
 /// canary, a version), or the service itself.
-async fn routed(shared: &Shared, svc: Arc<Routable>, req: &Request<Incoming>) -> Option<Arc<Routable>> {
+async fn routed(
+    shared: &Shared,
+    svc: Arc<Routable>,
+    req: &Request<Incoming>,
+) -> Option<Arc<Routable>> {
     if svc.policy.routes.is_empty() {
         return Some(svc);
     }
     let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
-    match svc
-        .policy
-        .route(req.method().as_str(), req.uri().path(), header, fastrand::f64())
-    {
+    match svc.policy.route(
+        req.method().as_str(),
+        req.uri().path(),
+        header,
+        fastrand::f64(),
+    ) {
         Some(dest) if dest != svc.key => find_key(shared, dest).await,
         _ => Some(svc),
     }
@@ -190,11 +196,7 @@ pub async fn handle(shared: &Shared, mut req: Request<Incoming>) -> Response<Bod
             .map(str::to_owned),
         parts,
         body: (!replay.bodiless).then_some(body),
-        attempts: Attempts::new(
-            (started + knobs.request_timeout).into_std(),
-            policy,
-            replay,
-        ),
+        attempts: Attempts::new((started + knobs.request_timeout).into_std(), policy, replay),
     };
     forward.run(&done, upgrade).await
 }
