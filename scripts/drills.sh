@@ -11,5 +11,5 @@ scripts/setup.sh
 cargo build --release --bins --quiet
 exec "${CARGO_TARGET_DIR:-target}/release/fedmesh" drill \
   service-outage zone-outage ca-rotation cluster-outage cloud-outage gateway-crash \
-  wan-partition controller-crash etcd-outage \
+  wan-partition controller-crash etcd-outage bad-policy \
   --topology topologies/three-clouds.yaml --state-dir .fedmesh/drills-ci "$@"

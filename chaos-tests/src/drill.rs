@@ -208,6 +208,11 @@ pub enum Poison {
     Export(String),
     /// A cluster's trust bundle.
     Bundle(String),
+    /// A global traffic policy of this name: written with a value that
+    /// parses but fails the checks (every service's traffic to one
+    /// cluster, with a failover threshold of 1.5), so that what would move
+    /// traffic if it were taken must be refused.
+    Policy(String),
 }
 
 /// What a drill must show to pass. Unset, a threshold is not judged.
@@ -259,6 +264,7 @@ impl Action {
             }),
             Action::Poison(Poison::Export(p)) => Action::Poison(Poison::Export(r(p))),
             Action::Poison(Poison::Bundle(c)) => Action::Poison(Poison::Bundle(r(c))),
+            Action::Poison(Poison::Policy(n)) => Action::Poison(Poison::Policy(r(n))),
         }
     }
 
@@ -304,6 +310,7 @@ impl std::fmt::Display for Action {
             ),
             Action::Poison(Poison::Export(p)) => write!(f, "poison the export {p}"),
             Action::Poison(Poison::Bundle(c)) => write!(f, "poison the bundle of {c}"),
+            Action::Poison(Poison::Policy(n)) => write!(f, "write the bad policy {n}"),
         }
     }
 }

@@ -79,6 +79,7 @@ pub const SHIPPED: &[(&str, &str)] = &[
         "poisoned-export",
         include_str!("../drills/poisoned-export.yaml"),
     ),
+    ("bad-policy", include_str!("../drills/bad-policy.yaml")),
     (
         "poisoned-bundle",
         include_str!("../drills/poisoned-bundle.yaml"),

@@ -279,6 +279,30 @@ impl UpFederation {
                     .with_context(|| format!("poison.bundle: no cluster {cluster:?}"))?;
                 Ok(ks.bundle(&c.trust_domain))
             }
+            Poison::Policy(name) => {
+                fedmesh_api::validate_label("poison.policy", name)?;
+                Ok(ks.policy(name))
+            }
+        }
+    }
+
+    /// What a poisoning writes: garbage, or (for a policy) a policy that
+    /// parses but would send every service to one cluster with a failover
+    /// threshold no controller accepts.
+    fn poison_value(&self, p: &Poison) -> Vec<u8> {
+        match p {
+            Poison::Policy(name) => {
+                let last = self.state.clusters.last().map_or("", |c| c.name.as_str());
+                serde_json::json!({
+                    "apiVersion": "fedmesh.io/v1",
+                    "kind": "GlobalTrafficPolicy",
+                    "metadata": {"name": name},
+                    "spec": {"service": "*", "weights": {last: 1}, "failoverThreshold": 1.5},
+                })
+                .to_string()
+                .into_bytes()
+            }
+            _ => POISON.to_vec(),
         }
     }
 }
@@ -365,7 +389,7 @@ impl Federation for UpFederation {
                     .kvs()
                     .first()
                     .map(|kv| kv.value().to_vec());
-                etcd.put(key.as_str(), POISON, None).await?;
+                etcd.put(key.as_str(), self.poison_value(p), None).await?;
                 self.poisoned.push((key, before));
                 Ok(())
             }
