@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use fedmesh_api::policy::GlobalTrafficPolicy;
 use fedmesh_api::{ListedEndpoint, LocalService, ServiceKey, validate_label};
 use fedmesh_trust::{Bundle, BundleSet, SpiffeId, Svid, TrustDomain};
 use serde::{Deserialize, Serialize};
@@ -157,6 +158,12 @@ pub struct GatewayFile {
     pub peers: Vec<PeerFile>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub services: Vec<ServiceFile>,
+    /// Global traffic policies, for a gateway without a controller: a
+    /// service's `export.allow` says who may call it (unless the service
+    /// lists `allow` itself), and `export.clusters` without this cluster
+    /// leaves it unexported.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub policies: Vec<GlobalTrafficPolicy>,
     #[serde(default)]
     pub settings: Settings,
 }
@@ -287,6 +294,7 @@ fn discovery(
         (f.bundles.is_some(), "bundles"),
         (!f.peers.is_empty(), "peers"),
         (!f.services.is_empty(), "services"),
+        (!f.policies.is_empty(), "policies"),
     ] {
         if present {
             return Err(format!(
@@ -409,16 +417,31 @@ fn parse_static(
         }
     }
 
+    let policies = fedmesh_api::policy::by_service(&f.policies)?;
     for (i, s) in f.services.into_iter().enumerate() {
         let at = format!("services[{i}]");
         let key: ServiceKey = s.name.parse().map_err(|e| format!("{at}.name: {e}"))?;
+        let policy = fedmesh_api::policy::effective(
+            &s.name,
+            policies.get(&s.name),
+            policies.get(fedmesh_api::policy::DEFAULT_SERVICE),
+        );
+        if policy.as_ref().is_some_and(|p| !p.exported_by(&f.cluster)) {
+            continue; // Its policy's export.clusters leaves this cluster out.
+        }
+        let from_policy = policy.as_ref().and_then(crate::discovered::allow_rules);
+        if s.allow.is_some() && from_policy.is_some() {
+            return Err(format!(
+                "{at}.allow: its policy's export.allow says who may call it too; keep one"
+            ));
+        }
         let at = format!("{at} ({key})");
         validate_label("namespace", &key.namespace).map_err(|e| format!("{at}: {e}"))?;
         validate_label("service name", &key.name).map_err(|e| format!("{at}: {e}"))?;
         let listed =
             LocalService::from_listed(s.ports, s.endpoints).map_err(|e| format!("{at}.{e}"))?;
         let allow = match s.allow {
-            None => None,
+            None => from_policy,
             Some(rules) => {
                 let mut out = Vec::with_capacity(rules.len());
                 for (j, r) in rules.into_iter().enumerate() {
@@ -654,5 +677,51 @@ controller: {address: "127.0.2.2:15010", bundle: own.json, joinTokenFile: token}
             assert!(err.starts_with("gw.yaml: "), "{err}");
             assert!(err.contains(want), "{err:?} should name {want:?}");
         }
+    }
+
+    #[test]
+    fn a_static_file_takes_allow_rules_and_export_clusters_from_policies() {
+        let (yaml, files) = fixture();
+        let policy = |spec: &str| {
+            format!(
+                "policies:\n  - apiVersion: fedmesh.io/v1\n    kind: GlobalTrafficPolicy\n    metadata: {{name: checkout}}\n    spec: {{service: shop/checkout, {spec}}}\nsettings:"
+            )
+        };
+        let own_allow = "    allow: [{cluster: aws-use1}]\n";
+        let without = yaml.replace(own_allow, "");
+        let id = "spiffe://aws.example/ns/shop/sa/web";
+        let with = without.replacen(
+            "settings:",
+            &policy(&format!(
+                "export: {{allow: [{{cluster: aws-use1, identities: [\"{id}\"]}}]}}"
+            )),
+            1,
+        );
+        let c = parse(&with, &files).unwrap();
+        let svc = &c.routes.services[&ServiceKey::new("shop", "checkout")];
+        let rules = svc.allow.as_ref().unwrap();
+        assert_eq!(rules[0].cluster, "aws-use1");
+        assert_eq!(rules[0].identities[0].to_string(), id);
+
+        // export.clusters without this cluster: not exported here.
+        let elsewhere = without.replacen("settings:", &policy("export: {clusters: [aws-use1]}"), 1);
+        assert!(
+            parse(&elsewhere, &files)
+                .unwrap()
+                .routes
+                .services
+                .is_empty()
+        );
+
+        // Both the service and its policy say who may call: refused.
+        let both = yaml.replacen("settings:", &policy("export: {allow: []}"), 1);
+        let err = parse(&both, &files).err().unwrap().to_string();
+        assert!(
+            err.contains("services[0].allow: its policy's export.allow"),
+            "{err}"
+        );
+        let bad = without.replacen("settings:", &policy("retries: 99"), 1);
+        let err = parse(&bad, &files).err().unwrap().to_string();
+        assert!(err.contains("policies[0].spec.retries"), "{err}");
     }
 }

@@ -15,7 +15,7 @@ use fedmesh_api::{LocalService, LocalServices, ServiceKey};
 use fedmesh_proto::discovery::v1 as pb;
 use imbl::ordmap::DiffItem;
 
-use fedmesh_api::policy::{DEFAULT_SERVICE, PolicySpec};
+use fedmesh_api::policy::{DEFAULT_SERVICE, PolicySpec, effective};
 
 use crate::view::{Export, Exporters, GlobalView, Name, Policy};
 
@@ -266,15 +266,11 @@ impl MeshInputs {
             name: name.clone(),
             revision: p.revision,
         };
-        let spec = match (own, default) {
-            (None, None) => return None,
-            (Some((_, p)), None) => (*p.spec).clone(),
-            (None, Some((_, d))) => PolicySpec {
-                service: key.to_string(),
-                ..d.spec.over(&PolicySpec::default())
-            },
-            (Some((_, p)), Some((_, d))) => p.spec.over(&d.spec),
-        };
+        let spec = effective(
+            &key.to_string(),
+            own.map(|(_, p)| &*p.spec),
+            default.map(|(_, p)| &*p.spec),
+        )?;
         Some((spec, own.into_iter().chain(default).map(source).collect()))
     }
 

@@ -23,7 +23,6 @@ use crate::budget::BudgetPolicy;
 use crate::limits::Limits;
 use crate::locality::{DEFAULT_FAILOVER_THRESHOLD, FailoverOrder, Locality};
 use crate::outlier::OutlierPolicy;
-use crate::policy::ServicePolicy;
 use crate::table::{RemoteCluster, ServiceSpec};
 
 /// How the proxy behaves. Every field has a production default.
@@ -447,7 +446,7 @@ impl ConfigFile for ProxyFile {
             Some(c) => discovery(common, c, self.identity, self.bundles, self.services, &read)
                 .map(|c| ProxyConfig::Discovery(Box::new(c))),
             None => {
-                let policies = check_policies(&self.policies)?;
+                let policies = fedmesh_api::policy::by_service(&self.policies)?;
                 parse_static(common, self.identity, self.bundles, self.services, &policies, &read)
                     .map(|c| ProxyConfig::Static(Box::new(c)))
             }
@@ -575,32 +574,14 @@ fn subscription(
     Ok((Scope::Listed, subscribe))
 }
 
-/// The policies of a static file, each checked, by service ("*" for the
-/// default).
-fn check_policies(
-    policies: &[GlobalTrafficPolicy],
-) -> Result<BTreeMap<String, PolicySpec>, String> {
-    for (i, p) in policies.iter().enumerate() {
-        p.validate().map_err(|e| format!("policies[{i}].{e}"))?;
-    }
-    fedmesh_api::policy::check_set(policies.iter().map(|p| (p.metadata.name.as_str(), &p.spec)))
-        .map_err(|e| format!("policies: {e}"))?;
-    Ok(policies
-        .iter()
-        .map(|p| (p.spec.service.clone(), p.spec.clone()))
-        .collect())
-}
-
 /// A service's effective policy in a static file: its own over the default.
 fn effective(policies: &BTreeMap<String, PolicySpec>, key: &ServiceKey) -> Option<PolicySpec> {
-    let own = policies.get(&key.to_string());
-    let default = policies.get(fedmesh_api::policy::DEFAULT_SERVICE);
-    match (own, default) {
-        (Some(p), Some(d)) => Some(p.over(d)),
-        (Some(p), None) => Some(p.clone()),
-        (None, Some(d)) => Some(d.clone()),
-        (None, None) => None,
-    }
+    let service = key.to_string();
+    fedmesh_api::policy::effective(
+        &service,
+        policies.get(&service),
+        policies.get(fedmesh_api::policy::DEFAULT_SERVICE),
+    )
 }
 
 fn parse_static(
@@ -683,17 +664,20 @@ fn parse_static(
                 "{at}.remote: remote clusters need a local gateway; list its egress under `gateways`"
             ));
         }
-        // The service's own `failover` over the settings, its policy over both.
-        let mut settings = common.settings.clone();
+        // The service's own `failover` fills its policy's, when that has none.
+        let mut policy = effective(policies, &s.name);
         if let Some(f) = s.failover {
             f.validate().map_err(|e| format!("{at}.failover.{e}"))?;
-            settings.failover = f;
+            let p = policy.get_or_insert_with(|| PolicySpec {
+                service: s.name.to_string(),
+                ..Default::default()
+            });
+            p.failover.get_or_insert(f);
         }
-        let policy = ServicePolicy::resolve(&settings, effective(policies, &s.name).as_ref());
         specs.push(ServiceSpec {
             key: s.name,
             port: s.port,
-            policy: Arc::new(policy),
+            policy: policy.map(Arc::new),
             local: listed.endpoints,
             remote,
         });
@@ -782,5 +766,72 @@ listen: {http: 127.0.1.5:4140}
         })
         .unwrap_err();
         assert!(e.message.starts_with("locality.zone"), "{e}");
+    }
+
+    #[test]
+    fn a_static_file_carries_policies_and_says_which_settings_need_a_restart() {
+        let d = fedmesh_trust::TrustDomain::new("aws.fedmesh.test").unwrap();
+        let ca = fedmesh_trust::ClusterCa::generate(
+            &d,
+            &fedmesh_trust::CaOptions::default(),
+            std::time::SystemTime::now(),
+        )
+        .unwrap();
+        let id = SpiffeId::workload(&d, "shop", "web").unwrap();
+        let svid = ca
+            .issue(
+                &id,
+                &fedmesh_trust::SvidPolicy::default(),
+                std::time::SystemTime::now(),
+            )
+            .unwrap();
+        let bundle = Bundle::with_roots(d, [ca.cert_der().clone()]).to_document();
+        let files = |p: &Path| -> Result<Vec<u8>, String> {
+            Ok(match p.to_str().unwrap() {
+                "c.pem" => svid.chain_pem().into_bytes(),
+                "k.pem" => svid.key_pem().into_bytes(),
+                _ => bundle.clone().into_bytes(),
+            })
+        };
+        let policy = |name: &str, service: &str, body: &str| {
+            format!(
+                "  - apiVersion: fedmesh.io/v1\n    kind: GlobalTrafficPolicy\n    metadata: {{name: {name}}}\n    spec: {{service: {service}, {body}}}\n"
+            )
+        };
+        let file = format!(
+            "{BASE}identity: {{certificate: c.pem, key: k.pem}}\nbundles: {{aws.fedmesh.test: b.json}}\nservices:\n  - {{name: shop/cart, port: 80, failover: {{clusters: [gcp]}}}}\n  - {{name: shop/pay, port: 81}}\npolicies:\n{}{}",
+            policy("cart", "shop/cart", "retries: 0"),
+            policy("all", "\"*\"", "retries: 4, requestTimeout: 3s"),
+        );
+        let ProxyConfig::Static(c) = ProxyConfig::parse(&file, "p.yaml", &files).unwrap() else {
+            panic!("a static config")
+        };
+        let cart = c.services[0].policy.as_deref().unwrap();
+        assert_eq!(cart.retries, Some(0));
+        assert_eq!(cart.request_timeout, Some(Duration::from_secs(3)));
+        assert_eq!(
+            cart.failover,
+            Some(FailoverOrder::Clusters(vec!["gcp".into()])),
+            "the service's own failover fills the policy's gap"
+        );
+        assert_eq!(c.services[1].policy.as_deref().unwrap().retries, Some(4));
+
+        let bad = file.replace("retries: 0", "retries: 0, failoverThreshold: 2");
+        let e = ProxyConfig::parse(&bad, "p.yaml", &files).unwrap_err();
+        assert!(
+            e.message.contains("policies[0].spec.failoverThreshold"),
+            "{e}"
+        );
+        let two = file.replace("\"*\"", "shop/cart");
+        let e = ProxyConfig::parse(&two, "p.yaml", &files).unwrap_err();
+        assert!(e.message.contains("both for service shop/cart"), "{e}");
+
+        let s = Settings::default();
+        let changed = Settings {
+            retries: 7,
+            access_log: AccessLog::Json,
+            ..Settings::default()
+        };
+        assert_eq!(s.restart_only_changes(&changed), ["accessLog"]);
     }
 }

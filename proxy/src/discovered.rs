@@ -7,17 +7,11 @@ use fedmesh_discovery::MeshState;
 
 use std::sync::Arc;
 
-use crate::config::Settings;
-use crate::policy::ServicePolicy;
 use crate::table::{RemoteCluster, ServiceSpec};
 
-/// The services `m` describes, for a proxy in `cluster`, each under its
-/// traffic policy over `settings`.
-pub fn services(
-    cluster: &str,
-    m: &MeshState,
-    settings: &Settings,
-) -> Result<Vec<ServiceSpec>, String> {
+/// The services `m` describes, for a proxy in `cluster`, each with its
+/// traffic policy.
+pub fn services(cluster: &str, m: &MeshState) -> Result<Vec<ServiceSpec>, String> {
     if m.cluster != cluster {
         return Err(format!(
             "the controller serves cluster {:?}, but this proxy belongs to {cluster:?}",
@@ -56,7 +50,7 @@ pub fn services(
             port,
             local,
             remote,
-            policy: Arc::new(ServicePolicy::resolve(settings, policy.as_ref())),
+            policy: policy.map(Arc::new),
         });
     }
     Ok(out)
@@ -115,20 +109,20 @@ mod tests {
 
     #[test]
     fn a_mesh_becomes_specs_and_an_unverified_cluster_keeps_its_capacity() {
-        let s = services("aws", &mesh(true), &Settings::default()).unwrap();
+        let s = services("aws", &mesh(true)).unwrap();
         assert_eq!(s[0].port, 8080);
         assert_eq!(s[0].local[0].address.to_string(), "127.0.1.10:8080");
         assert_eq!((s[0].remote[0].healthy, s[0].remote[0].total), (3, 5));
         // Static stability: a lapsed liveness key never zeroes a cluster;
         // the data plane's own signals decide.
-        let s = services("aws", &mesh(false), &Settings::default()).unwrap();
+        let s = services("aws", &mesh(false)).unwrap();
         assert_eq!((s[0].remote[0].healthy, s[0].remote[0].total), (3, 5));
     }
 
     #[test]
     fn an_update_for_another_cluster_is_refused_whole() {
         assert!(
-            services("gcp", &mesh(true), &Settings::default())
+            services("gcp", &mesh(true))
                 .unwrap_err()
                 .contains("serves cluster")
         );

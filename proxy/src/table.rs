@@ -15,6 +15,9 @@ use fedmesh_api::{Endpoint, ServiceKey};
 
 use crate::balancer::Target;
 use crate::locality::{Level, Locality};
+use fedmesh_api::policy::PolicySpec;
+
+use crate::config::Settings;
 use crate::policy::ServicePolicy;
 
 /// Where an attempt goes.
@@ -63,9 +66,9 @@ pub struct ServiceSpec {
     pub port: u16,
     pub local: Vec<Endpoint>,
     pub remote: Vec<RemoteCluster>,
-    /// Its knobs: the proxy's settings under its traffic policy (failover
-    /// order, weights, routes, timeouts, retries, outliers, limits).
-    pub policy: Arc<ServicePolicy>,
+    /// Its effective global traffic policy, as the controller or the file
+    /// gave it; [`Table::build`] puts it over the proxy's settings.
+    pub policy: Option<Arc<PolicySpec>>,
 }
 
 /// One service's targets, ready for the balancer.
@@ -76,6 +79,8 @@ pub struct Routable {
     pub targets: Vec<Target<TargetKey>>,
     /// Zone of each local endpoint, for metrics and access logs.
     pub zones: HashMap<SocketAddr, String>,
+    /// Its knobs: the proxy's settings under its policy (failover order,
+    /// weights, routes, timeouts, retries, outliers, limits).
     pub policy: Arc<ServicePolicy>,
 }
 
@@ -87,11 +92,15 @@ pub struct Table {
 }
 
 impl Table {
-    /// The table seen from `me` in `cluster`.
-    pub fn build(cluster: &str, me: &Locality, specs: &[ServiceSpec]) -> Self {
+    /// The table seen from `me` in `cluster`, each service's policy put
+    /// over `settings`.
+    pub fn build(cluster: &str, me: &Locality, settings: &Settings, specs: &[ServiceSpec]) -> Self {
         let services = specs
             .iter()
-            .map(|s| (s.key.clone(), Arc::new(routable(cluster, me, s))))
+            .map(|s| {
+                let policy = Arc::new(ServicePolicy::resolve(settings, s.policy.as_deref()));
+                (s.key.clone(), Arc::new(routable(cluster, me, s, policy)))
+            })
             .collect();
         Self {
             cluster: cluster.into(),
@@ -105,12 +114,12 @@ impl Table {
     }
 }
 
-fn routable(cluster: &str, me: &Locality, s: &ServiceSpec) -> Routable {
+fn routable(cluster: &str, me: &Locality, s: &ServiceSpec, policy: Arc<ServicePolicy>) -> Routable {
     let mut targets = Vec::with_capacity(s.local.len() + s.remote.len());
     let mut zones = HashMap::new();
-    let failover = &s.policy.failover;
+    let failover = &policy.failover;
     let group = |c: &str| {
-        s.policy
+        policy
             .weights
             .iter()
             .position(|(w, _)| w == c)
@@ -154,7 +163,7 @@ fn routable(cluster: &str, me: &Locality, s: &ServiceSpec) -> Routable {
         port: s.port,
         targets,
         zones,
-        policy: s.policy.clone(),
+        policy,
     }
 }
 
@@ -255,9 +264,9 @@ mod tests {
                     total: 9,
                 },
             ],
-            policy: Arc::new(ServicePolicy::of(&crate::config::Settings::default())),
+            policy: None,
         };
-        let t = Table::build("aws", &me(), &[spec]);
+        let t = Table::build("aws", &me(), &Settings::default(), &[spec]);
         let r = t.by_host("cart.shop").unwrap();
         let levels: Vec<(String, u8, u64)> = r
             .targets
@@ -287,10 +296,11 @@ mod tests {
             total: healthy,
         };
         let spec = |failover| ServiceSpec {
-            policy: Arc::new(ServicePolicy {
-                failover,
-                ..ServicePolicy::of(&crate::config::Settings::default())
-            }),
+            policy: Some(Arc::new(PolicySpec {
+                service: "shop/cart".into(),
+                failover: Some(failover),
+                ..Default::default()
+            })),
             key: ServiceKey::new("shop", "cart"),
             port: 8080,
             local: vec![Endpoint {
@@ -302,7 +312,7 @@ mod tests {
             remote: vec![remote("gcp", 9), remote("azure", 1)],
         };
         let picks = |failover| {
-            let t = Table::build("aws", &me(), &[spec(failover)]);
+            let t = Table::build("aws", &me(), &Settings::default(), &[spec(failover)]);
             let svc = t.by_host("cart.shop").unwrap().clone();
             let mut b = Balancer::new(BalancerPolicy::default());
             let now = std::time::Instant::now();

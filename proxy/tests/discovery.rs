@@ -50,8 +50,13 @@ async fn discovery_proxy_in(
         let here = here.clone();
         let policy = ClientPolicy { scope, ..policy() };
         fedmesh_discovery::start(access, bootstrap, policy, move |m, _| {
-            let specs = fedmesh_proxy::discovered::services(&here.cluster, m, &Default::default())?;
-            Ok(Table::build(&here.cluster, &here.locality, &specs))
+            let specs = fedmesh_proxy::discovered::services(&here.cluster, m)?;
+            Ok(Table::build(
+                &here.cluster,
+                &here.locality,
+                &Default::default(),
+                &specs,
+            ))
         })
         .await
         .unwrap()

@@ -36,7 +36,7 @@ fn cart(local: Vec<fedmesh_api::Endpoint>, remote: Vec<RemoteCluster>) -> Servic
         port: 8080,
         local,
         remote,
-        policy: std::sync::Arc::new(fedmesh_proxy::policy::ServicePolicy::of(&Default::default())),
+        policy: None,
     }
 }
 
@@ -232,7 +232,7 @@ async fn two_services_of_one_remote_cluster_never_share_a_tunnel() {
             healthy: 1,
             total: 1,
         }],
-        policy: std::sync::Arc::new(fedmesh_proxy::policy::ServicePolicy::of(&Default::default())),
+        policy: None,
     };
     let (proxy, _table) = start_proxy(
         &aws,

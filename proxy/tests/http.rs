@@ -38,7 +38,7 @@ fn spec(name: &str, endpoints: &[SocketAddr]) -> ServiceSpec {
             })
             .collect(),
         remote: vec![],
-        policy: std::sync::Arc::new(fedmesh_proxy::policy::ServicePolicy::of(&Default::default())),
+        policy: None,
     }
 }
 
@@ -311,6 +311,7 @@ async fn a_tcp_listener_fails_over_at_connect_time() {
     let table = Table::build(
         "aws",
         &common.me.locality,
+        &common.settings,
         &[spec("db", &[dead, echo.addr])],
     );
     let (_t, table) = watch::channel(Arc::new(table));

@@ -115,9 +115,14 @@ async fn a_request_is_a_span_under_the_callers_trace_and_the_backends_parent() {
             healthy: true,
         }],
         remote: vec![],
-        policy: std::sync::Arc::new(fedmesh_proxy::policy::ServicePolicy::of(&Default::default())),
+        policy: None,
     };
-    let (_t, table) = watch::channel(Arc::new(Table::build("aws", &common.me.locality, &[spec])));
+    let (_t, table) = watch::channel(Arc::new(Table::build(
+        "aws",
+        &common.me.locality,
+        &common.settings,
+        &[spec],
+    )));
     let (_s, svid) = watch::channel(Arc::new(d.workload_svid("shop", "web")));
     let (_b, b) = watch::channel(Arc::new(bundles(&[&d])));
     let p = fedmesh_proxy::Proxy::start_with(

@@ -417,6 +417,7 @@ impl GatewayProcess {
                     allow: None,
                 })
                 .collect(),
+            policies: Vec::new(),
             settings,
         };
         let config = dir.join(format!("{name}.yaml"));

@@ -256,8 +256,16 @@ pub fn me(d: &gw::Domain, zone: &str) -> Me {
     }
 }
 
+/// The table a test proxy runs, and the settings its services' policies
+/// are put over when the test changes it ([`update`]).
+#[derive(Debug)]
+pub struct TableFeed {
+    tx: watch::Sender<Arc<Table>>,
+    settings: Settings,
+}
+
 /// A proxy of `d` in this process, its HTTP listener on `d`'s block, fed
-/// a table the test changes through the returned sender.
+/// a table the test changes through the returned feed.
 pub async fn start_proxy(
     d: &gw::Domain,
     zone: &str,
@@ -265,7 +273,7 @@ pub async fn start_proxy(
     gateways: Vec<SocketAddr>,
     bundles: BundleSet,
     settings: Settings,
-) -> (Proxy, watch::Sender<Arc<Table>>) {
+) -> (Proxy, TableFeed) {
     let common = Common {
         me: me(d, zone),
         listen: Listen {
@@ -274,9 +282,9 @@ pub async fn start_proxy(
             admin: None,
         },
         gateways,
-        settings,
+        settings: settings.clone(),
     };
-    let table = Table::build(&common.me.cluster, &common.me.locality, specs);
+    let table = Table::build(&common.me.cluster, &common.me.locality, &settings, specs);
     let (table_tx, table_rx) = watch::channel(Arc::new(table));
     let svid: Svid = d.workload_svid("shop", "web");
     let (_svid_tx, svid_rx) = watch::channel(Arc::new(svid));
@@ -285,19 +293,21 @@ pub async fn start_proxy(
         .await
         .unwrap();
     // The SVID and bundle senders may go: their last values stay.
-    (proxy, table_tx)
+    (
+        proxy,
+        TableFeed {
+            tx: table_tx,
+            settings,
+        },
+    )
 }
 
 /// Rebuilds the table from `specs`, as a config reload or discovery
 /// update would.
-pub fn update(
-    table: &watch::Sender<Arc<Table>>,
-    d: &gw::Domain,
-    zone: &str,
-    specs: &[ServiceSpec],
-) {
+pub fn update(table: &TableFeed, d: &gw::Domain, zone: &str, specs: &[ServiceSpec]) {
     let m = me(d, zone);
-    table.send_replace(Arc::new(Table::build(&m.cluster, &m.locality, specs)));
+    let t = Table::build(&m.cluster, &m.locality, &table.settings, specs);
+    table.tx.send_replace(Arc::new(t));
 }
 
 /// Writes a static config in `dir` for a proxy of `d` (HTTP, and admin if

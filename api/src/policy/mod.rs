@@ -468,6 +468,41 @@ impl PolicySpec {
     }
 }
 
+/// The policies of a config file (`policies:`), each checked, by service
+/// ("*" for the default); errors start at `policies[i]`.
+pub fn by_service(
+    policies: &[GlobalTrafficPolicy],
+) -> Result<BTreeMap<String, PolicySpec>, String> {
+    for (i, p) in policies.iter().enumerate() {
+        p.validate().map_err(|e| format!("policies[{i}].{e}"))?;
+    }
+    check_set(policies.iter().map(|p| (p.metadata.name.as_str(), &p.spec)))
+        .map_err(|e| format!("policies: {e}"))?;
+    Ok(policies
+        .iter()
+        .map(|p| (p.spec.service.clone(), p.spec.clone()))
+        .collect())
+}
+
+/// A service's effective policy: its own over the default, field by
+/// field; `None` when neither exists.
+pub fn effective(
+    service: &str,
+    own: Option<&PolicySpec>,
+    default: Option<&PolicySpec>,
+) -> Option<PolicySpec> {
+    let empty = PolicySpec::default();
+    let spec = match (own, default) {
+        (None, None) => return None,
+        (Some(p), d) => p.over(d.unwrap_or(&empty)),
+        (None, Some(d)) => d.over(&empty),
+    };
+    Some(PolicySpec {
+        service: service.to_owned(),
+        ..spec
+    })
+}
+
 /// Checks policies that live together (what etcd would hold after an
 /// apply): at most one default, and at most one policy per service.
 pub fn check_set<'a>(

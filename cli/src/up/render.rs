@@ -117,6 +117,7 @@ pub fn gateway(
         bundles: None,
         peers: Vec::new(),
         services: Vec::new(),
+        policies: Vec::new(),
         settings: Default::default(),
     }
 }

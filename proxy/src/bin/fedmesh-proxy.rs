@@ -93,8 +93,8 @@ async fn run(args: Args, config: ProxyConfig) -> anyhow::Result<()> {
                 c.bootstrap.clone(),
                 policy,
                 move |m, _| {
-                    let specs = fedmesh_proxy::discovered::services(&me.cluster, m, &settings)?;
-                    Ok(Table::build(&me.cluster, &me.locality, &specs))
+                    let specs = fedmesh_proxy::discovered::services(&me.cluster, m)?;
+                    Ok(Table::build(&me.cluster, &me.locality, &settings, &specs))
                 },
             )
             .await
@@ -144,9 +144,11 @@ async fn run(args: Args, config: ProxyConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A static config's table, its services' policies over the file's
+/// settings (per-service settings apply on every read).
 fn snapshot(me: &Me, c: StaticConfig) -> Snapshot<Table> {
     Snapshot {
-        config: Table::build(&me.cluster, &me.locality, &c.services),
+        config: Table::build(&me.cluster, &me.locality, &c.common.settings, &c.services),
         svid: c.svid,
         bundles: c.bundles,
     }
