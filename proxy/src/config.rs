@@ -803,7 +803,7 @@ listen: {http: 127.0.1.5:4140}
             policy("cart", "shop/cart", "retries: 0"),
             policy("all", "\"*\"", "retries: 4, requestTimeout: 3s"),
         );
-        let ProxyConfig::Static(c) = ProxyConfig::parse(&file, "p.yaml", &files).unwrap() else {
+        let ProxyConfig::Static(c) = ProxyConfig::parse(&file, "p.yaml", files).unwrap() else {
             panic!("a static config")
         };
         let cart = c.services[0].policy.as_deref().unwrap();
@@ -817,13 +817,13 @@ listen: {http: 127.0.1.5:4140}
         assert_eq!(c.services[1].policy.as_deref().unwrap().retries, Some(4));
 
         let bad = file.replace("retries: 0", "retries: 0, failoverThreshold: 2");
-        let e = ProxyConfig::parse(&bad, "p.yaml", &files).unwrap_err();
+        let e = ProxyConfig::parse(&bad, "p.yaml", files).unwrap_err();
         assert!(
             e.message.contains("policies[0].spec.failoverThreshold"),
             "{e}"
         );
         let two = file.replace("\"*\"", "shop/cart");
-        let e = ProxyConfig::parse(&two, "p.yaml", &files).unwrap_err();
+        let e = ProxyConfig::parse(&two, "p.yaml", files).unwrap_err();
         assert!(e.message.contains("both for service shop/cart"), "{e}");
 
         let s = Settings::default();
