@@ -12,7 +12,12 @@
 //! rounds of `SECS` seconds each; the report gives each path's median p50
 //! and p99 over the rounds, and what each hop adds to the direct path.
 //!
-//! `cargo bench -p fedmesh-proxy --bench hop` (`SECS=5 ROUNDS=3 RATE=1000 CONNS=32`).
+//! A second proxy process runs beside the first with `POLICIES` services
+//! (1000 by default), each carrying a global traffic policy (a header
+//! route, cluster weights, retries, timeouts, outlier settings); the
+//! requests go to one of them, through its route check and weighted draw.
+//!
+//! `cargo bench -p fedmesh-proxy --bench hop` (`SECS=5 ROUNDS=3 RATE=1000 CONNS=32 POLICIES=1000`).
 
 #![allow(clippy::unwrap_used)]
 
@@ -141,6 +146,36 @@ async fn haproxy_hop(
     (entry, child)
 }
 
+/// `config` with `n` more services beside `shop/cart` (all served by
+/// `backend`), and a policy for every service.
+fn with_policies(
+    config: &std::path::Path,
+    n: u64,
+    backend: SocketAddr,
+    cluster: &str,
+) -> std::path::PathBuf {
+    let text = std::fs::read_to_string(config).unwrap();
+    let (head, settings) = text.split_once("settings:").unwrap();
+    let mut out = head.to_string();
+    for i in 0..n {
+        out.push_str(&format!(
+            "  - name: shop/svc-{i}\n    port: 8080\n    endpoints: [{{address: \"{backend}\", zone: az1}}]\n"
+        ));
+    }
+    out.push_str("policies:\n");
+    let services = std::iter::once("cart".to_string()).chain((0..n).map(|i| format!("svc-{i}")));
+    for s in services {
+        out.push_str(&format!(
+            "  - apiVersion: fedmesh.io/v1\n    kind: GlobalTrafficPolicy\n    metadata: {{name: {s}}}\n    spec:\n      service: shop/{s}\n      weights: {{{cluster}: 90, other: 10}}\n      routes:\n        - match: {{headers: {{x-canary: {{exact: \"1\"}}}}}}\n          to: [{{service: shop/{s}}}]\n      requestTimeout: 5s\n      retries: 1\n      outlier: {{consecutiveFailures: 3}}\n"
+        ));
+    }
+    out.push_str("settings:");
+    out.push_str(settings);
+    let path = config.with_file_name("proxy-policies.yaml");
+    std::fs::write(&path, out).unwrap();
+    path
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
@@ -152,6 +187,7 @@ async fn main() {
     let rounds = env("ROUNDS", 3);
     let rate = env("RATE", 1000);
     let conns = usize::try_from(env("CONNS", 32)).unwrap();
+    let policies = env("POLICIES", 1000);
 
     let d = Domain::new("aws", "aws.fedmesh.test", 81);
     let backend = Backend::new(d.ip(10), "aws", "az1", "cart").await;
@@ -162,15 +198,26 @@ async fn main() {
     let pid = child.id().unwrap();
     let (idle_rss, _) = rss_kb(pid);
     let (haproxy, _haproxy) = haproxy_hop(dir.path(), d.ip(6), backend.addr).await;
+    let many = with_policies(
+        &config,
+        policies.saturating_sub(1),
+        backend.addr,
+        &d.cluster,
+    );
+    let many = support::ProxyProcess::start(&many, "warn").await;
+    let (policed, mut many_child) = (many.http, many.child);
+    let policed_pid = many_child.id().unwrap();
 
     // Warm both paths (connections, allocator, EWMA).
     open_loop(backend.addr, "cart.shop", rate, 1, conns).await;
     open_loop(proxy, "cart.shop", rate, 1, conns).await;
     open_loop(haproxy, "cart.shop", rate, 1, conns).await;
+    open_loop(policed, "cart.shop", rate, 1, conns).await;
 
     let us = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1000.0;
     let (mut d50, mut d99, mut p50, mut p99) = (vec![], vec![], vec![], vec![]);
     let (mut h50, mut h99) = (vec![], vec![]);
+    let (mut m50, mut m99) = (vec![], vec![]);
     let mut rss_max = 0;
     println!("{rounds} rounds of {secs} s at {rate} req/s over {conns} keep-alive connections");
     for round in 1..=rounds {
@@ -187,16 +234,21 @@ async fn main() {
         let proxied = open_loop(proxy, "cart.shop", rate, secs, conns).await;
         rss_max = rss_max.max(sampler.await.unwrap());
         let peer = open_loop(haproxy, "cart.shop", rate, secs, conns).await;
+        let policed_run = open_loop(policed, "cart.shop", rate, secs, conns).await;
         println!(
-            "round {round}: p50/p99 µs: direct {:.1}/{:.1} | fedmesh-proxy {:.1}/{:.1} | haproxy {:.1}/{:.1} ({} samples each)",
+            "round {round}: p50/p99 µs: direct {:.1}/{:.1} | fedmesh-proxy {:.1}/{:.1} | with {policies} policies {:.1}/{:.1} | haproxy {:.1}/{:.1} ({} samples each)",
             us(&direct, 0.5),
             us(&direct, 0.99),
             us(&proxied, 0.5),
             us(&proxied, 0.99),
+            us(&policed_run, 0.5),
+            us(&policed_run, 0.99),
             us(&peer, 0.5),
             us(&peer, 0.99),
             direct.len(),
         );
+        m50.push(us(&policed_run, 0.5));
+        m99.push(us(&policed_run, 0.99));
         h50.push(us(&peer, 0.5));
         h99.push(us(&peer, 0.99));
         d50.push(us(&direct, 0.5));
@@ -206,6 +258,7 @@ async fn main() {
     }
     let (d50, d99, p50, p99) = (median(d50), median(d99), median(p50), median(p99));
     let (h50, h99) = (median(h50), median(h99));
+    let (m50, m99) = (median(m50), median(m99));
     let (_, hwm) = rss_kb(pid);
     println!("median over rounds:");
     println!("  direct  p50 {d50:.1} µs  p99 {d99:.1} µs");
@@ -215,6 +268,11 @@ async fn main() {
         "  added by fedmesh-proxy  p50 {:+.1} µs  p99 {:+.1} µs   (goal: p99 ≤ +200 µs)",
         p50 - d50,
         p99 - d99
+    );
+    println!(
+        "  added by fedmesh-proxy with {policies} policies  p50 {:+.1} µs  p99 {:+.1} µs",
+        m50 - d50,
+        m99 - d99
     );
     println!(
         "  added by haproxy        p50 {:+.1} µs  p99 {:+.1} µs",
@@ -227,5 +285,10 @@ async fn main() {
         rss_max as f64 / 1024.0,
         hwm as f64 / 1024.0
     );
+    println!(
+        "proxy with {policies} policies: RSS {:.1} MB",
+        rss_kb(policed_pid).0 as f64 / 1024.0
+    );
     let _ = child.start_kill();
+    let _ = many_child.start_kill();
 }
