@@ -16,17 +16,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use etcd_client::{EventType, WatchOptions};
 use fedmesh_api::ServiceKey;
 use fedmesh_controller::controller::{Controller, ControllerConfig, LocalSource};
 use fedmesh_discovery::MeshState;
 use fedmesh_proto::discovery::v1 as pb;
 use fedmesh_test_support::Etcd;
-use fedmesh_trust::{AllowAnyVerified, Bundle, BundleSet, SpiffeId, Svid, TrustDomain};
+use fedmesh_trust::{SpiffeId, TrustDomain};
 use hdrhistogram::Histogram;
-use pb::discovery_client::DiscoveryClient;
-use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::ReceiverStream;
+use tokio::sync::watch;
 
 fn env(name: &str, default: usize) -> usize {
     fedmesh_test_support::env_or(name, default)
@@ -60,7 +57,7 @@ async fn main() {
     .await
     .unwrap();
     let b_td = TrustDomain::new(&join_b.cluster.trust_domain).unwrap();
-    let b_bundle = Bundle::with_roots(b_td.clone(), [join_b.ca.cert_der().clone()]);
+    let b_root = join_b.ca.cert_der().clone();
     let token = "bench-token-0123456789abcdef".to_string();
     let mut cfg = ControllerConfig::new(
         join_b,
@@ -72,51 +69,8 @@ async fn main() {
         SpiffeId::workload(&b_td, "bench", "client").unwrap(),
     )]);
     let b = Controller::start(cfg).await.unwrap();
-
-    // A client of B: Certify, then the discovery stream.
-    let mut set = BundleSet::new();
-    set.insert(b_bundle);
-    let bundles = watch::channel(Arc::new(set)).1;
-    let boot = fedmesh_trust::client_config_without_svid(
-        bundles.clone(),
-        Arc::new(AllowAnyVerified),
-        &[b"h2"],
-    )
-    .unwrap();
-    let ch = fedmesh_discovery::channel(b.discovery_addr, Arc::new(boot))
-        .await
-        .unwrap();
-    let id = SpiffeId::workload(&b_td, "bench", "client").unwrap();
-    let (csr, key) = fedmesh_trust::certificate_request(&id).unwrap();
-    let resp = DiscoveryClient::new(ch)
-        .certify(pb::CertifyRequest {
-            csr_der: csr,
-            join_token: token,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let svid = Svid::new(resp.chain_der.into_iter().map(Into::into).collect(), key).unwrap();
-    let (_svid_tx, svid_rx) = watch::channel(Arc::new(svid));
-    let tls = fedmesh_trust::client_config(svid_rx, bundles, Arc::new(AllowAnyVerified), &[b"h2"])
-        .unwrap();
-    let ch = fedmesh_discovery::channel(b.discovery_addr, Arc::new(tls))
-        .await
-        .unwrap();
-    let (req_tx, req_rx) = mpsc::channel(16);
-    req_tx
-        .send(pb::DiscoveryRequest {
-            node: "bench".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    let mut stream = DiscoveryClient::new(ch)
-        .max_decoding_message_size(256 << 20)
-        .stream(ReceiverStream::new(req_rx))
-        .await
-        .unwrap()
-        .into_inner();
+    // A client of B, as a proxy is one.
+    let (req_tx, mut stream) = discovery_client(b.discovery_addr, &b_td, b_root, token).await;
 
     let a_name = "c0";
     let mut state = MeshState::default();
@@ -189,25 +143,7 @@ async fn main() {
     let run_time = started.elapsed();
 
     // Baseline: a bare etcd put → watch notification, same etcd, same run.
-    let mut raw = Histogram::<u64>::new(3).unwrap();
-    let mut ws = client
-        .watch("/bench-raw/", Some(WatchOptions::new().with_prefix()))
-        .await
-        .unwrap();
-    for i in 0..changes {
-        let t0 = Instant::now();
-        client
-            .put("/bench-raw/k", i.to_string(), None)
-            .await
-            .unwrap();
-        loop {
-            let m = ws.message().await.unwrap().unwrap();
-            if m.events().iter().any(|e| e.event_type() == EventType::Put) {
-                break;
-            }
-        }
-        raw.record(t0.elapsed().as_micros() as u64).unwrap();
-    }
+    let raw = bare_put_watch(&mut client, changes).await;
 
     let (f50, f99) = (percentile(&fedmesh, 0.50), percentile(&fedmesh, 0.99));
     let (r50, r99) = (percentile(&raw, 0.50), percentile(&raw, 0.99));

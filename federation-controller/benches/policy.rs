@@ -14,23 +14,19 @@
 mod common;
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use etcd_client::{EventType, WatchOptions};
 use fedmesh_api::policy::parse_documents;
 use fedmesh_api::{KeySpace, ServiceKey};
 use fedmesh_controller::controller::{Controller, ControllerConfig, LocalSource};
 use fedmesh_discovery::MeshState;
 use fedmesh_proto::discovery::v1 as pb;
 use fedmesh_test_support::Etcd;
-use fedmesh_trust::{AllowAnyVerified, Bundle, BundleSet, SpiffeId, Svid, TrustDomain};
+use fedmesh_trust::{SpiffeId, TrustDomain};
 use fedmesh_zone::{GlobalZone, PolicyChange};
 use hdrhistogram::Histogram;
-use pb::discovery_client::DiscoveryClient;
 use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::ReceiverStream;
 
 fn env(name: &str, default: usize) -> usize {
     fedmesh_test_support::env_or(name, default)
@@ -70,61 +66,6 @@ impl Client {
     }
 }
 
-async fn connect(
-    c: &Controller,
-    td: &TrustDomain,
-    root: rustls_pki_types::CertificateDer<'static>,
-    token: String,
-) -> Client {
-    let mut set = BundleSet::new();
-    set.insert(Bundle::with_roots(td.clone(), [root]));
-    let bundles = watch::channel(Arc::new(set)).1;
-    let boot = fedmesh_trust::client_config_without_svid(
-        bundles.clone(),
-        Arc::new(AllowAnyVerified),
-        &[b"h2"],
-    )
-    .unwrap();
-    let ch = fedmesh_discovery::channel(c.discovery_addr, Arc::new(boot))
-        .await
-        .unwrap();
-    let id = SpiffeId::workload(td, "bench", "client").unwrap();
-    let (csr, key) = fedmesh_trust::certificate_request(&id).unwrap();
-    let resp = DiscoveryClient::new(ch)
-        .certify(pb::CertifyRequest {
-            csr_der: csr,
-            join_token: token,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let svid = Svid::new(resp.chain_der.into_iter().map(Into::into).collect(), key).unwrap();
-    let svid_rx = watch::channel(Arc::new(svid)).1;
-    let tls = fedmesh_trust::client_config(svid_rx, bundles, Arc::new(AllowAnyVerified), &[b"h2"])
-        .unwrap();
-    let ch = fedmesh_discovery::channel(c.discovery_addr, Arc::new(tls))
-        .await
-        .unwrap();
-    let (tx, req_rx) = mpsc::channel(16);
-    tx.send(pb::DiscoveryRequest {
-        node: format!("proxy/bench/{id}"),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let rx = DiscoveryClient::new(ch)
-        .max_decoding_message_size(256 << 20)
-        .stream(ReceiverStream::new(req_rx))
-        .await
-        .unwrap()
-        .into_inner();
-    Client {
-        tx,
-        rx,
-        state: MeshState::default(),
-    }
-}
-
 fn policy(retries: u32) -> fedmesh_api::policy::GlobalTrafficPolicy {
     let doc = format!(
         "apiVersion: fedmesh.io/v1\nkind: GlobalTrafficPolicy\nmetadata: {{name: svc-0}}\nspec:\n  service: bench/svc-0\n  retries: {retries}\n  weights: {{c0: 90, c1: 10}}\n  requestTimeout: 5s\n"
@@ -161,7 +102,12 @@ async fn main() {
             SpiffeId::workload(&td, "bench", "client").unwrap(),
         )]);
         let c = Controller::start(cfg).await.unwrap();
-        streams.push(connect(&c, &td, root, token.clone()).await);
+        let (tx, rx) = discovery_client(c.discovery_addr, &td, root, token.clone()).await;
+        streams.push(Client {
+            tx,
+            rx,
+            state: MeshState::default(),
+        });
         controllers.push(c);
     }
 
@@ -222,25 +168,7 @@ async fn main() {
     let run_time = started.elapsed();
 
     // Baseline: a bare etcd put → watch event, same etcd, same run.
-    let mut raw = Histogram::<u64>::new(3).unwrap();
-    let mut ws = client
-        .watch("/bench-raw/", Some(WatchOptions::new().with_prefix()))
-        .await
-        .unwrap();
-    for i in 0..applies {
-        let t0 = Instant::now();
-        client
-            .put("/bench-raw/k", i.to_string(), None)
-            .await
-            .unwrap();
-        loop {
-            let m = ws.message().await.unwrap().unwrap();
-            if m.events().iter().any(|e| e.event_type() == EventType::Put) {
-                break;
-            }
-        }
-        raw.record(t0.elapsed().as_micros() as u64).unwrap();
-    }
+    let raw = bare_put_watch(&mut client, applies).await;
 
     let (f50, f99) = (percentile(&hist, 0.50), percentile(&hist, 0.99));
     let (r50, r99) = (percentile(&raw, 0.50), percentile(&raw, 0.99));

@@ -72,6 +72,32 @@ pub struct Draw {
     pub b: usize,
 }
 
+/// Whether `t` can take an attempt: healthy, and not ejected.
+fn is_up<K: Hash + Eq + Clone>(outliers: &Outliers<K>, t: &Target<K>, now: Instant) -> bool {
+    t.healthy > 0 && !outliers.is_ejected(&t.key, now)
+}
+
+/// Healthy (up) and total capacity of `n` slots, each target counted in
+/// the slot `slot` puts it in (if any).
+fn capacities<K: Hash + Eq + Clone>(
+    outliers: &Outliers<K>,
+    targets: &[Target<K>],
+    n: usize,
+    slot: impl Fn(&Target<K>) -> Option<usize>,
+    now: Instant,
+) -> Vec<Capacity> {
+    let mut caps = vec![Capacity::default(); n];
+    for t in targets {
+        if let Some(c) = slot(t).and_then(|i| caps.get_mut(i)) {
+            c.total += t.total;
+            if is_up(outliers, t, now) {
+                c.healthy += t.healthy;
+            }
+        }
+    }
+    caps
+}
+
 fn prio<K>(t: &Target<K>) -> usize {
     usize::from(t.priority).min(PRIORITIES - 1)
 }
@@ -110,15 +136,9 @@ impl<K: Hash + Eq + Clone> Balancer<K> {
         if let Some(k) = self.choose_weighted(targets, tried, draw, now) {
             return Some(k);
         }
-        let up = |t: &Target<K>| t.healthy > 0 && !self.outliers.is_ejected(&t.key, now);
-        let mut caps = [Capacity::default(); PRIORITIES];
-        for t in targets {
-            let c = &mut caps[prio(t)];
-            c.total += t.total;
-            if up(t) {
-                c.healthy += t.healthy;
-            }
-        }
+        let outliers = &self.outliers;
+        let up = |t: &Target<K>| is_up(outliers, t, now);
+        let caps = capacities(outliers, targets, PRIORITIES, |t| Some(prio(t)), now);
         let observed = health(&caps, self.policy.failover_threshold);
         let effective = self.failback.update(&observed, now);
         let shares = shares(&effective);
@@ -168,16 +188,15 @@ impl<K: Hash + Eq + Clone> Balancer<K> {
         if weights.is_empty() || !tried.is_empty() {
             return None;
         }
-        let up = |t: &Target<K>| t.healthy > 0 && !self.outliers.is_ejected(&t.key, now);
-        let mut caps = vec![Capacity::default(); weights.len()];
-        for t in targets {
-            if let Some(c) = t.group.and_then(|g| caps.get_mut(usize::from(g))) {
-                c.total += t.total;
-                if up(t) {
-                    c.healthy += t.healthy;
-                }
-            }
-        }
+        let outliers = &self.outliers;
+        let up = |t: &Target<K>| is_up(outliers, t, now);
+        let caps = capacities(
+            outliers,
+            targets,
+            weights.len(),
+            |t| t.group.map(usize::from),
+            now,
+        );
         let observed = health(&caps, self.policy.failover_threshold);
         let effective = self.groups.update(&observed, now);
         // Shares among the clusters that serve the service at all.

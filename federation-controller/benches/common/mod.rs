@@ -8,6 +8,7 @@ use std::time::SystemTime;
 
 use etcd_client::{Client, Txn, TxnOp};
 use fedmesh_api::{ClusterRecord, Endpoint, KeySpace, LocalService, LocalServices, ServiceKey};
+use fedmesh_proto::discovery::v1 as pb;
 use fedmesh_trust::{Bundle, CaOptions, ClusterCa, TrustDomain};
 use fedmesh_zone::GlobalZone;
 use fedmesh_zone::join::{EtcdAccess, JoinDir};
@@ -113,4 +114,94 @@ pub fn local_services(services: usize, flip: Option<(usize, usize)>) -> Arc<Loca
 
 pub fn percentile(h: &hdrhistogram::Histogram<u64>, q: f64) -> f64 {
     h.value_at_quantile(q) as f64 / 1000.0
+}
+
+/// A bare etcd put → watch event, `n` times on one key: the floor any
+/// etcd-based design sits on.
+pub async fn bare_put_watch(client: &mut Client, n: usize) -> hdrhistogram::Histogram<u64> {
+    use etcd_client::{EventType, WatchOptions};
+    let mut raw = hdrhistogram::Histogram::<u64>::new(3).unwrap();
+    let mut ws = client
+        .watch("/bench-raw/", Some(WatchOptions::new().with_prefix()))
+        .await
+        .unwrap();
+    for i in 0..n {
+        let t0 = std::time::Instant::now();
+        client
+            .put("/bench-raw/k", i.to_string(), None)
+            .await
+            .unwrap();
+        loop {
+            let m = ws.message().await.unwrap().unwrap();
+            if m.events().iter().any(|e| e.event_type() == EventType::Put) {
+                break;
+            }
+        }
+        raw.record(t0.elapsed().as_micros() as u64).unwrap();
+    }
+    raw
+}
+
+/// The request side and the response side of a discovery stream.
+pub type Stream = (
+    tokio::sync::mpsc::Sender<pb::DiscoveryRequest>,
+    tonic::Streaming<pb::DiscoveryResponse>,
+);
+
+/// A discovery client of the controller at `addr` (trust domain `td`,
+/// root `root`), as a proxy is one: an SVID through `Certify` with `token`
+/// (which the controller maps to `ns/bench/sa/client`), then the stream,
+/// scope everything.
+pub async fn discovery_client(
+    addr: std::net::SocketAddr,
+    td: &TrustDomain,
+    root: rustls_pki_types::CertificateDer<'static>,
+    token: String,
+) -> Stream {
+    use fedmesh_trust::{AllowAnyVerified, BundleSet, SpiffeId, Svid};
+    use pb::discovery_client::DiscoveryClient;
+    use tokio::sync::{mpsc, watch};
+    let mut set = BundleSet::new();
+    set.insert(Bundle::with_roots(td.clone(), [root]));
+    let bundles = watch::channel(Arc::new(set)).1;
+    let boot = fedmesh_trust::client_config_without_svid(
+        bundles.clone(),
+        Arc::new(AllowAnyVerified),
+        &[b"h2"],
+    )
+    .unwrap();
+    let ch = fedmesh_discovery::channel(addr, Arc::new(boot))
+        .await
+        .unwrap();
+    let id = SpiffeId::workload(td, "bench", "client").unwrap();
+    let (csr, key) = fedmesh_trust::certificate_request(&id).unwrap();
+    let resp = DiscoveryClient::new(ch)
+        .certify(pb::CertifyRequest {
+            csr_der: csr,
+            join_token: token,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let svid = Svid::new(resp.chain_der.into_iter().map(Into::into).collect(), key).unwrap();
+    let svid_rx = watch::channel(Arc::new(svid)).1;
+    let tls = fedmesh_trust::client_config(svid_rx, bundles, Arc::new(AllowAnyVerified), &[b"h2"])
+        .unwrap();
+    let ch = fedmesh_discovery::channel(addr, Arc::new(tls))
+        .await
+        .unwrap();
+    let (tx, rx) = mpsc::channel(16);
+    tx.send(pb::DiscoveryRequest {
+        node: format!("proxy/bench/{id}"),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let stream = DiscoveryClient::new(ch)
+        .max_decoding_message_size(256 << 20)
+        .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    (tx, stream)
 }
