@@ -3,8 +3,9 @@
 //! controllers, gateways, proxies, backends). Weights shift a share of
 //! `checkout` to gcp, a header routes to `checkout-v2`, an allow rule
 //! admits aws's proxy at gcp and refuses azure's, a failover order skips a
-//! cloud, and a rollback brings the old behaviour back. `fedmesh get
-//! proxies` says when every proxy runs each change.
+//! cloud, `export.clusters` leaves a cluster out, and a rollback brings the
+//! old behaviour back. `fedmesh get proxies` says when every proxy runs
+//! each change.
 
 #![allow(clippy::unwrap_used)]
 
@@ -204,6 +205,21 @@ async fn policies_shift_route_allow_and_roll_back_on_a_live_federation() {
                 && l.contains("azure-eus")
                 && l.to_lowercase().contains("forbidden")),
         "gcp's ingress counts azure's refusals: {metrics}"
+    );
+
+    // export.clusters without gcp: gcp no longer exports checkout, so even
+    // a policy weighting gcp alone sends it nothing.
+    apply(
+        s,
+        &etcd,
+        "checkout",
+        "  service: shop/checkout\n  weights: {gcp-usc1: 1}\n  export: {clusters: [aws-use1, azure-eus]}\n",
+    )
+    .await;
+    assert_eq!(
+        share(&clusters(aws, 100).await, "gcp-usc1"),
+        0.0,
+        "gcp does not export it"
     );
 
     // A failover order that skips gcp: with aws's checkout down, all of it

@@ -318,4 +318,50 @@ mod tests {
         let err = s.bundle_set().unwrap_err();
         assert!(err.contains("gcp"), "{err}");
     }
+
+    #[test]
+    fn a_service_whose_policy_cannot_be_used_is_skipped_and_keeps_its_last_good_value() {
+        let svc = |name: &str, policy: Option<&str>| pb::Service {
+            namespace: "shop".into(),
+            name: name.into(),
+            ports: vec![8080],
+            policy: policy.map(|spec| pb::ServicePolicy {
+                spec: spec.into(),
+                sources: vec![],
+            }),
+            ..Default::default()
+        };
+        let mut s = MeshState::default();
+        let mut first = response(false, Some(vec![]));
+        first.snapshot.as_mut().unwrap().services =
+            vec![svc("cart", Some(r#"{"service":"shop/cart","retries":1}"#))];
+        assert!(s.apply(&first).unwrap().is_empty());
+        let mut next = response(true, None);
+        next.snapshot.as_mut().unwrap().services = vec![
+            svc(
+                "cart",
+                Some(r#"{"service":"shop/cart","failoverThreshold":1.5}"#),
+            ),
+            svc("pay", Some(r#"{"service":"shop/pay","retries":2}"#)),
+        ];
+        let skipped = s.apply(&next).unwrap();
+        assert_eq!(skipped.len(), 1);
+        assert!(
+            skipped[0].contains("shop/cart") && skipped[0].contains("failoverThreshold"),
+            "{skipped:?}"
+        );
+        let cart = service_policy(&s.services[&ServiceKey::new("shop", "cart")])
+            .unwrap()
+            .unwrap();
+        assert_eq!(cart.retries, Some(1), "the last good policy stays");
+        let pay = service_policy(&s.services[&ServiceKey::new("shop", "pay")])
+            .unwrap()
+            .unwrap();
+        assert_eq!(pay.retries, Some(2), "the rest applies");
+        assert!(
+            service_policy(&svc("x", Some("not json")))
+                .unwrap_err()
+                .contains("not a policy spec")
+        );
+    }
 }
