@@ -321,3 +321,66 @@ async fn with_auth_registration_creates_the_clusters_own_etcd_user() {
         serde_json::from_slice(&std::fs::read(out.join("etcd.json")).unwrap()).unwrap();
     assert_eq!(again["password"], access["password"]);
 }
+
+#[tokio::test]
+async fn a_join_directory_that_cannot_be_written_publishes_nothing_and_a_rerun_works() {
+    let etcd = Etcd::start().await.unwrap();
+    let ep = etcd.endpoint();
+    let dir = tempfile::tempdir().unwrap();
+    // A path under a regular file: no directory can be made there.
+    std::fs::write(dir.path().join("file"), "x").unwrap();
+    let bad = dir.path().join("file/join");
+    let e = err(&fedmesh(&register(
+        "aws-use1",
+        "aws.fedmesh.test",
+        &ep,
+        bad.to_str().unwrap(),
+    )));
+    assert!(e.contains("writing the join directory"), "{e}");
+    let resp = etcd
+        .client()
+        .await
+        .unwrap()
+        .get(
+            "/fedmesh/v1/",
+            Some(etcd_client::GetOptions::new().with_prefix()),
+        )
+        .await
+        .unwrap();
+    assert!(
+        resp.kvs().is_empty(),
+        "nothing published without the key on disk"
+    );
+    // A writable directory: the same registration goes through.
+    let good = dir.path().join("join");
+    let out = ok(&fedmesh(&register(
+        "aws-use1",
+        "aws.fedmesh.test",
+        &ep,
+        good.to_str().unwrap(),
+    )));
+    assert!(out.contains("registered"), "{out}");
+    assert!(good.join("ca/ca.key").exists() || good.join("ca").is_dir());
+    // And again, unchanged, keeping the same CA.
+    let before = std::fs::read(good.join("ca/ca.crt")).unwrap();
+    assert!(
+        ok(&fedmesh(&register(
+            "aws-use1",
+            "aws.fedmesh.test",
+            &ep,
+            good.to_str().unwrap()
+        )))
+        .contains("unchanged")
+    );
+    assert_eq!(std::fs::read(good.join("ca/ca.crt")).unwrap(), before);
+    // A refused registration (another trust domain for the name) leaves
+    // the join directory alone.
+    let e = err(&fedmesh(&register(
+        "aws-use1",
+        "other.fedmesh.test",
+        &ep,
+        good.to_str().unwrap(),
+    )));
+    assert!(e.contains("already registered with trust domain"), "{e}");
+    assert_eq!(std::fs::read(good.join("ca/ca.crt")).unwrap(), before);
+}

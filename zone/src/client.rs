@@ -121,6 +121,26 @@ impl GlobalZone {
         record: &ClusterRecord,
         bundle: &Bundle,
     ) -> Result<RegisterOutcome, ZoneError> {
+        self.registration(record, bundle, true).await
+    }
+
+    /// What [`Self::register`] would do, or the conflict it would refuse
+    /// with, writing nothing: checked before the CA is saved, so that a
+    /// refused registration never replaces a join directory.
+    pub async fn check_registration(
+        &mut self,
+        record: &ClusterRecord,
+        bundle: &Bundle,
+    ) -> Result<RegisterOutcome, ZoneError> {
+        self.registration(record, bundle, false).await
+    }
+
+    async fn registration(
+        &mut self,
+        record: &ClusterRecord,
+        bundle: &Bundle,
+        commit: bool,
+    ) -> Result<RegisterOutcome, ZoneError> {
         record.validate()?;
         let ck = self.keys.cluster(&record.name);
         let bk = self.keys.bundle(&record.trust_domain);
@@ -148,6 +168,9 @@ impl GlobalZone {
                     trust_domain: record.trust_domain.clone(),
                     owner,
                 });
+            }
+            if !commit {
+                return Ok(RegisterOutcome::Created);
             }
             let txn = Txn::new()
                 .when([
@@ -182,6 +205,9 @@ impl GlobalZone {
         }
         if current.same_registration(record) {
             return Ok(RegisterOutcome::Unchanged);
+        }
+        if !commit {
+            return Ok(RegisterOutcome::Updated);
         }
         // Keep the original registration time; update the rest.
         let updated = ClusterRecord {

@@ -76,30 +76,48 @@ pub struct JoinDir {
 
 impl JoinDir {
     /// Writes the directory: into a sibling temp directory first, then
-    /// renamed into place, so a failure never leaves half a join directory.
+    /// swapped in, so a failure never leaves half a join directory, and
+    /// at no moment is there none: the old one stays whole (as `<dir>.old`)
+    /// until the new one is in place, and a crash between the two renames
+    /// is undone by the next write or load. What a running cluster added
+    /// to the old directory (a staged or retired CA) is carried over.
     pub fn write(&self, dir: &Path) -> Result<(), JoinError> {
         let io = |path: &Path| {
             let path = path.to_path_buf();
             move |source| JoinError::Io { path, source }
         };
+        recover(dir).map_err(io(dir))?;
         let tmp = dir.with_extension("tmp");
+        let old = dir.with_extension("old");
         let _ = fs::remove_dir_all(&tmp);
         let result = (|| {
             self.ca.save(&tmp.join(CA_DIR))?;
             write_private(&tmp.join(CLUSTER_FILE), &pretty(&self.cluster))?;
             write_private(&tmp.join(ETCD_FILE), &pretty(&self.etcd))?;
             if dir.exists() {
-                fs::remove_dir_all(dir).map_err(io(dir))?;
+                copy_missing(dir, &tmp).map_err(io(dir))?;
+                fs::rename(dir, &old).map_err(io(dir))?;
             }
             fs::rename(&tmp, dir).map_err(io(dir))
         })();
-        if result.is_err() {
-            let _ = fs::remove_dir_all(&tmp);
+        match result {
+            Ok(()) => {
+                let _ = fs::remove_dir_all(&old);
+                Ok(())
+            }
+            Err(e) => {
+                let _ = fs::remove_dir_all(&tmp);
+                let _ = recover(dir);
+                Err(e)
+            }
         }
-        result
     }
 
     pub fn load(dir: &Path) -> Result<Self, JoinError> {
+        recover(dir).map_err(|source| JoinError::Io {
+            path: dir.into(),
+            source,
+        })?;
         let cluster: ClusterRecord = read_json(&dir.join(CLUSTER_FILE))?;
         let etcd: EtcdAccess = read_json(&dir.join(ETCD_FILE))?;
         let td = TrustDomain::new(&cluster.trust_domain).map_err(|e| JoinError::Invalid {
@@ -258,6 +276,43 @@ mod rotation_tests {
     }
 
     #[test]
+    fn a_rewrite_keeps_a_staged_rotation_and_a_crash_between_renames_is_undone() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("join");
+        let td = TrustDomain::new("aws.fedmesh.test").unwrap();
+        let now = SystemTime::now();
+        let join = JoinDir {
+            cluster: serde_json::from_value(serde_json::json!({
+                "name": "aws", "cloud": "aws", "region": "r1", "zones": ["a"],
+                "trustDomain": "aws.fedmesh.test", "gateways": [{"address": "127.0.1.1", "port": 15443}],
+                "registeredAt": "2026-11-30T00:00:00Z"
+            }))
+            .unwrap(),
+            etcd: EtcdAccess {
+                endpoints: vec!["http://127.0.0.1:2379".into()],
+                prefix: "/fedmesh/v1/".into(),
+                user: None,
+                password: None,
+            },
+            ca: ClusterCa::generate(&td, &CaOptions::default(), now).unwrap(),
+        };
+        join.write(&dir).unwrap();
+        let next = ClusterCa::generate(&td, &CaOptions::default(), now).unwrap();
+        JoinDir::stage_rotation(&dir, &next, Duration::from_secs(1)).unwrap();
+        join.write(&dir).unwrap();
+        assert!(
+            JoinDir::staged_rotation(&dir, &td).unwrap().is_some(),
+            "kept"
+        );
+        assert!(!dir.with_extension("old").exists() && !dir.with_extension("tmp").exists());
+        // A crash after the old directory moved aside, before the new one
+        // moved in: the next load puts the old one back.
+        fs::rename(&dir, dir.with_extension("old")).unwrap();
+        let back = JoinDir::load(&dir).unwrap();
+        assert_eq!(back.ca.cert_der(), join.ca.cert_der());
+    }
+
+    #[test]
     fn staging_outside_a_join_directory_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let td = TrustDomain::new("aws.fedmesh.test").unwrap();
@@ -267,6 +322,36 @@ mod rotation_tests {
             .to_string();
         assert!(e.contains("not a join directory"), "{e}");
     }
+}
+
+/// Puts back a join directory that a crash left renamed to `<dir>.old`
+/// (between the two renames of [`JoinDir::write`]).
+fn recover(dir: &Path) -> std::io::Result<()> {
+    let old = dir.with_extension("old");
+    if !dir.exists() && old.is_dir() {
+        fs::rename(&old, dir)?;
+    }
+    Ok(())
+}
+
+/// Copies into `to` what `from` has and `to` lacks (files, and directories
+/// of files), keeping permissions.
+fn copy_missing(from: &Path, to: &Path) -> std::io::Result<()> {
+    for entry in fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if target.exists() {
+            continue;
+        }
+        if entry.file_type()?.is_dir() {
+            fs::create_dir_all(&target)?;
+            fs::set_permissions(&target, entry.metadata()?.permissions())?;
+            copy_missing(&entry.path(), &target)?;
+        } else {
+            fs::copy(entry.path(), &target)?;
+        }
+    }
+    Ok(())
 }
 
 fn pretty<T: Serialize>(v: &T) -> Vec<u8> {

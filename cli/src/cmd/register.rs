@@ -123,10 +123,12 @@ pub async fn register(args: RegisterCluster) -> anyhow::Result<()> {
     let ca = load_or_create_ca(&args, &plan)?;
     let bundle = Bundle::with_roots(plan.trust_domain.clone(), [ca.cert_der().clone()]);
     let mut zone = connect(&args.etcd).await?;
-    let outcome = zone
-        .register(&plan.record, &bundle)
+    let what = || format!("registering cluster {:?}", plan.record.name);
+    // Conflicts first: a refused registration must not replace the join
+    // directory (and the CA key in it).
+    zone.check_registration(&plan.record, &bundle)
         .await
-        .with_context(|| format!("registering cluster {:?}", plan.record.name))?;
+        .with_context(what)?;
 
     // With auth, the cluster gets its own etcd user, allowed to write only its keys.
     let mut access = EtcdAccess {
@@ -137,23 +139,30 @@ pub async fn register(args: RegisterCluster) -> anyhow::Result<()> {
     };
     if args.etcd.etcd_user.is_some() {
         let previous = JoinDir::existing_etcd(&plan.out).and_then(|e| e.password);
-        let password = match previous {
+        access.user = Some(cluster_role(&plan.record.name));
+        access.password = Some(match previous {
             Some(p) => p,
             None => random_password()?,
-        };
-        zone.ensure_cluster_access(&plan.record.name, &plan.record.trust_domain, &password)
-            .await
-            .context("creating the cluster's etcd user and role")?;
-        access.user = Some(cluster_role(&plan.record.name));
-        access.password = Some(password);
+        });
     }
     let join = JoinDir {
         cluster: plan.record.clone(),
         etcd: access,
         ca,
     };
+    // The CA key is on disk before its root is published: a bundle in etcd
+    // whose key is nowhere would lock the cluster out of its own name.
     join.write(&plan.out)
         .with_context(|| format!("writing the join directory {}", plan.out.display()))?;
+    let outcome = zone
+        .register(&plan.record, &bundle)
+        .await
+        .with_context(what)?;
+    if let (Some(_), Some(password)) = (&args.etcd.etcd_user, &join.etcd.password) {
+        zone.ensure_cluster_access(&plan.record.name, &plan.record.trust_domain, password)
+            .await
+            .context("creating the cluster's etcd user and role")?;
+    }
 
     let verb = match outcome {
         RegisterOutcome::Created => "registered",
