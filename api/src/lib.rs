@@ -10,6 +10,7 @@ pub mod local;
 pub mod names;
 pub mod policy;
 pub mod records;
+pub mod retry;
 
 pub use keys::{DEFAULT_PREFIX, GlobalKey, KeySpace};
 pub use local::{

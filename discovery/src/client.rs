@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fedmesh_api::ServiceKey;
+use fedmesh_api::retry::Backoff;
 use fedmesh_proto::discovery::v1 as pb;
 use fedmesh_trust::{
     AllowIds, BundleSet, RenewError, RenewalPolicy, SpiffeId, Svid, SvidSource, SystemClock,
@@ -252,12 +253,12 @@ where
 {
     let access = Arc::new(access);
     let (bundles_tx, bundles) = watch::channel(Arc::new(bootstrap));
-    let mut backoff = Backoff::new(&policy);
+    let mut backoff = Backoff::new(policy.initial_backoff, policy.max_backoff);
     let first_svid = loop {
         match certify(&access, bundles.clone()).await {
             Ok(svid) => break svid,
             Err(e) if e.is_retryable() => {
-                let wait = backoff.next();
+                let wait = backoff.next(fastrand::f64());
                 tracing::warn!(error = %e, retry_in = ?wait, "no SVID yet; retrying");
                 tokio::time::sleep(wait).await;
             }
@@ -344,7 +345,7 @@ struct Driver<T> {
 
 impl<T: Send + Sync + 'static> Driver<T> {
     async fn run(mut self, convert: impl Convert<T>) {
-        let mut backoff = Backoff::new(&self.policy);
+        let mut backoff = Backoff::new(self.policy.initial_backoff, self.policy.max_backoff);
         loop {
             let (applied, result) = self.stream_once(&convert).await;
             if applied {
@@ -353,7 +354,7 @@ impl<T: Send + Sync + 'static> Driver<T> {
             if matches!(self.out, Output::Gone) {
                 return;
             }
-            let wait = backoff.next();
+            let wait = backoff.next(fastrand::f64());
             match result {
                 Ok(()) => {
                     tracing::info!(retry_in = ?wait, "the controller ended the discovery stream")
@@ -553,35 +554,5 @@ impl<T: Send + Sync + 'static> Driver<T> {
         }
         tracing::debug!(version = %self.state.version_info, "discovery update applied");
         Ok(skipped)
-    }
-}
-
-/// Exponential backoff with jitter, so that every proxy of a cluster does
-/// not reconnect to a restarted controller in the same instant.
-#[derive(Debug)]
-struct Backoff {
-    initial: Duration,
-    max: Duration,
-    current: Duration,
-}
-
-impl Backoff {
-    fn new(p: &ClientPolicy) -> Self {
-        Self {
-            initial: p.initial_backoff,
-            max: p.max_backoff,
-            current: p.initial_backoff,
-        }
-    }
-
-    fn reset(&mut self) {
-        self.current = self.initial;
-    }
-
-    /// Between half and all of the current step.
-    fn next(&mut self) -> Duration {
-        let step = self.current;
-        self.current = (self.current * 2).min(self.max);
-        step / 2 + step.mul_f64(fastrand::f64() / 2.0)
     }
 }

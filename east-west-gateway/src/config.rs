@@ -55,6 +55,9 @@ pub struct Settings {
     /// Name servers (ip:port) for peer gateways given by DNS name. Empty:
     /// the system's (`/etc/resolv.conf`, `/etc/hosts`).
     pub dns_servers: Vec<SocketAddr>,
+    /// Debugging: name the backend's address in `TunnelAccept.endpoint`.
+    /// Off, other clusters learn nothing of this cluster's addresses.
+    pub reveal_endpoint: bool,
 }
 
 impl Default for Settings {
@@ -72,6 +75,7 @@ impl Default for Settings {
             drain_timeout: Duration::from_secs(30),
             max_udp_payload: 1452,
             dns_servers: Vec::new(),
+            reveal_endpoint: false,
         }
     }
 }

@@ -64,6 +64,15 @@ async fn connection(incoming: quinn::Incoming, sh: Arc<GatewayState>) {
     }
 }
 
+/// Removes a connection's RTT series when its serving ends.
+struct Forget<'a>(&'a crate::metrics::Metrics, GatewayLabels);
+
+impl Drop for Forget<'_> {
+    fn drop(&mut self) {
+        self.0.rtt_seconds.remove(&self.1);
+    }
+}
+
 /// Serves `conn`'s streams. Returns why, and whose, when the connection
 /// must close for no longer verifying; `None` when it simply ended.
 async fn serve_peer(
@@ -73,14 +82,14 @@ async fn serve_peer(
     expires: Instant,
     sh: &Arc<GatewayState>,
 ) -> Option<(String, String)> {
-    let rtt = sh
-        .metrics
-        .rtt_seconds
-        .get_or_create(&GatewayLabels {
-            peer_cluster: peer.cluster.clone(),
-            gateway: conn.remote_address().to_string(),
-        })
-        .clone();
+    let labels = GatewayLabels {
+        peer_cluster: peer.cluster.clone(),
+        gateway: conn.remote_address().to_string(),
+    };
+    let rtt = sh.metrics.rtt_seconds.get_or_create(&labels).clone();
+    // One series per live connection: peers reconnect from new ports, so
+    // a label kept after its connection would grow without bound.
+    let _forget = Forget(&sh.metrics, labels);
     let (mut routes, mut bundles) = (sh.routes.clone(), sh.bundles.clone());
     // Held by each of this connection's streams, to know when they are done.
     let live = Arc::new(());
@@ -268,7 +277,11 @@ async fn tunnel(
             return refuse(&mut send, &mut recv, &peer, &sh, r).await;
         }
     };
-    if let Err(e) = write_frame(&mut send, &frame::accept_ok(endpoint.to_string())).await {
+    let shown = match sh.settings.reveal_endpoint {
+        true => endpoint.to_string(),
+        false => String::new(),
+    };
+    if let Err(e) = write_frame(&mut send, &frame::accept_ok(shown)).await {
         tracing::debug!(error = %e, "peer went away before TunnelAccept");
         return;
     }

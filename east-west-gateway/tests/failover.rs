@@ -29,7 +29,10 @@ async fn kill_9_of_a_peer_gateway_fails_over_to_its_sibling() {
         &[(&a, vec![])],
         &[("shop/echo", echo1.addr)],
         false,
-        Default::default(),
+        Settings {
+            reveal_endpoint: true,
+            ..Default::default()
+        },
     )
     .await;
     let g2 = GatewayProcess::spawn(
@@ -39,7 +42,10 @@ async fn kill_9_of_a_peer_gateway_fails_over_to_its_sibling() {
         &[(&a, vec![])],
         &[("shop/echo", echo2.addr)],
         false,
-        Default::default(),
+        Settings {
+            reveal_endpoint: true,
+            ..Default::default()
+        },
     )
     .await;
     let (addr1, addr2) = (g1.quic, g2.quic);

@@ -83,7 +83,12 @@ async fn ping<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(s: &mut S
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hundred_megabytes_round_trip_byte_exact() {
-    let p = pair(Settings::default()).await;
+    // With `revealEndpoint` (debugging), the accept names the backend.
+    let p = pair(Settings {
+        reveal_endpoint: true,
+        ..Settings::default()
+    })
+    .await;
     let (s, accept) = p.open(&open_msg(ECHO, 8080, "gcp-usc1")).await;
     assert_eq!(accept.status, Status::Ok as i32, "{accept:?}");
     assert_eq!(accept.endpoint, p.echo.addr.to_string());
@@ -128,6 +133,8 @@ async fn a_thousand_concurrent_streams_share_one_connection() {
         tasks.push(tokio::spawn(async move {
             let (mut s, accept) = p.open(&open_msg(ECHO, 8080, "gcp-usc1")).await;
             assert_eq!(accept.status, Status::Ok as i32, "{accept:?}");
+            // By default no backend address leaves the cluster.
+            assert_eq!(accept.endpoint, "", "{accept:?}");
             let msg = format!("stream {i} ").repeat(100);
             s.write_all(msg.as_bytes()).await.unwrap();
             s.shutdown().await.unwrap();
@@ -850,4 +857,31 @@ async fn a_connection_closes_at_its_peers_certificate_expiry() {
         matches!(&closed, quinn::ConnectionError::ApplicationClosed(c) if c.error_code == fedmesh_gateway::splice::code::REVOKED),
         "{closed:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_peer_connection_leaves_no_rtt_series_behind() {
+    let p = pair(Settings::default()).await;
+    let (mut s, accept) = p.open(&open_msg(ECHO, 8080, "gcp-usc1")).await;
+    assert_eq!(accept.status, Status::Ok as i32, "{accept:?}");
+    ping(&mut s, b"hello").await;
+    let rtt_lines = |text: String| {
+        text.lines()
+            .filter(|l| l.starts_with("fedmesh_gateway_rtt_seconds{"))
+            .count()
+    };
+    assert_eq!(rtt_lines(p.gw_b.scrape()), 1, "{}", p.gw_b.scrape());
+    // aws's gateway goes away: its connection closes at gcp's side.
+    let Pair { gw_a, gw_b, .. } = p;
+    drop(s);
+    drop(gw_a);
+    fedmesh_test_support::eventually(
+        "the series to go",
+        std::time::Duration::from_secs(10),
+        || {
+            let n = rtt_lines(gw_b.scrape());
+            async move { (n == 0).then_some(()) }
+        },
+    )
+    .await;
 }

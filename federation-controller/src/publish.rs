@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use etcd_client::{Client, PutOptions};
+use fedmesh_api::retry::Backoff;
 use fedmesh_api::{
     AliveRecord, ExportSummary, GlobalKey, KeySpace, LocalServices, SeenRecord, ServiceKey,
     ZoneCapacity,
@@ -93,7 +94,7 @@ pub async fn run_exports(
     mut local: watch::Receiver<Arc<LocalServices>>,
     stats: Arc<PublishStats>,
 ) {
-    let mut backoff = Duration::from_millis(200);
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
     let mut written: Option<BTreeMap<ServiceKey, ExportSummary>> = None;
     loop {
         let result = async {
@@ -123,16 +124,16 @@ pub async fn run_exports(
         .await;
         match result {
             Ok(()) => {
-                backoff = Duration::from_millis(200);
+                backoff.reset();
                 if local.changed().await.is_err() {
                     return;
                 }
             }
             Err(error) => {
                 stats.etcd_errors.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(%error, retry_in = ?backoff, "publishing exports failed; will retry");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                let wait = backoff.next(fastrand::f64());
+                tracing::warn!(%error, retry_in = ?wait, "publishing exports failed; will retry");
+                tokio::time::sleep(wait).await;
             }
         }
     }
@@ -185,7 +186,7 @@ pub async fn run_alive(
     let ttl_secs = ttl.as_secs().max(2) as i64;
     let value = serde_json::to_vec(&record).unwrap_or_default();
     let (key, seen_key) = (keys.alive(&cluster), keys.seen(&cluster));
-    let mut backoff = Duration::from_millis(200);
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(2));
     loop {
         let session = async {
             let lease = client.lease_grant(ttl_secs, None).await?.id();
@@ -220,16 +221,15 @@ pub async fn run_alive(
         tokio::select! {
             r = session => {
                 if let Err(error) = r {
-                    tracing::warn!(%error, retry_in = ?backoff, "liveness lease lost; re-granting");
+                    tracing::warn!(%error, "liveness lease lost; re-granting");
                 }
             }
             _ = stop.changed() => return,
         }
         tokio::select! {
-            _ = tokio::time::sleep(backoff) => {}
+            _ = tokio::time::sleep(backoff.next(fastrand::f64())) => {}
             _ = stop.changed() => return,
         }
-        backoff = (backoff * 2).min(Duration::from_secs(2));
     }
 }
 

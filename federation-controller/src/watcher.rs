@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use etcd_client::{Client, EventType, WatchOptions};
+use fedmesh_api::retry::Backoff;
 use tokio::sync::watch;
 
 use crate::view::{GlobalView, Listing, RawEvent, RawKv};
@@ -60,7 +61,7 @@ pub async fn run(
     config: WatcherConfig,
     stats: Arc<WatchStats>,
 ) {
-    let mut backoff = config.initial_backoff;
+    let mut backoff = Backoff::new(config.initial_backoff, config.max_backoff);
     let mut need_list = true;
     loop {
         if tx.is_closed() {
@@ -83,20 +84,19 @@ pub async fn run(
                     "resume revision compacted; listing again"
                 );
                 need_list = true;
-                backoff = config.initial_backoff;
+                backoff.reset();
                 continue;
             }
-            Ok(Resume::Watch) => backoff = config.initial_backoff,
+            Ok(Resume::Watch) => backoff.reset(),
             Err(error) => {
                 stats.etcd_errors.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(%error, retry_in = ?backoff, revision = view.revision(), "global zone watch interrupted; serving the last view");
+                tracing::warn!(%error, revision = view.revision(), "global zone watch interrupted; serving the last view");
             }
         }
         tokio::select! {
-            _ = tokio::time::sleep(backoff) => {}
+            _ = tokio::time::sleep(backoff.next(fastrand::f64())) => {}
             _ = tx.closed() => return,
         }
-        backoff = (backoff * 2).min(config.max_backoff);
     }
 }
 

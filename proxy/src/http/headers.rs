@@ -33,9 +33,10 @@ pub(crate) fn prepare_request(
     }
     parts.version = Version::HTTP_11;
     strip_hop_by_hop(&mut parts.headers, upgrade);
-    if !parts.headers.contains_key(header::HOST)
-        && let Ok(h) = HeaderValue::from_str(authority)
-    {
+    // Host is what the request was routed by: with an absolute URI, its
+    // authority wins over any Host header (RFC 9112 §3.2.2), so a backend
+    // never sees a request for one service named as another.
+    if let Ok(h) = HeaderValue::from_str(authority) {
         parts.headers.insert(header::HOST, h);
     }
 }
@@ -123,5 +124,18 @@ mod tests {
         assert_eq!(parts.uri, "/a/b?c=d");
         assert_eq!(parts.version, Version::HTTP_11);
         assert_eq!(parts.headers[header::HOST], "cart.shop:8080");
+    }
+
+    #[test]
+    fn host_becomes_the_authority_the_request_was_routed_by() {
+        let req = Request::get("http://checkout.shop/pay?x=1")
+            .header("host", "payments.shop")
+            .body(())
+            .unwrap();
+        let (mut parts, ()) = req.into_parts();
+        prepare_request(&mut parts, "checkout.shop", false);
+        assert_eq!(parts.headers[header::HOST], "checkout.shop");
+        assert_eq!(parts.headers.get_all(header::HOST).iter().count(), 1);
+        assert_eq!(parts.uri.to_string(), "/pay?x=1");
     }
 }
