@@ -29,12 +29,41 @@ pub struct EtcdFlags {
     /// etcd user with rights to register clusters (needed when etcd runs with auth).
     #[arg(long, env = "FEDMESH_ETCD_USER")]
     pub etcd_user: Option<String>,
-    /// Password of --etcd-user.
+    /// Password of --etcd-user. A flag is visible to every user of this
+    /// machine in `ps`: prefer FEDMESH_ETCD_PASSWORD or --etcd-password-file.
     #[arg(long, env = "FEDMESH_ETCD_PASSWORD", hide_env_values = true)]
     pub etcd_password: Option<String>,
+    /// A file holding the password of --etcd-user (one line).
+    #[arg(
+        long,
+        env = "FEDMESH_ETCD_PASSWORD_FILE",
+        conflicts_with = "etcd_password"
+    )]
+    pub etcd_password_file: Option<std::path::PathBuf>,
     /// Key prefix of the global zone.
     #[arg(long, default_value = DEFAULT_PREFIX)]
     pub prefix: String,
+}
+
+impl EtcdFlags {
+    /// The password: the flag's or the environment's, or the file's.
+    pub fn password(&self) -> anyhow::Result<Option<String>> {
+        if let Some(p) = &self.etcd_password {
+            return Ok(Some(p.clone()));
+        }
+        let Some(file) = &self.etcd_password_file else {
+            return Ok(None);
+        };
+        let text = std::fs::read_to_string(file)
+            .with_context(|| format!("--etcd-password-file {}", file.display()))?;
+        let password = text.trim_end_matches(['\n', '\r']);
+        anyhow::ensure!(
+            !password.is_empty(),
+            "--etcd-password-file {}: the file is empty",
+            file.display()
+        );
+        Ok(Some(password.to_owned()))
+    }
 }
 
 /// The global zone behind `flags`, checked to answer.
@@ -42,8 +71,8 @@ pub async fn connect(flags: &EtcdFlags) -> anyhow::Result<GlobalZone> {
     let mut opts = ConnectOptions::new()
         .with_connect_timeout(Duration::from_secs(5))
         .with_timeout(Duration::from_secs(10));
-    if let (Some(u), Some(p)) = (&flags.etcd_user, &flags.etcd_password) {
-        opts = opts.with_user(u.as_str(), p.as_str());
+    if let (Some(u), Some(p)) = (&flags.etcd_user, flags.password()?) {
+        opts = opts.with_user(u.as_str(), p);
     }
     let endpoints = flags.etcd.join(",");
     let mut client = Client::connect(&flags.etcd, Some(opts))
