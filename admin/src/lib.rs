@@ -55,24 +55,52 @@ pub async fn accept(
 /// A JSON page of the admin port (`/clients`, say), rendered per request.
 pub type JsonPage = (&'static str, Arc<dyn Fn() -> String + Send + Sync>);
 
-/// Serves the admin endpoints on `listener` until the task is dropped.
-pub async fn serve(listener: TcpListener, registry: Arc<Registry>, ready: Readiness) {
-    serve_with(listener, registry, ready, Vec::new()).await
+/// What one admin port lets its clients hold: scrapers and probes make
+/// short requests, so a slow or idle client is dropped early and a flood of
+/// them cannot take the process's descriptors.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// A request's headers must arrive within this (and a kept-alive
+    /// connection's next request's too).
+    pub header_timeout: Duration,
+    /// Connections at once; more are closed as they come.
+    pub max_connections: usize,
 }
 
-/// [`serve`], with JSON pages of the caller's.
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            header_timeout: Duration::from_secs(5),
+            max_connections: 64,
+        }
+    }
+}
+
+/// Serves the admin endpoints on `listener` until the task is dropped.
+pub async fn serve(listener: TcpListener, registry: Arc<Registry>, ready: Readiness) {
+    serve_with(listener, registry, ready, Vec::new(), Limits::default()).await
+}
+
+/// [`serve`], with JSON pages of the caller's, within `limits`.
 pub async fn serve_with(
     listener: TcpListener,
     registry: Arc<Registry>,
     ready: Readiness,
     pages: Vec<JsonPage>,
+    limits: Limits,
 ) {
     let stats = AcceptStats::default();
     let pages = Arc::new(pages);
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     loop {
         let (tcp, _) = accept(&listener, "admin", &stats).await;
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            drop(tcp); // At the cap: closed at once, never queued.
+            continue;
+        };
         let (registry, ready, pages) = (registry.clone(), ready.clone(), pages.clone());
         tokio::spawn(async move {
+            let _slot = slot;
             let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
                 let (registry, ready, pages) = (registry.clone(), ready.clone(), pages.clone());
                 async move {
@@ -90,6 +118,8 @@ pub async fn serve_with(
             });
             let io = hyper_util::rt::TokioIo::new(tcp);
             let _ = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(limits.header_timeout)
                 .serve_connection(io, svc)
                 .await;
         });
@@ -163,5 +193,62 @@ mod tests {
             route("/nope", &registry, &ok).status(),
             StatusCode::NOT_FOUND
         );
+    }
+
+    #[tokio::test]
+    async fn a_silent_client_is_dropped_and_the_cap_holds() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let ready: Readiness = Arc::new(|| Ok("ok".into()));
+        let limits = Limits {
+            header_timeout: Duration::from_millis(200),
+            max_connections: 2,
+        };
+        let server = tokio::spawn(serve_with(
+            l,
+            Arc::new(Registry::default()),
+            ready,
+            vec![],
+            limits,
+        ));
+        let read_to_end = |mut s: tokio::net::TcpStream| async move {
+            let mut buf = Vec::new();
+            tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf))
+                .await
+                .map(|_| String::from_utf8_lossy(&buf).into_owned())
+        };
+        // Silent: closed at the header timeout.
+        let silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let t = std::time::Instant::now();
+        assert!(read_to_end(silent).await.is_ok(), "still open");
+        assert!(t.elapsed() >= Duration::from_millis(150));
+        // Two held: a third is closed at once; once they go, one is served.
+        let (a, b) = (
+            tokio::net::TcpStream::connect(addr).await.unwrap(),
+            tokio::net::TcpStream::connect(addr).await.unwrap(),
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let third = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let t = std::time::Instant::now();
+        assert_eq!(read_to_end(third).await.unwrap(), "");
+        assert!(
+            t.elapsed() < Duration::from_millis(150),
+            "closed at once, not by the timeout"
+        );
+        drop((a, b));
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            s.write_all(b"GET /live HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n")
+                .await
+                .unwrap();
+            if read_to_end(s).await.unwrap().contains("200 OK") {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "never served again");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        server.abort();
     }
 }

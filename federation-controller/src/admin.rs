@@ -157,6 +157,7 @@ pub async fn serve(listener: TcpListener, metrics: Arc<ControllerMetrics>, snaps
         Arc::new(registry),
         Arc::new(ready),
         vec![("/clients", clients)],
+        fedmesh_admin::Limits::default(),
     )
     .await
 }

@@ -76,6 +76,18 @@ pub struct Settings {
     /// for the controller to send it (on-demand discovery), then is a 404.
     #[serde(with = "humantime_serde")]
     pub on_demand_timeout: Duration,
+    /// An app's connection must send its first request's headers within
+    /// this (and each request's headers, once begun, within this too).
+    #[serde(with = "humantime_serde")]
+    pub downstream_header_timeout: Duration,
+    /// An app's connection with nothing in flight for this long is closed.
+    #[serde(with = "humantime_serde")]
+    pub downstream_idle_timeout: Duration,
+    /// App connections to the HTTP listener at once; at most three quarters
+    /// of the process's file descriptor limit. At the cap a new connection
+    /// closes the oldest idle one, so idle connections never starve a real
+    /// request.
+    pub max_downstream_connections: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -133,6 +145,9 @@ impl Default for Settings {
             drain_timeout: Duration::from_secs(30),
             otlp_endpoint: None,
             on_demand_timeout: Duration::from_secs(2),
+            downstream_header_timeout: Duration::from_secs(10),
+            downstream_idle_timeout: Duration::from_secs(300),
+            max_downstream_connections: 10_000,
         }
     }
 }
@@ -144,6 +159,8 @@ impl Settings {
             ("requestTimeout", self.request_timeout),
             ("poolIdleTimeout", self.pool_idle_timeout),
             ("outlier.baseEjection", self.outlier.base_ejection),
+            ("downstreamHeaderTimeout", self.downstream_header_timeout),
+            ("downstreamIdleTimeout", self.downstream_idle_timeout),
         ] {
             if d.is_zero() {
                 return Err(format!("{name} must be non-zero"));
@@ -188,6 +205,9 @@ impl Settings {
         }
         if self.outlier.consecutive_failures == 0 {
             return Err("outlier.consecutiveFailures must be at least 1".into());
+        }
+        if self.max_downstream_connections == 0 {
+            return Err("maxDownstreamConnections must be at least 1".into());
         }
         if self.max_connections == 0 || self.max_pending_requests == 0 {
             return Err("maxConnections and maxPendingRequests must be at least 1".into());

@@ -30,6 +30,7 @@ pub mod balancer;
 pub mod budget;
 pub mod config;
 pub mod discovered;
+pub mod downstream;
 pub mod http;
 pub mod limits;
 pub mod locality;

@@ -361,10 +361,25 @@ pub struct ProxyProcess {
 impl ProxyProcess {
     /// Starts it on `config` with `RUST_LOG=rust_log`; stderr is piped.
     pub async fn start(config: &Path, rust_log: &str) -> Self {
+        let mut cmd = tokio::process::Command::new(crate::binary("fedmesh-proxy"));
+        cmd.arg("--config").arg(config);
+        Self::spawn(cmd, rust_log).await
+    }
+
+    /// [`Self::start`], with the process's file descriptor limit
+    /// (`ulimit -n`) set to `fds`.
+    pub async fn start_with_fd_limit(config: &Path, rust_log: &str, fds: u32) -> Self {
+        let mut cmd = tokio::process::Command::new("sh");
+        cmd.arg("-c")
+            .arg(format!("ulimit -n {fds} && exec \"$0\" --config \"$1\""))
+            .arg(crate::binary("fedmesh-proxy"))
+            .arg(config);
+        Self::spawn(cmd, rust_log).await
+    }
+
+    async fn spawn(mut cmd: tokio::process::Command, rust_log: &str) -> Self {
         use tokio::io::AsyncBufReadExt;
-        let mut child = tokio::process::Command::new(crate::binary("fedmesh-proxy"))
-            .arg("--config")
-            .arg(config)
+        let mut child = cmd
             .env("RUST_LOG", rust_log)
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())

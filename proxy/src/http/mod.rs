@@ -21,16 +21,20 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::sync::Mutex;
+
 use bytes::Bytes;
+use http_body_util::BodyExt;
 use http_body_util::combinators::BoxBody;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tokio::time::timeout;
 
 pub use forward::handle;
 pub use pool::{Pool, PoolKey};
 
+use crate::downstream::{Downstream, connection_cap};
 use crate::runtime::{Shared, stopped};
 
 /// The body type both ways: the app's or the upstream's, streamed.
@@ -41,6 +45,37 @@ pub const OVERLOADED_HEADER: &str = "x-fedmesh-overloaded";
 /// The header a proxy-made error response carries, naming what failed.
 pub const ERROR_HEADER: &str = "x-fedmesh-error";
 
+type Conns = Arc<Mutex<Downstream<Arc<Notify>>>>;
+
+fn lock(c: &Conns) -> std::sync::MutexGuard<'_, Downstream<Arc<Notify>>> {
+    // Every update is one map operation: a panic cannot leave it torn.
+    c.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Ends a request's hold on its connection when its response body is
+/// done (sent or dropped): until then the connection is busy.
+struct InFlight(Conns, u64);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        lock(&self.0).finished(self.1, std::time::Instant::now());
+    }
+}
+
+/// Closes the connections [`Downstream::expired`] names, a few times per
+/// timeout.
+async fn sweep(conns: Conns, header: Duration, idle: Duration) {
+    let every = (header.min(idle) / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tick.tick().await;
+        let gone = lock(&conns).expired(std::time::Instant::now(), header, idle);
+        for close in gone {
+            close.notify_one();
+        }
+    }
+}
+
 /// Serves HTTP on `listener` until `shutdown` turns true; then stops
 /// accepting and lets live connections finish for up to `drain`.
 pub async fn serve(
@@ -49,28 +84,66 @@ pub async fn serve(
     mut shutdown: watch::Receiver<bool>,
     drain: Duration,
 ) {
-    let server = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let settings = &shared.settings;
+    let mut server = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    server
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(settings.downstream_header_timeout);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let stats = fedmesh_admin::AcceptStats::default();
+    let conns: Conns = Arc::new(Mutex::new(Downstream::new(connection_cap(
+        settings.max_downstream_connections,
+    ))));
+    let sweeper = tokio::spawn(sweep(
+        conns.clone(),
+        settings.downstream_header_timeout,
+        settings.downstream_idle_timeout,
+    ));
     loop {
         let (tcp, _) = tokio::select! {
             c = fedmesh_admin::accept(&listener, "http", &stats) => c,
             _ = stopped(&mut shutdown) => break,
         };
         let _ = tcp.set_nodelay(true);
-        let shared = shared.clone();
+        let close = Arc::new(Notify::new());
+        let (id, victim) = lock(&conns).open(close.clone(), std::time::Instant::now());
+        if let Some(v) = victim {
+            v.notify_one();
+        }
+        let (shared, held) = (shared.clone(), conns.clone());
         let svc = hyper::service::service_fn(move |req| {
-            let shared = shared.clone();
-            async move { Ok::<_, Infallible>(handle(&shared, req).await) }
+            let (shared, held) = (shared.clone(), held.clone());
+            async move {
+                lock(&held).started(id);
+                let guard = InFlight(held, id);
+                let resp = handle(&shared, req).await;
+                let resp = resp.map(|b| {
+                    b.map_frame(move |f| {
+                        let _held = &guard;
+                        f
+                    })
+                    .boxed()
+                });
+                Ok::<_, Infallible>(resp)
+            }
         });
         let conn = server.serve_connection_with_upgrades(TokioIo::new(tcp), svc);
         let conn = graceful.watch(conn.into_owned());
+        let conns = conns.clone();
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "downstream connection ended with an error");
+            tokio::select! {
+                r = conn => if let Err(e) = r {
+                    tracing::debug!(error = %e, "downstream connection ended with an error");
+                },
+                // Idle past its timeout, or the oldest idle one at the cap:
+                // nothing is in flight on it, so dropping it cuts nothing.
+                _ = close.notified() => {}
             }
+            lock(&conns).closed(id);
         });
     }
+    sweeper.abort();
     drop(listener);
     if timeout(drain, graceful.shutdown()).await.is_err() {
         tracing::warn!(?drain, "drain deadline passed with requests still live");
