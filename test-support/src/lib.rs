@@ -8,6 +8,8 @@
 //!   upstream source port, as a NAT rebinding does.
 //! - [`dns::DnsServer`]: a small authoritative DNS server on loopback UDP
 //!   whose A records a test can change, to move a name.
+//! - [`mutate::mutations`]: valid documents with random edits, for
+//!   property-based tests of the parsers.
 //! - [`eventually`]: poll a condition until a deadline instead of sleeping.
 //! - [`env_or`]: a bench knob from the environment.
 //! - [`ensure_haproxy`]: install the benches' peer when it is missing.
@@ -19,6 +21,7 @@
 
 pub mod dns;
 pub mod etcd;
+pub mod mutate;
 pub mod relay;
 pub mod udp_relay;
 
