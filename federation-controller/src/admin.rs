@@ -23,6 +23,9 @@ pub struct ControllerMetrics {
     /// etcd's latest revision minus the view's, sampled periodically.
     pub watch_lag_revisions: AtomicI64,
     pub view_revision: AtomicI64,
+    /// etcd holds a bundle for our own trust domain with other roots than
+    /// our CA files (ignored; a rewrite, or a rotation being published).
+    pub foreign_own_bundle: std::sync::atomic::AtomicBool,
 }
 
 fn counter(e: &mut DescriptorEncoder, name: &str, help: &str, v: u64) -> std::fmt::Result {
@@ -113,6 +116,12 @@ impl Collector for ControllerMetrics {
             "fedmesh_controller_discovery_accept_errors",
             "failed accepts on the discovery listener (each retried)",
             r(&d.accept.errors),
+        )?;
+        gauge(
+            &mut e,
+            "fedmesh_controller_foreign_own_bundle",
+            "1 while etcd holds other roots than ours for our own trust domain (ignored)",
+            i64::from(self.foreign_own_bundle.load(Ordering::Relaxed)),
         )?;
         gauge(
             &mut e,

@@ -373,11 +373,22 @@ async fn build_mesh(
         // Never publish before the first complete listing: an empty mesh
         // would tell proxies that nothing exists anywhere.
         if g.revision() > 0 {
+            let own = Arc::new(own_bundle.borrow_and_update().clone());
             let inputs = mesh::MeshInputs {
                 cluster: cluster.clone(),
                 local: l,
                 global: g.clone(),
+                own: Some(own.clone()),
             };
+            let foreign = inputs.foreign_own_bundle();
+            if foreign
+                && !last
+                    .as_ref()
+                    .is_some_and(mesh::MeshInputs::foreign_own_bundle)
+            {
+                tracing::warn!(trust_domain = %own.trust_domain(), "etcd holds a bundle for our own trust domain with other roots than our CA files; ignoring it (proxies and gateways get ours)");
+            }
+            metrics.foreign_own_bundle.store(foreign, Ordering::Relaxed);
             let changed = last.as_ref().map(|prev| mesh::changed(prev, &inputs));
             if let Some(mesh::Changed::Services(keys)) = &changed {
                 report_port_conflicts(&inputs, keys);
@@ -394,7 +405,7 @@ async fn build_mesh(
                     inputs: inputs.clone(),
                 })));
             }
-            let set = bundle_set(&own_bundle.borrow_and_update(), Some(&g));
+            let set = bundle_set(&own, Some(&g));
             bundles.send_if_modified(|cur| {
                 if **cur == set {
                     return false;

@@ -688,6 +688,7 @@ mod tests {
                 cluster: "aws".into(),
                 local: Arc::default(),
                 global: Arc::new(g),
+                own: None,
             },
         }
     }

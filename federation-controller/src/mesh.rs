@@ -16,6 +16,7 @@ use fedmesh_proto::discovery::v1 as pb;
 use imbl::ordmap::DiffItem;
 
 use fedmesh_api::policy::{DEFAULT_SERVICE, PolicySpec, effective};
+use fedmesh_trust::Bundle;
 
 use crate::view::{Export, Exporters, GlobalView, Name, Policy};
 
@@ -25,6 +26,9 @@ pub struct MeshInputs {
     pub cluster: Arc<str>,
     pub local: Arc<LocalServices>,
     pub global: Arc<GlobalView>,
+    /// This cluster's own bundle, from its own CA files: what proxies and
+    /// gateways get for our trust domain, whatever etcd holds for it.
+    pub own: Option<Arc<Bundle>>,
 }
 
 /// Which services differ between two versions.
@@ -179,19 +183,39 @@ impl MeshInputs {
             .collect()
     }
 
-    /// Trust domain → bundle document.
+    /// Trust domain → bundle document. Our own trust domain's is our own
+    /// bundle, never etcd's: someone who could rewrite `bundles/<our td>`
+    /// must not be able to add a root that our own workloads trust.
     pub fn bundles(&self) -> BTreeMap<String, String> {
-        self.global
+        let mut out: BTreeMap<String, String> = self
+            .global
             .bundles
             .iter()
             .map(|(td, b)| (td.clone(), b.to_document()))
-            .collect()
+            .collect();
+        if let Some(own) = &self.own {
+            out.insert(own.trust_domain().to_string(), own.to_document());
+        }
+        out
+    }
+
+    /// Whether etcd holds a bundle for our trust domain with roots other
+    /// than ours (a rewrite, or a rotation still publishing): reported, never
+    /// used.
+    pub fn foreign_own_bundle(&self) -> bool {
+        self.own.as_ref().is_some_and(|own| {
+            self.global
+                .bundles
+                .get(own.trust_domain().as_str())
+                .is_some_and(|b| b.roots() != own.roots())
+        })
     }
 
     /// Whether `other` has different bundles.
     pub fn bundles_differ(&self, other: &MeshInputs) -> bool {
-        !self.global.bundles.ptr_eq(&other.global.bundles)
-            && self.global.bundles != other.global.bundles
+        self.own != other.own
+            || (!self.global.bundles.ptr_eq(&other.global.bundles)
+                && self.global.bundles != other.global.bundles)
     }
 
     /// Every other registered cluster, with its gateways.
@@ -508,6 +532,7 @@ mod tests {
 
     fn inputs(local: Arc<LocalServices>, g: &GlobalView) -> MeshInputs {
         MeshInputs {
+            own: None,
             cluster: "aws".into(),
             local,
             global: Arc::new(g.clone()),
@@ -823,5 +848,34 @@ mod tests {
         );
         assert!(g.invalid[&ks.policy("cart2")].contains("already for"));
         assert!(!g.policies.contains_key("cart2"));
+    }
+
+    #[test]
+    fn our_own_trust_domain_gets_our_roots_never_etcds() {
+        use fedmesh_trust::{CaOptions, ClusterCa, TrustDomain};
+        let ks = KeySpace::default();
+        let td = TrustDomain::new("aws.fedmesh").unwrap();
+        let now = std::time::SystemTime::now();
+        let ours = ClusterCa::generate(&td, &CaOptions::default(), now).unwrap();
+        let forged = ClusterCa::generate(&td, &CaOptions::default(), now).unwrap();
+        let mut g = GlobalView::new(ks.clone());
+        // Someone on the path to etcd rewrote our bundle with their root.
+        let evil = Bundle::with_roots(td.clone(), [forged.cert_der().clone()]);
+        g.apply_event(RawEvent::Put(RawKv {
+            key: ks.bundle("aws.fedmesh"),
+            value: evil.to_document().into_bytes(),
+            mod_revision: 2,
+        }));
+        let own = Bundle::with_roots(td.clone(), [ours.cert_der().clone()]);
+        let m = MeshInputs {
+            own: Some(Arc::new(own.clone())),
+            ..inputs(local(), &g)
+        };
+        assert!(m.foreign_own_bundle(), "reported");
+        let sent = m.bundles();
+        let got = Bundle::from_document(td, sent["aws.fedmesh"].as_bytes(), "t").unwrap();
+        assert_eq!(got.roots(), own.roots(), "ours, not etcd's");
+        assert!(!got.roots().contains(forged.cert_der()));
+        assert!(m.bundles_differ(&inputs(local(), &g)));
     }
 }
