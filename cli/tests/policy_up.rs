@@ -141,6 +141,16 @@ async fn policies_shift_route_allow_and_roll_back_on_a_live_federation() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // Every secret `up` writes is its owner's alone.
+    for file in ["aws-use1/tokens.yaml", "aws-use1/proxy.token"] {
+        let path = s.join(file);
+        if path.exists() {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{file}: {mode:o}");
+        }
+    }
+    assert!(s.join("aws-use1/tokens.yaml").exists());
     let st = state_json(s);
     let etcd = format!("http://{}", st["etcd"][0]["address"].as_str().unwrap());
     let aws: SocketAddr = AWS_PROXY.parse().unwrap();

@@ -24,6 +24,8 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+
+use crate::guard::{FailureLimiter, FailurePolicy};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::mesh::{self, Changed, MeshInputs, Scope};
@@ -347,6 +349,8 @@ pub struct DiscoveryService {
     stats: Arc<DiscoveryStats>,
     /// How large an update's chunks grow ([`CHUNK_BYTES`]).
     pub chunk_bytes: usize,
+    /// Failed `Certify` attempts, per source address.
+    failures: Arc<Mutex<FailureLimiter>>,
 }
 
 impl DiscoveryService {
@@ -364,7 +368,14 @@ impl DiscoveryService {
             tokens: Arc::new(tokens),
             stats,
             chunk_bytes: CHUNK_BYTES,
+            failures: Arc::new(Mutex::new(FailureLimiter::new(FailurePolicy::default()))),
         }
+    }
+
+    /// Sets how many failed `Certify` attempts a source may make.
+    pub fn with_failure_policy(mut self, p: FailurePolicy) -> Self {
+        self.failures = Arc::new(Mutex::new(FailureLimiter::new(p)));
+        self
     }
 }
 
@@ -518,6 +529,26 @@ impl Discovery for DiscoveryService {
         &self,
         request: Request<pb::CertifyRequest>,
     ) -> Result<Response<pb::CertifyResponse>, Status> {
+        let source = request
+            .extensions()
+            .get::<TlsConnectInfo<TcpConnectInfo>>()
+            .and_then(|i| i.get_ref().remote_addr())
+            .map(|a| a.ip());
+        if let Some(ip) = source
+            && let Err(wait) = lock(&self.failures).check(ip, std::time::Instant::now())
+        {
+            self.stats.certify_refused.fetch_add(1, Ordering::Relaxed);
+            return Err(Status::resource_exhausted(format!(
+                "too many failed join attempts from {ip}; retry in {} s",
+                wait.as_secs().max(1)
+            )));
+        }
+        let failed = |status: Status| {
+            if let Some(ip) = source {
+                lock(&self.failures).failed(ip, std::time::Instant::now());
+            }
+            status
+        };
         let req = request.into_inner();
         // Every token is compared, each in constant time, so the answer's
         // timing says nothing about how close a guess came.
@@ -531,7 +562,7 @@ impl Discovery for DiscoveryService {
         });
         let Some(id) = found else {
             self.stats.certify_refused.fetch_add(1, Ordering::Relaxed);
-            return Err(Status::permission_denied("unknown join token"));
+            return Err(failed(Status::permission_denied("unknown join token")));
         };
         let signed = {
             let mut authority = self
@@ -547,7 +578,7 @@ impl Discovery for DiscoveryService {
         let (cert, own_bundle) = signed.map_err(|e| {
             self.stats.certify_refused.fetch_add(1, Ordering::Relaxed);
             match e {
-                CaError::CsrRefused(_) => Status::permission_denied(e.to_string()),
+                CaError::CsrRefused(_) => failed(Status::permission_denied(e.to_string())),
                 other => Status::internal(other.to_string()),
             }
         })?;

@@ -21,6 +21,7 @@
 pub mod admin;
 pub mod controller;
 pub mod discovery;
+pub mod guard;
 pub mod mesh;
 pub mod publish;
 pub mod registry;

@@ -355,6 +355,24 @@ async fn certify_signs_only_what_the_token_allows_and_discovery_needs_an_svid() 
     assert_eq!(err.code(), tonic::Code::PermissionDenied);
     assert!(err.message().contains("sa/admin"), "{}", err.message());
 
+    // Guessing tokens from one source: after its burst of failures (10, two
+    // spent above) it is refused even with a good token, and told when to
+    // come back.
+    for _ in 0..8 {
+        let err = certify(&b, "guess-0000000000000000", &web)
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    }
+    let err = certify(&b, TOKEN, &web).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+    assert!(
+        err.message()
+            .contains("too many failed join attempts from 127."),
+        "{}",
+        err.message()
+    );
+
     // Discovery without a client certificate is refused.
     let tls = fedmesh_trust::client_config_without_svid(
         own_bundles(&b),
