@@ -55,6 +55,10 @@ pub struct Settings {
     /// Name servers (ip:port) for peer gateways given by DNS name. Empty:
     /// the system's (`/etc/resolv.conf`, `/etc/hosts`).
     pub dns_servers: Vec<SocketAddr>,
+    /// Inbound connections one peer cluster may hold here at once (a
+    /// cluster has a few gateways, each normally on one connection); more
+    /// are closed at once, so one peer's flood cannot take the gateway.
+    pub max_connections_per_peer: u32,
     /// Debugging: name the backend's address in `TunnelAccept.endpoint`.
     /// Off, other clusters learn nothing of this cluster's addresses.
     pub reveal_endpoint: bool,
@@ -75,6 +79,7 @@ impl Default for Settings {
             drain_timeout: Duration::from_secs(30),
             max_udp_payload: 1452,
             dns_servers: Vec::new(),
+            max_connections_per_peer: 64,
             reveal_endpoint: false,
         }
     }
@@ -83,6 +88,9 @@ impl Default for Settings {
 impl Settings {
     pub fn validate(&self) -> Result<(), String> {
         let ms = |d: Duration| d.as_millis();
+        if self.max_connections_per_peer == 0 {
+            return Err("maxConnectionsPerPeer must be at least 1".into());
+        }
         if self.idle_timeout < Duration::from_millis(100) {
             return Err(format!(
                 "idleTimeout: {} ms is too short; use at least 100ms",

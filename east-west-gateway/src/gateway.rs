@@ -36,6 +36,8 @@ pub(crate) struct GatewayState {
     pub draining: AtomicBool,
     /// Rotates choices among equals (endpoints, gateways).
     pub spread: AtomicUsize,
+    /// Live inbound connections, per peer cluster.
+    pub peer_connections: std::sync::Mutex<std::collections::HashMap<String, u32>>,
 }
 
 impl GatewayState {
@@ -208,6 +210,7 @@ impl Gateway {
             streams: Arc::default(),
             draining: AtomicBool::new(false),
             spread: AtomicUsize::new(fastrand::usize(..)),
+            peer_connections: Default::default(),
         });
         let transport = Arc::new(quic::transport(&options.settings)?);
 

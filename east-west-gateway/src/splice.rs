@@ -29,6 +29,9 @@ pub mod code {
     /// (A connection's) peer no longer verifies: its cluster left, its
     /// bundle changed, or its certificate expired.
     pub const REVOKED: VarInt = VarInt::from_u32(6);
+    /// The peer's cluster holds `maxConnectionsPerPeer` connections here
+    /// already.
+    pub const TOO_MANY: VarInt = VarInt::from_u32(7);
 }
 
 pub use fedmesh_tunnel::{ReadFrameError, read_frame, write_frame};

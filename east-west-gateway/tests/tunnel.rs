@@ -885,3 +885,65 @@ async fn a_closed_peer_connection_leaves_no_rtt_series_behind() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_over_its_connection_cap_is_refused_while_other_peers_work() {
+    let p = pair(Settings {
+        max_connections_per_peer: 2,
+        ..Settings::default()
+    })
+    .await;
+    let mut open = open_msg(ECHO, 8080, "gcp-usc1");
+    open.source_identity = "spiffe://aws.example/ns/shop/sa/web".into();
+    let from_aws = |host: u8| {
+        raw_connect(
+            p.a.ip(host),
+            p.a.gateway_svid(),
+            bundles(&[&p.a, &p.b]),
+            p.b.gateway_id(),
+            p.gw_b.quic(),
+        )
+    };
+    // aws's egress already holds one; one more fits, a third does not.
+    let second = from_aws(60).await.unwrap();
+    let a = raw_stream(&second, &framed(&open)).await.unwrap();
+    assert_eq!(a.status, Status::Ok as i32, "{a:?}");
+    let _warm = p.open(&open_msg(ECHO, 8080, "gcp-usc1")).await;
+    let third = from_aws(61).await;
+    let refused = match third {
+        Err(e) => e.to_string(),
+        Ok(c) => {
+            assert!(raw_stream(&c, &framed(&open)).await.is_err());
+            match c.closed().await {
+                quinn::ConnectionError::ApplicationClosed(a) => {
+                    String::from_utf8_lossy(&a.reason).into_owned()
+                }
+                other => other.to_string(),
+            }
+        }
+    };
+    assert!(refused.contains("too many connections"), "{refused}");
+    assert!(p.gw_b.scrape().contains("too_many_connections"));
+
+    // Another peer cluster is not affected.
+    let c = Domain::new("azure-eus", "azure.example", 3);
+    p.gw_b.update(|r| {
+        r.peers.insert("azure-eus".into(), c.as_peer(vec![]).1);
+    });
+    p.gw_b
+        .bundles
+        .send_replace(Arc::new(bundles(&[&p.a, &p.b, &c])));
+    let mut from_azure = open_msg(ECHO, 8080, "gcp-usc1");
+    from_azure.source_identity = "spiffe://azure.example/ns/shop/sa/web".into();
+    let conn = raw_connect(
+        c.ip(10),
+        c.gateway_svid(),
+        bundles(&[&c, &p.b]),
+        p.b.gateway_id(),
+        p.gw_b.quic(),
+    )
+    .await
+    .unwrap();
+    let a = raw_stream(&conn, &framed(&from_azure)).await.unwrap();
+    assert_eq!(a.status, Status::Ok as i32, "{a:?}");
+}
