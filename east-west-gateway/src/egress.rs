@@ -81,6 +81,27 @@ async fn connection(
             return answer(&mut tls, &r.to_wire()).await;
         }
     };
+    // One workload may not take its cluster's whole stream quota at every
+    // remote gateway.
+    let source_key = req
+        .source
+        .as_ref()
+        .map(ToString::to_string)
+        .unwrap_or_default();
+    let Some(_source_slot) = sh
+        .source_streams
+        .take(&source_key, sh.settings.max_streams_per_source)
+    else {
+        let r = Refusal::new(
+            Status::Overloaded,
+            format!(
+                "{source_key} holds {} streams through this gateway already",
+                sh.settings.max_streams_per_source
+            ),
+        );
+        sh.metrics.refused(DIRECTION, "local", r.label());
+        return answer(&mut tls, &r.to_wire()).await;
+    };
     let span = req.span(DIRECTION, &req.target_cluster);
     async move {
         let _guard = sh.streams.track();

@@ -37,7 +37,45 @@ pub(crate) struct GatewayState {
     /// Rotates choices among equals (endpoints, gateways).
     pub spread: AtomicUsize,
     /// Live inbound connections, per peer cluster.
-    pub peer_connections: std::sync::Mutex<std::collections::HashMap<String, u32>>,
+    pub peer_connections: Counts,
+    /// Live egress streams, per local workload (source identity).
+    pub source_streams: Counts,
+}
+
+/// Live things (connections, streams) per key, each under a cap.
+#[derive(Debug, Default)]
+pub(crate) struct Counts(std::sync::Mutex<std::collections::HashMap<String, u32>>);
+
+impl Counts {
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, u32>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// One more for `key`, unless it holds `cap` already; given back when
+    /// the returned guard drops.
+    pub fn take(&self, key: &str, cap: u32) -> Option<Held<'_>> {
+        let mut all = self.lock();
+        let n = all.entry(key.to_owned()).or_default();
+        if *n >= cap {
+            return None;
+        }
+        *n += 1;
+        Some(Held(self, key.to_owned()))
+    }
+}
+
+pub(crate) struct Held<'a>(&'a Counts, String);
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        let mut all = self.0.lock();
+        if let Some(n) = all.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                all.remove(&self.1);
+            }
+        }
+    }
 }
 
 impl GatewayState {
@@ -210,7 +248,8 @@ impl Gateway {
             streams: Arc::default(),
             draining: AtomicBool::new(false),
             spread: AtomicUsize::new(fastrand::usize(..)),
-            peer_connections: Default::default(),
+            peer_connections: Counts::default(),
+            source_streams: Counts::default(),
         });
         let transport = Arc::new(quic::transport(&options.settings)?);
 

@@ -50,7 +50,8 @@ async fn connection(incoming: quinn::Incoming, sh: Arc<GatewayState>) {
         conn.close(code::BAD_HEADER, b"not a federated gateway");
         return;
     };
-    let Some(_held) = PeerSlot::take(&sh, &peer.cluster) else {
+    let cap = sh.settings.max_connections_per_peer;
+    let Some(_held) = sh.peer_connections.take(&peer.cluster, cap) else {
         tracing::warn!(%remote, peer = %peer.cluster, cap = sh.settings.max_connections_per_peer, "closing a connection over the peer cluster's cap");
         sh.metrics
             .refused(DIRECTION, &peer.cluster, "too_many_connections");
@@ -71,40 +72,6 @@ async fn connection(incoming: quinn::Incoming, sh: Arc<GatewayState>) {
     if let Some((why, peer)) = why {
         tracing::info!(%remote, %peer, reason = %why, "closing a peer connection that no longer verifies");
         conn.close(code::REVOKED, why.as_bytes());
-    }
-}
-
-/// One of a peer cluster's connections here; given back on drop.
-struct PeerSlot<'a>(&'a GatewayState, String);
-
-impl<'a> PeerSlot<'a> {
-    fn take(sh: &'a GatewayState, cluster: &str) -> Option<Self> {
-        let mut held = sh
-            .peer_connections
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        let n = held.entry(cluster.to_owned()).or_default();
-        if *n >= sh.settings.max_connections_per_peer {
-            return None;
-        }
-        *n += 1;
-        Some(Self(sh, cluster.to_owned()))
-    }
-}
-
-impl Drop for PeerSlot<'_> {
-    fn drop(&mut self) {
-        let mut held = self
-            .0
-            .peer_connections
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = held.get_mut(&self.1) {
-            *n -= 1;
-            if *n == 0 {
-                held.remove(&self.1);
-            }
-        }
     }
 }
 

@@ -33,6 +33,11 @@ struct Pair {
 /// Cluster A (aws-use1, 127.0.1.x) with an egress; cluster B (gcp-usc1,
 /// 127.0.2.x) with an ingress in front of an echo service.
 async fn pair(settings_b: Settings) -> Pair {
+    pair_with(Settings::default(), settings_b).await
+}
+
+/// [`pair`], with settings for aws's gateway (the egress) too.
+async fn pair_with(settings_a: Settings, settings_b: Settings) -> Pair {
     let a = Domain::new("aws-use1", "aws.example", 1);
     let b = Domain::new("gcp-usc1", "gcp.example", 2);
     let echo = Echo::start(b.ip(10)).await;
@@ -42,7 +47,7 @@ async fn pair(settings_b: Settings) -> Pair {
     let gw_b = start_gateway(&b, 1, false, bundles(&[&a, &b]), rb, settings_b).await;
     let mut ra = a.routes("use1-a");
     ra.peers.extend([b.as_peer(vec![gw_b.quic()])]);
-    let gw_a = start_gateway(&a, 1, true, bundles(&[&a, &b]), ra, Settings::default()).await;
+    let gw_a = start_gateway(&a, 1, true, bundles(&[&a, &b]), ra, settings_a).await;
     let proxy = proxy_tls(a.workload_svid("shop", "web"), bundles(&[&a]), &a);
     Pair {
         a,
@@ -946,4 +951,45 @@ async fn a_peer_over_its_connection_cap_is_refused_while_other_peers_work() {
     .unwrap();
     let a = raw_stream(&conn, &framed(&from_azure)).await.unwrap();
     assert_eq!(a.status, Status::Ok as i32, "{a:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_workload_over_its_stream_cap_is_refused_while_others_go_on() {
+    let p = pair_with(
+        Settings {
+            max_streams_per_source: 2,
+            ..Settings::default()
+        },
+        Settings::default(),
+    )
+    .await;
+    let open = open_msg(ECHO, 8080, "gcp-usc1");
+    let (mut one, a) = p.open(&open).await;
+    assert_eq!(a.status, Status::Ok as i32, "{a:?}");
+    let (mut two, a) = p.open(&open).await;
+    assert_eq!(a.status, Status::Ok as i32, "{a:?}");
+    ping(&mut one, b"1").await;
+    ping(&mut two, b"2").await;
+    let (status, message) = p.status(&open).await;
+    assert_eq!(status, Status::Overloaded);
+    assert!(
+        message.contains("ns/shop/sa/web holds 2 streams"),
+        "{message}"
+    );
+    // Another workload of the same cluster is not affected.
+    let other = proxy_tls(p.a.workload_svid("shop", "batch"), bundles(&[&p.a]), &p.a);
+    let (mut s, a) = open_tunnel(p.gw_a.egress(), other, &open).await.unwrap();
+    assert_eq!(a.status, Status::Ok as i32, "{a:?}");
+    ping(&mut s, b"other").await;
+    // The first workload's slot comes back when one of its streams ends.
+    drop(one);
+    fedmesh_test_support::eventually(
+        "a slot back",
+        std::time::Duration::from_secs(10),
+        || async {
+            let (_s, a) = p.open(&open).await;
+            (a.status == Status::Ok as i32).then_some(())
+        },
+    )
+    .await;
 }
