@@ -237,6 +237,36 @@ impl JoinDir {
     }
 }
 
+/// Puts back a join directory that a crash left renamed to `<dir>.old`
+/// (between the two renames of [`JoinDir::write`]).
+fn recover(dir: &Path) -> std::io::Result<()> {
+    let old = dir.with_extension("old");
+    if !dir.exists() && old.is_dir() {
+        fs::rename(&old, dir)?;
+    }
+    Ok(())
+}
+
+/// Copies into `to` what `from` has and `to` lacks (files, and directories
+/// of files), keeping permissions.
+fn copy_missing(from: &Path, to: &Path) -> std::io::Result<()> {
+    for entry in fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if target.exists() {
+            continue;
+        }
+        if entry.file_type()?.is_dir() {
+            fs::create_dir_all(&target)?;
+            fs::set_permissions(&target, entry.metadata()?.permissions())?;
+            copy_missing(&entry.path(), &target)?;
+        } else {
+            fs::copy(entry.path(), &target)?;
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod rotation_tests {
     use super::*;
@@ -322,36 +352,6 @@ mod rotation_tests {
             .to_string();
         assert!(e.contains("not a join directory"), "{e}");
     }
-}
-
-/// Puts back a join directory that a crash left renamed to `<dir>.old`
-/// (between the two renames of [`JoinDir::write`]).
-fn recover(dir: &Path) -> std::io::Result<()> {
-    let old = dir.with_extension("old");
-    if !dir.exists() && old.is_dir() {
-        fs::rename(&old, dir)?;
-    }
-    Ok(())
-}
-
-/// Copies into `to` what `from` has and `to` lacks (files, and directories
-/// of files), keeping permissions.
-fn copy_missing(from: &Path, to: &Path) -> std::io::Result<()> {
-    for entry in fs::read_dir(from)? {
-        let entry = entry?;
-        let target = to.join(entry.file_name());
-        if target.exists() {
-            continue;
-        }
-        if entry.file_type()?.is_dir() {
-            fs::create_dir_all(&target)?;
-            fs::set_permissions(&target, entry.metadata()?.permissions())?;
-            copy_missing(&entry.path(), &target)?;
-        } else {
-            fs::copy(entry.path(), &target)?;
-        }
-    }
-    Ok(())
 }
 
 fn pretty<T: Serialize>(v: &T) -> Vec<u8> {
