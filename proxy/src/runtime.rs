@@ -25,8 +25,10 @@ use crate::upstream::Connector;
 pub struct ServiceState {
     lb: Mutex<Lb>,
     pub breakers: Breakers,
-    /// The policy this state was built for.
-    policy: Arc<ServicePolicy>,
+    /// The policy this state was built for, as the latest table holds it
+    /// (swapped for an equal one after a table update, so that requests
+    /// compare pointers, not whole policies).
+    policy: Mutex<Arc<ServicePolicy>>,
 }
 
 #[derive(Debug)]
@@ -87,10 +89,17 @@ impl Shared {
     /// alone (requests in flight finish on the state they began with).
     pub fn state(&self, svc: &Routable) -> Arc<ServiceState> {
         let mut states = lock(&self.states);
-        if let Some(s) = states.get(&svc.key)
-            && s.policy == svc.policy
-        {
-            return s.clone();
+        if let Some(s) = states.get(&svc.key) {
+            let mut held = lock(&s.policy);
+            if Arc::ptr_eq(&held, &svc.policy) {
+                return s.clone();
+            }
+            // Every table update builds new policies: the first request
+            // after one compares values, and keeps the new pointer.
+            if **held == *svc.policy {
+                *held = svc.policy.clone();
+                return s.clone();
+            }
         }
         let p = &svc.policy;
         let mut balancer = p.balancer.clone();
@@ -101,7 +110,7 @@ impl Shared {
                 budget: RetryBudget::new(p.budget.clone(), Instant::now().into_std()),
             }),
             breakers: Breakers::new(p.limits.clone()),
-            policy: p.clone(),
+            policy: Mutex::new(p.clone()),
         });
         states.insert(svc.key.clone(), state.clone());
         state
