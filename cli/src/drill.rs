@@ -16,6 +16,7 @@ use fedmesh_chaos::{Action, Drill, Federation, Report};
 use fedmesh_trust::Bundle;
 use tokio::time::Instant;
 
+use crate::up;
 use crate::up::backends::{component, matches, respawn, respawn_backend};
 use crate::up::state::State;
 use crate::up::supervise::{Binaries, alive, binaries, reap, signal};
@@ -145,7 +146,8 @@ impl UpFederation {
     /// The name of the etcd member that leads now.
     async fn etcd_leader(&self) -> anyhow::Result<String> {
         for e in &self.state.etcd {
-            let Ok(mut client) = Client::connect([format!("http://{}", e.address)], None).await
+            let one = [format!("https://{}", e.address)];
+            let Ok(mut client) = up::etcd::client(&self.dir, &one, Duration::from_secs(2)).await
             else {
                 continue;
             };
@@ -247,15 +249,12 @@ impl UpFederation {
     }
 
     async fn etcd(&self) -> anyhow::Result<Client> {
-        let endpoints: Vec<String> = self
-            .state
-            .etcd
-            .iter()
-            .map(|e| format!("http://{}", e.address))
-            .collect();
-        Client::connect(&endpoints, None)
-            .await
-            .with_context(|| format!("connecting to etcd at {}", endpoints.join(",")))
+        up::etcd::client(
+            &self.dir,
+            &self.state.etcd_endpoints(),
+            Duration::from_secs(5),
+        )
+        .await
     }
 
     fn poison_key(&self, p: &Poison) -> anyhow::Result<String> {

@@ -432,7 +432,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             match output {
                 StatusOutput::Table => up::print_status(&s, &dir).await,
                 StatusOutput::Json => {
-                    let seen = up::observe(&s).await;
+                    let seen = up::observe(&s, &dir).await;
                     println!(
                         "{}",
                         serde_json::to_string_pretty(&up::status_of(&s, &seen))?

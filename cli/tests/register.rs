@@ -384,3 +384,138 @@ async fn a_join_directory_that_cannot_be_written_publishes_nothing_and_a_rerun_w
     assert!(e.contains("already registered with trust domain"), "{e}");
     assert_eq!(std::fs::read(good.join("ca/ca.crt")).unwrap(), before);
 }
+
+/// An etcd client with a PEM pair and the harness's CA, no password.
+async fn by_certificate(etcd: &Etcd, cert: &Path, key: &Path) -> etcd_client::Client {
+    let ca = std::fs::read(etcd.ca_file().unwrap()).unwrap();
+    let tls = etcd_client::TlsOptions::new()
+        .ca_certificate(etcd_client::Certificate::from_pem(ca))
+        .identity(etcd_client::Identity::from_pem(
+            std::fs::read(cert).unwrap(),
+            std::fs::read(key).unwrap(),
+        ));
+    etcd_client::Client::connect(
+        [etcd.endpoint()],
+        Some(etcd_client::ConnectOptions::new().with_tls(tls)),
+    )
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn over_tls_a_cluster_gets_its_own_certificate_and_only_its_keys() {
+    let etcd = Etcd::start_with(EtcdOptions {
+        auth: true,
+        tls: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let ep = etcd.endpoint();
+    let dir = tempfile::tempdir().unwrap();
+    let pw_file = dir.path().join("root.password");
+    std::fs::write(&pw_file, etcd.root_password().unwrap()).unwrap();
+    let ca = etcd.ca_file().unwrap();
+    let root = etcd.client_files().unwrap().clone();
+    let mine = etcd.issue_client("fedmesh-cluster-aws-use1").unwrap();
+    let wrong = etcd.issue_client("root").unwrap();
+    let out = dir.path().join("join");
+    let operator = |cluster: Option<&fedmesh_trust::pki::PemPair>| {
+        let mut args: Vec<String> =
+            register("aws-use1", "aws.fedmesh.test", &ep, out.to_str().unwrap())
+                .into_iter()
+                .map(String::from)
+                .collect();
+        let p = |p: &Path| p.to_str().unwrap().to_owned();
+        args.extend([
+            "--etcd-cacert".into(),
+            p(&ca),
+            "--etcd-cert".into(),
+            p(&root.cert),
+            "--etcd-key".into(),
+            p(&root.key),
+            "--etcd-user".into(),
+            "root".into(),
+            "--etcd-password-file".into(),
+            p(&pw_file),
+        ]);
+        if let Some(c) = cluster {
+            args.extend([
+                "--cluster-etcd-cert".into(),
+                p(&c.cert),
+                "--cluster-etcd-key".into(),
+                p(&c.key),
+            ]);
+        }
+        args
+    };
+    let run = |args: Vec<String>| {
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        fedmesh(&refs)
+    };
+
+    // The operator's own certificate would carry root's rights: refused.
+    let e = err(&run(operator(None)));
+    assert!(e.contains("--cluster-etcd-cert"), "{e}");
+    // So is a certificate whose CN is another user.
+    let e = err(&run(operator(Some(&wrong))));
+    assert!(
+        e.contains("CN is \"root\"") && e.contains("fedmesh-cluster-aws-use1"),
+        "{e}"
+    );
+    assert!(!out.exists(), "a refused registration writes nothing");
+
+    ok(&run(operator(Some(&mine))));
+    // The join directory holds its own copies, and no password.
+    let access: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("etcd.json")).unwrap()).unwrap();
+    assert_eq!(access["endpoints"][0], ep.as_str());
+    assert!(
+        access.get("password").is_none() && access.get("user").is_none(),
+        "{access}"
+    );
+    assert_eq!(access["tls"]["ca"], "etcd-tls/ca.pem");
+    for f in ["ca.pem", "client.pem", "client-key.pem"] {
+        let mode = std::fs::metadata(out.join("etcd-tls").join(f))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{f}");
+    }
+    // Its certificate makes it its own etcd user: its keys, not another's.
+    let tls = out.join("etcd-tls");
+    let mut c = by_certificate(&etcd, &tls.join("client.pem"), &tls.join("client-key.pem")).await;
+    c.put("/fedmesh/v1/alive/aws-use1", "{}", None)
+        .await
+        .unwrap();
+    let denied = c
+        .put("/fedmesh/v1/bundles/gcp.fedmesh.test", "forged", None)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(denied.contains("permission denied"), "{denied}");
+
+    // Commands reach a TLS etcd only with its CA, and never over http://.
+    let e = err(&fedmesh(&["get", "clusters", "--etcd", &ep]));
+    assert!(e.contains("--etcd-cacert"), "{e}");
+    let e = err(&fedmesh(&[
+        "get",
+        "clusters",
+        "--etcd",
+        "http://192.0.2.1:2379",
+    ]));
+    assert!(e.contains("beyond loopback"), "{e}");
+    let listed = ok(&fedmesh(&[
+        "get",
+        "clusters",
+        "--etcd",
+        &ep,
+        "--etcd-cacert",
+        ca.to_str().unwrap(),
+        "--etcd-cert",
+        tls.join("client.pem").to_str().unwrap(),
+        "--etcd-key",
+        tls.join("client-key.pem").to_str().unwrap(),
+    ]));
+    assert!(listed.contains("aws-use1"), "{listed}");
+}

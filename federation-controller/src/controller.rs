@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use etcd_client::{Client, ConnectOptions};
+use etcd_client::Client;
 use fedmesh_api::{AliveRecord, KeySpace, LocalServices};
 use fedmesh_trust::{
     AllowTrustDomains, Authority, Bundle, BundleSet, RenewError, RenewalPolicy, RotationPolicy,
@@ -100,6 +100,8 @@ pub enum ControllerError {
     },
     #[error("etcd client: {0}")]
     Etcd(#[from] etcd_client::Error),
+    #[error("the global zone's access in the join directory: {0}")]
+    Access(#[from] fedmesh_zone::AccessError),
     #[error("issuing the controller's SVID: {0}")]
     Identity(#[from] fedmesh_trust::CaError),
     #[error("trust domain: {0}")]
@@ -178,12 +180,8 @@ impl Controller {
         });
 
         // etcd: connects lazily, so a controller starts even while etcd is down.
-        let mut opts = ConnectOptions::new()
-            .with_connect_timeout(Duration::from_secs(2))
+        let opts = fedmesh_zone::connect_options(&etcd, Duration::from_secs(2))?
             .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2));
-        if let (Some(u), Some(p)) = (&etcd.user, &etcd.password) {
-            opts = opts.with_user(u.as_str(), p.as_str());
-        }
         let client = Client::connect(&etcd.endpoints, Some(opts)).await?;
 
         // Local discovery.

@@ -37,6 +37,7 @@ async fn join_dir(etcd: &Etcd, dir: &std::path::Path) -> Bundle {
         prefix: KeySpace::default().prefix().into(),
         user: None,
         password: None,
+        tls: None,
     };
     JoinDir {
         cluster: record,

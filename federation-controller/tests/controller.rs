@@ -84,6 +84,7 @@ async fn cluster_with(
             prefix: KeySpace::default().prefix().into(),
             user: None,
             password: None,
+            tls: None,
         },
         ca,
     };

@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use etcd_client::{Client, ConnectOptions};
+use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions};
+use fedmesh_trust::pki::{LocalPki, PemPair};
 use tempfile::TempDir;
 
 /// The root user's name when auth is enabled.
@@ -31,6 +32,8 @@ pub enum HarnessError {
     },
     #[error("etcd client: {0}")]
     Client(#[from] etcd_client::Error),
+    #[error("etcd TLS material: {0}")]
+    Pki(#[from] fedmesh_trust::CaError),
 }
 
 /// How to start etcd.
@@ -40,6 +43,9 @@ pub struct EtcdOptions {
     pub host: IpAddr,
     /// Enable auth with a root user (password in [`Etcd::root_password`]).
     pub auth: bool,
+    /// Serve clients over TLS only, with client certificates required
+    /// (`--client-cert-auth`); the PKI is in [`Etcd::pki`].
+    pub tls: bool,
     /// How long to wait for the member to report healthy.
     pub start_timeout: Duration,
     /// The etcd binary; by default `$ETCD_BIN`, else `etcd` on `PATH`.
@@ -53,6 +59,7 @@ impl Default for EtcdOptions {
         Self {
             host: IpAddr::V4(Ipv4Addr::LOCALHOST),
             auth: false,
+            tls: false,
             start_timeout: Duration::from_secs(30),
             binary: None,
             extra_args: Vec::new(),
@@ -71,6 +78,16 @@ pub struct Etcd {
     peer_addr: SocketAddr,
     options: EtcdOptions,
     root_password: Option<String>,
+    tls: Option<HarnessTls>,
+}
+
+/// The harness's etcd PKI: the root, and the client certificate its own
+/// clients present.
+#[derive(Debug)]
+struct HarnessTls {
+    pki: LocalPki,
+    server: PemPair,
+    client: PemPair,
 }
 
 impl Etcd {
@@ -96,7 +113,18 @@ impl Etcd {
                 data_dir,
                 options: options.clone(),
                 root_password: None,
+                tls: None,
             };
+            if options.tls {
+                let pki = LocalPki::create(&etcd.data_dir.path().join("pki"), "etcd test root")?;
+                let server = pki.server("server", &[options.host])?;
+                let client = pki.client(ROOT_USER)?;
+                etcd.tls = Some(HarnessTls {
+                    pki,
+                    server,
+                    client,
+                });
+            }
             match etcd.spawn_and_wait().await {
                 Ok(()) => {
                     if options.auth {
@@ -117,10 +145,17 @@ impl Etcd {
 
     fn spawn(&mut self) -> Result<(), HarnessError> {
         let log = File::create(self.log_path())?;
-        let client_url = format!("http://{}", self.client_addr);
+        let client_url = self.endpoint();
         let peer_url = format!("http://{}", self.peer_addr);
         let bin = self.options.binary.clone().unwrap_or_else(etcd_binary);
-        let child = Command::new(bin)
+        let mut cmd = Command::new(bin);
+        if let Some(tls) = &self.tls {
+            cmd.arg(format!("--cert-file={}", tls.server.cert.display()))
+                .arg(format!("--key-file={}", tls.server.key.display()))
+                .arg(format!("--trusted-ca-file={}", tls.pki.ca().display()))
+                .arg("--client-cert-auth");
+        }
+        let child = cmd
             .arg("--name=fedmesh-test")
             .arg(format!(
                 "--data-dir={}",
@@ -195,7 +230,8 @@ impl Etcd {
     }
 
     async fn connect_with_timeout(&self, timeout: Duration) -> Result<Client, etcd_client::Error> {
-        let mut opts = ConnectOptions::new()
+        let mut opts = self
+            .tls_options()?
             .with_connect_timeout(timeout)
             .with_timeout(timeout);
         if let Some(pw) = &self.root_password {
@@ -211,13 +247,47 @@ impl Etcd {
 
     /// A client without credentials, whatever the auth setting.
     pub async fn anonymous_client(&self) -> Result<Client, etcd_client::Error> {
-        let opts = ConnectOptions::new().with_connect_timeout(Duration::from_secs(5));
+        let opts = self
+            .tls_options()?
+            .with_connect_timeout(Duration::from_secs(5));
         Client::connect([self.endpoint()], Some(opts)).await
     }
 
-    /// The client URL, e.g. `http://127.0.0.1:40123`.
+    /// Options with the harness's TLS material, when it serves TLS.
+    fn tls_options(&self) -> Result<ConnectOptions, etcd_client::Error> {
+        let Some(tls) = &self.tls else {
+            return Ok(ConnectOptions::new());
+        };
+        let read = |p: &Path| std::fs::read(p).map_err(etcd_client::Error::IoError);
+        let ca = read(&tls.pki.ca())?;
+        let identity = Identity::from_pem(read(&tls.client.cert)?, read(&tls.client.key)?);
+        Ok(ConnectOptions::new().with_tls(
+            TlsOptions::new()
+                .ca_certificate(Certificate::from_pem(ca))
+                .identity(identity),
+        ))
+    }
+
+    /// The client URL, e.g. `http://127.0.0.1:40123`, or `https://` with TLS.
     pub fn endpoint(&self) -> String {
-        format!("http://{}", self.client_addr)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.client_addr)
+    }
+
+    /// With TLS: the root clients verify etcd with.
+    pub fn ca_file(&self) -> Option<PathBuf> {
+        self.tls.as_ref().map(|t| t.pki.ca())
+    }
+
+    /// With TLS: the harness's own client certificate (CN `root`).
+    pub fn client_files(&self) -> Option<&PemPair> {
+        self.tls.as_ref().map(|t| &t.client)
+    }
+
+    /// With TLS: a fresh client certificate whose CN is `cn` (etcd's user
+    /// for requests without a password).
+    pub fn issue_client(&self, cn: &str) -> Option<PemPair> {
+        self.tls.as_ref().and_then(|t| t.pki.client(cn).ok())
     }
 
     pub fn client_addr(&self) -> SocketAddr {

@@ -197,3 +197,47 @@ async fn relay_forwards_until_cut_and_again_after_restore() -> anyhow::Result<()
     assert_eq!(got.kvs()[0].value(), b"v");
     Ok(())
 }
+
+#[tokio::test]
+async fn with_tls_serves_only_verified_clients_with_certificates() -> anyhow::Result<()> {
+    let etcd = Etcd::start_with(EtcdOptions {
+        tls: true,
+        auth: true,
+        ..Default::default()
+    })
+    .await?;
+    assert!(
+        etcd.endpoint().starts_with("https://"),
+        "{}",
+        etcd.endpoint()
+    );
+    let mut c = etcd.client().await?;
+    c.put("k", "v", None).await?;
+    assert_eq!(c.get("k", None).await?.kvs()[0].value(), b"v");
+
+    // Plaintext to a TLS port gets nowhere.
+    let plain = format!("http://{}", etcd.client_addr());
+    let opts = etcd_client::ConnectOptions::new()
+        .with_connect_timeout(Duration::from_secs(2))
+        .with_timeout(Duration::from_secs(2));
+    let refused = match etcd_client::Client::connect([plain], Some(opts)).await {
+        Ok(mut c) => c.status().await.is_err(),
+        Err(_) => true,
+    };
+    assert!(refused, "a plaintext client was served by a TLS etcd");
+
+    // Verified server, but no client certificate: refused by --client-cert-auth.
+    let ca = std::fs::read(etcd.ca_file().unwrap())?;
+    let opts = etcd_client::ConnectOptions::new()
+        .with_connect_timeout(Duration::from_secs(2))
+        .with_timeout(Duration::from_secs(2))
+        .with_tls(
+            etcd_client::TlsOptions::new().ca_certificate(etcd_client::Certificate::from_pem(ca)),
+        );
+    let refused = match etcd_client::Client::connect([etcd.endpoint()], Some(opts)).await {
+        Ok(mut c) => c.status().await.is_err(),
+        Err(_) => true,
+    };
+    assert!(refused, "a client without a certificate was served");
+    Ok(())
+}

@@ -91,6 +91,7 @@ pub async fn register(etcd: &Etcd, name: &str, block: u8) -> Registered {
             prefix: KeySpace::default().prefix().into(),
             user: None,
             password: None,
+            tls: None,
         },
         ca,
     };

@@ -71,7 +71,7 @@ pub enum CaError {
 }
 
 impl CaError {
-    fn io(origin: &Path, source: std::io::Error) -> Self {
+    pub(crate) fn io(origin: &Path, source: std::io::Error) -> Self {
         Self::Io {
             origin: origin.display().to_string(),
             source,
@@ -432,7 +432,7 @@ fn load_key(der: &PrivateKeyDer<'_>, origin: &str) -> Result<KeyPair, CaError> {
     })
 }
 
-fn random_serial() -> Result<SerialNumber, CaError> {
+pub(crate) fn random_serial() -> Result<SerialNumber, CaError> {
     let mut bytes = [0u8; 16];
     tls::crypto_provider()
         .secure_random
@@ -443,7 +443,7 @@ fn random_serial() -> Result<SerialNumber, CaError> {
     Ok(SerialNumber::from_slice(&bytes))
 }
 
-fn to_offset(t: SystemTime) -> time::OffsetDateTime {
+pub(crate) fn to_offset(t: SystemTime) -> time::OffsetDateTime {
     time::OffsetDateTime::UNIX_EPOCH + t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default()
 }
 

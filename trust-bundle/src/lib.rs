@@ -37,6 +37,7 @@
 pub mod bundle;
 pub mod ca;
 mod pem;
+pub mod pki;
 pub mod rotation;
 pub mod spiffe;
 pub mod svid;

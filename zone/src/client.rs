@@ -2,7 +2,9 @@
 //! roles, and typed reads. Every multi-key change is one etcd transaction
 //! guarded by revisions, so nothing is ever half-applied.
 
-use etcd_client::{Client, Compare, CompareOp, DeleteOptions, GetOptions, Permission, Txn, TxnOp};
+use etcd_client::{
+    Client, Compare, CompareOp, DeleteOptions, GetOptions, Permission, Txn, TxnOp, UserAddOptions,
+};
 use fedmesh_api::records::RecordError;
 use fedmesh_api::{ClusterRecord, ExportSummary, GlobalKey, KeySpace, Liveness, SeenRecord};
 
@@ -254,12 +256,13 @@ impl GlobalZone {
 
     /// Creates (or refreshes) the etcd user and role of a cluster. The role may
     /// read the whole global zone and write only `alive/<c>`, `seen/<c>`,
-    /// `exports/<c>/` and `bundles/<its trust domain>`.
+    /// `exports/<c>/` and `bundles/<its trust domain>`. Without a password,
+    /// the cluster proves who it is with its client certificate.
     pub async fn ensure_cluster_access(
         &mut self,
         cluster: &str,
         trust_domain: &str,
-        password: &str,
+        password: Option<&str>,
     ) -> Result<(), ZoneError> {
         let role = cluster_role(cluster);
         ignore_exists(self.client.role_add(role.as_str()).await)?;
@@ -275,12 +278,18 @@ impl GlobalZone {
                 .role_grant_permission(role.as_str(), perm)
                 .await?;
         }
-        match self.client.user_add(role.as_str(), password, None).await {
+        // Without a password the user is reachable only through a client
+        // certificate whose CN names it (etcd's --client-cert-auth).
+        let (pw, options) = match password {
+            Some(p) => (p, None),
+            None => ("", Some(UserAddOptions::new().with_no_pwd())),
+        };
+        match self.client.user_add(role.as_str(), pw, options).await {
             Ok(_) => {}
             Err(e) if is_exists(&e) => {
-                self.client
-                    .user_change_password(role.as_str(), password)
-                    .await?;
+                if let Some(p) = password {
+                    self.client.user_change_password(role.as_str(), p).await?;
+                }
             }
             Err(e) => return Err(e.into()),
         }

@@ -12,6 +12,8 @@ use fedmesh_trust::ca::write_private;
 use fedmesh_trust::{CaError, ClusterCa, SpiffeId, TrustDomain};
 use serde::{Deserialize, Serialize};
 
+use crate::access::EtcdTls;
+
 pub const CLUSTER_FILE: &str = "cluster.json";
 pub const ETCD_FILE: &str = "etcd.json";
 pub const CA_DIR: &str = "ca";
@@ -21,6 +23,9 @@ pub const NEXT_CA_DIR: &str = "ca-next";
 pub const PREVIOUS_CA_DIR: &str = "ca-previous";
 /// In `ca-next/`: how long the new root is published before it signs.
 pub const ROTATION_FILE: &str = "rotation.json";
+
+/// Where a join directory keeps its copies of the etcd TLS files.
+pub const ETCD_TLS_DIR: &str = "etcd-tls";
 
 /// In `ca-previous/`: when that CA stopped signing.
 pub const RETIRED_FILE: &str = "retired.json";
@@ -51,6 +56,10 @@ pub struct EtcdAccess {
     pub user: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub password: Option<String>,
+    /// TLS towards etcd. In memory the paths are usable as they are; on
+    /// disk they name copies inside the join directory ([`ETCD_TLS_DIR`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<EtcdTls>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -93,7 +102,11 @@ impl JoinDir {
         let result = (|| {
             self.ca.save(&tmp.join(CA_DIR))?;
             write_private(&tmp.join(CLUSTER_FILE), &pretty(&self.cluster))?;
-            write_private(&tmp.join(ETCD_FILE), &pretty(&self.etcd))?;
+            let etcd = EtcdAccess {
+                tls: self.copy_tls(&tmp)?,
+                ..self.etcd.clone()
+            };
+            write_private(&tmp.join(ETCD_FILE), &pretty(&etcd))?;
             if dir.exists() {
                 copy_missing(dir, &tmp).map_err(io(dir))?;
                 fs::rename(dir, &old).map_err(io(dir))?;
@@ -119,13 +132,57 @@ impl JoinDir {
             source,
         })?;
         let cluster: ClusterRecord = read_json(&dir.join(CLUSTER_FILE))?;
-        let etcd: EtcdAccess = read_json(&dir.join(ETCD_FILE))?;
+        let mut etcd: EtcdAccess = read_json(&dir.join(ETCD_FILE))?;
+        if let Some(tls) = &mut etcd.tls {
+            tls.ca = dir.join(&tls.ca);
+            tls.cert = tls.cert.as_ref().map(|p| dir.join(p));
+            tls.key = tls.key.as_ref().map(|p| dir.join(p));
+        }
         let td = TrustDomain::new(&cluster.trust_domain).map_err(|e| JoinError::Invalid {
             path: dir.join(CLUSTER_FILE),
             reason: format!("trustDomain {e}"),
         })?;
         let ca = ClusterCa::load(&dir.join(CA_DIR), &td)?;
         Ok(Self { cluster, etcd, ca })
+    }
+
+    /// Copies the etcd TLS files into `dir` (the key 0600), returning their
+    /// names relative to it: a join directory is whole on its own.
+    fn copy_tls(&self, dir: &Path) -> Result<Option<EtcdTls>, JoinError> {
+        let Some(tls) = &self.etcd.tls else {
+            return Ok(None);
+        };
+        let rel = Path::new(ETCD_TLS_DIR);
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            let path = dir.join(rel);
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&path)
+                .map_err(|source| JoinError::Io { path, source })?;
+        }
+        let copy = |from: &Path, name: &str| -> Result<PathBuf, JoinError> {
+            let bytes = fs::read(from).map_err(|source| JoinError::Io {
+                path: from.into(),
+                source,
+            })?;
+            write_private(&dir.join(rel).join(name), &bytes)?;
+            Ok(rel.join(name))
+        };
+        Ok(Some(EtcdTls {
+            ca: copy(&tls.ca, "ca.pem")?,
+            cert: tls
+                .cert
+                .as_deref()
+                .map(|c| copy(c, "client.pem"))
+                .transpose()?,
+            key: tls
+                .key
+                .as_deref()
+                .map(|k| copy(k, "client-key.pem"))
+                .transpose()?,
+        }))
     }
 
     /// Only the CA, if `dir` holds one for `td`; used to keep registration
@@ -323,6 +380,7 @@ mod rotation_tests {
                 prefix: "/fedmesh/v1/".into(),
                 user: None,
                 password: None,
+                tls: None,
             },
             ca: ClusterCa::generate(&td, &CaOptions::default(), now).unwrap(),
         };

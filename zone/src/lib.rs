@@ -1,6 +1,8 @@
 //! The global zone's client, shared by the controller and the `fedmesh`
 //! command without either linking the other's servers:
 //!
+//! - [`access`]: how every process reaches etcd (TLS, or plaintext to a
+//!   loopback etcd only when asked), one set of rules and errors;
 //! - [`client`]: [`GlobalZone`], registration and deregistration (each one
 //!   etcd transaction guarded by revisions), per-cluster etcd roles, typed
 //!   reads and liveness;
@@ -10,10 +12,12 @@
 //!
 //! The key layout is in `fedmesh-api` (ARCHITECTURE.md §3.1).
 
+pub mod access;
 pub mod client;
 pub mod join;
 pub mod policies;
 
+pub use access::{AccessError, EtcdTls, check_endpoints, connect_options};
 pub use client::{
     GlobalZone, Pager, RawKv, RegisterOutcome, ZoneError, cluster_role, decode_bundle, list_range,
 };

@@ -207,7 +207,7 @@ async fn with_auth_a_cluster_can_write_only_its_own_keys() {
             .await
             .unwrap();
         admin
-            .ensure_cluster_access(c, td, &format!("pw-{c}"))
+            .ensure_cluster_access(c, td, Some(&format!("pw-{c}")))
             .await
             .unwrap();
     }
@@ -248,7 +248,7 @@ async fn with_auth_a_cluster_can_write_only_its_own_keys() {
     // Re-running is idempotent (role and user already exist), and removal
     // takes the credentials away.
     admin
-        .ensure_cluster_access("b", "b.fedmesh.test", "pw-b2")
+        .ensure_cluster_access("b", "b.fedmesh.test", Some("pw-b2"))
         .await
         .unwrap();
     let _ = login(&etcd, &cluster_role("b"), "pw-b2").await;

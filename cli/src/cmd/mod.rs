@@ -12,20 +12,31 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use etcd_client::{Client, ConnectOptions};
+use etcd_client::Client;
 use fedmesh_api::{DEFAULT_PREFIX, KeySpace};
-use fedmesh_zone::GlobalZone;
+use fedmesh_zone::{EtcdAccess, EtcdTls, GlobalZone};
 
 #[derive(Args, Debug, Clone)]
 pub struct EtcdFlags {
-    /// etcd endpoints of the global zone, comma-separated.
+    /// etcd endpoints of the global zone, comma-separated. https:// needs
+    /// --etcd-cacert; http:// (no TLS) is accepted only for an etcd on
+    /// loopback.
     #[arg(
         long,
         env = "FEDMESH_ETCD",
         value_delimiter = ',',
-        default_value = "http://127.0.0.1:2379"
+        default_value = "https://127.0.0.1:2379"
     )]
     pub etcd: Vec<String>,
+    /// PEM of the CA that signed etcd's server certificate.
+    #[arg(long, env = "FEDMESH_ETCD_CACERT")]
+    pub etcd_cacert: Option<std::path::PathBuf>,
+    /// PEM client certificate for etcd (with --client-cert-auth).
+    #[arg(long, env = "FEDMESH_ETCD_CERT", requires = "etcd_key")]
+    pub etcd_cert: Option<std::path::PathBuf>,
+    /// PEM key of --etcd-cert.
+    #[arg(long, env = "FEDMESH_ETCD_KEY", requires = "etcd_cert")]
+    pub etcd_key: Option<std::path::PathBuf>,
     /// etcd user with rights to register clusters (needed when etcd runs with auth).
     #[arg(long, env = "FEDMESH_ETCD_USER")]
     pub etcd_user: Option<String>,
@@ -66,14 +77,32 @@ impl EtcdFlags {
     }
 }
 
+impl EtcdFlags {
+    /// The access these flags describe: endpoints, the operator's
+    /// credentials, TLS files.
+    pub fn access(&self) -> anyhow::Result<EtcdAccess> {
+        let password = match &self.etcd_user {
+            Some(_) => self.password()?,
+            None => None,
+        };
+        Ok(EtcdAccess {
+            endpoints: self.etcd.clone(),
+            prefix: self.prefix.clone(),
+            user: self.etcd_user.clone(),
+            password,
+            tls: self.etcd_cacert.as_ref().map(|ca| EtcdTls {
+                ca: ca.clone(),
+                cert: self.etcd_cert.clone(),
+                key: self.etcd_key.clone(),
+            }),
+        })
+    }
+}
+
 /// The global zone behind `flags`, checked to answer.
 pub async fn connect(flags: &EtcdFlags) -> anyhow::Result<GlobalZone> {
-    let mut opts = ConnectOptions::new()
-        .with_connect_timeout(Duration::from_secs(5))
+    let opts = fedmesh_zone::connect_options(&flags.access()?, Duration::from_secs(5))?
         .with_timeout(Duration::from_secs(10));
-    if let (Some(u), Some(p)) = (&flags.etcd_user, flags.password()?) {
-        opts = opts.with_user(u.as_str(), p);
-    }
     let endpoints = flags.etcd.join(",");
     let mut client = Client::connect(&flags.etcd, Some(opts))
         .await

@@ -7,6 +7,7 @@ use anyhow::Context;
 use clap::Args;
 use fedmesh_api::{ClusterRecord, GatewayAddress, validate_label};
 use fedmesh_trust::{Bundle, CaOptions, ClusterCa, TrustDomain};
+use fedmesh_zone::EtcdTls;
 use fedmesh_zone::RegisterOutcome;
 use fedmesh_zone::client::cluster_role;
 use fedmesh_zone::join::{EtcdAccess, JoinDir};
@@ -41,6 +42,15 @@ pub struct RegisterCluster {
     /// The private key (PEM) of --ca-cert.
     #[arg(long, requires = "ca_cert")]
     ca_key: Option<PathBuf>,
+    /// The cluster's own etcd client certificate (PEM), copied into the join
+    /// directory, for an etcd that asks for client certificates. With etcd
+    /// auth its CN must be the cluster's etcd user (fedmesh-cluster-<name>):
+    /// etcd takes the CN as the user of a request without a password.
+    #[arg(long, requires = "cluster_etcd_key")]
+    cluster_etcd_cert: Option<PathBuf>,
+    /// The key (PEM) of --cluster-etcd-cert.
+    #[arg(long, requires = "cluster_etcd_cert")]
+    cluster_etcd_key: Option<PathBuf>,
     /// Where to write the join directory [default: ./fedmesh-join-<name>].
     #[arg(long)]
     out: Option<PathBuf>,
@@ -136,8 +146,13 @@ pub async fn register(args: RegisterCluster) -> anyhow::Result<()> {
         prefix: zone.keys().prefix().to_owned(),
         user: None,
         password: None,
+        tls: cluster_tls(&args, &plan.record.name)?,
     };
-    if args.etcd.etcd_user.is_some() {
+    // A cluster with its own client certificate is known to etcd by it
+    // (its CN): no password to keep, and its controller starts even while
+    // etcd is away (a password is exchanged for a token at connect).
+    let by_certificate = access.tls.as_ref().is_some_and(|t| t.cert.is_some());
+    if args.etcd.etcd_user.is_some() && !by_certificate {
         let previous = JoinDir::existing_etcd(&plan.out).and_then(|e| e.password);
         access.user = Some(cluster_role(&plan.record.name));
         access.password = Some(match previous {
@@ -158,10 +173,14 @@ pub async fn register(args: RegisterCluster) -> anyhow::Result<()> {
         .register(&plan.record, &bundle)
         .await
         .with_context(what)?;
-    if let (Some(_), Some(password)) = (&args.etcd.etcd_user, &join.etcd.password) {
-        zone.ensure_cluster_access(&plan.record.name, &plan.record.trust_domain, password)
-            .await
-            .context("creating the cluster's etcd user and role")?;
+    if args.etcd.etcd_user.is_some() {
+        zone.ensure_cluster_access(
+            &plan.record.name,
+            &plan.record.trust_domain,
+            join.etcd.password.as_deref(),
+        )
+        .await
+        .context("creating the cluster's etcd user and role")?;
     }
 
     let verb = match outcome {
@@ -182,6 +201,65 @@ pub async fn register(args: RegisterCluster) -> anyhow::Result<()> {
         plan.out.display()
     );
     Ok(())
+}
+
+/// The TLS files the cluster's controller reaches etcd with: the operator's
+/// CA, and the cluster's own client certificate, never the operator's
+/// (whose CN would give the cluster the operator's rights).
+fn cluster_tls(args: &RegisterCluster, name: &str) -> anyhow::Result<Option<EtcdTls>> {
+    let Some(ca) = &args.etcd.etcd_cacert else {
+        anyhow::ensure!(
+            args.cluster_etcd_cert.is_none(),
+            "--cluster-etcd-cert needs TLS to etcd: give --etcd-cacert and https:// endpoints"
+        );
+        return Ok(None);
+    };
+    let (cert, key) = match (&args.cluster_etcd_cert, &args.cluster_etcd_key) {
+        (Some(c), Some(k)) => (c, k),
+        _ if args.etcd.etcd_cert.is_some() => anyhow::bail!(
+            "etcd asks for client certificates (you gave --etcd-cert): give the cluster its own \
+             with --cluster-etcd-cert and --cluster-etcd-key; yours would carry your rights"
+        ),
+        _ => {
+            return Ok(Some(EtcdTls {
+                ca: ca.clone(),
+                cert: None,
+                key: None,
+            }));
+        }
+    };
+    if args.etcd.etcd_user.is_some() {
+        let want = cluster_role(name);
+        let cn = common_name(cert)?;
+        anyhow::ensure!(
+            cn.as_deref() == Some(want.as_str()),
+            "--cluster-etcd-cert {}: its CN is {:?}, but the cluster's etcd user is {want:?}; \
+             etcd takes the CN as the user of a request without a password",
+            cert.display(),
+            cn.unwrap_or_default()
+        );
+    }
+    Ok(Some(EtcdTls {
+        ca: ca.clone(),
+        cert: Some(cert.clone()),
+        key: Some(key.clone()),
+    }))
+}
+
+/// The subject CN of the first certificate in a PEM file.
+fn common_name(path: &Path) -> anyhow::Result<Option<String>> {
+    let pem = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let (_, pem) = x509_parser::pem::parse_x509_pem(&pem)
+        .map_err(|e| anyhow::anyhow!("{}: not a PEM certificate: {e}", path.display()))?;
+    let cert = pem
+        .parse_x509()
+        .map_err(|e| anyhow::anyhow!("{}: not an X.509 certificate: {e}", path.display()))?;
+    Ok(cert
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .map(str::to_owned))
 }
 
 fn random_password() -> anyhow::Result<String> {

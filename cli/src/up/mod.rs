@@ -12,10 +12,12 @@
 //!
 //! - [`state`]: what runs, on disk; [`supervise`]: processes;
 //! - [`render`]: the files each process reads, from their types;
+//! - [`etcd`]: the global zone's TLS, auth and per-cluster users;
 //! - [`probe`]: readiness over HTTP and etcd; [`status`]: `fedmesh status`;
 //! - [`backends`]: `fedmesh stop` / `start`.
 
 pub mod backends;
+pub mod etcd;
 pub mod probe;
 pub mod render;
 pub mod state;
@@ -176,25 +178,28 @@ impl Launch<'_> {
     /// as it starts; done when every proxy serves.
     async fn start(&self, state: &mut State, relays: &mut Relays) -> anyhow::Result<()> {
         let (topology, plan, logs) = (self.topology, self.plan, &self.logs);
-        // etcd.
+        // etcd, over TLS on both its ports, with auth.
+        let pki = etcd::UpPki::create(self.dir)?;
         let initial: Vec<String> = plan
             .etcd
             .iter()
-            .map(|e| format!("{}=http://{}", e.name, e.peer))
+            .map(|e| format!("{}=https://{}", e.name, e.peer))
             .collect();
         for e in &plan.etcd {
+            let serving = pki.member(&e.name, e.client, e.peer)?;
             let data = self.dir.join(&e.name);
             let _ = std::fs::remove_dir_all(&data);
             let mut cmd = std::process::Command::new("etcd");
             cmd.args(["--name", &e.name])
                 .arg("--data-dir")
                 .arg(&data)
-                .arg(format!("--listen-client-urls=http://{}", e.client))
-                .arg(format!("--advertise-client-urls=http://{}", e.client))
-                .arg(format!("--listen-peer-urls=http://{}", e.peer))
-                .arg(format!("--initial-advertise-peer-urls=http://{}", e.peer))
+                .arg(format!("--listen-client-urls=https://{}", e.client))
+                .arg(format!("--advertise-client-urls=https://{}", e.client))
+                .arg(format!("--listen-peer-urls=https://{}", e.peer))
+                .arg(format!("--initial-advertise-peer-urls=https://{}", e.peer))
                 .arg(format!("--initial-cluster={}", initial.join(",")))
-                .arg("--initial-cluster-state=new");
+                .arg("--initial-cluster-state=new")
+                .args(pki.member_args(&serving));
             let log = logs.join(format!("{}.log", e.name));
             let command = supervise::argv(&cmd);
             let pid = spawn(cmd, &log)?;
@@ -219,17 +224,20 @@ impl Launch<'_> {
         let endpoints: Vec<String> = plan
             .etcd
             .iter()
-            .map(|e| format!("http://{}", e.client))
+            .map(|e| format!("https://{}", e.client))
             .collect();
-        probe::wait_for_etcd(&endpoints).await?;
+        probe::wait_for_etcd(self.dir, &endpoints).await?;
+        pki.enable_auth(&endpoints).await?;
+        pki.write_env(self.dir, &endpoints)?;
         println!(
-            "etcd: {} member(s) on {}",
+            "etcd: {} member(s) on {} (TLS, auth; `set -a; . {}` to use it)",
             plan.etcd.len(),
-            endpoints.join(",")
+            endpoints.join(","),
+            self.dir.join(etcd::ENV_FILE).display()
         );
 
         for (c, cp) in topology.clusters.iter().zip(&plan.clusters) {
-            let cs = self.start_cluster(c, cp, &endpoints, relays).await?;
+            let cs = self.start_cluster(c, cp, &endpoints, &pki, relays).await?;
             println!(
                 "{}: controller, {} gateway(s), proxy on {}, {} backend(s)",
                 c.name,
@@ -264,12 +272,13 @@ impl Launch<'_> {
         c: &Cluster,
         cp: &ClusterPlan,
         etcd: &[String],
+        pki: &etcd::UpPki,
         relays: &mut Relays,
     ) -> anyhow::Result<ClusterState> {
         let cdir = self.dir.join(&c.name);
         std::fs::create_dir_all(&cdir)?;
         let td = TrustDomain::new(&format!("{}.fedmesh.local", c.name))?;
-        self.register(c, cp, &td, &cdir, etcd)?;
+        self.register(c, cp, &td, &cdir, etcd, pki)?;
         let mut cs = ClusterState {
             name: c.name.clone(),
             cloud: c.cloud.clone(),
@@ -356,6 +365,7 @@ impl Launch<'_> {
         td: &TrustDomain,
         cdir: &Path,
         etcd: &[String],
+        pki: &etcd::UpPki,
     ) -> anyhow::Result<()> {
         let join = cdir.join("join");
         let _ = std::fs::remove_dir_all(&join);
@@ -374,6 +384,7 @@ impl Launch<'_> {
             .arg(&join)
             .arg("--etcd")
             .arg(etcd.join(","))
+            .args(pki.register_args(&c.name)?)
             .output()
             .context("running fedmesh register cluster")?;
         std::fs::write(

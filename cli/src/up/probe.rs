@@ -58,11 +58,12 @@ pub async fn wait_http(proxy: SocketAddr, host: &str) -> anyhow::Result<()> {
     }
 }
 
-/// Waits until etcd at `endpoints` answers a status request (30 s at most).
-pub async fn wait_for_etcd(endpoints: &[String]) -> anyhow::Result<()> {
+/// Waits until the etcd of the `fedmesh up` in `state` answers a status
+/// request (30 s at most).
+pub async fn wait_for_etcd(state: &std::path::Path, endpoints: &[String]) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        if let Ok(mut c) = etcd_client::Client::connect(endpoints, None).await
+        if let Ok(mut c) = super::etcd::client(state, endpoints, Duration::from_secs(2)).await
             && c.status().await.is_ok()
         {
             return Ok(());

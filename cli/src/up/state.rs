@@ -104,6 +104,14 @@ impl State {
         self.pids().into_iter().filter(|&p| self.ours(p)).collect()
     }
 
+    /// The client URLs of etcd's members.
+    pub fn etcd_endpoints(&self) -> Vec<String> {
+        self.etcd
+            .iter()
+            .map(|e| format!("https://{}", e.address))
+            .collect()
+    }
+
     /// The federation's own processes: etcd, then each cluster's
     /// controller, gateways and proxy (not the demo backends).
     pub fn procs(&self) -> impl Iterator<Item = &Proc> {

@@ -57,9 +57,9 @@ async fn health(s: &State, p: &Proc) -> Health {
 }
 
 /// Looks at everything `s` lists.
-pub async fn observe(s: &State) -> Observed {
+pub async fn observe(s: &State, dir: &Path) -> Observed {
     let mut o = Observed {
-        liveness: liveness(s).await,
+        liveness: liveness(s, dir).await,
         ..Default::default()
     };
     for c in &s.clusters {
@@ -103,14 +103,12 @@ pub struct ClusterStatus {
 
 /// Each cluster's liveness in the global zone; empty when etcd does not
 /// answer within 2 s (status must work with etcd down).
-pub async fn liveness(s: &State) -> BTreeMap<String, fedmesh_api::Liveness> {
-    let endpoints: Vec<String> = s
-        .etcd
-        .iter()
-        .map(|e| format!("http://{}", e.address))
-        .collect();
+pub async fn liveness(s: &State, dir: &Path) -> BTreeMap<String, fedmesh_api::Liveness> {
+    let endpoints = s.etcd_endpoints();
     let read = async {
-        let client = etcd_client::Client::connect(&endpoints, None).await.ok()?;
+        let client = super::etcd::client(dir, &endpoints, Duration::from_secs(2))
+            .await
+            .ok()?;
         let mut zone = fedmesh_zone::GlobalZone::new(client, Default::default());
         let records = zone.clusters().await.ok()?;
         let live = zone
@@ -172,7 +170,7 @@ pub async fn print_status(s: &State, dir: &Path) {
         "\n{:<20} {:<8} {:<16} {:<10} {:<10} {:<9} {:<22} SERVICES (healthy/total)",
         "CLUSTER", "CLOUD", "REGION", "CONTROLLER", "LIVENESS", "GATEWAYS", "PROXY"
     );
-    for c in status_of(s, &observe(s).await) {
+    for c in status_of(s, &observe(s, dir).await) {
         let services: Vec<String> = c.services.iter().map(|(k, v)| format!("{k} {v}")).collect();
         println!(
             "{:<20} {:<8} {:<16} {:<10} {:<10} {:<9} {:<22} {}",

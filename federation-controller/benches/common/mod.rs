@@ -42,6 +42,7 @@ pub async fn register(client: &Client, endpoint: &str, name: &str, n: usize) -> 
             prefix: KeySpace::default().prefix().into(),
             user: None,
             password: None,
+            tls: None,
         },
         ca,
     }

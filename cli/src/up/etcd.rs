@@ -1,0 +1,191 @@
+//! The global zone of `fedmesh up`, secured as in production: etcd serves
+//! clients and peers over TLS with client certificates required, and runs
+//! with auth. The operator is `root` (certificate and password); each
+//! cluster is its own etcd user, known by its client certificate's CN, so
+//! its role lets it write only its own keys.
+//!
+//! Everything lives in `<state>/etcd-pki/` (0600 files in a 0700
+//! directory); `<state>/etcd.env` sets the `FEDMESH_ETCD*` variables that
+//! let `fedmesh get`, `apply` and friends reach it.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use fedmesh_api::KeySpace;
+use fedmesh_trust::ca::write_private;
+use fedmesh_trust::pki::{LocalPki, PemPair};
+use fedmesh_zone::{EtcdAccess, EtcdTls};
+
+use super::supervise::token;
+
+pub const PKI_DIR: &str = "etcd-pki";
+pub const ENV_FILE: &str = "etcd.env";
+pub const ROOT_USER: &str = "root";
+const PASSWORD_FILE: &str = "root.password";
+
+/// The TLS material of one `fedmesh up`: written once at start.
+#[derive(Debug)]
+pub struct UpPki {
+    pki: LocalPki,
+    dir: PathBuf,
+}
+
+impl UpPki {
+    /// A fresh root in `<state>/etcd-pki`, with the operator's certificate
+    /// and password.
+    pub fn create(state: &Path) -> anyhow::Result<Self> {
+        let dir = state.join(PKI_DIR);
+        let _ = std::fs::remove_dir_all(&dir);
+        let pki = LocalPki::create(&dir, "fedmesh up etcd root")?;
+        pki.client(ROOT_USER)?;
+        write_private(&dir.join(PASSWORD_FILE), token()?.as_bytes())?;
+        Ok(Self { pki, dir })
+    }
+
+    /// The serving certificate of the etcd member at `client` and `peer`.
+    pub fn member(
+        &self,
+        name: &str,
+        client: SocketAddr,
+        peer: SocketAddr,
+    ) -> anyhow::Result<PemPair> {
+        let mut ips: Vec<IpAddr> = vec![client.ip(), peer.ip()];
+        ips.dedup();
+        Ok(self.pki.server(name, &ips)?)
+    }
+
+    /// etcd's flags for TLS on both its client and peer ports.
+    pub fn member_args(&self, serving: &PemPair) -> Vec<String> {
+        let (ca, cert, key) = (self.pki.ca(), &serving.cert, &serving.key);
+        vec![
+            format!("--cert-file={}", cert.display()),
+            format!("--key-file={}", key.display()),
+            format!("--trusted-ca-file={}", ca.display()),
+            "--client-cert-auth".into(),
+            format!("--peer-cert-file={}", cert.display()),
+            format!("--peer-key-file={}", key.display()),
+            format!("--peer-trusted-ca-file={}", ca.display()),
+            "--peer-client-cert-auth".into(),
+        ]
+    }
+
+    /// A cluster's own client certificate, its CN the cluster's etcd user.
+    pub fn cluster(&self, cluster: &str) -> anyhow::Result<PemPair> {
+        Ok(self.pki.client(&fedmesh_zone::cluster_role(cluster))?)
+    }
+
+    /// Turns etcd's auth on, with `root` as the operator (by password, and
+    /// by the CN of the operator's certificate).
+    pub async fn enable_auth(&self, endpoints: &[String]) -> anyhow::Result<()> {
+        let password = std::fs::read_to_string(self.dir.join(PASSWORD_FILE))?;
+        let access = operator(&self.dir, endpoints, false);
+        let opts = fedmesh_zone::connect_options(&access, Duration::from_secs(5))?
+            .with_timeout(Duration::from_secs(10));
+        let mut c = etcd_client::Client::connect(endpoints, Some(opts)).await?;
+        c.user_add(ROOT_USER, password.trim(), None)
+            .await
+            .context("adding etcd's root user")?;
+        c.user_grant_role(ROOT_USER, "root").await?;
+        c.auth_enable().await.context("enabling etcd auth")?;
+        Ok(())
+    }
+
+    /// `etcd.env` in the state directory: what a shell sources to act as
+    /// the operator (`set -a; . <state>/etcd.env`).
+    pub fn write_env(&self, state: &Path, endpoints: &[String]) -> anyhow::Result<()> {
+        let a = operator(&self.dir, endpoints, true);
+        let tls = a.tls.as_ref().context("TLS")?;
+        let mut lines = vec![
+            format!("FEDMESH_ETCD={}", endpoints.join(",")),
+            format!("FEDMESH_ETCD_CACERT={}", tls.ca.display()),
+        ];
+        if let (Some(c), Some(k)) = (&tls.cert, &tls.key) {
+            lines.push(format!("FEDMESH_ETCD_CERT={}", c.display()));
+            lines.push(format!("FEDMESH_ETCD_KEY={}", k.display()));
+        }
+        lines.push(format!("FEDMESH_ETCD_USER={ROOT_USER}"));
+        lines.push(format!(
+            "FEDMESH_ETCD_PASSWORD_FILE={}",
+            self.dir.join(PASSWORD_FILE).display()
+        ));
+        let text: String = lines.iter().map(|l| format!("export {l}\n")).collect();
+        write_private(&state.join(ENV_FILE), text.as_bytes())?;
+        Ok(())
+    }
+
+    /// The flags `fedmesh register cluster` needs to act as the operator
+    /// and give `cluster` its own certificate.
+    pub fn register_args(&self, cluster: &str) -> anyhow::Result<Vec<String>> {
+        let mine = self.cluster(cluster)?;
+        let root = self.operator_pair();
+        let path = |p: &Path| p.display().to_string();
+        Ok(vec![
+            "--etcd-cacert".into(),
+            path(&self.pki.ca()),
+            "--etcd-cert".into(),
+            path(&root.cert),
+            "--etcd-key".into(),
+            path(&root.key),
+            "--etcd-user".into(),
+            ROOT_USER.into(),
+            "--etcd-password-file".into(),
+            path(&self.dir.join(PASSWORD_FILE)),
+            "--cluster-etcd-cert".into(),
+            path(&mine.cert),
+            "--cluster-etcd-key".into(),
+            path(&mine.key),
+        ])
+    }
+
+    fn operator_pair(&self) -> PemPair {
+        operator_pair(&self.dir)
+    }
+}
+
+fn operator_pair(dir: &Path) -> PemPair {
+    PemPair {
+        cert: dir.join(format!("{ROOT_USER}.pem")),
+        key: dir.join(format!("{ROOT_USER}-key.pem")),
+    }
+}
+
+/// The operator's access to the etcd of the `fedmesh up` in `state`. With
+/// `password` the root user's password is sent too; without, the
+/// certificate's CN alone makes it root, and the client connects lazily
+/// (what `status` and drills want while etcd is down).
+pub fn operator_access(state: &Path, endpoints: &[String]) -> EtcdAccess {
+    operator(&state.join(PKI_DIR), endpoints, false)
+}
+
+fn operator(pki: &Path, endpoints: &[String], password: bool) -> EtcdAccess {
+    let pair = operator_pair(pki);
+    EtcdAccess {
+        endpoints: endpoints.to_vec(),
+        prefix: KeySpace::default().prefix().to_owned(),
+        user: password.then(|| ROOT_USER.to_owned()),
+        password: password
+            .then(|| std::fs::read_to_string(pki.join(PASSWORD_FILE)).ok())
+            .flatten()
+            .map(|p| p.trim().to_owned()),
+        tls: Some(EtcdTls {
+            ca: pki.join("ca.pem"),
+            cert: Some(pair.cert),
+            key: Some(pair.key),
+        }),
+    }
+}
+
+/// An etcd client of the `fedmesh up` in `state`, as the operator.
+pub async fn client(
+    state: &Path,
+    endpoints: &[String],
+    timeout: Duration,
+) -> anyhow::Result<etcd_client::Client> {
+    let opts = fedmesh_zone::connect_options(&operator_access(state, endpoints), timeout)?
+        .with_timeout(timeout);
+    etcd_client::Client::connect(endpoints, Some(opts))
+        .await
+        .with_context(|| format!("connecting to etcd at {}", endpoints.join(",")))
+}
