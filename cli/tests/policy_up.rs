@@ -73,10 +73,12 @@ fn share(answers: &[String], cluster: &str) -> f64 {
     answers.iter().filter(|c| *c == cluster).count() as f64 / answers.len() as f64
 }
 
-/// `fedmesh <args>` towards the global zone (no --state-dir).
-fn zone_ok(args: &[&str]) -> String {
+/// `fedmesh <args>` towards the global zone (no --state-dir), as a shell
+/// that sourced `etcd.env`.
+fn zone_ok(state: &Path, args: &[&str]) -> String {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_fedmesh"))
         .args(args)
+        .envs(support::zone_env(state))
         .output()
         .unwrap();
     assert!(
@@ -103,7 +105,10 @@ async fn apply(state: &Path, etcd: &str, name: &str, spec: &str) {
         ),
     )
     .unwrap();
-    zone_ok(&["apply", "-f", file.to_str().unwrap(), "--etcd", etcd]);
+    zone_ok(
+        state,
+        &["apply", "-f", file.to_str().unwrap(), "--etcd", etcd],
+    );
     wait_current(state, etcd).await;
 }
 
@@ -142,17 +147,25 @@ async fn policies_shift_route_allow_and_roll_back_on_a_live_federation() {
         String::from_utf8_lossy(&out.stderr)
     );
     // Every secret `up` writes is its owner's alone.
-    for file in ["aws-use1/tokens.yaml", "aws-use1/proxy.token"] {
-        let path = s.join(file);
-        if path.exists() {
-            use std::os::unix::fs::PermissionsExt;
-            let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
-            assert_eq!(mode, 0o600, "{file}: {mode:o}");
-        }
+    for file in [
+        "aws-use1/tokens.yaml",
+        "aws-use1/proxy.token",
+        "etcd.env",
+        "etcd-pki/root-key.pem",
+        "etcd-pki/root.password",
+        "aws-use1/join/etcd-tls/client-key.pem",
+    ] {
+        use std::os::unix::fs::PermissionsExt;
+        let meta = std::fs::metadata(s.join(file));
+        let mode = meta
+            .unwrap_or_else(|e| panic!("{file}: {e}"))
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o600, "{file}: {mode:o}");
     }
-    assert!(s.join("aws-use1/tokens.yaml").exists());
     let st = state_json(s);
-    let etcd = format!("http://{}", st["etcd"][0]["address"].as_str().unwrap());
+    let etcd = format!("https://{}", st["etcd"][0]["address"].as_str().unwrap());
     let aws: SocketAddr = AWS_PROXY.parse().unwrap();
     let azure: SocketAddr = AZURE_PROXY.parse().unwrap();
 
@@ -169,7 +182,7 @@ async fn policies_shift_route_allow_and_roll_back_on_a_live_federation() {
     )
     .await;
     let first_rev: i64 = {
-        let out = zone_ok(&["get", "policies", "-o", "json", "--etcd", &etcd]);
+        let out = zone_ok(s, &["get", "policies", "-o", "json", "--etcd", &etcd]);
         let v: serde_json::Value = serde_json::from_str(&out).unwrap();
         v[0]["revision"].as_i64().unwrap()
     };
@@ -254,15 +267,18 @@ async fn policies_shift_route_allow_and_roll_back_on_a_live_federation() {
     fedmesh_ok(&["start", "aws-use1/shop/checkout"], s);
 
     // Roll back to the first revision: the 90/10 split returns.
-    zone_ok(&[
-        "rollback",
-        "policy",
-        "checkout",
-        "--to",
-        &first_rev.to_string(),
-        "--etcd",
-        &etcd,
-    ]);
+    zone_ok(
+        s,
+        &[
+            "rollback",
+            "policy",
+            "checkout",
+            "--to",
+            &first_rev.to_string(),
+            "--etcd",
+            &etcd,
+        ],
+    );
     wait_current(s, &etcd).await;
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {

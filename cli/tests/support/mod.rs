@@ -52,11 +52,24 @@ pub const BLOCK_OFFSET: &str = "100";
 pub fn fedmesh(args: &[&str], state: &Path) -> std::process::Output {
     Command::new(FEDMESH)
         .args(args)
+        .envs(zone_env(state))
         .env("FEDMESH_BLOCK_OFFSET", BLOCK_OFFSET)
         .arg("--state-dir")
         .arg(state)
         .output()
         .unwrap()
+}
+
+/// What `set -a; . <state>/etcd.env` would set: the operator's way to the
+/// global zone of a `fedmesh up` (TLS files, user, password file).
+#[allow(dead_code)] // Not every test binary reaches the global zone.
+pub fn zone_env(state: &Path) -> Vec<(String, String)> {
+    std::fs::read_to_string(state.join("etcd.env"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.strip_prefix("export ")?.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
 }
 
 /// Runs `fedmesh <args>` and fails the test, with its stderr, unless it succeeds.
