@@ -148,6 +148,12 @@ enum Command {
         #[arg(long)]
         state_dir: Option<PathBuf>,
     },
+    /// Manage a cluster's join tokens: what a proxy or gateway presents for
+    /// its first SVID (24 h by default, optionally single-use).
+    Token {
+        #[command(subcommand)]
+        what: cmd::token::TokenCommand,
+    },
     /// Rotate a cluster's CA: stage its next CA in the join directory; the
     /// cluster's controller publishes the new root at once and signs with
     /// it after --propagation. Name a cluster `fedmesh up` runs, or give
@@ -161,7 +167,7 @@ enum Command {
         join: Option<PathBuf>,
         /// How long the new root is published before it signs: long enough
         /// for every peer to have it.
-        #[arg(long, default_value = "15m", value_parser = duration_arg)]
+        #[arg(long, default_value = "15m", value_parser = cmd::duration)]
         propagation: std::time::Duration,
         #[arg(long)]
         state_dir: Option<PathBuf>,
@@ -203,9 +209,9 @@ enum Command {
         /// Only from FROM to TO (a one-way partition, say).
         #[arg(long)]
         one_way: bool,
-        #[arg(long, value_parser = duration_arg)]
+        #[arg(long, value_parser = cmd::duration)]
         latency: Option<std::time::Duration>,
-        #[arg(long, value_parser = duration_arg)]
+        #[arg(long, value_parser = cmd::duration)]
         jitter: Option<std::time::Duration>,
         /// Share of datagrams lost, in [0, 1).
         #[arg(long)]
@@ -313,10 +319,6 @@ fn cluster_addr(s: &str) -> Result<(String, std::net::SocketAddr), String> {
 }
 
 /// A duration as people write it: `500ms`, `2s`.
-fn duration_arg(s: &str) -> Result<std::time::Duration, String> {
-    humantime_serde::re::humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e}"))
-}
-
 fn main() -> ExitCode {
     fedmesh_trust::install_default_provider();
     let cli = Cli::parse();
@@ -447,6 +449,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Start { target, state_dir } => {
             up::stop_start(&up::find_state_dir(state_dir)?, &target, true).await
         }
+        Command::Token { what } => cmd::token::run(what),
         Command::RotateCa {
             cluster,
             join,

@@ -33,6 +33,7 @@ pub struct ControllerAccess {
     pub controller: SpiffeId,
     /// The identity to ask `Certify` for; the join token must allow it.
     pub identity: SpiffeId,
+    /// For the first SVID only: renewals present the SVID held.
     pub join_token: String,
     /// Our name in the controller's logs.
     pub node: String,
@@ -138,17 +139,25 @@ pub async fn channel(
         .await
 }
 
-/// Asks the controller to sign a fresh key for `access.identity`. Needs no
-/// SVID; the controller is verified against `bundles`.
+/// Asks the controller to sign a fresh key for `access.identity`: with
+/// the join token, or, to renew, by presenting `held` (an SVID of that
+/// identity, still valid). The controller is verified against `bundles`.
 pub async fn certify(
     access: &ControllerAccess,
     bundles: watch::Receiver<Arc<BundleSet>>,
+    held: Option<Arc<Svid>>,
 ) -> Result<Svid, ClientError> {
-    let tls = fedmesh_trust::client_config_without_svid(
-        bundles,
-        Arc::new(AllowIds::one(access.controller.clone())),
-        &[b"h2"],
-    )?;
+    let controller = Arc::new(AllowIds::one(access.controller.clone()));
+    let (tls, join_token) = match held {
+        Some(svid) => (
+            fedmesh_trust::client_config(watch::channel(svid).1, bundles, controller, &[b"h2"])?,
+            String::new(),
+        ),
+        None => (
+            fedmesh_trust::client_config_without_svid(bundles, controller, &[b"h2"])?,
+            access.join_token.clone(),
+        ),
+    };
     let ch = channel(access.address, Arc::new(tls))
         .await
         .map_err(|source| ClientError::Connect {
@@ -160,7 +169,7 @@ pub async fn certify(
     let reply = DiscoveryClient::new(ch)
         .certify(pb::CertifyRequest {
             csr_der: csr,
-            join_token: access.join_token.clone(),
+            join_token,
         })
         .await
         .map_err(|status| match status.code() {
@@ -183,20 +192,38 @@ pub async fn certify(
     Ok(svid)
 }
 
-/// Renews the SVID through `Certify`.
+/// Renews the SVID through `Certify`, presenting the one held; the join
+/// token (which may have expired, or been single-use) only once the held
+/// SVID has expired or is refused.
 #[derive(Debug, Clone)]
 struct CertifySource {
     access: Arc<ControllerAccess>,
     bundles: watch::Receiver<Arc<BundleSet>>,
+    held: Arc<std::sync::Mutex<Arc<Svid>>>,
 }
 
 impl SvidSource for CertifySource {
     fn fetch(&self) -> impl Future<Output = Result<Svid, RenewError>> + Send {
         let this = self.clone();
         async move {
-            certify(&this.access, this.bundles)
-                .await
-                .map_err(|e| RenewError(Box::new(e)))
+            let held = this.held.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            let renewed = if held.not_after() > std::time::SystemTime::now() {
+                certify(&this.access, this.bundles.clone(), Some(held)).await
+            } else {
+                Err(ClientError::BadReply("the SVID held has expired".into()))
+            };
+            let svid = match renewed {
+                Ok(svid) => svid,
+                Err(e) if this.access.join_token.is_empty() => return Err(RenewError(Box::new(e))),
+                Err(e) => {
+                    tracing::warn!(error = %e, "renewing with the SVID held failed; trying the join token");
+                    certify(&this.access, this.bundles, None)
+                        .await
+                        .map_err(|e| RenewError(Box::new(e)))?
+                }
+            };
+            *this.held.lock().unwrap_or_else(|p| p.into_inner()) = Arc::new(svid.clone());
+            Ok(svid)
         }
     }
 }
@@ -255,7 +282,7 @@ where
     let (bundles_tx, bundles) = watch::channel(Arc::new(bootstrap));
     let mut backoff = Backoff::new(policy.initial_backoff, policy.max_backoff);
     let first_svid = loop {
-        match certify(&access, bundles.clone()).await {
+        match certify(&access, bundles.clone(), None).await {
             Ok(svid) => break svid,
             Err(e) if e.is_retryable() => {
                 let wait = backoff.next(fastrand::f64());
@@ -269,6 +296,7 @@ where
     let source = CertifySource {
         access: access.clone(),
         bundles: bundles.clone(),
+        held: Arc::new(std::sync::Mutex::new(Arc::new(first_svid.clone()))),
     };
     let (svid, renewer) =
         fedmesh_trust::spawn_renewer(source, first_svid, policy.renewal.clone(), SystemClock);

@@ -36,7 +36,7 @@ impl Caller {
             join_token: WEB_TOKEN.into(),
             node: "web".into(),
         };
-        let svid = fedmesh_discovery::certify(&access, from.discovered.bundles.clone())
+        let svid = fedmesh_discovery::certify(&access, from.discovered.bundles.clone(), None)
             .await
             .unwrap();
         let trusted = (**from.discovered.bundles.borrow()).clone();

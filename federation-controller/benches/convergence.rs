@@ -11,17 +11,18 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
 use fedmesh_api::ServiceKey;
 use fedmesh_controller::controller::{Controller, ControllerConfig, LocalSource};
+use fedmesh_controller::tokens::Tokens;
 use fedmesh_discovery::MeshState;
 use fedmesh_proto::discovery::v1 as pb;
 use fedmesh_test_support::Etcd;
 use fedmesh_trust::{SpiffeId, TrustDomain};
+use fedmesh_zone::TokensFile;
 use hdrhistogram::Histogram;
 use tokio::sync::watch;
 
@@ -58,16 +59,19 @@ async fn main() {
     .unwrap();
     let b_td = TrustDomain::new(&join_b.cluster.trust_domain).unwrap();
     let b_root = join_b.ca.cert_der().clone();
-    let token = "bench-token-0123456789abcdef".to_string();
+    let token = "bench-token-0123456789abcdef0123456789".to_string();
     let mut cfg = ControllerConfig::new(
         join_b,
         LocalSource::Channel(watch::channel(Arc::new(Default::default())).1),
         "127.0.2.2:0".parse().unwrap(),
     );
-    cfg.tokens = HashMap::from([(
-        token.clone(),
-        SpiffeId::workload(&b_td, "bench", "client").unwrap(),
-    )]);
+    cfg.tokens = Tokens::fixed(TokensFile::granting(
+        [(
+            token.as_str(),
+            SpiffeId::workload(&b_td, "bench", "client").unwrap(),
+        )],
+        Duration::from_secs(3600),
+    ));
     let b = Controller::start(cfg).await.unwrap();
     // A client of B, as a proxy is one.
     let (req_tx, mut stream) = discovery_client(b.discovery_addr, &b_td, b_root, token).await;

@@ -13,17 +13,18 @@
 
 mod common;
 
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use common::*;
 use fedmesh_api::policy::parse_documents;
 use fedmesh_api::{KeySpace, ServiceKey};
 use fedmesh_controller::controller::{Controller, ControllerConfig, LocalSource};
+use fedmesh_controller::tokens::Tokens;
 use fedmesh_discovery::MeshState;
 use fedmesh_proto::discovery::v1 as pb;
 use fedmesh_test_support::Etcd;
 use fedmesh_trust::{SpiffeId, TrustDomain};
+use fedmesh_zone::TokensFile;
 use fedmesh_zone::{GlobalZone, PolicyChange};
 use hdrhistogram::Histogram;
 use tokio::sync::{mpsc, watch};
@@ -82,7 +83,7 @@ async fn main() {
 
     let etcd = Etcd::start().await.unwrap();
     let mut client = etcd.client().await.unwrap();
-    let token = "bench-token-0123456789abcdef".to_string();
+    let token = "bench-token-0123456789abcdef0123456789".to_string();
     let mut controllers = Vec::new();
     let mut streams = Vec::new();
     for n in 0..clusters {
@@ -97,10 +98,13 @@ async fn main() {
             LocalSource::Channel(local),
             format!("127.0.{ip}.2:0").parse().unwrap(),
         );
-        cfg.tokens = HashMap::from([(
-            token.clone(),
-            SpiffeId::workload(&td, "bench", "client").unwrap(),
-        )]);
+        cfg.tokens = Tokens::fixed(TokensFile::granting(
+            [(
+                token.as_str(),
+                SpiffeId::workload(&td, "bench", "client").unwrap(),
+            )],
+            Duration::from_secs(3600),
+        ));
         let c = Controller::start(cfg).await.unwrap();
         let (tx, rx) = discovery_client(c.discovery_addr, &td, root, token.clone()).await;
         streams.push(Client {

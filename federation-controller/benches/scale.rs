@@ -178,8 +178,16 @@ async fn measure_clients(dir: &std::path::Path, join: &JoinDir, discovery: &str,
     let td = &join.cluster.trust_domain;
     let bundle = Bundle::with_roots(TrustDomain::new(td).unwrap(), [join.ca.cert_der().clone()]);
     std::fs::write(dir.join("bundle.json"), bundle.to_document()).unwrap();
-    std::fs::write(dir.join("proxy.token"), "bench-proxy-token-0123456789").unwrap();
-    std::fs::write(dir.join("gateway.token"), "bench-gateway-token-0123456789").unwrap();
+    std::fs::write(
+        dir.join("proxy.token"),
+        "bench-proxy-token-0123456789abcdef0123",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("gateway.token"),
+        "bench-gateway-token-0123456789abcdef01",
+    )
+    .unwrap();
     let proxy_yaml = |name: &str, port: u16, services: &str| {
         let path = dir.join(format!("{name}.yaml"));
         std::fs::write(
@@ -246,12 +254,21 @@ async fn measure(clusters: usize, services: usize, changes: usize, n: u8) -> Mea
     observer.write(&dir.path().join("join")).unwrap();
     std::fs::write(dir.path().join("registry.yaml"), "").unwrap();
     let td = &observer.cluster.trust_domain;
-    std::fs::write(
-        dir.path().join("tokens.yaml"),
-        format!(
-            "tokens:\n  - token: bench-proxy-token-0123456789\n    spiffeId: spiffe://{td}/ns/fedmesh/sa/proxy\n  - token: bench-gateway-token-0123456789\n    spiffeId: spiffe://{td}/fedmesh/gateway/c0\n"
-        ),
+    let id = |s: String| s.parse().unwrap();
+    fedmesh_zone::TokensFile::granting(
+        [
+            (
+                "bench-proxy-token-0123456789abcdef0123",
+                id(format!("spiffe://{td}/ns/fedmesh/sa/proxy")),
+            ),
+            (
+                "bench-gateway-token-0123456789abcdef01",
+                id(format!("spiffe://{td}/fedmesh/gateway/c0")),
+            ),
+        ],
+        Duration::from_secs(3600),
     )
+    .save(&dir.path().join("tokens.yaml"))
     .unwrap();
     let admin = format!("127.0.{n}.2:{}", 20000 + u16::from(n));
     let log = std::env::var("CONTROLLER_LOG").ok();

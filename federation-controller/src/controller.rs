@@ -2,7 +2,6 @@
 //! watcher, the publisher, the mesh builder, the gRPC server and the admin
 //! port together. Each part is its own task; this module only connects them.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -25,6 +24,7 @@ use crate::mesh;
 use crate::publish;
 use crate::registry::{DiscoverySource, FileRegistry, RegistryError};
 use crate::rotation;
+use crate::tokens::Tokens;
 use crate::view::GlobalView;
 use crate::watcher::{self, WatcherConfig};
 use fedmesh_zone::join::JoinDir;
@@ -41,8 +41,8 @@ pub struct ControllerConfig {
     pub discovery_addr: SocketAddr,
     /// Metrics, `/ready` and `/live`; `None` to disable.
     pub admin_addr: Option<SocketAddr>,
-    /// Join token → the identity it allows `Certify` to issue.
-    pub tokens: HashMap<String, SpiffeId>,
+    /// The join tokens `Certify` accepts (none by default).
+    pub tokens: Tokens,
     /// TTL of the `alive/<cluster>` lease.
     pub alive_ttl: Duration,
     pub watcher: WatcherConfig,
@@ -61,7 +61,7 @@ impl ControllerConfig {
             source,
             discovery_addr,
             admin_addr: None,
-            tokens: HashMap::new(),
+            tokens: Tokens::default(),
             alive_ttl: Duration::from_secs(10),
             watcher: WatcherConfig::default(),
             discovery_chunk_bytes: discovery::CHUNK_BYTES,
@@ -278,10 +278,11 @@ impl Controller {
             td,
             snap_rx.clone(),
             authority,
-            config.tokens,
+            config.tokens.clone(),
             metrics.discovery.clone(),
         );
         service.chunk_bytes = config.discovery_chunk_bytes;
+        tasks.spawn(config.tokens.watch(Duration::from_secs(1), stop_rx.clone()));
         let mut stop_grpc = stop_rx.clone();
         tasks.spawn(async move {
             let shutdown = async move {

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use fedmesh_proto::discovery::v1 as pb;
-use fedmesh_trust::{Authority, CaError, SpiffeId, TrustDomain};
+use fedmesh_trust::{Authority, CaError, TrustDomain};
 use pb::discovery_server::{Discovery, DiscoveryServer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
@@ -26,6 +26,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 
 use crate::guard::{FailureLimiter, FailurePolicy};
+use crate::tokens::{Denied, Tokens};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::mesh::{self, Changed, MeshInputs, Scope};
@@ -339,13 +340,13 @@ impl DiscoveryStats {
     }
 }
 
-/// The service. `tokens` maps each join token to the one identity it allows.
+/// The service. `tokens` are the join tokens `Certify` accepts.
 #[derive(Debug, Clone)]
 pub struct DiscoveryService {
     trust_domain: TrustDomain,
     snapshots: Snapshots,
     authority: Arc<Mutex<Authority>>,
-    tokens: Arc<HashMap<String, SpiffeId>>,
+    tokens: Tokens,
     stats: Arc<DiscoveryStats>,
     /// How large an update's chunks grow ([`CHUNK_BYTES`]).
     pub chunk_bytes: usize,
@@ -358,14 +359,14 @@ impl DiscoveryService {
         trust_domain: TrustDomain,
         snapshots: Snapshots,
         authority: Arc<Mutex<Authority>>,
-        tokens: HashMap<String, SpiffeId>,
+        tokens: Tokens,
         stats: Arc<DiscoveryStats>,
     ) -> Self {
         Self {
             trust_domain,
             snapshots,
             authority,
-            tokens: Arc::new(tokens),
+            tokens,
             stats,
             chunk_bytes: CHUNK_BYTES,
             failures: Arc::new(Mutex::new(FailureLimiter::new(FailurePolicy::default()))),
@@ -529,11 +530,9 @@ impl Discovery for DiscoveryService {
         &self,
         request: Request<pb::CertifyRequest>,
     ) -> Result<Response<pb::CertifyResponse>, Status> {
-        let source = request
-            .extensions()
-            .get::<TlsConnectInfo<TcpConnectInfo>>()
-            .and_then(|i| i.get_ref().remote_addr())
-            .map(|a| a.ip());
+        let info = request.extensions().get::<TlsConnectInfo<TcpConnectInfo>>();
+        let source = info.and_then(|i| i.get_ref().remote_addr()).map(|a| a.ip());
+        let certs = info.and_then(|i| i.peer_certs());
         if let Some(ip) = source
             && let Err(wait) = lock(&self.failures).check(ip, std::time::Instant::now())
         {
@@ -550,20 +549,38 @@ impl Discovery for DiscoveryService {
             status
         };
         let req = request.into_inner();
-        // Every token is compared, each in constant time, so the answer's
-        // timing says nothing about how close a guess came.
-        let given = req.join_token.as_bytes();
-        let found = self.tokens.iter().fold(None, |hit, (token, id)| {
-            if constant_time_eq(token.as_bytes(), given) {
-                Some(id)
-            } else {
-                hit
-            }
-        });
-        let Some(id) = found else {
+        let refused = |status: Status| {
             self.stats.certify_refused.fetch_add(1, Ordering::Relaxed);
-            return Err(failed(Status::permission_denied("unknown join token")));
+            failed(status)
         };
+        let id = if req.join_token.is_empty() {
+            // A renewal: the caller proves who it is with the SVID it
+            // holds (the TLS layer verified the chain), and may have only
+            // that identity again. Join tokens are for the first SVID.
+            let peer = fedmesh_trust::peer_spiffe_id(certs.as_deref().map(|v| &v[..])).ok_or_else(
+                || {
+                    refused(Status::unauthenticated(
+                        "Certify needs a join token, or a client SVID to renew",
+                    ))
+                },
+            )?;
+            if !peer.is_member_of(&self.trust_domain) {
+                return Err(refused(Status::permission_denied(format!(
+                    "{peer} is not of this cluster's trust domain {}",
+                    self.trust_domain
+                ))));
+            }
+            peer
+        } else {
+            self.tokens
+                .redeem(&req.join_token)
+                .await
+                .map_err(|e| match e {
+                    Denied::Refused(r) => refused(Status::permission_denied(r.to_string())),
+                    Denied::Unrecorded(e) => Status::unavailable(e.to_string()),
+                })?
+        };
+        let id = &id;
         let signed = {
             let mut authority = self
                 .authority
@@ -623,11 +640,6 @@ fn subscriptions(node: &str, entries: &[String]) -> mesh::Subscribed {
         tracing::warn!(%node, ?bad, "ignoring subscriptions that are not namespace/name or namespace/*");
     }
     sub
-}
-
-/// Whether `a == b`, in time that depends only on their lengths.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Serves `service` on `listener` with `tls` (whose ALPN must offer "h2")
@@ -909,14 +921,6 @@ mod tests {
         assert!(listed.subscribe(more).is_empty());
         assert!(listed.contains(&ServiceKey::new("shop", "anything"), &v.inputs));
         assert!(!listed.contains(&ServiceKey::new("ops", "db"), &v.inputs));
-    }
-
-    #[test]
-    fn tokens_compare_whole() {
-        assert!(constant_time_eq(b"web-token-0123", b"web-token-0123"));
-        assert!(!constant_time_eq(b"web-token-0123", b"web-token-0124"));
-        assert!(!constant_time_eq(b"web-token-0123", b"web-token-012"));
-        assert!(!constant_time_eq(b"", b"x"));
     }
 
     #[test]

@@ -11,6 +11,8 @@
 //!   I/O-free.
 //! - [`discovery`]: the gRPC discovery stream (incremental, ACK/NACK) and
 //!   `Certify`, over mutual TLS; [`admin`]: metrics, `/ready`, `/live`.
+//! - [`tokens`]: join tokens, re-read as their file changes, single-use
+//!   ones spent on disk first.
 //! - [`rotation`]: takes up a CA rotation staged in the join directory,
 //!   and publishes the cluster's bundle as its roots change.
 //! - [`controller`]: wires these into a running controller.
@@ -26,5 +28,6 @@ pub mod mesh;
 pub mod publish;
 pub mod registry;
 pub mod rotation;
+pub mod tokens;
 pub mod view;
 pub mod watcher;

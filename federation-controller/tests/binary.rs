@@ -72,7 +72,7 @@ async fn starts_from_a_join_directory_becomes_ready_and_stops_on_sigterm() {
     let registry = dir.path().join("registry.yaml");
     std::fs::write(&registry, "services:\n  - {namespace: shop, name: cart, ports: [8080], endpoints: [{address: '127.0.1.10:8080', zone: az1}]}\n").unwrap();
     let tokens = dir.path().join("tokens.yaml");
-    std::fs::write(&tokens, "tokens:\n  - token: web-token-0123456789abcdef\n    spiffeId: spiffe://aws.fedmesh.test/ns/shop/sa/web\n").unwrap();
+    web_tokens(&tokens);
 
     let mut child = Command::new(env!("CARGO_BIN_EXE_fedmesh-controller"))
         .args([
@@ -176,7 +176,7 @@ async fn the_discovery_listener_survives_running_out_of_descriptors() {
     let registry = dir.path().join("registry.yaml");
     std::fs::write(&registry, "services: []\n").unwrap();
     let tokens = dir.path().join("tokens.yaml");
-    std::fs::write(&tokens, "tokens:\n  - token: web-token-0123456789abcdef\n    spiffeId: spiffe://aws.fedmesh.test/ns/shop/sa/web\n").unwrap();
+    web_tokens(&tokens);
 
     // A low descriptor limit for the controller alone.
     let mut child = Command::new("sh")
@@ -232,7 +232,7 @@ async fn the_discovery_listener_survives_running_out_of_descriptors() {
             .parse()
             .unwrap(),
         identity: "spiffe://aws.fedmesh.test/ns/shop/sa/web".parse().unwrap(),
-        join_token: "web-token-0123456789abcdef".into(),
+        join_token: "web-token-0123456789abcdef0123456789".into(),
         node: "test".into(),
     };
     let mut set = fedmesh_trust::BundleSet::new();
@@ -243,7 +243,11 @@ async fn the_discovery_listener_survives_running_out_of_descriptors() {
         Duration::from_secs(20),
         || {
             let (access, bundles) = (access.clone(), bundles.clone());
-            async move { fedmesh_discovery::certify(&access, bundles).await.ok() }
+            async move {
+                fedmesh_discovery::certify(&access, bundles, None)
+                    .await
+                    .ok()
+            }
         },
     )
     .await;
@@ -261,4 +265,15 @@ impl Drop for KillOnDrop {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// A tokens file granting the web token, as `fedmesh token create` writes one.
+fn web_tokens(path: &std::path::Path) {
+    let id = "spiffe://aws.fedmesh.test/ns/shop/sa/web".parse().unwrap();
+    fedmesh_zone::TokensFile::granting(
+        [("web-token-0123456789abcdef0123456789", id)],
+        Duration::from_secs(3600),
+    )
+    .save(path)
+    .unwrap();
 }

@@ -3,13 +3,14 @@
 
 #![allow(clippy::unwrap_used)] // Tests fail loudly by design.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use fedmesh_api::{ClusterRecord, KeySpace};
 use fedmesh_controller::controller::{Controller, ControllerConfig, LocalSource};
+use fedmesh_controller::tokens::Tokens;
 use fedmesh_controller::watcher::WatcherConfig;
 use fedmesh_discovery::MeshState;
 use fedmesh_proto::discovery::v1 as pb;
@@ -18,13 +19,15 @@ use fedmesh_trust::{
     AllowAnyVerified, Bundle, BundleSet, CaOptions, ClusterCa, SpiffeId, Svid, TrustDomain, Usage,
 };
 use fedmesh_zone::GlobalZone;
+use fedmesh_zone::TokensFile;
 use fedmesh_zone::join::{EtcdAccess, JoinDir};
+use fedmesh_zone::tokens::DEFAULT_TTL;
 use pb::discovery_client::DiscoveryClient;
 use rustls_pki_types::CertificateDer;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 
-const TOKEN: &str = "web-token-0123456789abcdef";
+const TOKEN: &str = "web-token-0123456789abcdef0123456789";
 
 fn registry_doc(healthy: usize) -> String {
     let mut s = String::from(
@@ -50,7 +53,7 @@ struct Cluster {
 }
 
 async fn cluster(etcd: &Etcd, name: &str, n: u8, services: &str) -> Cluster {
-    cluster_with(etcd, name, n, services, None).await
+    cluster_with(etcd, name, n, services, None, None).await
 }
 
 /// `source` replaces the file registry when given.
@@ -60,6 +63,7 @@ async fn cluster_with(
     n: u8,
     services: &str,
     source: Option<LocalSource>,
+    tokens: Option<Tokens>,
 ) -> Cluster {
     let dir = tempfile::tempdir().unwrap();
     let td = TrustDomain::new(&format!("{name}.fedmesh.test")).unwrap();
@@ -101,10 +105,12 @@ async fn cluster_with(
     let mut config = ControllerConfig::new(join, source, format!("127.0.{n}.2:0").parse().unwrap());
     config.admin_addr = Some(format!("127.0.{n}.2:0").parse().unwrap());
     config.join_dir = Some(join_dir);
-    config.tokens = HashMap::from([(
-        TOKEN.to_string(),
-        SpiffeId::workload(&td, "shop", "web").unwrap(),
-    )]);
+    config.tokens = tokens.unwrap_or_else(|| {
+        Tokens::fixed(TokensFile::granting(
+            [(TOKEN, SpiffeId::workload(&td, "shop", "web").unwrap())],
+            Duration::from_secs(3600),
+        ))
+    });
     config.watcher = WatcherConfig {
         initial_backoff: Duration::from_millis(50),
         max_backoff: Duration::from_millis(500),
@@ -146,6 +152,30 @@ async fn certify(c: &Cluster, token: &str, id: &SpiffeId) -> Result<Svid, tonic:
         .await?
         .into_inner();
     assert!(resp.bundles.contains_key(c.td.as_str()));
+    let chain = resp.chain_der.into_iter().map(Into::into).collect();
+    Ok(Svid::new(chain, key).unwrap())
+}
+
+/// Renews through Certify with no token, presenting `held`, asking for `id`.
+async fn renew(c: &Cluster, held: &Svid, id: &SpiffeId) -> Result<Svid, tonic::Status> {
+    let tls = fedmesh_trust::client_config(
+        watch::channel(Arc::new(held.clone())).1,
+        own_bundles(c),
+        Arc::new(AllowAnyVerified),
+        &[b"h2"],
+    )
+    .unwrap();
+    let channel = fedmesh_discovery::channel(c.controller.discovery_addr, Arc::new(tls))
+        .await
+        .unwrap();
+    let (csr, key) = fedmesh_trust::certificate_request(id).unwrap();
+    let resp = DiscoveryClient::new(channel)
+        .certify(pb::CertifyRequest {
+            csr_der: csr,
+            join_token: String::new(),
+        })
+        .await?
+        .into_inner();
     let chain = resp.chain_der.into_iter().map(Into::into).collect();
     Ok(Svid::new(chain, key).unwrap())
 }
@@ -513,7 +543,7 @@ async fn a_local_source_that_goes_away_leaves_the_mesh_following_the_global_zone
     let etcd = Etcd::start().await.unwrap();
     let (tx, rx) = watch::channel(Arc::new(fedmesh_api::LocalServices::new()));
     drop(tx);
-    let b = cluster_with(&etcd, "gcp", 2, "", Some(LocalSource::Channel(rx))).await;
+    let b = cluster_with(&etcd, "gcp", 2, "", Some(LocalSource::Channel(rx)), None).await;
     let _a = cluster(&etcd, "aws", 1, &registry_doc(3)).await;
     let snaps = b.controller.snapshots.clone();
     eventually(
@@ -605,4 +635,73 @@ async fn a_staged_ca_is_published_then_signs_and_becomes_the_join_directorys_ca(
     let doc = resp.kvs()[0].value().to_vec();
     let b = Bundle::from_document(c.td.clone(), &doc, "etcd").unwrap();
     assert!(b.roots().contains(&old_root) && b.roots().contains(&new_root));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn join_tokens_expire_are_revoked_and_spent_and_renewal_takes_the_svid() {
+    let etcd = Etcd::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("tokens.yaml");
+    let td = TrustDomain::new("gcp.fedmesh.test").unwrap();
+    let web = SpiffeId::workload(&td, "shop", "web").unwrap();
+    let db = SpiffeId::workload(&td, "shop", "db").unwrap();
+    let now = time::OffsetDateTime::now_utc();
+    let (single, long, short) = TokensFile::update(&file, |f| {
+        Ok((
+            f.create(web.clone(), DEFAULT_TTL, true, now)?,
+            f.create(web.clone(), DEFAULT_TTL, false, now)?,
+            f.create(web.clone(), Duration::from_secs(2), false, now)?,
+        ))
+    })
+    .unwrap();
+    let tokens = Tokens::from_file(file.clone()).unwrap();
+    let b = cluster_with(&etcd, "gcp", 2, "", None, Some(tokens)).await;
+
+    // Single-use: once, and the file says so.
+    let svid = certify(&b, &single, &web).await.unwrap();
+    let again = certify(&b, &single, &web).await.unwrap_err();
+    assert_eq!(again.code(), tonic::Code::PermissionDenied);
+    assert!(
+        again.message().contains("single-use"),
+        "{}",
+        again.message()
+    );
+    let on_disk = TokensFile::load(&file).unwrap();
+    assert!(on_disk.tokens[0].used_at.is_some());
+
+    // Renewal presents the SVID, no token, and gets only its own identity.
+    let renewed = renew(&b, &svid, &web).await.unwrap();
+    assert_eq!(renewed.spiffe_id(), &web);
+    assert!(renewed.not_after() >= svid.not_after());
+    let other = renew(&b, &svid, &db).await.unwrap_err();
+    assert_eq!(other.code(), tonic::Code::PermissionDenied);
+
+    // Expired: refused, saying when.
+    eventually("the short token to expire", Duration::from_secs(10), || {
+        let f = TokensFile::load(&file).unwrap();
+        let expired = f.admit(&short, time::OffsetDateTime::now_utc()).is_err();
+        async move { expired.then_some(()) }
+    })
+    .await;
+    let expired = certify(&b, &short, &web).await.unwrap_err();
+    assert!(
+        expired.message().contains("expired at"),
+        "{}",
+        expired.message()
+    );
+
+    // Revoked: the controller re-reads the file, no restart.
+    certify(&b, &long, &web).await.unwrap();
+    let id = TokensFile::load(&file).unwrap().tokens[1].id().to_owned();
+    TokensFile::update(&file, |f| f.revoke(&id)).unwrap();
+    eventually("the revocation to take", Duration::from_secs(10), || {
+        let (b, long, web) = (&b, long.clone(), web.clone());
+        async move {
+            match certify(b, &long, &web).await {
+                Err(e) if e.message().contains("unknown join token") => Some(()),
+                _ => None,
+            }
+        }
+    })
+    .await;
 }

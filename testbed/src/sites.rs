@@ -2,13 +2,14 @@
 //! gateways in this process that take everything from them. Shared by the
 //! gateway's discovery tests and the proxy's.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use fedmesh_api::{ClusterRecord, Endpoint, KeySpace, LocalService, LocalServices, ServiceKey};
 use fedmesh_controller::controller::{Controller, ControllerConfig, LocalSource};
+use fedmesh_controller::tokens::Tokens;
 use fedmesh_discovery::{ClientPolicy, ControllerAccess, Discovered};
 use fedmesh_gateway::config::{DiscoveryConfig, Listen};
 use fedmesh_gateway::discovered::{self, Local};
@@ -16,6 +17,7 @@ use fedmesh_gateway::{Gateway, GatewayOptions, Metrics, Routes, Settings};
 use fedmesh_test_support::Etcd;
 use fedmesh_trust::{Bundle, BundleSet, CaOptions, ClusterCa, SpiffeId};
 use fedmesh_zone::GlobalZone;
+use fedmesh_zone::TokensFile;
 use fedmesh_zone::join::{EtcdAccess, JoinDir};
 use tokio::sync::watch;
 
@@ -25,8 +27,8 @@ use crate::gateway::Domain;
 /// controller's cluster turns unverified within seconds.
 pub const ALIVE_TTL: Duration = Duration::from_secs(2);
 
-pub const GATEWAY_TOKEN: &str = "gateway-token-0123456789";
-pub const WEB_TOKEN: &str = "web-token-0123456789abcd";
+pub const GATEWAY_TOKEN: &str = "gateway-token-0123456789abcdef01234";
+pub const WEB_TOKEN: &str = "web-token-0123456789abcdef01234567";
 
 /// A registered cluster with its controller.
 pub struct Registered {
@@ -104,13 +106,13 @@ pub async fn register(etcd: &Etcd, name: &str, block: u8) -> Registered {
     config.alive_ttl = ALIVE_TTL;
     // Small chunks, so that every test's updates arrive in several.
     config.discovery_chunk_bytes = 2048;
-    config.tokens = HashMap::from([
-        (GATEWAY_TOKEN.to_string(), domain.gateway_id()),
-        (
-            WEB_TOKEN.to_string(),
-            SpiffeId::workload(&td, "shop", "web").unwrap(),
-        ),
-    ]);
+    config.tokens = Tokens::fixed(TokensFile::granting(
+        [
+            (GATEWAY_TOKEN, domain.gateway_id()),
+            (WEB_TOKEN, SpiffeId::workload(&td, "shop", "web").unwrap()),
+        ],
+        Duration::from_secs(3600),
+    ));
     let controller = Controller::start(config).await.unwrap();
     Registered {
         domain,

@@ -2,14 +2,13 @@
 //! `fedmesh-controller --join <dir>`: the cluster's record, its CA, and how to
 //! reach the global zone. Secrets in it are 0600 in a 0700 directory.
 
-use std::collections::HashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use fedmesh_api::ClusterRecord;
 use fedmesh_trust::ca::write_private;
-use fedmesh_trust::{CaError, ClusterCa, SpiffeId, TrustDomain};
+use fedmesh_trust::{CaError, ClusterCa, TrustDomain};
 use serde::{Deserialize, Serialize};
 
 use crate::access::EtcdTls;
@@ -324,6 +323,21 @@ fn copy_missing(from: &Path, to: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+fn pretty<T: Serialize>(v: &T) -> Vec<u8> {
+    serde_json::to_vec_pretty(v).unwrap_or_default()
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, JoinError> {
+    let raw = fs::read(path).map_err(|source| JoinError::Io {
+        path: path.into(),
+        source,
+    })?;
+    serde_json::from_slice(&raw).map_err(|e| JoinError::Invalid {
+        path: path.into(),
+        reason: e.to_string(),
+    })
+}
+
 #[cfg(test)]
 mod rotation_tests {
     use super::*;
@@ -409,57 +423,5 @@ mod rotation_tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("not a join directory"), "{e}");
-    }
-}
-
-fn pretty<T: Serialize>(v: &T) -> Vec<u8> {
-    serde_json::to_vec_pretty(v).unwrap_or_default()
-}
-
-fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, JoinError> {
-    let raw = fs::read(path).map_err(|source| JoinError::Io {
-        path: path.into(),
-        source,
-    })?;
-    serde_json::from_slice(&raw).map_err(|e| JoinError::Invalid {
-        path: path.into(),
-        reason: e.to_string(),
-    })
-}
-/// The join tokens a controller's `Certify` accepts (`fedmesh-controller
-/// --tokens`): each lets its bearer be issued one identity.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TokensFile {
-    pub tokens: Vec<TokenEntry>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct TokenEntry {
-    pub token: String,
-    pub spiffe_id: SpiffeId,
-}
-
-impl TokensFile {
-    /// The shortest token accepted: a guessable one would hand out SVIDs.
-    pub const MIN_TOKEN_LEN: usize = 16;
-
-    /// Each token with the identity it allows. An error names the entry:
-    /// `tokens[2].token: ...`.
-    pub fn checked(self) -> Result<HashMap<String, SpiffeId>, String> {
-        let mut out = HashMap::new();
-        for (i, t) in self.tokens.into_iter().enumerate() {
-            if t.token.len() < Self::MIN_TOKEN_LEN {
-                return Err(format!(
-                    "tokens[{i}].token: use at least {} characters",
-                    Self::MIN_TOKEN_LEN
-                ));
-            }
-            if out.insert(t.token, t.spiffe_id).is_some() {
-                return Err(format!("tokens[{i}].token: listed twice"));
-            }
-        }
-        Ok(out)
     }
 }

@@ -7,8 +7,8 @@
 //!   etcd transaction guarded by revisions), per-cluster etcd roles, typed
 //!   reads and liveness;
 //! - [`join`]: the join directory `fedmesh register cluster` writes and
-//!   `fedmesh-controller --join` reads, and the join-token file the
-//!   controller's `Certify` checks.
+//!   `fedmesh-controller --join` reads;
+//! - [`tokens`]: join tokens (hashed, expiring, optionally single-use).
 //!
 //! The key layout is in `fedmesh-api` (ARCHITECTURE.md §3.1).
 
@@ -16,10 +16,12 @@ pub mod access;
 pub mod client;
 pub mod join;
 pub mod policies;
+pub mod tokens;
 
 pub use access::{AccessError, EtcdTls, check_endpoints, connect_options};
 pub use client::{
     GlobalZone, Pager, RawKv, RegisterOutcome, ZoneError, cluster_role, decode_bundle, list_range,
 };
-pub use join::{EtcdAccess, JoinDir, TokenEntry, TokensFile};
+pub use join::{EtcdAccess, JoinDir};
 pub use policies::{HistoryEntry, PolicyChange, PolicyHistory, StoredPolicies, StoredPolicy};
+pub use tokens::{Refusal, TokenEntry, TokensError, TokensFile};

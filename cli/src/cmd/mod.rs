@@ -7,6 +7,7 @@ pub mod policy;
 pub mod proxies;
 pub mod register;
 pub mod rotate;
+pub mod token;
 
 use std::time::Duration;
 
@@ -114,4 +115,9 @@ pub async fn connect(flags: &EtcdFlags) -> anyhow::Result<GlobalZone> {
         .await
         .with_context(|| format!("connecting to etcd at {endpoints}"))?;
     Ok(GlobalZone::new(client, KeySpace::new(&flags.prefix)))
+}
+
+/// A duration flag: `90s`, `15m`, `24h`, `7d`.
+pub fn duration(s: &str) -> Result<Duration, String> {
+    humantime_serde::re::humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e}"))
 }

@@ -21,6 +21,9 @@ use fedmesh_zone::{EtcdAccess, EtcdTls};
 use super::supervise::token;
 
 pub const PKI_DIR: &str = "etcd-pki";
+/// How long what `up` issues for its own processes lives (certificates,
+/// join tokens): longer than any run.
+pub const RUN_LIFETIME: Duration = fedmesh_trust::pki::LOCAL_PKI_LIFETIME;
 pub const ENV_FILE: &str = "etcd.env";
 pub const ROOT_USER: &str = "root";
 const PASSWORD_FILE: &str = "root.password";

@@ -33,6 +33,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use fedmesh_topology::{Cluster, ClusterPlan, GatewayPlan, Plan, Protocol, Topology};
 use fedmesh_trust::{Bundle, SpiffeId, TrustDomain};
+use fedmesh_zone::TokensFile;
 use fedmesh_zone::join::JoinDir;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -45,7 +46,7 @@ use crate::wan::{self, Link, Wan};
 use state::{BackendState, ClusterState, Proc, STATE_FILE};
 use supervise::{
     Binaries, alive, backend_cmd, binaries, check_ports, listening, signal, spawn, stop_all,
-    stop_children, token,
+    stop_children,
 };
 
 /// The WAN relays, running in the supervisor for as long as it does.
@@ -401,11 +402,15 @@ impl Launch<'_> {
         let joined = JoinDir::load(&join)?;
         let bundle = Bundle::with_roots(td.clone(), [joined.ca.cert_der().clone()]);
         std::fs::write(cdir.join("bundle.json"), bundle.to_document())?;
-        let (gw_token, proxy_token) = (token()?, token()?);
+        // Multi-use, for the life of the run: `up` and drills restart
+        // these processes, which then join again.
+        let mut tokens = TokensFile::default();
+        let now = time::OffsetDateTime::now_utc();
         let gw_id = SpiffeId::gateway(td, &c.name)?;
         let proxy_id = SpiffeId::workload(td, "fedmesh", "proxy")?;
-        let tokens = render::tokens(&[(&gw_token, &gw_id), (&proxy_token, &proxy_id)]);
-        render::write_secret_yaml(&cdir.join("tokens.yaml"), &tokens)?;
+        let gw_token = tokens.create(gw_id, etcd::RUN_LIFETIME, false, now)?;
+        let proxy_token = tokens.create(proxy_id, etcd::RUN_LIFETIME, false, now)?;
+        tokens.save(&cdir.join("tokens.yaml"))?;
         fedmesh_trust::ca::write_private(&cdir.join("gateway.token"), gw_token.as_bytes())?;
         fedmesh_trust::ca::write_private(&cdir.join("proxy.token"), proxy_token.as_bytes())?;
         Ok(())

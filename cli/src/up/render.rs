@@ -11,8 +11,6 @@ use std::time::Duration;
 use anyhow::Context;
 use fedmesh_api::{ListedEndpoint, ListedService, RegistryFile};
 use fedmesh_topology::{Cluster, ClusterPlan, GatewayPlan};
-use fedmesh_trust::SpiffeId;
-use fedmesh_zone::{TokenEntry, TokensFile};
 use serde::Serialize;
 
 use super::state::ClusterState;
@@ -26,15 +24,6 @@ pub fn write_yaml<T: Serialize>(path: &Path, value: &T) -> anyhow::Result<()> {
     std::fs::write(&tmp, yaml).with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
     Ok(())
-}
-
-/// Writes `value` as YAML to `path`, readable by its owner only (it holds
-/// secrets), atomically.
-pub fn write_secret_yaml<T: Serialize>(path: &Path, value: &T) -> anyhow::Result<()> {
-    let yaml =
-        serde_saphyr::to_string(value).with_context(|| format!("rendering {}", path.display()))?;
-    fedmesh_trust::ca::write_private(path, yaml.as_bytes())
-        .with_context(|| format!("writing {}", path.display()))
 }
 
 /// A cluster's registry: its backends, healthy unless stopped.
@@ -66,19 +55,6 @@ pub fn registry(c: &ClusterState) -> RegistryFile {
 /// it as a readiness probe would.
 pub fn write_registry(c: &ClusterState) -> anyhow::Result<()> {
     write_yaml(&c.registry, &registry(c))
-}
-
-/// The join tokens a cluster's controller accepts: one per identity.
-pub fn tokens(grants: &[(&str, &SpiffeId)]) -> TokensFile {
-    TokensFile {
-        tokens: grants
-            .iter()
-            .map(|(token, id)| TokenEntry {
-                token: (*token).into(),
-                spiffe_id: (*id).clone(),
-            })
-            .collect(),
-    }
 }
 
 /// Files a data-plane process reads from its cluster's directory.
@@ -332,28 +308,5 @@ mod tests {
             fedmesh_api::LocalService::from_listed(cart.ports.clone(), cart.endpoints.clone())
                 .unwrap();
         assert_eq!(svc.endpoints.len(), 2);
-    }
-
-    #[test]
-    fn tokens_round_trip_and_pass_the_controllers_checks() {
-        let td = TrustDomain::new("aws.fedmesh.local").unwrap();
-        let gw = SpiffeId::gateway(&td, "aws").unwrap();
-        let px = SpiffeId::workload(&td, "fedmesh", "proxy").unwrap();
-        let file = tokens(&[("0123456789abcdef01", &gw), ("fedcba9876543210fe", &px)]);
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("tokens.yaml");
-        write_secret_yaml(&path, &file).unwrap();
-        use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
-        assert_eq!(
-            mode & 0o777,
-            0o600,
-            "join tokens are readable by their owner only"
-        );
-        let yaml = std::fs::read_to_string(&path).unwrap();
-        let parsed: TokensFile = serde_saphyr::from_str(&yaml).unwrap();
-        let grants = parsed.checked().unwrap();
-        assert_eq!(grants["0123456789abcdef01"], gw);
-        assert_eq!(grants["fedcba9876543210fe"], px);
     }
 }

@@ -2,16 +2,15 @@
 
 #![forbid(unsafe_code)]
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
 use fedmesh_controller::controller::{Controller, ControllerConfig, LocalSource};
-use fedmesh_trust::SpiffeId;
+use fedmesh_controller::tokens::Tokens;
 use fedmesh_zone::join::JoinDir;
 
 #[derive(Parser, Debug)]
@@ -33,21 +32,13 @@ struct Args {
     /// Address of the admin port (/metrics, /ready, /live).
     #[arg(long, default_value = "127.0.0.1:15014")]
     admin: SocketAddr,
-    /// YAML file of join tokens: `tokens: [{token: ..., spiffeId: ...}]`.
+    /// The join tokens file `fedmesh token create|list|revoke` manages
+    /// (hashes, expiries, single-use). Re-read when it changes.
     #[arg(long)]
     tokens: Option<PathBuf>,
     /// TTL of this cluster's liveness key, in seconds.
     #[arg(long, default_value_t = 10)]
     alive_ttl: u64,
-}
-
-fn load_tokens(path: &Path) -> anyhow::Result<HashMap<String, SpiffeId>> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let file: fedmesh_zone::TokensFile =
-        serde_saphyr::from_str(&text).with_context(|| format!("{}", path.display()))?;
-    file.checked()
-        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
 
 #[tokio::main]
@@ -75,7 +66,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     config.join_dir = Some(args.join.clone());
     config.alive_ttl = Duration::from_secs(args.alive_ttl.max(2));
     if let Some(path) = &args.tokens {
-        config.tokens = load_tokens(path)?;
+        config.tokens = Tokens::from_file(path.clone())?;
     }
     let controller = Controller::start(config).await?;
     println!(
