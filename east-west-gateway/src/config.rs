@@ -18,6 +18,7 @@ use fedmesh_discovery::ControllerAccess;
 use crate::backoff::BackoffPolicy;
 use crate::discovered::Local;
 use crate::routes::{AllowRule, ExportedService, GatewayAddr, Peer, Routes};
+use crate::validate::AddressValidation;
 
 /// How the gateway behaves; everything has a production default.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -66,6 +67,11 @@ pub struct Settings {
     /// Debugging: name the backend's address in `TunnelAccept.endpoint`.
     /// Off, other clusters learn nothing of this cluster's addresses.
     pub reveal_endpoint: bool,
+    /// QUIC address validation (Retry) of new peers: `auto` (while more
+    /// than `addressValidationAbove` unvalidated attempts arrive per
+    /// second), `always`, or `never`.
+    pub address_validation: AddressValidation,
+    pub address_validation_above: u32,
 }
 
 impl Default for Settings {
@@ -86,6 +92,10 @@ impl Default for Settings {
             max_connections_per_peer: 64,
             max_streams_per_source: 1024,
             reveal_endpoint: false,
+            address_validation: AddressValidation::Auto,
+            // Peers open a handful of connections each, on start and after
+            // a loss: a hundred new ones a second is a flood, not a mesh.
+            address_validation_above: 100,
         }
     }
 }

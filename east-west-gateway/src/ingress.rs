@@ -19,14 +19,31 @@ use crate::gateway::GatewayState;
 use crate::metrics::{GatewayLabels, handshake_reason};
 use crate::routes::PeerGateway;
 use crate::splice::{self, ReadFrameError, code, read_frame, write_frame};
+use crate::validate::RetryGate;
 
 const DIRECTION: &str = "ingress";
 
 /// Accepts connections until the endpoint closes.
 pub(crate) async fn serve(endpoint: quinn::Endpoint, sh: Arc<GatewayState>) {
+    let mut gate = RetryGate::new(
+        sh.settings.address_validation,
+        sh.settings.address_validation_above,
+    );
     while let Some(incoming) = endpoint.accept().await {
         if sh.draining.load(Ordering::Relaxed) {
             incoming.refuse();
+            continue;
+        }
+        // An address not yet proven gets a Retry while the gate says so:
+        // a spoofed source never sees it, and costs no handshake.
+        if !incoming.remote_address_validated()
+            && incoming.may_retry()
+            && gate.retry(std::time::Instant::now())
+        {
+            sh.metrics.address_validations.inc();
+            if let Err(e) = incoming.retry() {
+                e.into_incoming().ignore();
+            }
             continue;
         }
         tokio::spawn(connection(incoming, sh.clone()));

@@ -28,6 +28,7 @@ pub mod metrics;
 pub mod quic;
 pub mod routes;
 pub mod splice;
+pub mod validate;
 
 /// The tunnel header, shared with the proxy.
 pub use fedmesh_tunnel::frame;

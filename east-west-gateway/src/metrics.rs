@@ -56,6 +56,7 @@ pub struct Metrics {
     pub rtt_seconds: Family<GatewayLabels, Gauge<f64, AtomicU64>>,
     pub peer_up: Family<GatewayLabels, Gauge>,
     pub handshake_failures: Family<HandshakeLabels, Counter>,
+    pub address_validations: Counter,
 }
 
 impl Metrics {
@@ -95,6 +96,11 @@ impl Metrics {
             "handshake_failures",
             "QUIC/TLS handshakes that failed, by reason",
             self.handshake_failures.clone(),
+        );
+        r.register(
+            "address_validations",
+            "New connections sent a QUIC Retry to prove their address",
+            self.address_validations.clone(),
         );
     }
 

@@ -993,3 +993,56 @@ async fn one_workload_over_its_stream_cap_is_refused_while_others_go_on() {
     )
     .await;
 }
+
+/// `fedmesh_gateway_address_validations` as scraped.
+fn retries(scrape: &str) -> u64 {
+    scrape
+        .lines()
+        .find(|l| l.starts_with("fedmesh_gateway_address_validations_total"))
+        .and_then(|l| l.split_whitespace().last()?.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn address_validation_retries_new_peers_which_still_connect() {
+    use fedmesh_gateway::validate::AddressValidation;
+    // Always: every new peer proves its address first, and is served.
+    let p = pair(Settings {
+        address_validation: AddressValidation::Always,
+        ..Settings::default()
+    })
+    .await;
+    let (mut s, a) = p.open(&open_msg(ECHO, 8080, "gcp-usc1")).await;
+    assert_eq!(a.status, Status::Ok as i32, "{a:?}");
+    ping(&mut s, b"after a retry").await;
+    assert!(retries(&p.gw_b.scrape()) >= 1, "{}", p.gw_b.scrape());
+
+    // Auto: quiet peers pay nothing; a burst of new connections above the
+    // threshold is retried, and every one of them still gets through.
+    let p = pair(Settings {
+        address_validation: AddressValidation::Auto,
+        address_validation_above: 5,
+        ..Settings::default()
+    })
+    .await;
+    let _warm = p.open(&open_msg(ECHO, 8080, "gcp-usc1")).await;
+    assert_eq!(retries(&p.gw_b.scrape()), 0);
+    let mut open = open_msg(ECHO, 8080, "gcp-usc1");
+    open.source_identity = "spiffe://aws.example/ns/shop/sa/web".into();
+    let mut conns = Vec::new();
+    for host in 60..80 {
+        let c = raw_connect(
+            p.a.ip(host),
+            p.a.gateway_svid(),
+            bundles(&[&p.a, &p.b]),
+            p.b.gateway_id(),
+            p.gw_b.quic(),
+        )
+        .await
+        .unwrap();
+        let a = raw_stream(&c, &framed(&open)).await.unwrap();
+        assert_eq!(a.status, Status::Ok as i32, "{a:?}");
+        conns.push(c);
+    }
+    assert!(retries(&p.gw_b.scrape()) >= 1, "{}", p.gw_b.scrape());
+}
