@@ -140,6 +140,27 @@ async fn certify(c: &Cluster, token: &str, id: &SpiffeId) -> Result<Svid, tonic:
         &[b"h2"],
     )
     .unwrap();
+    call_certify(c, tls, token, id).await
+}
+
+/// Renews through Certify with no token, presenting `held`, asking for `id`.
+async fn renew(c: &Cluster, held: &Svid, id: &SpiffeId) -> Result<Svid, tonic::Status> {
+    let tls = fedmesh_trust::client_config(
+        watch::channel(Arc::new(held.clone())).1,
+        own_bundles(c),
+        Arc::new(AllowAnyVerified),
+        &[b"h2"],
+    )
+    .unwrap();
+    call_certify(c, tls, "", id).await
+}
+
+async fn call_certify(
+    c: &Cluster,
+    tls: rustls::ClientConfig,
+    token: &str,
+    id: &SpiffeId,
+) -> Result<Svid, tonic::Status> {
     let channel = fedmesh_discovery::channel(c.controller.discovery_addr, Arc::new(tls))
         .await
         .unwrap();
@@ -152,30 +173,6 @@ async fn certify(c: &Cluster, token: &str, id: &SpiffeId) -> Result<Svid, tonic:
         .await?
         .into_inner();
     assert!(resp.bundles.contains_key(c.td.as_str()));
-    let chain = resp.chain_der.into_iter().map(Into::into).collect();
-    Ok(Svid::new(chain, key).unwrap())
-}
-
-/// Renews through Certify with no token, presenting `held`, asking for `id`.
-async fn renew(c: &Cluster, held: &Svid, id: &SpiffeId) -> Result<Svid, tonic::Status> {
-    let tls = fedmesh_trust::client_config(
-        watch::channel(Arc::new(held.clone())).1,
-        own_bundles(c),
-        Arc::new(AllowAnyVerified),
-        &[b"h2"],
-    )
-    .unwrap();
-    let channel = fedmesh_discovery::channel(c.controller.discovery_addr, Arc::new(tls))
-        .await
-        .unwrap();
-    let (csr, key) = fedmesh_trust::certificate_request(id).unwrap();
-    let resp = DiscoveryClient::new(channel)
-        .certify(pb::CertifyRequest {
-            csr_der: csr,
-            join_token: String::new(),
-        })
-        .await?
-        .into_inner();
     let chain = resp.chain_der.into_iter().map(Into::into).collect();
     Ok(Svid::new(chain, key).unwrap())
 }

@@ -48,13 +48,17 @@ impl UpPki {
     }
 
     /// The serving certificate of the etcd member at `client` and `peer`.
+    /// It is also the member's client certificate towards its peers, which
+    /// check its addresses against the one it dials from: on loopback that
+    /// is 127.0.0.1, whatever address it listens on.
     pub fn member(
         &self,
         name: &str,
         client: SocketAddr,
         peer: SocketAddr,
     ) -> anyhow::Result<PemPair> {
-        let mut ips: Vec<IpAddr> = vec![client.ip(), peer.ip()];
+        let mut ips: Vec<IpAddr> = vec![client.ip(), peer.ip(), IpAddr::from([127, 0, 0, 1])];
+        ips.sort();
         ips.dedup();
         Ok(self.pki.server(name, &ips)?)
     }
