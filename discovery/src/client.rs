@@ -207,13 +207,17 @@ impl SvidSource for CertifySource {
         let this = self.clone();
         async move {
             let held = this.held.lock().unwrap_or_else(|p| p.into_inner()).clone();
-            let renewed = if held.not_after() > std::time::SystemTime::now() {
-                certify(&this.access, this.bundles.clone(), Some(held)).await
-            } else {
+            let expired = held.not_after() <= std::time::SystemTime::now();
+            let renewed = if expired {
                 Err(ClientError::BadReply("the SVID held has expired".into()))
+            } else {
+                certify(&this.access, this.bundles.clone(), Some(held)).await
             };
             let svid = match renewed {
                 Ok(svid) => svid,
+                // A controller away for a moment: renew with the SVID later,
+                // rather than spend a failed token attempt now.
+                Err(e) if !expired && e.is_retryable() => return Err(RenewError(Box::new(e))),
                 Err(e) if this.access.join_token.is_empty() => return Err(RenewError(Box::new(e))),
                 Err(e) => {
                     tracing::warn!(error = %e, "renewing with the SVID held failed; trying the join token");

@@ -43,6 +43,8 @@ pub struct ControllerConfig {
     pub admin_addr: Option<SocketAddr>,
     /// The join tokens `Certify` accepts (none by default).
     pub tokens: Tokens,
+    /// The life of the SVIDs `Certify` signs (24 h by default).
+    pub svid: SvidPolicy,
     /// TTL of the `alive/<cluster>` lease.
     pub alive_ttl: Duration,
     pub watcher: WatcherConfig,
@@ -62,6 +64,7 @@ impl ControllerConfig {
             discovery_addr,
             admin_addr: None,
             tokens: Tokens::default(),
+            svid: SvidPolicy::default(),
             alive_ttl: Duration::from_secs(10),
             watcher: WatcherConfig::default(),
             discovery_chunk_bytes: discovery::CHUNK_BYTES,
@@ -151,15 +154,14 @@ impl Controller {
 
         // Identity: our authority, and the controller's own SVID, renewed.
         let now = SystemTime::now();
-        let mut authority =
-            Authority::new(ca, SvidPolicy::default(), RotationPolicy::default(), now);
+        let mut authority = Authority::new(ca, config.svid.clone(), RotationPolicy::default(), now);
         // A rotation finished before a restart: the root it replaced still
         // vouches for leaves it signed, for one leaf lifetime after it
         // stopped signing.
         if let Some(dir) = &config.join_dir
             && let Some((previous, retired)) = JoinDir::previous_ca(dir, &td)
         {
-            let drop_at = retired + SvidPolicy::default().lifetime;
+            let drop_at = retired + config.svid.lifetime;
             if drop_at > now {
                 authority = authority.retiring(previous, drop_at);
             }

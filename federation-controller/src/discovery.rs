@@ -533,7 +533,13 @@ impl Discovery for DiscoveryService {
         let info = request.extensions().get::<TlsConnectInfo<TcpConnectInfo>>();
         let source = info.and_then(|i| i.get_ref().remote_addr()).map(|a| a.ip());
         let certs = info.and_then(|i| i.peer_certs());
-        if let Some(ip) = source
+        let req = request.into_inner();
+        // Only join tokens can be guessed: the limit on failures applies to
+        // them, never to a renewal by an SVID (workloads on a node a guesser
+        // shares must still renew).
+        let by_token = !req.join_token.is_empty();
+        if by_token
+            && let Some(ip) = source
             && let Err(wait) = lock(&self.failures).check(ip, std::time::Instant::now())
         {
             self.stats.certify_refused.fetch_add(1, Ordering::Relaxed);
@@ -542,18 +548,22 @@ impl Discovery for DiscoveryService {
                 wait.as_secs().max(1)
             )));
         }
-        let failed = |status: Status| {
-            if let Some(ip) = source {
+        let refused = |status: Status| {
+            self.stats.certify_refused.fetch_add(1, Ordering::Relaxed);
+            if by_token && let Some(ip) = source {
                 lock(&self.failures).failed(ip, std::time::Instant::now());
             }
             status
         };
-        let req = request.into_inner();
-        let refused = |status: Status| {
-            self.stats.certify_refused.fetch_add(1, Ordering::Relaxed);
-            failed(status)
-        };
-        let id = if req.join_token.is_empty() {
+        let id = if by_token {
+            self.tokens
+                .redeem(&req.join_token)
+                .await
+                .map_err(|e| match e {
+                    Denied::Refused(r) => refused(Status::permission_denied(r.to_string())),
+                    Denied::Unrecorded(e) => Status::unavailable(e.to_string()),
+                })?
+        } else {
             // A renewal: the caller proves who it is with the SVID it
             // holds (the TLS layer verified the chain), and may have only
             // that identity again. Join tokens are for the first SVID.
@@ -571,14 +581,6 @@ impl Discovery for DiscoveryService {
                 ))));
             }
             peer
-        } else {
-            self.tokens
-                .redeem(&req.join_token)
-                .await
-                .map_err(|e| match e {
-                    Denied::Refused(r) => refused(Status::permission_denied(r.to_string())),
-                    Denied::Unrecorded(e) => Status::unavailable(e.to_string()),
-                })?
         };
         let id = &id;
         let signed = {
@@ -592,11 +594,11 @@ impl Discovery for DiscoveryService {
                 .sign_csr(&req.csr_der, id, now)
                 .map(|cert| (cert, authority.bundle().to_document()))
         };
-        let (cert, own_bundle) = signed.map_err(|e| {
-            self.stats.certify_refused.fetch_add(1, Ordering::Relaxed);
-            match e {
-                CaError::CsrRefused(_) => failed(Status::permission_denied(e.to_string())),
-                other => Status::internal(other.to_string()),
+        let (cert, own_bundle) = signed.map_err(|e| match e {
+            CaError::CsrRefused(_) => refused(Status::permission_denied(e.to_string())),
+            other => {
+                self.stats.certify_refused.fetch_add(1, Ordering::Relaxed);
+                Status::internal(other.to_string())
             }
         })?;
         self.stats.certified.fetch_add(1, Ordering::Relaxed);

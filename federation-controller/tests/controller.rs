@@ -53,7 +53,7 @@ struct Cluster {
 }
 
 async fn cluster(etcd: &Etcd, name: &str, n: u8, services: &str) -> Cluster {
-    cluster_with(etcd, name, n, services, None, None).await
+    cluster_with(etcd, name, n, services, None, |_| {}).await
 }
 
 /// `source` replaces the file registry when given.
@@ -63,7 +63,7 @@ async fn cluster_with(
     n: u8,
     services: &str,
     source: Option<LocalSource>,
-    tokens: Option<Tokens>,
+    tune: impl FnOnce(&mut ControllerConfig),
 ) -> Cluster {
     let dir = tempfile::tempdir().unwrap();
     let td = TrustDomain::new(&format!("{name}.fedmesh.test")).unwrap();
@@ -105,16 +105,15 @@ async fn cluster_with(
     let mut config = ControllerConfig::new(join, source, format!("127.0.{n}.2:0").parse().unwrap());
     config.admin_addr = Some(format!("127.0.{n}.2:0").parse().unwrap());
     config.join_dir = Some(join_dir);
-    config.tokens = tokens.unwrap_or_else(|| {
-        Tokens::fixed(TokensFile::granting(
-            [(TOKEN, SpiffeId::workload(&td, "shop", "web").unwrap())],
-            Duration::from_secs(3600),
-        ))
-    });
+    config.tokens = Tokens::fixed(TokensFile::granting(
+        [(TOKEN, SpiffeId::workload(&td, "shop", "web").unwrap())],
+        Duration::from_secs(3600),
+    ));
     config.watcher = WatcherConfig {
         initial_backoff: Duration::from_millis(50),
         max_backoff: Duration::from_millis(500),
     };
+    tune(&mut config);
     let controller = Controller::start(config).await.unwrap();
     Cluster {
         name: name.into(),
@@ -374,6 +373,7 @@ async fn certify_signs_only_what_the_token_allows_and_discovery_needs_an_svid() 
     let b = cluster(&etcd, "gcp", 2, "").await;
     let web = SpiffeId::workload(&b.td, "shop", "web").unwrap();
     let admin = SpiffeId::workload(&b.td, "shop", "admin").unwrap();
+    let held = certify(&b, TOKEN, &web).await.unwrap();
 
     let err = certify(&b, "not-a-token-0000000000", &web)
         .await
@@ -400,6 +400,9 @@ async fn certify_signs_only_what_the_token_allows_and_discovery_needs_an_svid() 
         "{}",
         err.message()
     );
+    // Renewals by SVID from that same source are not held up: the limit
+    // is on guessing tokens.
+    assert_eq!(renew(&b, &held, &web).await.unwrap().spiffe_id(), &web);
 
     // Discovery without a client certificate is refused.
     let tls = fedmesh_trust::client_config_without_svid(
@@ -540,7 +543,7 @@ async fn a_local_source_that_goes_away_leaves_the_mesh_following_the_global_zone
     let etcd = Etcd::start().await.unwrap();
     let (tx, rx) = watch::channel(Arc::new(fedmesh_api::LocalServices::new()));
     drop(tx);
-    let b = cluster_with(&etcd, "gcp", 2, "", Some(LocalSource::Channel(rx)), None).await;
+    let b = cluster_with(&etcd, "gcp", 2, "", Some(LocalSource::Channel(rx)), |_| {}).await;
     let _a = cluster(&etcd, "aws", 1, &registry_doc(3)).await;
     let snaps = b.controller.snapshots.clone();
     eventually(
@@ -652,7 +655,7 @@ async fn join_tokens_expire_are_revoked_and_spent_and_renewal_takes_the_svid() {
     })
     .unwrap();
     let tokens = Tokens::from_file(file.clone()).unwrap();
-    let b = cluster_with(&etcd, "gcp", 2, "", None, Some(tokens)).await;
+    let b = cluster_with(&etcd, "gcp", 2, "", None, |c| c.tokens = tokens).await;
 
     // Single-use: once, and the file says so.
     let svid = certify(&b, &single, &web).await.unwrap();
@@ -701,4 +704,58 @@ async fn join_tokens_expire_are_revoked_and_spent_and_renewal_takes_the_svid() {
         }
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_plane_client_renews_by_its_svid_after_its_single_use_token_is_spent() {
+    let etcd = Etcd::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("tokens.yaml");
+    let td = TrustDomain::new("gcp.fedmesh.test").unwrap();
+    let web = SpiffeId::workload(&td, "shop", "web").unwrap();
+    let now = time::OffsetDateTime::now_utc();
+    let token =
+        TokensFile::update(&file, |f| f.create(web.clone(), DEFAULT_TTL, true, now)).unwrap();
+    let tokens = Tokens::from_file(file).unwrap();
+    let b = cluster_with(&etcd, "gcp", 2, "", None, |c| {
+        c.tokens = tokens;
+        // Renewed at half-life: every 2 s.
+        c.svid = fedmesh_trust::SvidPolicy {
+            lifetime: Duration::from_secs(4),
+            clock_skew: Duration::ZERO,
+        };
+    })
+    .await;
+    let access = fedmesh_discovery::ControllerAccess {
+        address: b.controller.discovery_addr,
+        controller: SpiffeId::controller(&td, "gcp").unwrap(),
+        identity: web.clone(),
+        join_token: token,
+        node: "web".into(),
+    };
+    let mut bootstrap = BundleSet::new();
+    bootstrap.insert(b.ca_bundle.clone());
+    let client = fedmesh_discovery::start(
+        access,
+        bootstrap,
+        fedmesh_discovery::ClientPolicy::default(),
+        |_: &MeshState, _: &BundleSet| Ok(()),
+    )
+    .await
+    .unwrap();
+    let first = client.svid.borrow().not_after();
+    // Two renewals: the token was spent by the first SVID, so both present
+    // the SVID held.
+    let mut svid = client.svid.clone();
+    eventually("two renewals", Duration::from_secs(20), || {
+        let latest = svid.borrow_and_update().not_after();
+        async move { (latest >= first + Duration::from_secs(3)).then_some(()) }
+    })
+    .await;
+    assert_eq!(client.svid.borrow().spiffe_id(), &web);
+    let stats = &b.controller.metrics.discovery;
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(load(&stats.certified) >= 3, "one join and two renewals");
+    // A renewal by the spent token would have been refused.
+    assert_eq!(load(&stats.certify_refused), 0);
 }
