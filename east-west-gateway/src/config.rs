@@ -60,6 +60,10 @@ pub struct Settings {
     /// cluster has a few gateways, each normally on one connection); more
     /// are closed at once, so one peer's flood cannot take the gateway.
     pub max_connections_per_peer: u32,
+    /// Inbound connections one workload of a peer cluster, connected
+    /// directly (not through its gateway), may hold here at once. Its
+    /// streams count towards its cluster's `maxStreamsPerPeer`.
+    pub max_connections_per_workload: u32,
     /// Egress streams one local workload (by its SPIFFE ID) may hold open
     /// at once; more are refused with OVERLOADED, so that one workload
     /// cannot take its cluster's quota at every remote gateway.
@@ -90,6 +94,8 @@ impl Default for Settings {
             max_udp_payload: 1452,
             dns_servers: Vec::new(),
             max_connections_per_peer: 64,
+            // One per gateway address, and room for a reconnection.
+            max_connections_per_workload: 4,
             max_streams_per_source: 1024,
             reveal_endpoint: false,
             address_validation: AddressValidation::Auto,
@@ -103,8 +109,14 @@ impl Default for Settings {
 impl Settings {
     pub fn validate(&self) -> Result<(), String> {
         let ms = |d: Duration| d.as_millis();
-        if self.max_connections_per_peer == 0 || self.max_streams_per_source == 0 {
-            return Err("maxConnectionsPerPeer and maxStreamsPerSource must be at least 1".into());
+        if self.max_connections_per_peer == 0
+            || self.max_connections_per_workload == 0
+            || self.max_streams_per_source == 0
+        {
+            return Err(
+                "maxConnectionsPerPeer, maxConnectionsPerWorkload and maxStreamsPerSource must be at least 1"
+                    .into(),
+            );
         }
         if self.idle_timeout < Duration::from_millis(100) {
             return Err(format!(

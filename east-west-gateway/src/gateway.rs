@@ -253,11 +253,12 @@ impl Gateway {
         });
         let transport = Arc::new(quic::transport(&options.settings)?);
 
-        // Peers: only registered gateway identities of federated clusters,
-        // each verified against its own trust domain's bundle.
+        // Peers: registered gateway identities of federated clusters, and
+        // workloads of their trust domains connecting directly, each
+        // verified against its own trust domain's bundle.
         let peer_routes = routes.clone();
         let peers = Arc::new(AuthorizeFn(move |id: &fedmesh_trust::SpiffeId| {
-            peer_routes.borrow().peer_gateway(id).map(|_| ())
+            peer_routes.borrow().caller(id).map(|_| ())
         }));
         let server = quic::server_config(svid.clone(), bundles.clone(), peers, transport.clone())?;
         let bind = |source| StartError::Bind {

@@ -17,7 +17,7 @@ use tracing::Instrument;
 use crate::frame::{self, OpenRequest, Refusal};
 use crate::gateway::GatewayState;
 use crate::metrics::{GatewayLabels, handshake_reason};
-use crate::routes::PeerGateway;
+use crate::routes::{Caller, CallerKind};
 use crate::splice::{self, ReadFrameError, code, read_frame, write_frame};
 use crate::validate::RetryGate;
 
@@ -64,21 +64,24 @@ async fn connection(incoming: quinn::Incoming, sh: Arc<GatewayState>) {
         }
     };
     let Some((peer, chain)) = identify(&conn, &sh) else {
-        conn.close(code::BAD_HEADER, b"not a federated gateway");
+        conn.close(code::BAD_HEADER, b"not a federated gateway or workload");
         return;
     };
-    let cap = sh.settings.max_connections_per_peer;
-    let Some(_held) = sh.peer_connections.take(&peer.cluster, cap) else {
-        tracing::warn!(%remote, peer = %peer.cluster, cap = sh.settings.max_connections_per_peer, "closing a connection over the peer cluster's cap");
+    // A cluster's gateways share one cap; each of its workloads connected
+    // directly has its own, smaller one.
+    let (cap, whose) = match peer.kind {
+        CallerKind::Gateway => (sh.settings.max_connections_per_peer, "peer cluster"),
+        CallerKind::Workload => (sh.settings.max_connections_per_workload, "workload"),
+    };
+    let Some(_held) = sh.peer_connections.take(&peer.connection_key(), cap) else {
+        tracing::warn!(%remote, peer = %peer.id, cap, "closing a connection over the {whose}'s cap");
         sh.metrics
             .refused(DIRECTION, &peer.cluster, "too_many_connections");
-        conn.close(
-            code::TOO_MANY,
-            b"too many connections from this peer cluster",
-        );
+        let why = format!("too many connections from this {whose}");
+        conn.close(code::TOO_MANY, why.as_bytes());
         return;
     };
-    tracing::debug!(%remote, peer = %peer.id, "peer gateway connected");
+    tracing::debug!(%remote, peer = %peer.id, "peer connected");
     // The connection ends at its peer's certificate's expiry: a renewed
     // SVID takes over with a fresh handshake.
     let expiry = fedmesh_trust::svid::parse_leaf(&chain[0])
@@ -105,7 +108,7 @@ impl Drop for Forget<'_> {
 /// must close for no longer verifying; `None` when it simply ended.
 async fn serve_peer(
     conn: &Connection,
-    peer: Arc<PeerGateway>,
+    peer: Arc<Caller>,
     chain: &[CertificateDer<'static>],
     expires: Instant,
     sh: &Arc<GatewayState>,
@@ -202,10 +205,10 @@ impl Standing {
 /// verifies under the current routes and bundles; why not.
 fn recheck(
     sh: &GatewayState,
-    peer: &PeerGateway,
+    peer: &Caller,
     chain: &[CertificateDer<'static>],
 ) -> Result<(), String> {
-    sh.routes.borrow().peer_gateway(&peer.id)?;
+    sh.routes.borrow().caller(&peer.id)?;
     sh.bundles
         .borrow()
         .reverify(chain, SystemTime::now(), fedmesh_trust::Usage::Client)
@@ -218,20 +221,20 @@ fn recheck(
 fn identify(
     conn: &Connection,
     sh: &GatewayState,
-) -> Option<(PeerGateway, Vec<CertificateDer<'static>>)> {
+) -> Option<(Caller, Vec<CertificateDer<'static>>)> {
     let chain = conn
         .peer_identity()?
         .downcast::<Vec<CertificateDer<'static>>>()
         .ok()?;
     let id = fedmesh_trust::peer_spiffe_id(Some(&chain))?;
-    let peer = sh.routes.borrow().peer_gateway(&id).ok()?;
+    let peer = sh.routes.borrow().caller(&id).ok()?;
     (!chain.is_empty()).then_some((peer, *chain))
 }
 
 async fn stream(
     mut send: SendStream,
     mut recv: RecvStream,
-    peer: Arc<PeerGateway>,
+    peer: Arc<Caller>,
     sh: Arc<GatewayState>,
 ) {
     let header = timeout(
@@ -271,7 +274,7 @@ async fn tunnel(
     mut send: SendStream,
     mut recv: RecvStream,
     req: OpenRequest,
-    peer: Arc<PeerGateway>,
+    peer: Arc<Caller>,
     sh: Arc<GatewayState>,
 ) {
     if sh.draining.load(Ordering::Relaxed) {
@@ -363,7 +366,7 @@ async fn connect_first(
 async fn refuse(
     send: &mut SendStream,
     recv: &mut RecvStream,
-    peer: &PeerGateway,
+    peer: &Caller,
     sh: &GatewayState,
     r: Refusal,
 ) {

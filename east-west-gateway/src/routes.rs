@@ -113,11 +113,32 @@ impl std::fmt::Display for GatewayAddr {
     }
 }
 
-/// A peer gateway, as its verified certificate names it.
+/// Who is on the other end of an ingress connection, as its verified
+/// certificate names it: a federated cluster's gateway, which vouches for
+/// the workloads of its trust domain, or one of its workloads, connected
+/// directly, which speaks only for itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PeerGateway {
+pub struct Caller {
     pub cluster: String,
     pub id: SpiffeId,
+    pub kind: CallerKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallerKind {
+    Gateway,
+    Workload,
+}
+
+impl Caller {
+    /// The key its connections are counted under: a gateway's cluster, or
+    /// a workload's own identity (a cluster has many).
+    pub fn connection_key(&self) -> String {
+        match self.kind {
+            CallerKind::Gateway => self.cluster.clone(),
+            CallerKind::Workload => self.id.to_string(),
+        }
+    }
 }
 
 impl Routes {
@@ -135,25 +156,47 @@ impl Routes {
     /// `spiffe://<that cluster's trust domain>/fedmesh/gateway/<cluster>`.
     /// The chain has already been verified against that trust domain's
     /// bundle; this checks that the name and the domain belong together.
-    pub fn peer_gateway(&self, id: &SpiffeId) -> Result<PeerGateway, String> {
-        let cluster = id
-            .path()
-            .strip_prefix("/fedmesh/gateway/")
-            .filter(|c| !c.is_empty() && !c.contains('/'))
-            .ok_or_else(|| format!("{id} is not a gateway identity"))?;
-        let peer = self
-            .peers
-            .get(cluster)
-            .ok_or_else(|| format!("{id}: cluster {cluster:?} is not federated with us"))?;
-        if !id.is_member_of(&peer.trust_domain) {
-            return Err(format!(
-                "{id}: cluster {cluster:?} has trust domain {}",
-                peer.trust_domain
-            ));
+    /// The caller `id` is, if it is a gateway of a federated cluster, or a
+    /// workload (`/ns/<ns>/sa/<sa>`) of a federated cluster's trust domain.
+    pub fn caller(&self, id: &SpiffeId) -> Result<Caller, String> {
+        if let Some(cluster) = id.path().strip_prefix("/fedmesh/gateway/") {
+            if cluster.is_empty() || cluster.contains('/') {
+                return Err(format!("{id} is not a gateway identity"));
+            }
+            let peer = self
+                .peers
+                .get(cluster)
+                .ok_or_else(|| format!("{id}: cluster {cluster:?} is not federated with us"))?;
+            if !id.is_member_of(&peer.trust_domain) {
+                return Err(format!(
+                    "{id}: cluster {cluster:?} has trust domain {}",
+                    peer.trust_domain
+                ));
+            }
+            return Ok(Caller {
+                cluster: cluster.into(),
+                id: id.clone(),
+                kind: CallerKind::Gateway,
+            });
         }
-        Ok(PeerGateway {
-            cluster: cluster.into(),
+        let workload = id
+            .path()
+            .strip_prefix("/ns/")
+            .and_then(|rest| rest.split_once("/sa/"))
+            .is_some_and(|(ns, sa)| !ns.is_empty() && !sa.is_empty() && !sa.contains('/'));
+        if !workload {
+            return Err(format!("{id} is neither a gateway nor a workload identity"));
+        }
+        let cluster = self
+            .peers
+            .iter()
+            .find(|(_, p)| id.is_member_of(&p.trust_domain))
+            .map(|(name, _)| name.clone())
+            .ok_or_else(|| format!("{id}: no federated cluster has its trust domain"))?;
+        Ok(Caller {
+            cluster,
             id: id.clone(),
+            kind: CallerKind::Workload,
         })
     }
 
@@ -163,31 +206,46 @@ impl Routes {
     pub fn admit(
         &self,
         open: &OpenRequest,
-        from: &PeerGateway,
+        from: &Caller,
         spread: usize,
     ) -> Result<Vec<SocketAddr>, Refusal> {
         let forbidden = |m: String| Refusal::new(Status::Forbidden, m);
         // Identified at the handshake; it may have left the routes since.
-        self.peer_gateway(&from.id).map_err(forbidden)?;
+        self.caller(&from.id).map_err(forbidden)?;
         if open.target_cluster != self.cluster {
             return Err(forbidden(format!(
                 "stream for cluster {:?} reached a gateway of {:?}",
                 open.target_cluster, self.cluster
             )));
         }
-        let source = open.source.as_ref().ok_or_else(|| {
-            Refusal::new(
-                Status::BadRequest,
-                "source_identity is required between gateways",
-            )
-        })?;
-        // A gateway vouches only for workloads of its own trust domain.
-        if source.trust_domain_name() != from.id.trust_domain_name() {
-            return Err(forbidden(format!(
-                "gateway {} may not speak for {source}",
-                from.id
-            )));
-        }
+        let source = match from.kind {
+            CallerKind::Gateway => {
+                let source = open.source.as_ref().ok_or_else(|| {
+                    Refusal::new(
+                        Status::BadRequest,
+                        "source_identity is required between gateways",
+                    )
+                })?;
+                // A gateway vouches only for workloads of its own trust domain.
+                if source.trust_domain_name() != from.id.trust_domain_name() {
+                    return Err(forbidden(format!(
+                        "gateway {} may not speak for {source}",
+                        from.id
+                    )));
+                }
+                source
+            }
+            // A workload is who its certificate says, whatever it wrote.
+            CallerKind::Workload => match &open.source {
+                Some(claimed) if claimed != &from.id => {
+                    return Err(forbidden(format!(
+                        "{} may speak only for itself, not {claimed}",
+                        from.id
+                    )));
+                }
+                _ => &from.id,
+            },
+        };
         let svc = self.services.get(&open.service).ok_or_else(|| {
             Refusal::new(
                 Status::UnknownService,
@@ -341,11 +399,9 @@ mod tests {
         r
     }
 
-    fn from_aws() -> PeerGateway {
+    fn from_aws() -> Caller {
         routes()
-            .peer_gateway(
-                &SpiffeId::parse("spiffe://aws.example/fedmesh/gateway/aws-use1").unwrap(),
-            )
+            .caller(&SpiffeId::parse("spiffe://aws.example/fedmesh/gateway/aws-use1").unwrap())
             .unwrap()
     }
 
@@ -390,22 +446,71 @@ mod tests {
     }
 
     #[test]
-    fn only_registered_gateways_of_the_right_domain_are_peers() {
+    fn callers_are_registered_gateways_or_workloads_of_federated_domains() {
         let r = routes();
         let id = |s: &str| SpiffeId::parse(s).unwrap();
-        assert!(
-            r.peer_gateway(&id("spiffe://aws.example/fedmesh/gateway/aws-use1"))
-                .is_ok()
+        let gw = r
+            .caller(&id("spiffe://aws.example/fedmesh/gateway/aws-use1"))
+            .unwrap();
+        assert_eq!(
+            (gw.kind, gw.connection_key()),
+            (CallerKind::Gateway, "aws-use1".into())
         );
+        let web = r
+            .caller(&id("spiffe://aws.example/ns/shop/sa/web"))
+            .unwrap();
+        assert_eq!(web.cluster, "aws-use1");
+        assert_eq!(web.kind, CallerKind::Workload);
+        assert_eq!(web.connection_key(), "spiffe://aws.example/ns/shop/sa/web");
         for bad in [
-            "spiffe://aws.example/ns/shop/sa/web",
+            // Not a workload path: a controller, anything else of fedmesh.
+            "spiffe://aws.example/fedmesh/controller/aws-use1",
+            "spiffe://aws.example/ns/shop",
+            "spiffe://aws.example/ns/shop/sa/web/extra",
+            // A workload of no federated cluster.
+            "spiffe://evil.example/ns/shop/sa/web",
             "spiffe://aws.example/fedmesh/gateway/unknown",
             // Right name, someone else's trust domain.
             "spiffe://evil.example/fedmesh/gateway/aws-use1",
             "spiffe://aws.example/fedmesh/gateway/aws-use1/x",
         ] {
-            assert!(r.peer_gateway(&id(bad)).is_err(), "{bad}");
+            assert!(r.caller(&id(bad)).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_workload_speaks_only_for_itself_and_allow_rules_see_it() {
+        let mut r = routes();
+        let id = |s: &str| SpiffeId::parse(s).unwrap();
+        let web = r
+            .caller(&id("spiffe://aws.example/ns/shop/sa/web"))
+            .unwrap();
+        let mut req = open();
+        // Empty or its own: admitted.
+        req.source = None;
+        assert!(r.admit(&req, &web, 0).is_ok());
+        req.source = Some(web.id.clone());
+        assert!(r.admit(&req, &web, 0).is_ok());
+        // Claiming another identity: refused, whatever the claim.
+        req.source = Some(id("spiffe://aws.example/ns/shop/sa/admin"));
+        let e = r.admit(&req, &web, 0).unwrap_err();
+        assert_eq!(e.status, Status::Forbidden);
+        assert!(e.message.contains("only for itself"), "{e}");
+        // Allow rules apply to the certificate's identity.
+        r.services
+            .get_mut(&ServiceKey::new("shop", "checkout"))
+            .unwrap()
+            .allow = Some(vec![AllowRule {
+            cluster: "aws-use1".into(),
+            identities: vec![id("spiffe://aws.example/ns/shop/sa/admin")],
+        }]);
+        req.source = None;
+        let e = r.admit(&req, &web, 0).unwrap_err();
+        assert_eq!(e.status, Status::Forbidden);
+        let admin = r
+            .caller(&id("spiffe://aws.example/ns/shop/sa/admin"))
+            .unwrap();
+        assert!(r.admit(&req, &admin, 0).is_ok());
     }
 
     #[test]

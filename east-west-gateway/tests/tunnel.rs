@@ -1046,3 +1046,68 @@ async fn address_validation_retries_new_peers_which_still_connect() {
     }
     assert!(retries(&p.gw_b.scrape()) >= 1, "{}", p.gw_b.scrape());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workload_of_a_federated_cluster_connects_directly_as_itself() {
+    let p = pair(Settings {
+        max_connections_per_workload: 2,
+        ..Settings::default()
+    })
+    .await;
+    let as_web = |host: u8| {
+        raw_connect(
+            p.a.ip(host),
+            p.a.workload_svid("shop", "web"),
+            bundles(&[&p.a, &p.b]),
+            p.b.gateway_id(),
+            p.gw_b.quic(),
+        )
+    };
+    // No source on the wire: the certificate says who it is.
+    let mut open = open_msg(ECHO, 8080, "gcp-usc1");
+    open.source_identity.clear();
+    let first = as_web(70).await.unwrap();
+    let a = raw_stream(&first, &framed(&open)).await.unwrap();
+    assert_eq!(a.status, Status::Ok as i32, "{a:?}");
+    // Claiming to be someone else is refused before any byte.
+    open.source_identity = "spiffe://aws.example/ns/shop/sa/admin".into();
+    let a = raw_stream(&first, &framed(&open)).await.unwrap();
+    assert_eq!(a.status, Status::Forbidden as i32, "{a:?}");
+    assert!(a.message.contains("only for itself"), "{}", a.message);
+
+    // Its own connection cap: a second fits, a third is closed.
+    let _second = as_web(71).await.unwrap();
+    let refused = match as_web(72).await {
+        Err(e) => e.to_string(),
+        Ok(c) => match c.closed().await {
+            quinn::ConnectionError::ApplicationClosed(a) => {
+                String::from_utf8_lossy(&a.reason).into_owned()
+            }
+            other => other.to_string(),
+        },
+    };
+    assert!(
+        refused.contains("too many connections from this workload"),
+        "{refused}"
+    );
+    // Its cluster's gateway is not affected.
+    let (_s, a) = p.open(&open_msg(ECHO, 8080, "gcp-usc1")).await;
+    assert_eq!(a.status, Status::Ok as i32, "{a:?}");
+
+    // A workload of a trust domain no federated cluster has: its
+    // certificate is refused (TLS 1.3 lets the client finish first; the
+    // server closes before any stream).
+    let stranger = Domain::new("evil", "evil.example", 9);
+    let conn = raw_connect(
+        stranger.ip(10),
+        stranger.workload_svid("shop", "web"),
+        bundles(&[&stranger, &p.b]),
+        p.b.gateway_id(),
+        p.gw_b.quic(),
+    )
+    .await;
+    if let Ok(c) = conn {
+        let r = raw_stream(&c, &framed(&open_msg(ECHO, 8080, "gcp-usc1"))).await;
+        assert!(r.is_err(), "a stranger's workload got a stream: {r:?}");
+    }
+}

@@ -261,7 +261,16 @@ impl TokensFile {
             path: path.into(),
             reason,
         };
-        let file: Self = serde_saphyr::from_str(&text).map_err(|e| invalid(e.to_string()))?;
+        let file: Self = serde_saphyr::from_str(&text).map_err(|e| {
+            // The first format kept tokens in the clear, without expiry.
+            let hint = if text.contains("token:") {
+                "; this looks like the old format (plaintext `token`): issue new tokens \
+                 with `fedmesh token create`"
+            } else {
+                ""
+            };
+            invalid(format!("{e}{hint}"))
+        })?;
         file.check().map_err(invalid)?;
         Ok(file)
     }
@@ -393,6 +402,12 @@ mod tests {
         let e = TokensFile::load(&path).unwrap_err().to_string();
         assert!(
             e.contains("tokens[0].sha256") && e.contains("tokens.yaml"),
+            "{e}"
+        );
+        fs::write(&path, "tokens:\n  - token: abcdefabcdefabcdefabcdefabcdefab\n    spiffeId: spiffe://a.test/x\n").unwrap();
+        let e = TokensFile::load(&path).unwrap_err().to_string();
+        assert!(
+            e.contains("old format") && e.contains("fedmesh token create"),
             "{e}"
         );
         // A failed change writes nothing.
