@@ -37,8 +37,12 @@ impl Tokens {
         }
     }
 
-    /// Tokens from `path`, read now (a missing file holds none).
+    /// Tokens from `path`, read now (a missing file holds none, and is
+    /// picked up when `fedmesh token create` writes it).
     pub fn from_file(path: PathBuf) -> Result<Self, TokensError> {
+        if !path.exists() {
+            tracing::warn!(file = %path.display(), "no join tokens file yet: every join token is refused until `fedmesh token create --file` writes it");
+        }
         let book = TokensFile::load(&path)?;
         Ok(Self {
             book: Arc::new(Mutex::new(book)),
