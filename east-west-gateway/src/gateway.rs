@@ -18,17 +18,20 @@ use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::Settings;
-use crate::egress::{self, PeerPool};
+use crate::egress;
+use crate::frame::Refusal;
 use crate::metrics::{BytesLabels, Direction, Metrics, StreamLabels};
+use crate::routes::GatewayAddr;
 use crate::routes::Routes;
 use crate::splice::{self, Counters, code};
 use crate::{ingress, quic};
+use fedmesh_trust::TrustDomain;
+use fedmesh_tunnel::pool::{Directory, PeerPool, PoolOptions};
 
 /// What the ingress and egress share.
 #[derive(Debug)]
 pub(crate) struct GatewayState {
     pub routes: watch::Receiver<Arc<Routes>>,
-    pub svid: watch::Receiver<Arc<Svid>>,
     pub bundles: watch::Receiver<Arc<BundleSet>>,
     pub settings: Settings,
     pub metrics: Arc<Metrics>,
@@ -241,7 +244,6 @@ impl Gateway {
         options.settings.validate().map_err(StartError::Settings)?;
         let shared = Arc::new(GatewayState {
             routes: routes.clone(),
-            svid: svid.clone(),
             bundles: bundles.clone(),
             settings: options.settings.clone(),
             metrics,
@@ -281,7 +283,19 @@ impl Gateway {
             addr: options.quic,
             source,
         })?;
-        let pool = Arc::new(PeerPool::new(shared.clone(), endpoint.clone(), transport));
+        let pool = Arc::new(PeerPool::new(
+            PoolOptions {
+                svid: svid.clone(),
+                bundles: bundles.clone(),
+                backoff: options.settings.backoff(),
+                drain_timeout: options.settings.drain_timeout,
+                dns_servers: options.settings.dns_servers.clone(),
+            },
+            Arc::new(RoutesDirectory(routes.clone())),
+            shared.metrics.clone(),
+            endpoint.clone(),
+            transport,
+        ));
         let mut tasks = vec![
             tokio::spawn(ingress::serve(endpoint.clone(), shared.clone())),
             tokio::spawn(prune(pool.clone(), routes.clone())),
@@ -317,6 +331,7 @@ impl Gateway {
                 listener,
                 TlsAcceptor::from(Arc::new(tls)),
                 pool.clone(),
+                shared.clone(),
                 stop_rx,
             )));
         }
@@ -400,5 +415,26 @@ async fn prune(pool: Arc<PeerPool>, mut routes: watch::Receiver<Arc<Routes>>) {
             _ = tokio::time::sleep(Duration::from_secs(30)) => {}
         }
         pool.prune();
+    }
+}
+
+/// The pool's view of where other clusters' gateways are: the routes.
+#[derive(Debug)]
+struct RoutesDirectory(watch::Receiver<Arc<Routes>>);
+
+impl Directory for RoutesDirectory {
+    fn gateways_of(&self, cluster: &str) -> Result<(TrustDomain, Vec<GatewayAddr>), Refusal> {
+        let routes = self.0.borrow();
+        let (peer, gateways) = routes.gateways_of(cluster)?;
+        Ok((peer.trust_domain.clone(), gateways.to_vec()))
+    }
+
+    fn all_gateways(&self) -> Vec<GatewayAddr> {
+        let routes = self.0.borrow();
+        routes
+            .peers
+            .values()
+            .flat_map(|p| p.gateways.iter().cloned())
+            .collect()
     }
 }

@@ -13,14 +13,14 @@
 //!
 //! The protocol logic is I/O-free: [`frame`] (the header), [`routes`]
 //! (admission and endpoint ranking) and [`backoff`] (reconnect backoff).
+//! The egress's QUIC client is the tunnel crate's [`PeerPool`], which the
+//! proxy uses too; the gateway gives it its routes and metrics.
 //! [`Gateway`] drives them with tokio and quinn. Where routes come from
 //! (the controller's discovery stream, or a static file: [`config`]) is the
 //! caller's business; this crate depends on neither etcd nor kube.
 
-pub mod backoff;
 pub mod config;
 pub mod discovered;
-pub mod dns;
 mod egress;
 mod gateway;
 mod ingress;
@@ -30,11 +30,12 @@ pub mod routes;
 pub mod splice;
 pub mod validate;
 
-/// The tunnel header, shared with the proxy.
-pub use fedmesh_tunnel::frame;
+/// The tunnel header, and the QUIC client's backoff and DNS, shared with
+/// the proxy.
+pub use fedmesh_tunnel::{backoff, dns, frame};
 
 pub use config::{Settings, StaticConfig};
-pub use egress::{Opened, PeerPool};
+pub use fedmesh_tunnel::pool::{Opened, PeerPool};
 pub use gateway::{Gateway, GatewayOptions, StartError};
 pub use metrics::Metrics;
 pub use routes::Routes;

@@ -6,7 +6,11 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use fedmesh_tunnel::pool::PoolEvents;
 
 /// `ingress`: streams from peer gateways; `egress`: streams from local
 /// proxies towards peers.
@@ -125,26 +129,38 @@ impl Metrics {
     }
 }
 
-/// A short label for why a QUIC handshake failed, from the TLS alert that
-/// ended it where there was one.
-pub fn handshake_reason(e: &quinn::ConnectionError) -> &'static str {
-    use quinn::ConnectionError as E;
-    let code = match e {
-        E::TimedOut => return "timeout",
-        E::VersionMismatch => return "version",
-        E::Reset => return "reset",
-        E::ApplicationClosed(_) | E::LocallyClosed => return "closed",
-        E::CidsExhausted => return "other",
-        E::ConnectionClosed(c) => c.error_code,
-        E::TransportError(t) => t.code,
-    };
-    // QUIC carries TLS alerts as transport errors 0x100 + alert (RFC 9001).
-    match u64::from(code).checked_sub(0x100) {
-        // bad_certificate, unsupported, revoked, expired, unknown, unknown_ca,
-        // decrypt_error (a chain signed by the wrong key), certificate_required.
-        Some(42..=46 | 48 | 51 | 116) => "certificate",
-        Some(120) => "alpn",
-        Some(0..=255) => "tls",
-        _ => "transport",
+pub use fedmesh_tunnel::quic::handshake_reason;
+
+/// The egress's QUIC client reports into the gateway's metrics.
+impl PoolEvents for Metrics {
+    fn peer_up(&self, cluster: &str, gateway: SocketAddr, up: bool) {
+        self.peer_up
+            .get_or_create(&GatewayLabels::of(cluster, gateway))
+            .set(i64::from(up));
+    }
+
+    fn rtt(&self, cluster: &str, gateway: SocketAddr, rtt: Duration) {
+        self.rtt_seconds
+            .get_or_create(&GatewayLabels::of(cluster, gateway))
+            .set(rtt.as_secs_f64());
+    }
+
+    fn handshake_failed(&self, cluster: &str, reason: &'static str) {
+        Metrics::handshake_failed(self, "egress", cluster, reason);
+    }
+
+    fn forget(&self, cluster: &str, gateway: SocketAddr) {
+        let labels = GatewayLabels::of(cluster, gateway);
+        self.peer_up.remove(&labels);
+        self.rtt_seconds.remove(&labels);
+    }
+}
+
+impl GatewayLabels {
+    fn of(cluster: &str, gateway: SocketAddr) -> Self {
+        Self {
+            peer_cluster: cluster.into(),
+            gateway: gateway.to_string(),
+        }
     }
 }

@@ -50,68 +50,7 @@ pub struct Peer {
     pub gateways: Vec<GatewayAddr>,
 }
 
-/// Where a peer gateway is reached: an address, or a DNS name (a cloud
-/// load balancer's, say) that the egress resolves when it connects.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum GatewayAddr {
-    Ip(SocketAddr),
-    Name { host: String, port: u16 },
-}
-
-impl GatewayAddr {
-    /// `host` is an IP address or a DNS name; a trailing dot is allowed.
-    pub fn new(host: &str, port: u16) -> Result<Self, String> {
-        if port == 0 {
-            return Err("port 0 is not a port".into());
-        }
-        if let Ok(ip) = host.parse::<std::net::IpAddr>() {
-            return Ok(Self::Ip(SocketAddr::new(ip, port)));
-        }
-        let name = host.strip_suffix('.').unwrap_or(host);
-        let label_ok = |l: &str| {
-            (1..=63).contains(&l.len())
-                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-                && !l.starts_with('-')
-                && !l.ends_with('-')
-        };
-        if name.is_empty() || name.len() > 253 || !name.split('.').all(label_ok) {
-            return Err(format!("{host:?} is neither an IP address nor a DNS name"));
-        }
-        Ok(Self::Name {
-            host: name.to_ascii_lowercase(),
-            port,
-        })
-    }
-
-    /// `ip:port`, `[v6]:port` or `name:port`.
-    pub fn parse(s: &str) -> Result<Self, String> {
-        if let Ok(a) = s.parse::<SocketAddr>() {
-            return Ok(Self::Ip(a));
-        }
-        let (host, port) = s
-            .rsplit_once(':')
-            .ok_or_else(|| format!("{s:?} is not host:port"))?;
-        let port = port
-            .parse()
-            .map_err(|_| format!("{s:?}: {port:?} is not a port"))?;
-        Self::new(host, port)
-    }
-}
-
-impl From<SocketAddr> for GatewayAddr {
-    fn from(a: SocketAddr) -> Self {
-        Self::Ip(a)
-    }
-}
-
-impl std::fmt::Display for GatewayAddr {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Ip(a) => a.fmt(f),
-            Self::Name { host, port } => write!(f, "{host}:{port}"),
-        }
-    }
-}
+pub use fedmesh_tunnel::pool::GatewayAddr;
 
 /// Who is on the other end of an ingress connection, as its verified
 /// certificate names it: a federated cluster's gateway, which vouches for

@@ -9,31 +9,11 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use prometheus_client::metrics::counter::Counter;
-use quinn::{RecvStream, SendStream, VarInt};
+use quinn::{RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 
-/// Application error codes for QUIC stream resets and stops.
-pub mod code {
-    use quinn::VarInt;
-    /// The other side of the splice failed.
-    pub const ABORTED: VarInt = VarInt::from_u32(1);
-    /// No byte either way for the stream idle timeout.
-    pub const IDLE: VarInt = VarInt::from_u32(2);
-    /// The header was not a valid frame, or did not arrive in time.
-    pub const BAD_HEADER: VarInt = VarInt::from_u32(3);
-    /// The gateway is shutting down.
-    pub const SHUTDOWN: VarInt = VarInt::from_u32(4);
-    /// The stream was refused; its pipelined bytes are not wanted.
-    pub const REFUSED: VarInt = VarInt::from_u32(5);
-    /// (A connection's) peer no longer verifies: its cluster left, its
-    /// bundle changed, or its certificate expired.
-    pub const REVOKED: VarInt = VarInt::from_u32(6);
-    /// The peer's cluster holds `maxConnectionsPerPeer` connections here
-    /// already.
-    pub const TOO_MANY: VarInt = VarInt::from_u32(7);
-}
-
+pub use fedmesh_tunnel::quic::{code, reset_stream};
 pub use fedmesh_tunnel::{ReadFrameError, read_frame, write_frame};
 
 /// Bytes counted on the way through, per direction.
@@ -184,10 +164,4 @@ async fn from_peer(
             Err(e) => return Err(SpliceError::Peer(e.to_string())),
         }
     }
-}
-
-/// Refuses a QUIC stream that never sent a valid header: reset both ways.
-pub fn reset_stream(send: &mut SendStream, recv: &mut RecvStream, why: VarInt) {
-    let _ = send.reset(why);
-    let _ = recv.stop(why);
 }
