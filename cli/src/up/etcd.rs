@@ -158,14 +158,16 @@ fn operator_pair(dir: &Path) -> PemPair {
     }
 }
 
-/// The operator's access to the etcd of the `fedmesh up` in `state`. With
-/// `password` the root user's password is sent too; without, the
-/// certificate's CN alone makes it root, and the client connects lazily
-/// (what `status` and drills want while etcd is down).
+/// The operator's access to the etcd of the `fedmesh up` in `state`, by
+/// certificate only: its CN makes it root, and with no password to trade
+/// for a token the client connects lazily (what `status` and drills want
+/// while etcd is down).
 pub fn operator_access(state: &Path, endpoints: &[String]) -> EtcdAccess {
     operator(&state.join(PKI_DIR), endpoints, false)
 }
 
+/// The operator's access in `pki`; with `password`, as root by password
+/// too (what `register` needs to create the clusters' users).
 fn operator(pki: &Path, endpoints: &[String], password: bool) -> EtcdAccess {
     let pair = operator_pair(pki);
     EtcdAccess {
