@@ -23,6 +23,7 @@
 pub mod admin;
 pub mod controller;
 pub mod discovery;
+mod follow;
 pub mod guard;
 pub mod mesh;
 pub mod publish;

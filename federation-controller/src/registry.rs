@@ -13,6 +13,8 @@ use std::time::Duration;
 use fedmesh_api::{LocalService, LocalServices, RegistryFile, ServiceKey, validate_label};
 use tokio::sync::watch;
 
+use crate::follow::{Missing, follow};
+
 /// A source of this cluster's services.
 pub trait DiscoverySource {
     /// The current services; the channel updates whenever they change.
@@ -68,7 +70,7 @@ impl FileRegistry {
         let (first, stamp) = load(&path).await?;
         let (tx, rx) = watch::channel(Arc::new(first));
         let (err_tx, errors) = watch::channel(None);
-        let task = tokio::spawn(follow(path, poll, stamp, tx, err_tx));
+        let task = tokio::spawn(follow_registry(path, poll, stamp, tx, err_tx));
         Ok(Self {
             rx,
             errors,
@@ -88,14 +90,7 @@ impl DiscoverySource for FileRegistry {
     }
 }
 
-/// How long an edit must stay unchanged before it is applied.
-const SETTLE: Duration = Duration::from_millis(25);
-
-/// File content is the change detector: modification times can be too
-/// coarse to notice two quick edits.
-type Stamp = Vec<u8>;
-
-async fn load(path: &Path) -> Result<(LocalServices, Stamp), RegistryError> {
+async fn load(path: &Path) -> Result<(LocalServices, Vec<u8>), RegistryError> {
     let raw = tokio::fs::read(path).await.map_err(|e| RegistryError {
         path: path.display().to_string(),
         message: e.to_string(),
@@ -112,37 +107,17 @@ fn parse_bytes(raw: &[u8], path: &Path) -> Result<LocalServices, RegistryError> 
     parse_registry(text, &origin)
 }
 
-async fn follow(
+/// Applies each settled edit of `path` (see [`follow`]); a bad one is
+/// reported and the last good version kept.
+async fn follow_registry(
     path: PathBuf,
     poll: Duration,
-    mut stamp: Stamp,
+    stamp: Vec<u8>,
     tx: watch::Sender<Arc<LocalServices>>,
     errors: watch::Sender<Option<RegistryError>>,
 ) {
-    loop {
-        tokio::select! {
-            _ = tokio::time::sleep(poll) => {}
-            _ = tx.closed() => return,
-        }
-        let Ok(raw) = tokio::fs::read(&path).await else {
-            // A file being replaced may be briefly missing; try next tick.
-            continue;
-        };
-        if raw == stamp {
-            continue;
-        }
-        // An editor that truncates and then writes leaves a moment when the
-        // file is empty or cut short, and either may parse: an empty file
-        // would withdraw every service from the mesh. Apply an edit only
-        // once it reads the same after a short pause.
-        tokio::time::sleep(SETTLE.min(poll)).await;
-        match tokio::fs::read(&path).await {
-            Ok(again) if again == raw => {}
-            _ => continue,
-        }
-        let parsed = parse_bytes(&raw, &path);
-        stamp = raw;
-        match parsed {
+    follow(&path, poll, stamp, Missing::Retry, tx.closed(), |raw| {
+        match parse_bytes(raw, &path) {
             Ok(services) => {
                 errors.send_replace(None);
                 tx.send_if_modified(|cur| {
@@ -159,7 +134,8 @@ async fn follow(
                 errors.send_replace(Some(e));
             }
         }
-    }
+    })
+    .await;
 }
 
 #[cfg(test)]

@@ -5,12 +5,14 @@
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use fedmesh_trust::SpiffeId;
 use fedmesh_zone::{Refusal, TokensError, TokensFile};
 use time::OffsetDateTime;
 use tokio::sync::watch;
+
+use crate::follow::{Missing, follow};
 
 /// Why a token was not accepted.
 #[derive(Debug, thiserror::Error)]
@@ -25,7 +27,15 @@ pub enum Denied {
 #[derive(Debug, Clone, Default)]
 pub struct Tokens {
     book: Arc<Mutex<TokensFile>>,
-    file: Option<PathBuf>,
+    file: Option<Arc<Source>>,
+}
+
+/// The file the tokens come from.
+#[derive(Debug)]
+struct Source {
+    path: PathBuf,
+    /// What was read at start: [`Tokens::watch`] applies what differs.
+    read: Vec<u8>,
 }
 
 impl Tokens {
@@ -40,13 +50,18 @@ impl Tokens {
     /// Tokens from `path`, read now (a missing file holds none, and is
     /// picked up when `fedmesh token create` writes it).
     pub fn from_file(path: PathBuf) -> Result<Self, TokensError> {
-        if !path.exists() {
-            tracing::warn!(file = %path.display(), "no join tokens file yet: every join token is refused until `fedmesh token create --file` writes it");
-        }
-        let book = TokensFile::load(&path)?;
+        let read = match std::fs::read(&path) {
+            Ok(raw) => raw,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                tracing::warn!(file = %path.display(), "no join tokens file yet: every join token is refused until `fedmesh token create --file` writes it");
+                Vec::new()
+            }
+            Err(source) => return Err(TokensError::Io { path, source }),
+        };
+        let book = parse(&read, &path)?;
         Ok(Self {
             book: Arc::new(Mutex::new(book)),
-            file: Some(path),
+            file: Some(Arc::new(Source { path, read })),
         })
     }
 
@@ -69,7 +84,7 @@ impl Tokens {
                 entry.single_use.then(|| entry.sha256.clone()),
             )
         };
-        let (Some(hash), Some(path)) = (spent, self.file.clone()) else {
+        let (Some(hash), Some(path)) = (spent, self.file.as_ref().map(|f| f.path.clone())) else {
             return Ok(id);
         };
         let ours = hash.clone();
@@ -103,29 +118,31 @@ impl Tokens {
     /// A file that fails its checks is reported and the last good tokens
     /// kept.
     pub async fn watch(self, poll: Duration, mut stop: watch::Receiver<bool>) {
-        let Some(path) = self.file.clone() else {
+        let Some(file) = self.file.clone() else {
             return;
         };
-        let stamp = |p: &PathBuf| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-        let mut seen: Option<SystemTime> = stamp(&path);
-        loop {
-            tokio::select! {
-                _ = tokio::time::sleep(poll) => {}
-                _ = stop.changed() => return,
-            }
-            let now = stamp(&path);
-            if now == seen {
-                continue;
-            }
-            seen = now;
-            match TokensFile::load(&path) {
+        let stopped = async move {
+            let _ = stop.changed().await;
+        };
+        follow(&file.path, poll, file.read.clone(), Missing::Empty, stopped, |raw| {
+            match parse(raw, &file.path) {
                 Ok(book) => {
-                    tracing::info!(tokens = book.tokens.len(), file = %path.display(), "join tokens re-read");
+                    tracing::info!(tokens = book.tokens.len(), file = %file.path.display(), "join tokens re-read");
                     *self.book() = book;
                 }
                 Err(e) => tracing::warn!(error = %e, "join tokens unchanged"),
             }
-        }
+        })
+        .await;
+    }
+}
+
+/// The tokens in `raw`, read from `path`; nothing (a file not there) holds
+/// none.
+fn parse(raw: &[u8], path: &std::path::Path) -> Result<TokensFile, TokensError> {
+    match raw.is_empty() {
+        true => Ok(TokensFile::default()),
+        false => TokensFile::parse(raw, path),
     }
 }
 

@@ -432,6 +432,17 @@ fn load_key(der: &PrivateKeyDer<'_>, origin: &str) -> Result<KeyPair, CaError> {
     })
 }
 
+/// `n` random bytes from the crypto provider, as lowercase hex: secrets
+/// (join tokens, passwords) made in one place.
+pub fn random_hex(n: usize) -> Result<String, CaError> {
+    let mut bytes = vec![0u8; n];
+    tls::crypto_provider()
+        .secure_random
+        .fill(&mut bytes)
+        .map_err(|_| CaError::Random)?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
 pub(crate) fn random_serial() -> Result<SerialNumber, CaError> {
     let mut bytes = [0u8; 16];
     tls::crypto_provider()

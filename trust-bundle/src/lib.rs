@@ -45,7 +45,9 @@ pub mod tls;
 pub mod verify;
 
 pub use bundle::{Bundle, BundleError};
-pub use ca::{CaError, CaOptions, ClusterCa, KeyAlgorithm, SvidPolicy, certificate_request};
+pub use ca::{
+    CaError, CaOptions, ClusterCa, KeyAlgorithm, SvidPolicy, certificate_request, random_hex,
+};
 pub use rotation::{
     Authority, Clock, RenewError, RenewalPolicy, RenewalState, RotationError, RotationPhase,
     RotationPolicy, SvidSource, SystemClock, spawn_renewer,

@@ -9,7 +9,6 @@
 //! `fedmesh token` and the controller's single-use bookkeeping share.
 
 use std::fs;
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -120,9 +119,7 @@ pub fn digest(token: &str) -> String {
 
 /// A fresh token: 32 random bytes, hex.
 pub fn generate() -> Result<String, TokensError> {
-    let mut bytes = [0u8; 32];
-    aws_lc_rs::rand::fill(&mut bytes).map_err(|_| TokensError::Random)?;
-    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+    fedmesh_trust::random_hex(32).map_err(|_| TokensError::Random)
 }
 
 /// Equal lengths and bytes, in time that depends only on the lengths.
@@ -247,21 +244,24 @@ impl TokensFile {
 
     /// Reads and checks a tokens file; a missing file is an empty one.
     pub fn load(path: &Path) -> Result<Self, TokensError> {
-        let text = match fs::read_to_string(path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Self::default()),
-            Err(source) => {
-                return Err(TokensError::Io {
-                    path: path.into(),
-                    source,
-                });
-            }
-        };
+        match fs::read(path) {
+            Ok(raw) => Self::parse(&raw, path),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
+            Err(source) => Err(TokensError::Io {
+                path: path.into(),
+                source,
+            }),
+        }
+    }
+
+    /// Parses and checks the contents of the tokens file at `path`.
+    pub fn parse(raw: &[u8], path: &Path) -> Result<Self, TokensError> {
         let invalid = |reason: String| TokensError::Invalid {
             path: path.into(),
             reason,
         };
-        let file: Self = serde_saphyr::from_str(&text).map_err(|e| {
+        let text = std::str::from_utf8(raw).map_err(|e| invalid(format!("not UTF-8: {e}")))?;
+        let file: Self = serde_saphyr::from_str(text).map_err(|e| {
             // The first format kept tokens in the clear, without expiry.
             let hint = if text.contains("token:") {
                 "; this looks like the old format (plaintext `token`): issue new tokens \
@@ -306,18 +306,20 @@ impl TokensFile {
             .write(true)
             .open(&lock_path)
             .map_err(io)?;
+        // Held until `lock` drops, when this returns.
         lock.lock().map_err(io)?;
         let mut file = Self::load(path)?;
         let out = f(&mut file)?;
         file.save(path)?;
-        let mut lock = lock;
-        let _ = lock.flush();
         Ok(out)
     }
 }
 
-fn rfc3339(t: OffsetDateTime) -> String {
-    t.format(&time::format_description::well_known::Rfc3339)
+/// A token time as people read it: RFC 3339, whole seconds.
+pub fn rfc3339(t: OffsetDateTime) -> String {
+    t.replace_nanosecond(0)
+        .unwrap_or(t)
+        .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_else(|_| t.to_string())
 }
 

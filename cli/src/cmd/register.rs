@@ -157,7 +157,7 @@ pub async fn register(args: RegisterCluster) -> anyhow::Result<()> {
         access.user = Some(cluster_role(&plan.record.name));
         access.password = Some(match previous {
             Some(p) => p,
-            None => random_password()?,
+            None => fedmesh_trust::random_hex(18)?,
         });
     }
     let join = JoinDir {
@@ -260,15 +260,6 @@ fn common_name(path: &Path) -> anyhow::Result<Option<String>> {
         .next()
         .and_then(|cn| cn.as_str().ok())
         .map(str::to_owned))
-}
-
-fn random_password() -> anyhow::Result<String> {
-    let mut bytes = [0u8; 18];
-    fedmesh_trust::crypto_provider()
-        .secure_random
-        .fill(&mut bytes)
-        .map_err(|_| anyhow::anyhow!("the system random number generator failed"))?;
-    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 pub async fn deregister(name: &str, flags: &EtcdFlags) -> anyhow::Result<()> {

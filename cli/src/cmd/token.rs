@@ -10,7 +10,7 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 use fedmesh_trust::SpiffeId;
 use fedmesh_zone::TokensFile;
-use fedmesh_zone::tokens::{DEFAULT_TTL, TokenState};
+use fedmesh_zone::tokens::{DEFAULT_TTL, TokenState, rfc3339};
 use time::OffsetDateTime;
 
 use super::get::Output;
@@ -94,9 +94,12 @@ pub fn run(cmd: TokenCommand) -> anyhow::Result<()> {
             );
             let path = at.path()?;
             let now = OffsetDateTime::now_utc();
-            let token = TokensFile::update(&path, |f| f.create(id.clone(), ttl, single_use, now))
-                .with_context(|| format!("adding a token to {}", path.display()))?;
-            let entry_id = fedmesh_zone::tokens::digest(&token)[..12].to_owned();
+            let (token, entry_id) = TokensFile::update(&path, |f| {
+                let token = f.create(id.clone(), ttl, single_use, now)?;
+                let entry = f.tokens.last().map(|e| e.id().to_owned());
+                Ok((token, entry.unwrap_or_default()))
+            })
+            .with_context(|| format!("adding a token to {}", path.display()))?;
             println!("{token}");
             eprintln!(
                 "token {entry_id} for {id}, expires at {}{} ({})",
@@ -169,11 +172,4 @@ pub fn run(cmd: TokenCommand) -> anyhow::Result<()> {
             Ok(())
         }
     }
-}
-
-fn rfc3339(t: OffsetDateTime) -> String {
-    t.replace_nanosecond(0)
-        .unwrap_or(t)
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_else(|_| t.to_string())
 }

@@ -18,8 +18,6 @@ use fedmesh_trust::ca::write_private;
 use fedmesh_trust::pki::{LocalPki, PemPair};
 use fedmesh_zone::{EtcdAccess, EtcdTls};
 
-use super::supervise::token;
-
 pub const PKI_DIR: &str = "etcd-pki";
 /// How long what `up` issues for its own processes lives (certificates,
 /// join tokens): longer than any run.
@@ -43,7 +41,8 @@ impl UpPki {
         let _ = std::fs::remove_dir_all(&dir);
         let pki = LocalPki::create(&dir, "fedmesh up etcd root")?;
         pki.client(ROOT_USER)?;
-        write_private(&dir.join(PASSWORD_FILE), token()?.as_bytes())?;
+        let password = fedmesh_trust::random_hex(16)?;
+        write_private(&dir.join(PASSWORD_FILE), password.as_bytes())?;
         Ok(Self { pki, dir })
     }
 
@@ -126,7 +125,7 @@ impl UpPki {
     /// and give `cluster` its own certificate.
     pub fn register_args(&self, cluster: &str) -> anyhow::Result<Vec<String>> {
         let mine = self.cluster(cluster)?;
-        let root = self.operator_pair();
+        let root = operator_pair(&self.dir);
         let path = |p: &Path| p.display().to_string();
         Ok(vec![
             "--etcd-cacert".into(),
@@ -144,10 +143,6 @@ impl UpPki {
             "--cluster-etcd-key".into(),
             path(&mine.key),
         ])
-    }
-
-    fn operator_pair(&self) -> PemPair {
-        operator_pair(&self.dir)
     }
 }
 

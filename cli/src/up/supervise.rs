@@ -161,13 +161,6 @@ pub fn check_ports(plan: &Plan) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn token() -> anyhow::Result<String> {
-    let mut b = [0u8; 16];
-    use std::io::Read as _;
-    std::fs::File::open("/dev/urandom")?.read_exact(&mut b)?;
-    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
-}
-
 /// A command as program and arguments, to keep in the state.
 pub fn argv(cmd: &std::process::Command) -> Vec<String> {
     std::iter::once(cmd.get_program())
