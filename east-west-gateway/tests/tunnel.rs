@@ -72,6 +72,23 @@ impl Pair {
             .unwrap()
     }
 
+    /// A raw QUIC connection from aws (loopback host `host`) to gcp's
+    /// ingress, presenting `svid`.
+    async fn dial_from_aws(
+        &self,
+        host: u8,
+        svid: Svid,
+    ) -> Result<quinn::Connection, quinn::ConnectionError> {
+        raw_connect(
+            self.a.ip(host),
+            svid,
+            bundles(&[&self.a, &self.b]),
+            self.b.gateway_id(),
+            self.gw_b.quic(),
+        )
+        .await
+    }
+
     async fn status(&self, open: &TunnelOpen) -> (Status, String) {
         let (_, a) = self.open(open).await;
         (Status::try_from(a.status).unwrap(), a.message)
@@ -378,15 +395,7 @@ async fn live_tunnel(
     TunnelOpen,
     tokio::io::Join<quinn::RecvStream, quinn::SendStream>,
 ) {
-    let conn = raw_connect(
-        p.a.ip(host),
-        p.a.gateway_svid(),
-        bundles(&[&p.a, &p.b]),
-        p.b.gateway_id(),
-        p.gw_b.quic(),
-    )
-    .await
-    .unwrap();
+    let conn = p.dial_from_aws(host, p.a.gateway_svid()).await.unwrap();
     let mut good = open_msg(ECHO, 8080, "gcp-usc1");
     good.source_identity = "spiffe://aws.example/ns/shop/sa/web".into();
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
@@ -842,15 +851,10 @@ async fn the_egress_lets_go_of_a_peer_that_no_longer_verifies() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_closes_at_its_peers_certificate_expiry() {
     let p = pair(Settings::default()).await;
-    let conn = raw_connect(
-        p.a.ip(53),
-        p.a.short_gateway_svid(Duration::from_secs(3)),
-        bundles(&[&p.a, &p.b]),
-        p.b.gateway_id(),
-        p.gw_b.quic(),
-    )
-    .await
-    .unwrap();
+    let conn = p
+        .dial_from_aws(53, p.a.short_gateway_svid(Duration::from_secs(3)))
+        .await
+        .unwrap();
     let mut good = open_msg(ECHO, 8080, "gcp-usc1");
     good.source_identity = "spiffe://aws.example/ns/shop/sa/web".into();
     let a = raw_stream(&conn, &framed(&good)).await.unwrap();
@@ -900,21 +904,13 @@ async fn a_peer_over_its_connection_cap_is_refused_while_other_peers_work() {
     .await;
     let mut open = open_msg(ECHO, 8080, "gcp-usc1");
     open.source_identity = "spiffe://aws.example/ns/shop/sa/web".into();
-    let from_aws = |host: u8| {
-        raw_connect(
-            p.a.ip(host),
-            p.a.gateway_svid(),
-            bundles(&[&p.a, &p.b]),
-            p.b.gateway_id(),
-            p.gw_b.quic(),
-        )
-    };
+    let dial_from_aws = |host: u8| p.dial_from_aws(host, p.a.gateway_svid());
     // aws's egress already holds one; one more fits, a third does not.
-    let second = from_aws(60).await.unwrap();
+    let second = dial_from_aws(60).await.unwrap();
     let a = raw_stream(&second, &framed(&open)).await.unwrap();
     assert_eq!(a.status, Status::Ok as i32, "{a:?}");
     let _warm = p.open(&open_msg(ECHO, 8080, "gcp-usc1")).await;
-    let third = from_aws(61).await;
+    let third = dial_from_aws(61).await;
     let refused = match third {
         Err(e) => e.to_string(),
         Ok(c) => {
@@ -1031,15 +1027,7 @@ async fn address_validation_retries_new_peers_which_still_connect() {
     open.source_identity = "spiffe://aws.example/ns/shop/sa/web".into();
     let mut conns = Vec::new();
     for host in 60..80 {
-        let c = raw_connect(
-            p.a.ip(host),
-            p.a.gateway_svid(),
-            bundles(&[&p.a, &p.b]),
-            p.b.gateway_id(),
-            p.gw_b.quic(),
-        )
-        .await
-        .unwrap();
+        let c = p.dial_from_aws(host, p.a.gateway_svid()).await.unwrap();
         let a = raw_stream(&c, &framed(&open)).await.unwrap();
         assert_eq!(a.status, Status::Ok as i32, "{a:?}");
         conns.push(c);
@@ -1054,15 +1042,7 @@ async fn a_workload_of_a_federated_cluster_connects_directly_as_itself() {
         ..Settings::default()
     })
     .await;
-    let as_web = |host: u8| {
-        raw_connect(
-            p.a.ip(host),
-            p.a.workload_svid("shop", "web"),
-            bundles(&[&p.a, &p.b]),
-            p.b.gateway_id(),
-            p.gw_b.quic(),
-        )
-    };
+    let as_web = |host: u8| p.dial_from_aws(host, p.a.workload_svid("shop", "web"));
     // No source on the wire: the certificate says who it is.
     let mut open = open_msg(ECHO, 8080, "gcp-usc1");
     open.source_identity.clear();
