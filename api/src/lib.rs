@@ -18,6 +18,7 @@ pub use local::{
 };
 pub use names::{NameError, validate_label};
 pub use records::{
-    AliveRecord, ClusterRecord, ExportSummary, GatewayAddress, Liveness, SeenRecord, ZoneCapacity,
+    AliveRecord, ClusterRecord, EgressMode, ExportSummary, GatewayAddress, Liveness, SeenRecord,
+    ZoneCapacity,
     validate_locality, validate_ports,
 };

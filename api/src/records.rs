@@ -133,6 +133,50 @@ pub struct ClusterRecord {
     pub labels: BTreeMap<String, String>,
     #[serde(with = "time::serde::rfc3339")]
     pub registered_at: OffsetDateTime,
+    /// How the cluster's workloads reach other clusters. Absent in records
+    /// written before it existed: `direct`.
+    #[serde(default)]
+    pub egress: EgressMode,
+}
+
+/// How a cluster's proxies reach other clusters' ingress gateways.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EgressMode {
+    /// Each proxy opens QUIC streams straight to the remote gateways, with
+    /// its own SVID: one encryption and one hop less.
+    #[default]
+    Direct,
+    /// Through a local egress gateway (TCP + TLS to it, then its QUIC), for
+    /// clusters whose workloads may not reach other clouds themselves.
+    Gateway,
+}
+
+impl EgressMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EgressMode::Direct => "direct",
+            EgressMode::Gateway => "gateway",
+        }
+    }
+}
+
+impl fmt::Display for EgressMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for EgressMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "direct" => Ok(EgressMode::Direct),
+            "gateway" => Ok(EgressMode::Gateway),
+            _ => Err(format!("{s:?} is not an egress mode: direct or gateway")),
+        }
+    }
 }
 
 impl ClusterRecord {
@@ -325,6 +369,7 @@ mod tests {
             gateways: vec!["gw.aws.example:15443".parse().unwrap()],
             labels: BTreeMap::new(),
             registered_at: OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap(),
+            egress: EgressMode::Direct,
         }
     }
 

@@ -6,11 +6,13 @@
 //!   stream ([`ConfigSource`]);
 //! - [`files`]: reading a config file and the files it names, with errors
 //!   that name the file and field ([`ConfigError`]);
+//! - [`peers`]: the peer clusters a static config lists;
 //! - [`process`]: logs, the admin port, and the shutdown signal.
 //!
 //! Like the rest of the data plane, it links neither etcd nor kube.
 
 pub mod files;
+pub mod peers;
 pub mod process;
 pub mod source;
 

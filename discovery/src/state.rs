@@ -23,6 +23,8 @@ pub struct MeshState {
     pub bundles: BTreeMap<String, String>,
     /// Every other registered cluster, by name.
     pub peers: BTreeMap<String, pb::PeerCluster>,
+    /// How this cluster's proxies reach the peers (its registration's).
+    pub egress: fedmesh_api::EgressMode,
     /// Services the client could not accept, with why. Each keeps its last
     /// good value in `services` (or is absent, if it never had one).
     pub rejected: BTreeMap<String, String>,
@@ -100,6 +102,18 @@ impl MeshState {
         {
             return Err(format!("peer cluster with an empty name: {bad:?}"));
         }
+        let egress = match snap.peers.as_ref().map(|p| pb::Egress::try_from(p.egress)) {
+            None => self.egress,
+            Some(Ok(pb::Egress::Direct)) => fedmesh_api::EgressMode::Direct,
+            Some(Ok(pb::Egress::Gateway)) => fedmesh_api::EgressMode::Gateway,
+            // A newer controller's mode, which this client cannot follow.
+            Some(Err(_)) => {
+                return Err(format!(
+                    "peers.egress: {} is not a mode this client knows (direct, gateway)",
+                    snap.peers.as_ref().map_or(0, |p| p.egress)
+                ));
+            }
+        };
         let checked: Vec<_> = snap
             .services
             .iter()
@@ -154,6 +168,7 @@ impl MeshState {
                 .map(|p| (p.cluster.clone(), p.clone()))
                 .collect();
         }
+        self.egress = egress;
         self.cluster = snap.cluster.clone();
         self.version_info = r.version_info.clone();
         Ok(skipped)
@@ -193,7 +208,10 @@ mod tests {
                 cluster: "aws".into(),
                 services: vec![],
                 bundles: Default::default(),
-                peers: peers.map(|clusters| pb::Peers { clusters }),
+                peers: peers.map(|clusters| pb::Peers {
+                    clusters,
+                    egress: 0,
+                }),
             }),
             incremental,
             removed: vec![],
@@ -213,6 +231,28 @@ mod tests {
         // Present and empty: the last peer left.
         s.apply(&response(true, Some(vec![]))).unwrap();
         assert!(s.peers.is_empty());
+    }
+
+    #[test]
+    fn the_egress_mode_rides_with_the_peers_and_an_unknown_one_is_refused() {
+        use fedmesh_api::EgressMode;
+        let with = |egress: i32| {
+            let mut r = response(true, Some(vec![peer("gcp")]));
+            r.snapshot.as_mut().unwrap().peers.as_mut().unwrap().egress = egress;
+            r
+        };
+        let mut s = MeshState::default();
+        s.apply(&with(pb::Egress::Gateway.into())).unwrap();
+        assert_eq!(s.egress, EgressMode::Gateway);
+        // Peers not sent: the mode stays.
+        s.apply(&response(true, None)).unwrap();
+        assert_eq!(s.egress, EgressMode::Gateway);
+        let before = s.clone();
+        let e = s.apply(&with(7)).unwrap_err();
+        assert!(e.contains("peers.egress: 7"), "{e}");
+        assert_eq!(s, before, "a refused response changes nothing");
+        s.apply(&with(pb::Egress::Direct.into())).unwrap();
+        assert_eq!(s.egress, EgressMode::Direct);
     }
 
     #[test]

@@ -17,7 +17,7 @@ use fedmesh_discovery::ControllerAccess;
 
 use crate::backoff::BackoffPolicy;
 use crate::discovered::Local;
-use crate::routes::{AllowRule, ExportedService, GatewayAddr, Peer, Routes};
+use crate::routes::{AllowRule, ExportedService, Routes};
 use crate::validate::AddressValidation;
 
 /// How the gateway behaves; everything has a production default.
@@ -227,13 +227,7 @@ pub struct IdentityFiles {
     pub key: PathBuf,
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct PeerFile {
-    pub cluster: String,
-    pub trust_domain: String,
-    pub gateways: Vec<String>,
-}
+pub use fedmesh_dataplane::peers::PeerFile;
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -425,36 +419,7 @@ fn parse_static(
         ));
     }
 
-    for (i, p) in f.peers.into_iter().enumerate() {
-        let at = format!("peers[{i}]");
-        validate_label("cluster", &p.cluster).map_err(|e| format!("{at}: {e}"))?;
-        if p.cluster == routes.cluster {
-            return Err(format!("{at}: {} is this cluster", p.cluster));
-        }
-        let ptd =
-            TrustDomain::new(&p.trust_domain).map_err(|e| format!("{at}.trustDomain: {e}"))?;
-        if bundles.get(&ptd).is_none() {
-            return Err(format!(
-                "{at} ({}): no bundle for its trust domain {ptd} under `bundles`",
-                p.cluster
-            ));
-        }
-        let mut gateways = Vec::with_capacity(p.gateways.len());
-        for (j, g) in p.gateways.iter().enumerate() {
-            let addr = GatewayAddr::parse(g).map_err(|e| format!("{at}.gateways[{j}]: {e}"))?;
-            if gateways.contains(&addr) {
-                return Err(format!("{at}.gateways[{j}]: {addr} is listed twice"));
-            }
-            gateways.push(addr);
-        }
-        let peer = Peer {
-            trust_domain: ptd,
-            gateways,
-        };
-        if routes.peers.insert(p.cluster.clone(), peer).is_some() {
-            return Err(format!("{at}: cluster {} is listed twice", p.cluster));
-        }
-    }
+    routes.peers = fedmesh_dataplane::peers::check(&routes.cluster, &f.peers, &bundles)?;
 
     let policies = fedmesh_api::policy::by_service(&f.policies)?;
     for (i, s) in f.services.into_iter().enumerate() {

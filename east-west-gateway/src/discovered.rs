@@ -5,13 +5,12 @@
 //! not grow with other clusters' services.
 
 use fedmesh_api::policy::PolicySpec;
-use fedmesh_api::validate_label;
 use fedmesh_discovery::{ClientError, ClientPolicy, Discovered, MeshState};
 use fedmesh_proto::discovery::v1 as pb;
 use fedmesh_trust::{BundleSet, SpiffeId, TrustDomain};
 
 use crate::config::DiscoveryConfig;
-use crate::routes::{AllowRule, ExportedService, GatewayAddr, Peer, Routes};
+use crate::routes::{AllowRule, ExportedService, Routes};
 
 /// Gets the gateway's SVID from the controller and follows its discovery
 /// stream. Returns once the first routes are in; after that the routes,
@@ -55,40 +54,7 @@ pub fn routes(me: &Local, m: &MeshState, bundles: &BundleSet) -> Result<Routes, 
     }
     let mut routes = Routes::new(&me.cluster, me.trust_domain.clone());
     routes.zone = me.zone.clone();
-    for (name, p) in &m.peers {
-        // One unusable peer is skipped and reported; the rest still apply.
-        let td = match peer_trust_domain(name, p) {
-            Ok(td) => td,
-            Err(error) => {
-                tracing::error!(peer = %name, %error, "skipping a peer cluster this gateway cannot use");
-                continue;
-            }
-        };
-        if bundles.get(&td).is_none() {
-            // Without its bundle no gateway of the cluster can be verified;
-            // the rest of the mesh still works.
-            tracing::warn!(cluster = %name, trust_domain = %td, "no bundle for a peer's trust domain yet; its gateways will fail verification");
-        }
-        let gateways = p
-            .gateways
-            .iter()
-            .enumerate()
-            .filter_map(|(i, g)| match gateway_address(g) {
-                Ok(a) => Some(a),
-                Err(error) => {
-                    tracing::error!(peer = %name, gateway = i, %error, "skipping a peer gateway address");
-                    None
-                }
-            })
-            .collect();
-        routes.peers.insert(
-            name.clone(),
-            Peer {
-                trust_domain: td,
-                gateways,
-            },
-        );
-    }
+    routes.peers = fedmesh_tunnel::peers::from_discovery(&m.peers, bundles);
     for (key, s) in m.services.iter().filter(|(_, s)| s.exported) {
         // `MeshState` holds only services that passed `check_service`.
         let (Ok(ports), Ok(endpoints), Ok(policy)) = (
@@ -140,23 +106,11 @@ pub fn allow_rules(p: &PolicySpec) -> Option<Vec<AllowRule>> {
     )
 }
 
-fn peer_trust_domain(name: &str, p: &pb::PeerCluster) -> Result<TrustDomain, String> {
-    validate_label("cluster", name).map_err(|e| e.to_string())?;
-    TrustDomain::new(&p.trust_domain).map_err(|e| format!("trust domain: {e}"))
-}
-
-fn gateway_address(g: &pb::GatewayAddress) -> Result<GatewayAddr, String> {
-    let port = u16::try_from(g.port)
-        .ok()
-        .filter(|p| *p != 0)
-        .ok_or_else(|| format!("port {} is out of range", g.port))?;
-    GatewayAddr::new(&g.address, port)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use fedmesh_api::ServiceKey;
+    use crate::routes::GatewayAddr;
 
     fn td(s: &str) -> TrustDomain {
         TrustDomain::new(s).unwrap()
@@ -244,34 +198,6 @@ mod tests {
             routes(&local(), &other, &BundleSet::new())
                 .unwrap_err()
                 .contains("azure")
-        );
-    }
-
-    #[test]
-    fn an_unusable_peer_or_gateway_is_skipped_and_the_rest_applies() {
-        let mut bad = mesh();
-        bad.peers.insert(
-            "evil".into(),
-            pb::PeerCluster {
-                cluster: "evil".into(),
-                trust_domain: "not a trust domain".into(),
-                ..Default::default()
-            },
-        );
-        let aws = bad.peers.get_mut("aws").unwrap();
-        aws.gateways.push(pb::GatewayAddress {
-            address: "127.0.1.2".into(),
-            port: 70000,
-        });
-        let r = routes(&local(), &bad, &BundleSet::new()).unwrap();
-        assert!(!r.peers.contains_key("evil"));
-        assert_eq!(
-            r.peers["aws"].gateways,
-            [GatewayAddr::parse("127.0.1.1:15443").unwrap()]
-        );
-        assert!(
-            r.services
-                .contains_key(&ServiceKey::new("shop", "checkout"))
         );
     }
 }

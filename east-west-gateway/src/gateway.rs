@@ -19,14 +19,12 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::config::Settings;
 use crate::egress;
-use crate::frame::Refusal;
 use crate::metrics::{BytesLabels, Direction, Metrics, StreamLabels};
-use crate::routes::GatewayAddr;
 use crate::routes::Routes;
 use crate::splice::{self, Counters, code};
 use crate::{ingress, quic};
-use fedmesh_trust::TrustDomain;
-use fedmesh_tunnel::pool::{Directory, PeerPool, PoolOptions};
+use fedmesh_tunnel::peers::Watched;
+use fedmesh_tunnel::pool::{PeerPool, PoolOptions};
 
 /// What the ingress and egress share.
 #[derive(Debug)]
@@ -291,7 +289,7 @@ impl Gateway {
                 drain_timeout: options.settings.drain_timeout,
                 dns_servers: options.settings.dns_servers.clone(),
             },
-            Arc::new(RoutesDirectory(routes.clone())),
+            Arc::new(Watched(routes.clone())),
             shared.metrics.clone(),
             endpoint.clone(),
             transport,
@@ -415,26 +413,5 @@ async fn prune(pool: Arc<PeerPool>, mut routes: watch::Receiver<Arc<Routes>>) {
             _ = tokio::time::sleep(Duration::from_secs(30)) => {}
         }
         pool.prune();
-    }
-}
-
-/// The pool's view of where other clusters' gateways are: the routes.
-#[derive(Debug)]
-struct RoutesDirectory(watch::Receiver<Arc<Routes>>);
-
-impl Directory for RoutesDirectory {
-    fn gateways_of(&self, cluster: &str) -> Result<(TrustDomain, Vec<GatewayAddr>), Refusal> {
-        let routes = self.0.borrow();
-        let (peer, gateways) = routes.gateways_of(cluster)?;
-        Ok((peer.trust_domain.clone(), gateways.to_vec()))
-    }
-
-    fn all_gateways(&self) -> Vec<GatewayAddr> {
-        let routes = self.0.borrow();
-        routes
-            .peers
-            .values()
-            .flat_map(|p| p.gateways.iter().cloned())
-            .collect()
     }
 }

@@ -24,7 +24,7 @@ pub struct Routes {
     /// Services this cluster exports, with their local endpoints.
     pub services: HashMap<ServiceKey, ExportedService>,
     /// Other clusters, by name.
-    pub peers: HashMap<String, Peer>,
+    pub peers: Peers,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,14 +43,7 @@ pub struct AllowRule {
     pub identities: Vec<SpiffeId>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Peer {
-    pub trust_domain: TrustDomain,
-    /// In the order the cluster registered them.
-    pub gateways: Vec<GatewayAddr>,
-}
-
-pub use fedmesh_tunnel::pool::GatewayAddr;
+pub use fedmesh_tunnel::peers::{GatewayAddr, Peer, Peers};
 
 /// Who is on the other end of an ingress connection, as its verified
 /// certificate names it: a federated cluster's gateway, which vouches for
@@ -253,22 +246,15 @@ impl Routes {
             })
             .collect()
     }
+}
 
-    /// The gateways of `cluster`, or why there are none.
-    pub fn gateways_of(&self, cluster: &str) -> Result<(&Peer, &[GatewayAddr]), Refusal> {
-        let peer = self.peers.get(cluster).ok_or_else(|| {
-            Refusal::new(
-                Status::Unreachable,
-                format!("cluster {cluster:?} is not federated with {}", self.cluster),
-            )
-        })?;
-        if peer.gateways.is_empty() {
-            return Err(Refusal::new(
-                Status::Unreachable,
-                format!("cluster {cluster:?} has no gateways"),
-            ));
-        }
-        Ok((peer, &peer.gateways))
+impl fedmesh_tunnel::peers::HasPeers for Routes {
+    fn cluster(&self) -> &str {
+        &self.cluster
+    }
+
+    fn peers(&self) -> &Peers {
+        &self.peers
     }
 }
 
@@ -286,28 +272,6 @@ mod tests {
             address: addr.parse().unwrap(),
             zone: zone.into(),
             healthy,
-        }
-    }
-
-    #[test]
-    fn gateway_addresses_are_ips_or_dns_names() {
-        assert_eq!(
-            GatewayAddr::parse("127.0.1.1:15443").unwrap(),
-            GatewayAddr::Ip("127.0.1.1:15443".parse().unwrap())
-        );
-        assert_eq!(
-            GatewayAddr::parse("[::1]:15443").unwrap(),
-            GatewayAddr::Ip("[::1]:15443".parse().unwrap())
-        );
-        assert_eq!(
-            GatewayAddr::parse("GW-1.elb.Example.com.:15443").unwrap(),
-            GatewayAddr::Name {
-                host: "gw-1.elb.example.com".into(),
-                port: 15443
-            }
-        );
-        for bad in ["gw:0", "gw", "gw:http", "-gw:1", "a..b:1", "g_w:1", ":1"] {
-            assert!(GatewayAddr::parse(bad).is_err(), "{bad}");
         }
     }
 
@@ -500,19 +464,5 @@ mod tests {
             identities: vec![],
         }]);
         assert!(r3.admit(&open(), &from, 0).is_ok());
-    }
-
-    #[test]
-    fn unknown_clusters_and_clusters_without_gateways_are_unreachable() {
-        let mut r = routes();
-        assert_eq!(
-            r.gateways_of("azure").unwrap_err().status,
-            Status::Unreachable
-        );
-        r.peers.get_mut("aws-use1").unwrap().gateways.clear();
-        assert_eq!(
-            r.gateways_of("aws-use1").unwrap_err().status,
-            Status::Unreachable
-        );
     }
 }

@@ -218,7 +218,8 @@ impl MeshInputs {
                 && self.global.bundles != other.global.bundles)
     }
 
-    /// Every other registered cluster, with its gateways.
+    /// Every other registered cluster, with its gateways, and how our own
+    /// proxies reach them (our registration's `egress`).
     pub fn peers(&self) -> pb::Peers {
         let g = &self.global;
         let clusters = g
@@ -235,7 +236,14 @@ impl MeshInputs {
                 last_seen_unix_ms: last_seen(g, name),
             })
             .collect();
-        pb::Peers { clusters }
+        let egress = match g.clusters.get(&*self.cluster).map(|r| r.egress) {
+            Some(fedmesh_api::EgressMode::Gateway) => pb::Egress::Gateway,
+            _ => pb::Egress::Direct,
+        };
+        pb::Peers {
+            clusters,
+            egress: egress.into(),
+        }
     }
 
     /// Whether `other` has different peers (records or liveness). A live

@@ -26,6 +26,7 @@ async fn join_dir(etcd: &Etcd, dir: &std::path::Path) -> Bundle {
         gateways: vec!["127.0.1.1:15443".parse().unwrap()],
         labels: BTreeMap::new(),
         registered_at: time::OffsetDateTime::now_utc(),
+        egress: Default::default(),
     };
     let bundle = Bundle::with_roots(td, [ca.cert_der().clone()]);
     GlobalZone::new(etcd.client().await.unwrap(), KeySpace::default())

@@ -78,6 +78,7 @@ async fn cluster_with(
         gateways: vec![format!("127.0.{n}.1:15443").parse().unwrap()],
         labels: BTreeMap::new(),
         registered_at: time::OffsetDateTime::now_utc(),
+        egress: Default::default(),
     };
     let mut zone = GlobalZone::new(etcd.client().await.unwrap(), KeySpace::default());
     zone.register(&record, &ca_bundle).await.unwrap();

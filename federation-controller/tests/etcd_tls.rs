@@ -35,6 +35,7 @@ fn record(name: &str, td: &TrustDomain, n: u8) -> ClusterRecord {
         gateways: vec![format!("127.0.{n}.1:15443").parse().unwrap()],
         labels: BTreeMap::new(),
         registered_at: time::OffsetDateTime::now_utc(),
+        egress: Default::default(),
     }
 }
 

@@ -81,6 +81,7 @@ pub async fn register(etcd: &Etcd, name: &str, block: u8) -> Registered {
         gateways: vec![format!("{}:{gw_port}", domain.ip(1)).parse().unwrap()],
         labels: BTreeMap::new(),
         registered_at: time::OffsetDateTime::now_utc(),
+        egress: Default::default(),
     };
     GlobalZone::new(etcd.client().await.unwrap(), KeySpace::default())
         .register(&record, &own_bundle)

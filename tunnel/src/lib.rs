@@ -5,6 +5,7 @@
 //!   the checks a `TunnelOpen` must pass. I/O-free.
 //! - [`io`]: reading and writing exactly one frame on an async stream.
 //! - [`quic`]: QUIC with mutual TLS (SVIDs), the UDP socket, stream codes.
+//! - [`peers`]: other clusters' trust domains and gateways.
 //! - [`pool`]: the QUIC client: one pooled connection per remote gateway,
 //!   the next gateway on a refusal or a failure; with [`backoff`]
 //!   (I/O-free) and [`dns`] (gateways given by name).
@@ -15,6 +16,7 @@ pub mod backoff;
 pub mod dns;
 pub mod frame;
 pub mod io;
+pub mod peers;
 pub mod pool;
 pub mod quic;
 

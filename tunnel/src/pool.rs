@@ -21,72 +21,10 @@ use tokio::time::{Instant, timeout};
 
 use crate::backoff::{BackoffPolicy, PeerHealth, try_order};
 use crate::dns::Dns;
+use crate::peers::{Directory, GatewayAddr};
 use crate::frame::{self, OpenRequest, Refusal};
 use crate::io::{ReadFrameError, read_frame, write_frame};
 use crate::quic::{self, handshake_reason};
-
-/// Where a peer gateway is reached: an address, or a DNS name (a cloud
-/// load balancer's, say) that the egress resolves when it connects.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum GatewayAddr {
-    Ip(SocketAddr),
-    Name { host: String, port: u16 },
-}
-
-impl GatewayAddr {
-    /// `host` is an IP address or a DNS name; a trailing dot is allowed.
-    pub fn new(host: &str, port: u16) -> Result<Self, String> {
-        if port == 0 {
-            return Err("port 0 is not a port".into());
-        }
-        if let Ok(ip) = host.parse::<std::net::IpAddr>() {
-            return Ok(Self::Ip(SocketAddr::new(ip, port)));
-        }
-        let name = host.strip_suffix('.').unwrap_or(host);
-        let label_ok = |l: &str| {
-            (1..=63).contains(&l.len())
-                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-                && !l.starts_with('-')
-                && !l.ends_with('-')
-        };
-        if name.is_empty() || name.len() > 253 || !name.split('.').all(label_ok) {
-            return Err(format!("{host:?} is neither an IP address nor a DNS name"));
-        }
-        Ok(Self::Name {
-            host: name.to_ascii_lowercase(),
-            port,
-        })
-    }
-
-    /// `ip:port`, `[v6]:port` or `name:port`.
-    pub fn parse(s: &str) -> Result<Self, String> {
-        if let Ok(a) = s.parse::<SocketAddr>() {
-            return Ok(Self::Ip(a));
-        }
-        let (host, port) = s
-            .rsplit_once(':')
-            .ok_or_else(|| format!("{s:?} is not host:port"))?;
-        let port = port
-            .parse()
-            .map_err(|_| format!("{s:?}: {port:?} is not a port"))?;
-        Self::new(host, port)
-    }
-}
-
-impl From<SocketAddr> for GatewayAddr {
-    fn from(a: SocketAddr) -> Self {
-        Self::Ip(a)
-    }
-}
-
-impl std::fmt::Display for GatewayAddr {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Ip(a) => a.fmt(f),
-            Self::Name { host, port } => write!(f, "{host}:{port}"),
-        }
-    }
-}
 
 /// A tunnel stream that a peer gateway accepted.
 #[derive(Debug)]
@@ -101,16 +39,6 @@ pub struct Opened {
 enum DialFailure {
     Refused(Refusal),
     Unreachable(String),
-}
-
-/// Where other clusters' gateways are: the egress's routes, or the proxy's
-/// table.
-pub trait Directory: Send + Sync + std::fmt::Debug + 'static {
-    /// `cluster`'s trust domain and gateways, in order, or why there are
-    /// none (a refusal to pass on).
-    fn gateways_of(&self, cluster: &str) -> Result<(TrustDomain, Vec<GatewayAddr>), Refusal>;
-    /// Every gateway named now, to let go of the others.
-    fn all_gateways(&self) -> Vec<GatewayAddr>;
 }
 
 /// What the pool reports, for the caller's metrics.

@@ -23,6 +23,7 @@ fn record(name: &str, td: &str) -> ClusterRecord {
         gateways: vec!["127.0.1.1:15443".parse().unwrap()],
         labels: BTreeMap::new(),
         registered_at: OffsetDateTime::now_utc(),
+        egress: Default::default(),
     }
 }
 

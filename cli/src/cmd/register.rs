@@ -5,7 +5,7 @@ use std::time::SystemTime;
 
 use anyhow::Context;
 use clap::Args;
-use fedmesh_api::{ClusterRecord, GatewayAddress, validate_label};
+use fedmesh_api::{ClusterRecord, EgressMode, GatewayAddress, validate_label};
 use fedmesh_trust::{Bundle, CaOptions, ClusterCa, TrustDomain};
 use fedmesh_zone::EtcdTls;
 use fedmesh_zone::RegisterOutcome;
@@ -36,6 +36,11 @@ pub struct RegisterCluster {
     /// Extra labels, key=value (repeatable).
     #[arg(long = "label")]
     labels: Vec<String>,
+    /// How the cluster's proxies reach other clusters: `direct` (QUIC
+    /// straight to their gateways) or `gateway` (through a local egress
+    /// gateway, for workloads that may not reach other clouds).
+    #[arg(long, default_value = "direct", value_parser = str::parse::<EgressMode>)]
+    egress: EgressMode,
     /// Import an existing CA certificate (PEM) instead of creating one.
     #[arg(long, requires = "ca_key")]
     ca_cert: Option<PathBuf>,
@@ -94,6 +99,7 @@ pub fn plan(args: &RegisterCluster) -> anyhow::Result<Plan> {
         gateways,
         labels,
         registered_at: time::OffsetDateTime::now_utc(),
+        egress: args.egress,
     };
     record.validate()?;
     let out = args

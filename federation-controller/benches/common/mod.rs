@@ -23,6 +23,7 @@ pub fn record(name: &str, n: usize) -> ClusterRecord {
         gateways: vec![format!("127.0.{}.1:15443", 1 + n % 250).parse().unwrap()],
         labels: BTreeMap::new(),
         registered_at: time::OffsetDateTime::now_utc(),
+        egress: Default::default(),
     }
 }
 
