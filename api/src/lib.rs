@@ -19,6 +19,5 @@ pub use local::{
 pub use names::{NameError, validate_label};
 pub use records::{
     AliveRecord, ClusterRecord, EgressMode, ExportSummary, GatewayAddress, Liveness, SeenRecord,
-    ZoneCapacity,
-    validate_locality, validate_ports,
+    ZoneCapacity, validate_locality, validate_ports,
 };

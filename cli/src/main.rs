@@ -118,6 +118,10 @@ enum Command {
         /// (tests, say) runs beside one that is up.
         #[arg(long, default_value_t = 0, env = "FEDMESH_BLOCK_OFFSET")]
         block_offset: u8,
+        /// How every cluster's proxies reach the others, whatever the
+        /// topology says: `direct` or `gateway`.
+        #[arg(long, value_parser = str::parse::<fedmesh_api::EgressMode>)]
+        egress: Option<fedmesh_api::EgressMode>,
     },
     /// Stop what `fedmesh up` started.
     Down {
@@ -192,6 +196,11 @@ enum Command {
         /// With --topology: how far to move its loopback blocks.
         #[arg(long, default_value_t = 60, env = "FEDMESH_DRILL_BLOCK_OFFSET")]
         block_offset: u8,
+        /// With --topology: how every cluster's proxies reach the others,
+        /// whatever the topology says (`direct` or `gateway`), to drill
+        /// both ways.
+        #[arg(long, requires = "topology", value_parser = str::parse::<fedmesh_api::EgressMode>)]
+        egress: Option<fedmesh_api::EgressMode>,
         #[arg(short, long, default_value = "table")]
         output: drill::Output,
         /// Where each drill's SVG timeline goes [default: <state dir>/drills].
@@ -418,13 +427,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             detach,
             state_dir,
             block_offset,
+            egress,
         } => {
             let t = up::load_topology(&topology)?;
             let dir = up::state_dir_for(state_dir, &t);
             if detach {
-                up::up_detached(&topology, &dir, block_offset, true).await
+                up::up_detached(&topology, &dir, block_offset, egress, true).await
             } else {
-                up::up(&topology, &dir, block_offset).await
+                up::up(&topology, &dir, block_offset, egress).await
             }
         }
         Command::Down { state_dir } => up::down(&up::find_state_dir(state_dir)?, true).await,
@@ -478,6 +488,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             state_dir,
             topology,
             block_offset,
+            egress,
             output,
             svg_dir,
         } => {
@@ -502,8 +513,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         PathBuf::from(".fedmesh").join(format!("drill-{}", t.name))
                     });
                     // Stdout is the report's alone (`-o json`).
-                    eprintln!("bringing {} up in {}…", t.name, dir.display());
-                    up::up_detached(&path, &dir, block_offset, false).await?;
+                    let how =
+                        egress.map_or(String::new(), |e| format!(", every cluster's egress {e}"));
+                    eprintln!("bringing {} up in {}{how}…", t.name, dir.display());
+                    up::up_detached(&path, &dir, block_offset, egress, false).await?;
                     let svgs = svg_dir.unwrap_or_else(|| dir.join("drills"));
                     let result = drill::run_all(&dir, &chosen, all, output, &svgs).await;
                     up::down(&dir, false).await?;

@@ -99,6 +99,7 @@ fn response() -> impl Strategy<Value = pb::DiscoveryResponse> {
                                 ..Default::default()
                             })
                             .collect(),
+                        egress: 0,
                     }),
                 }),
             },

@@ -109,8 +109,8 @@ pub fn allow_rules(p: &PolicySpec) -> Option<Vec<AllowRule>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use fedmesh_api::ServiceKey;
     use crate::routes::GatewayAddr;
+    use fedmesh_api::ServiceKey;
 
     fn td(s: &str) -> TrustDomain {
         TrustDomain::new(s).unwrap()

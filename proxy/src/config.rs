@@ -6,16 +6,18 @@
 //! that name the field at fault.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use std::sync::Arc;
 
 use fedmesh_api::policy::{GlobalTrafficPolicy, PolicySpec};
-use fedmesh_api::{ListedEndpoint, LocalService, ServiceKey, validate_label};
+use fedmesh_api::{EgressMode, ListedEndpoint, LocalService, ServiceKey, validate_label};
+use fedmesh_dataplane::peers::PeerFile;
 use fedmesh_discovery::ControllerAccess;
 use fedmesh_trust::{Bundle, BundleSet, SpiffeId, Svid, TrustDomain};
+use fedmesh_tunnel::peers::Peers;
 use serde::{Deserialize, Serialize};
 
 use crate::balancer::BalancerPolicy;
@@ -88,6 +90,27 @@ pub struct Settings {
     /// closes the oldest idle one, so idle connections never starve a real
     /// request.
     pub max_downstream_connections: u32,
+    /// How remote clusters are reached: `direct` (QUIC from this proxy to
+    /// their ingress gateways, with its own SVID) or `gateway` (through the
+    /// local egress gateways listed under `gateways`). Absent: what the
+    /// cluster's registration says (from the controller), or `direct` in a
+    /// static file.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub egress: Option<EgressMode>,
+    /// The local address QUIC to remote gateways is sent from. Absent: any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source_address: Option<IpAddr>,
+    /// QUIC keep-alive towards remote gateways...
+    #[serde(with = "humantime_serde")]
+    pub quic_keep_alive: Duration,
+    /// ...and the silence after which one is dead: its connection closes,
+    /// and new streams go to its cluster's next gateway.
+    #[serde(with = "humantime_serde")]
+    pub quic_idle_timeout: Duration,
+    /// Name servers (ip:port) for remote gateways given by DNS name. Empty:
+    /// the system's.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub dns_servers: Vec<SocketAddr>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -148,6 +171,13 @@ impl Default for Settings {
             downstream_header_timeout: Duration::from_secs(10),
             downstream_idle_timeout: Duration::from_secs(300),
             max_downstream_connections: 10_000,
+            egress: None,
+            source_address: None,
+            // As a gateway's: a frozen remote gateway is noticed within a
+            // second, so that failover meets its RTO.
+            quic_keep_alive: Duration::from_millis(150),
+            quic_idle_timeout: Duration::from_millis(700),
+            dns_servers: Vec::new(),
         }
     }
 }
@@ -212,6 +242,19 @@ impl Settings {
         if self.max_connections == 0 || self.max_pending_requests == 0 {
             return Err("maxConnections and maxPendingRequests must be at least 1".into());
         }
+        if self.quic_idle_timeout < Duration::from_millis(100) {
+            return Err(format!(
+                "quicIdleTimeout: {} ms is too short; use at least 100ms",
+                self.quic_idle_timeout.as_millis()
+            ));
+        }
+        if self.quic_keep_alive.is_zero() || self.quic_keep_alive * 2 > self.quic_idle_timeout {
+            return Err(format!(
+                "quicKeepAlive: {} ms must be non-zero and at most half of quicIdleTimeout ({} ms)",
+                self.quic_keep_alive.as_millis(),
+                self.quic_idle_timeout.as_millis()
+            ));
+        }
         Ok(())
     }
 
@@ -244,6 +287,13 @@ impl Settings {
             "onDemandTimeout",
             self.on_demand_timeout != new.on_demand_timeout,
         );
+        differs("sourceAddress", self.source_address != new.source_address);
+        differs("quicKeepAlive", self.quic_keep_alive != new.quic_keep_alive);
+        differs(
+            "quicIdleTimeout",
+            self.quic_idle_timeout != new.quic_idle_timeout,
+        );
+        differs("dnsServers", self.dns_servers != new.dns_servers);
         out
     }
 
@@ -309,9 +359,15 @@ pub struct ProxyFile {
     pub trust_domain: String,
     pub locality: LocalityFile,
     pub listen: Listen,
-    /// The local gateways' egress listeners, for remote targets.
+    /// The local gateways' egress listeners, for remote targets when
+    /// `settings.egress` is `gateway`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub gateways: Vec<SocketAddr>,
+    /// Other clusters and their ingress gateways, for remote targets when
+    /// `settings.egress` is `direct` (a static file; the controller sends
+    /// them otherwise).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub peers: Vec<PeerFile>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub controller: Option<ControllerFile>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -407,6 +463,7 @@ pub struct Common {
 pub struct StaticConfig {
     pub common: Common,
     pub services: Vec<ServiceSpec>,
+    pub peers: Peers,
     pub svid: Svid,
     pub bundles: BundleSet,
 }
@@ -463,11 +520,20 @@ impl ConfigFile for ProxyFile {
             Some(_) if !self.policies.is_empty() => Err(
                 "policies: come from the controller when `controller` is set (`fedmesh apply`); remove them".into(),
             ),
+            Some(_) if !self.peers.is_empty() => Err(
+                "peers: come from the controller when `controller` is set; remove them".into(),
+            ),
             Some(c) => discovery(common, c, self.identity, self.bundles, self.services, &read)
                 .map(|c| ProxyConfig::Discovery(Box::new(c))),
             None => {
                 let policies = fedmesh_api::policy::by_service(&self.policies)?;
-                parse_static(common, self.identity, self.bundles, self.services, &policies, &read)
+                let files = StaticFiles {
+                    identity: self.identity,
+                    bundles: self.bundles,
+                    services: self.services,
+                    peers: self.peers,
+                };
+                parse_static(common, files, &policies, &read)
                     .map(|c| ProxyConfig::Static(Box::new(c)))
             }
         }
@@ -604,14 +670,26 @@ fn effective(policies: &BTreeMap<String, PolicySpec>, key: &ServiceKey) -> Optio
     )
 }
 
+/// What a static file adds to the common fields.
+struct StaticFiles {
+    identity: Option<IdentityFiles>,
+    bundles: Option<BTreeMap<String, PathBuf>>,
+    services: Vec<ServiceFile>,
+    peers: Vec<PeerFile>,
+}
+
 fn parse_static(
     common: Common,
-    identity: Option<IdentityFiles>,
-    bundle_files: Option<BTreeMap<String, PathBuf>>,
-    services: Vec<ServiceFile>,
+    files: StaticFiles,
     policies: &BTreeMap<String, PolicySpec>,
     read: &impl Fn(&Path) -> Result<Vec<u8>, String>,
 ) -> Result<StaticConfig, String> {
+    let StaticFiles {
+        identity,
+        bundles: bundle_files,
+        services,
+        peers,
+    } = files;
     let mut bundles = BundleSet::new();
     for (name, file) in bundle_files.iter().flatten() {
         let at = format!("bundles.{name}");
@@ -643,6 +721,8 @@ fn parse_static(
             common.me.trust_domain
         ));
     }
+    let peers = fedmesh_dataplane::peers::check(&common.me.cluster, &peers, &bundles)?;
+    let egress = common.settings.egress.unwrap_or_default();
 
     let mut specs: Vec<ServiceSpec> = Vec::new();
     for (i, s) in services.into_iter().enumerate() {
@@ -671,6 +751,12 @@ fn parse_static(
                     r.healthy, r.total
                 ));
             }
+            if egress == EgressMode::Direct && !peers.contains_key(&r.cluster) {
+                return Err(format!(
+                    "{rat}.cluster: {} is not under `peers`; list its gateways there, or set `settings.egress: gateway` to reach it through the local egress",
+                    r.cluster
+                ));
+            }
             remote.push(RemoteCluster {
                 cluster: r.cluster,
                 cloud: r.cloud,
@@ -679,9 +765,9 @@ fn parse_static(
                 total: r.total,
             });
         }
-        if !remote.is_empty() && common.gateways.is_empty() {
+        if !remote.is_empty() && egress == EgressMode::Gateway && common.gateways.is_empty() {
             return Err(format!(
-                "{at}.remote: remote clusters need a local gateway; list its egress under `gateways`"
+                "{at}.remote: with `settings.egress: gateway` remote clusters need a local gateway; list its egress under `gateways`"
             ));
         }
         // The service's own `failover` fills its policy's, when that has none.
@@ -713,6 +799,7 @@ fn parse_static(
     Ok(StaticConfig {
         common,
         services: specs,
+        peers,
         svid,
         bundles,
     })

@@ -1,13 +1,30 @@
-//! Services from the controller's discovery stream. I/O-free: a function
-//! from the client's [`MeshState`] to the proxy's service specs. The
-//! discovery client has already skipped (and reported) any service it
-//! could not accept, so only an update for another cluster fails whole.
+//! The table from the controller's discovery stream. I/O-free: a function
+//! from the client's [`MeshState`] to the proxy's service specs, peers and
+//! egress mode. The discovery client has already skipped (and reported)
+//! any service it could not accept, so only an update for another cluster
+//! fails whole.
 
 use fedmesh_discovery::MeshState;
+use fedmesh_trust::BundleSet;
 
 use std::sync::Arc;
 
-use crate::table::{RemoteCluster, ServiceSpec};
+use crate::config::{Me, Settings};
+use crate::table::{RemoteCluster, ServiceSpec, Table};
+
+/// The table `m` describes for a proxy `me`: its services, the peers'
+/// gateways, and the cluster's egress mode unless `settings` set one.
+pub fn table(
+    me: &Me,
+    settings: &Settings,
+    m: &MeshState,
+    bundles: &BundleSet,
+) -> Result<Table, String> {
+    let specs = services(&me.cluster, m)?;
+    let peers = fedmesh_tunnel::peers::from_discovery(&m.peers, bundles);
+    Ok(Table::build(&me.cluster, &me.locality, settings, &specs)
+        .reaching(settings.egress.unwrap_or(m.egress), peers))
+}
 
 /// The services `m` describes, for a proxy in `cluster`, each with its
 /// traffic policy.

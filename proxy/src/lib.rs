@@ -18,8 +18,8 @@
 //! - [`table`]: services and their targets, from plain data; and
 //!   [`discovered`], that data from the controller's discovery stream.
 //!
-//! The drivers around it: [`upstream`] (direct TCP, or a tunnel through a
-//! local gateway's egress), [`http`] (the HTTP/1.1 + h2c listener, with
+//! The drivers around it: [`upstream`] (direct TCP; QUIC to a remote
+//! gateway, [`quic`]; or a tunnel through a local gateway's egress), [`http`] (the HTTP/1.1 + h2c listener, with
 //! failover, retries, timeouts and pooled upstream connections), [`tcp`]
 //! (TCP listeners), and [`Proxy`], which starts them. Where the table comes
 //! from (a static file or the controller: [`config`]) is the caller's
@@ -38,6 +38,7 @@ pub mod metrics;
 pub mod outlier;
 pub mod pick;
 pub mod policy;
+pub mod quic;
 pub mod runtime;
 pub mod table;
 pub mod tcp;
@@ -69,6 +70,11 @@ pub enum StartError {
     },
     #[error("TLS towards the egress: {0}")]
     Tls(String),
+    #[error("binding the UDP socket for QUIC to remote gateways on {addr}: {source}")]
+    Quic {
+        addr: String,
+        source: std::io::Error,
+    },
 }
 
 /// What a proxy process adds to [`Proxy::start`].
@@ -137,18 +143,29 @@ impl Proxy {
         let egress_id = SpiffeId::gateway(&me.trust_domain, &me.cluster)
             .map_err(|e| StartError::Tls(e.to_string()))?;
         let tls = fedmesh_trust::client_config(
-            svid,
-            bundles,
+            svid.clone(),
+            bundles.clone(),
             Arc::new(AllowIds::one(egress_id)),
             &[fedmesh_trust::tls::ALPN_TUNNEL],
         )
         .map_err(|e| StartError::Tls(e.to_string()))?;
+        let metrics = Arc::new(Metrics::default());
+        let settings = &common.settings;
+        let pool = quic::pool(settings, table.clone(), svid, bundles, metrics.clone()).map_err(
+            |source| StartError::Quic {
+                addr: settings
+                    .source_address
+                    .map_or("any address".into(), |a| a.to_string()),
+                source,
+            },
+        )?;
         let connector = Connector::new(
             common.gateways.clone(),
             Arc::new(tls),
-            common.settings.connect_timeout,
+            settings.connect_timeout,
+            table.clone(),
+            Arc::new(pool),
         );
-        let metrics = Arc::new(Metrics::default());
         let mut shared = Shared::new(
             me.clone(),
             common.settings.clone(),
@@ -245,8 +262,9 @@ impl Proxy {
     }
 }
 
-/// Drops pooled connections and balancer state that table updates have
-/// left behind, on every update and every 30 s.
+/// Drops pooled connections (HTTP, and QUIC to gateways no longer listed)
+/// and balancer state that table updates have left behind, on every update
+/// and every 30 s.
 async fn housekeeping(shared: Arc<Shared>, mut table: watch::Receiver<Arc<Table>>) {
     let mut tick = tokio::time::interval(Duration::from_secs(30));
     loop {
@@ -257,5 +275,6 @@ async fn housekeeping(shared: Arc<Shared>, mut table: watch::Receiver<Arc<Table>
         let t = table.borrow_and_update().clone();
         shared.pool.sweep(&t);
         shared.retain_states(&t);
+        shared.connector.prune();
     }
 }

@@ -2,9 +2,15 @@
 //! outcome. Registered into a prometheus-client registry served on the
 //! admin port.
 
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use fedmesh_tunnel::pool::PoolEvents;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
@@ -40,6 +46,20 @@ pub struct TcpLabels {
     pub outcome: &'static str,
 }
 
+/// A remote cluster's gateway this proxy holds a QUIC connection to.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct GatewayLabels {
+    pub cluster: String,
+    pub gateway: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct HandshakeLabels {
+    pub cluster: String,
+    /// `timeout`, `refused`, `certificate`, ... (a failed QUIC handshake).
+    pub reason: &'static str,
+}
+
 fn latency_histogram() -> Histogram {
     // 100 µs to ~26 s.
     Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
@@ -53,6 +73,10 @@ pub struct Metrics {
     pub request_seconds: Family<RequestLabels, Histogram, fn() -> Histogram>,
     pub attempts: Family<AttemptLabels, Counter>,
     pub tcp_connections: Family<TcpLabels, Counter>,
+    /// Direct egress: 1 while a QUIC connection to a remote gateway lives.
+    pub gateway_up: Family<GatewayLabels, Gauge>,
+    pub gateway_rtt: Family<GatewayLabels, Gauge<f64, AtomicU64>>,
+    pub handshake_failures: Family<HandshakeLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -62,6 +86,9 @@ impl Default for Metrics {
             request_seconds: Family::new_with_constructor(latency_histogram),
             attempts: Family::default(),
             tcp_connections: Family::default(),
+            gateway_up: Family::default(),
+            gateway_rtt: Family::default(),
+            handshake_failures: Family::default(),
         }
     }
 }
@@ -89,5 +116,59 @@ impl Metrics {
             "Proxied TCP connections by destination and outcome",
             self.tcp_connections.clone(),
         );
+        r.register(
+            "gateway_up",
+            "1 while a QUIC connection to a remote cluster's gateway is up (direct egress)",
+            self.gateway_up.clone(),
+        );
+        r.register(
+            "gateway_rtt_seconds",
+            "Smoothed round trip to a remote cluster's gateway (direct egress)",
+            self.gateway_rtt.clone(),
+        );
+        r.register(
+            "gateway_handshake_failures",
+            "Failed QUIC handshakes with remote gateways, by cluster and reason",
+            self.handshake_failures.clone(),
+        );
+    }
+}
+
+/// The QUIC pool (direct egress) reports here.
+impl PoolEvents for Metrics {
+    fn peer_up(&self, cluster: &str, gateway: SocketAddr, up: bool) {
+        self.gateway_up
+            .get_or_create(&GatewayLabels::of(cluster, gateway))
+            .set(i64::from(up));
+    }
+
+    fn rtt(&self, cluster: &str, gateway: SocketAddr, rtt: Duration) {
+        self.gateway_rtt
+            .get_or_create(&GatewayLabels::of(cluster, gateway))
+            .set(rtt.as_secs_f64());
+    }
+
+    fn handshake_failed(&self, cluster: &str, reason: &'static str) {
+        self.handshake_failures
+            .get_or_create(&HandshakeLabels {
+                cluster: cluster.into(),
+                reason,
+            })
+            .inc();
+    }
+
+    fn forget(&self, cluster: &str, gateway: SocketAddr) {
+        let labels = GatewayLabels::of(cluster, gateway);
+        self.gateway_up.remove(&labels);
+        self.gateway_rtt.remove(&labels);
+    }
+}
+
+impl GatewayLabels {
+    fn of(cluster: &str, gateway: SocketAddr) -> Self {
+        Self {
+            cluster: cluster.into(),
+            gateway: gateway.to_string(),
+        }
     }
 }

@@ -11,7 +11,8 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use fedmesh_api::{Endpoint, ServiceKey};
+use fedmesh_api::{EgressMode, Endpoint, ServiceKey};
+use fedmesh_tunnel::peers::Peers;
 
 use crate::balancer::Target;
 use crate::locality::{Level, Locality};
@@ -25,7 +26,8 @@ use crate::policy::ServicePolicy;
 pub enum TargetKey {
     /// A local endpoint, reached directly.
     Local(SocketAddr),
-    /// A remote cluster, reached through a local gateway's egress.
+    /// A remote cluster, reached through its gateways (directly, or through
+    /// a local egress gateway).
     Remote(String),
 }
 
@@ -84,11 +86,26 @@ pub struct Routable {
     pub policy: Arc<ServicePolicy>,
 }
 
-/// Every service this proxy can route to.
+/// Every service this proxy can route to, and how remote clusters are
+/// reached.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Table {
     pub cluster: String,
     pub services: HashMap<ServiceKey, Arc<Routable>>,
+    /// Through a local egress gateway, or straight to the peers' gateways.
+    pub egress: EgressMode,
+    /// Other clusters' trust domains and gateways, for `direct`.
+    pub peers: Arc<Peers>,
+}
+
+impl fedmesh_tunnel::peers::HasPeers for Table {
+    fn cluster(&self) -> &str {
+        &self.cluster
+    }
+
+    fn peers(&self) -> &Peers {
+        &self.peers
+    }
 }
 
 impl Table {
@@ -105,7 +122,16 @@ impl Table {
         Self {
             cluster: cluster.into(),
             services,
+            egress: settings.egress.unwrap_or_default(),
+            peers: Arc::default(),
         }
+    }
+
+    /// This table, reaching remote clusters as `egress` says, with `peers`.
+    pub fn reaching(mut self, egress: EgressMode, peers: Peers) -> Self {
+        self.egress = egress;
+        self.peers = Arc::new(peers);
+        self
     }
 
     /// The service a Host / `:authority` names, if any.

@@ -102,6 +102,7 @@ async fn proxy(shared: &Shared, key: &ServiceKey, mut down: TcpStream) {
     let copied = match &mut up {
         Upstream::Direct(s) => tokio::io::copy_bidirectional(&mut down, s).await,
         Upstream::Tunnel(s) => tokio::io::copy_bidirectional(&mut down, s.as_mut()).await,
+        Upstream::Quic(s) => tokio::io::copy_bidirectional(&mut down, s.as_mut()).await,
     };
     outcome(&cluster, if copied.is_ok() { "success" } else { "reset" });
 }

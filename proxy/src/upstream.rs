@@ -1,8 +1,10 @@
-//! Connecting to a target: a local endpoint directly over TCP, or a remote
-//! cluster through a local gateway's egress (TCP + TLS with this proxy's
-//! SVID, then `TunnelOpen` and `TunnelAccept`). Every error here happens
-//! before the first application byte, so the caller may always try the
-//! next target.
+//! Connecting to a target: a local endpoint directly over TCP; a remote
+//! cluster with a QUIC stream straight to one of its gateways (`egress:
+//! direct`, on the pooled connection of [`fedmesh_tunnel::pool`]), or
+//! through a local gateway's egress (`egress: gateway`: TCP + TLS with this
+//! proxy's SVID). Both then send `TunnelOpen` and wait for `TunnelAccept`.
+//! Every error here happens before the first application byte, so the
+//! caller may always try the next target.
 
 use std::io;
 use std::net::SocketAddr;
@@ -12,23 +14,29 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use fedmesh_api::ServiceKey;
+use fedmesh_api::{EgressMode, ServiceKey};
 use fedmesh_proto::tunnel::v1::{TunnelAccept, TunnelOpen};
-use fedmesh_tunnel::frame::{self, Refusal};
+use fedmesh_tunnel::frame::{self, OpenRequest, Refusal};
+use fedmesh_tunnel::pool::PeerPool;
 use fedmesh_tunnel::{read_frame, write_frame};
+use quinn::{RecvStream, SendStream};
 use rustls_pki_types::ServerName;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, Join, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::sync::watch;
 use tokio::time::timeout;
 use tokio_rustls::client::TlsStream;
 
-use crate::table::TargetKey;
+use crate::table::{Table, TargetKey};
 
 /// A connected upstream byte stream.
 #[derive(Debug)]
 pub enum Upstream {
     Direct(TcpStream),
+    /// Through a local egress gateway.
     Tunnel(Box<TlsStream<TcpStream>>),
+    /// A QUIC stream to a remote cluster's gateway.
+    Quic(Box<Join<RecvStream, SendStream>>),
 }
 
 /// Why a target could not be reached. Always before the first byte.
@@ -79,6 +87,10 @@ pub struct Connector {
     pub gateways: Vec<SocketAddr>,
     pub tls: Arc<rustls::ClientConfig>,
     pub connect_timeout: Duration,
+    /// Says which way remote clusters are reached, as it changes.
+    table: watch::Receiver<Arc<Table>>,
+    /// QUIC connections to remote gateways, for `egress: direct`.
+    quic: Arc<PeerPool>,
     /// Spreads tunnels over the egress listeners.
     next: AtomicUsize,
 }
@@ -97,11 +109,15 @@ impl Connector {
         gateways: Vec<SocketAddr>,
         tls: Arc<rustls::ClientConfig>,
         connect_timeout: Duration,
+        table: watch::Receiver<Arc<Table>>,
+        quic: Arc<PeerPool>,
     ) -> Self {
         Self {
             gateways,
             tls,
             connect_timeout,
+            table,
+            quic,
             next: AtomicUsize::new(0),
         }
     }
@@ -113,7 +129,44 @@ impl Connector {
     ) -> Result<Upstream, ConnectError> {
         match target {
             TargetKey::Local(addr) => self.direct(*addr).await.map(Upstream::Direct),
-            TargetKey::Remote(cluster) => self.tunnel(cluster, ask).await,
+            TargetKey::Remote(cluster) => {
+                let egress = self.table.borrow().egress;
+                match egress {
+                    EgressMode::Direct => self.quic(cluster, ask).await,
+                    EgressMode::Gateway => self.tunnel(cluster, ask).await,
+                }
+            }
+        }
+    }
+
+    /// Lets go of QUIC connections to gateways the table no longer lists.
+    pub fn prune(&self) {
+        self.quic.prune();
+    }
+
+    /// A stream straight to a gateway of `cluster`. The pool tries the
+    /// cluster's gateways in turn (a refusal before the first byte, or a
+    /// gateway that cannot be reached, moves to the next), so what comes
+    /// back is the cluster's answer.
+    async fn quic(&self, cluster: &str, ask: &TunnelAsk<'_>) -> Result<Upstream, ConnectError> {
+        let req = OpenRequest {
+            service: ask.service.clone(),
+            port: ask.port,
+            target_cluster: cluster.into(),
+            // The ingress takes our identity from our certificate.
+            source: None,
+            traceparent: ask
+                .traceparent
+                .filter(|t| frame::valid_traceparent(t))
+                .map(str::to_owned),
+            deadline: ask.deadline.min(self.connect_timeout),
+        };
+        match self.quic.open(&req).await {
+            Ok(o) => Ok(Upstream::Quic(Box::new(tokio::io::join(o.recv, o.send)))),
+            Err(refusal) => Err(ConnectError::Refused {
+                target: format!("cluster {cluster}"),
+                refusal,
+            }),
         }
     }
 
@@ -225,6 +278,7 @@ impl AsyncRead for Upstream {
         match self.get_mut() {
             Upstream::Direct(s) => Pin::new(s).poll_read(cx, buf),
             Upstream::Tunnel(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            Upstream::Quic(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
         }
     }
 }
@@ -238,6 +292,7 @@ impl AsyncWrite for Upstream {
         match self.get_mut() {
             Upstream::Direct(s) => Pin::new(s).poll_write(cx, buf),
             Upstream::Tunnel(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            Upstream::Quic(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
         }
     }
 
@@ -245,6 +300,7 @@ impl AsyncWrite for Upstream {
         match self.get_mut() {
             Upstream::Direct(s) => Pin::new(s).poll_flush(cx),
             Upstream::Tunnel(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            Upstream::Quic(s) => Pin::new(s.as_mut()).poll_flush(cx),
         }
     }
 
@@ -252,6 +308,7 @@ impl AsyncWrite for Upstream {
         match self.get_mut() {
             Upstream::Direct(s) => Pin::new(s).poll_shutdown(cx),
             Upstream::Tunnel(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            Upstream::Quic(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }
 
@@ -263,6 +320,7 @@ impl AsyncWrite for Upstream {
         match self.get_mut() {
             Upstream::Direct(s) => Pin::new(s).poll_write_vectored(cx, bufs),
             Upstream::Tunnel(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+            Upstream::Quic(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
         }
     }
 
@@ -270,6 +328,7 @@ impl AsyncWrite for Upstream {
         match self {
             Upstream::Direct(s) => s.is_write_vectored(),
             Upstream::Tunnel(s) => s.is_write_vectored(),
+            Upstream::Quic(s) => s.is_write_vectored(),
         }
     }
 }

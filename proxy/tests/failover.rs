@@ -12,8 +12,9 @@ use std::time::Duration;
 use fedmesh_api::ServiceKey;
 use fedmesh_proxy::config::{OutlierSettings, Settings};
 use fedmesh_proxy::table::{RemoteCluster, ServiceSpec};
-use support::gw::{Domain, bundles, export, start_gateway};
-use support::{Backend, Load, get, start_proxy, update};
+use fedmesh_tunnel::peers::Peers;
+use support::gw::{Domain, Gw, bundles, export, start_gateway};
+use support::{Backend, Load, Reach, get, start_proxy};
 use tokio::time::Instant;
 
 const CART: &str = "cart.shop.svc.clusterset.local";
@@ -40,6 +41,40 @@ fn cart(local: Vec<fedmesh_api::Endpoint>, remote: Vec<RemoteCluster>) -> Servic
     }
 }
 
+/// How the proxy under test reaches other clusters: each cross-cluster
+/// test runs both ways.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// QUIC from the proxy straight to gcp's gateways.
+    Direct,
+    /// Through a local egress gateway of aws.
+    Egress,
+}
+
+/// aws's side of a test: how its proxy reaches gcp's gateways `to`, and
+/// the egress gateway that `Mode::Egress` needs (kept alive by the caller).
+async fn aws_side(
+    mode: Mode,
+    aws: &Domain,
+    gcp: &Domain,
+    to: &[std::net::SocketAddr],
+    all: &fedmesh_trust::BundleSet,
+) -> (Reach, Option<Gw>) {
+    match mode {
+        Mode::Direct => (Reach::Direct(peers(gcp, to)), None),
+        Mode::Egress => {
+            let mut ra = aws.routes("az1");
+            ra.peers.extend([gcp.as_peer(to.to_vec())]);
+            let gw = start_gateway(aws, 1, true, all.clone(), ra, Default::default()).await;
+            (Reach::Egress(vec![gw.egress()]), Some(gw))
+        }
+    }
+}
+
+fn peers(d: &Domain, gateways: &[std::net::SocketAddr]) -> Peers {
+    Peers::from([d.as_peer(gateways.to_vec())])
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn losing_the_local_zone_fails_no_get() {
     let d = Domain::new("aws", "aws.fedmesh.test", 51);
@@ -55,7 +90,7 @@ async fn losing_the_local_zone_fails_no_get() {
         &d,
         "az1",
         &[spec],
-        vec![],
+        Reach::nowhere(),
         bundles(&[&d]),
         Settings::default(),
     )
@@ -91,8 +126,17 @@ async fn losing_the_local_zone_fails_no_get() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn losing_every_local_backend_moves_traffic_to_another_cluster_and_back_after_failback() {
-    let aws = Domain::new("aws", "aws.fedmesh.test", 52);
-    let gcp = Domain::new("gcp", "gcp.fedmesh.test", 53);
+    failover_and_failback(Mode::Direct, 52).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_the_egress_losing_every_local_backend_moves_traffic_away_and_back() {
+    failover_and_failback(Mode::Egress, 71).await;
+}
+
+async fn failover_and_failback(mode: Mode, block: u8) {
+    let aws = Domain::new("aws", "aws.fedmesh.test", block);
+    let gcp = Domain::new("gcp", "gcp.fedmesh.test", block + 1);
     let all = bundles(&[&aws, &gcp]);
 
     // gcp: two backends behind its gateway.
@@ -107,10 +151,8 @@ async fn losing_every_local_backend_moves_traffic_to_another_cluster_and_back_af
         &[(g1.addr, "az1"), (g2.addr, "az1")],
     );
     let gw_gcp = start_gateway(&gcp, 1, false, all.clone(), rg, Default::default()).await;
-    // aws: a gateway whose egress the proxy uses, and two local backends.
-    let mut ra = aws.routes("az1");
-    ra.peers.extend([gcp.as_peer(vec![gw_gcp.quic()])]);
-    let gw_aws = start_gateway(&aws, 1, true, all.clone(), ra, Default::default()).await;
+    // aws: two local backends, and its way to gcp.
+    let (reach, _egress) = aws_side(mode, &aws, &gcp, &[gw_gcp.quic()], &all).await;
     let mut a1 = Backend::new(aws.ip(10), "aws", "az1", "cart").await;
     let mut a2 = Backend::new(aws.ip(11), "aws", "az1", "cart").await;
     let remote = vec![RemoteCluster {
@@ -136,7 +178,7 @@ async fn losing_every_local_backend_moves_traffic_to_another_cluster_and_back_af
             local(&[&a1, &a2], &["az1", "az1"], true),
             remote.clone(),
         )],
-        vec![gw_aws.egress()],
+        reach,
         all,
         settings,
     )
@@ -145,17 +187,12 @@ async fn losing_every_local_backend_moves_traffic_to_another_cluster_and_back_af
 
     // The remote cluster is reachable through the gateways on its own:
     // a request the proxy can only send there.
-    update(&table, &aws, "az1", &[cart(vec![], remote.clone())]);
+    table.update(&[cart(vec![], remote.clone())]);
     assert_eq!(get(http, CART).await.unwrap().cluster, "gcp");
-    update(
-        &table,
-        &aws,
-        "az1",
-        &[cart(
-            local(&[&a1, &a2], &["az1", "az1"], true),
-            remote.clone(),
-        )],
-    );
+    table.update(&[cart(
+        local(&[&a1, &a2], &["az1", "az1"], true),
+        remote.clone(),
+    )]);
 
     let load = Load::start(http, CART, 4, Duration::from_millis(2));
     load.until("answers from aws", 100, |a| a.cluster == "aws")
@@ -167,15 +204,10 @@ async fn losing_every_local_backend_moves_traffic_to_another_cluster_and_back_af
     load.until("answers from gcp", 200, |a| a.cluster == "gcp")
         .await;
     // The registry then marks them down, as the controller would.
-    update(
-        &table,
-        &aws,
-        "az1",
-        &[cart(
-            local(&[&a1, &a2], &["az1", "az1"], false),
-            remote.clone(),
-        )],
-    );
+    table.update(&[cart(
+        local(&[&a1, &a2], &["az1", "az1"], false),
+        remote.clone(),
+    )]);
     load.until("more answers from gcp", 100, |a| a.cluster == "gcp")
         .await;
 
@@ -184,12 +216,7 @@ async fn losing_every_local_backend_moves_traffic_to_another_cluster_and_back_af
     a1.start().await;
     a2.start().await;
     let back = Instant::now();
-    update(
-        &table,
-        &aws,
-        "az1",
-        &[cart(local(&[&a1, &a2], &["az1", "az1"], true), remote)],
-    );
+    table.update(&[cart(local(&[&a1, &a2], &["az1", "az1"], true), remote)]);
     load.until("answers from aws again", 100, |a| a.cluster == "aws")
         .await;
     let (answers, failures) = load.finish().await;
@@ -204,12 +231,31 @@ async fn losing_every_local_backend_moves_traffic_to_another_cluster_and_back_af
         first_back.at - back
     );
     assert!(g1.addr != g2.addr);
+    let scrape = scrape(&proxy);
+    let up = format!(
+        r#"fedmesh_proxy_gateway_up{{cluster="gcp",gateway="{}"}} 1"#,
+        gw_gcp.quic()
+    );
+    assert_eq!(
+        scrape.contains(&up),
+        mode == Mode::Direct,
+        "the proxy's own QUIC connection to gcp's gateway, in direct mode only: {scrape}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_services_of_one_remote_cluster_never_share_a_tunnel() {
-    let aws = Domain::new("aws", "aws.fedmesh.test", 56);
-    let gcp = Domain::new("gcp", "gcp.fedmesh.test", 57);
+    two_services(Mode::Direct, 56).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_the_egress_two_services_of_one_remote_cluster_never_share_a_tunnel() {
+    two_services(Mode::Egress, 73).await;
+}
+
+async fn two_services(mode: Mode, block: u8) {
+    let aws = Domain::new("aws", "aws.fedmesh.test", block);
+    let gcp = Domain::new("gcp", "gcp.fedmesh.test", block + 1);
     let all = bundles(&[&aws, &gcp]);
     let cart = Backend::new(gcp.ip(10), "gcp", "az1", "cart").await;
     let pay = Backend::new(gcp.ip(11), "gcp", "az1", "pay").await;
@@ -218,9 +264,7 @@ async fn two_services_of_one_remote_cluster_never_share_a_tunnel() {
     export(&mut rg, "shop/cart", 8080, &[(cart.addr, "az1")]);
     export(&mut rg, "shop/pay", 8080, &[(pay.addr, "az1")]);
     let gw_gcp = start_gateway(&gcp, 1, false, all.clone(), rg, Default::default()).await;
-    let mut ra = aws.routes("az1");
-    ra.peers.extend([gcp.as_peer(vec![gw_gcp.quic()])]);
-    let gw_aws = start_gateway(&aws, 1, true, all.clone(), ra, Default::default()).await;
+    let (reach, _egress) = aws_side(mode, &aws, &gcp, &[gw_gcp.quic()], &all).await;
     let remote_only = |name: &str| ServiceSpec {
         key: ServiceKey::new("shop", name),
         port: 8080,
@@ -238,7 +282,7 @@ async fn two_services_of_one_remote_cluster_never_share_a_tunnel() {
         &aws,
         "az1",
         &[remote_only("cart"), remote_only("pay")],
-        vec![gw_aws.egress()],
+        reach,
         all,
         Settings::default(),
     )
@@ -305,8 +349,17 @@ async fn slow_backend(ip: std::net::IpAddr, delay: Duration) -> std::net::Socket
 /// gateway) instead of failing: the cluster was never the problem.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tunnel_that_dies_with_its_gateway_is_retried_on_a_fresh_path() {
-    let aws = Domain::new("aws", "aws.fedmesh.test", 58);
-    let gcp = Domain::new("gcp", "gcp.fedmesh.test", 59);
+    dies_with_its_gateway(Mode::Direct, 58).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_the_egress_a_tunnel_that_dies_with_its_gateway_is_retried() {
+    dies_with_its_gateway(Mode::Egress, 75).await;
+}
+
+async fn dies_with_its_gateway(mode: Mode, block: u8) {
+    let aws = Domain::new("aws", "aws.fedmesh.test", block);
+    let gcp = Domain::new("gcp", "gcp.fedmesh.test", block + 1);
     let all = bundles(&[&aws, &gcp]);
     let backend = slow_backend(gcp.ip(10), Duration::from_millis(500)).await;
     let mut rg = gcp.routes("az1");
@@ -319,9 +372,7 @@ async fn a_tunnel_that_dies_with_its_gateway_is_retried_on_a_fresh_path() {
     };
     let gw1 = start_gateway(&gcp, 1, false, all.clone(), rg.clone(), quick).await;
     let gw2 = start_gateway(&gcp, 2, false, all.clone(), rg, Default::default()).await;
-    let mut ra = aws.routes("az1");
-    ra.peers.extend([gcp.as_peer(vec![gw1.quic()])]);
-    let gw_aws = start_gateway(&aws, 1, true, all.clone(), ra, Default::default()).await;
+    let (reach, egress) = aws_side(mode, &aws, &gcp, &[gw1.quic()], &all).await;
     let remote = vec![RemoteCluster {
         cluster: "gcp".into(),
         cloud: "gcp".into(),
@@ -329,11 +380,11 @@ async fn a_tunnel_that_dies_with_its_gateway_is_retried_on_a_fresh_path() {
         healthy: 1,
         total: 1,
     }];
-    let (proxy, _table) = start_proxy(
+    let (proxy, table) = start_proxy(
         &aws,
         "az1",
         &[cart(vec![], remote)],
-        vec![gw_aws.egress()],
+        reach,
         all,
         Settings::default(),
     )
@@ -346,9 +397,13 @@ async fn a_tunnel_that_dies_with_its_gateway_is_retried_on_a_fresh_path() {
     })
     .await;
     // gcp now lists both gateways; gw1 goes away mid-request.
-    gw_aws.update(|r| {
-        r.peers.get_mut("gcp").unwrap().gateways = vec![gw1.quic().into(), gw2.quic().into()];
-    });
+    let both = [gw1.quic(), gw2.quic()];
+    match &egress {
+        Some(gw_aws) => gw_aws.update(|r| {
+            r.peers.extend([gcp.as_peer(both.to_vec())]);
+        }),
+        None => table.reach(Reach::Direct(peers(&gcp, &both))),
+    }
     gw1.gateway.shutdown().await;
     let answer = pending.await.unwrap();
     assert_eq!(answer.map(|a| a.cluster), Ok("gcp".to_string()));

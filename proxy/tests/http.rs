@@ -20,7 +20,7 @@ use http_body_util::{BodyExt, Empty, Full};
 use hyper::Request;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use support::gw::{Domain, Echo, bundles};
-use support::{Backend, get, start_proxy};
+use support::{Backend, Reach, get, start_proxy};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -87,7 +87,7 @@ async fn h2c_requests_multiplex_on_one_connection() {
         &d,
         "az1",
         &[spec("cart", &[b.addr])],
-        vec![],
+        Reach::nowhere(),
         bundles(&[&d]),
         Settings::default(),
     )
@@ -130,7 +130,15 @@ where
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unknown_host_is_a_404_that_says_so() {
     let d = Domain::new("aws", "aws.fedmesh.test", 62);
-    let (p, _t) = start_proxy(&d, "az1", &[], vec![], bundles(&[&d]), Settings::default()).await;
+    let (p, _t) = start_proxy(
+        &d,
+        "az1",
+        &[],
+        Reach::nowhere(),
+        bundles(&[&d]),
+        Settings::default(),
+    )
+    .await;
     let e = get(p.http.unwrap(), "nope.shop").await.unwrap_err();
     assert!(e.starts_with("404"), "{e}");
     assert!(
@@ -156,7 +164,7 @@ async fn a_tripped_breaker_answers_503_naming_its_reason() {
         &d,
         "az1",
         &[spec("slow", &[silent])],
-        vec![],
+        Reach::nowhere(),
         bundles(&[&d]),
         settings,
     )
@@ -206,7 +214,7 @@ async fn a_post_with_a_body_is_not_replayed_but_a_get_is_retried_elsewhere() {
         &d,
         "az1",
         &[cart],
-        vec![],
+        Reach::nowhere(),
         bundles(&[&d]),
         Settings::default(),
     )
@@ -261,7 +269,7 @@ async fn upgrades_pass_through() {
         &d,
         "az1",
         &[spec("chat", &[backend])],
-        vec![],
+        Reach::nowhere(),
         bundles(&[&d]),
         Settings::default(),
     )
@@ -349,7 +357,15 @@ async fn a_silent_backend_costs_one_try_timeout_and_then_the_request_timeout() {
     // The silent one is in our zone, so it is tried first.
     let mut cart = spec("cart", &[silent, good.addr]);
     cart.local[1].zone = "az2".into();
-    let (p, table) = start_proxy(&d, "az1", &[cart], vec![], bundles(&[&d]), settings).await;
+    let (p, table) = start_proxy(
+        &d,
+        "az1",
+        &[cart],
+        Reach::nowhere(),
+        bundles(&[&d]),
+        settings,
+    )
+    .await;
     let http = p.http.unwrap();
     let t = tokio::time::Instant::now();
     assert_eq!(get(http, "cart.shop").await.unwrap().zone, "az2");
@@ -360,7 +376,7 @@ async fn a_silent_backend_costs_one_try_timeout_and_then_the_request_timeout() {
     );
 
     // With only the silent backend, its one try times out: a 504.
-    support::update(&table, &d, "az1", &[spec("cart", &[silent])]);
+    table.update(&[spec("cart", &[silent])]);
     let e = get(http, "cart.shop").await.unwrap_err();
     assert!(e.starts_with("504") && e.contains("per-try timeout"), "{e}");
 
@@ -373,7 +389,7 @@ async fn a_silent_backend_costs_one_try_timeout_and_then_the_request_timeout() {
         &d,
         "az1",
         &[spec("cart", &[silent])],
-        vec![],
+        Reach::nowhere(),
         bundles(&[&d]),
         settings,
     )

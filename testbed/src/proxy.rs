@@ -11,11 +11,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use fedmesh_api::EgressMode;
 use fedmesh_proxy::Proxy;
 use fedmesh_proxy::config::{Common, Listen, Me, Settings};
 use fedmesh_proxy::locality::Locality;
 use fedmesh_proxy::table::{ServiceSpec, Table};
 use fedmesh_trust::{BundleSet, Svid};
+use fedmesh_tunnel::peers::Peers;
 use http_body_util::{BodyExt, Full};
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
@@ -256,12 +258,63 @@ pub fn me(d: &gw::Domain, zone: &str) -> Me {
     }
 }
 
-/// The table a test proxy runs, and the settings its services' policies
-/// are put over when the test changes it ([`update`]).
+/// How a test proxy reaches other clusters.
+#[derive(Debug, Clone)]
+pub enum Reach {
+    /// QUIC straight to these peers' gateways (`egress: direct`).
+    Direct(Peers),
+    /// Through these local egress listeners (`egress: gateway`).
+    Egress(Vec<SocketAddr>),
+}
+
+impl Reach {
+    /// For a proxy with local endpoints only.
+    pub fn nowhere() -> Self {
+        Reach::Direct(Peers::new())
+    }
+
+    fn mode_and_peers(&self) -> (EgressMode, Peers) {
+        match self {
+            Reach::Direct(p) => (EgressMode::Direct, p.clone()),
+            Reach::Egress(_) => (EgressMode::Gateway, Peers::new()),
+        }
+    }
+}
+
+/// The table a test proxy runs: its last specs and reach, rebuilt as the
+/// test changes either.
 #[derive(Debug)]
 pub struct TableFeed {
     tx: watch::Sender<Arc<Table>>,
     settings: Settings,
+    me: Me,
+    held: Mutex<(Vec<ServiceSpec>, Reach)>,
+}
+
+impl TableFeed {
+    fn send(&self) {
+        let held = self.held.lock().unwrap();
+        let (mode, peers) = held.1.mode_and_peers();
+        let m = &self.me;
+        let t =
+            Table::build(&m.cluster, &m.locality, &self.settings, &held.0).reaching(mode, peers);
+        self.tx.send_replace(Arc::new(t));
+    }
+
+    /// Rebuilds the table from `specs`, as a config reload or discovery
+    /// update would.
+    pub fn update(&self, specs: &[ServiceSpec]) {
+        self.held.lock().unwrap().0 = specs.to_vec();
+        self.send();
+    }
+
+    /// Changes where remote clusters are (their gateways) or how they are
+    /// reached, as a discovery update would. The egress listeners are
+    /// fixed at start.
+    pub fn reach(&self, reach: Reach) {
+        self.held.lock().unwrap().1 = reach;
+        self.send();
+    }
 }
 
 /// A proxy of `d` in this process, its HTTP listener on `d`'s block, fed
@@ -270,10 +323,14 @@ pub async fn start_proxy(
     d: &gw::Domain,
     zone: &str,
     specs: &[ServiceSpec],
-    gateways: Vec<SocketAddr>,
+    reach: Reach,
     bundles: BundleSet,
     settings: Settings,
 ) -> (Proxy, TableFeed) {
+    let gateways = match &reach {
+        Reach::Egress(g) => g.clone(),
+        Reach::Direct(_) => vec![],
+    };
     let common = Common {
         me: me(d, zone),
         listen: Listen {
@@ -282,10 +339,20 @@ pub async fn start_proxy(
             admin: None,
         },
         gateways,
-        settings: settings.clone(),
+        settings: Settings {
+            // QUIC from the proxy leaves from its cluster's block.
+            source_address: Some(d.ip(5)),
+            ..settings
+        },
     };
-    let table = Table::build(&common.me.cluster, &common.me.locality, &settings, specs);
-    let (table_tx, table_rx) = watch::channel(Arc::new(table));
+    let (table_tx, table_rx) = watch::channel(Arc::new(Table::default()));
+    let feed = TableFeed {
+        tx: table_tx,
+        settings: common.settings.clone(),
+        me: common.me.clone(),
+        held: Mutex::new((specs.to_vec(), reach)),
+    };
+    feed.send();
     let svid: Svid = d.workload_svid("shop", "web");
     let (_svid_tx, svid_rx) = watch::channel(Arc::new(svid));
     let (_b_tx, bundles_rx) = watch::channel(Arc::new(bundles));
@@ -293,21 +360,7 @@ pub async fn start_proxy(
         .await
         .unwrap();
     // The SVID and bundle senders may go: their last values stay.
-    (
-        proxy,
-        TableFeed {
-            tx: table_tx,
-            settings,
-        },
-    )
-}
-
-/// Rebuilds the table from `specs`, as a config reload or discovery
-/// update would.
-pub fn update(table: &TableFeed, d: &gw::Domain, zone: &str, specs: &[ServiceSpec]) {
-    let m = me(d, zone);
-    let t = Table::build(&m.cluster, &m.locality, &table.settings, specs);
-    table.tx.send_replace(Arc::new(t));
+    (proxy, feed)
 }
 
 /// Writes a static config in `dir` for a proxy of `d` (HTTP, and admin if

@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
-use fedmesh_api::{ServiceKey, validate_label};
+use fedmesh_api::{EgressMode, ServiceKey, validate_label};
 use serde::Deserialize;
 use serde_saphyr::Spanned;
 
@@ -64,6 +64,8 @@ pub struct Cluster {
     pub region: String,
     pub zones: Vec<String>,
     pub gateways: u8,
+    /// How its proxies reach other clusters (its registration's `egress`).
+    pub egress: EgressMode,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -115,6 +117,8 @@ struct ClusterFile {
     zones: Vec<String>,
     #[serde(default = "one")]
     gateways: u8,
+    #[serde(default)]
+    egress: EgressMode,
 }
 
 fn one() -> u8 {
@@ -247,6 +251,7 @@ fn check(f: File) -> Result<Topology, String> {
             region: v.region.clone(),
             zones: v.zones.clone(),
             gateways: v.gateways,
+            egress: v.egress,
         });
     }
 

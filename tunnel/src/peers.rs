@@ -245,7 +245,10 @@ mod tests {
         assert_eq!(e.status, Status::Unreachable);
         assert!(e.message.contains("not federated with gcp"), "{e}");
         tx.send_modify(|h| Arc::make_mut(h).0.get_mut("aws").unwrap().gateways.clear());
-        assert_eq!(d.gateways_of("aws").unwrap_err().status, Status::Unreachable);
+        assert_eq!(
+            d.gateways_of("aws").unwrap_err().status,
+            Status::Unreachable
+        );
         assert!(d.all_gateways().is_empty());
     }
 

@@ -21,9 +21,9 @@ use tokio::time::{Instant, timeout};
 
 use crate::backoff::{BackoffPolicy, PeerHealth, try_order};
 use crate::dns::Dns;
-use crate::peers::{Directory, GatewayAddr};
 use crate::frame::{self, OpenRequest, Refusal};
 use crate::io::{ReadFrameError, read_frame, write_frame};
+use crate::peers::{Directory, GatewayAddr};
 use crate::quic::{self, handshake_reason};
 
 /// A tunnel stream that a peer gateway accepted.

@@ -67,6 +67,14 @@ pub fn bind_udp(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
     Ok(socket.into())
 }
 
+/// A client-only endpoint (a proxy's): bound to `addr`, serving nothing.
+pub fn client_endpoint(addr: SocketAddr) -> std::io::Result<quinn::Endpoint> {
+    let socket = bind_udp(addr)?;
+    let runtime = quinn::default_runtime()
+        .ok_or_else(|| std::io::Error::other("no async runtime for quinn"))?;
+    quinn::Endpoint::new(quinn::EndpointConfig::default(), None, socket, runtime)
+}
+
 /// The ingress side: presents our SVID, requires a peer SVID that verifies
 /// against its own trust domain's bundle and passes `authorizer`.
 pub fn server_config(

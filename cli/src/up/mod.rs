@@ -31,6 +31,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use fedmesh_api::EgressMode;
 use fedmesh_topology::{Cluster, ClusterPlan, GatewayPlan, Plan, Protocol, Topology};
 use fedmesh_trust::{Bundle, SpiffeId, TrustDomain};
 use fedmesh_zone::TokensFile;
@@ -67,12 +68,22 @@ struct Launch<'a> {
 /// it until Ctrl-C or SIGTERM. Either signal is honoured from the first
 /// moment: one during the start stops what had started, as a failed start
 /// does.
-pub async fn up(topology_path: &Path, dir: &Path, offset: u8) -> anyhow::Result<()> {
+pub async fn up(
+    topology_path: &Path,
+    dir: &Path,
+    offset: u8,
+    egress: Option<EgressMode>,
+) -> anyhow::Result<()> {
     let mut stop = Box::pin(shutdown_signal()?);
     // The files written for each process name others by absolute path: a
     // relative one would be read against the file's own directory.
     let dir = &std::path::absolute(dir).with_context(|| format!("{}", dir.display()))?;
-    let topology = load_topology(topology_path)?;
+    let mut topology = load_topology(topology_path)?;
+    if let Some(mode) = egress {
+        for c in &mut topology.clusters {
+            c.egress = mode;
+        }
+    }
     if let Ok(s) = State::load(dir)
         && s.ours(s.supervisor)
     {
@@ -381,6 +392,8 @@ impl Launch<'_> {
             .arg(gateways.join(","))
             .arg("--trust-domain")
             .arg(td.to_string())
+            .arg("--egress")
+            .arg(c.egress.as_str())
             .arg("--out")
             .arg(&join)
             .arg("--etcd")
@@ -579,6 +592,7 @@ pub async fn up_detached(
     topology: &Path,
     dir: &Path,
     offset: u8,
+    egress: Option<EgressMode>,
     show: bool,
 ) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir)?;
@@ -590,6 +604,9 @@ pub async fn up_detached(
         .arg(dir)
         .arg("--block-offset")
         .arg(offset.to_string());
+    if let Some(mode) = egress {
+        cmd.arg("--egress").arg(mode.as_str());
+    }
     let pid = spawn(cmd, &log)?;
     let deadline = Instant::now() + Duration::from_secs(180);
     loop {

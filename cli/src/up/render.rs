@@ -111,6 +111,8 @@ pub fn proxy(
         ControllerFile, Listen, LocalityFile, OutlierSettings, ProxyFile, Settings, TcpListen,
     };
     let settings = Settings {
+        // QUIC to other clusters' gateways leaves from the cluster's block.
+        source_address: Some(cp.proxy_http.ip()),
         failback_hold: Duration::from_secs(5),
         outlier: OutlierSettings {
             base_ejection: Duration::from_secs(5),
@@ -150,6 +152,7 @@ pub fn proxy(
         identity: None,
         bundles: None,
         services: Vec::new(),
+        peers: Vec::new(),
         policies: Vec::new(),
         settings,
     }
@@ -169,6 +172,7 @@ mod tests {
             region: "us-east-1".into(),
             zones: vec!["az1".into(), "az2".into()],
             gateways: 1,
+            egress: Default::default(),
         }
     }
 

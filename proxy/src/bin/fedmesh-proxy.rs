@@ -92,10 +92,7 @@ async fn run(args: Args, config: ProxyConfig) -> anyhow::Result<()> {
                 c.access.clone(),
                 c.bootstrap.clone(),
                 policy,
-                move |m, _| {
-                    let specs = fedmesh_proxy::discovered::services(&me.cluster, m)?;
-                    Ok(Table::build(&me.cluster, &me.locality, &settings, &specs))
-                },
+                move |m, bundles| fedmesh_proxy::discovered::table(&me, &settings, m, bundles),
             )
             .await
             .context("starting from the controller")?;
@@ -147,8 +144,11 @@ async fn run(args: Args, config: ProxyConfig) -> anyhow::Result<()> {
 /// A static config's table, its services' policies over the file's
 /// settings (per-service settings apply on every read).
 fn snapshot(me: &Me, c: StaticConfig) -> Snapshot<Table> {
+    let settings = &c.common.settings;
+    let table = Table::build(&me.cluster, &me.locality, settings, &c.services)
+        .reaching(settings.egress.unwrap_or_default(), c.peers);
     Snapshot {
-        config: Table::build(&me.cluster, &me.locality, &c.common.settings, &c.services),
+        config: table,
         svid: c.svid,
         bundles: c.bundles,
     }

@@ -1,0 +1,70 @@
+//! The proxy's QUIC client towards remote gateways (`egress: direct`): the
+//! tunnel's pool ([`fedmesh_tunnel::pool`]) on one UDP socket, with a
+//! transport sized for a proxy: a proxy holds a handful of connections and
+//! carries one workload's traffic, where a gateway carries a cluster's.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+
+use fedmesh_trust::{BundleSet, Svid};
+use fedmesh_tunnel::backoff::BackoffPolicy;
+use fedmesh_tunnel::peers::Watched;
+use fedmesh_tunnel::pool::{PeerPool, PoolOptions};
+use quinn::{IdleTimeout, TransportConfig, VarInt};
+use tokio::sync::watch;
+
+use crate::config::Settings;
+use crate::metrics::Metrics;
+use crate::table::Table;
+
+/// Per-stream receive window: one stream fills a 10 ms × 800 Mbit/s path.
+/// A proxy's streams are one app connection each; most carry far less.
+const STREAM_WINDOW: u32 = 1024 * 1024;
+/// Per-connection receive and send windows, shared by all streams to one
+/// gateway. Buffers grow only as data waits, so these bound the worst case
+/// rather than cost memory up front.
+const CONNECTION_WINDOW: u32 = 4 * 1024 * 1024;
+
+/// The proxy's QUIC transport. Settings were validated, so the idle
+/// timeout is in range.
+pub fn transport(settings: &Settings) -> TransportConfig {
+    let mut t = TransportConfig::default();
+    t.keep_alive_interval(Some(settings.quic_keep_alive));
+    t.max_idle_timeout(IdleTimeout::try_from(settings.quic_idle_timeout).ok());
+    // Gateways never open streams towards a proxy.
+    t.max_concurrent_bidi_streams(VarInt::from_u32(0));
+    t.max_concurrent_uni_streams(VarInt::from_u32(0));
+    t.stream_receive_window(VarInt::from_u32(STREAM_WINDOW));
+    t.receive_window(VarInt::from_u32(CONNECTION_WINDOW));
+    t.send_window(u64::from(CONNECTION_WINDOW));
+    t
+}
+
+/// The pool of QUIC connections to remote gateways, on a UDP socket bound
+/// to `settings.sourceAddress` (any address when absent). Where the
+/// gateways are is read from the table at each stream.
+pub fn pool(
+    settings: &Settings,
+    table: watch::Receiver<Arc<Table>>,
+    svid: watch::Receiver<Arc<Svid>>,
+    bundles: watch::Receiver<Arc<BundleSet>>,
+    metrics: Arc<Metrics>,
+) -> std::io::Result<PeerPool> {
+    let ip = settings
+        .source_address
+        .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+    let endpoint = fedmesh_tunnel::quic::client_endpoint(SocketAddr::new(ip, 0))?;
+    Ok(PeerPool::new(
+        PoolOptions {
+            svid,
+            bundles,
+            backoff: BackoffPolicy::default(),
+            drain_timeout: settings.drain_timeout,
+            dns_servers: settings.dns_servers.clone(),
+        },
+        Arc::new(Watched(table)),
+        metrics,
+        endpoint,
+        Arc::new(transport(settings)),
+    ))
+}
