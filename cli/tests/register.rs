@@ -156,6 +156,7 @@ async fn register_get_and_deregister() {
     ])))
     .unwrap();
     assert_eq!(json[0]["trustDomain"], "aws.fedmesh.test");
+    assert_eq!(json[0]["egress"], "direct", "proxies go direct unless said");
     // No controller has said it is alive yet.
     assert_eq!(json[0]["liveness"]["state"], "stale");
     assert!(table.contains("STALE"), "{table}");
@@ -175,6 +176,26 @@ async fn register_get_and_deregister() {
     let yaml = ok(&fedmesh(&["get", "bundles", "-o", "yaml", "--etcd", &ep]));
     assert!(yaml.contains("trustDomain: aws.fedmesh.test"), "{yaml}");
     assert!(ok(&fedmesh(&["get", "services", "--etcd", &ep])).starts_with("CLUSTER"));
+
+    // Re-registering with another egress mode updates the record (the
+    // controller passes it on to the cluster's proxies); a mode that does
+    // not exist is refused by name.
+    let mut again = register("aws-use1", "aws.fedmesh.test", &ep, out_a);
+    again.extend(["--egress", "gateway"]);
+    let stdout = ok(&fedmesh(&again));
+    assert!(stdout.contains("updated"), "{stdout}");
+    let table = ok(&fedmesh(&["get", "clusters", "--etcd", &ep]));
+    assert!(
+        table.contains("EGRESS") && table.contains("gateway"),
+        "{table}"
+    );
+    let mut bad = register("aws-use1", "aws.fedmesh.test", &ep, out_a);
+    bad.extend(["--egress", "relay"]);
+    let stderr = err(&fedmesh(&bad));
+    assert!(
+        stderr.contains("--egress") && stderr.contains("\"relay\" is not an egress mode"),
+        "{stderr}"
+    );
 
     // Deregister removes it; a second time says it is not registered.
     let stdout = ok(&fedmesh(&[

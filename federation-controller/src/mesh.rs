@@ -710,6 +710,34 @@ mod tests {
     }
 
     #[test]
+    fn our_registration_says_how_our_proxies_reach_the_peers_and_a_change_is_resent() {
+        let ks = KeySpace::default();
+        let mut g = GlobalView::new(ks.clone());
+        put(&mut g, ks.cluster("gcp"), record("gcp"), 1);
+        let unregistered = inputs(local(), &g);
+        assert_eq!(unregistered.peers().egress(), pb::Egress::Direct);
+        let mut aws = record("aws");
+        put(&mut g, ks.cluster("aws"), aws.clone(), 2);
+        let direct = inputs(local(), &g);
+        let peers: Vec<String> = direct
+            .peers()
+            .clusters
+            .into_iter()
+            .map(|p| p.cluster)
+            .collect();
+        assert_eq!(peers, ["gcp"], "never ourselves");
+        assert_eq!(direct.peers().egress(), pb::Egress::Direct, "the default");
+        aws["egress"] = "gateway".into();
+        put(&mut g, ks.cluster("aws"), aws, 3);
+        let gateway = inputs(local(), &g);
+        assert_eq!(gateway.peers().egress(), pb::Egress::Gateway);
+        assert!(
+            gateway.peers_differ(&direct),
+            "re-registering resends the peers"
+        );
+    }
+
+    #[test]
     fn an_unverified_cluster_keeps_its_capacity_and_says_when_it_was_last_seen() {
         let ks = KeySpace::default();
         let mut g = GlobalView::new(ks.clone());

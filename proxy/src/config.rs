@@ -875,6 +875,99 @@ listen: {http: 127.0.1.5:4140}
         assert!(e.message.starts_with("locality.zone"), "{e}");
     }
 
+    /// A static file's files: an SVID of aws, and the bundles of aws and
+    /// gcp (both from the same CA: only their presence matters here).
+    fn static_files() -> impl Fn(&Path) -> Result<Vec<u8>, String> + Copy {
+        let d = fedmesh_trust::TrustDomain::new("aws.fedmesh.test").unwrap();
+        let now = std::time::SystemTime::now();
+        let ca = fedmesh_trust::ClusterCa::generate(&d, &Default::default(), now).unwrap();
+        let id = SpiffeId::workload(&d, "shop", "web").unwrap();
+        let svid = ca.issue(&id, &Default::default(), now).unwrap();
+        let gcp = fedmesh_trust::TrustDomain::new("gcp.fedmesh.test").unwrap();
+        let gcp_ca = fedmesh_trust::ClusterCa::generate(&gcp, &Default::default(), now).unwrap();
+        let leak = |s: String| -> &'static str { Box::leak(s.into_boxed_str()) };
+        let (chain, key) = (leak(svid.chain_pem()), leak(svid.key_pem()));
+        let aws = leak(Bundle::with_roots(d, [ca.cert_der().clone()]).to_document());
+        let gcp = leak(Bundle::with_roots(gcp, [gcp_ca.cert_der().clone()]).to_document());
+        move |p: &Path| {
+            Ok(match p.to_str().unwrap_or("") {
+                "c.pem" => chain,
+                "k.pem" => key,
+                "gcp.json" => gcp,
+                _ => aws,
+            }
+            .as_bytes()
+            .to_vec())
+        }
+    }
+
+    #[test]
+    fn remote_clusters_need_peers_when_direct_and_an_egress_when_through_a_gateway() {
+        let files = static_files();
+        let head = format!(
+            "{BASE}identity: {{certificate: c.pem, key: k.pem}}\nbundles: {{aws.fedmesh.test: b.json, gcp.fedmesh.test: gcp.json}}\nservices:\n  - {{name: shop/cart, port: 80, remote: [{{cluster: gcp, cloud: gcp, region: r1, healthy: 1, total: 1}}]}}\n"
+        );
+        let parse = |extra: &str| ProxyConfig::parse(&format!("{head}{extra}"), "p.yaml", files);
+        let peers = "peers: [{cluster: gcp, trustDomain: gcp.fedmesh.test, gateways: [\"127.0.2.1:15443\", \"gw.gcp.example:15443\"]}]\n";
+        let ProxyConfig::Static(c) = parse(peers).unwrap() else {
+            panic!("a static config")
+        };
+        assert_eq!(c.common.settings.egress, None, "direct unless said");
+        assert_eq!(c.peers["gcp"].gateways.len(), 2);
+
+        for (extra, want) in [
+            (
+                "",
+                "services[0] (shop/cart).remote[0].cluster: gcp is not under `peers`",
+            ),
+            (
+                "settings: {egress: gateway}\n",
+                "remote clusters need a local gateway; list its egress under `gateways`",
+            ),
+            (
+                "peers: [{cluster: gcp, trustDomain: azure.fedmesh.test, gateways: []}]\n",
+                "peers[0] (gcp): no bundle for its trust domain azure.fedmesh.test",
+            ),
+            (
+                "peers: [{cluster: aws, trustDomain: aws.fedmesh.test, gateways: []}]\n",
+                "peers[0]: aws is this cluster",
+            ),
+            (
+                "peers: [{cluster: gcp, trustDomain: gcp.fedmesh.test, gateways: [\"127.0.2.1:0\"]}]\n",
+                "peers[0].gateways[0]",
+            ),
+            ("settings: {egress: relay}\n", "egress"),
+            (
+                "settings: {quicKeepAlive: 500ms}\n",
+                "settings.quicKeepAlive: 500 ms must be non-zero and at most half of quicIdleTimeout (700 ms)",
+            ),
+        ] {
+            let e = parse(extra).unwrap_err().to_string();
+            assert!(e.contains(want), "{extra:?}: {e}");
+        }
+        let ProxyConfig::Static(c) =
+            parse("gateways: [\"127.0.1.1:15001\"]\nsettings: {egress: gateway}\n").unwrap()
+        else {
+            panic!("a static config")
+        };
+        assert_eq!(c.common.settings.egress, Some(EgressMode::Gateway));
+
+        let controller = "controller: {address: 127.0.1.2:15010, bundle: b.json, joinTokenFile: t, namespace: shop, serviceAccount: web}\n";
+        let e =
+            ProxyConfig::parse(&format!("{BASE}{controller}{peers}"), "p.yaml", files).unwrap_err();
+        assert!(e.message.contains("peers: come from the controller"), "{e}");
+        let moved = Settings {
+            source_address: Some("127.0.1.5".parse().unwrap()),
+            egress: Some(EgressMode::Gateway),
+            ..Settings::default()
+        };
+        assert_eq!(
+            Settings::default().restart_only_changes(&moved),
+            ["sourceAddress"],
+            "the egress mode applies on a reload; the socket's address does not"
+        );
+    }
+
     #[test]
     fn a_static_file_carries_policies_and_says_which_settings_need_a_restart() {
         let d = fedmesh_trust::TrustDomain::new("aws.fedmesh.test").unwrap();

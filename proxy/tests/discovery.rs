@@ -49,14 +49,10 @@ async fn discovery_proxy_in(
     let discovered = {
         let here = here.clone();
         let policy = ClientPolicy { scope, ..policy() };
-        fedmesh_discovery::start(access, bootstrap, policy, move |m, _| {
-            let specs = fedmesh_proxy::discovered::services(&here.cluster, m)?;
-            Ok(Table::build(
-                &here.cluster,
-                &here.locality,
-                &Default::default(),
-                &specs,
-            ))
+        // As the binary builds it: the cluster's registration says how
+        // remote clusters are reached (direct: QUIC to their gateways).
+        fedmesh_discovery::start(access, bootstrap, policy, move |m, b| {
+            fedmesh_proxy::discovered::table(&here, &Settings::default(), m, b)
         })
         .await
         .unwrap()

@@ -12,8 +12,9 @@ trustDomain: aws.fedmesh.test
 locality: {cloud: aws, region: use1, zone: az1}
 listen: {http: "127.0.1.5:4140", admin: "127.0.1.5:4191", tcp: [{address: "127.0.1.5:5432", service: shop/db}]}
 gateways: ["127.0.1.1:15001"]
+peers: [{cluster: gcp, trustDomain: gcp.fedmesh.test, gateways: ["127.0.2.1:15443", "gw.gcp.example:15443"]}]
 identity: {certificate: c.pem, key: k.pem}
-bundles: {aws.fedmesh.test: b.json}
+bundles: {aws.fedmesh.test: b.json, gcp.fedmesh.test: g.json}
 services:
   - name: shop/db
     port: 5432

@@ -532,7 +532,7 @@ kind: Topology
 name: two
 clusters:
   - {name: aws, cloud: aws, region: use1, zones: [a, b]}
-  - {name: gcp, cloud: gcp, region: usc1, zones: [a], gateways: 2}
+  - {name: gcp, cloud: gcp, region: usc1, zones: [a], gateways: 2, egress: gateway}
 services:
   - name: shop/checkout
     port: 8080
@@ -578,6 +578,11 @@ wan:
         let t = parse(GOOD).unwrap();
         assert_eq!(t.etcd_members, 1);
         assert_eq!(t.clusters[1].gateways, 2);
+        assert_eq!(
+            (t.clusters[0].egress, t.clusters[1].egress),
+            (EgressMode::Direct, EgressMode::Gateway),
+            "direct unless said"
+        );
         assert_eq!(
             t.link("gcp", "aws").unwrap().latency,
             Duration::from_millis(30)
@@ -682,6 +687,11 @@ wan:
                 "clusters[1].zones[1]: a is listed twice",
             ),
             ("region: usc1", "region: usc1, colour: red", "colour"),
+            (
+                "egress: gateway",
+                "egress: relay",
+                "line 6 column 76: unknown variant `relay`, expected one of direct, gateway",
+            ),
         ] {
             let y = GOOD.replace(from, to);
             assert_ne!(y, GOOD, "{from}");

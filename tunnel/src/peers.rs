@@ -49,7 +49,7 @@ impl GatewayAddr {
     /// `ip:port`, `[v6]:port` or `name:port`.
     pub fn parse(s: &str) -> Result<Self, String> {
         if let Ok(a) = s.parse::<SocketAddr>() {
-            return Ok(Self::Ip(a));
+            return Self::new(&a.ip().to_string(), a.port());
         }
         let (host, port) = s
             .rsplit_once(':')
@@ -215,7 +215,17 @@ mod tests {
                 port: 15443
             }
         );
-        for bad in ["gw:0", "gw", "gw:http", "-gw:1", "a..b:1", "g_w:1", ":1"] {
+        for bad in [
+            "gw:0",
+            "127.0.1.1:0",
+            "[::1]:0",
+            "gw",
+            "gw:http",
+            "-gw:1",
+            "a..b:1",
+            "g_w:1",
+            ":1",
+        ] {
             assert!(GatewayAddr::parse(bad).is_err(), "{bad}");
         }
     }

@@ -79,6 +79,7 @@ pub async fn get(what: GetWhat, output: Output, flags: &EtcdFlags) -> anyhow::Re
                     "ZONES",
                     "TRUST DOMAIN",
                     "GATEWAYS",
+                    "EGRESS",
                 ],
                 |ClusterRow {
                      record: c,
@@ -96,6 +97,7 @@ pub async fn get(what: GetWhat, output: Output, flags: &EtcdFlags) -> anyhow::Re
                             .map(ToString::to_string)
                             .collect::<Vec<_>>()
                             .join(","),
+                        c.egress.to_string(),
                     ]
                 },
             )
