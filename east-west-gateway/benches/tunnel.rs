@@ -1,22 +1,31 @@
-//! Tunnel throughput and latency next to a direct TCP path, in one run.
+//! Cross-cluster throughput and latency, every path side by side in one
+//! run, each hop a real process:
 //!
-//! `cargo bench -p fedmesh-gateway --bench tunnel`
+//! `cargo build --release --bins && cargo bench -p fedmesh-gateway --bench tunnel`
+//! (the first builds `fedmesh-proxy`, which this bench runs).
 //!
-//! - Bulk: one tunnel (proxy TLS → egress → QUIC → ingress → backend,
-//!   the two gateways being real `fedmesh-gateway` processes)
-//!   carries `BULK_MB` (default 256) MiB to a sink, against the same bytes
-//!   over direct TCP. Three runs each, median reported.
-//! - Beside both: an HAProxy TCP+TLS chain (Debian's haproxy, installed by
-//!   `scripts/setup.sh haproxy` when missing). One instance in A originates
-//!   mutual TLS 1.3, a second in B terminates it, with the same CAs.
-//! - Latency: 64-byte echoes at a fixed 1000 req/s for `SECS` (default 5)
-//!   seconds over one established tunnel, and over direct TCP.
+//! - **direct QUIC** (`egress: direct`): app → `fedmesh-proxy` → QUIC →
+//!   B's ingress gateway → backend. One encryption, two processes.
+//! - **egress path** (`egress: gateway`): app → `fedmesh-proxy` → TLS →
+//!   A's egress gateway → QUIC → B's ingress → backend. Two encryptions,
+//!   three processes.
+//! - **HAProxy chain** (Debian's haproxy, installed by `scripts/setup.sh
+//!   haproxy` when missing): one instance in A originates mutual TLS 1.3, a
+//!   second in B terminates it, with the same CAs. One encryption, two
+//!   processes.
+//! - **direct TCP**, the floor.
+//!
+//! Bulk: one connection carries `BULK_MB` (default 256) MiB to a sink;
+//! three runs each, interleaved, median reported. Latency: 64-byte echoes
+//! at a fixed 1000 req/s for `SECS` (default 5) seconds over one
+//! established connection per path. Proxy memory: each proxy's resident
+//! set after its latency run, and its peak.
 //!
 //! `GATEWAYS=inproc` runs the two gateways inside the bench process
 //! instead of as `fedmesh-gateway` processes.
 //!
-//! `ONLY=tunnel` (or `direct`, `haproxy`) runs one path's bulk test alone,
-//! for profiling; no ratios are printed then.
+//! `ONLY=quic` (or `egress`, `direct`, `haproxy`) runs one path's bulk test
+//! alone, for profiling; no ratios are printed then.
 //!
 //! `UDP_PAYLOAD=<bytes>` raises the path-MTU ceiling (`maxUdpPayload`,
 //! default 1452) on both gateways, as on a jumbo-frame network.
@@ -31,6 +40,7 @@ use std::time::Duration;
 
 use fedmesh_gateway::Settings;
 use hdrhistogram::Histogram;
+use fedmesh_testbed::proxy::{ProxyProcess, remote_config};
 use support::*;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -241,17 +251,24 @@ async fn main() {
             Gateways::Processes(Box::new([gw_a, gw_b])),
         )
     };
-    let proxy = proxy_tls(a.workload_svid("shop", "web"), bundles(&[&a]), &a);
-    let tunnel = |svc: &'static str| {
-        let proxy = proxy.clone();
-        async move {
-            let (s, acc) = open_tunnel(egress, proxy, &open_msg(svc, 8080, "gcp-usc1"))
-                .await
-                .unwrap();
-            assert_eq!(acc.status, 1, "{acc:?}");
-            s
-        }
+    let gw_b_quic = match &_gateways {
+        Gateways::InProcess(g) => g[1].quic(),
+        Gateways::Processes(g) => g[1].quic,
     };
+    // The two proxies of A, as processes: one opens QUIC to B's gateway
+    // itself, one goes through A's egress. Listeners: sink, then echo.
+    let services = ["shop/sink", "shop/echo"];
+    let quic_proxy = ProxyProcess::start(
+        &remote_config(dir.path(), &a, &b, &[gw_b_quic], None, &services),
+        "warn",
+    )
+    .await;
+    let egress_proxy = ProxyProcess::start(
+        &remote_config(dir.path(), &a, &b, &[gw_b_quic], Some(egress), &services),
+        "warn",
+    )
+    .await;
+    let (quic, via_egress) = (quic_proxy.tcp.clone(), egress_proxy.tcp.clone());
     let direct = |addr: SocketAddr| async move {
         let s = TcpStream::connect(addr).await.unwrap();
         s.set_nodelay(true).unwrap();
@@ -263,13 +280,14 @@ async fn main() {
         for _ in 0..3 {
             runs.push(match only.as_str() {
                 "direct" => bulk(direct(sink_addr).await, total).await,
-                "tunnel" => bulk(tunnel("shop/sink").await, total).await,
+                "quic" => bulk(direct(quic[0]).await, total).await,
+                "egress" => bulk(direct(via_egress[0]).await, total).await,
                 "haproxy" => {
                     let dir = tempfile::tempdir().unwrap();
                     let (chain, _h) = haproxy_chain(dir.path(), &a, &b, &[sink_addr]).await;
                     bulk(direct(chain[0]).await, total).await
                 }
-                other => panic!("ONLY={other}: use direct, tunnel or haproxy"),
+                other => panic!("ONLY={other}: use quic, egress, direct or haproxy"),
             });
         }
         println!("{only}: {:.2} Gbit/s (median of 3)", median(runs));
@@ -278,41 +296,57 @@ async fn main() {
 
     let (chain, _haproxy) = haproxy_chain(dir.path(), &a, &b, &[sink_addr, echo.addr]).await;
 
-    let (mut t, mut d, mut h) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut q, mut e, mut d, mut h) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for _ in 0..3 {
         d.push(bulk(direct(sink_addr).await, total).await);
         h.push(bulk(direct(chain[0]).await, total).await);
-        t.push(bulk(tunnel("shop/sink").await, total).await);
+        q.push(bulk(direct(quic[0]).await, total).await);
+        e.push(bulk(direct(via_egress[0]).await, total).await);
     }
-    let (t, d, h) = (median(t), median(d), median(h));
-    println!("bulk, one stream, {} MiB, median of 3:", total >> 20);
-    println!("  direct TCP         {d:7.2} Gbit/s");
-    println!("  HAProxy TLS chain  {h:7.2} Gbit/s");
-    println!(
-        "  fedmesh tunnel     {t:7.2} Gbit/s   ({:.2}x direct, {:.2}x HAProxy)",
-        t / d,
-        t / h
-    );
+    let (q, e, d, h) = (median(q), median(e), median(d), median(h));
+    println!("bulk, one connection, {} MiB, median of 3:", total >> 20);
+    println!("  direct TCP           {d:7.2} Gbit/s");
+    println!("  HAProxy TLS chain    {h:7.2} Gbit/s");
+    for (name, x) in [("fedmesh direct QUIC", q), ("fedmesh egress path", e)] {
+        println!(
+            "  {name:<20} {x:7.2} Gbit/s   ({:.2}x direct, {:.2}x HAProxy)",
+            x / d,
+            x / h
+        );
+    }
 
     let hd = latency(direct(echo.addr).await, secs).await;
     let hh = latency(direct(chain[1]).await, secs).await;
-    let ht = latency(tunnel("shop/echo").await, secs).await;
+    let hq = latency(direct(quic[1]).await, secs).await;
+    let rss_quic = fedmesh_test_support::rss_kb(quic_proxy.child.id().unwrap_or(0));
+    let he = latency(direct(via_egress[1]).await, secs).await;
+    let rss_egress = fedmesh_test_support::rss_kb(egress_proxy.child.id().unwrap_or(0));
     let us = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1000.0;
     println!(
         "latency, 64 B echo at 1000 req/s for {secs} s ({} samples):",
-        ht.len()
+        hq.len()
     );
     for (name, x) in [
         ("direct TCP", &hd),
         ("HAProxy TLS chain", &hh),
-        ("fedmesh tunnel", &ht),
+        ("fedmesh direct QUIC", &hq),
+        ("fedmesh egress path", &he),
     ] {
         println!(
-            "  {name:<18} p50 {:7.1} us  p99 {:7.1} us  (added p50 {:6.1}, p99 {:6.1})",
+            "  {name:<20} p50 {:7.1} us  p99 {:7.1} us  (added p50 {:6.1}, p99 {:6.1})",
             us(x, 0.5),
             us(x, 0.99),
             us(x, 0.5) - us(&hd, 0.5),
             us(x, 0.99) - us(&hd, 0.99)
         );
     }
+    let mb = |kb: u64| kb as f64 / 1024.0;
+    for (name, (now, peak)) in [("direct QUIC", rss_quic), ("egress path", rss_egress)] {
+        println!(
+            "proxy RSS, {name}: {:.1} MB after 1000 req/s, {:.1} MB peak (goal ≤ 12 MB)",
+            mb(now),
+            mb(peak)
+        );
+    }
 }
+

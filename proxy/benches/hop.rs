@@ -37,19 +37,6 @@ fn env(name: &str, default: u64) -> u64 {
     fedmesh_test_support::env_or(name, default)
 }
 
-/// Memory of `pid` in kB: (resident now, peak resident).
-fn rss_kb(pid: u32) -> (u64, u64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    };
-    (field("VmRSS:"), field("VmHWM:"))
-}
 
 /// Requests due every `1/rate` s for `secs`, answered by `conns`
 /// keep-alive clients; latency from when each was due.
@@ -194,9 +181,9 @@ async fn main() {
     let dir = tempfile::tempdir().unwrap();
     let config = support::static_config(dir.path(), &d, backend.addr, false, "{}");
     let child = support::ProxyProcess::start(&config, "warn").await;
-    let (proxy, mut child) = (child.http, child.child);
+    let (proxy, mut child) = (child.http.unwrap(), child.child);
     let pid = child.id().unwrap();
-    let (idle_rss, _) = rss_kb(pid);
+    let (idle_rss, _) = fedmesh_test_support::rss_kb(pid);
     let (haproxy, _haproxy) = haproxy_hop(dir.path(), d.ip(6), backend.addr).await;
     let many = with_policies(
         &config,
@@ -205,7 +192,7 @@ async fn main() {
         &d.cluster,
     );
     let many = support::ProxyProcess::start(&many, "warn").await;
-    let (policed, mut many_child) = (many.http, many.child);
+    let (policed, mut many_child) = (many.http.unwrap(), many.child);
     let policed_pid = many_child.id().unwrap();
 
     // Warm both paths (connections, allocator, EWMA).
@@ -227,7 +214,7 @@ async fn main() {
             let mut max = 0;
             for _ in 0..secs * 4 {
                 tokio::time::sleep(Duration::from_millis(250)).await;
-                max = max.max(rss_kb(pid).0);
+                max = max.max(fedmesh_test_support::rss_kb(pid).0);
             }
             max
         });
@@ -259,7 +246,7 @@ async fn main() {
     let (d50, d99, p50, p99) = (median(d50), median(d99), median(p50), median(p99));
     let (h50, h99) = (median(h50), median(h99));
     let (m50, m99) = (median(m50), median(m99));
-    let (_, hwm) = rss_kb(pid);
+    let (_, hwm) = fedmesh_test_support::rss_kb(pid);
     println!("median over rounds:");
     println!("  direct  p50 {d50:.1} µs  p99 {d99:.1} µs");
     println!("  fedmesh-proxy  p50 {p50:.1} µs  p99 {p99:.1} µs");
@@ -287,7 +274,7 @@ async fn main() {
     );
     println!(
         "proxy with {policies} policies: RSS {:.1} MB",
-        rss_kb(policed_pid).0 as f64 / 1024.0
+        fedmesh_test_support::rss_kb(policed_pid).0 as f64 / 1024.0
     );
     let _ = child.start_kill();
     let _ = many_child.start_kill();

@@ -54,7 +54,7 @@ async fn a_static_file_serves_and_sigterm_drains() {
     let dir = tempfile::tempdir().unwrap();
     let config = static_config(dir.path(), &d, b.addr, true, "{accessLog: json}");
     let p = ProxyProcess::start(&config, "info").await;
-    let (http, admin, child) = (p.http, p.admin.unwrap(), p.child);
+    let (http, admin, child) = (p.http.unwrap(), p.admin.unwrap(), p.child);
     assert_eq!(get(http, "cart.shop").await.unwrap().cluster, "aws");
 
     let metrics = tokio::task::spawn_blocking(move || {

@@ -21,19 +21,20 @@ async fn two_thousand_idle_connections_under_a_limit_of_1024_descriptors_stop_no
     let dir = tempfile::tempdir().unwrap();
     let config = support::static_config(dir.path(), &d, backend.addr, false, "{}");
     let p = ProxyProcess::start_with_fd_limit(&config, "warn", 1024).await;
-    assert_eq!(get(p.http, "cart.shop").await.unwrap().cluster, "aws");
+    let http = p.http.unwrap();
+    assert_eq!(get(http, "cart.shop").await.unwrap().cluster, "aws");
 
     // 2,000 connections that never send a byte, held open.
     let mut idle = Vec::with_capacity(2000);
     for _ in 0..2000 {
-        match TcpStream::connect(p.http).await {
+        match TcpStream::connect(http).await {
             Ok(s) => idle.push(s),
             Err(e) => panic!("connect {}: {e}", idle.len()),
         }
     }
     // Real requests still get through, each on a fresh connection.
     for i in 0..20 {
-        let r = tokio::time::timeout(Duration::from_secs(10), get(p.http, "cart.shop")).await;
+        let r = tokio::time::timeout(Duration::from_secs(10), get(http, "cart.shop")).await;
         assert!(
             matches!(r, Ok(Ok(_))),
             "request {i} with 2,000 idle connections open: {r:?}"
@@ -55,8 +56,9 @@ async fn a_client_that_never_finishes_its_headers_is_dropped_at_the_header_timeo
         "{downstreamHeaderTimeout: 500ms}",
     );
     let p = ProxyProcess::start(&config, "warn").await;
+    let http = p.http.unwrap();
     for partial in [&b""[..], b"GET / HTTP/1.1\r\nhost: cart.shop\r\n"] {
-        let mut s = TcpStream::connect(p.http).await.unwrap();
+        let mut s = TcpStream::connect(http).await.unwrap();
         s.write_all(partial).await.unwrap();
         let t = Instant::now();
         let mut buf = [0u8; 512];
@@ -78,5 +80,5 @@ async fn a_client_that_never_finishes_its_headers_is_dropped_at_the_header_timeo
         );
     }
     // A client that does send its headers is served.
-    assert_eq!(get(p.http, "cart.shop").await.unwrap().cluster, "aws");
+    assert_eq!(get(http, "cart.shop").await.unwrap().cluster, "aws");
 }

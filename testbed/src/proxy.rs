@@ -404,10 +404,105 @@ settings: {settings}
     config
 }
 
+/// Writes a static config in `dir` for a proxy of `d` with one TCP
+/// listener per service of `services`, each served only by cluster
+/// `remote`, whose gateways are `gateways`. `egress`: through that local
+/// egress listener (`egress: gateway`); `None`: QUIC straight to the
+/// gateways (`egress: direct`).
+pub fn remote_config(
+    dir: &Path,
+    d: &gw::Domain,
+    remote: &gw::Domain,
+    gateways: &[SocketAddr],
+    egress: Option<SocketAddr>,
+    services: &[&str],
+) -> PathBuf {
+    use fedmesh_dataplane::peers::PeerFile;
+    use fedmesh_proxy::config::{
+        IdentityFiles, LocalityFile, ProxyFile, RemoteFile, ServiceFile, TcpListen,
+    };
+    let svid = d.workload_svid("shop", "web");
+    let name = if egress.is_some() { "egress" } else { "direct" };
+    let (cert, key) = (format!("{name}.pem"), format!("{name}-key.pem"));
+    std::fs::write(dir.join(&cert), svid.chain_pem()).unwrap();
+    std::fs::write(dir.join(&key), svid.key_pem()).unwrap();
+    let mut bundles = std::collections::BTreeMap::new();
+    for b in [d, remote] {
+        let file = format!("{}.json", b.td);
+        std::fs::write(dir.join(&file), b.bundle().to_document()).unwrap();
+        bundles.insert(b.td.to_string(), file.into());
+    }
+    let keys: Vec<fedmesh_api::ServiceKey> = services.iter().map(|s| s.parse().unwrap()).collect();
+    let file = ProxyFile {
+        cluster: d.cluster.clone(),
+        trust_domain: d.td.to_string(),
+        locality: LocalityFile {
+            cloud: d.cluster.clone(),
+            region: "r1".into(),
+            zone: "z1".into(),
+        },
+        listen: Listen {
+            http: None,
+            // Port 0 each: one address per listener.
+            tcp: keys
+                .iter()
+                .zip(20..)
+                .map(|(k, host)| TcpListen {
+                    address: SocketAddr::new(d.ip(host), 0),
+                    service: k.clone(),
+                })
+                .collect(),
+            admin: None,
+        },
+        gateways: egress.into_iter().collect(),
+        peers: vec![PeerFile {
+            cluster: remote.cluster.clone(),
+            trust_domain: remote.td.to_string(),
+            gateways: gateways.iter().map(ToString::to_string).collect(),
+        }],
+        controller: None,
+        identity: Some(IdentityFiles {
+            certificate: cert.into(),
+            key: key.into(),
+        }),
+        bundles: Some(bundles),
+        services: keys
+            .iter()
+            .map(|k| ServiceFile {
+                name: k.clone(),
+                port: 8080,
+                endpoints: vec![],
+                remote: vec![RemoteFile {
+                    cluster: remote.cluster.clone(),
+                    cloud: remote.cluster.clone(),
+                    region: "r1".into(),
+                    healthy: 1,
+                    total: 1,
+                }],
+                failover: None,
+            })
+            .collect(),
+        policies: vec![],
+        settings: Settings {
+            egress: Some(if egress.is_some() {
+                EgressMode::Gateway
+            } else {
+                EgressMode::Direct
+            }),
+            source_address: Some(d.ip(5)),
+            ..Settings::default()
+        },
+    };
+    let path = dir.join(format!("{name}-proxy.yaml"));
+    std::fs::write(&path, serde_saphyr::to_string(&file).unwrap()).unwrap();
+    path
+}
+
 /// A real `fedmesh-proxy` process, with the addresses its first line gave.
 pub struct ProxyProcess {
     pub child: tokio::process::Child,
-    pub http: SocketAddr,
+    pub http: Option<SocketAddr>,
+    pub tcp: Vec<SocketAddr>,
     pub admin: Option<SocketAddr>,
 }
 
@@ -453,8 +548,15 @@ impl ProxyProcess {
                 .and_then(|s| s.split(',').next())
                 .and_then(|s| s.trim().parse::<SocketAddr>().ok())
         };
+        let tcp = first
+            .split("tcp on [")
+            .nth(1)
+            .and_then(|s| s.split(']').next())
+            .map(|list| list.split(", ").filter_map(|a| a.parse().ok()).collect())
+            .unwrap_or_default();
         Self {
-            http: after("http on ").expect("the proxy's http address"),
+            http: after("http on "),
+            tcp,
             admin: after("admin on "),
             child,
         }
