@@ -28,7 +28,8 @@
 //! alone, for profiling; no ratios are printed then.
 //!
 //! `UDP_PAYLOAD=<bytes>` raises the path-MTU ceiling (`maxUdpPayload`,
-//! default 1452) on both gateways, as on a jumbo-frame network.
+//! default 1452) on the gateways and the proxies, as on a jumbo-frame
+//! network.
 //!
 //! Loopback only; every loop is bounded in count and time.
 #![allow(clippy::unwrap_used)]
@@ -39,8 +40,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use fedmesh_gateway::Settings;
-use hdrhistogram::Histogram;
 use fedmesh_testbed::proxy::{ProxyProcess, remote_config};
+use hdrhistogram::Histogram;
 use support::*;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -259,12 +260,28 @@ async fn main() {
     // itself, one goes through A's egress. Listeners: sink, then echo.
     let services = ["shop/sink", "shop/echo"];
     let quic_proxy = ProxyProcess::start(
-        &remote_config(dir.path(), &a, &b, &[gw_b_quic], None, &services),
+        &remote_config(
+            dir.path(),
+            &a,
+            &b,
+            &[gw_b_quic],
+            None,
+            &services,
+            payload as u16,
+        ),
         "warn",
     )
     .await;
     let egress_proxy = ProxyProcess::start(
-        &remote_config(dir.path(), &a, &b, &[gw_b_quic], Some(egress), &services),
+        &remote_config(
+            dir.path(),
+            &a,
+            &b,
+            &[gw_b_quic],
+            Some(egress),
+            &services,
+            payload as u16,
+        ),
         "warn",
     )
     .await;
@@ -349,4 +366,3 @@ async fn main() {
         );
     }
 }
-

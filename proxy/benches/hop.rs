@@ -37,7 +37,6 @@ fn env(name: &str, default: u64) -> u64 {
     fedmesh_test_support::env_or(name, default)
 }
 
-
 /// Requests due every `1/rate` s for `secs`, answered by `conns`
 /// keep-alive clients; latency from when each was due.
 async fn open_loop(

@@ -111,6 +111,10 @@ pub struct Settings {
     /// the system's.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub dns_servers: Vec<SocketAddr>,
+    /// The largest UDP payload QUIC's path MTU discovery may probe for, as
+    /// a gateway's `maxUdpPayload`: raise it only on networks known to
+    /// carry jumbo frames.
+    pub max_udp_payload: u16,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -178,6 +182,7 @@ impl Default for Settings {
             quic_keep_alive: Duration::from_millis(150),
             quic_idle_timeout: Duration::from_millis(700),
             dns_servers: Vec::new(),
+            max_udp_payload: 1452,
         }
     }
 }
@@ -242,6 +247,12 @@ impl Settings {
         if self.max_connections == 0 || self.max_pending_requests == 0 {
             return Err("maxConnections and maxPendingRequests must be at least 1".into());
         }
+        if !(1200..=65527).contains(&self.max_udp_payload) {
+            return Err(format!(
+                "maxUdpPayload: {} is outside 1200-65527",
+                self.max_udp_payload
+            ));
+        }
         if self.quic_idle_timeout < Duration::from_millis(100) {
             return Err(format!(
                 "quicIdleTimeout: {} ms is too short; use at least 100ms",
@@ -294,6 +305,7 @@ impl Settings {
             self.quic_idle_timeout != new.quic_idle_timeout,
         );
         differs("dnsServers", self.dns_servers != new.dns_servers);
+        differs("maxUdpPayload", self.max_udp_payload != new.max_udp_payload);
         out
     }
 

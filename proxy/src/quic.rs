@@ -10,7 +10,7 @@ use fedmesh_trust::{BundleSet, Svid};
 use fedmesh_tunnel::backoff::BackoffPolicy;
 use fedmesh_tunnel::peers::Watched;
 use fedmesh_tunnel::pool::{PeerPool, PoolOptions};
-use quinn::{IdleTimeout, TransportConfig, VarInt};
+use quinn::{IdleTimeout, MtuDiscoveryConfig, TransportConfig, VarInt};
 use tokio::sync::watch;
 
 use crate::config::Settings;
@@ -37,6 +37,9 @@ pub fn transport(settings: &Settings) -> TransportConfig {
     t.stream_receive_window(VarInt::from_u32(STREAM_WINDOW));
     t.receive_window(VarInt::from_u32(CONNECTION_WINDOW));
     t.send_window(u64::from(CONNECTION_WINDOW));
+    let mut mtu = MtuDiscoveryConfig::default();
+    mtu.upper_bound(settings.max_udp_payload);
+    t.mtu_discovery_config(Some(mtu));
     t
 }
 

@@ -416,6 +416,7 @@ pub fn remote_config(
     gateways: &[SocketAddr],
     egress: Option<SocketAddr>,
     services: &[&str],
+    max_udp_payload: u16,
 ) -> PathBuf {
     use fedmesh_dataplane::peers::PeerFile;
     use fedmesh_proxy::config::{
@@ -490,6 +491,7 @@ pub fn remote_config(
                 EgressMode::Direct
             }),
             source_address: Some(d.ip(5)),
+            max_udp_payload,
             ..Settings::default()
         },
     };

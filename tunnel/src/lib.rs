@@ -6,6 +6,7 @@
 //! - [`io`]: reading and writing exactly one frame on an async stream.
 //! - [`quic`]: QUIC with mutual TLS (SVIDs), the UDP socket, stream codes.
 //! - [`peers`]: other clusters' trust domains and gateways.
+//! - [`splice`]: a TCP stream and a QUIC stream, both ways until both end.
 //! - [`pool`]: the QUIC client: one pooled connection per remote gateway,
 //!   the next gateway on a refusal or a failure; with [`backoff`]
 //!   (I/O-free) and [`dns`] (gateways given by name).
@@ -19,6 +20,7 @@ pub mod io;
 pub mod peers;
 pub mod pool;
 pub mod quic;
+pub mod splice;
 
 pub use frame::{FrameError, OpenRequest, Refusal};
 pub use io::{ReadFrameError, read_frame, write_frame};

@@ -1,0 +1,170 @@
+//! Splicing a TCP (or TLS) stream with a tunnel's QUIC stream until both
+//! directions end, for whichever end holds the QUIC stream (a gateway; a
+//! proxy in direct mode). QUIC's flow control is the back-pressure: a slow
+//! reader stops the writer's credit instead of filling memory.
+
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use quinn::{RecvStream, SendStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::time::Instant;
+
+use crate::quic::code;
+
+/// Where a splice counts the bytes it moves (the caller's metrics).
+pub trait Tally: Sync {
+    fn to_peer(&self, n: u64);
+    fn from_peer(&self, n: u64);
+}
+
+/// Counts nothing.
+impl Tally for () {
+    fn to_peer(&self, _: u64) {}
+    fn from_peer(&self, _: u64) {}
+}
+
+/// How a splice ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Spliced {
+    pub to_peer: u64,
+    pub from_peer: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpliceError {
+    #[error("local side: {0}")]
+    Local(io::Error),
+    #[error("peer side: {0}")]
+    Peer(String),
+    #[error("no byte either way for {0:?}")]
+    Idle(Duration),
+}
+
+const CHUNK: usize = 64 * 1024;
+
+/// Splices `(r, w)` with `(send, recv)` until both directions have ended
+/// cleanly, one fails, or neither moves for `idle`. On failure the QUIC
+/// stream is reset (never silently finished: the far end must not take a
+/// truncated stream for a complete one).
+pub async fn splice(
+    r: impl AsyncRead + Unpin,
+    w: impl AsyncWrite + Unpin,
+    send: &mut SendStream,
+    recv: &mut RecvStream,
+    idle: Duration,
+    counters: &impl Tally,
+) -> Result<Spliced, SpliceError> {
+    let activity = Activity {
+        start: Instant::now(),
+        last: AtomicU64::new(0),
+    };
+    let result = tokio::select! {
+        r = async {
+            tokio::try_join!(
+                to_peer(r, send, &activity, counters),
+                from_peer(recv, w, &activity, counters),
+            )
+        } => r,
+        e = activity.idle_for(idle) => Err(e),
+    };
+    match result {
+        Ok((to_peer, from_peer)) => {
+            // Done once the peer has acknowledged the last byte: a drain
+            // that closed the connection earlier would cut the tail off.
+            let _ = tokio::time::timeout(idle, send.stopped()).await;
+            Ok(Spliced { to_peer, from_peer })
+        }
+        Err(e) => {
+            let why = match e {
+                SpliceError::Idle(_) => code::IDLE,
+                _ => code::ABORTED,
+            };
+            let _ = send.reset(why);
+            let _ = recv.stop(why);
+            Err(e)
+        }
+    }
+}
+
+/// When a splice last moved a byte either way.
+struct Activity {
+    start: Instant,
+    /// Milliseconds since `start`.
+    last: AtomicU64,
+}
+
+impl Activity {
+    fn touch(&self) {
+        self.last
+            .store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// Resolves once nothing has moved for `idle`.
+    async fn idle_for(&self, idle: Duration) -> SpliceError {
+        loop {
+            let seen = Duration::from_millis(self.last.load(Ordering::Relaxed));
+            let due = self.start + seen + idle;
+            if Instant::now() >= due {
+                return SpliceError::Idle(idle);
+            }
+            tokio::time::sleep_until(due).await;
+        }
+    }
+}
+
+/// Local bytes to the peer, then FIN; the count.
+async fn to_peer(
+    mut r: impl AsyncRead + Unpin,
+    send: &mut SendStream,
+    activity: &Activity,
+    counters: &impl Tally,
+) -> Result<u64, SpliceError> {
+    let mut n = 0u64;
+    loop {
+        let mut buf = BytesMut::with_capacity(CHUNK);
+        let got = r.read_buf(&mut buf).await.map_err(SpliceError::Local)?;
+        if got == 0 {
+            send.finish()
+                .map_err(|e| SpliceError::Peer(e.to_string()))?;
+            return Ok(n);
+        }
+        activity.touch();
+        n += got as u64;
+        counters.to_peer(got as u64);
+        send.write_chunk(buf.freeze())
+            .await
+            .map_err(|e| SpliceError::Peer(e.to_string()))?;
+    }
+}
+
+/// The peer's bytes to the local side, then shutdown; the count.
+async fn from_peer(
+    recv: &mut RecvStream,
+    mut w: impl AsyncWrite + Unpin,
+    activity: &Activity,
+    counters: &impl Tally,
+) -> Result<u64, SpliceError> {
+    let mut n = 0u64;
+    // Stream frames arrive a packet (about 1.4 KB) at a time: gather what
+    // has arrived into one buffer, so that the local side sees one write
+    // (one syscall, one TLS record) per 64 KiB, not per packet.
+    let mut buf = vec![0u8; CHUNK];
+    loop {
+        match recv.read(&mut buf).await {
+            Ok(Some(got)) => {
+                activity.touch();
+                n += got as u64;
+                counters.from_peer(got as u64);
+                w.write_all(&buf[..got]).await.map_err(SpliceError::Local)?;
+            }
+            Ok(None) => {
+                w.shutdown().await.map_err(SpliceError::Local)?;
+                return Ok(n);
+            }
+            Err(e) => return Err(SpliceError::Peer(e.to_string())),
+        }
+    }
+}
