@@ -56,7 +56,8 @@ pub fn pool(
     let ip = settings
         .source_address
         .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
-    let endpoint = fedmesh_tunnel::quic::client_endpoint(SocketAddr::new(ip, 0))?;
+    let endpoint =
+        fedmesh_tunnel::quic::client_endpoint(SocketAddr::new(ip, 0), settings.max_udp_payload)?;
     Ok(PeerPool::new(
         PoolOptions {
             svid,

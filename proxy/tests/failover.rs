@@ -409,3 +409,72 @@ async fn dies_with_its_gateway(mode: Mode, block: u8) {
     assert_eq!(answer.map(|a| a.cluster), Ok("gcp".to_string()));
     assert!(gw2.scrape().contains("ingress"), "served through gw2");
 }
+
+/// gcp (the nearer cluster) refuses every tunnel for the service before
+/// its first byte (its only endpoint is down: `NO_HEALTHY_ENDPOINTS`);
+/// every GET goes on to azure, none fails, and gcp is charged with the
+/// refusal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_that_refuses_is_failed_over_to_the_next() {
+    refused_then_next_cluster(Mode::Direct, 77).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_the_egress_a_cluster_that_refuses_is_failed_over_to_the_next() {
+    refused_then_next_cluster(Mode::Egress, 80).await;
+}
+
+async fn refused_then_next_cluster(mode: Mode, block: u8) {
+    let aws = Domain::new("aws", "aws.fedmesh.test", block);
+    let gcp = Domain::new("gcp", "gcp.fedmesh.test", block + 1);
+    let azure = Domain::new("azure", "azure.fedmesh.test", block + 2);
+    let all = bundles(&[&aws, &gcp, &azure]);
+    // gcp's only endpoint: a port nobody listens on any more.
+    let dead = std::net::TcpListener::bind((gcp.ip(10), 0))
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let mut rg = gcp.routes("az1");
+    rg.peers.extend([aws.as_peer(vec![])]);
+    export(&mut rg, "shop/cart", 8080, &[(dead, "az1")]);
+    let gw_gcp = start_gateway(&gcp, 1, false, all.clone(), rg, Default::default()).await;
+    let z = Backend::new(azure.ip(10), "azure", "az1", "cart").await;
+    let mut rz = azure.routes("az1");
+    rz.peers.extend([aws.as_peer(vec![])]);
+    export(&mut rz, "shop/cart", 8080, &[(z.addr, "az1")]);
+    let gw_azure = start_gateway(&azure, 1, false, all.clone(), rz, Default::default()).await;
+    let to = [
+        gcp.as_peer(vec![gw_gcp.quic()]),
+        azure.as_peer(vec![gw_azure.quic()]),
+    ];
+    let (reach, _egress) = match mode {
+        Mode::Direct => (Reach::Direct(Peers::from(to)), None),
+        Mode::Egress => {
+            let mut ra = aws.routes("az1");
+            ra.peers.extend(to);
+            let gw = start_gateway(&aws, 1, true, all.clone(), ra, Default::default()).await;
+            (Reach::Egress(vec![gw.egress()]), Some(gw))
+        }
+    };
+    let remote = |cluster: &str, cloud: &str| RemoteCluster {
+        cluster: cluster.into(),
+        cloud: cloud.into(),
+        region: "r1".into(),
+        healthy: 1,
+        total: 1,
+    };
+    // gcp shares our cloud and region: it comes first.
+    let spec = cart(vec![], vec![remote("gcp", "aws"), remote("azure", "azure")]);
+    let (proxy, _table) = start_proxy(&aws, "az1", &[spec], reach, all, Settings::default()).await;
+    let load = Load::start(proxy.http.unwrap(), CART, 2, Duration::from_millis(5));
+    load.until("answers from azure", 50, |a| a.cluster == "azure")
+        .await;
+    let (answers, failures) = load.finish().await;
+    assert!(failures.is_empty(), "failed GETs: {failures:?}");
+    assert!(answers.iter().all(|a| a.cluster == "azure"));
+    let scrape = scrape(&proxy);
+    assert!(
+        scrape.contains(r#"cluster="gcp",result="no_healthy_endpoints"}"#),
+        "gcp's refusal is counted against it: {scrape}"
+    );
+}

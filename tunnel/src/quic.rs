@@ -67,12 +67,19 @@ pub fn bind_udp(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
     Ok(socket.into())
 }
 
-/// A client-only endpoint (a proxy's): bound to `addr`, serving nothing.
-pub fn client_endpoint(addr: SocketAddr) -> std::io::Result<quinn::Endpoint> {
+/// A client-only endpoint (a proxy's): bound to `addr`, serving nothing,
+/// receiving UDP payloads of at most `max_udp_payload` bytes. quinn sizes
+/// its receive buffer by that (64 KiB a datagram by default, times the
+/// datagrams one read may return): a proxy needs a fraction of it.
+pub fn client_endpoint(addr: SocketAddr, max_udp_payload: u16) -> std::io::Result<quinn::Endpoint> {
     let socket = bind_udp(addr)?;
     let runtime = quinn::default_runtime()
         .ok_or_else(|| std::io::Error::other("no async runtime for quinn"))?;
-    quinn::Endpoint::new(quinn::EndpointConfig::default(), None, socket, runtime)
+    let mut config = quinn::EndpointConfig::default();
+    config
+        .max_udp_payload_size(max_udp_payload)
+        .map_err(|e| std::io::Error::other(format!("maxUdpPayload: {e}")))?;
+    quinn::Endpoint::new(config, None, socket, runtime)
 }
 
 /// The ingress side: presents our SVID, requires a peer SVID that verifies

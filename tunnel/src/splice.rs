@@ -44,6 +44,8 @@ pub enum SpliceError {
 }
 
 const CHUNK: usize = 64 * 1024;
+/// Below this much room, a read takes a fresh block.
+const MIN_READ: usize = 4 * 1024;
 
 /// Splices `(r, w)` with `(send, recv)` until both directions have ended
 /// cleanly, one fails, or neither moves for `idle`. On failure the QUIC
@@ -123,8 +125,15 @@ async fn to_peer(
     counters: &impl Tally,
 ) -> Result<u64, SpliceError> {
     let mut n = 0u64;
+    // Reads fill one 64 KiB block in turn; each chunk handed to quinn
+    // shares it (no copy), and a new block is taken only when little is
+    // left. Small writes (an RPC's 64 bytes) thus never pin a whole block
+    // each until they are acknowledged.
+    let mut buf = BytesMut::new();
     loop {
-        let mut buf = BytesMut::with_capacity(CHUNK);
+        if buf.capacity() < MIN_READ {
+            buf.reserve(CHUNK);
+        }
         let got = r.read_buf(&mut buf).await.map_err(SpliceError::Local)?;
         if got == 0 {
             send.finish()
@@ -134,7 +143,7 @@ async fn to_peer(
         activity.touch();
         n += got as u64;
         counters.to_peer(got as u64);
-        send.write_chunk(buf.freeze())
+        send.write_chunk(buf.split().freeze())
             .await
             .map_err(|e| SpliceError::Peer(e.to_string()))?;
     }
