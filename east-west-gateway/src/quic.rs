@@ -2,7 +2,8 @@
 //! windows sized for a gateway. TLS configs and the UDP socket are the
 //! tunnel's ([`fedmesh_tunnel::quic`]), shared with every QUIC client.
 
-use quinn::{IdleTimeout, MtuDiscoveryConfig, TransportConfig, VarInt};
+use fedmesh_tunnel::quic::Sizing;
+use quinn::TransportConfig;
 
 use crate::config::Settings;
 
@@ -17,23 +18,14 @@ const STREAM_WINDOW: u32 = 16 * 1024 * 1024;
 const CONNECTION_WINDOW: u32 = 64 * 1024 * 1024;
 
 pub fn transport(settings: &Settings) -> Result<TransportConfig, QuicConfigError> {
-    let mut t = TransportConfig::default();
-    t.keep_alive_interval(Some(settings.keep_alive));
-    t.max_idle_timeout(Some(
-        IdleTimeout::try_from(settings.idle_timeout)
-            .map_err(|_| QuicConfigError::IdleTimeout(settings.idle_timeout))?,
-    ));
-    // Above the per-peer limit, so that the ingress can answer OVERLOADED
-    // instead of the opener blocking for stream credit.
-    t.max_concurrent_bidi_streams(VarInt::from_u32(
-        settings.max_streams_per_peer.saturating_add(64),
-    ));
-    t.max_concurrent_uni_streams(VarInt::from_u32(0));
-    t.stream_receive_window(VarInt::from_u32(STREAM_WINDOW));
-    t.receive_window(VarInt::from_u32(CONNECTION_WINDOW));
-    t.send_window(u64::from(CONNECTION_WINDOW));
-    let mut mtu = MtuDiscoveryConfig::default();
-    mtu.upper_bound(settings.max_udp_payload);
-    t.mtu_discovery_config(Some(mtu));
-    Ok(t)
+    fedmesh_tunnel::quic::transport(&Sizing {
+        keep_alive: settings.keep_alive,
+        idle_timeout: settings.idle_timeout,
+        // Above the per-peer limit, so that the ingress can answer
+        // OVERLOADED instead of the opener blocking for stream credit.
+        incoming_streams: settings.max_streams_per_peer.saturating_add(64),
+        stream_window: STREAM_WINDOW,
+        connection_window: CONNECTION_WINDOW,
+        max_udp_payload: settings.max_udp_payload,
+    })
 }

@@ -70,6 +70,8 @@ pub enum StartError {
     },
     #[error("TLS towards the egress: {0}")]
     Tls(String),
+    #[error("QUIC to remote gateways: {0}")]
+    QuicConfig(#[from] fedmesh_tunnel::quic::QuicConfigError),
     #[error("binding the UDP socket for QUIC to remote gateways on {addr}: {source}")]
     Quic {
         addr: String,
@@ -151,14 +153,21 @@ impl Proxy {
         .map_err(|e| StartError::Tls(e.to_string()))?;
         let metrics = Arc::new(Metrics::default());
         let settings = &common.settings;
-        let pool = quic::pool(settings, table.clone(), svid, bundles, metrics.clone()).map_err(
-            |source| StartError::Quic {
-                addr: settings
-                    .source_address
-                    .map_or("any address".into(), |a| a.to_string()),
-                source,
-            },
-        )?;
+        let transport = quic::transport(settings)?;
+        let pool = quic::pool(
+            settings,
+            transport,
+            table.clone(),
+            svid,
+            bundles,
+            metrics.clone(),
+        )
+        .map_err(|source| StartError::Quic {
+            addr: settings
+                .source_address
+                .map_or("any address".into(), |a| a.to_string()),
+            source,
+        })?;
         let connector = Connector::new(
             common.gateways.clone(),
             Arc::new(tls),

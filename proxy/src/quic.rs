@@ -10,7 +10,8 @@ use fedmesh_trust::{BundleSet, Svid};
 use fedmesh_tunnel::backoff::BackoffPolicy;
 use fedmesh_tunnel::peers::Watched;
 use fedmesh_tunnel::pool::{PeerPool, PoolOptions};
-use quinn::{IdleTimeout, MtuDiscoveryConfig, TransportConfig, VarInt};
+use fedmesh_tunnel::quic::{QuicConfigError, Sizing};
+use quinn::TransportConfig;
 use tokio::sync::watch;
 
 use crate::config::Settings;
@@ -25,22 +26,17 @@ const STREAM_WINDOW: u32 = 1024 * 1024;
 /// rather than cost memory up front.
 const CONNECTION_WINDOW: u32 = 4 * 1024 * 1024;
 
-/// The proxy's QUIC transport. Settings were validated, so the idle
-/// timeout is in range.
-pub fn transport(settings: &Settings) -> TransportConfig {
-    let mut t = TransportConfig::default();
-    t.keep_alive_interval(Some(settings.quic_keep_alive));
-    t.max_idle_timeout(IdleTimeout::try_from(settings.quic_idle_timeout).ok());
-    // Gateways never open streams towards a proxy.
-    t.max_concurrent_bidi_streams(VarInt::from_u32(0));
-    t.max_concurrent_uni_streams(VarInt::from_u32(0));
-    t.stream_receive_window(VarInt::from_u32(STREAM_WINDOW));
-    t.receive_window(VarInt::from_u32(CONNECTION_WINDOW));
-    t.send_window(u64::from(CONNECTION_WINDOW));
-    let mut mtu = MtuDiscoveryConfig::default();
-    mtu.upper_bound(settings.max_udp_payload);
-    t.mtu_discovery_config(Some(mtu));
-    t
+/// The proxy's QUIC transport.
+pub fn transport(settings: &Settings) -> Result<TransportConfig, QuicConfigError> {
+    fedmesh_tunnel::quic::transport(&Sizing {
+        keep_alive: settings.quic_keep_alive,
+        idle_timeout: settings.quic_idle_timeout,
+        // Gateways never open streams towards a proxy.
+        incoming_streams: 0,
+        stream_window: STREAM_WINDOW,
+        connection_window: CONNECTION_WINDOW,
+        max_udp_payload: settings.max_udp_payload,
+    })
 }
 
 /// The pool of QUIC connections to remote gateways, on a UDP socket bound
@@ -48,6 +44,7 @@ pub fn transport(settings: &Settings) -> TransportConfig {
 /// gateways are is read from the table at each stream.
 pub fn pool(
     settings: &Settings,
+    transport: TransportConfig,
     table: watch::Receiver<Arc<Table>>,
     svid: watch::Receiver<Arc<Svid>>,
     bundles: watch::Receiver<Arc<BundleSet>>,
@@ -69,6 +66,6 @@ pub fn pool(
         Arc::new(Watched(table)),
         metrics,
         endpoint,
-        Arc::new(transport(settings)),
+        Arc::new(transport),
     ))
 }

@@ -67,6 +67,41 @@ pub fn bind_udp(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
     Ok(socket.into())
 }
 
+/// How a tunnel end sizes its QUIC connections: a gateway's carry a
+/// cluster's traffic, a proxy's one workload's.
+#[derive(Debug, Clone, Copy)]
+pub struct Sizing {
+    pub keep_alive: Duration,
+    /// A peer silent this long is dead.
+    pub idle_timeout: Duration,
+    /// Streams the peer may open at once (0: it never opens any).
+    pub incoming_streams: u32,
+    pub stream_window: u32,
+    /// Receive and send windows, shared by a connection's streams.
+    pub connection_window: u32,
+    /// The ceiling of path MTU discovery.
+    pub max_udp_payload: u16,
+}
+
+/// The transport `sizing` describes.
+pub fn transport(sizing: &Sizing) -> Result<TransportConfig, QuicConfigError> {
+    let mut t = TransportConfig::default();
+    t.keep_alive_interval(Some(sizing.keep_alive));
+    t.max_idle_timeout(Some(
+        quinn::IdleTimeout::try_from(sizing.idle_timeout)
+            .map_err(|_| QuicConfigError::IdleTimeout(sizing.idle_timeout))?,
+    ));
+    t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(sizing.incoming_streams));
+    t.max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
+    t.stream_receive_window(quinn::VarInt::from_u32(sizing.stream_window));
+    t.receive_window(quinn::VarInt::from_u32(sizing.connection_window));
+    t.send_window(u64::from(sizing.connection_window));
+    let mut mtu = quinn::MtuDiscoveryConfig::default();
+    mtu.upper_bound(sizing.max_udp_payload);
+    t.mtu_discovery_config(Some(mtu));
+    Ok(t)
+}
+
 /// A client-only endpoint (a proxy's): bound to `addr`, serving nothing,
 /// receiving UDP payloads of at most `max_udp_payload` bytes. quinn sizes
 /// its receive buffer by that (64 KiB a datagram by default, times the
