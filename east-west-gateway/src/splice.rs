@@ -15,11 +15,11 @@ pub struct Counters {
 }
 
 impl fedmesh_tunnel::splice::Tally for Counters {
-    fn to_peer(&self, n: u64) {
+    fn sent(&self, n: u64) {
         self.to_peer.inc_by(n);
     }
 
-    fn from_peer(&self, n: u64) {
+    fn received(&self, n: u64) {
         self.from_peer.inc_by(n);
     }
 }

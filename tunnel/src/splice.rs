@@ -16,14 +16,16 @@ use crate::quic::code;
 
 /// Where a splice counts the bytes it moves (the caller's metrics).
 pub trait Tally: Sync {
-    fn to_peer(&self, n: u64);
-    fn from_peer(&self, n: u64);
+    /// `n` more bytes went to the peer.
+    fn sent(&self, n: u64);
+    /// `n` more bytes came from the peer.
+    fn received(&self, n: u64);
 }
 
 /// Counts nothing.
 impl Tally for () {
-    fn to_peer(&self, _: u64) {}
-    fn from_peer(&self, _: u64) {}
+    fn sent(&self, _: u64) {}
+    fn received(&self, _: u64) {}
 }
 
 /// How a splice ended.
@@ -142,7 +144,7 @@ async fn to_peer(
         }
         activity.touch();
         n += got as u64;
-        counters.to_peer(got as u64);
+        counters.sent(got as u64);
         send.write_chunk(buf.split().freeze())
             .await
             .map_err(|e| SpliceError::Peer(e.to_string()))?;
@@ -166,7 +168,7 @@ async fn from_peer(
             Ok(Some(got)) => {
                 activity.touch();
                 n += got as u64;
-                counters.from_peer(got as u64);
+                counters.received(got as u64);
                 w.write_all(&buf[..got]).await.map_err(SpliceError::Local)?;
             }
             Ok(None) => {
