@@ -78,7 +78,8 @@ pub struct OpenRequest {
     pub service: ServiceKey,
     pub port: u16,
     pub target_cluster: String,
-    /// `None` only on the proxy → egress hop, where the egress fills it in.
+    /// `None` from a proxy: the egress fills it in from the proxy's SVID,
+    /// or the ingress takes the certificate's identity (direct egress).
     pub source: Option<SpiffeId>,
     /// A well-formed W3C traceparent, or `None`.
     pub traceparent: Option<String>,
