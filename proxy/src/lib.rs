@@ -19,9 +19,10 @@
 //!   [`discovered`], that data from the controller's discovery stream.
 //!
 //! The drivers around it: [`upstream`] (direct TCP; QUIC to a remote
-//! gateway, [`quic`]; or a tunnel through a local gateway's egress), [`http`] (the HTTP/1.1 + h2c listener, with
-//! failover, retries, timeouts and pooled upstream connections), [`tcp`]
-//! (TCP listeners), and [`Proxy`], which starts them. Where the table comes
+//! gateway, [`quic`]; or a tunnel through a local gateway's egress),
+//! [`http`] (the HTTP/1.1 + h2c listener, with failover, retries, timeouts
+//! and pooled upstream connections), [`tcp`] (TCP listeners), and
+//! [`Proxy`], which starts them. Where the table comes
 //! from (a static file or the controller: [`config`]) is the caller's
 //! business; this crate depends on neither etcd nor kube.
 
