@@ -288,6 +288,8 @@ impl Gateway {
                 backoff: options.settings.backoff(),
                 drain_timeout: options.settings.drain_timeout,
                 dns_servers: options.settings.dns_servers.clone(),
+                // A gateway keeps its few peer connections warm.
+                idle_release: None,
             },
             Arc::new(Watched(routes.clone())),
             shared.metrics.clone(),

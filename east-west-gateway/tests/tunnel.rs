@@ -1091,3 +1091,84 @@ async fn a_workload_of_a_federated_cluster_connects_directly_as_itself() {
         assert!(r.is_err(), "a stranger's workload got a stream: {r:?}");
     }
 }
+
+/// The QUIC client as a proxy runs it (`egress: direct`): its own
+/// workload SVID, straight to gcp's ingress. A connection it stops using is
+/// let go after `idle_release` (and closes: its keep-alives stop), and the
+/// next stream simply connects again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_direct_client_lets_an_unused_connection_go_and_connects_again() {
+    use fedmesh_tunnel::frame::OpenRequest;
+    use fedmesh_tunnel::peers::Watched;
+    use fedmesh_tunnel::pool::{PeerPool, PoolOptions};
+    let p = pair(Settings::default()).await;
+    let (_svid_tx, svid) = watch::channel(Arc::new(p.a.workload_svid("shop", "web")));
+    let (_b_tx, bundles_rx) = watch::channel(Arc::new(bundles(&[&p.a, &p.b])));
+    let mut routes = p.a.routes("use1-a");
+    routes.peers.extend([p.b.as_peer(vec![p.gw_b.quic()])]);
+    let (_r_tx, routes) = watch::channel(Arc::new(routes));
+    let transport = fedmesh_tunnel::quic::transport(&fedmesh_tunnel::quic::Sizing {
+        keep_alive: Duration::from_millis(150),
+        idle_timeout: Duration::from_millis(700),
+        incoming_streams: 0,
+        stream_window: 1 << 20,
+        connection_window: 4 << 20,
+        max_udp_payload: 1452,
+    })
+    .unwrap();
+    let endpoint =
+        fedmesh_tunnel::quic::client_endpoint(SocketAddr::new(p.a.ip(73), 0), 1452).unwrap();
+    let pool = PeerPool::new(
+        PoolOptions {
+            svid,
+            bundles: bundles_rx,
+            backoff: Default::default(),
+            drain_timeout: Duration::from_secs(1),
+            dns_servers: vec![],
+            idle_release: Some(Duration::from_millis(200)),
+        },
+        Arc::new(Watched(routes)),
+        Arc::new(fedmesh_gateway::Metrics::default()),
+        endpoint,
+        Arc::new(transport),
+    );
+    let req = OpenRequest {
+        service: ECHO.parse().unwrap(),
+        port: 8080,
+        target_cluster: "gcp-usc1".into(),
+        source: None,
+        traceparent: None,
+        deadline: Duration::from_secs(2),
+    };
+    let echo_once = || async {
+        let o = pool.open(&req).await.unwrap();
+        let mut s = tokio::io::join(o.recv, o.send);
+        ping(&mut s, b"direct").await;
+        s.shutdown().await.unwrap();
+    };
+    echo_once().await;
+    let gw = p.gw_b.quic();
+    assert!(pool.connected(gw));
+    // Used just now: a prune keeps it.
+    pool.prune();
+    assert!(pool.connected(gw), "a connection in use is kept");
+    // Unused past idle_release: let go, and gcp's ingress sees it close.
+    eventually(
+        "the unused connection let go",
+        Duration::from_secs(5),
+        || async {
+            pool.prune();
+            (!pool.connected(gw)).then_some(())
+        },
+    )
+    .await;
+    eventually(
+        "gcp's ingress without it",
+        Duration::from_secs(5),
+        || async { (p.gw_b.gateway.open_connections() == 0).then_some(()) },
+    )
+    .await;
+    // The next stream connects again.
+    echo_once().await;
+    assert!(pool.connected(gw));
+}

@@ -5,6 +5,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
+use std::time::Duration;
 
 use fedmesh_trust::{BundleSet, Svid};
 use fedmesh_tunnel::backoff::BackoffPolicy;
@@ -25,6 +26,11 @@ const STREAM_WINDOW: u32 = 1024 * 1024;
 /// gateway. Buffers grow only as data waits, so these bound the worst case
 /// rather than cost memory up front.
 const CONNECTION_WINDOW: u32 = 4 * 1024 * 1024;
+
+/// A connection to a gateway this proxy has not opened a stream on for
+/// this long is let go (after its last stream): a proxy that once called a
+/// cluster must not keep pinging its gateways for ever.
+pub const IDLE_RELEASE: Duration = Duration::from_secs(300);
 
 /// The proxy's QUIC transport.
 pub fn transport(settings: &Settings) -> Result<TransportConfig, QuicConfigError> {
@@ -62,6 +68,7 @@ pub fn pool(
             backoff: BackoffPolicy::default(),
             drain_timeout: settings.drain_timeout,
             dns_servers: settings.dns_servers.clone(),
+            idle_release: Some(IDLE_RELEASE),
         },
         Arc::new(Watched(table)),
         metrics,

@@ -65,6 +65,11 @@ pub struct PoolOptions {
     pub drain_timeout: Duration,
     /// Name servers for gateways given by DNS name; empty: the system's.
     pub dns_servers: Vec<SocketAddr>,
+    /// A connection no stream was opened on for this long is let go at the
+    /// next [`PeerPool::prune`] (it closes after its last stream), so that
+    /// keep-alives do not run forever to gateways once used. `None`: kept
+    /// while the gateway is listed.
+    pub idle_release: Option<Duration>,
 }
 
 /// What the pool's background tasks (dials, connection watchers) share.
@@ -102,6 +107,8 @@ struct Slot {
     cluster: String,
     /// Set when the routes no longer name this gateway.
     retired: tokio::sync::Notify,
+    /// When a stream last asked for this gateway's connection.
+    used: Mutex<Instant>,
 }
 
 impl Slot {
@@ -257,10 +264,11 @@ impl PeerPool {
         out
     }
 
-    /// Forgets the gateways the routes no longer name: a cluster that left,
-    /// a gateway it dropped, an address its DNS name no longer gives. Their
-    /// live streams finish; each connection closes after its last stream.
-    /// Without this, keep-alives would hold such connections open forever.
+    /// Forgets the gateways the routes no longer name (a cluster that left,
+    /// a gateway it dropped, an address its DNS name no longer gives), and
+    /// those unused for `idle_release`. Their live streams finish; each
+    /// connection closes after its last stream. Without this, keep-alives
+    /// would hold such connections open forever.
     pub fn prune(&self) {
         let keep: HashSet<SocketAddr> = self
             .directory
@@ -276,12 +284,19 @@ impl PeerPool {
                     .collect(),
             })
             .collect();
+        let idle_since = self
+            .ctx
+            .options
+            .idle_release
+            .and_then(|d| Instant::now().checked_sub(d));
         let gone: Vec<(SocketAddr, Arc<Slot>)> = {
             let mut slots = lock(&self.slots);
             let addrs: Vec<SocketAddr> = slots
-                .keys()
-                .filter(|a| !keep.contains(a))
-                .copied()
+                .iter()
+                .filter(|(a, slot)| {
+                    !keep.contains(a) || idle_since.is_some_and(|t| *lock(&slot.used) < t)
+                })
+                .map(|(a, _)| *a)
                 .collect();
             addrs
                 .into_iter()
@@ -291,7 +306,7 @@ impl PeerPool {
         for (gw, slot) in gone {
             slot.retired.notify_one();
             self.ctx.events.forget(&slot.cluster, gw);
-            tracing::info!(gateway = %gw, cluster = %slot.cluster, "peer gateway left the routes; its connection closes after its last stream");
+            tracing::info!(gateway = %gw, cluster = %slot.cluster, "peer gateway left the routes, or went unused; its connection closes after its last stream");
         }
     }
 
@@ -371,6 +386,7 @@ impl PeerPool {
                     rtt_us: Default::default(),
                     probing: Default::default(),
                     probed: tokio::sync::Notify::new(),
+                    used: Mutex::new(Instant::now()),
                 })
             })
             .clone()
@@ -407,6 +423,7 @@ impl PeerPool {
         deadline: Instant,
     ) -> Result<Connection, String> {
         let slot = self.slot(gw, cluster);
+        *lock(&slot.used) = Instant::now();
         let mut held = match timeout(
             deadline.saturating_duration_since(Instant::now()),
             slot.conn.lock(),
