@@ -16,10 +16,11 @@ use tracing::Instrument;
 
 use crate::frame::{self, OpenRequest, Refusal};
 use crate::gateway::GatewayState;
-use crate::metrics::{GatewayLabels, handshake_reason};
+use crate::metrics::GatewayLabels;
 use crate::routes::{Caller, CallerKind};
 use crate::splice::{self, ReadFrameError, code, read_frame, write_frame};
 use crate::validate::RetryGate;
+use fedmesh_tunnel::quic::handshake_reason;
 
 const DIRECTION: &str = "ingress";
 

@@ -129,8 +129,6 @@ impl Metrics {
     }
 }
 
-pub use fedmesh_tunnel::quic::handshake_reason;
-
 /// The egress's QUIC client reports into the gateway's metrics.
 impl PoolEvents for Metrics {
     fn peer_up(&self, cluster: &str, gateway: SocketAddr, up: bool) {

@@ -7,9 +7,7 @@ use quinn::TransportConfig;
 
 use crate::config::Settings;
 
-pub use fedmesh_tunnel::quic::{
-    QuicConfigError, UDP_BUFFER, bind_udp, client_config, handshake_reason, server_config,
-};
+pub use fedmesh_tunnel::quic::{QuicConfigError, bind_udp, client_config, server_config};
 
 /// Per-stream receive window: enough for one stream to fill a
 /// 100 ms × 1 Gbit/s path by itself.

@@ -889,7 +889,7 @@ listen: {http: 127.0.1.5:4140}
 
     /// A static file's files: an SVID of aws, and the bundles of aws and
     /// gcp (both from the same CA: only their presence matters here).
-    fn static_files() -> impl Fn(&Path) -> Result<Vec<u8>, String> + Copy {
+    fn static_files() -> impl Fn(&Path) -> Result<Vec<u8>, String> {
         let d = fedmesh_trust::TrustDomain::new("aws.fedmesh.test").unwrap();
         let now = std::time::SystemTime::now();
         let ca = fedmesh_trust::ClusterCa::generate(&d, &Default::default(), now).unwrap();
@@ -897,16 +897,15 @@ listen: {http: 127.0.1.5:4140}
         let svid = ca.issue(&id, &Default::default(), now).unwrap();
         let gcp = fedmesh_trust::TrustDomain::new("gcp.fedmesh.test").unwrap();
         let gcp_ca = fedmesh_trust::ClusterCa::generate(&gcp, &Default::default(), now).unwrap();
-        let leak = |s: String| -> &'static str { Box::leak(s.into_boxed_str()) };
-        let (chain, key) = (leak(svid.chain_pem()), leak(svid.key_pem()));
-        let aws = leak(Bundle::with_roots(d, [ca.cert_der().clone()]).to_document());
-        let gcp = leak(Bundle::with_roots(gcp, [gcp_ca.cert_der().clone()]).to_document());
+        let (chain, key) = (svid.chain_pem(), svid.key_pem());
+        let aws = Bundle::with_roots(d, [ca.cert_der().clone()]).to_document();
+        let gcp = Bundle::with_roots(gcp, [gcp_ca.cert_der().clone()]).to_document();
         move |p: &Path| {
             Ok(match p.to_str().unwrap_or("") {
-                "c.pem" => chain,
-                "k.pem" => key,
-                "gcp.json" => gcp,
-                _ => aws,
+                "c.pem" => &chain,
+                "k.pem" => &key,
+                "gcp.json" => &gcp,
+                _ => &aws,
             }
             .as_bytes()
             .to_vec())
@@ -919,7 +918,7 @@ listen: {http: 127.0.1.5:4140}
         let head = format!(
             "{BASE}identity: {{certificate: c.pem, key: k.pem}}\nbundles: {{aws.fedmesh.test: b.json, gcp.fedmesh.test: gcp.json}}\nservices:\n  - {{name: shop/cart, port: 80, remote: [{{cluster: gcp, cloud: gcp, region: r1, healthy: 1, total: 1}}]}}\n"
         );
-        let parse = |extra: &str| ProxyConfig::parse(&format!("{head}{extra}"), "p.yaml", files);
+        let parse = |extra: &str| ProxyConfig::parse(&format!("{head}{extra}"), "p.yaml", &files);
         let peers = "peers: [{cluster: gcp, trustDomain: gcp.fedmesh.test, gateways: [\"127.0.2.1:15443\", \"gw.gcp.example:15443\"]}]\n";
         let ProxyConfig::Static(c) = parse(peers).unwrap() else {
             panic!("a static config")
@@ -965,8 +964,8 @@ listen: {http: 127.0.1.5:4140}
         assert_eq!(c.common.settings.egress, Some(EgressMode::Gateway));
 
         let controller = "controller: {address: 127.0.1.2:15010, bundle: b.json, joinTokenFile: t, namespace: shop, serviceAccount: web}\n";
-        let e =
-            ProxyConfig::parse(&format!("{BASE}{controller}{peers}"), "p.yaml", files).unwrap_err();
+        let e = ProxyConfig::parse(&format!("{BASE}{controller}{peers}"), "p.yaml", &files)
+            .unwrap_err();
         assert!(e.message.contains("peers: come from the controller"), "{e}");
         let moved = Settings {
             source_address: Some("127.0.1.5".parse().unwrap()),
@@ -982,29 +981,7 @@ listen: {http: 127.0.1.5:4140}
 
     #[test]
     fn a_static_file_carries_policies_and_says_which_settings_need_a_restart() {
-        let d = fedmesh_trust::TrustDomain::new("aws.fedmesh.test").unwrap();
-        let ca = fedmesh_trust::ClusterCa::generate(
-            &d,
-            &fedmesh_trust::CaOptions::default(),
-            std::time::SystemTime::now(),
-        )
-        .unwrap();
-        let id = SpiffeId::workload(&d, "shop", "web").unwrap();
-        let svid = ca
-            .issue(
-                &id,
-                &fedmesh_trust::SvidPolicy::default(),
-                std::time::SystemTime::now(),
-            )
-            .unwrap();
-        let bundle = Bundle::with_roots(d, [ca.cert_der().clone()]).to_document();
-        let files = |p: &Path| -> Result<Vec<u8>, String> {
-            Ok(match p.to_str().unwrap() {
-                "c.pem" => svid.chain_pem().into_bytes(),
-                "k.pem" => svid.key_pem().into_bytes(),
-                _ => bundle.clone().into_bytes(),
-            })
-        };
+        let files = static_files();
         let policy = |name: &str, service: &str, body: &str| {
             format!(
                 "  - apiVersion: fedmesh.io/v1\n    kind: GlobalTrafficPolicy\n    metadata: {{name: {name}}}\n    spec: {{service: {service}, {body}}}\n"
@@ -1015,7 +992,7 @@ listen: {http: 127.0.1.5:4140}
             policy("cart", "shop/cart", "retries: 0"),
             policy("all", "\"*\"", "retries: 4, requestTimeout: 3s"),
         );
-        let ProxyConfig::Static(c) = ProxyConfig::parse(&file, "p.yaml", files).unwrap() else {
+        let ProxyConfig::Static(c) = ProxyConfig::parse(&file, "p.yaml", &files).unwrap() else {
             panic!("a static config")
         };
         let cart = c.services[0].policy.as_deref().unwrap();
@@ -1029,13 +1006,13 @@ listen: {http: 127.0.1.5:4140}
         assert_eq!(c.services[1].policy.as_deref().unwrap().retries, Some(4));
 
         let bad = file.replace("retries: 0", "retries: 0, failoverThreshold: 2");
-        let e = ProxyConfig::parse(&bad, "p.yaml", files).unwrap_err();
+        let e = ProxyConfig::parse(&bad, "p.yaml", &files).unwrap_err();
         assert!(
             e.message.contains("policies[0].spec.failoverThreshold"),
             "{e}"
         );
         let two = file.replace("\"*\"", "shop/cart");
-        let e = ProxyConfig::parse(&two, "p.yaml", files).unwrap_err();
+        let e = ProxyConfig::parse(&two, "p.yaml", &files).unwrap_err();
         assert!(e.message.contains("both for service shop/cart"), "{e}");
 
         let s = Settings::default();

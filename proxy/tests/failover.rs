@@ -51,20 +51,19 @@ enum Mode {
     Egress,
 }
 
-/// aws's side of a test: how its proxy reaches gcp's gateways `to`, and
-/// the egress gateway that `Mode::Egress` needs (kept alive by the caller).
+/// aws's side of a test: how its proxy reaches the clusters `to`, and the
+/// egress gateway that `Mode::Egress` needs (kept alive by the caller).
 async fn aws_side(
     mode: Mode,
     aws: &Domain,
-    gcp: &Domain,
-    to: &[std::net::SocketAddr],
+    to: Peers,
     all: &fedmesh_trust::BundleSet,
 ) -> (Reach, Option<Gw>) {
     match mode {
-        Mode::Direct => (Reach::Direct(peers(gcp, to)), None),
+        Mode::Direct => (Reach::Direct(to), None),
         Mode::Egress => {
             let mut ra = aws.routes("az1");
-            ra.peers.extend([gcp.as_peer(to.to_vec())]);
+            ra.peers.extend(to);
             let gw = start_gateway(aws, 1, true, all.clone(), ra, Default::default()).await;
             (Reach::Egress(vec![gw.egress()]), Some(gw))
         }
@@ -152,7 +151,7 @@ async fn failover_and_failback(mode: Mode, block: u8) {
     );
     let gw_gcp = start_gateway(&gcp, 1, false, all.clone(), rg, Default::default()).await;
     // aws: two local backends, and its way to gcp.
-    let (reach, _egress) = aws_side(mode, &aws, &gcp, &[gw_gcp.quic()], &all).await;
+    let (reach, _egress) = aws_side(mode, &aws, peers(&gcp, &[gw_gcp.quic()]), &all).await;
     let mut a1 = Backend::new(aws.ip(10), "aws", "az1", "cart").await;
     let mut a2 = Backend::new(aws.ip(11), "aws", "az1", "cart").await;
     let remote = vec![RemoteCluster {
@@ -264,7 +263,7 @@ async fn two_services(mode: Mode, block: u8) {
     export(&mut rg, "shop/cart", 8080, &[(cart.addr, "az1")]);
     export(&mut rg, "shop/pay", 8080, &[(pay.addr, "az1")]);
     let gw_gcp = start_gateway(&gcp, 1, false, all.clone(), rg, Default::default()).await;
-    let (reach, _egress) = aws_side(mode, &aws, &gcp, &[gw_gcp.quic()], &all).await;
+    let (reach, _egress) = aws_side(mode, &aws, peers(&gcp, &[gw_gcp.quic()]), &all).await;
     let remote_only = |name: &str| ServiceSpec {
         key: ServiceKey::new("shop", name),
         port: 8080,
@@ -372,7 +371,7 @@ async fn dies_with_its_gateway(mode: Mode, block: u8) {
     };
     let gw1 = start_gateway(&gcp, 1, false, all.clone(), rg.clone(), quick).await;
     let gw2 = start_gateway(&gcp, 2, false, all.clone(), rg, Default::default()).await;
-    let (reach, egress) = aws_side(mode, &aws, &gcp, &[gw1.quic()], &all).await;
+    let (reach, egress) = aws_side(mode, &aws, peers(&gcp, &[gw1.quic()]), &all).await;
     let remote = vec![RemoteCluster {
         cluster: "gcp".into(),
         cloud: "gcp".into(),
@@ -443,19 +442,11 @@ async fn refused_then_next_cluster(mode: Mode, block: u8) {
     rz.peers.extend([aws.as_peer(vec![])]);
     export(&mut rz, "shop/cart", 8080, &[(z.addr, "az1")]);
     let gw_azure = start_gateway(&azure, 1, false, all.clone(), rz, Default::default()).await;
-    let to = [
+    let to = Peers::from([
         gcp.as_peer(vec![gw_gcp.quic()]),
         azure.as_peer(vec![gw_azure.quic()]),
-    ];
-    let (reach, _egress) = match mode {
-        Mode::Direct => (Reach::Direct(Peers::from(to)), None),
-        Mode::Egress => {
-            let mut ra = aws.routes("az1");
-            ra.peers.extend(to);
-            let gw = start_gateway(&aws, 1, true, all.clone(), ra, Default::default()).await;
-            (Reach::Egress(vec![gw.egress()]), Some(gw))
-        }
-    };
+    ]);
+    let (reach, _egress) = aws_side(mode, &aws, to, &all).await;
     let remote = |cluster: &str, cloud: &str| RemoteCluster {
         cluster: cluster.into(),
         cloud: cloud.into(),
