@@ -33,8 +33,14 @@ pub enum BundleError {
         field: String,
         reason: String,
     },
-    #[error("bundle for {0} has no roots")]
-    Empty(TrustDomain),
+    /// The document is readable but holds no `x509-svid` root, so it would
+    /// trust nothing.
+    #[error("{origin}: bundle for {trust_domain} has no x509-svid roots ({keys} keys read)")]
+    Empty {
+        origin: String,
+        trust_domain: TrustDomain,
+        keys: usize,
+    },
 }
 
 /// The roots of one trust domain. A bundle may hold several roots at once,
@@ -187,7 +193,11 @@ impl Bundle {
             bundle.add_root(CertificateDer::from(der));
         }
         if bundle.roots.is_empty() {
-            return Err(BundleError::Empty(bundle.trust_domain));
+            return Err(BundleError::Empty {
+                origin: origin.into(),
+                trust_domain: bundle.trust_domain,
+                keys: keys.len(),
+            });
         }
         Ok(bundle)
     }
@@ -396,7 +406,11 @@ mod tests {
                 serde_json::json!({"keys": [{"use": "x509-svid", "kty": "EC", "x5c": [leafish]}]}),
                 "keys[0].x5c[0]: is not a CA",
             ),
-            (serde_json::json!({"keys": []}), "has no roots"),
+            (serde_json::json!({"keys": []}), "bundle.json: bundle for"),
+            (
+                serde_json::json!({"keys": [{"use": "jwt-svid", "kty": "EC"}]}),
+                "has no x509-svid roots (1 keys read)",
+            ),
             (
                 serde_json::json!({"keys": [], "spiffe_sequence": -1}),
                 "line 1",

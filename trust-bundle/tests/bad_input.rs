@@ -46,10 +46,7 @@ fn truncated_or_corrupted_bundle_documents_are_errors() {
     for m in mutations(doc.as_bytes()) {
         match Bundle::from_document(td.clone(), &m, "bundles/aws.example") {
             Ok(_) => ok += 1,
-            Err(e) => assert!(
-                e.to_string().starts_with("bundles/aws.example")
-                    || e.to_string().contains("no roots")
-            ),
+            Err(e) => assert!(e.to_string().starts_with("bundles/aws.example"), "{e}"),
         }
     }
     // Every strict truncation is an error; only some flips (inside the
