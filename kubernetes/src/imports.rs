@@ -1,0 +1,183 @@
+//! Writes a `ServiceImport` for each service of the clusterset, so that
+//! `<svc>.<ns>.svc.clusterset.local` names something in this cluster
+//! (KEP-1645's namespace sameness: only where the namespace exists).
+//! fedmesh owns the imports it labels, and deletes them when their service
+//! leaves the clusterset; it never touches another's.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use fedmesh_api::ServiceKey;
+use futures_util::StreamExt;
+use kube::Client;
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher;
+use tokio::sync::watch;
+
+use crate::mcs::{ClusterStatus, GROUP, ServiceImport, VERSION};
+use crate::mirror::Mirror;
+
+/// The label on every `ServiceImport` fedmesh writes.
+pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "fedmesh");
+/// Our field manager for server-side apply.
+const MANAGER: &str = "fedmesh-controller";
+/// How often imports that could not be written are tried again.
+const RETRY: Duration = Duration::from_secs(15);
+
+/// One service of the clusterset: its port and who exports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Import {
+    pub ports: Vec<u16>,
+    pub clusters: Vec<String>,
+}
+
+pub type Imports = BTreeMap<ServiceKey, Import>;
+
+#[derive(Debug, Default)]
+pub struct ImportStats {
+    pub written: AtomicU64,
+    pub deleted: AtomicU64,
+    pub errors: AtomicU64,
+}
+
+/// What a `ServiceImport` of ours should hold (spec and status).
+pub fn manifest(key: &ServiceKey, import: &Import, ip: Option<IpAddr>) -> serde_json::Value {
+    let ports: Vec<_> = import
+        .ports
+        .iter()
+        .map(|p| serde_json::json!({ "protocol": "TCP", "port": p }))
+        .collect();
+    let clusters: Vec<_> = import
+        .clusters
+        .iter()
+        .map(|c| ClusterStatus { cluster: c.clone() })
+        .collect();
+    let mut spec = serde_json::json!({ "type": "ClusterSetIP", "ports": ports });
+    if let Some(ip) = ip {
+        spec["ips"] = serde_json::json!([ip.to_string()]);
+    }
+    serde_json::json!({
+        "apiVersion": format!("{GROUP}/{VERSION}"),
+        "kind": "ServiceImport",
+        "metadata": {
+            "name": key.name,
+            "namespace": key.namespace,
+            "labels": { MANAGED_BY.0: MANAGED_BY.1 },
+        },
+        "spec": spec,
+        "status": { "clusters": clusters },
+    })
+}
+
+/// True when `have` already says what `want` would.
+fn up_to_date(have: &ServiceImport, import: &Import, ip: Option<IpAddr>) -> bool {
+    let ports: Vec<i32> = have.spec.ports.iter().map(|p| p.port).collect();
+    let want_ports: Vec<i32> = import.ports.iter().map(|p| i32::from(*p)).collect();
+    let clusters: BTreeSet<&str> = have
+        .status
+        .iter()
+        .flat_map(|s| &s.clusters)
+        .map(|c| c.cluster.as_str())
+        .collect();
+    let want_ips: Vec<String> = ip.iter().map(ToString::to_string).collect();
+    ports == want_ports
+        && have.spec.type_ == "ClusterSetIP"
+        && have.spec.ips == want_ips
+        && clusters == import.clusters.iter().map(String::as_str).collect()
+}
+
+/// Keeps this cluster's `ServiceImport`s in step with `imports`; `ip` is the
+/// clusterset IP to give them (the proxies' Service), if any. Runs until
+/// the sender of `imports` is dropped.
+pub async fn run(
+    client: Client,
+    mut imports: watch::Receiver<Arc<Imports>>,
+    ip: Option<IpAddr>,
+    stats: Arc<ImportStats>,
+) {
+    let selector = format!("{}={}", MANAGED_BY.0, MANAGED_BY.1);
+    let all: Api<ServiceImport> = Api::all(client.clone());
+    let mut events = std::pin::pin!(
+        watcher::watcher(all, watcher::Config::default().labels(&selector)).default_backoff()
+    );
+    let mut ours: Mirror<ServiceImport> = Mirror::default();
+    let mut retry = tokio::time::interval(RETRY);
+    loop {
+        tokio::select! {
+            ev = events.next() => match ev {
+                Some(Ok(ev)) => { ours.apply(ev); }
+                Some(Err(error)) => tracing::warn!(%error, "watching ServiceImports failed; retrying"),
+                None => return,
+            },
+            r = imports.changed() => if r.is_err() { return },
+            _ = retry.tick() => {}
+        }
+        if !ours.listed() {
+            continue;
+        }
+        let want = imports.borrow_and_update().clone();
+        reconcile(&client, &ours, &want, ip, &stats).await;
+    }
+}
+
+async fn reconcile(
+    client: &Client,
+    ours: &Mirror<ServiceImport>,
+    want: &Imports,
+    ip: Option<IpAddr>,
+    stats: &ImportStats,
+) {
+    let apply = PatchParams::apply(MANAGER).force();
+    for (key, import) in want {
+        if ours
+            .get(&key.namespace, &key.name)
+            .is_some_and(|have| up_to_date(have, import, ip))
+        {
+            continue;
+        }
+        let api = Api::<ServiceImport>::namespaced(client.clone(), &key.namespace);
+        let body = manifest(key, import, ip);
+        let written = async {
+            api.patch(&key.name, &apply, &Patch::Apply(&body)).await?;
+            api.patch_status(&key.name, &apply, &Patch::Apply(&body))
+                .await
+        };
+        match tokio::time::timeout(Duration::from_secs(10), written).await {
+            Ok(Ok(_)) => {
+                stats.written.fetch_add(1, Ordering::Relaxed);
+            }
+            // Namespace sameness: no namespace here, no import.
+            Ok(Err(kube::Error::Api(e))) if e.code == 404 => {
+                tracing::debug!(service = %key, "no such namespace here; no ServiceImport");
+            }
+            Ok(Err(error)) => {
+                stats.errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(service = %key, %error, "writing the ServiceImport failed; trying again later");
+            }
+            Err(_) => {
+                stats.errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(service = %key, "writing the ServiceImport timed out; trying again later");
+            }
+        }
+    }
+    for ((ns, name), _) in ours.iter() {
+        if want.contains_key(&ServiceKey::new(ns, name)) {
+            continue;
+        }
+        let api = Api::<ServiceImport>::namespaced(client.clone(), ns);
+        match api.delete(name, &DeleteParams::default()).await {
+            Ok(_) => {
+                stats.deleted.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(error) => {
+                stats.errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(namespace = %ns, name = %name, %error, "deleting a ServiceImport failed; trying again later");
+            }
+        }
+    }
+}
