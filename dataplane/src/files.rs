@@ -84,6 +84,21 @@ pub fn parse_yaml<F: DeserializeOwned>(yaml: &str, origin: &str) -> Result<F, Co
     serde_saphyr::from_str(yaml).map_err(|e| ConfigError::at(origin)(e.to_string()))
 }
 
+/// The cluster's own bundle (`controller.bundle`), to verify the
+/// controller before the first SVID.
+pub fn own_bundle(
+    td: &TrustDomain,
+    bundle: &Path,
+    read: &impl Fn(&Path) -> Result<Vec<u8>, String>,
+) -> Result<BundleSet, String> {
+    let doc = read(bundle).map_err(|e| format!("controller.bundle: {e}"))?;
+    let own = Bundle::from_document(td.clone(), &doc, &bundle.display().to_string())
+        .map_err(|e| format!("controller.bundle: {e}"))?;
+    let mut set = BundleSet::new();
+    set.insert(own);
+    Ok(set)
+}
+
 /// The bundle of our own trust domain `td` (to verify the controller
 /// before anything else is known) and the join token, read with `read`.
 /// Errors name `controller.bundle` or `controller.joinTokenFile`.
@@ -93,11 +108,7 @@ pub fn bootstrap(
     join_token_file: &Path,
     read: &impl Fn(&Path) -> Result<Vec<u8>, String>,
 ) -> Result<(BundleSet, String), String> {
-    let doc = read(bundle).map_err(|e| format!("controller.bundle: {e}"))?;
-    let own = Bundle::from_document(td.clone(), &doc, &bundle.display().to_string())
-        .map_err(|e| format!("controller.bundle: {e}"))?;
-    let mut set = BundleSet::new();
-    set.insert(own);
+    let set = own_bundle(td, bundle, read)?;
     let token = read(join_token_file).map_err(|e| format!("controller.joinTokenFile: {e}"))?;
     let token = String::from_utf8(token)
         .map_err(|_| "controller.joinTokenFile: not UTF-8 text".to_string())?

@@ -31,12 +31,24 @@ pub struct ControllerAccess {
     /// The identity the controller must present:
     /// `spiffe://<our trust domain>/fedmesh/controller/<our cluster>`.
     pub controller: SpiffeId,
-    /// The identity to ask `Certify` for; the join token must allow it.
+    /// The identity to ask `Certify` for; the credential must allow it.
     pub identity: SpiffeId,
     /// For the first SVID only: renewals present the SVID held.
-    pub join_token: String,
+    pub credential: Credential,
     /// Our name in the controller's logs.
     pub node: String,
+}
+
+/// What proves a component's identity for its first SVID.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Credential {
+    /// A join token (`fedmesh token create`).
+    JoinToken(String),
+    /// A projected Kubernetes ServiceAccount token (audience `fedmesh`),
+    /// read from this file at each use: the kubelet rotates it.
+    ServiceAccountToken(std::path::PathBuf),
+    /// None: renewals only.
+    None,
 }
 
 /// Which services a client asks for, and how it reconnects: backoff
@@ -98,6 +110,10 @@ pub enum ClientError {
     Rpc(#[from] tonic::Status),
     #[error("building the TLS config: {0}")]
     Tls(#[from] fedmesh_trust::TlsConfigError),
+    /// The bootstrap credential's file could not be read (yet: the kubelet
+    /// may not have written a projected token); retried.
+    #[error("reading the ServiceAccount token: {0}")]
+    Credential(String),
 }
 
 impl ClientError {
@@ -148,15 +164,25 @@ pub async fn certify(
     held: Option<Arc<Svid>>,
 ) -> Result<Svid, ClientError> {
     let controller = Arc::new(AllowIds::one(access.controller.clone()));
-    let (tls, join_token) = match held {
+    let (tls, credential) = match held {
         Some(svid) => (
             fedmesh_trust::client_config(watch::channel(svid).1, bundles, controller, &[b"h2"])?,
-            String::new(),
+            &Credential::None,
         ),
         None => (
             fedmesh_trust::client_config_without_svid(bundles, controller, &[b"h2"])?,
-            access.join_token.clone(),
+            &access.credential,
         ),
+    };
+    let (join_token, service_account_token) = match credential {
+        Credential::JoinToken(t) => (t.clone(), String::new()),
+        Credential::ServiceAccountToken(path) => {
+            let raw = tokio::fs::read_to_string(path)
+                .await
+                .map_err(|e| ClientError::Credential(format!("{}: {e}", path.display())))?;
+            (String::new(), raw.trim().to_string())
+        }
+        Credential::None => (String::new(), String::new()),
     };
     let ch = channel(access.address, Arc::new(tls))
         .await
@@ -170,6 +196,7 @@ pub async fn certify(
         .certify(pb::CertifyRequest {
             csr_der: csr,
             join_token,
+            service_account_token,
         })
         .await
         .map_err(|status| match status.code() {
@@ -218,9 +245,11 @@ impl SvidSource for CertifySource {
                 // A controller away for a moment: renew with the SVID later,
                 // rather than spend a failed token attempt now.
                 Err(e) if !expired && e.is_retryable() => return Err(RenewError(Box::new(e))),
-                Err(e) if this.access.join_token.is_empty() => return Err(RenewError(Box::new(e))),
+                Err(e) if this.access.credential == Credential::None => {
+                    return Err(RenewError(Box::new(e)));
+                }
                 Err(e) => {
-                    tracing::warn!(error = %e, "renewing with the SVID held failed; trying the join token");
+                    tracing::warn!(error = %e, "renewing with the SVID held failed; trying the bootstrap credential");
                     certify(&this.access, this.bundles, None)
                         .await
                         .map_err(|e| RenewError(Box::new(e)))?

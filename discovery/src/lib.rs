@@ -14,8 +14,8 @@ pub mod state;
 pub mod status;
 
 pub use client::{
-    ClientError, ClientPolicy, ControllerAccess, Convert, Discovered, OnDemand, certify, channel,
-    start,
+    ClientError, ClientPolicy, ControllerAccess, Convert, Credential, Discovered, OnDemand,
+    certify, channel, start,
 };
 pub use state::{MeshState, check_service, local_endpoints, service_policy, service_ports};
 pub use status::{PeerLiveness, StatusMetrics, SyncStatus};

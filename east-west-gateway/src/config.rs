@@ -348,7 +348,7 @@ fn discovery(
             controller,
             node: identity.to_string(),
             identity,
-            join_token: token,
+            credential: fedmesh_discovery::Credential::JoinToken(token),
         },
         local: Local {
             cluster: f.cluster,
@@ -599,7 +599,10 @@ controller: {address: "127.0.2.2:15010", bundle: own.json, joinTokenFile: token}
         else {
             panic!("a static config")
         };
-        assert_eq!(c.access.join_token, "gateway-token-0123456789");
+        assert_eq!(
+            c.access.credential,
+            fedmesh_discovery::Credential::JoinToken("gateway-token-0123456789".into())
+        );
         assert_eq!(
             c.access.identity.to_string(),
             "spiffe://gcp.example/fedmesh/gateway/gcp-usc1"

@@ -33,7 +33,7 @@ impl Caller {
             address: from.reg.controller.as_ref().unwrap().discovery_addr,
             controller: SpiffeId::controller(&d.td, &d.cluster).unwrap(),
             identity: SpiffeId::workload(&d.td, "shop", "web").unwrap(),
-            join_token: WEB_TOKEN.into(),
+            credential: fedmesh_discovery::Credential::JoinToken(WEB_TOKEN.into()),
             node: "web".into(),
         };
         let svid = fedmesh_discovery::certify(&access, from.discovered.bundles.clone(), None)

@@ -26,6 +26,9 @@ pub struct ControllerMetrics {
     /// etcd holds a bundle for our own trust domain with other roots than
     /// our CA files (ignored; a rewrite, or a rotation being published).
     pub foreign_own_bundle: std::sync::atomic::AtomicBool,
+    /// The Kubernetes source and `ServiceImport` writer (zero without `--kube`).
+    pub kube: Arc<fedmesh_kube::source::SourceStats>,
+    pub imports: Arc<fedmesh_kube::imports::ImportStats>,
 }
 
 fn counter(e: &mut DescriptorEncoder, name: &str, help: &str, v: u64) -> std::fmt::Result {
@@ -86,6 +89,46 @@ impl Collector for ControllerMetrics {
             "last etcd revision applied to the view",
             self.view_revision.load(Ordering::Relaxed),
         )?;
+        let k = &self.kube;
+        for (name, help, v) in [
+            (
+                "fedmesh_controller_kube_watch_errors",
+                "failed Kubernetes watches (each retried, then relisted)",
+                r(&k.watch_errors),
+            ),
+            (
+                "fedmesh_controller_kube_listings",
+                "completed listings of ServiceExports, Services or EndpointSlices",
+                r(&k.listings),
+            ),
+            (
+                "fedmesh_controller_kube_status_writes",
+                "ServiceExport conditions written",
+                r(&k.status_writes),
+            ),
+            (
+                "fedmesh_controller_kube_status_errors",
+                "ServiceExport condition writes that failed",
+                r(&k.status_errors),
+            ),
+            (
+                "fedmesh_controller_kube_imports_written",
+                "ServiceImports created or updated",
+                r(&self.imports.written),
+            ),
+            (
+                "fedmesh_controller_kube_imports_deleted",
+                "ServiceImports deleted",
+                r(&self.imports.deleted),
+            ),
+            (
+                "fedmesh_controller_kube_import_errors",
+                "ServiceImport writes that failed",
+                r(&self.imports.errors),
+            ),
+        ] {
+            counter(&mut e, name, help, v)?;
+        }
         let d = &self.discovery;
         counter(
             &mut e,

@@ -20,9 +20,10 @@ use tokio::task::JoinSet;
 
 use crate::admin::{self, ControllerMetrics};
 use crate::discovery::{self, DiscoveryService, Versioned};
+use crate::kubernetes::KubeOptions;
 use crate::mesh;
 use crate::publish;
-use crate::registry::{DiscoverySource, FileRegistry, RegistryError};
+use crate::registry::{self, DiscoverySource, FileRegistry, RegistryError};
 use crate::rotation;
 use crate::tokens::Tokens;
 use crate::view::GlobalView;
@@ -54,6 +55,10 @@ pub struct ControllerConfig {
     /// Where `join` was read from, to take up CA rotations staged there
     /// (`fedmesh rotate-ca`); `None`: no rotation.
     pub join_dir: Option<PathBuf>,
+    /// The cluster's Kubernetes API (`--kube`): `ServiceExport`s as a
+    /// second local source, `ServiceImport`s, and ServiceAccount tokens
+    /// for `Certify`. `None`: no Kubernetes.
+    pub kube: Option<KubeOptions>,
 }
 
 impl ControllerConfig {
@@ -69,6 +74,7 @@ impl ControllerConfig {
             watcher: WatcherConfig::default(),
             discovery_chunk_bytes: discovery::CHUNK_BYTES,
             join_dir: None,
+            kube: None,
         }
     }
 }
@@ -80,6 +86,9 @@ pub enum LocalSource {
     File { path: PathBuf, poll: Duration },
     /// Services fed by the embedder (another source, a benchmark, a test).
     Channel(watch::Receiver<Arc<LocalServices>>),
+    /// None besides Kubernetes, if set: with neither, the cluster exports
+    /// nothing and only consumes.
+    None,
 }
 
 impl LocalSource {
@@ -186,13 +195,34 @@ impl Controller {
             .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2));
         let client = Client::connect(&etcd.endpoints, Some(opts)).await?;
 
-        // Local discovery.
-        let (local, registry) = match config.source {
+        // Local discovery: the file registry or the embedder's channel,
+        // Kubernetes, or both together.
+        let (listed, registry) = match config.source {
             LocalSource::File { path, poll } => {
                 let registry = FileRegistry::start(path, poll).await?;
-                (registry.services(), Some(registry))
+                (Some(registry.services()), Some(registry))
             }
-            LocalSource::Channel(rx) => (rx, None),
+            LocalSource::Channel(rx) => (Some(rx), None),
+            LocalSource::None => (None, None),
+        };
+        let (conflicts_tx, conflicts_rx) = watch::channel(Arc::new(fedmesh_kube::Conflicts::new()));
+        let kube_source = match &config.kube {
+            Some(k) => Some(
+                fedmesh_kube::KubeSource::start(
+                    k.client.clone(),
+                    conflicts_rx,
+                    metrics.kube.clone(),
+                )
+                .await,
+            ),
+            None => None,
+        };
+        let local = match (listed, &kube_source) {
+            (Some(l), Some(k)) => registry::merged(l, k.services()),
+            (Some(l), None) => l,
+            (None, Some(k)) => k.services(),
+            // Exports nothing; the sender stays with the registry task below.
+            (None, None) => watch::channel(Arc::new(LocalServices::new())).1,
         };
 
         // The global zone.
@@ -249,11 +279,25 @@ impl Controller {
             bundles_tx,
             metrics.clone(),
         ));
-        // Keep the registry's poller alive as long as the controller.
+        // Keep the local sources alive as long as the controller.
         tasks.spawn(async move {
-            let _registry = registry;
+            let _sources = (registry, kube_source);
             std::future::pending::<()>().await;
         });
+        if let Some(k) = &config.kube {
+            let (imports_tx, imports_rx) = watch::channel(Arc::new(fedmesh_kube::Imports::new()));
+            tasks.spawn(crate::kubernetes::follow(
+                snap_rx.clone(),
+                imports_tx,
+                conflicts_tx,
+            ));
+            tasks.spawn(fedmesh_kube::imports::run(
+                k.client.clone(),
+                imports_rx,
+                k.clusterset_ip,
+                metrics.imports.clone(),
+            ));
+        }
 
         // Discovery and Certify.
         let tls = fedmesh_trust::server_config_optional_client_auth(
@@ -284,6 +328,9 @@ impl Controller {
             metrics.discovery.clone(),
         );
         service.chunk_bytes = config.discovery_chunk_bytes;
+        if let Some(k) = &config.kube {
+            service = service.with_token_review(fedmesh_kube::TokenReviewer::new(k.client.clone()));
+        }
         tasks.spawn(config.tokens.watch(Duration::from_secs(1), stop_rx.clone()));
         let mut stop_grpc = stop_rx.clone();
         tasks.spawn(async move {

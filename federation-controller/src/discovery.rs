@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use fedmesh_proto::discovery::v1 as pb;
-use fedmesh_trust::{Authority, CaError, TrustDomain};
+use fedmesh_trust::{Authority, CaError, SpiffeId, TrustDomain};
 use pb::discovery_server::{Discovery, DiscoveryServer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
@@ -352,6 +352,8 @@ pub struct DiscoveryService {
     pub chunk_bytes: usize,
     /// Failed `Certify` attempts, per source address.
     failures: Arc<Mutex<FailureLimiter>>,
+    /// Checks ServiceAccount tokens (`--kube`); `None` refuses them.
+    reviewer: Option<fedmesh_kube::TokenReviewer>,
 }
 
 impl DiscoveryService {
@@ -370,7 +372,14 @@ impl DiscoveryService {
             stats,
             chunk_bytes: CHUNK_BYTES,
             failures: Arc::new(Mutex::new(FailureLimiter::new(FailurePolicy::default()))),
+            reviewer: None,
         }
+    }
+
+    /// Accepts projected ServiceAccount tokens, checked by `reviewer`.
+    pub fn with_token_review(mut self, reviewer: fedmesh_kube::TokenReviewer) -> Self {
+        self.reviewer = Some(reviewer);
+        self
     }
 
     /// Sets how many failed `Certify` attempts a source may make.
@@ -534,10 +543,11 @@ impl Discovery for DiscoveryService {
         let source = info.and_then(|i| i.get_ref().remote_addr()).map(|a| a.ip());
         let certs = info.and_then(|i| i.peer_certs());
         let req = request.into_inner();
-        // Only join tokens can be guessed: the limit on failures applies to
-        // them, never to a renewal by an SVID (workloads on a node a guesser
+        // Only bootstrap tokens can be guessed (or cost a TokenReview): the
+        // limit on failures applies to them, never to a renewal by an SVID (workloads on a node a guesser
         // shares must still renew).
-        let by_token = !req.join_token.is_empty();
+        let by_account = !req.service_account_token.is_empty();
+        let by_token = !req.join_token.is_empty() || by_account;
         if by_token
             && let Some(ip) = source
             && let Err(wait) = lock(&self.failures).check(ip, std::time::Instant::now())
@@ -555,7 +565,38 @@ impl Discovery for DiscoveryService {
             }
             status
         };
-        let id = if by_token {
+        let id = if by_account {
+            if !req.join_token.is_empty() {
+                return Err(refused(Status::invalid_argument(
+                    "send a join token or a ServiceAccount token, not both",
+                )));
+            }
+            let Some(reviewer) = &self.reviewer else {
+                return Err(refused(Status::permission_denied(
+                    "this controller does not accept ServiceAccount tokens (it runs without --kube)",
+                )));
+            };
+            let account =
+                reviewer
+                    .review(&req.service_account_token)
+                    .await
+                    .map_err(|e| match e {
+                        fedmesh_kube::ReviewError::Refused(_) => {
+                            refused(Status::permission_denied(e.to_string()))
+                        }
+                        fedmesh_kube::ReviewError::Unavailable(_) => {
+                            Status::unavailable(e.to_string())
+                        }
+                    })?;
+            SpiffeId::workload(&self.trust_domain, &account.namespace, &account.name).map_err(
+                |e| {
+                    refused(Status::permission_denied(format!(
+                        "ServiceAccount {}/{} has no SPIFFE ID: {e}",
+                        account.namespace, account.name
+                    )))
+                },
+            )?
+        } else if by_token {
             self.tokens
                 .redeem(&req.join_token)
                 .await
@@ -570,7 +611,7 @@ impl Discovery for DiscoveryService {
             let peer = fedmesh_trust::peer_spiffe_id(certs.as_deref().map(|v| &v[..])).ok_or_else(
                 || {
                     refused(Status::unauthenticated(
-                        "Certify needs a join token, or a client SVID to renew",
+                        "Certify needs a join token or a ServiceAccount token, or a client SVID to renew",
                     ))
                 },
             )?;

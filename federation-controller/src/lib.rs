@@ -25,6 +25,7 @@ pub mod controller;
 pub mod discovery;
 mod follow;
 pub mod guard;
+pub mod kubernetes;
 pub mod mesh;
 pub mod publish;
 pub mod registry;

@@ -1,6 +1,7 @@
 //! Local discovery sources. Every source produces the same thing: a `watch`
 //! channel of this cluster's services with their endpoints. The file registry
-//! lives here; a Kubernetes source (a later part) plugs into the same seam.
+//! lives here; the Kubernetes source (`fedmesh-kube`) plugs into the same
+//! seam, and [`merged`] runs both at once.
 //!
 //! The file registry serves VMs and the local runner: a YAML list of services
 //! and endpoints, re-read when the file changes. A bad edit is reported with
@@ -138,6 +139,63 @@ async fn follow_registry(
     .await;
 }
 
+/// The services of two sources together (VMs in the file registry beside
+/// Kubernetes, say). A service in both is one service: its endpoints are
+/// both sources' when their ports agree; otherwise the second source's
+/// version stands, and the clash is logged.
+pub fn merge(first: &LocalServices, second: &LocalServices) -> LocalServices {
+    let mut out = second.clone();
+    for (key, svc) in first {
+        match out.get_mut(key) {
+            None => {
+                out.insert(key.clone(), svc.clone());
+            }
+            Some(both) if both.ports == svc.ports => {
+                for e in &svc.endpoints {
+                    if !both.endpoints.iter().any(|x| x.address == e.address) {
+                        both.endpoints.push(e.clone());
+                    }
+                }
+            }
+            Some(both) => {
+                tracing::warn!(service = %key, file = ?svc.ports, kubernetes = ?both.ports, "the file registry and Kubernetes give this service different ports; Kubernetes' stands");
+            }
+        }
+    }
+    out
+}
+
+/// Follows two sources, publishing their [`merge`] whenever either changes.
+/// A source that stops leaves its last services in force.
+pub fn merged(
+    mut first: watch::Receiver<Arc<LocalServices>>,
+    mut second: watch::Receiver<Arc<LocalServices>>,
+) -> watch::Receiver<Arc<LocalServices>> {
+    let now = merge(&first.borrow_and_update(), &second.borrow_and_update());
+    let (tx, rx) = watch::channel(Arc::new(now));
+    tokio::spawn(async move {
+        let (mut a_open, mut b_open) = (true, true);
+        while a_open || b_open {
+            tokio::select! {
+                r = first.changed(), if a_open => a_open = r.is_ok(),
+                r = second.changed(), if b_open => b_open = r.is_ok(),
+                _ = tx.closed() => return,
+            }
+            let next = merge(&first.borrow_and_update(), &second.borrow_and_update());
+            tx.send_if_modified(|cur| {
+                if **cur == next {
+                    return false;
+                }
+                *cur = Arc::new(next);
+                true
+            });
+        }
+        // Both gone: keep the last merge until nobody listens.
+        tx.closed().await;
+    });
+    rx
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -180,6 +238,34 @@ services:
             .unwrap_err()
             .to_string();
         assert!(e.contains("weight") && e.contains("line"), "{e}");
+    }
+
+    #[test]
+    fn merging_two_sources_joins_endpoints_of_a_service_with_the_same_ports() {
+        let file = parse_registry(GOOD, "r").unwrap();
+        let other = GOOD
+            .replace("127.0.1.10:8080", "10.1.0.1:8080")
+            .replace("127.0.1.11:8080", "127.0.1.10:8080");
+        let kube = parse_registry(&other, "k").unwrap();
+        let both = merge(&file, &kube);
+        let eps: Vec<String> = both[&ServiceKey::new("shop", "checkout")]
+            .endpoints
+            .iter()
+            .map(|e| e.address.to_string())
+            .collect();
+        assert_eq!(eps, ["10.1.0.1:8080", "127.0.1.10:8080", "127.0.1.11:8080"]);
+
+        let clash = parse_registry(&other.replace("ports: [8080]", "ports: [9090]"), "k").unwrap();
+        let both = merge(&file, &clash);
+        assert_eq!(both[&ServiceKey::new("shop", "checkout")].ports, [9090]);
+        assert_eq!(
+            both[&ServiceKey::new("shop", "checkout")].endpoints.len(),
+            2
+        );
+
+        let cart = GOOD.replace("checkout", "cart");
+        let both = merge(&file, &parse_registry(&cart, "k").unwrap());
+        assert_eq!(both.len(), 2, "services of either source are kept");
     }
 
     #[test]

@@ -233,7 +233,9 @@ async fn the_discovery_listener_survives_running_out_of_descriptors() {
             .parse()
             .unwrap(),
         identity: "spiffe://aws.fedmesh.test/ns/shop/sa/web".parse().unwrap(),
-        join_token: "web-token-0123456789abcdef0123456789".into(),
+        credential: fedmesh_discovery::Credential::JoinToken(
+            "web-token-0123456789abcdef0123456789".into(),
+        ),
         node: "test".into(),
     };
     let mut set = fedmesh_trust::BundleSet::new();

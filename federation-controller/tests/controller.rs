@@ -169,6 +169,7 @@ async fn call_certify(
         .certify(pb::CertifyRequest {
             csr_der: csr,
             join_token: token.into(),
+            service_account_token: String::new(),
         })
         .await?
         .into_inner();
@@ -731,7 +732,7 @@ async fn a_data_plane_client_renews_by_its_svid_after_its_single_use_token_is_sp
         address: b.controller.discovery_addr,
         controller: SpiffeId::controller(&td, "gcp").unwrap(),
         identity: web.clone(),
-        join_token: token,
+        credential: fedmesh_discovery::Credential::JoinToken(token),
         node: "web".into(),
     };
     let mut bootstrap = BundleSet::new();

@@ -66,8 +66,11 @@ impl KubeSource {
     /// Starts the watches and returns once all three kinds have been
     /// listed: until then nothing is known, and publishing an empty set
     /// would withdraw every export of the cluster.
-    pub async fn start(client: Client, conflicts: watch::Receiver<Arc<Conflicts>>) -> Self {
-        let stats = Arc::new(SourceStats::default());
+    pub async fn start(
+        client: Client,
+        conflicts: watch::Receiver<Arc<Conflicts>>,
+        stats: Arc<SourceStats>,
+    ) -> Self {
         let (tx, services) = watch::channel(Arc::new(LocalServices::new()));
         let (listed_tx, mut listed) = watch::channel(false);
         let task = tokio::spawn(run(client, conflicts, tx, listed_tx, stats.clone()));

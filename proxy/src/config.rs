@@ -15,7 +15,7 @@ use std::sync::Arc;
 use fedmesh_api::policy::{GlobalTrafficPolicy, PolicySpec};
 use fedmesh_api::{EgressMode, ListedEndpoint, LocalService, ServiceKey, validate_label};
 use fedmesh_dataplane::peers::PeerFile;
-use fedmesh_discovery::ControllerAccess;
+use fedmesh_discovery::{ControllerAccess, Credential};
 use fedmesh_trust::{Bundle, BundleSet, SpiffeId, Svid, TrustDomain};
 use fedmesh_tunnel::peers::Peers;
 use serde::{Deserialize, Serialize};
@@ -411,7 +411,15 @@ pub struct ControllerFile {
     pub address: SocketAddr,
     /// This cluster's own bundle document, to verify the controller.
     pub bundle: PathBuf,
-    pub join_token_file: PathBuf,
+    /// A join token, for the first SVID; or, on Kubernetes,
+    /// `serviceAccountTokenFile`: exactly one of the two.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub join_token_file: Option<PathBuf>,
+    /// A projected ServiceAccount token (audience `fedmesh`), read at each
+    /// use since the kubelet rotates it. The controller checks it with a
+    /// TokenReview; the identity must be that ServiceAccount's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account_token_file: Option<PathBuf>,
     /// The workload identity to ask for: `ns/<namespace>/sa/<account>`.
     pub namespace: String,
     pub service_account: String,
@@ -619,8 +627,19 @@ fn discovery(
         }
     }
     let td = common.me.trust_domain.clone();
-    let (bootstrap, token) =
-        fedmesh_dataplane::files::bootstrap(&td, &c.bundle, &c.join_token_file, read)?;
+    let (bootstrap, credential) = match (&c.join_token_file, &c.service_account_token_file) {
+        (Some(file), None) => {
+            let (set, token) = fedmesh_dataplane::files::bootstrap(&td, &c.bundle, file, read)?;
+            (set, Credential::JoinToken(token))
+        }
+        (None, Some(file)) => (
+            fedmesh_dataplane::files::own_bundle(&td, &c.bundle, read)?,
+            Credential::ServiceAccountToken(file.clone()),
+        ),
+        _ => {
+            return Err("controller: set exactly one of joinTokenFile (a join token) and serviceAccountTokenFile (a projected ServiceAccount token, on Kubernetes)".into());
+        }
+    };
     let identity = SpiffeId::workload(&td, &c.namespace, &c.service_account)
         .map_err(|e| format!("controller.namespace / serviceAccount: {e}"))?;
     let controller = SpiffeId::controller(&td, &common.me.cluster).map_err(|e| e.to_string())?;
@@ -633,7 +652,7 @@ fn discovery(
             controller,
             node: format!("proxy/{}/{}", common.me.cluster, identity),
             identity,
-            join_token: token,
+            credential,
         },
         common,
         bootstrap,

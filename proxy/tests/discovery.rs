@@ -40,7 +40,7 @@ async fn discovery_proxy_in(
         address: site.reg.controller.as_ref().unwrap().discovery_addr,
         controller: SpiffeId::controller(&d.td, &d.cluster).unwrap(),
         identity: SpiffeId::workload(&d.td, "shop", "web").unwrap(),
-        join_token: WEB_TOKEN.into(),
+        credential: fedmesh_discovery::Credential::JoinToken(WEB_TOKEN.into()),
         node: format!("{}-proxy", d.cluster),
     };
     let mut bootstrap = BundleSet::new();

@@ -8,6 +8,10 @@
 //!   upstream source port, as a NAT rebinding does.
 //! - [`dns::DnsServer`]: a small authoritative DNS server on loopback UDP
 //!   whose A records a test can change, to move a name.
+//! - [`fake_kube::FakeKube`]: **a fake** Kubernetes API server (list,
+//!   watch with bookmarks and `410 Gone`, writes, TokenReview) over real
+//!   HTTP, since no real one can run here; [`kube_objects`] builds what
+//!   a user would apply to it.
 //! - [`mutate::mutations`]: valid documents with random edits, for
 //!   property-based tests of the parsers.
 //! - [`eventually`]: poll a condition until a deadline instead of sleeping.
@@ -16,17 +20,20 @@
 //! - [`write_atomically`]: replace a file a component is watching, so that
 //!   it never reads half an edit.
 //!
-//! Nothing here is a mock: what cannot run on a test machine (a Kubernetes
-//! API server) is faked in the crate that needs it, and labelled there.
+//! Nothing else here is a mock: the one fake is the Kubernetes API server,
+//! which cannot run on a test machine, and it says so in its name.
 
 pub mod dns;
 pub mod etcd;
+pub mod fake_kube;
+pub mod kube_objects;
 pub mod mutate;
 pub mod relay;
 pub mod udp_relay;
 
 pub use dns::DnsServer;
 pub use etcd::{Etcd, EtcdOptions, HarnessError};
+pub use fake_kube::FakeKube;
 pub use relay::TcpRelay;
 pub use udp_relay::UdpRelay;
 

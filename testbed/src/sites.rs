@@ -147,7 +147,7 @@ pub async fn site(etcd: &Etcd, name: &str, block: u8) -> Site {
             address: controller.discovery_addr,
             controller: SpiffeId::controller(&td, name).unwrap(),
             identity: domain.gateway_id(),
-            join_token: GATEWAY_TOKEN.into(),
+            credential: fedmesh_discovery::Credential::JoinToken(GATEWAY_TOKEN.into()),
             node: format!("{name}-gateway"),
         },
         bootstrap,

@@ -144,7 +144,8 @@ pub fn proxy(
         controller: Some(ControllerFile {
             address: from.controller,
             bundle: from.bundle.clone(),
-            join_token_file: from.join_token_file.clone(),
+            join_token_file: Some(from.join_token_file.clone()),
+            service_account_token_file: None,
             namespace: "fedmesh".into(),
             service_account: "proxy".into(),
             services: Vec::new(),

@@ -181,6 +181,7 @@ pub async fn discovery_client(
         .certify(pb::CertifyRequest {
             csr_der: csr,
             join_token: token,
+            service_account_token: String::new(),
         })
         .await
         .unwrap()

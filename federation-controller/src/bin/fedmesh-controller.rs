@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use fedmesh_controller::controller::{Controller, ControllerConfig, LocalSource};
+use fedmesh_controller::kubernetes::KubeOptions;
 use fedmesh_controller::tokens::Tokens;
 use fedmesh_zone::join::JoinDir;
 
@@ -24,8 +25,22 @@ struct Args {
     #[arg(long)]
     join: PathBuf,
     /// The file registry of local services (YAML), re-read when it changes.
+    /// With `--kube` too, both sources are followed (VMs beside pods).
+    #[arg(long, required_unless_present_any = ["kube", "kubeconfig"])]
+    registry: Option<PathBuf>,
+    /// Use this cluster's Kubernetes API: export the Services that have a
+    /// `ServiceExport`, write `ServiceImport`s for the clusterset, and
+    /// accept ServiceAccount tokens in Certify. Connects with the
+    /// in-cluster config, else `$KUBECONFIG` or `~/.kube/config`.
     #[arg(long)]
-    registry: PathBuf,
+    kube: bool,
+    /// The kubeconfig to use (implies `--kube`).
+    #[arg(long, value_name = "FILE")]
+    kubeconfig: Option<PathBuf>,
+    /// The address `ServiceImport`s carry for `clusterset.local` names:
+    /// the ClusterIP of the fedmesh-proxy Service.
+    #[arg(long, value_name = "IP")]
+    clusterset_ip: Option<std::net::IpAddr>,
     /// Address of the discovery and Certify API (gRPC over mutual TLS).
     #[arg(long, default_value = "127.0.0.1:15010")]
     listen: SocketAddr,
@@ -61,7 +76,20 @@ async fn main() -> ExitCode {
 async fn run(args: Args) -> anyhow::Result<()> {
     let join = JoinDir::load(&args.join)
         .with_context(|| format!("loading the join directory {}", args.join.display()))?;
-    let mut config = ControllerConfig::new(join, LocalSource::file(args.registry), args.listen);
+    let source = match &args.registry {
+        Some(path) => LocalSource::file(path.clone()),
+        None => LocalSource::None,
+    };
+    let mut config = ControllerConfig::new(join, source, args.listen);
+    if args.kube || args.kubeconfig.is_some() {
+        let client = kube_client(args.kubeconfig.as_deref()).await?;
+        config.kube = Some(KubeOptions {
+            client,
+            clusterset_ip: args.clusterset_ip,
+        });
+    } else if args.clusterset_ip.is_some() {
+        anyhow::bail!("--clusterset-ip needs --kube: it is written into ServiceImports");
+    }
     config.admin_addr = Some(args.admin);
     config.join_dir = Some(args.join.clone());
     config.alive_ttl = Duration::from_secs(args.alive_ttl.max(2));
@@ -86,4 +114,21 @@ async fn run(args: Args) -> anyhow::Result<()> {
     tracing::info!("shutting down");
     controller.shutdown().await;
     Ok(())
+}
+
+/// A client from `path`, or as kubectl finds one.
+async fn kube_client(path: Option<&std::path::Path>) -> anyhow::Result<kube::Client> {
+    let config = match path {
+        Some(path) => {
+            let file = kube::config::Kubeconfig::read_from(path)
+                .with_context(|| format!("reading the kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(file, &Default::default())
+                .await
+                .with_context(|| format!("the kubeconfig {}", path.display()))?
+        }
+        None => kube::Config::infer().await.context(
+            "no Kubernetes configuration: not in a pod, and no $KUBECONFIG or ~/.kube/config",
+        )?,
+    };
+    kube::Client::try_from(config).context("building the Kubernetes client")
 }
