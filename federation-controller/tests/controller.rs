@@ -10,11 +10,12 @@ use std::time::{Duration, SystemTime};
 
 use fedmesh_api::{ClusterRecord, KeySpace};
 use fedmesh_controller::controller::{Controller, ControllerConfig, LocalSource};
+use fedmesh_controller::kubernetes::KubeOptions;
 use fedmesh_controller::tokens::Tokens;
 use fedmesh_controller::watcher::WatcherConfig;
 use fedmesh_discovery::MeshState;
 use fedmesh_proto::discovery::v1 as pb;
-use fedmesh_test_support::{Etcd, eventually};
+use fedmesh_test_support::{Etcd, FakeKube, eventually, kube_objects};
 use fedmesh_trust::{
     AllowAnyVerified, Bundle, BundleSet, CaOptions, ClusterCa, SpiffeId, Svid, TrustDomain, Usage,
 };
@@ -140,7 +141,23 @@ async fn certify(c: &Cluster, token: &str, id: &SpiffeId) -> Result<Svid, tonic:
         &[b"h2"],
     )
     .unwrap();
-    call_certify(c, tls, token, id).await
+    call_certify(c, tls, token, "", id).await
+}
+
+/// Bootstraps through Certify with a ServiceAccount token, as a proxy on
+/// Kubernetes would.
+async fn certify_by_account(
+    c: &Cluster,
+    account_token: &str,
+    id: &SpiffeId,
+) -> Result<Svid, tonic::Status> {
+    let tls = fedmesh_trust::client_config_without_svid(
+        own_bundles(c),
+        Arc::new(AllowAnyVerified),
+        &[b"h2"],
+    )
+    .unwrap();
+    call_certify(c, tls, "", account_token, id).await
 }
 
 /// Renews through Certify with no token, presenting `held`, asking for `id`.
@@ -152,13 +169,14 @@ async fn renew(c: &Cluster, held: &Svid, id: &SpiffeId) -> Result<Svid, tonic::S
         &[b"h2"],
     )
     .unwrap();
-    call_certify(c, tls, "", id).await
+    call_certify(c, tls, "", "", id).await
 }
 
 async fn call_certify(
     c: &Cluster,
     tls: rustls::ClientConfig,
     token: &str,
+    account_token: &str,
     id: &SpiffeId,
 ) -> Result<Svid, tonic::Status> {
     let channel = fedmesh_discovery::channel(c.controller.discovery_addr, Arc::new(tls))
@@ -169,7 +187,7 @@ async fn call_certify(
         .certify(pb::CertifyRequest {
             csr_der: csr,
             join_token: token.into(),
-            service_account_token: String::new(),
+            service_account_token: account_token.into(),
         })
         .await?
         .into_inner();
@@ -760,4 +778,235 @@ async fn a_data_plane_client_renews_by_its_svid_after_its_single_use_token_is_sp
     assert!(load(&stats.certified) >= 3, "one join and two renewals");
     // A renewal by the spent token would have been refused.
     assert_eq!(load(&stats.certify_refused), 0);
+}
+
+// --- On Kubernetes, against test-support's FakeKube (a fake API server:
+// there is no real one on these machines) and a real etcd.
+
+fn kube_options(fake: &FakeKube, clusterset_ip: &str) -> KubeOptions {
+    KubeOptions {
+        client: kube::Client::try_from(kube::Config::new(fake.url().parse().unwrap())).unwrap(),
+        clusterset_ip: Some(clusterset_ip.parse().unwrap()),
+    }
+}
+
+/// `(ports, clusters, ips)` of a ServiceImport in `fake`.
+fn service_import(fake: &FakeKube, ns: &str, name: &str) -> Option<(String, String, String)> {
+    let i = fake.get("serviceimports", ns, name)?;
+    Some((
+        i["spec"]["ports"].to_string(),
+        i["status"]["clusters"].to_string(),
+        i["spec"]["ips"].to_string(),
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_export_in_one_cluster_reaches_etcd_and_anothers_proxies_and_imports() {
+    let etcd = Etcd::start().await.unwrap();
+    let (kube_a, kube_b) = (
+        FakeKube::start("127.0.1.60", Duration::from_millis(500))
+            .await
+            .unwrap(),
+        FakeKube::start("127.0.2.60", Duration::from_millis(500))
+            .await
+            .unwrap(),
+    );
+    kube_a.put(&kube_objects::service("shop", "cart", 8080));
+    kube_a.put(&kube_objects::slice(
+        "shop",
+        "cart-1",
+        "cart",
+        9376,
+        &[
+            ("10.1.0.1", "az1", true),
+            ("10.1.0.2", "az1", true),
+            ("10.1.0.3", "az2", true),
+        ],
+    ));
+    kube_b.add_namespace("shop");
+    // aws runs on Kubernetes alone; gcp has a file registry beside it.
+    let a = cluster_with(&etcd, "aws", 1, "", Some(LocalSource::None), |c| {
+        c.kube = Some(kube_options(&kube_a, "127.0.1.99"));
+    })
+    .await;
+    let b = cluster_with(&etcd, "gcp", 2, "", None, |c| {
+        c.kube = Some(kube_options(&kube_b, "127.0.2.99"));
+    })
+    .await;
+    let web = SpiffeId::workload(&b.td, "shop", "web").unwrap();
+    let mut s = Stream::open(&b, certify(&b, TOKEN, &web).await.unwrap(), "")
+        .await
+        .unwrap();
+
+    // Exported by its ServiceExport: in etcd as a summary (no pod
+    // address), in gcp's discovery stream, and as a ServiceImport in gcp.
+    kube_a.put(&kube_objects::export("shop", "cart"));
+    s.until(|m| remote_healthy(m.services.values(), "aws") == Some(3))
+        .await;
+    let mut client = etcd.client().await.unwrap();
+    let kvs = client
+        .get(
+            KeySpace::default().exports_of("aws"),
+            Some(etcd_client::GetOptions::new().with_prefix()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(kvs.kvs().len(), 1);
+    let summary = kvs.kvs()[0].value_str().unwrap();
+    assert!(
+        summary.contains("az1") && !summary.contains("10.1.0."),
+        "{summary}"
+    );
+    let import = eventually("gcp's ServiceImport", Duration::from_secs(30), || async {
+        service_import(&kube_b, "shop", "cart")
+    })
+    .await;
+    assert_eq!(
+        import,
+        (
+            r#"[{"port":8080,"protocol":"TCP"}]"#.into(),
+            r#"[{"cluster":"aws"}]"#.into(),
+            r#"["127.0.2.99"]"#.into()
+        )
+    );
+    let valid = eventually("aws's Valid condition", Duration::from_secs(30), || async {
+        kube_objects::condition(&kube_a, "shop", "cart", "Valid")
+    })
+    .await;
+    assert_eq!(valid.0, "True");
+
+    // A zone's pods turn not-ready: the summary and gcp's view follow.
+    kube_a.put(&kube_objects::slice(
+        "shop",
+        "cart-1",
+        "cart",
+        9376,
+        &[
+            ("10.1.0.1", "az1", false),
+            ("10.1.0.2", "az1", false),
+            ("10.1.0.3", "az2", true),
+        ],
+    ));
+    s.until(|m| remote_healthy(m.services.values(), "aws") == Some(1))
+        .await;
+
+    // gcp's file registry exports the same service on another port: aws's
+    // ServiceExport says so, and gcp's import lists gcp only.
+    fedmesh_test_support::write_atomically(
+        &b.registry,
+        registry_doc(3).replace("[8080]", "[9090]"),
+    )
+    .unwrap();
+    let conflict = eventually(
+        "aws's Conflict condition",
+        Duration::from_secs(30),
+        || async {
+            kube_objects::condition(&kube_a, "shop", "cart", "Conflict").filter(|c| c.0 == "True")
+        },
+    )
+    .await;
+    assert!(conflict.2.contains("gcp"), "{}", conflict.2);
+    eventually(
+        "gcp's import, its own cluster only",
+        Duration::from_secs(30),
+        || async {
+            service_import(&kube_b, "shop", "cart").filter(|i| i.1 == r#"[{"cluster":"gcp"}]"#)
+        },
+    )
+    .await;
+    fedmesh_test_support::write_atomically(&b.registry, "").unwrap();
+    eventually("the conflict cleared", Duration::from_secs(30), || async {
+        kube_objects::condition(&kube_a, "shop", "cart", "Conflict").filter(|c| c.0 == "False")
+    })
+    .await;
+
+    // Deleting the ServiceExport withdraws it everywhere.
+    assert!(kube_a.delete("serviceexports", "shop", "cart"));
+    s.until(|m| remote_healthy(m.services.values(), "aws").is_none())
+        .await;
+    eventually(
+        "gcp's ServiceImport deleted",
+        Duration::from_secs(30),
+        || async {
+            service_import(&kube_b, "shop", "cart")
+                .is_none()
+                .then_some(())
+        },
+    )
+    .await;
+    let kvs = client
+        .get(
+            KeySpace::default().exports_of("aws"),
+            Some(etcd_client::GetOptions::new().with_prefix()),
+        )
+        .await
+        .unwrap();
+    assert!(kvs.kvs().is_empty(), "the export summary is deleted");
+    drop(a);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certify_takes_a_service_account_token_that_the_api_server_vouches_for() {
+    let etcd = Etcd::start().await.unwrap();
+    let kube = FakeKube::start("127.0.2.61", Duration::from_secs(1))
+        .await
+        .unwrap();
+    kube.add_token("sa-web", "system:serviceaccount:shop:web", &["fedmesh"]);
+    kube.add_token("sa-vault", "system:serviceaccount:shop:web", &["vault"]);
+    let b = cluster_with(&etcd, "gcp", 2, "", None, |c| {
+        c.kube = Some(kube_options(&kube, "127.0.2.99"));
+    })
+    .await;
+    let web = SpiffeId::workload(&b.td, "shop", "web").unwrap();
+    let admin = SpiffeId::workload(&b.td, "shop", "admin").unwrap();
+    let svid = certify_by_account(&b, "sa-web", &web).await.unwrap();
+    assert_eq!(svid.spiffe_id(), &web);
+
+    for (token, id, why) in [
+        ("sa-web", &admin, "sa/admin"),
+        ("sa-vault", &web, "audience"),
+        ("forged", &web, "invalid bearer token"),
+    ] {
+        let err = certify_by_account(&b, token, id).await.unwrap_err();
+        assert_eq!(
+            err.code(),
+            tonic::Code::PermissionDenied,
+            "{token}: {err:?}"
+        );
+        assert!(err.message().contains(why), "{token}: {}", err.message());
+    }
+    assert!(
+        kube.stats()
+            .token_reviews
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 4
+    );
+
+    // The data plane's own client, reading the token from a file as the
+    // projected volume leaves it.
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, "sa-web\n").unwrap();
+    let access = fedmesh_discovery::ControllerAccess {
+        address: b.controller.discovery_addr,
+        controller: SpiffeId::controller(&b.td, "gcp").unwrap(),
+        identity: web.clone(),
+        credential: fedmesh_discovery::Credential::ServiceAccountToken(token_file),
+        node: "web".into(),
+    };
+    let svid = fedmesh_discovery::certify(&access, own_bundles(&b), None)
+        .await
+        .unwrap();
+    assert_eq!(svid.spiffe_id(), &web);
+
+    // A controller without --kube refuses such tokens, saying why.
+    let c = cluster(&etcd, "azure", 3, "").await;
+    let err = certify_by_account(
+        &c,
+        "sa-web",
+        &SpiffeId::workload(&c.td, "shop", "web").unwrap(),
+    )
+    .await
+    .unwrap_err();
+    assert!(err.message().contains("--kube"), "{}", err.message());
 }
