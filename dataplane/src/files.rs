@@ -145,3 +145,69 @@ pub fn publish_identity(
         changed
     });
 }
+
+/// The controller's discovery API as a config file names it: `ip:port`, or
+/// `name:port` (a Kubernetes Service's DNS name), looked up once at start.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(transparent)]
+pub struct ControllerAddress(pub String);
+
+impl From<std::net::SocketAddr> for ControllerAddress {
+    fn from(a: std::net::SocketAddr) -> Self {
+        Self(a.to_string())
+    }
+}
+
+impl ControllerAddress {
+    /// The address to dial: the first a DNS name resolves to.
+    pub fn resolve(&self) -> Result<std::net::SocketAddr, String> {
+        if let Ok(a) = self.0.parse() {
+            return Ok(a);
+        }
+        let Some((host, port)) = self.0.rsplit_once(':') else {
+            return Err(format!(
+                "controller.address: {:?} is not ip:port or name:port",
+                self.0
+            ));
+        };
+        if host.is_empty() || port.parse::<u16>().map_or(true, |p| p == 0) {
+            return Err(format!(
+                "controller.address: {:?} is not ip:port or name:port",
+                self.0
+            ));
+        }
+        use std::net::ToSocketAddrs;
+        self.0
+            .to_socket_addrs()
+            .map_err(|e| format!("controller.address: looking up {host}: {e}"))?
+            .next()
+            .ok_or_else(|| format!("controller.address: {host} has no address"))
+    }
+}
+
+#[cfg(test)]
+mod controller_address_tests {
+    use super::ControllerAddress;
+
+    #[test]
+    fn an_address_or_a_name_with_a_port() {
+        let a = ControllerAddress("127.0.1.2:15010".into())
+            .resolve()
+            .unwrap();
+        assert_eq!(a.to_string(), "127.0.1.2:15010");
+        let a = ControllerAddress("localhost:15010".into())
+            .resolve()
+            .unwrap();
+        assert_eq!(a.port(), 15010);
+        for bad in [
+            "127.0.1.2",
+            "controller",
+            ":15010",
+            "controller:0",
+            "controller:x",
+        ] {
+            let e = ControllerAddress(bad.into()).resolve().unwrap_err();
+            assert!(e.starts_with("controller.address:"), "{bad}: {e}");
+        }
+    }
+}

@@ -211,7 +211,7 @@ pub struct GatewayFile {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct ControllerFile {
     /// The controller's discovery API.
-    pub address: SocketAddr,
+    pub address: fedmesh_dataplane::files::ControllerAddress,
     /// This cluster's own bundle document: how the gateway verifies the
     /// controller before it has anything else.
     pub bundle: PathBuf,
@@ -344,7 +344,7 @@ fn discovery(
     let controller = SpiffeId::controller(&td, &f.cluster).map_err(|e| e.to_string())?;
     Ok(DiscoveryConfig {
         access: ControllerAccess {
-            address: c.address,
+            address: c.address.resolve()?,
             controller,
             node: identity.to_string(),
             identity,

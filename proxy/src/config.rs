@@ -408,7 +408,7 @@ pub struct LocalityFile {
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct ControllerFile {
-    pub address: SocketAddr,
+    pub address: fedmesh_dataplane::files::ControllerAddress,
     /// This cluster's own bundle document, to verify the controller.
     pub bundle: PathBuf,
     /// A join token, for the first SVID; or, on Kubernetes,
@@ -648,7 +648,7 @@ fn discovery(
         scope,
         subscribe,
         access: ControllerAccess {
-            address: c.address,
+            address: c.address.resolve()?,
             controller,
             node: format!("proxy/{}/{}", common.me.cluster, identity),
             identity,
@@ -996,6 +996,46 @@ listen: {http: 127.0.1.5:4140}
             ["sourceAddress"],
             "the egress mode applies on a reload; the socket's address does not"
         );
+    }
+
+    #[test]
+    fn a_controller_is_reached_with_a_join_token_or_a_service_account_token() {
+        // b.json is aws's bundle; t a join token.
+        let others = static_files();
+        let files = move |p: &Path| match p.to_str() {
+            Some("t") => Ok(b"proxy-token-0123456789".to_vec()),
+            _ => others(p),
+        };
+        let parse = |controller: &str| {
+            ProxyConfig::parse(
+                &format!(
+                    "{BASE}controller: {{address: 127.0.1.2:15010, bundle: b.json, {controller}namespace: shop, serviceAccount: web}}\n"
+                ),
+                "p.yaml",
+                &files,
+            )
+        };
+        let ProxyConfig::Discovery(d) =
+            parse("serviceAccountTokenFile: /var/run/secrets/fedmesh/token, ").unwrap()
+        else {
+            panic!("a controller config");
+        };
+        assert_eq!(
+            d.access.credential,
+            Credential::ServiceAccountToken("/var/run/secrets/fedmesh/token".into()),
+            "the token file is read at each use, not now"
+        );
+        let ProxyConfig::Discovery(d) = parse("joinTokenFile: t, ").unwrap() else {
+            panic!("a controller config");
+        };
+        assert_eq!(
+            d.access.credential,
+            Credential::JoinToken("proxy-token-0123456789".into())
+        );
+        for both_or_neither in ["", "joinTokenFile: t, serviceAccountTokenFile: s, "] {
+            let e = parse(both_or_neither).unwrap_err();
+            assert!(e.message.contains("exactly one of joinTokenFile"), "{e}");
+        }
     }
 
     #[test]

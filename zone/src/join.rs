@@ -16,6 +16,9 @@ use crate::access::EtcdTls;
 pub const CLUSTER_FILE: &str = "cluster.json";
 pub const ETCD_FILE: &str = "etcd.json";
 pub const CA_DIR: &str = "ca";
+/// The cluster's SPIFFE bundle document (its root), public: what proxies
+/// and gateways verify the controller with before their first SVID.
+pub const BUNDLE_FILE: &str = "bundle.json";
 /// Where `fedmesh rotate-ca` stages the cluster's next CA, beside `ca/`.
 pub const NEXT_CA_DIR: &str = "ca-next";
 /// The CA a rotation replaced.
@@ -100,6 +103,15 @@ impl JoinDir {
         let _ = fs::remove_dir_all(&tmp);
         let result = (|| {
             self.ca.save(&tmp.join(CA_DIR))?;
+            let td = fedmesh_trust::TrustDomain::new(&self.cluster.trust_domain).map_err(|e| {
+                JoinError::Invalid {
+                    path: tmp.join(CLUSTER_FILE),
+                    reason: e.to_string(),
+                }
+            })?;
+            let bundle = fedmesh_trust::Bundle::with_roots(td, [self.ca.cert_der().clone()]);
+            fs::write(tmp.join(BUNDLE_FILE), bundle.to_document())
+                .map_err(io(&tmp.join(BUNDLE_FILE)))?;
             write_private(&tmp.join(CLUSTER_FILE), &pretty(&self.cluster))?;
             let etcd = EtcdAccess {
                 tls: self.copy_tls(&tmp)?,
@@ -399,6 +411,10 @@ mod rotation_tests {
             ca: ClusterCa::generate(&td, &CaOptions::default(), now).unwrap(),
         };
         join.write(&dir).unwrap();
+        // The bundle proxies bootstrap from: the CA's root.
+        let doc = fs::read(dir.join(BUNDLE_FILE)).unwrap();
+        let bundle = fedmesh_trust::Bundle::from_document(td.clone(), &doc, "bundle.json").unwrap();
+        assert_eq!(bundle.roots(), [join.ca.cert_der().clone()]);
         let next = ClusterCa::generate(&td, &CaOptions::default(), now).unwrap();
         JoinDir::stage_rotation(&dir, &next, Duration::from_secs(1)).unwrap();
         join.write(&dir).unwrap();

@@ -85,7 +85,7 @@ pub fn gateway(
             admin: Some(g.admin),
         },
         controller: Some(ControllerFile {
-            address: from.controller,
+            address: from.controller.into(),
             bundle: from.bundle.clone(),
             join_token_file: from.join_token_file.clone(),
         }),
@@ -142,7 +142,7 @@ pub fn proxy(
         },
         gateways: cp.gateways.iter().map(|g| g.egress).collect(),
         controller: Some(ControllerFile {
-            address: from.controller,
+            address: from.controller.into(),
             bundle: from.bundle.clone(),
             join_token_file: Some(from.join_token_file.clone()),
             service_account_token_file: None,
