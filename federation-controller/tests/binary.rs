@@ -163,6 +163,98 @@ fn bad_flags_and_files_are_named() {
     );
     let err = run(&["--registry", "r.yaml"]);
     assert!(err.contains("--join"), "{err}");
+    // A local source is required: the file registry, Kubernetes, or both.
+    let err = run(&["--join", "j"]);
+    assert!(
+        err.contains("--registry") && err.contains("--kube"),
+        "{err}"
+    );
+    let err = run(&[
+        "--join",
+        missing.to_str().unwrap(),
+        "--registry",
+        "r",
+        "--clusterset-ip",
+        "10.0.0.1",
+    ]);
+    assert!(err.contains("--clusterset-ip needs --kube"), "{err}");
+}
+
+/// `--kubeconfig` alone: the services of the cluster's ServiceExports reach
+/// etcd. The API server is test-support's FakeKube (a fake: none can run
+/// here).
+#[tokio::test]
+async fn runs_on_kubernetes_from_a_kubeconfig() {
+    use fedmesh_test_support::{FakeKube, kube_objects};
+    let etcd = Etcd::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let join = dir.path().join("join");
+    join_dir(&etcd, &join).await;
+    let kube = FakeKube::start("127.0.1.62", Duration::from_secs(1))
+        .await
+        .unwrap();
+    kube.put(&kube_objects::service("shop", "cart", 8080));
+    kube.put(&kube_objects::slice(
+        "shop",
+        "cart-1",
+        "cart",
+        9376,
+        &[("10.1.0.1", "az1", true)],
+    ));
+    kube.put(&kube_objects::export("shop", "cart"));
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters: [{{name: fake, cluster: {{server: \"{}\"}}}}]\nusers: [{{name: u, user: {{}}}}]\ncontexts: [{{name: c, context: {{cluster: fake, user: u}}}}]\ncurrent-context: c\n",
+            kube.url()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fedmesh-controller"))
+        .args([
+            "--join",
+            join.to_str().unwrap(),
+            "--kubeconfig",
+            kubeconfig.to_str().unwrap(),
+        ])
+        .args(["--listen", "127.0.1.2:0", "--admin", "127.0.1.2:0"])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let c = etcd.client().await.unwrap();
+    eventually(
+        "the ServiceExport's service in etcd",
+        Duration::from_secs(20),
+        || {
+            let mut c = c.clone();
+            async move {
+                let r = c
+                    .get(KeySpace::default().export("aws", "shop", "cart"), None)
+                    .await
+                    .ok()?;
+                (!r.kvs().is_empty()).then_some(())
+            }
+        },
+    )
+    .await;
+    let _ = child.kill();
+    let _ = child.wait();
+
+    // A kubeconfig that is not there is named.
+    let out = Command::new(env!("CARGO_BIN_EXE_fedmesh-controller"))
+        .args([
+            "--join",
+            join.to_str().unwrap(),
+            "--kubeconfig",
+            "/nonexistent/kubeconfig",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("/nonexistent/kubeconfig"), "{err}");
 }
 
 /// Out of file descriptors, the discovery listener's accepts fail. The

@@ -9,6 +9,8 @@ use kube::api::{Api, PostParams};
 
 /// The audience proxies' projected tokens are minted for.
 pub const AUDIENCE: &str = "fedmesh";
+/// How long a review may take before `Certify` answers `UNAVAILABLE`.
+const REVIEW_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// A workload's Kubernetes identity.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,10 +62,14 @@ impl TokenReviewer {
             ..Default::default()
         };
         let api: Api<TokenReview> = Api::all(self.client.clone());
-        let reply = api
-            .create(&PostParams::default(), &review)
-            .await
-            .map_err(|e| ReviewError::Unavailable(e.to_string()))?;
+        // Certify waits on this: a stuck API server must not hold it.
+        let reply =
+            tokio::time::timeout(REVIEW_TIMEOUT, api.create(&PostParams::default(), &review))
+                .await
+                .map_err(|_| {
+                    ReviewError::Unavailable(format!("no answer within {REVIEW_TIMEOUT:?}"))
+                })?
+                .map_err(|e| ReviewError::Unavailable(e.to_string()))?;
         let status = reply.status.ok_or_else(|| {
             ReviewError::Unavailable("the TokenReview came back without a status".into())
         })?;

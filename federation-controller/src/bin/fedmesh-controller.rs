@@ -26,7 +26,7 @@ struct Args {
     join: PathBuf,
     /// The file registry of local services (YAML), re-read when it changes.
     /// With `--kube` too, both sources are followed (VMs beside pods).
-    #[arg(long, required_unless_present_any = ["kube", "kubeconfig"])]
+    #[arg(long)]
     registry: Option<PathBuf>,
     /// Use this cluster's Kubernetes API: export the Services that have a
     /// `ServiceExport`, write `ServiceImport`s for the clusterset, and
@@ -74,6 +74,15 @@ async fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
+    let kube = args.kube || args.kubeconfig.is_some();
+    if args.registry.is_none() && !kube {
+        anyhow::bail!(
+            "no local source: give --registry (the file registry), --kube (Kubernetes), or both"
+        );
+    }
+    if args.clusterset_ip.is_some() && !kube {
+        anyhow::bail!("--clusterset-ip needs --kube: it is written into ServiceImports");
+    }
     let join = JoinDir::load(&args.join)
         .with_context(|| format!("loading the join directory {}", args.join.display()))?;
     let source = match &args.registry {
@@ -81,14 +90,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
         None => LocalSource::None,
     };
     let mut config = ControllerConfig::new(join, source, args.listen);
-    if args.kube || args.kubeconfig.is_some() {
+    if kube {
         let client = kube_client(args.kubeconfig.as_deref()).await?;
         config.kube = Some(KubeOptions {
             client,
             clusterset_ip: args.clusterset_ip,
         });
-    } else if args.clusterset_ip.is_some() {
-        anyhow::bail!("--clusterset-ip needs --kube: it is written into ServiceImports");
     }
     config.admin_addr = Some(args.admin);
     config.join_dir = Some(args.join.clone());
