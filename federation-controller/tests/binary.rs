@@ -50,6 +50,25 @@ async fn join_dir(etcd: &Etcd, dir: &std::path::Path) -> Bundle {
     bundle
 }
 
+/// Waits until aws's export of shop/cart is in etcd.
+async fn export_in_etcd(c: &etcd_client::Client) {
+    eventually(
+        "aws's shop/cart export in etcd",
+        Duration::from_secs(20),
+        || {
+            let mut c = c.clone();
+            async move {
+                let r = c
+                    .get(KeySpace::default().export("aws", "shop", "cart"), None)
+                    .await
+                    .ok()?;
+                (!r.kvs().is_empty()).then_some(())
+            }
+        },
+    )
+    .await;
+}
+
 async fn http_get(addr: &str, path: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let Ok(mut tcp) = tokio::net::TcpStream::connect(addr).await else {
@@ -113,17 +132,7 @@ async fn starts_from_a_join_directory_becomes_ready_and_stops_on_sigterm() {
     .await;
     // It published its export.
     let mut c = etcd.client().await.unwrap();
-    eventually("the export in etcd", Duration::from_secs(10), || {
-        let mut c = c.clone();
-        async move {
-            let r = c
-                .get(KeySpace::default().export("aws", "shop", "cart"), None)
-                .await
-                .ok()?;
-            (!r.kvs().is_empty()).then_some(())
-        }
-    })
-    .await;
+    export_in_etcd(&c).await;
     assert!(
         !c.get(KeySpace::default().alive("aws"), None)
             .await
@@ -224,21 +233,7 @@ async fn runs_on_kubernetes_from_a_kubeconfig() {
         .spawn()
         .unwrap();
     let c = etcd.client().await.unwrap();
-    eventually(
-        "the ServiceExport's service in etcd",
-        Duration::from_secs(20),
-        || {
-            let mut c = c.clone();
-            async move {
-                let r = c
-                    .get(KeySpace::default().export("aws", "shop", "cart"), None)
-                    .await
-                    .ok()?;
-                (!r.kvs().is_empty()).then_some(())
-            }
-        },
-    )
-    .await;
+    export_in_etcd(&c).await;
     let _ = child.kill();
     let _ = child.wait();
 

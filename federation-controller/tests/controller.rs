@@ -812,17 +812,21 @@ async fn a_service_export_in_one_cluster_reaches_etcd_and_anothers_proxies_and_i
             .unwrap(),
     );
     kube_a.put(&kube_objects::service("shop", "cart", 8080));
-    kube_a.put(&kube_objects::slice(
-        "shop",
-        "cart-1",
-        "cart",
-        9376,
-        &[
-            ("10.1.0.1", "az1", true),
-            ("10.1.0.2", "az1", true),
-            ("10.1.0.3", "az2", true),
-        ],
-    ));
+    // cart's pods: two in az1, one in az2.
+    let cart_pods = |az1_ready: bool| {
+        kube_objects::slice(
+            "shop",
+            "cart-1",
+            "cart",
+            9376,
+            &[
+                ("10.1.0.1", "az1", az1_ready),
+                ("10.1.0.2", "az1", az1_ready),
+                ("10.1.0.3", "az2", true),
+            ],
+        )
+    };
+    kube_a.put(&cart_pods(true));
     kube_b.add_namespace("shop");
     // aws runs on Kubernetes alone; gcp has a file registry beside it.
     let a = cluster_with(&etcd, "aws", 1, "", Some(LocalSource::None), |c| {
@@ -876,17 +880,7 @@ async fn a_service_export_in_one_cluster_reaches_etcd_and_anothers_proxies_and_i
     assert_eq!(valid.0, "True");
 
     // A zone's pods turn not-ready: the summary and gcp's view follow.
-    kube_a.put(&kube_objects::slice(
-        "shop",
-        "cart-1",
-        "cart",
-        9376,
-        &[
-            ("10.1.0.1", "az1", false),
-            ("10.1.0.2", "az1", false),
-            ("10.1.0.3", "az2", true),
-        ],
-    ));
+    kube_a.put(&cart_pods(false));
     s.until(|m| remote_healthy(m.services.values(), "aws") == Some(1))
         .await;
 
