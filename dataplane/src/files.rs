@@ -84,6 +84,32 @@ pub fn parse_yaml<F: DeserializeOwned>(yaml: &str, origin: &str) -> Result<F, Co
     serde_saphyr::from_str(yaml).map_err(|e| ConfigError::at(origin)(e.to_string()))
 }
 
+/// How a component proves itself for its first SVID, from its
+/// `controller` block: a join token (`joinTokenFile`, read now) or, on
+/// Kubernetes, a projected ServiceAccount token (`serviceAccountTokenFile`,
+/// read at each use: the kubelet rotates it). Exactly one of the two.
+/// Returns the cluster's own bundle with it.
+pub fn credential(
+    td: &TrustDomain,
+    bundle: &Path,
+    join_token_file: Option<&Path>,
+    service_account_token_file: Option<&Path>,
+    read: &impl Fn(&Path) -> Result<Vec<u8>, String>,
+) -> Result<(BundleSet, fedmesh_discovery::Credential), String> {
+    use fedmesh_discovery::Credential;
+    match (join_token_file, service_account_token_file) {
+        (Some(file), None) => {
+            let (set, token) = bootstrap(td, bundle, file, read)?;
+            Ok((set, Credential::JoinToken(token)))
+        }
+        (None, Some(file)) => Ok((
+            own_bundle(td, bundle, read)?,
+            Credential::ServiceAccountToken(file.to_path_buf()),
+        )),
+        _ => Err("controller: set exactly one of joinTokenFile (a join token) and serviceAccountTokenFile (a projected ServiceAccount token, on Kubernetes)".into()),
+    }
+}
+
 /// The cluster's own bundle (`controller.bundle`), to verify the
 /// controller before the first SVID.
 pub fn own_bundle(

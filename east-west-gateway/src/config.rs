@@ -216,8 +216,15 @@ pub struct ControllerFile {
     /// controller before it has anything else.
     pub bundle: PathBuf,
     /// A file holding the join token that lets `Certify` issue this
-    /// gateway's identity.
-    pub join_token_file: PathBuf,
+    /// gateway's identity; or, on Kubernetes, `serviceAccountTokenFile`:
+    /// exactly one of the two.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub join_token_file: Option<PathBuf>,
+    /// A projected ServiceAccount token (audience `fedmesh`) of the
+    /// ServiceAccount the controller maps to its gateways
+    /// (`--gateway-service-account`), read at each use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account_token_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -338,8 +345,13 @@ fn discovery(
     let Some(c) = f.controller else {
         return Err("controller: missing".into());
     };
-    let (bootstrap, token) =
-        fedmesh_dataplane::files::bootstrap(&td, &c.bundle, &c.join_token_file, read)?;
+    let (bootstrap, credential) = fedmesh_dataplane::files::credential(
+        &td,
+        &c.bundle,
+        c.join_token_file.as_deref(),
+        c.service_account_token_file.as_deref(),
+        read,
+    )?;
     let identity = SpiffeId::gateway(&td, &f.cluster).map_err(|e| e.to_string())?;
     let controller = SpiffeId::controller(&td, &f.cluster).map_err(|e| e.to_string())?;
     Ok(DiscoveryConfig {
@@ -348,7 +360,7 @@ fn discovery(
             controller,
             node: identity.to_string(),
             identity,
-            credential: fedmesh_discovery::Credential::JoinToken(token),
+            credential,
         },
         local: Local {
             cluster: f.cluster,
@@ -612,6 +624,31 @@ controller: {address: "127.0.2.2:15010", bundle: own.json, joinTokenFile: token}
             "spiffe://gcp.example/fedmesh/controller/gcp-usc1"
         );
         assert_eq!(c.bootstrap.len(), 1);
+
+        // On Kubernetes: a projected ServiceAccount token, read at each use.
+        let on_kube = yaml.replace(
+            "joinTokenFile: token",
+            "serviceAccountTokenFile: /var/run/secrets/fedmesh/token",
+        );
+        let GatewayConfig::Discovery(c) = GatewayConfig::parse(&on_kube, "gw.yaml", read).unwrap()
+        else {
+            panic!("a discovery config")
+        };
+        assert_eq!(
+            c.access.credential,
+            fedmesh_discovery::Credential::ServiceAccountToken(
+                "/var/run/secrets/fedmesh/token".into()
+            )
+        );
+        let both = yaml.replace(
+            "joinTokenFile: token",
+            "joinTokenFile: token, serviceAccountTokenFile: t",
+        );
+        let err = GatewayConfig::parse(&both, "gw.yaml", read)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("exactly one of joinTokenFile"), "{err}");
 
         for (extra, want) in [
             (

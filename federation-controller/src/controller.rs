@@ -320,6 +320,7 @@ impl Controller {
                 addr: config.discovery_addr,
                 source,
             })?;
+        let gateway_id = SpiffeId::gateway(&td, &cluster.name)?;
         let mut service = DiscoveryService::new(
             td,
             snap_rx.clone(),
@@ -329,7 +330,12 @@ impl Controller {
         );
         service.chunk_bytes = config.discovery_chunk_bytes;
         if let Some(k) = &config.kube {
-            service = service.with_token_review(fedmesh_kube::TokenReviewer::new(k.client.clone()));
+            let gateway = match &k.gateway_account {
+                Some(a) => Some((a.clone(), gateway_id)),
+                None => None,
+            };
+            service = service
+                .with_token_review(fedmesh_kube::TokenReviewer::new(k.client.clone()), gateway);
         }
         tasks.spawn(config.tokens.watch(Duration::from_secs(1), stop_rx.clone()));
         let mut stop_grpc = stop_rx.clone();

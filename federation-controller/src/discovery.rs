@@ -354,6 +354,9 @@ pub struct DiscoveryService {
     failures: Arc<Mutex<FailureLimiter>>,
     /// Checks ServiceAccount tokens (`--kube`); `None` refuses them.
     reviewer: Option<fedmesh_kube::TokenReviewer>,
+    /// The ServiceAccount whose tokens are issued the gateway identity
+    /// (`--gateway-service-account`), and that identity.
+    gateway_account: Option<(fedmesh_kube::ServiceAccount, SpiffeId)>,
 }
 
 impl DiscoveryService {
@@ -373,12 +376,20 @@ impl DiscoveryService {
             chunk_bytes: CHUNK_BYTES,
             failures: Arc::new(Mutex::new(FailureLimiter::new(FailurePolicy::default()))),
             reviewer: None,
+            gateway_account: None,
         }
     }
 
-    /// Accepts projected ServiceAccount tokens, checked by `reviewer`.
-    pub fn with_token_review(mut self, reviewer: fedmesh_kube::TokenReviewer) -> Self {
+    /// Accepts projected ServiceAccount tokens, checked by `reviewer`:
+    /// `gateway`'s are issued the gateway identity it names, every other
+    /// ServiceAccount its workload identity.
+    pub fn with_token_review(
+        mut self,
+        reviewer: fedmesh_kube::TokenReviewer,
+        gateway: Option<(fedmesh_kube::ServiceAccount, SpiffeId)>,
+    ) -> Self {
         self.reviewer = Some(reviewer);
+        self.gateway_account = gateway;
         self
     }
 
@@ -588,14 +599,16 @@ impl Discovery for DiscoveryService {
                             Status::unavailable(e.to_string())
                         }
                     })?;
-            SpiffeId::workload(&self.trust_domain, &account.namespace, &account.name).map_err(
-                |e| {
-                    refused(Status::permission_denied(format!(
-                        "ServiceAccount {}/{} has no SPIFFE ID: {e}",
-                        account.namespace, account.name
-                    )))
-                },
-            )?
+            match &self.gateway_account {
+                Some((gateway, id)) if *gateway == account => id.clone(),
+                _ => SpiffeId::workload(&self.trust_domain, &account.namespace, &account.name)
+                    .map_err(|e| {
+                        refused(Status::permission_denied(format!(
+                            "ServiceAccount {}/{} has no SPIFFE ID: {e}",
+                            account.namespace, account.name
+                        )))
+                    })?,
+            }
         } else if by_token {
             self.tokens
                 .redeem(&req.join_token)

@@ -18,12 +18,16 @@ pub struct KubeOptions {
     /// The address `ServiceImport`s give for `clusterset.local` names: the
     /// ClusterIP of the proxies' Service. None: imports carry no IP.
     pub clusterset_ip: Option<IpAddr>,
+    /// The ServiceAccount the cluster's gateways run as: its tokens are
+    /// issued `fedmesh/gateway/<cluster>`. None: gateways use join tokens.
+    pub gateway_account: Option<fedmesh_kube::ServiceAccount>,
 }
 
 impl std::fmt::Debug for KubeOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("KubeOptions")
             .field("clusterset_ip", &self.clusterset_ip)
+            .field("gateway_account", &self.gateway_account)
             .finish_non_exhaustive()
     }
 }

@@ -787,6 +787,10 @@ fn kube_options(fake: &FakeKube, clusterset_ip: &str) -> KubeOptions {
     KubeOptions {
         client: kube::Client::try_from(kube::Config::new(fake.url().parse().unwrap())).unwrap(),
         clusterset_ip: Some(clusterset_ip.parse().unwrap()),
+        gateway_account: Some(fedmesh_kube::ServiceAccount {
+            namespace: "fedmesh-system".into(),
+            name: "fedmesh-gateway".into(),
+        }),
     }
 }
 
@@ -969,12 +973,25 @@ async fn certify_takes_a_service_account_token_that_the_api_server_vouches_for()
         );
         assert!(err.message().contains(why), "{token}: {}", err.message());
     }
-    assert!(
-        kube.stats()
-            .token_reviews
-            .load(std::sync::atomic::Ordering::Relaxed)
-            >= 4
+    // The gateways' ServiceAccount is issued the gateway identity, and only that.
+    kube.add_token(
+        "sa-gw",
+        "system:serviceaccount:fedmesh-system:fedmesh-gateway",
+        &["fedmesh"],
     );
+    let gateway = SpiffeId::gateway(&b.td, "gcp").unwrap();
+    let svid = certify_by_account(&b, "sa-gw", &gateway).await.unwrap();
+    assert_eq!(svid.spiffe_id(), &gateway);
+    let as_workload = SpiffeId::workload(&b.td, "fedmesh-system", "fedmesh-gateway").unwrap();
+    let err = certify_by_account(&b, "sa-gw", &as_workload)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+    let reviews = kube
+        .stats()
+        .token_reviews
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(reviews >= 6, "{reviews}");
 
     // The data plane's own client, reading the token from a file as the
     // projected volume leaves it.

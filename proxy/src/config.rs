@@ -15,7 +15,7 @@ use std::sync::Arc;
 use fedmesh_api::policy::{GlobalTrafficPolicy, PolicySpec};
 use fedmesh_api::{EgressMode, ListedEndpoint, LocalService, ServiceKey, validate_label};
 use fedmesh_dataplane::peers::PeerFile;
-use fedmesh_discovery::{ControllerAccess, Credential};
+use fedmesh_discovery::ControllerAccess;
 use fedmesh_trust::{Bundle, BundleSet, SpiffeId, Svid, TrustDomain};
 use fedmesh_tunnel::peers::Peers;
 use serde::{Deserialize, Serialize};
@@ -627,19 +627,13 @@ fn discovery(
         }
     }
     let td = common.me.trust_domain.clone();
-    let (bootstrap, credential) = match (&c.join_token_file, &c.service_account_token_file) {
-        (Some(file), None) => {
-            let (set, token) = fedmesh_dataplane::files::bootstrap(&td, &c.bundle, file, read)?;
-            (set, Credential::JoinToken(token))
-        }
-        (None, Some(file)) => (
-            fedmesh_dataplane::files::own_bundle(&td, &c.bundle, read)?,
-            Credential::ServiceAccountToken(file.clone()),
-        ),
-        _ => {
-            return Err("controller: set exactly one of joinTokenFile (a join token) and serviceAccountTokenFile (a projected ServiceAccount token, on Kubernetes)".into());
-        }
-    };
+    let (bootstrap, credential) = fedmesh_dataplane::files::credential(
+        &td,
+        &c.bundle,
+        c.join_token_file.as_deref(),
+        c.service_account_token_file.as_deref(),
+        read,
+    )?;
     let identity = SpiffeId::workload(&td, &c.namespace, &c.service_account)
         .map_err(|e| format!("controller.namespace / serviceAccount: {e}"))?;
     let controller = SpiffeId::controller(&td, &common.me.cluster).map_err(|e| e.to_string())?;
@@ -839,6 +833,7 @@ fn parse_static(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use fedmesh_discovery::Credential;
 
     const BASE: &str = "
 cluster: aws

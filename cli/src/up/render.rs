@@ -87,7 +87,8 @@ pub fn gateway(
         controller: Some(ControllerFile {
             address: from.controller.into(),
             bundle: from.bundle.clone(),
-            join_token_file: from.join_token_file.clone(),
+            join_token_file: Some(from.join_token_file.clone()),
+            service_account_token_file: None,
         }),
         identity: None,
         bundles: None,

@@ -41,6 +41,15 @@ struct Args {
     /// the ClusterIP of the fedmesh-proxy Service.
     #[arg(long, value_name = "IP")]
     clusterset_ip: Option<std::net::IpAddr>,
+    /// With `--kube`: the ServiceAccount (namespace/name) the cluster's
+    /// gateways run as; its projected tokens are issued the gateway
+    /// identity. `none` leaves gateways to join tokens.
+    #[arg(
+        long,
+        value_name = "NS/NAME",
+        default_value = "fedmesh-system/fedmesh-gateway"
+    )]
+    gateway_service_account: String,
     /// Address of the discovery and Certify API (gRPC over mutual TLS).
     #[arg(long, default_value = "127.0.0.1:15010")]
     listen: SocketAddr,
@@ -92,9 +101,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut config = ControllerConfig::new(join, source, args.listen);
     if kube {
         let client = kube_client(args.kubeconfig.as_deref()).await?;
+        let gateway_account = match args.gateway_service_account.as_str() {
+            "none" => None,
+            other => Some(service_account(other)?),
+        };
         config.kube = Some(KubeOptions {
             client,
             clusterset_ip: args.clusterset_ip,
+            gateway_account,
         });
     }
     config.admin_addr = Some(args.admin);
@@ -138,4 +152,17 @@ async fn kube_client(path: Option<&std::path::Path>) -> anyhow::Result<kube::Cli
         )?,
     };
     kube::Client::try_from(config).context("building the Kubernetes client")
+}
+
+/// `namespace/name`, both non-empty.
+fn service_account(s: &str) -> anyhow::Result<fedmesh_kube::ServiceAccount> {
+    match s.split_once('/') {
+        Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
+            Ok(fedmesh_kube::ServiceAccount {
+                namespace: ns.into(),
+                name: name.into(),
+            })
+        }
+        _ => anyhow::bail!("--gateway-service-account {s:?}: expected namespace/name, or none"),
+    }
 }
