@@ -330,10 +330,7 @@ impl Controller {
         );
         service.chunk_bytes = config.discovery_chunk_bytes;
         if let Some(k) = &config.kube {
-            let gateway = match &k.gateway_account {
-                Some(a) => Some((a.clone(), gateway_id)),
-                None => None,
-            };
+            let gateway = k.gateway_account.as_ref().map(|a| (a.clone(), gateway_id));
             service = service
                 .with_token_review(fedmesh_kube::TokenReviewer::new(k.client.clone()), gateway);
         }
