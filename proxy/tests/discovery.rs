@@ -19,7 +19,7 @@ use fedmesh_proxy::config::{Common, Listen, Settings};
 use fedmesh_proxy::table::Table;
 use fedmesh_test_support::{Etcd, eventually};
 use fedmesh_trust::{BundleSet, SpiffeId};
-use support::gw::sites::{ALIVE_TTL, WEB_TOKEN, policy, set_service, site};
+use support::gw::sites::{ALIVE_TTL, WEB_TOKEN, fake_kube, policy, set_service, site, site_with};
 use support::{Backend, Load, get, me};
 
 const CART: &str = "cart.shop";
@@ -328,4 +328,47 @@ async fn a_proxy_follows_its_controller_and_outlives_it() {
         answers[before..].iter().all(|a| a.cluster == "gcp"),
         "traffic stayed where the last good config sent it"
     );
+}
+
+/// Kubernetes end to end: a `ServiceExport` and its EndpointSlice in gcp
+/// (test-support's FakeKube, a fake API server) beside gcp's other source;
+/// aws's proxy serves it from gcp's pod, through the real gateways, and stops
+/// once the `ServiceExport` is deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_export_in_one_cluster_is_served_by_anothers_proxy() {
+    use fedmesh_test_support::{FakeKube, kube_objects};
+    let etcd = Etcd::start().await.unwrap();
+    let kube = FakeKube::start("127.0.64.60", Duration::from_secs(1))
+        .await
+        .unwrap();
+    let gcp = site_with(&etcd, "gcp", 64, |c| c.kube = Some(fake_kube(&kube))).await;
+    let aws = site(&etcd, "aws", 63).await;
+    // A "pod" of gcp's cart: a backend on gcp's block, in az1.
+    let pod = Backend::new(gcp.reg.domain.ip(10), "gcp", "az1", "cart").await;
+    kube.put(&kube_objects::service("shop", "cart", 8080));
+    kube.put(&kube_objects::slice(
+        "shop",
+        "cart-1",
+        "cart",
+        i32::from(pod.addr.port()),
+        &[(&pod.addr.ip().to_string(), "az1", true)],
+    ));
+    kube.put(&kube_objects::export("shop", "cart"));
+
+    let (_discovered, proxy) = discovery_proxy(&aws).await;
+    let http = proxy.http.unwrap();
+    let answer = eventually("cart served from gcp", Duration::from_secs(30), || async {
+        get(http, CART).await.ok().filter(|a| a.cluster == "gcp")
+    })
+    .await;
+    assert_eq!(answer.zone, "az1");
+
+    assert!(kube.delete("serviceexports", "shop", "cart"));
+    let refused = eventually(
+        "cart gone once unexported",
+        Duration::from_secs(30),
+        || async { get(http, CART).await.err() },
+    )
+    .await;
+    assert!(refused.starts_with("404"), "{refused}");
 }

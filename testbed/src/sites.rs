@@ -65,6 +65,17 @@ pub fn policy() -> ClientPolicy {
 
 /// Registers `name` (with its own CA) and starts its controller.
 pub async fn register(etcd: &Etcd, name: &str, block: u8) -> Registered {
+    register_with(etcd, name, block, |_| {}).await
+}
+
+/// [`register`], with `tune` applied to the controller's config (a
+/// Kubernetes source beside the test's channel, say).
+pub async fn register_with(
+    etcd: &Etcd,
+    name: &str,
+    block: u8,
+    tune: impl FnOnce(&mut ControllerConfig),
+) -> Registered {
     let domain = Domain::new(name, &format!("{name}.fedmesh.test"), block);
     let td = domain.td.clone();
     // The controller takes the CA; Domain keeps its own for test SVIDs, so
@@ -114,6 +125,7 @@ pub async fn register(etcd: &Etcd, name: &str, block: u8) -> Registered {
         ],
         Duration::from_secs(3600),
     ));
+    tune(&mut config);
     let controller = Controller::start(config).await.unwrap();
     Registered {
         domain,
@@ -126,7 +138,17 @@ pub async fn register(etcd: &Etcd, name: &str, block: u8) -> Registered {
 
 /// Registers `name`, then starts its gateway from its controller alone.
 pub async fn site(etcd: &Etcd, name: &str, block: u8) -> Site {
-    let reg = register(etcd, name, block).await;
+    site_with(etcd, name, block, |_| {}).await
+}
+
+/// [`site`], with `tune` applied to the controller's config.
+pub async fn site_with(
+    etcd: &Etcd,
+    name: &str,
+    block: u8,
+    tune: impl FnOnce(&mut ControllerConfig),
+) -> Site {
+    let reg = register_with(etcd, name, block, tune).await;
     let (domain, td, gw_port) = (&reg.domain, reg.domain.td.clone(), reg.gw_port);
     let controller = reg.controller.as_ref().unwrap();
     let mut bootstrap = BundleSet::new();
@@ -199,4 +221,17 @@ pub fn set_service(reg: &Registered, name: &str, endpoints: &[(SocketAddr, &str,
         );
         *s = Arc::new(next);
     });
+}
+
+/// The controller's Kubernetes options for test-support's `FakeKube` (a
+/// fake API server: none can run here), over plain HTTP.
+pub fn fake_kube(
+    fake: &fedmesh_test_support::FakeKube,
+) -> fedmesh_controller::kubernetes::KubeOptions {
+    let url = fake.url().parse().expect("the fake's URL");
+    fedmesh_controller::kubernetes::KubeOptions {
+        client: kube::Client::try_from(kube::Config::new(url)).expect("a client for the fake"),
+        clusterset_ip: None,
+        gateway_account: None,
+    }
 }
