@@ -851,16 +851,25 @@ async fn a_service_export_in_one_cluster_reaches_etcd_and_anothers_proxies_and_i
     kube_a.put(&kube_objects::export("shop", "cart"));
     s.until(|m| remote_healthy(m.services.values(), "aws") == Some(3))
         .await;
-    let mut client = etcd.client().await.unwrap();
-    let kvs = client
-        .get(
-            KeySpace::default().exports_of("aws"),
-            Some(etcd_client::GetOptions::new().with_prefix()),
-        )
-        .await
-        .unwrap();
-    assert_eq!(kvs.kvs().len(), 1);
-    let summary = kvs.kvs()[0].value_str().unwrap();
+    let client = etcd.client().await.unwrap();
+    // aws's export summaries, as etcd holds them.
+    let aws_exports = || {
+        let mut client = client.clone();
+        async move {
+            let prefix = Some(etcd_client::GetOptions::new().with_prefix());
+            let r = client
+                .get(KeySpace::default().exports_of("aws"), prefix)
+                .await
+                .unwrap();
+            r.kvs()
+                .iter()
+                .map(|kv| kv.value_str().unwrap().to_owned())
+                .collect::<Vec<_>>()
+        }
+    };
+    let summaries = aws_exports().await;
+    assert_eq!(summaries.len(), 1);
+    let summary = &summaries[0];
     assert!(
         summary.contains("az1") && !summary.contains("10.1.0."),
         "{summary}"
@@ -932,14 +941,10 @@ async fn a_service_export_in_one_cluster_reaches_etcd_and_anothers_proxies_and_i
         },
     )
     .await;
-    let kvs = client
-        .get(
-            KeySpace::default().exports_of("aws"),
-            Some(etcd_client::GetOptions::new().with_prefix()),
-        )
-        .await
-        .unwrap();
-    assert!(kvs.kvs().is_empty(), "the export summary is deleted");
+    assert!(
+        aws_exports().await.is_empty(),
+        "the export summary is deleted"
+    );
     drop(a);
 }
 
