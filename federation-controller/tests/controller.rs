@@ -549,6 +549,9 @@ async fn admin_port_reports_readiness_and_metrics() {
         "fedmesh_controller_discovery_pushes_total",
         "fedmesh_controller_discovery_connected_clients",
         "fedmesh_controller_watch_lag_revisions",
+        // Zero without --kube, but always exposed.
+        "fedmesh_controller_kube_watch_errors_total 0",
+        "fedmesh_controller_kube_imports_written_total 0",
     ] {
         assert!(metrics.contains(name), "{name} missing:\n{metrics}");
     }
@@ -945,6 +948,18 @@ async fn a_service_export_in_one_cluster_reaches_etcd_and_anothers_proxies_and_i
         aws_exports().await.is_empty(),
         "the export summary is deleted"
     );
+    let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+    let (ka, kb) = (&a.controller.metrics.kube, &b.controller.metrics.imports);
+    assert!(
+        load(&ka.listings) >= 3 && load(&ka.status_writes) >= 3,
+        "{ka:?}"
+    );
+    assert!(load(&kb.written) >= 2, "{kb:?}");
+    // Counted once the API server's answer is back.
+    eventually("the deletion counted", Duration::from_secs(10), || async {
+        (load(&kb.deleted) >= 1).then_some(())
+    })
+    .await;
     drop(a);
 }
 
