@@ -4,7 +4,7 @@
 //! fedmesh owns the imports it labels, and deletes them when their service
 //! leaves the clusterset; it never touches another's.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -27,6 +27,10 @@ pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "fedmesh")
 const MANAGER: &str = "fedmesh-controller";
 /// How often imports that could not be written are tried again.
 const RETRY: Duration = Duration::from_secs(15);
+/// How long a namespace found missing is not asked about again: a
+/// federation's services in namespaces this cluster lacks would otherwise
+/// cost one failed write each, at every event.
+const MISSING_NAMESPACE_RECHECK: Duration = Duration::from_secs(60);
 
 /// One service of the clusterset: its port and who exports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -106,6 +110,7 @@ pub async fn run(
     );
     let mut ours: Mirror<ServiceImport> = Mirror::default();
     let mut retry = tokio::time::interval(RETRY);
+    let mut state = Reconciler::default();
     loop {
         tokio::select! {
             ev = events.next() => match ev {
@@ -120,7 +125,40 @@ pub async fn run(
             continue;
         }
         let want = imports.borrow_and_update().clone();
-        reconcile(&client, &ours, &want, ip, &stats).await;
+        reconcile(&client, &ours, &want, ip, &stats, &mut state).await;
+    }
+}
+
+/// What the writer remembers between rounds.
+#[derive(Default)]
+struct Reconciler {
+    /// Namespaces found missing, and when.
+    missing: BTreeMap<String, tokio::time::Instant>,
+    /// The resourceVersions our own writes left each import at, the last
+    /// (after its status write) at the back. The watch echoes each of them
+    /// in turn: a state we wrote on the way to the last must not be
+    /// "corrected" by writing again (resourceVersions are opaque: only
+    /// equality is used).
+    written: BTreeMap<ServiceKey, VecDeque<String>>,
+}
+
+impl Reconciler {
+    /// `rv` is an earlier state of our own making: its newer echo is coming.
+    fn passing(&self, key: &ServiceKey, rv: Option<&String>) -> bool {
+        let (Some(rv), Some(ours)) = (rv, self.written.get(key)) else {
+            return false;
+        };
+        ours.back() != Some(rv) && ours.contains(rv)
+    }
+
+    fn wrote(&mut self, key: &ServiceKey, rvs: impl IntoIterator<Item = String>) {
+        let ours = self.written.entry(key.clone()).or_default();
+        for rv in rvs {
+            ours.push_back(rv);
+        }
+        while ours.len() > 16 {
+            ours.pop_front();
+        }
     }
 }
 
@@ -130,29 +168,48 @@ async fn reconcile(
     want: &Imports,
     ip: Option<IpAddr>,
     stats: &ImportStats,
+    state: &mut Reconciler,
 ) {
     let apply = PatchParams::apply(MANAGER).force();
+    let now = tokio::time::Instant::now();
+    state
+        .missing
+        .retain(|_, since| now.duration_since(*since) < MISSING_NAMESPACE_RECHECK);
+    state.written.retain(|key, _| want.contains_key(key));
     for (key, import) in want {
-        if ours
-            .get(&key.namespace, &key.name)
-            .is_some_and(|have| up_to_date(have, import, ip))
-        {
+        if state.missing.contains_key(&key.namespace) {
+            continue;
+        }
+        let have = ours.get(&key.namespace, &key.name);
+        if state.passing(key, have.and_then(|h| h.metadata.resource_version.as_ref())) {
+            continue;
+        }
+        if have.is_some_and(|have| up_to_date(have, import, ip)) {
             continue;
         }
         let api = Api::<ServiceImport>::namespaced(client.clone(), &key.namespace);
         let body = manifest(key, import, ip);
         let written = async {
-            api.patch(&key.name, &apply, &Patch::Apply(&body)).await?;
-            api.patch_status(&key.name, &apply, &Patch::Apply(&body))
-                .await
+            let spec = api.patch(&key.name, &apply, &Patch::Apply(&body)).await?;
+            let status = api
+                .patch_status(&key.name, &apply, &Patch::Apply(&body))
+                .await?;
+            Ok::<_, kube::Error>([spec, status].map(|o| o.metadata.resource_version))
         };
-        match tokio::time::timeout(Duration::from_secs(10), written).await {
-            Ok(Ok(_)) => {
+        // Whatever happens, a failed round compares afresh next time.
+        let done = tokio::time::timeout(Duration::from_secs(10), written).await;
+        if !matches!(done, Ok(Ok(_))) {
+            state.written.remove(key);
+        }
+        match done {
+            Ok(Ok(rvs)) => {
                 stats.written.fetch_add(1, Ordering::Relaxed);
+                state.wrote(key, rvs.into_iter().flatten());
             }
             // Namespace sameness: no namespace here, no import.
             Ok(Err(kube::Error::Api(e))) if e.code == 404 => {
                 tracing::debug!(service = %key, "no such namespace here; no ServiceImport");
+                state.missing.insert(key.namespace.clone(), now);
             }
             Ok(Err(error)) => {
                 stats.errors.fetch_add(1, Ordering::Relaxed);
