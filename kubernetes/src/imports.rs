@@ -226,14 +226,23 @@ async fn reconcile(
             continue;
         }
         let api = Api::<ServiceImport>::namespaced(client.clone(), ns);
-        match api.delete(name, &DeleteParams::default()).await {
-            Ok(_) => {
+        let deleted = tokio::time::timeout(
+            Duration::from_secs(10),
+            api.delete(name, &DeleteParams::default()),
+        )
+        .await;
+        match deleted {
+            Ok(Ok(_)) => {
                 stats.deleted.fetch_add(1, Ordering::Relaxed);
             }
-            Err(kube::Error::Api(e)) if e.code == 404 => {}
-            Err(error) => {
+            Ok(Err(kube::Error::Api(e))) if e.code == 404 => {}
+            Ok(Err(error)) => {
                 stats.errors.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(namespace = %ns, name = %name, %error, "deleting a ServiceImport failed; trying again later");
+            }
+            Err(_) => {
+                stats.errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(namespace = %ns, name = %name, "deleting a ServiceImport timed out; trying again later");
             }
         }
     }
