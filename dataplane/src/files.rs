@@ -88,7 +88,9 @@ pub fn parse_yaml<F: DeserializeOwned>(yaml: &str, origin: &str) -> Result<F, Co
 /// `controller` block: a join token (`joinTokenFile`, read now) or, on
 /// Kubernetes, a projected ServiceAccount token (`serviceAccountTokenFile`,
 /// read at each use: the kubelet rotates it). Exactly one of the two.
-/// Returns the cluster's own bundle with it.
+/// Returns it with the bundle of our own trust domain `td`, which verifies
+/// the controller before anything else is known. Errors name
+/// `controller.bundle`, `controller.joinTokenFile` or the pair.
 pub fn credential(
     td: &TrustDomain,
     bundle: &Path,
@@ -97,45 +99,30 @@ pub fn credential(
     read: &impl Fn(&Path) -> Result<Vec<u8>, String>,
 ) -> Result<(BundleSet, fedmesh_discovery::Credential), String> {
     use fedmesh_discovery::Credential;
+    let own = || {
+        let doc = read(bundle).map_err(|e| format!("controller.bundle: {e}"))?;
+        let own = Bundle::from_document(td.clone(), &doc, &bundle.display().to_string())
+            .map_err(|e| format!("controller.bundle: {e}"))?;
+        let mut set = BundleSet::new();
+        set.insert(own);
+        Ok::<_, String>(set)
+    };
     match (join_token_file, service_account_token_file) {
         (Some(file), None) => {
-            let (set, token) = bootstrap(td, bundle, file, read)?;
-            Ok((set, Credential::JoinToken(token)))
+            let set = own()?;
+            Ok((set, Credential::JoinToken(join_token(file, read)?)))
         }
-        (None, Some(file)) => Ok((
-            own_bundle(td, bundle, read)?,
-            Credential::ServiceAccountToken(file.to_path_buf()),
-        )),
+        (None, Some(file)) => Ok((own()?, Credential::ServiceAccountToken(file.to_path_buf()))),
         _ => Err("controller: set exactly one of joinTokenFile (a join token) and serviceAccountTokenFile (a projected ServiceAccount token, on Kubernetes)".into()),
     }
 }
 
-/// The cluster's own bundle (`controller.bundle`), to verify the
-/// controller before the first SVID.
-pub fn own_bundle(
-    td: &TrustDomain,
-    bundle: &Path,
+/// The join token in `file`, trimmed; never empty.
+fn join_token(
+    file: &Path,
     read: &impl Fn(&Path) -> Result<Vec<u8>, String>,
-) -> Result<BundleSet, String> {
-    let doc = read(bundle).map_err(|e| format!("controller.bundle: {e}"))?;
-    let own = Bundle::from_document(td.clone(), &doc, &bundle.display().to_string())
-        .map_err(|e| format!("controller.bundle: {e}"))?;
-    let mut set = BundleSet::new();
-    set.insert(own);
-    Ok(set)
-}
-
-/// The bundle of our own trust domain `td` (to verify the controller
-/// before anything else is known) and the join token, read with `read`.
-/// Errors name `controller.bundle` or `controller.joinTokenFile`.
-pub fn bootstrap(
-    td: &TrustDomain,
-    bundle: &Path,
-    join_token_file: &Path,
-    read: &impl Fn(&Path) -> Result<Vec<u8>, String>,
-) -> Result<(BundleSet, String), String> {
-    let set = own_bundle(td, bundle, read)?;
-    let token = read(join_token_file).map_err(|e| format!("controller.joinTokenFile: {e}"))?;
+) -> Result<String, String> {
+    let token = read(file).map_err(|e| format!("controller.joinTokenFile: {e}"))?;
     let token = String::from_utf8(token)
         .map_err(|_| "controller.joinTokenFile: not UTF-8 text".to_string())?
         .trim()
@@ -143,7 +130,7 @@ pub fn bootstrap(
     if token.is_empty() {
         return Err("controller.joinTokenFile: the file is empty".into());
     }
-    Ok((set, token))
+    Ok(token)
 }
 
 /// Publishes an SVID and bundle set re-read from files, each only if it
@@ -190,17 +177,15 @@ impl ControllerAddress {
         if let Ok(a) = self.0.parse() {
             return Ok(a);
         }
-        let Some((host, port)) = self.0.rsplit_once(':') else {
-            return Err(format!(
+        let malformed = || {
+            format!(
                 "controller.address: {:?} is not ip:port or name:port",
                 self.0
-            ));
+            )
         };
+        let (host, port) = self.0.rsplit_once(':').ok_or_else(malformed)?;
         if host.is_empty() || port.parse::<u16>().map_or(true, |p| p == 0) {
-            return Err(format!(
-                "controller.address: {:?} is not ip:port or name:port",
-                self.0
-            ));
+            return Err(malformed());
         }
         use std::net::ToSocketAddrs;
         self.0

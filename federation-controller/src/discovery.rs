@@ -555,8 +555,8 @@ impl Discovery for DiscoveryService {
         let certs = info.and_then(|i| i.peer_certs());
         let req = request.into_inner();
         // Only bootstrap tokens can be guessed (or cost a TokenReview): the
-        // limit on failures applies to them, never to a renewal by an SVID (workloads on a node a guesser
-        // shares must still renew).
+        // limit on failures applies to them, never to a renewal by an SVID
+        // (workloads on a node a guesser shares must still renew).
         let by_account = !req.service_account_token.is_empty();
         let by_token = !req.join_token.is_empty() || by_account;
         if by_token
