@@ -154,15 +154,13 @@ async fn kube_client(path: Option<&std::path::Path>) -> anyhow::Result<kube::Cli
     kube::Client::try_from(config).context("building the Kubernetes client")
 }
 
-/// `namespace/name`, both non-empty.
+/// `namespace/name`, read by the rule service keys follow.
 fn service_account(s: &str) -> anyhow::Result<fedmesh_kube::ServiceAccount> {
-    match s.split_once('/') {
-        Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
-            Ok(fedmesh_kube::ServiceAccount {
-                namespace: ns.into(),
-                name: name.into(),
-            })
-        }
-        _ => anyhow::bail!("--gateway-service-account {s:?}: expected namespace/name, or none"),
-    }
+    let key: fedmesh_api::ServiceKey = s.parse().map_err(|_| {
+        anyhow::anyhow!("--gateway-service-account {s:?}: expected namespace/name, or none")
+    })?;
+    Ok(fedmesh_kube::ServiceAccount {
+        namespace: key.namespace,
+        name: key.name,
+    })
 }
