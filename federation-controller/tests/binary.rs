@@ -187,6 +187,14 @@ fn bad_flags_and_files_are_named() {
         "10.0.0.1",
     ]);
     assert!(err.contains("--clusterset-ip needs --kube"), "{err}");
+    let err = run(&[
+        "--join",
+        "j",
+        "--kube",
+        "--gateway-service-account",
+        "fedmesh-gateway",
+    ]);
+    assert!(err.contains("expected namespace/name"), "{err}");
 }
 
 /// `--kubeconfig` alone: the services of the cluster's ServiceExports reach

@@ -92,6 +92,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if args.clusterset_ip.is_some() && !kube {
         anyhow::bail!("--clusterset-ip needs --kube: it is written into ServiceImports");
     }
+    let gateway_account = match args.gateway_service_account.as_str() {
+        "none" => None,
+        other => Some(service_account(other)?),
+    };
     let join = JoinDir::load(&args.join)
         .with_context(|| format!("loading the join directory {}", args.join.display()))?;
     let source = match &args.registry {
@@ -101,10 +105,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut config = ControllerConfig::new(join, source, args.listen);
     if kube {
         let client = kube_client(args.kubeconfig.as_deref()).await?;
-        let gateway_account = match args.gateway_service_account.as_str() {
-            "none" => None,
-            other => Some(service_account(other)?),
-        };
         config.kube = Some(KubeOptions {
             client,
             clusterset_ip: args.clusterset_ip,
