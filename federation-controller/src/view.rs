@@ -22,19 +22,8 @@ use fedmesh_api::{
 use fedmesh_trust::Bundle;
 use imbl::{OrdMap, OrdSet};
 
-pub use fedmesh_zone::RawKv;
 use fedmesh_zone::decode_bundle;
-
-/// A watch event.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RawEvent {
-    Put(RawKv),
-    /// `mod_revision` is the revision of the deletion.
-    Delete {
-        key: String,
-        mod_revision: i64,
-    },
-}
+pub use fedmesh_zone::{RawEvent, RawKv};
 
 /// A cluster or zone name, shared by every export that mentions it.
 pub type Name = Arc<str>;

@@ -310,6 +310,14 @@ impl ClusterCa {
         self.not_after
     }
 
+    /// Signs `msg` with the root's key (ECDSA, ASN.1 DER): how a cluster
+    /// vouches for its bundle in the global zone. Verified with the root
+    /// certificate's public key, which readers already trust.
+    pub fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, CaError> {
+        use rcgen::SigningKey;
+        Ok(self.issuer.key().sign(msg)?)
+    }
+
     /// Issues an SVID for `id` with a freshly generated P-256 key.
     pub fn issue(
         &self,

@@ -36,7 +36,7 @@
 
 pub mod bundle;
 pub mod ca;
-mod pem;
+pub mod pem;
 pub mod pki;
 pub mod rotation;
 pub mod spiffe;

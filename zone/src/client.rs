@@ -18,6 +18,34 @@ pub struct RawKv {
     pub mod_revision: i64,
 }
 
+/// A watch event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RawEvent {
+    Put(RawKv),
+    /// `mod_revision` is the revision of the deletion.
+    Delete {
+        key: String,
+        mod_revision: i64,
+    },
+}
+
+impl RawEvent {
+    pub fn key(&self) -> &str {
+        match self {
+            RawEvent::Put(kv) => &kv.key,
+            RawEvent::Delete { key, .. } => key,
+        }
+    }
+
+    /// The revision the event happened at.
+    pub fn revision(&self) -> i64 {
+        match self {
+            RawEvent::Put(kv) => kv.mod_revision,
+            RawEvent::Delete { mod_revision, .. } => *mod_revision,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ZoneError {
     /// etcd is unreachable, timed out, or refused the request.

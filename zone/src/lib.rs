@@ -8,19 +8,22 @@
 //!   reads and liveness;
 //! - [`join`]: the join directory `fedmesh register cluster` writes and
 //!   `fedmesh-controller --join` reads;
-//! - [`tokens`]: join tokens (hashed, expiring, optionally single-use).
+//! - [`tokens`]: join tokens (hashed, expiring, optionally single-use);
+//! - [`gate`]: what a reader believes of the signed global zone, I/O-free.
 //!
 //! The key layout is in `fedmesh-api` (ARCHITECTURE.md §3.1).
 
 pub mod access;
 pub mod client;
+pub mod gate;
 pub mod join;
 pub mod policies;
 pub mod tokens;
 
 pub use access::{AccessError, EtcdTls, check_endpoints, connect_options};
 pub use client::{
-    GlobalZone, Pager, RawKv, RegisterOutcome, ZoneError, cluster_role, decode_bundle, list_range,
+    GlobalZone, Pager, RawEvent, RawKv, RegisterOutcome, ZoneError, cluster_role, decode_bundle,
+    list_range,
 };
 pub use join::{EtcdAccess, JoinDir};
 pub use policies::{HistoryEntry, PolicyChange, PolicyHistory, StoredPolicies, StoredPolicy};

@@ -1,0 +1,865 @@
+//! The reader's side of the signed global zone, I/O-free: what a
+//! controller (or `fedmesh get`) believes of what etcd holds.
+//!
+//! Every value passes the gate before the view sees it. The gate opens each
+//! envelope with the key allowed to sign that key (`fedmesh-seal`), refuses
+//! what is unsigned, forged, copied from another key, older than what it
+//! believes (rollback) or over budget, and hands on the plain value of what
+//! it believes, so the view downstream is the unsigned view it always was.
+//! A refusal changes nothing downstream: the last believed value stays,
+//! and the refusal is kept by key for `fedmesh get`'s TRUST column and the
+//! refused-records metric.
+//!
+//! Deletions: only a signed deletion (a statement whose value is `null`, or
+//! an export the cluster's signed manifest withdraws) removes anything. A
+//! raw delete, or a listing that lacks a key (a wiped or restored etcd), is
+//! the loss of a copy, not a withdrawal: the believed value is handed on
+//! again. So a cluster's services survive anyone deleting its keys, and
+//! etcd itself.
+//!
+//! Chain of trust, per kind:
+//! - `clusters/<c>`, `policies/<p>`: the federation anchor pinned at join;
+//! - `bundles/<td>`: a root the reader trusts for `td`: first those pinned
+//!   in the anchor-signed records of the clusters of `td`, then the roots of
+//!   the bundle it believes (so a rotation signed by the current root needs
+//!   no operator);
+//! - `seen/<c>` (the export manifest): `…/fedmesh/controller/<c>`'s SVID,
+//!   verified against the believed bundle of `c`'s trust domain;
+//! - `exports/<c>/…`: plain JSON, believed when it matches `c`'s manifest:
+//!   through the manifest's `changes` while watching, bucket by bucket when
+//!   listing (`fedmesh_seal::manifest`).
+//!
+//! `alive/<c>` is unsigned by design: it only dates liveness, and liveness
+//! never takes traffic away (static stability).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::SystemTime;
+
+use fedmesh_api::{ClusterRecord, GlobalKey, KeySpace, SeenRecord};
+use fedmesh_seal::manifest::digest_hex;
+use fedmesh_seal::{
+    AnchorPublic, ExportManifest, ExportSet, Opened, Refusal, bucket_of, check_seq, open_anchored,
+    open_by_root, open_by_svid, root_keyid, seq_time, value_digest,
+};
+use fedmesh_trust::{Bundle, SpiffeId, TrustDomain};
+use rustls_pki_types::CertificateDer;
+use serde::{Deserialize, Serialize};
+
+use crate::client::{RawEvent, RawKv};
+
+/// What a reader allows one cluster to publish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Budget {
+    /// Exports per cluster.
+    pub max_exports: u32,
+    /// Bytes of one export value.
+    pub max_export_bytes: usize,
+}
+
+impl Default for Budget {
+    fn default() -> Self {
+        Self {
+            max_exports: 20_000,
+            max_export_bytes: 16 * 1024,
+        }
+    }
+}
+
+/// How a gate decides.
+#[derive(Debug, Clone)]
+pub struct GateConfig {
+    /// The federation anchor(s) pinned in the join directory.
+    pub anchors: Vec<AnchorPublic>,
+    /// Believe values that are not envelopes, and obey raw deletes of them:
+    /// the one upgrade step from an unsigned federation (`--trust-unsigned`).
+    pub trust_unsigned: bool,
+    pub budget: Budget,
+}
+
+/// The value of an anchor-signed `clusters/<c>`: the record, and the roots
+/// its trust domain's bundle must first be signed by.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Registration {
+    #[serde(flatten)]
+    pub record: ClusterRecord,
+    /// Keyids (`root:<hex>`) of the CA roots pinned at registration.
+    #[serde(default)]
+    pub roots: Vec<String>,
+}
+
+/// The kind of a refused record, as the metric labels it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Kind {
+    Cluster,
+    Bundle,
+    Manifest,
+    Export,
+    Policy,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Cluster => "cluster",
+            Kind::Bundle => "bundle",
+            Kind::Manifest => "manifest",
+            Kind::Export => "export",
+            Kind::Policy => "policy",
+        }
+    }
+}
+
+/// One refusal, kept by key until a believed value replaces it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused {
+    pub kind: Kind,
+    /// The cluster the key belongs to ("" for policies).
+    pub cluster: String,
+    pub refusal: Refusal,
+}
+
+/// What a batch of watch events came to.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Admitted {
+    /// Plain events for the view.
+    pub events: Vec<RawEvent>,
+    /// A manifest could not be followed from the one believed (its `prev`
+    /// is another): only a listing can check that cluster's exports again.
+    pub relist: bool,
+}
+
+/// A cluster's listed exports, as far as the gate believes them.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ListedExports {
+    /// Plain exports of buckets that match the manifest.
+    pub kvs: Vec<RawKv>,
+    /// Buckets that do not: the view keeps what it holds in them.
+    pub held: BTreeSet<u8>,
+}
+
+#[derive(Debug, Clone)]
+struct Held {
+    seq: Option<u64>,
+    /// The plain value handed on, at the revision it was believed.
+    kv: RawKv,
+}
+
+#[derive(Debug, Clone)]
+struct HeldCluster {
+    held: Held,
+    trust_domain: String,
+    roots: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+struct HeldBundle {
+    held: Held,
+    bundle: Bundle,
+}
+
+#[derive(Debug, Clone)]
+struct HeldManifest {
+    seq: u64,
+    manifest: ExportManifest,
+    kv: RawKv,
+}
+
+/// The gate. See the module documentation.
+#[derive(Debug)]
+pub struct Gate {
+    keys: KeySpace,
+    config: GateConfig,
+    clusters: BTreeMap<String, HeldCluster>,
+    /// Clusters whose record is a signed deletion.
+    removed: BTreeSet<String>,
+    bundles: BTreeMap<String, HeldBundle>,
+    manifests: BTreeMap<String, HeldManifest>,
+    policies: BTreeMap<String, Held>,
+    refused: BTreeMap<String, Refused>,
+    /// Refusals since the last [`Gate::drain_refusals`], for counters.
+    fresh: Vec<Refused>,
+}
+
+/// Order in which one batch or listing is judged: what vouches for a key
+/// comes before it.
+fn rank(key: &GlobalKey) -> u8 {
+    match key {
+        GlobalKey::Cluster(_) => 0,
+        GlobalKey::Bundle(_) => 1,
+        GlobalKey::Seen(_) => 2,
+        GlobalKey::Export { .. } => 3,
+        GlobalKey::Policy(_) => 4,
+        GlobalKey::Alive(_) => 5,
+    }
+}
+
+impl Gate {
+    pub fn new(keys: KeySpace, config: GateConfig) -> Self {
+        Self {
+            keys,
+            config,
+            clusters: BTreeMap::new(),
+            removed: BTreeSet::new(),
+            bundles: BTreeMap::new(),
+            manifests: BTreeMap::new(),
+            policies: BTreeMap::new(),
+            refused: BTreeMap::new(),
+            fresh: Vec::new(),
+        }
+    }
+
+    pub fn keys(&self) -> &KeySpace {
+        &self.keys
+    }
+
+    /// The refusal in force for each key.
+    pub fn refused(&self) -> &BTreeMap<String, Refused> {
+        &self.refused
+    }
+
+    /// Refusals made since the last call.
+    pub fn drain_refusals(&mut self) -> Vec<Refused> {
+        std::mem::take(&mut self.fresh)
+    }
+
+    /// Clusters whose record the gate believes.
+    pub fn clusters(&self) -> impl Iterator<Item = &str> {
+        self.clusters.keys().map(String::as_str)
+    }
+
+    /// Judges one watch response: every event of one or more whole
+    /// revisions, as etcd delivers them.
+    pub fn admit(&mut self, events: Vec<RawEvent>, now: SystemTime) -> Admitted {
+        let mut parsed: Vec<(GlobalKey, RawEvent)> = events
+            .into_iter()
+            .filter_map(|e| Some((self.keys.parse(e.key())?, e)))
+            .collect();
+        parsed.sort_by_key(|(k, e)| (e.revision(), rank(k)));
+        let mut out = Admitted::default();
+        // Exports wait for their revision's manifest.
+        let mut exports: BTreeMap<String, Vec<(String, RawEvent)>> = BTreeMap::new();
+        let mut changed_manifests: Vec<(String, Option<u64>)> = Vec::new();
+        for (key, event) in parsed {
+            match key {
+                GlobalKey::Export {
+                    cluster,
+                    namespace,
+                    service,
+                } => exports
+                    .entry(cluster)
+                    .or_default()
+                    .push((format!("{namespace}/{service}"), event)),
+                GlobalKey::Seen(ref cluster) => {
+                    let before = self.manifests.get(cluster).map(|m| m.seq);
+                    if let Some(e) = self.judge(&key, event, now) {
+                        changed_manifests.push((cluster.clone(), before));
+                        out.events.push(e);
+                    }
+                }
+                other => out.events.extend(self.judge(&other, event, now)),
+            }
+        }
+        for (cluster, before) in changed_manifests {
+            let batch = exports.remove(&cluster).unwrap_or_default();
+            let (events, relist) = self.follow_manifest(&cluster, before, batch);
+            out.events.extend(events);
+            out.relist |= relist;
+        }
+        // Export events no new manifest vouches for.
+        for (cluster, batch) in exports {
+            for (_, event) in batch {
+                out.events.extend(self.unvouched_export(&cluster, event));
+            }
+        }
+        out
+    }
+
+    /// Judges a listing's keys other than exports. Returns the plain values
+    /// the view should hold: the believed ones, including believed keys the
+    /// listing lacked (a copy lost is not a deletion).
+    pub fn admit_records(&mut self, kvs: Vec<RawKv>, now: SystemTime) -> Vec<RawKv> {
+        let mut parsed: Vec<(GlobalKey, RawKv)> = kvs
+            .into_iter()
+            .filter_map(|kv| Some((self.keys.parse(&kv.key)?, kv)))
+            .filter(|(k, _)| !matches!(k, GlobalKey::Export { .. }))
+            .collect();
+        parsed.sort_by_key(|(k, _)| rank(k));
+        let listed: BTreeSet<String> = parsed.iter().map(|(_, kv)| kv.key.clone()).collect();
+        let mut alive = Vec::new();
+        for (key, kv) in parsed {
+            if matches!(key, GlobalKey::Alive(_)) {
+                alive.push(kv);
+            } else {
+                self.judge(&key, RawEvent::Put(kv), now);
+            }
+        }
+        let mut out = self.believed_records();
+        for kv in &out {
+            if !listed.contains(&kv.key) {
+                tracing::warn!(key = %kv.key, "a believed record is missing from etcd; keeping it");
+            }
+        }
+        out.extend(alive);
+        out
+    }
+
+    /// Every record the gate believes, as plain values.
+    pub fn believed_records(&self) -> Vec<RawKv> {
+        let mut out: Vec<RawKv> = Vec::new();
+        out.extend(self.clusters.values().map(|c| c.held.kv.clone()));
+        out.extend(self.bundles.values().map(|b| b.held.kv.clone()));
+        out.extend(self.manifests.values().map(|m| m.kv.clone()));
+        out.extend(self.policies.values().map(|p| p.kv.clone()));
+        out
+    }
+
+    /// Judges a listing of one cluster's exports against its manifest.
+    pub fn admit_exports(&mut self, cluster: &str, kvs: Vec<RawKv>) -> ListedExports {
+        let unsigned = self.trust_unsigned_cluster(cluster);
+        let Some(manifest) = self.manifests.get(cluster).map(|m| m.manifest.clone()) else {
+            if unsigned {
+                return ListedExports {
+                    kvs,
+                    held: BTreeSet::new(),
+                };
+            }
+            for kv in kvs {
+                self.refuse(
+                    &kv.key,
+                    Kind::Export,
+                    cluster,
+                    Refusal::Unsigned("no signed manifest of the cluster's exports".into()),
+                );
+            }
+            return ListedExports {
+                kvs: Vec::new(),
+                held: (0..fedmesh_seal::BUCKETS).collect(),
+            };
+        };
+        let mut set = ExportSet::default();
+        let mut listed = Vec::with_capacity(kvs.len());
+        for kv in kvs {
+            let Some((_, ns, svc)) = self.keys.parse_export(&kv.key) else {
+                continue;
+            };
+            let service = format!("{ns}/{svc}");
+            set.insert(service.clone(), value_digest(&kv.value));
+            listed.push((service, kv));
+        }
+        let held: BTreeSet<u8> = set.mismatched(&manifest).into_iter().collect();
+        let mut out = ListedExports {
+            kvs: Vec::with_capacity(listed.len()),
+            held,
+        };
+        for (service, kv) in listed {
+            if out.held.contains(&bucket_of(&service)) {
+                self.refuse(
+                    &kv.key,
+                    Kind::Export,
+                    cluster,
+                    Refusal::Forged(
+                        "its bucket does not match the cluster's signed manifest".into(),
+                    ),
+                );
+            } else if kv.value.len() > self.config.budget.max_export_bytes {
+                self.refuse(
+                    &kv.key,
+                    Kind::Export,
+                    cluster,
+                    self.too_large(kv.value.len()),
+                );
+                out.held.insert(bucket_of(&service));
+            } else {
+                self.refused.remove(&kv.key);
+                out.kvs.push(kv);
+            }
+        }
+        if !out.held.is_empty() {
+            tracing::warn!(
+                cluster,
+                buckets = out.held.len(),
+                "exports do not match the cluster's signed manifest; keeping the last believed ones"
+            );
+        }
+        out
+    }
+
+    fn too_large(&self, len: usize) -> Refusal {
+        Refusal::Budget(format!(
+            "{len} bytes; an export may take {}",
+            self.config.budget.max_export_bytes
+        ))
+    }
+
+    fn trust_unsigned_cluster(&self, cluster: &str) -> bool {
+        self.config.trust_unsigned
+            && self
+                .clusters
+                .get(cluster)
+                .is_some_and(|c| c.held.seq.is_none())
+    }
+
+    fn refuse(&mut self, key: &str, kind: Kind, cluster: &str, refusal: Refusal) {
+        tracing::warn!(%key, reason = %refusal, "refusing a global-zone value; keeping the last believed one");
+        let r = Refused {
+            kind,
+            cluster: cluster.to_owned(),
+            refusal,
+        };
+        self.fresh.push(r.clone());
+        self.refused.insert(key.to_owned(), r);
+    }
+
+    /// Judges one record event; the plain event to hand on, if any.
+    fn judge(&mut self, key: &GlobalKey, event: RawEvent, now: SystemTime) -> Option<RawEvent> {
+        let kv = match event {
+            RawEvent::Put(kv) => kv,
+            RawEvent::Delete {
+                key: k,
+                mod_revision,
+            } => {
+                return self.raw_delete(key, &k, mod_revision);
+            }
+        };
+        match key {
+            GlobalKey::Alive(_) => Some(RawEvent::Put(kv)),
+            GlobalKey::Cluster(c) => self.judge_cluster(c, kv),
+            GlobalKey::Bundle(td) => self.judge_bundle(td, kv),
+            GlobalKey::Seen(c) => self.judge_manifest(c, kv, now),
+            GlobalKey::Policy(p) => self.judge_policy(p, kv),
+            GlobalKey::Export { .. } => None,
+        }
+    }
+
+    /// A raw delete: obeyed only for values believed unsigned (the upgrade
+    /// step) and for the liveness lease.
+    fn raw_delete(
+        &mut self,
+        key: &GlobalKey,
+        raw_key: &str,
+        mod_revision: i64,
+    ) -> Option<RawEvent> {
+        let unsigned = self.config.trust_unsigned
+            && match key {
+                GlobalKey::Cluster(c) => self.clusters.get(c).is_some_and(|h| h.held.seq.is_none()),
+                GlobalKey::Bundle(td) => self.bundles.get(td).is_some_and(|h| h.held.seq.is_none()),
+                GlobalKey::Policy(p) => self.policies.get(p).is_some_and(|h| h.seq.is_none()),
+                _ => false,
+            };
+        let delete = RawEvent::Delete {
+            key: raw_key.to_owned(),
+            mod_revision,
+        };
+        match key {
+            GlobalKey::Alive(_) => Some(delete),
+            GlobalKey::Cluster(c) if unsigned => {
+                self.clusters.remove(c);
+                Some(delete)
+            }
+            GlobalKey::Bundle(td) if unsigned => {
+                self.bundles.remove(td);
+                Some(delete)
+            }
+            GlobalKey::Policy(p) if unsigned => {
+                self.policies.remove(p);
+                Some(delete)
+            }
+            _ => {
+                tracing::warn!(
+                    key = raw_key,
+                    "ignoring an unsigned delete; keeping the last believed value"
+                );
+                None
+            }
+        }
+    }
+
+    /// Opens an anchor-signed value, or takes an unsigned one when allowed.
+    fn open_anchored_or_unsigned<T: serde::de::DeserializeOwned>(
+        &self,
+        kv: &RawKv,
+    ) -> Result<Opened<T>, Refusal> {
+        let subject = self.subject(&kv.key);
+        match open_anchored::<T>(&kv.value, subject, &self.config.anchors) {
+            Err(Refusal::Unsigned(_)) if self.config.trust_unsigned => {
+                let value = serde_json::from_slice(&kv.value)
+                    .map_err(|e| Refusal::Invalid(e.to_string()))?;
+                Ok(Opened {
+                    seq: 0,
+                    value: Some(value),
+                    signer: "unsigned".into(),
+                })
+            }
+            r => r,
+        }
+    }
+
+    fn subject<'k>(&self, key: &'k str) -> &'k str {
+        key.strip_prefix(self.keys.prefix()).unwrap_or(key)
+    }
+
+    fn judge_cluster(&mut self, name: &str, kv: RawKv) -> Option<RawEvent> {
+        let opened = self
+            .open_anchored_or_unsigned::<Registration>(&kv)
+            .and_then(|o| {
+                check_seq(self.clusters.get(name).and_then(|c| c.held.seq), o.seq)?;
+                if let Some(r) = &o.value {
+                    r.record
+                        .validate()
+                        .map_err(|e| Refusal::Invalid(e.to_string()))?;
+                    if r.record.name != name {
+                        return Err(Refusal::Invalid(format!(
+                            "the record names cluster {:?}",
+                            r.record.name
+                        )));
+                    }
+                }
+                Ok(o)
+            });
+        let o = match opened {
+            Ok(o) => o,
+            Err(r) => {
+                self.refuse(&kv.key, Kind::Cluster, name, r);
+                return None;
+            }
+        };
+        self.refused.remove(&kv.key);
+        let seq = (o.signer != "unsigned").then_some(o.seq);
+        match o.value {
+            None => {
+                // Deregistered: the cluster, its bundle trust and its
+                // exports go.
+                let held = self.clusters.remove(name);
+                self.removed.insert(name.to_owned());
+                self.manifests.remove(name);
+                if let Some(h) = held
+                    && !self
+                        .clusters
+                        .values()
+                        .any(|c| c.trust_domain == h.trust_domain)
+                {
+                    self.bundles.remove(&h.trust_domain);
+                }
+                Some(RawEvent::Delete {
+                    key: kv.key,
+                    mod_revision: kv.mod_revision,
+                })
+            }
+            Some(reg) => {
+                self.removed.remove(name);
+                let plain = RawKv {
+                    key: kv.key.clone(),
+                    value: serde_json::to_vec(&reg.record).unwrap_or_default(),
+                    mod_revision: kv.mod_revision,
+                };
+                self.clusters.insert(
+                    name.to_owned(),
+                    HeldCluster {
+                        held: Held {
+                            seq,
+                            kv: plain.clone(),
+                        },
+                        trust_domain: reg.record.trust_domain.clone(),
+                        roots: reg.roots,
+                    },
+                );
+                Some(RawEvent::Put(plain))
+            }
+        }
+    }
+
+    fn judge_bundle(&mut self, td: &str, kv: RawKv) -> Option<RawEvent> {
+        let owner = self
+            .clusters
+            .iter()
+            .find(|(_, c)| c.trust_domain == td)
+            .map(|(n, _)| n.clone())
+            .unwrap_or_default();
+        match self.open_bundle(td, &kv) {
+            Ok((seq, bundle, doc)) => {
+                self.refused.remove(&kv.key);
+                let plain = RawKv {
+                    key: kv.key.clone(),
+                    value: doc,
+                    mod_revision: kv.mod_revision,
+                };
+                self.bundles.insert(
+                    td.to_owned(),
+                    HeldBundle {
+                        held: Held {
+                            seq,
+                            kv: plain.clone(),
+                        },
+                        bundle,
+                    },
+                );
+                Some(RawEvent::Put(plain))
+            }
+            Err(r) => {
+                self.refuse(&kv.key, Kind::Bundle, &owner, r);
+                None
+            }
+        }
+    }
+
+    /// The roots trusted to sign `td`'s bundle: pinned by the records of
+    /// its clusters, and those of the bundle believed now.
+    fn trusted_roots(&self, td: &str) -> (Vec<String>, Vec<CertificateDer<'static>>) {
+        let mut keyids: Vec<String> = self
+            .clusters
+            .values()
+            .filter(|c| c.trust_domain == td)
+            .flat_map(|c| c.roots.iter().cloned())
+            .collect();
+        let mut certs = Vec::new();
+        if let Some(b) = self.bundles.get(td) {
+            for r in b.bundle.roots() {
+                keyids.extend(root_keyid(r));
+                certs.push(r.clone());
+            }
+        }
+        (keyids, certs)
+    }
+
+    fn open_bundle(&self, td: &str, kv: &RawKv) -> Result<(Option<u64>, Bundle, Vec<u8>), Refusal> {
+        let trust_domain =
+            TrustDomain::new(td).map_err(|e| Refusal::Invalid(format!("trust domain {e}")))?;
+        let subject = self.subject(&kv.key);
+        if !self.clusters.values().any(|c| c.trust_domain == td) {
+            return Err(Refusal::Forged(
+                "no believed cluster record names this trust domain".into(),
+            ));
+        }
+        let held = self.bundles.get(td).and_then(|b| b.held.seq);
+        // The document itself is needed to find the signing root's
+        // certificate; nothing in it is believed before the signature is.
+        let (seq, doc) = match fedmesh_seal::Envelope::parse(&kv.value) {
+            Ok(env) => {
+                let payload = env.payload().map_err(Refusal::from)?;
+                let statement: fedmesh_seal::Statement<serde_json::Value> =
+                    serde_json::from_slice(&payload)
+                        .map_err(|e| Refusal::Invalid(format!("the signed payload: {e}")))?;
+                let doc = statement
+                    .value
+                    .as_ref()
+                    .map(|v| serde_json::to_vec(v).unwrap_or_default())
+                    .ok_or_else(|| {
+                        Refusal::Invalid("a bundle cannot be deleted on its own".into())
+                    })?;
+                let candidate = Bundle::from_document(trust_domain.clone(), &doc, &kv.key)
+                    .map_err(|e| Refusal::Invalid(e.to_string()))?;
+                let (trusted, mut certs) = self.trusted_roots(td);
+                certs.extend(candidate.roots().iter().cloned());
+                let opened =
+                    open_by_root::<serde_json::Value>(&kv.value, subject, &trusted, &certs)?;
+                (Some(opened.seq), doc)
+            }
+            Err(e) => {
+                let r = Refusal::from(e);
+                if matches!(r, Refusal::Unsigned(_)) && self.config.trust_unsigned {
+                    (None, kv.value.clone())
+                } else {
+                    return Err(r);
+                }
+            }
+        };
+        if let Some(seq) = seq {
+            check_seq(held, seq)?;
+        }
+        let bundle = Bundle::from_document(trust_domain, &doc, &kv.key)
+            .map_err(|e| Refusal::Invalid(e.to_string()))?;
+        Ok((seq, bundle, doc))
+    }
+
+    fn judge_manifest(&mut self, cluster: &str, kv: RawKv, now: SystemTime) -> Option<RawEvent> {
+        match self.open_manifest(cluster, &kv, now) {
+            Ok((seq, manifest)) => {
+                self.refused.remove(&kv.key);
+                let seen = SeenRecord {
+                    at: time::OffsetDateTime::from(seq_time(seq)),
+                };
+                let plain = RawKv {
+                    key: kv.key.clone(),
+                    value: serde_json::to_vec(&seen).unwrap_or_default(),
+                    mod_revision: kv.mod_revision,
+                };
+                self.manifests.insert(
+                    cluster.to_owned(),
+                    HeldManifest {
+                        seq,
+                        manifest,
+                        kv: plain.clone(),
+                    },
+                );
+                Some(RawEvent::Put(plain))
+            }
+            Err(Refusal::Unsigned(_)) if self.trust_unsigned_cluster(cluster) => {
+                // An unsigned federation's `seen` is the plain record.
+                Some(RawEvent::Put(kv))
+            }
+            Err(r) => {
+                self.refuse(&kv.key, Kind::Manifest, cluster, r);
+                None
+            }
+        }
+    }
+
+    fn open_manifest(
+        &self,
+        cluster: &str,
+        kv: &RawKv,
+        now: SystemTime,
+    ) -> Result<(u64, ExportManifest), Refusal> {
+        let c = self
+            .clusters
+            .get(cluster)
+            .ok_or_else(|| Refusal::Forged("no believed record of this cluster".into()))?;
+        let bundle = self.bundles.get(&c.trust_domain).ok_or_else(|| {
+            Refusal::Forged("no believed bundle of the cluster's trust domain".into())
+        })?;
+        let td = TrustDomain::new(&c.trust_domain).map_err(|e| Refusal::Invalid(e.to_string()))?;
+        let expected =
+            SpiffeId::controller(&td, cluster).map_err(|e| Refusal::Invalid(e.to_string()))?;
+        let opened = open_by_svid::<ExportManifest>(
+            &kv.value,
+            self.subject(&kv.key),
+            &expected,
+            &bundle.bundle,
+            now,
+        )?;
+        check_seq(self.manifests.get(cluster).map(|m| m.seq), opened.seq)?;
+        let manifest = opened
+            .value
+            .ok_or_else(|| Refusal::Invalid("a manifest cannot be deleted".into()))?;
+        if manifest.count > self.config.budget.max_exports {
+            return Err(Refusal::Budget(format!(
+                "{} exports; a cluster may publish {}",
+                manifest.count, self.config.budget.max_exports
+            )));
+        }
+        Ok((opened.seq, manifest))
+    }
+
+    /// Applies the export events of a revision whose manifest was just
+    /// believed: each change must be in the batch with the digest the
+    /// manifest signs. `before` is the manifest believed until now.
+    fn follow_manifest(
+        &mut self,
+        cluster: &str,
+        before: Option<u64>,
+        batch: Vec<(String, RawEvent)>,
+    ) -> (Vec<RawEvent>, bool) {
+        let Some(held) = self.manifests.get(cluster).cloned() else {
+            return (Vec::new(), false);
+        };
+        // A manifest that does not follow the one believed: something was
+        // missed (or etcd was replaced). Only a listing can tell.
+        if held.manifest.prev != before.unwrap_or(0) {
+            for (_, event) in batch {
+                self.refuse(
+                    event.key(),
+                    Kind::Export,
+                    cluster,
+                    Refusal::Forged("awaiting a listing to check it against the manifest".into()),
+                );
+            }
+            return (Vec::new(), true);
+        }
+        let mut out = Vec::new();
+        let mut batch: BTreeMap<String, RawEvent> = batch.into_iter().collect();
+        for (service, digest) in &held.manifest.changes {
+            let Some(event) = batch.remove(service) else {
+                continue;
+            };
+            let ok = match (&event, digest) {
+                (RawEvent::Put(kv), Some(d)) => {
+                    kv.value.len() <= self.config.budget.max_export_bytes
+                        && digest_hex(&value_digest(&kv.value)) == *d
+                }
+                (RawEvent::Delete { .. }, None) => true,
+                _ => false,
+            };
+            if ok {
+                self.refused.remove(event.key());
+                out.push(event);
+            } else {
+                self.refuse(
+                    event.key(),
+                    Kind::Export,
+                    cluster,
+                    Refusal::Forged("does not match the cluster's signed manifest".into()),
+                );
+            }
+        }
+        for (_, event) in batch {
+            out.extend(self.unvouched_export(cluster, event));
+        }
+        (out, false)
+    }
+
+    /// An export event no manifest of its revision lists.
+    fn unvouched_export(&mut self, cluster: &str, event: RawEvent) -> Option<RawEvent> {
+        // Exports of a deregistered cluster go with it; those of an
+        // unsigned federation pass as before.
+        if self.removed.contains(cluster) && matches!(event, RawEvent::Delete { .. }) {
+            return Some(event);
+        }
+        if self.trust_unsigned_cluster(cluster) && !self.manifests.contains_key(cluster) {
+            return Some(event);
+        }
+        let what = match event {
+            RawEvent::Put(_) => "written",
+            RawEvent::Delete { .. } => "deleted",
+        };
+        self.refuse(
+            event.key(),
+            Kind::Export,
+            cluster,
+            Refusal::Forged(format!("{what} without a signed manifest listing it")),
+        );
+        None
+    }
+
+    fn judge_policy(&mut self, name: &str, kv: RawKv) -> Option<RawEvent> {
+        let opened = self
+            .open_anchored_or_unsigned::<serde_json::Value>(&kv)
+            .and_then(|o| {
+                check_seq(self.policies.get(name).and_then(|p| p.seq), o.seq)?;
+                Ok(o)
+            });
+        let o = match opened {
+            Ok(o) => o,
+            Err(r) => {
+                self.refuse(&kv.key, Kind::Policy, "", r);
+                return None;
+            }
+        };
+        self.refused.remove(&kv.key);
+        let seq = (o.signer != "unsigned").then_some(o.seq);
+        match o.value {
+            None => {
+                self.policies.remove(name);
+                Some(RawEvent::Delete {
+                    key: kv.key,
+                    mod_revision: kv.mod_revision,
+                })
+            }
+            Some(v) => {
+                let plain = RawKv {
+                    key: kv.key.clone(),
+                    value: serde_json::to_vec(&v).unwrap_or_default(),
+                    mod_revision: kv.mod_revision,
+                };
+                self.policies.insert(
+                    name.to_owned(),
+                    Held {
+                        seq,
+                        kv: plain.clone(),
+                    },
+                );
+                Some(RawEvent::Put(plain))
+            }
+        }
+    }
+}
