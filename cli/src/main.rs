@@ -152,6 +152,12 @@ enum Command {
         #[arg(long)]
         state_dir: Option<PathBuf>,
     },
+    /// The federation anchor: the operator's key that signs cluster
+    /// records and global traffic policies.
+    Anchor {
+        #[command(subcommand)]
+        what: cmd::anchor::AnchorCommand,
+    },
     /// Manage a cluster's join tokens: what a proxy or gateway presents for
     /// its first SVID (24 h by default, optionally single-use).
     Token {
@@ -459,6 +465,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Start { target, state_dir } => {
             up::stop_start(&up::find_state_dir(state_dir)?, &target, true).await
         }
+        Command::Anchor { what } => cmd::anchor::run(what),
         Command::Token { what } => cmd::token::run(what),
         Command::RotateCa {
             cluster,

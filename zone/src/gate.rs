@@ -171,8 +171,10 @@ pub struct Gate {
     keys: KeySpace,
     config: GateConfig,
     clusters: BTreeMap<String, HeldCluster>,
-    /// Clusters whose record is a signed deletion.
-    removed: BTreeSet<String>,
+    /// Clusters and policies whose last word is a signed deletion, with
+    /// its sequence: an older genuine value must not bring them back.
+    removed: BTreeMap<String, u64>,
+    removed_policies: BTreeMap<String, u64>,
     bundles: BTreeMap<String, HeldBundle>,
     manifests: BTreeMap<String, HeldManifest>,
     policies: BTreeMap<String, Held>,
@@ -200,7 +202,8 @@ impl Gate {
             keys,
             config,
             clusters: BTreeMap::new(),
-            removed: BTreeSet::new(),
+            removed: BTreeMap::new(),
+            removed_policies: BTreeMap::new(),
             bundles: BTreeMap::new(),
             manifests: BTreeMap::new(),
             policies: BTreeMap::new(),
@@ -503,7 +506,8 @@ impl Gate {
         let opened = self
             .open_anchored_or_unsigned::<Registration>(&kv)
             .and_then(|o| {
-                check_seq(self.clusters.get(name).and_then(|c| c.held.seq), o.seq)?;
+                let held = self.clusters.get(name).and_then(|c| c.held.seq);
+                check_seq(held.or(self.removed.get(name).copied()), o.seq)?;
                 if let Some(r) = &o.value {
                     r.record
                         .validate()
@@ -531,7 +535,7 @@ impl Gate {
                 // Deregistered: the cluster, its bundle trust and its
                 // exports go.
                 let held = self.clusters.remove(name);
-                self.removed.insert(name.to_owned());
+                self.removed.insert(name.to_owned(), o.seq);
                 self.manifests.remove(name);
                 if let Some(h) = held
                     && !self
@@ -802,7 +806,7 @@ impl Gate {
     fn unvouched_export(&mut self, cluster: &str, event: RawEvent) -> Option<RawEvent> {
         // Exports of a deregistered cluster go with it; those of an
         // unsigned federation pass as before.
-        if self.removed.contains(cluster) && matches!(event, RawEvent::Delete { .. }) {
+        if self.removed.contains_key(cluster) && matches!(event, RawEvent::Delete { .. }) {
             return Some(event);
         }
         if self.trust_unsigned_cluster(cluster) && !self.manifests.contains_key(cluster) {
@@ -825,7 +829,8 @@ impl Gate {
         let opened = self
             .open_anchored_or_unsigned::<serde_json::Value>(&kv)
             .and_then(|o| {
-                check_seq(self.policies.get(name).and_then(|p| p.seq), o.seq)?;
+                let held = self.policies.get(name).and_then(|p| p.seq);
+                check_seq(held.or(self.removed_policies.get(name).copied()), o.seq)?;
                 Ok(o)
             });
         let o = match opened {
@@ -840,12 +845,14 @@ impl Gate {
         match o.value {
             None => {
                 self.policies.remove(name);
+                self.removed_policies.insert(name.to_owned(), o.seq);
                 Some(RawEvent::Delete {
                     key: kv.key,
                     mod_revision: kv.mod_revision,
                 })
             }
             Some(v) => {
+                self.removed_policies.remove(name);
                 let plain = RawKv {
                     key: kv.key.clone(),
                     value: serde_json::to_vec(&v).unwrap_or_default(),

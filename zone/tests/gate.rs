@@ -470,6 +470,14 @@ fn a_signed_deregistration_removes_a_cluster_and_a_policy_needs_the_anchor() {
     let out = gate.admit(vec![RawEvent::Put(kv)], now);
     assert!(matches!(&out.events[..], [RawEvent::Delete { .. }]));
     assert!(!gate.clusters().any(|c| c == "azure"));
+    // The genuine registration it replaced, written back: a rollback.
+    let old = f.registration("azure", 1, "127.0.2.1");
+    assert!(gate.admit(vec![RawEvent::Put(old)], now).events.is_empty());
+    assert_eq!(
+        gate.refused()[&f.keys.cluster("azure")].refusal.label(),
+        "ROLLBACK"
+    );
+    assert!(!gate.clusters().any(|c| c == "azure"));
 
     let policy = json!({"apiVersion": "fedmesh.io/v1", "kind": "GlobalTrafficPolicy",
         "metadata": {"name": "p"}, "spec": {"service": "*"}});
@@ -497,6 +505,27 @@ fn a_signed_deregistration_removes_a_cluster_and_a_policy_needs_the_anchor() {
     let kv = f.kv(f.keys.policy("p"), by_cluster);
     assert!(gate.admit(vec![RawEvent::Put(kv)], now).events.is_empty());
     assert_eq!(gate.refused()[&f.keys.policy("p")].kind, Kind::Policy);
+
+    // Deleted by the anchor; the genuine policy written back is a rollback.
+    let tomb =
+        f.sealed::<serde_json::Value>("policies/p".into(), 3, None, Signer::Anchor(&f.anchor));
+    let kv = f.kv(f.keys.policy("p"), tomb);
+    assert!(matches!(
+        &gate.admit(vec![RawEvent::Put(kv)], now).events[..],
+        [RawEvent::Delete { .. }]
+    ));
+    let again = f.sealed(
+        "policies/p".into(),
+        1,
+        Some(policy),
+        Signer::Anchor(&f.anchor),
+    );
+    let kv = f.kv(f.keys.policy("p"), again);
+    assert!(gate.admit(vec![RawEvent::Put(kv)], now).events.is_empty());
+    assert_eq!(
+        gate.refused()[&f.keys.policy("p")].refusal.label(),
+        "ROLLBACK"
+    );
 }
 
 #[test]

@@ -2,6 +2,7 @@
 //! `get`; and `rotate-ca`, on a join directory. `fedmesh up` and friends are
 //! in [`crate::up`].
 
+pub mod anchor;
 pub mod get;
 pub mod policy;
 pub mod proxies;
