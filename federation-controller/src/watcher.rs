@@ -121,7 +121,9 @@ async fn list(
     let mut revision = 0;
     let mut listing = Listing::default();
     let mut clusters = Vec::new();
-    for kind in ["clusters/", "alive/", "bundles/", "policies/"] {
+    // `seen/` too: a stale cluster's age comes from it, and a listing
+    // drops every record it does not contain.
+    for kind in ["clusters/", "alive/", "seen/", "bundles/", "policies/"] {
         let mut kvs = Vec::new();
         let range = format!("{prefix}{kind}");
         list_range(

@@ -133,6 +133,25 @@ async fn lists_then_follows_changes() {
     assert_eq!(w.stats.compaction_relists.load(Ordering::Relaxed), 0);
 }
 
+/// A stale cluster's age comes from `seen/<c>`, which a listing must read:
+/// before it did, a controller that started (or re-listed) against a zone
+/// knew no cluster's last liveness until that cluster's next `seen` write.
+#[tokio::test]
+async fn a_listing_reads_when_each_cluster_was_last_seen() {
+    let (etcd, mut c) = seeded().await;
+    let seen = serde_json::json!({"at": "2026-12-07T10:00:00Z"});
+    c.put(KeySpace::default().seen("a"), seen.to_string(), None)
+        .await
+        .unwrap();
+    let w = start_watcher(etcd.endpoint()).await;
+    let rx = w.rx.clone();
+    until_generation("the listed export", &rx, "a", Some(1)).await;
+    let view = rx.borrow().clone();
+    let at = view.last_seen.get("a").map(|s| s.at.unix_timestamp());
+    assert_eq!(at, Some(1_796_637_600), "{:?}", view.last_seen);
+    assert!(view.last_seen.get("b").is_none());
+}
+
 #[tokio::test]
 async fn after_a_compaction_it_lists_again_and_loses_or_repeats_nothing() {
     let (etcd, mut c) = seeded().await;
