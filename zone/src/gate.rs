@@ -232,7 +232,9 @@ impl Gate {
     }
 
     /// Judges one watch response: every event of one or more whole
-    /// revisions, as etcd delivers them.
+    /// revisions, as etcd delivers them. Each revision is judged on its
+    /// own, so that a cluster's manifests follow one another even when a
+    /// response carries several.
     pub fn admit(&mut self, events: Vec<RawEvent>, now: SystemTime) -> Admitted {
         let mut parsed: Vec<(GlobalKey, RawEvent)> = events
             .into_iter()
@@ -240,10 +242,29 @@ impl Gate {
             .collect();
         parsed.sort_by_key(|(k, e)| (e.revision(), rank(k)));
         let mut out = Admitted::default();
-        // Exports wait for their revision's manifest.
+        let mut parsed = parsed.into_iter().peekable();
+        while let Some(first) = parsed.next() {
+            let rev = first.1.revision();
+            let mut revision = vec![first];
+            while let Some(next) = parsed.next_if(|(_, e)| e.revision() == rev) {
+                revision.push(next);
+            }
+            self.admit_revision(revision, now, &mut out);
+        }
+        out
+    }
+
+    /// Judges the events of one revision (one etcd transaction).
+    fn admit_revision(
+        &mut self,
+        events: Vec<(GlobalKey, RawEvent)>,
+        now: SystemTime,
+        out: &mut Admitted,
+    ) {
+        // Exports wait for their transaction's manifest.
         let mut exports: BTreeMap<String, Vec<(String, RawEvent)>> = BTreeMap::new();
         let mut changed_manifests: Vec<(String, Option<u64>)> = Vec::new();
-        for (key, event) in parsed {
+        for (key, event) in events {
             match key {
                 GlobalKey::Export {
                     cluster,
@@ -269,13 +290,12 @@ impl Gate {
             out.events.extend(events);
             out.relist |= relist;
         }
-        // Export events no new manifest vouches for.
+        // Export events no manifest of their transaction vouches for.
         for (cluster, batch) in exports {
             for (_, event) in batch {
                 out.events.extend(self.unvouched_export(&cluster, event));
             }
         }
-        out
     }
 
     /// Judges a listing's keys other than exports. Returns the plain values

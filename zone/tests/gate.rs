@@ -433,6 +433,35 @@ fn exports_are_believed_through_the_manifest_only() {
     );
 }
 
+/// Two of aws's publishing transactions in one watch response (etcd
+/// batches revisions): each manifest follows the one before it.
+#[test]
+fn manifests_follow_one_another_within_one_response() {
+    let mut f = Fed::new();
+    let mut gate = f.gate();
+    f.registered(&mut gate);
+    let mut set = ExportSet::default();
+    let mut batch = Vec::new();
+    let mut prev = f.s(10);
+    for (i, svc) in ["shop/cart", "shop/web"].into_iter().enumerate() {
+        let value = Fed::export_value(i as u32 + 1);
+        set.insert(svc.into(), value_digest(&value));
+        let changes = BTreeMap::from([(svc.to_string(), Some(digest_hex(&value_digest(&value))))]);
+        let (ns, name) = svc.split_once('/').unwrap();
+        let export = f.kv(f.keys.export("aws", ns, name), value);
+        let seq = 20 + i as u64;
+        let mut manifest = f.manifest("aws", "aws", seq, set.manifest(prev, changes));
+        manifest.mod_revision = export.mod_revision;
+        prev = f.s(seq);
+        batch.push(RawEvent::Put(manifest));
+        batch.push(RawEvent::Put(export));
+    }
+    let out = gate.admit(batch, SystemTime::now());
+    assert!(!out.relist, "{:?}", gate.refused());
+    assert_eq!(out.events.len(), 4, "{out:?}");
+    assert!(gate.refused().is_empty());
+}
+
 #[test]
 fn a_manifest_that_skips_one_asks_for_a_listing() {
     let mut f = Fed::new();
