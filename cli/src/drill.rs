@@ -13,7 +13,6 @@ use etcd_client::Client;
 use fedmesh_api::KeySpace;
 use fedmesh_chaos::drill::{Poison, Protocol, WanFault};
 use fedmesh_chaos::{Action, Drill, Federation, Report};
-use fedmesh_trust::Bundle;
 use tokio::time::Instant;
 
 use crate::up;
@@ -403,7 +402,7 @@ impl Federation for UpFederation {
                 loop {
                     let resp = etcd.get(key.as_str(), None).await?;
                     let published = resp.kvs().first().is_some_and(|kv| {
-                        Bundle::from_document(td.clone(), kv.value(), &key)
+                        fedmesh_zone::client::unverified_bundle(td.as_str(), &key, kv.value())
                             .is_ok_and(|b| b.roots().contains(next.cert_der()))
                     });
                     if published {

@@ -11,6 +11,7 @@ use fedmesh_test_support::{Etcd, EtcdOptions};
 fn fedmesh(args: &[&str], etcd: &str) -> Output {
     Command::new(env!("CARGO_BIN_EXE_fedmesh"))
         .args(args)
+        .env("FEDMESH_ANCHOR_DIR", fedmesh_test_support::anchor_dir())
         .env("FEDMESH_ETCD", etcd)
         .output()
         .unwrap()
@@ -53,13 +54,18 @@ async fn stored(etcd: &Etcd) -> Vec<(String, String)> {
         )
         .await
         .unwrap();
+    // Each value is a statement the anchor signed; a deleted policy is a
+    // signed deletion (`value: null`), which is not a policy.
     resp.kvs()
         .iter()
-        .map(|kv| {
-            (
-                kv.key_str().unwrap().to_owned(),
-                kv.value_str().unwrap().to_owned(),
-            )
+        .filter_map(|kv| {
+            let key = kv.key_str().unwrap().to_owned();
+            let subject = key.strip_prefix("/fedmesh/v1/").unwrap();
+            let anchor = [fedmesh_test_support::anchor().public()];
+            let opened =
+                fedmesh_seal::open_anchored::<serde_json::Value>(kv.value(), subject, &anchor)
+                    .unwrap();
+            Some((key, opened.value?.to_string()))
         })
         .collect()
 }
@@ -229,7 +235,8 @@ async fn a_concurrent_change_is_refused_not_overwritten() {
     let etcd = Etcd::start().await.unwrap();
     let keys = fedmesh_api::KeySpace::default();
     let client = etcd.client().await.unwrap();
-    let mut zone = fedmesh_zone::GlobalZone::new(client.clone(), keys);
+    let mut zone = fedmesh_zone::GlobalZone::new(client.clone(), keys)
+        .with_anchor(fedmesh_test_support::anchor());
     let p = |retries: &str| {
         fedmesh_api::policy::parse_documents(
             &policy("a", "shop/a", &format!("  retries: {retries}\n")),
@@ -240,7 +247,8 @@ async fn a_concurrent_change_is_refused_not_overwritten() {
     };
     let read = zone.policies().await.unwrap();
     // Someone else applies between our read and our write.
-    let mut other = fedmesh_zone::GlobalZone::new(client, fedmesh_api::KeySpace::default());
+    let mut other = fedmesh_zone::GlobalZone::new(client, fedmesh_api::KeySpace::default())
+        .with_anchor(fedmesh_test_support::anchor());
     let theirs = other.policies().await.unwrap();
     other
         .write_policies(
@@ -313,6 +321,7 @@ async fn a_clusters_credentials_cannot_write_policies() {
             "--etcd-password",
             &pw,
         ])
+        .env("FEDMESH_ANCHOR_DIR", fedmesh_test_support::anchor_dir())
         .output()
         .unwrap();
     ok(&reg);

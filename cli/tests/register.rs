@@ -11,6 +11,7 @@ use fedmesh_test_support::{Etcd, EtcdOptions};
 fn fedmesh(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_fedmesh"))
         .args(args)
+        .env("FEDMESH_ANCHOR_DIR", fedmesh_test_support::anchor_dir())
         .env_remove("FEDMESH_ETCD")
         .output()
         .unwrap()
@@ -160,16 +161,52 @@ async fn register_get_and_deregister() {
     // No controller has said it is alive yet.
     assert_eq!(json[0]["liveness"]["state"], "stale");
     assert!(table.contains("STALE"), "{table}");
-    // Its controller was last seen 150 s ago; then it comes back.
+    // Its controller last signed its manifest 150 s ago; then it comes back.
     let keys = fedmesh_api::KeySpace::default();
     let mut c = etcd.client().await.unwrap();
-    let seen = time::OffsetDateTime::now_utc() - time::Duration::seconds(150);
-    let seen = serde_json::json!({"at": seen.format(&time::format_description::well_known::Rfc3339).unwrap()});
-    c.put(keys.seen("aws-use1"), seen.to_string(), None)
+    let joined = fedmesh_zone::JoinDir::load(Path::new(out_a)).unwrap();
+    let td = joined.ca.trust_domain().clone();
+    let then = std::time::SystemTime::now() - std::time::Duration::from_secs(150);
+    let controller = fedmesh_trust::SpiffeId::controller(&td, "aws-use1").unwrap();
+    let svid = joined
+        .ca
+        .issue(&controller, &fedmesh_trust::SvidPolicy::default(), then)
+        .unwrap();
+    let manifest = fedmesh_seal::seal(
+        fedmesh_seal::Statement {
+            subject: "seen/aws-use1".into(),
+            seq: fedmesh_seal::next_seq(then, None),
+            value: Some(fedmesh_seal::ExportSet::default().manifest(0, Default::default())),
+            x5c: vec![],
+        },
+        fedmesh_seal::Signer::Svid(&svid),
+    )
+    .unwrap();
+    c.put(keys.seen("aws-use1"), manifest.to_json(), None)
         .await
         .unwrap();
     let table = ok(&fedmesh(&["get", "clusters", "--etcd", &ep]));
     assert!(table.contains("STALE 2m"), "{table}");
+    assert!(table.contains("TRUST") && table.contains(" ok "), "{table}");
+
+    // A record rewritten by anyone but the anchor is not shown as the
+    // cluster's: `get` (which holds no earlier value) names the key and why.
+    let signed = c.get(keys.cluster("aws-use1"), None).await.unwrap().kvs()[0]
+        .value()
+        .to_vec();
+    let mut forged: serde_json::Value = json[0].clone();
+    forged["gateways"] = serde_json::json!([{"address": "127.0.66.6", "port": 15443}]);
+    c.put(keys.cluster("aws-use1"), forged.to_string(), None)
+        .await
+        .unwrap();
+    let out = fedmesh(&["get", "clusters", "--etcd", &ep]);
+    let (table, said) = (ok(&out), String::from_utf8_lossy(&out.stderr).into_owned());
+    assert!(!table.contains("127.0.66.6"), "{table}");
+    assert!(
+        said.contains("not believed: /fedmesh/v1/clusters/aws-use1: unsigned"),
+        "{said}"
+    );
+    c.put(keys.cluster("aws-use1"), signed, None).await.unwrap();
     c.put(keys.alive("aws-use1"), "{}", None).await.unwrap();
     let table = ok(&fedmesh(&["get", "clusters", "--etcd", &ep]));
     assert!(table.contains("LIVE"), "{table}");

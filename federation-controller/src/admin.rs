@@ -77,6 +77,24 @@ impl Collector for ControllerMetrics {
             "export summaries written or deleted",
             r(&self.publish.writes),
         )?;
+        {
+            use prometheus_client::metrics::MetricType;
+            let refused = w.refused.lock().unwrap_or_else(|p| p.into_inner());
+            let mut family = e.encode_descriptor(
+                "fedmesh_controller_refused_records",
+                "global-zone values the controller did not believe (unsigned, forged, rolled back, invalid, over budget); the last believed value stayed",
+                None,
+                MetricType::Counter,
+            )?;
+            for ((kind, cluster, reason), n) in refused.iter() {
+                let labels = [
+                    ("kind", kind.as_str()),
+                    ("cluster", cluster.as_str()),
+                    ("reason", reason.as_str()),
+                ];
+                ConstCounter::new(*n).encode(family.encode_family(&labels)?)?;
+            }
+        }
         gauge(
             &mut e,
             "fedmesh_controller_watch_lag_revisions",

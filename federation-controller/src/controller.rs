@@ -28,6 +28,7 @@ use crate::rotation;
 use crate::tokens::Tokens;
 use crate::view::GlobalView;
 use crate::watcher::{self, WatcherConfig};
+use fedmesh_zone::gate::{Gate, GateConfig};
 use fedmesh_zone::join::JoinDir;
 
 /// How a controller runs. Fields are public and documented; the binary fills
@@ -59,6 +60,10 @@ pub struct ControllerConfig {
     /// second local source, `ServiceImport`s, and ServiceAccount tokens
     /// for `Certify`. `None`: no Kubernetes.
     pub kube: Option<KubeOptions>,
+    /// Believe unsigned values in the global zone (and obey raw deletes of
+    /// them): the one step of upgrading a federation created before
+    /// records were signed (`--trust-unsigned`). Off by default.
+    pub trust_unsigned: bool,
 }
 
 impl ControllerConfig {
@@ -75,6 +80,7 @@ impl ControllerConfig {
             discovery_chunk_bytes: discovery::CHUNK_BYTES,
             join_dir: None,
             kube: None,
+            trust_unsigned: false,
         }
     }
 }
@@ -120,6 +126,10 @@ pub enum ControllerError {
     TrustDomain(#[from] fedmesh_trust::SpiffeIdError),
     #[error("TLS: {0}")]
     Tls(#[from] fedmesh_trust::tls::TlsConfigError),
+    #[error(
+        "the join directory pins no federation anchor (anchor.pub), so no record of the global zone can be believed; register the cluster again with the anchor (fedmesh register cluster --anchor-dir), or pass --trust-unsigned for the one step of upgrading an unsigned federation"
+    )]
+    NoAnchor,
 }
 
 /// A running controller. Dropping it stops every task.
@@ -154,7 +164,28 @@ impl SvidSource for LocalIssuer {
 
 impl Controller {
     pub async fn start(config: ControllerConfig) -> Result<Self, ControllerError> {
-        let JoinDir { cluster, etcd, ca } = config.join;
+        let JoinDir {
+            cluster,
+            etcd,
+            ca,
+            anchor,
+        } = config.join;
+        if anchor.is_none() && !config.trust_unsigned {
+            return Err(ControllerError::NoAnchor);
+        }
+        if config.trust_unsigned {
+            tracing::warn!(
+                "believing unsigned global-zone values (--trust-unsigned): any cluster's etcd credentials can forge them; sign the zone (fedmesh anchor adopt) and drop the flag"
+            );
+        }
+        let gate = Gate::new(
+            KeySpace::new(&etcd.prefix),
+            GateConfig {
+                anchors: anchor.into_iter().collect(),
+                trust_unsigned: config.trust_unsigned,
+                budget: Default::default(),
+            },
+        );
         let td = TrustDomain::new(&cluster.trust_domain)?;
         let keys = KeySpace::new(&etcd.prefix);
         let mut tasks = JoinSet::new();
@@ -230,6 +261,7 @@ impl Controller {
         tasks.spawn(watcher::run(
             client.clone(),
             GlobalView::new(keys.clone()),
+            gate,
             view_tx,
             config.watcher,
             metrics.watch.clone(),
@@ -239,6 +271,10 @@ impl Controller {
             keys.clone(),
             cluster.name.clone(),
             local.clone(),
+            publish::ManifestSigner {
+                svid: svid_rx.clone(),
+                own_bundle: own_rx.clone(),
+            },
             metrics.publish.clone(),
         ));
         let alive = AliveRecord {
@@ -260,7 +296,7 @@ impl Controller {
                 authority.clone(),
                 own_tx,
                 client.clone(),
-                keys.bundle(td.as_str()),
+                keys.clone(),
             ));
         }
         tasks.spawn(sample_lag(client, view_rx.clone(), metrics.clone()));

@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use etcd_client::Client;
+use fedmesh_api::KeySpace;
 use fedmesh_trust::{Authority, Bundle};
 use fedmesh_zone::join::JoinDir;
 use tokio::sync::watch;
@@ -29,11 +30,13 @@ pub async fn run(
     authority: Arc<Mutex<Authority>>,
     own: watch::Sender<Bundle>,
     mut etcd: Client,
-    bundle_key: String,
+    keys: KeySpace,
 ) {
     let lock = || authority.lock().unwrap_or_else(|p| p.into_inner());
     let mut signing = lock().active().cert_der().clone();
     let mut unpublished = false;
+    // The sequence of the bundle we last signed: each one rises past it.
+    let mut signed_seq: Option<u64> = None;
     let mut last_error = String::new();
     let mut tick = tokio::time::interval(POLL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -60,7 +63,7 @@ pub async fn run(
                 format!("the staged CA cannot be read: {e}"),
             ),
         }
-        let bundle = {
+        let (bundle, signed) = {
             let mut a = lock();
             // Certify may have moved it on already; either way, look.
             unpublished |= a.poll(now);
@@ -71,7 +74,20 @@ pub async fn run(
                     tracing::warn!(error = %e, "the new CA signs, but it could not be made the join directory's CA; a restart would sign with the old one");
                 }
             }
-            a.bundle()
+            let bundle = a.bundle();
+            // Signed by the root that signs now, which readers already
+            // trust: the old one while the new is only published, then the
+            // new one, which they hold by then.
+            let signed = match unpublished {
+                true => Some(fedmesh_zone::client::signed_bundle(
+                    &keys,
+                    &bundle,
+                    a.active(),
+                    signed_seq,
+                )),
+                false => None,
+            };
+            (bundle, signed)
         };
         own.send_if_modified(|cur| {
             let changed = cur.roots() != bundle.roots();
@@ -80,13 +96,20 @@ pub async fn run(
             }
             changed
         });
-        if unpublished {
-            match etcd
-                .put(bundle_key.as_str(), bundle.to_document(), None)
-                .await
-            {
-                Ok(_) => {
+        if let Some(signed) = signed {
+            let bundle_key = keys.bundle(td.as_str());
+            let result = match signed {
+                Ok((value, seq)) => etcd
+                    .put(bundle_key.as_str(), value, None)
+                    .await
+                    .map(|_| seq)
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            match result {
+                Ok(seq) => {
                     tracing::info!(key = %bundle_key, roots = bundle.roots().len(), sequence = bundle.sequence, "published the cluster's bundle");
+                    signed_seq = Some(seq);
                     unpublished = false;
                 }
                 Err(e) => warn_once(

@@ -11,7 +11,7 @@
 //! services), so they are stored compactly: cluster and zone names are
 //! shared, and each service keeps its exporters in one sorted list.
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 use std::sync::Arc;
 
 use fedmesh_api::policy::{GlobalTrafficPolicy, PolicySpec};
@@ -22,6 +22,7 @@ use fedmesh_api::{
 use fedmesh_trust::Bundle;
 use imbl::{OrdMap, OrdSet};
 
+use fedmesh_seal::bucket_of;
 use fedmesh_zone::decode_bundle;
 pub use fedmesh_zone::{RawEvent, RawKv};
 
@@ -226,7 +227,7 @@ impl GlobalView {
         }
         let mut changed = self.list_records(&mut listing, records);
         for (cluster, kvs) in exports {
-            changed += self.list_exports(&mut listing, &cluster, kvs);
+            changed += self.list_exports(&mut listing, &cluster, kvs, &BTreeSet::new());
         }
         changed + self.finish_listing(listing, revision)
     }
@@ -257,7 +258,15 @@ impl GlobalView {
     /// `cluster` the listing did not contain. Listings are applied cluster by
     /// cluster as they arrive, so a large one never sits in memory whole.
     /// Returns how many exports changed.
-    pub fn list_exports(&mut self, listing: &mut Listing, cluster: &str, kvs: Vec<RawKv>) -> usize {
+    /// Services in the `held` buckets (`fedmesh_seal::manifest`) keep what
+    /// the view holds: the gate did not believe their listing.
+    pub fn list_exports(
+        &mut self,
+        listing: &mut Listing,
+        cluster: &str,
+        kvs: Vec<RawKv>,
+        held: &BTreeSet<u8>,
+    ) -> usize {
         let name = self.name(cluster);
         listing.clusters.insert(name.clone());
         let keys = self.keys.clone();
@@ -267,17 +276,18 @@ impl GlobalView {
                 (c == cluster).then(|| (kv, ServiceKey::new(ns, svc)))
             })
         };
-        let (mut changed, mut held) = (0, 0);
+        let (mut changed, mut kept) = (0, 0);
         for (kv, svc) in listed() {
             match self.upsert_export(&name, svc, kv) {
-                Put::Unchanged => held += 1,
-                Put::Taken => (changed, held) = (changed + 1, held + 1),
-                Put::Refused { held: h } => held += usize::from(h),
+                Put::Unchanged => kept += 1,
+                Put::Taken => (changed, kept) = (changed + 1, kept + 1),
+                Put::Refused { held: h } => kept += usize::from(h),
             }
         }
+
         // Only a view holding more of this cluster's exports than were
         // listed has any to remove; a cold sync never pays for the sweep.
-        if self.export_counts.get(cluster).copied().unwrap_or(0) <= held {
+        if self.export_counts.get(cluster).copied().unwrap_or(0) <= kept {
             return changed;
         }
         let listed: HashSet<ServiceKey> = listed().map(|(_, svc)| svc).collect();
@@ -285,6 +295,7 @@ impl GlobalView {
             .by_service
             .iter()
             .filter(|(svc, e)| e.get(cluster).is_some() && !listed.contains(*svc))
+            .filter(|(svc, _)| held.is_empty() || !held.contains(&bucket_of(&svc.to_string())))
             .map(|(svc, _)| svc.clone())
             .collect();
         changed
@@ -825,7 +836,7 @@ mod tests {
             mod_revision: 5,
         };
         assert_eq!(
-            v.list_exports(&mut listing, "a", vec![kept]),
+            v.list_exports(&mut listing, "a", vec![kept], &BTreeSet::new()),
             1,
             "a/web is gone"
         );

@@ -15,6 +15,7 @@ use fedmesh_api::retry::Backoff;
 use tokio::sync::watch;
 
 use crate::view::{GlobalView, Listing, RawEvent, RawKv};
+use fedmesh_zone::gate::{Gate, Refused};
 use fedmesh_zone::{Pager, list_range};
 
 /// Counters for the admin port.
@@ -28,6 +29,25 @@ pub struct WatchStats {
     pub events: AtomicU64,
     /// Views published to consumers.
     pub publishes: AtomicU64,
+    /// Values the gate refused, by (kind, cluster, reason).
+    pub refused: std::sync::Mutex<std::collections::BTreeMap<(String, String, String), u64>>,
+}
+
+impl WatchStats {
+    fn count_refusals(&self, refused: Vec<Refused>) {
+        if refused.is_empty() {
+            return;
+        }
+        let mut m = self.refused.lock().unwrap_or_else(|p| p.into_inner());
+        for r in refused {
+            let key = (
+                r.kind.as_str().to_owned(),
+                r.cluster,
+                r.refusal.label().to_owned(),
+            );
+            *m.entry(key).or_default() += 1;
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -57,6 +77,7 @@ enum Resume {
 pub async fn run(
     mut client: Client,
     mut view: GlobalView,
+    mut gate: Gate,
     tx: watch::Sender<Arc<GlobalView>>,
     config: WatcherConfig,
     stats: Arc<WatchStats>,
@@ -69,11 +90,11 @@ pub async fn run(
         }
         let step = async {
             if need_list {
-                list(&mut client, &mut view, &stats).await?;
+                list(&mut client, &mut view, &mut gate, &stats).await?;
                 need_list = false;
                 publish(&tx, &view, &stats);
             }
-            watch_until_broken(&mut client, &mut view, &tx, &stats).await
+            watch_until_broken(&mut client, &mut view, &mut gate, &tx, &stats).await
         }
         .await;
         match step {
@@ -113,6 +134,7 @@ const FETCH_AHEAD: usize = 3;
 async fn list(
     client: &mut Client,
     view: &mut GlobalView,
+    gate: &mut Gate,
     stats: &WatchStats,
 ) -> Result<(), etcd_client::Error> {
     let started = std::time::Instant::now();
@@ -120,29 +142,31 @@ async fn list(
     let prefix = view.keys().prefix().to_owned();
     let mut revision = 0;
     let mut listing = Listing::default();
-    let mut clusters = Vec::new();
     // `seen/` too: a stale cluster's age comes from it, and a listing
     // drops every record it does not contain.
+    let mut records = Vec::new();
     for kind in ["clusters/", "alive/", "seen/", "bundles/", "policies/"] {
-        let mut kvs = Vec::new();
         let range = format!("{prefix}{kind}");
         list_range(
             client,
             &range,
             &mut revision,
             &mut Pager::default(),
-            &mut kvs,
+            &mut records,
         )
         .await?;
-        clusters.extend(
-            kvs.iter()
-                .filter_map(|kv| match view.keys().parse(&kv.key) {
-                    Some(fedmesh_api::GlobalKey::Cluster(c)) => Some(c),
-                    _ => None,
-                }),
-        );
-        view.list_records(&mut listing, kvs);
     }
+    // The gate hands on what it believes, including believed records etcd
+    // lost: those clusters' exports are listed too.
+    let records = gate.admit_records(records, std::time::SystemTime::now());
+    let clusters: Vec<String> = records
+        .iter()
+        .filter_map(|kv| match view.keys().parse(&kv.key) {
+            Some(fedmesh_api::GlobalKey::Cluster(c)) => Some(c),
+            _ => None,
+        })
+        .collect();
+    view.list_records(&mut listing, records);
     // Fetch a few clusters ahead while applying, so that etcd and the apply
     // run side by side; applying in listing order keeps appends cheap.
     let mut clusters = clusters.into_iter();
@@ -176,7 +200,8 @@ async fn list(
             Ok(Ok((c, kvs, learnt))) => {
                 waited += t.elapsed();
                 pager = learnt;
-                view.list_exports(&mut listing, &c, kvs);
+                let believed = gate.admit_exports(&c, kvs);
+                view.list_exports(&mut listing, &c, believed.kvs, &believed.held);
             }
             Ok(Err(e)) => break Err(e),
             Err(e) => break Err(etcd_client::Error::IoError(std::io::Error::other(e))),
@@ -187,6 +212,7 @@ async fn list(
         return Err(e);
     }
     view.finish_listing(listing, revision);
+    stats.count_refusals(gate.drain_refusals());
     stats.lists.fetch_add(1, Ordering::Relaxed);
     tracing::info!(
         revision,
@@ -201,6 +227,7 @@ async fn list(
 async fn watch_until_broken(
     client: &mut Client,
     view: &mut GlobalView,
+    gate: &mut Gate,
     tx: &watch::Sender<Arc<GlobalView>>,
     stats: &WatchStats,
 ) -> Result<Resume, etcd_client::Error> {
@@ -224,11 +251,11 @@ async fn watch_until_broken(
             tracing::warn!(reason = resp.cancel_reason(), "etcd cancelled the watch");
             return Ok(Resume::Watch);
         }
-        let mut changed = false;
+        let mut raw = Vec::with_capacity(resp.events().len());
         for ev in resp.events() {
             let Some(kv) = ev.kv() else { continue };
             let key = String::from_utf8_lossy(kv.key()).into_owned();
-            let raw = match ev.event_type() {
+            raw.push(match ev.event_type() {
                 EventType::Put => RawEvent::Put(RawKv {
                     key,
                     value: kv.value().to_vec(),
@@ -238,9 +265,26 @@ async fn watch_until_broken(
                     key,
                     mod_revision: kv.mod_revision(),
                 },
-            };
-            stats.events.fetch_add(1, Ordering::Relaxed);
-            changed |= view.apply_event(raw).is_some();
+            });
+        }
+        stats.events.fetch_add(raw.len() as u64, Ordering::Relaxed);
+        let last = raw.iter().map(RawEvent::revision).max();
+        let admitted = gate.admit(raw, std::time::SystemTime::now());
+        stats.count_refusals(gate.drain_refusals());
+        let mut changed = false;
+        for event in admitted.events {
+            changed |= view.apply_event(event).is_some();
+        }
+        // Every event up to the last one delivered has been judged, the
+        // refused ones included: resume after them.
+        if let Some(last) = last {
+            view.advance(last);
+        }
+        if changed {
+            publish(tx, view, stats);
+        }
+        if admitted.relist {
+            return Ok(Resume::List);
         }
         // Only a progress notification promises that every event up to its
         // header revision has been delivered; a catch-up batch's header is
@@ -250,9 +294,6 @@ async fn watch_until_broken(
             && let Some(h) = resp.header()
         {
             view.advance(h.revision());
-        }
-        if changed {
-            publish(tx, view, stats);
         }
     }
 }

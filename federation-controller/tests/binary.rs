@@ -29,8 +29,10 @@ async fn join_dir(etcd: &Etcd, dir: &std::path::Path) -> Bundle {
         egress: Default::default(),
     };
     let bundle = Bundle::with_roots(td, [ca.cert_der().clone()]);
+    let anchor = fedmesh_test_support::anchor();
     GlobalZone::new(etcd.client().await.unwrap(), KeySpace::default())
-        .register(&record, &bundle)
+        .with_anchor(anchor.clone())
+        .register(&record, &ca)
         .await
         .unwrap();
     let etcd = EtcdAccess {
@@ -44,6 +46,7 @@ async fn join_dir(etcd: &Etcd, dir: &std::path::Path) -> Bundle {
         cluster: record,
         etcd,
         ca,
+        anchor: Some(anchor.public()),
     }
     .write(dir)
     .unwrap();

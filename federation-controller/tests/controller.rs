@@ -81,8 +81,10 @@ async fn cluster_with(
         registered_at: time::OffsetDateTime::now_utc(),
         egress: Default::default(),
     };
-    let mut zone = GlobalZone::new(etcd.client().await.unwrap(), KeySpace::default());
-    zone.register(&record, &ca_bundle).await.unwrap();
+    let anchor = fedmesh_test_support::anchor();
+    let mut zone = GlobalZone::new(etcd.client().await.unwrap(), KeySpace::default())
+        .with_anchor(anchor.clone());
+    zone.register(&record, &ca).await.unwrap();
     let join = JoinDir {
         cluster: record,
         etcd: EtcdAccess {
@@ -93,6 +95,7 @@ async fn cluster_with(
             tls: None,
         },
         ca,
+        anchor: Some(anchor.public()),
     };
     // On disk too, as `fedmesh register cluster` leaves it: the controller
     // takes up CA rotations staged there.
@@ -611,11 +614,12 @@ async fn a_staged_ca_is_published_then_signs_and_becomes_the_join_directorys_ca(
         "the bundle in etcd has both roots",
         Duration::from_secs(10),
         || {
-            let (mut kv, key, td) = (kv.clone(), key.clone(), c.td.clone());
+            let (mut kv, key, td, old_root) =
+                (kv.clone(), key.clone(), c.td.clone(), old_root.clone());
             async move {
                 let resp = kv.get(key.as_str(), None).await.ok()?;
-                let doc = resp.kvs().first()?.value().to_vec();
-                let b = Bundle::from_document(td, &doc, "etcd").ok()?;
+                let raw = resp.kvs().first()?.value().to_vec();
+                let b = signed_by_root(td.as_str(), &key, &raw, &old_root)?;
                 (b.roots().len() == 2).then_some(())
             }
         },
@@ -655,9 +659,33 @@ async fn a_staged_ca_is_published_then_signs_and_becomes_the_join_directorys_ca(
     .await;
     // The old root stays published while leaves it signed live.
     let resp = kv.get(key.as_str(), None).await.unwrap();
-    let doc = resp.kvs()[0].value().to_vec();
-    let b = Bundle::from_document(c.td.clone(), &doc, "etcd").unwrap();
+    let raw = resp.kvs()[0].value().to_vec();
+    // Signed by the root readers trusted when it was published: the old one.
+    let b = signed_by_root(c.td.as_str(), &key, &raw, &old_root)
+        .expect("the bundle is signed by the old root");
+    assert!(signed_by_root(c.td.as_str(), &key, &raw, &new_root).is_none());
     assert!(b.roots().contains(&old_root) && b.roots().contains(&new_root));
+}
+
+/// The bundle stored at `key`, if `root` signed it (what a reader that
+/// trusts `root` believes).
+fn signed_by_root(
+    td: &str,
+    key: &str,
+    raw: &[u8],
+    root: &CertificateDer<'static>,
+) -> Option<Bundle> {
+    let trusted = [fedmesh_seal::root_keyid(root)?];
+    let subject = key.strip_prefix(KeySpace::default().prefix())?;
+    let opened = fedmesh_seal::open_by_root::<serde_json::Value>(
+        raw,
+        subject,
+        &trusted,
+        std::slice::from_ref(root),
+    )
+    .ok()?;
+    let doc = serde_json::to_vec(&opened.value?).ok()?;
+    Bundle::from_document(TrustDomain::new(td).ok()?, &doc, key).ok()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

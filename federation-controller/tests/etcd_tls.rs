@@ -18,7 +18,7 @@ use fedmesh_test_support::{Etcd, EtcdOptions, eventually};
 use fedmesh_trust::pki::LocalPki;
 use fedmesh_trust::verify::SpiffeVerifier;
 use fedmesh_trust::{
-    AllowAnyVerified, Bundle, CaOptions, ClusterCa, SpiffeId, SvidPolicy, TrustDomain, Usage,
+    AllowAnyVerified, CaOptions, ClusterCa, SpiffeId, SvidPolicy, TrustDomain, Usage,
 };
 use fedmesh_zone::join::{EtcdAccess, JoinDir};
 use fedmesh_zone::{EtcdTls, GlobalZone};
@@ -98,6 +98,7 @@ async fn controller(etcd: &Etcd, endpoint: String, ca: ClusterCa, td: &TrustDoma
             }),
         },
         ca,
+        anchor: Some(fedmesh_test_support::anchor().public()),
     };
     let config = ControllerConfig::new(
         join,
@@ -128,10 +129,10 @@ async fn a_relay_on_the_path_is_refused_and_a_foreign_root_admits_no_forged_gate
     );
     let aws_ca = ClusterCa::generate(&aws, &CaOptions::default(), now).unwrap();
     let gcp_ca = ClusterCa::generate(&gcp, &CaOptions::default(), now).unwrap();
-    let mut zone = GlobalZone::new(etcd.client().await.unwrap(), KeySpace::default());
+    let mut zone = GlobalZone::new(etcd.client().await.unwrap(), KeySpace::default())
+        .with_anchor(fedmesh_test_support::anchor());
     for (name, td, ca, n) in [("aws", &aws, &aws_ca, 1), ("gcp", &gcp, &gcp_ca, 2)] {
-        let bundle = Bundle::with_roots(td.clone(), [ca.cert_der().clone()]);
-        zone.register(&record(name, td, n), &bundle).await.unwrap();
+        zone.register(&record(name, td, n), ca).await.unwrap();
     }
 
     // Through the relay: every handshake is refused by the controller,

@@ -13,6 +13,7 @@ use fedmesh_api::KeySpace;
 use fedmesh_controller::view::GlobalView;
 use fedmesh_controller::watcher::{self, WatchStats, WatcherConfig};
 use fedmesh_test_support::{Etcd, TcpRelay, eventually};
+use fedmesh_zone::gate::{Gate, GateConfig};
 use tokio::sync::watch;
 
 fn summary(generation: u64) -> String {
@@ -42,9 +43,22 @@ async fn start_watcher(endpoint: String) -> Running {
         initial_backoff: Duration::from_millis(50),
         max_backoff: Duration::from_millis(400),
     };
+    // These tests are about listing and watching: they write the plain
+    // values of a federation from before signing, which the gate believes
+    // only in that upgrade mode (tests/controller.rs and fedmesh-zone's
+    // gate tests cover the signed zone).
+    let gate = Gate::new(
+        keys.clone(),
+        GateConfig {
+            anchors: vec![],
+            trust_unsigned: true,
+            budget: Default::default(),
+        },
+    );
     let task = tokio::spawn(watcher::run(
         client,
         GlobalView::new(keys),
+        gate,
         tx,
         config,
         stats.clone(),

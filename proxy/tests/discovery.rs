@@ -215,9 +215,10 @@ async fn remote_clusters_whose_controllers_and_etcd_are_gone_keep_serving() {
     );
 }
 
-/// One cluster writes an export no one can use (port 0). The controllers
-/// refuse it where they read it, and a change to another service still
-/// reaches the proxy and gateway of another cluster.
+/// Someone writes an export of gcp's that no one can use (port 0), and
+/// that gcp's signed manifest does not list. The controllers refuse it
+/// where they read it, and a change to another service still reaches the
+/// proxy and gateway of another cluster.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_poisoned_export_blocks_nothing_else() {
     let etcd = Etcd::start().await.unwrap();
@@ -276,14 +277,173 @@ async fn a_poisoned_export_blocks_nothing_else() {
         .borrow()
         .clone()
         .unwrap();
+    // Unsigned by gcp's manifest, it never reaches the view: the gate
+    // refuses it, and the controller counts it.
+    assert!(view.inputs.global.export("gcp", "shop", "evil").is_none());
+    let ctl = aws.reg.controller.as_ref().unwrap();
+    let refused = ctl.metrics.watch.refused.lock().unwrap().clone();
     assert!(
-        view.inputs
-            .global
-            .invalid
-            .keys()
-            .any(|k| k.ends_with("exports/gcp/shop/evil")),
-        "the controller reports the refused export"
+        refused.contains_key(&("export".into(), "gcp".into(), "FORGED".into())),
+        "the controller reports the refused export: {refused:?}"
     );
+}
+
+/// Issue 26's attack, from inside the federation: azure's credentials
+/// (here, a client that can write any key, which is what nested
+/// transactions give a cluster's role on the etcd we install) rewrite gcp's
+/// bundle with another root, move gcp's gateway, delete gcp's export and
+/// the manifest that vouches for it, add a forged export and write a policy
+/// that would send pay elsewhere. None of it is signed by whom it must be:
+/// aws's proxy keeps every request of a steady load on gcp, no identity of
+/// the attacker's root is trusted for gcp, and aws's controller counts each
+/// forged record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_global_zone_moves_no_traffic() {
+    use fedmesh_api::KeySpace;
+    use fedmesh_seal::{AnchorKey, Signer, Statement, seal};
+    use fedmesh_trust::{Bundle, CaOptions, ClusterCa};
+
+    let etcd = Etcd::start().await.unwrap();
+    let aws = site(&etcd, "aws", 63).await;
+    let gcp = site(&etcd, "gcp", 64).await;
+    let azure = site(&etcd, "azure", 65).await;
+    let g = Backend::new(gcp.reg.domain.ip(10), "gcp", "az1", "pay").await;
+    set_service(&gcp.reg, "pay", &[(g.addr, "az1", true)]);
+    let (discovered, proxy) = discovery_proxy(&aws).await;
+    let http = proxy.http.unwrap();
+    eventually("pay to be served", Duration::from_secs(20), || async {
+        get(http, "pay.shop").await.ok()
+    })
+    .await;
+    let load = Load::start(http, "pay.shop", 4, Duration::from_millis(2));
+    load.until("answers from gcp", 20, |a| a.cluster == "gcp")
+        .await;
+    let window = tokio::time::Instant::now();
+
+    let keys = KeySpace::default();
+    let gcp_td = gcp.reg.domain.td.clone();
+    let attacker =
+        ClusterCa::generate(&gcp_td, &CaOptions::default(), std::time::SystemTime::now()).unwrap();
+    let rogue_anchor = AnchorKey::generate().unwrap();
+    let forged_bundle = seal(
+        Statement {
+            subject: format!("bundles/{gcp_td}"),
+            seq: u64::MAX / 2,
+            value: Some(
+                serde_json::from_str::<serde_json::Value>(
+                    &Bundle::with_roots(gcp_td.clone(), [attacker.cert_der().clone()])
+                        .to_document(),
+                )
+                .unwrap(),
+            ),
+            x5c: vec![],
+        },
+        Signer::Root(&attacker),
+    )
+    .unwrap()
+    .to_json();
+    let mut record: serde_json::Value = serde_json::from_slice(
+        etcd.client()
+            .await
+            .unwrap()
+            .get(keys.cluster("azure"), None)
+            .await
+            .unwrap()
+            .kvs()[0]
+            .value(),
+    )
+    .unwrap();
+    // azure's own signed record, copied over gcp's: refused for its subject.
+    let copied = record.take();
+    let policy = serde_json::json!({
+        "apiVersion": "fedmesh.io/v1", "kind": "GlobalTrafficPolicy",
+        "metadata": {"name": "evil"},
+        "spec": {"service": "shop/pay", "failover": {"clusters": ["azure"]}}
+    });
+    let forged_policy = seal(
+        Statement {
+            subject: "policies/evil".into(),
+            seq: u64::MAX / 2,
+            value: Some(policy),
+            x5c: vec![],
+        },
+        Signer::Anchor(&rogue_anchor),
+    )
+    .unwrap()
+    .to_json();
+    let evil = serde_json::json!({
+        "ports": [8080],
+        "localities": [{"zone": "az1", "healthy": 9, "total": 9, "weight": 9}],
+        "generation": 1
+    });
+    let mut c = etcd.client().await.unwrap();
+    c.put(keys.bundle(gcp_td.as_str()), forged_bundle, None)
+        .await
+        .unwrap();
+    c.put(keys.cluster("gcp"), copied.to_string(), None)
+        .await
+        .unwrap();
+    c.put(keys.policy("evil"), forged_policy, None)
+        .await
+        .unwrap();
+    c.put(keys.export("gcp", "shop", "evil"), evil.to_string(), None)
+        .await
+        .unwrap();
+    c.delete(keys.export("gcp", "shop", "pay"), None)
+        .await
+        .unwrap();
+    c.delete(keys.seen("gcp"), None).await.unwrap();
+
+    // aws's controller sees every forgery and believes none of it.
+    let ctl = aws.reg.controller.as_ref().unwrap();
+    let refused = |kind: &str| {
+        ctl.metrics
+            .watch
+            .refused
+            .lock()
+            .unwrap()
+            .keys()
+            .any(|(k, _, _)| k == kind)
+    };
+    eventually("every forgery refused", Duration::from_secs(10), || async {
+        ["bundle", "cluster", "policy", "export"]
+            .iter()
+            .all(|k| refused(k))
+            .then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let served: std::collections::BTreeSet<String> = load
+        .answers_since(window)
+        .into_iter()
+        .map(|a| a.cluster)
+        .collect();
+    let (answers, failures) = load.finish().await;
+    assert!(
+        failures.is_empty(),
+        "{} failed GETs, the first: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(3)]
+    );
+    assert!(answers.len() > 100, "steady load ran: {}", answers.len());
+    assert_eq!(served, ["gcp".to_string()].into(), "traffic moved");
+    // The attacker's root is trusted for gcp nowhere.
+    let bundles = ctl.bundles.borrow().clone();
+    let held = bundles.get(&gcp_td).unwrap();
+    assert!(!held.roots().contains(attacker.cert_der()));
+    assert!(
+        get(http, "evil.shop").await.is_err(),
+        "evil is never served"
+    );
+    assert!(
+        discovered
+            .config
+            .borrow()
+            .services
+            .keys()
+            .all(|k| k.name != "evil")
+    );
+    drop(azure);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -43,6 +43,35 @@ use std::time::Duration;
 
 /// A bench knob from the environment: `name` parsed, or `default` when it
 /// is unset or does not parse.
+/// The federation anchor of every fixture in this test process: clusters
+/// registered by different helpers of one test must share it, and each
+/// test's etcd is its own, so one per process is enough.
+pub fn anchor() -> std::sync::Arc<fedmesh_seal::AnchorKey> {
+    static ANCHOR: std::sync::OnceLock<std::sync::Arc<fedmesh_seal::AnchorKey>> =
+        std::sync::OnceLock::new();
+    ANCHOR
+        .get_or_init(|| {
+            std::sync::Arc::new(
+                fedmesh_seal::AnchorKey::generate().expect("the system RNG works in tests"),
+            )
+        })
+        .clone()
+}
+
+/// A directory holding [`anchor`] (`anchor.key`, `anchor.pub`), for the
+/// `fedmesh` command run by tests (`--anchor-dir`, `FEDMESH_ANCHOR_DIR`).
+pub fn anchor_dir() -> &'static Path {
+    static DIR: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        anchor()
+            .save_new(dir.path())
+            .expect("the anchor is written");
+        dir
+    })
+    .path()
+}
+
 pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name)
         .ok()

@@ -94,8 +94,10 @@ pub async fn register_with(
         registered_at: time::OffsetDateTime::now_utc(),
         egress: Default::default(),
     };
+    let anchor = fedmesh_test_support::anchor();
     GlobalZone::new(etcd.client().await.unwrap(), KeySpace::default())
-        .register(&record, &own_bundle)
+        .with_anchor(anchor.clone())
+        .register(&record, &ca)
         .await
         .unwrap();
     let join = JoinDir {
@@ -108,6 +110,7 @@ pub async fn register_with(
             tls: None,
         },
         ca,
+        anchor: Some(anchor.public()),
     };
     let (services, rx) = watch::channel(Arc::new(LocalServices::new()));
     let mut config = ControllerConfig::new(

@@ -8,7 +8,15 @@ use etcd_client::{
 use fedmesh_api::records::RecordError;
 use fedmesh_api::{ClusterRecord, ExportSummary, GlobalKey, KeySpace, Liveness, SeenRecord};
 
-use fedmesh_trust::{Bundle, BundleError, TrustDomain};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use fedmesh_seal::{
+    AnchorKey, Envelope, Refusal, Signer, Statement, next_seq, open_anchored, root_keyid, seal,
+};
+use fedmesh_trust::{Bundle, BundleError, ClusterCa, TrustDomain};
+
+use crate::gate::{Gate, GateConfig, Refused, Registration};
 
 /// One key of the global zone as etcd reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,6 +89,14 @@ pub enum ZoneError {
     /// etcd refused a write for lack of rights.
     #[error("{0}")]
     Denied(String),
+    #[error("signing: {0}")]
+    Seal(#[from] fedmesh_seal::SealError),
+    #[error(
+        "this write must be signed by the federation anchor, and none was given (fedmesh anchor init, then --anchor-dir)"
+    )]
+    NoAnchor,
+    #[error("{key}: refusing to build on a value that does not verify: {refusal}")]
+    Untrusted { key: String, refusal: Refusal },
 }
 
 impl ZoneError {
@@ -110,6 +126,10 @@ pub fn cluster_role(cluster: &str) -> String {
 pub struct GlobalZone {
     client: Client,
     keys: KeySpace,
+    /// Signs cluster records and policies: the operator's.
+    anchor: Option<Arc<AnchorKey>>,
+    /// What reads believe (see [`crate::gate`]).
+    trust: GateConfig,
 }
 
 impl std::fmt::Debug for GlobalZone {
@@ -121,8 +141,40 @@ impl std::fmt::Debug for GlobalZone {
 }
 
 impl GlobalZone {
+    /// A handle that believes nothing signed until given the anchor
+    /// ([`Self::with_anchor`], [`Self::trusting`]).
     pub fn new(client: Client, keys: KeySpace) -> Self {
-        Self { client, keys }
+        Self {
+            client,
+            keys,
+            anchor: None,
+            trust: GateConfig {
+                anchors: Vec::new(),
+                trust_unsigned: false,
+                budget: Default::default(),
+            },
+        }
+    }
+
+    /// Signs with `anchor`, and believes what it signed.
+    pub fn with_anchor(mut self, anchor: Arc<AnchorKey>) -> Self {
+        self.trust.anchors = vec![anchor.public()];
+        self.anchor = Some(anchor);
+        self
+    }
+
+    /// Reads believe what `trust` says (the anchor given before is kept).
+    pub fn trusting(mut self, trust: GateConfig) -> Self {
+        self.trust = trust;
+        self
+    }
+
+    pub fn trust(&self) -> &GateConfig {
+        &self.trust
+    }
+
+    pub(crate) fn anchor(&self) -> Result<&AnchorKey, ZoneError> {
+        self.anchor.as_deref().ok_or(ZoneError::NoAnchor)
     }
 
     pub fn keys(&self) -> &KeySpace {
@@ -149,9 +201,9 @@ impl GlobalZone {
     pub async fn register(
         &mut self,
         record: &ClusterRecord,
-        bundle: &Bundle,
+        ca: &ClusterCa,
     ) -> Result<RegisterOutcome, ZoneError> {
-        self.registration(record, bundle, true).await
+        self.registration(record, ca, true).await
     }
 
     /// What [`Self::register`] would do, or the conflict it would refuse
@@ -160,30 +212,36 @@ impl GlobalZone {
     pub async fn check_registration(
         &mut self,
         record: &ClusterRecord,
-        bundle: &Bundle,
+        ca: &ClusterCa,
     ) -> Result<RegisterOutcome, ZoneError> {
-        self.registration(record, bundle, false).await
+        self.registration(record, ca, false).await
     }
 
     async fn registration(
         &mut self,
         record: &ClusterRecord,
-        bundle: &Bundle,
+        ca: &ClusterCa,
         commit: bool,
     ) -> Result<RegisterOutcome, ZoneError> {
         record.validate()?;
+        let anchor = self.anchor()?.public();
+        let bundle = Bundle::with_roots(ca.trust_domain().clone(), [ca.cert_der().clone()]);
         let ck = self.keys.cluster(&record.name);
         let bk = self.keys.bundle(&record.trust_domain);
-        let existing = match self.get_one(&ck).await? {
-            Some((raw, rev)) => Some((parse_json::<ClusterRecord>(&ck, &raw)?, rev)),
+        let stored = match self.get_one(&ck).await? {
+            Some((raw, rev)) => Some((stored_record(&self.keys, &ck, &raw, &anchor)?, rev)),
             None => None,
         };
         let stored_bundle = match self.get_one(&bk).await? {
-            Some((raw, _)) => Some(decode_bundle(&record.trust_domain, &bk, &raw)?),
+            Some((raw, rev)) => Some((stored_bundle(&record.trust_domain, &bk, &raw)?, rev)),
             None => None,
         };
+        let record_seq = stored.as_ref().and_then(|(s, _)| s.seq);
+        let current = stored
+            .as_ref()
+            .and_then(|(s, rev)| s.record.clone().map(|r| (r, *rev)));
 
-        let Some((current, rev)) = existing else {
+        let Some((current, rev)) = current else {
             if stored_bundle.is_some() {
                 let owner = self
                     .clusters()
@@ -202,14 +260,25 @@ impl GlobalZone {
             if !commit {
                 return Ok(RegisterOutcome::Created);
             }
+            // Absent, or a signed deletion (deregistered): compared by
+            // revision either way.
+            let ck_rev = stored.as_ref().map_or(0, |(_, rev)| *rev);
             let txn = Txn::new()
                 .when([
-                    Compare::create_revision(ck.as_str(), CompareOp::Equal, 0),
+                    Compare::mod_revision(ck.as_str(), CompareOp::Equal, ck_rev),
                     Compare::create_revision(bk.as_str(), CompareOp::Equal, 0),
                 ])
                 .and_then([
-                    TxnOp::put(ck.as_str(), to_json(record), None),
-                    TxnOp::put(bk.as_str(), bundle.to_document(), None),
+                    TxnOp::put(
+                        ck.as_str(),
+                        self.signed_record(record, ca, record_seq)?,
+                        None,
+                    ),
+                    TxnOp::put(
+                        bk.as_str(),
+                        signed_bundle(&self.keys, &bundle, ca, None)?.0,
+                        None,
+                    ),
                 ]);
             return if self.client.txn(txn).await?.succeeded() {
                 Ok(RegisterOutcome::Created)
@@ -227,13 +296,16 @@ impl GlobalZone {
         }
         let ours_is_published = stored_bundle
             .as_ref()
-            .is_some_and(|b| bundle.roots().iter().all(|r| b.roots().contains(r)));
+            .is_some_and(|(b, _)| bundle.roots().iter().all(|r| b.bundle.roots().contains(r)));
         if !ours_is_published {
             return Err(ZoneError::ForeignCa {
                 name: record.name.clone(),
             });
         }
-        if current.same_registration(record) {
+        // A zone written before signing is signed now (adopted).
+        let record_signed = record_seq.is_some();
+        let bundle_signed = stored_bundle.as_ref().is_some_and(|(b, _)| b.seq.is_some());
+        if current.same_registration(record) && record_signed && bundle_signed {
             return Ok(RegisterOutcome::Unchanged);
         }
         if !commit {
@@ -244,9 +316,21 @@ impl GlobalZone {
             registered_at: current.registered_at,
             ..record.clone()
         };
-        let txn = Txn::new()
-            .when([Compare::mod_revision(ck.as_str(), CompareOp::Equal, rev)])
-            .and_then([TxnOp::put(ck.as_str(), to_json(&updated), None)]);
+        let mut when = vec![Compare::mod_revision(ck.as_str(), CompareOp::Equal, rev)];
+        let mut ops = vec![TxnOp::put(
+            ck.as_str(),
+            self.signed_record(&updated, ca, record_seq)?,
+            None,
+        )];
+        if let Some((b, brev)) = stored_bundle.as_ref().filter(|(b, _)| b.seq.is_none()) {
+            when.push(Compare::mod_revision(bk.as_str(), CompareOp::Equal, *brev));
+            ops.push(TxnOp::put(
+                bk.as_str(),
+                signed_bundle(&self.keys, &b.bundle, ca, None)?.0,
+                None,
+            ));
+        }
+        let txn = Txn::new().when(when).and_then(ops);
         if self.client.txn(txn).await?.succeeded() {
             Ok(RegisterOutcome::Updated)
         } else {
@@ -254,19 +338,51 @@ impl GlobalZone {
         }
     }
 
-    /// Removes a cluster's record, bundle, liveness keys and exports in one
-    /// transaction. Returns the removed record.
+    /// `record`, pinning `ca`'s root, signed by the anchor after `after`.
+    fn signed_record(
+        &self,
+        record: &ClusterRecord,
+        ca: &ClusterCa,
+        after: Option<u64>,
+    ) -> Result<String, ZoneError> {
+        let reg = Registration {
+            record: record.clone(),
+            roots: root_keyid(ca.cert_der()).into_iter().collect(),
+        };
+        let statement = Statement {
+            subject: subject(&self.keys, &self.keys.cluster(&record.name)),
+            seq: next_seq(SystemTime::now(), after),
+            value: Some(reg),
+            x5c: vec![],
+        };
+        Ok(seal(statement, Signer::Anchor(self.anchor()?))?.to_json())
+    }
+
+    /// Deregisters a cluster in one transaction: its record becomes a
+    /// signed deletion (readers obey no other), and its bundle, liveness
+    /// keys and exports are removed. Returns the removed record.
     pub async fn deregister(&mut self, name: &str) -> Result<ClusterRecord, ZoneError> {
+        let anchor = self.anchor()?.public();
         let ck = self.keys.cluster(name);
         let (raw, rev) = self
             .get_one(&ck)
             .await?
             .ok_or_else(|| ZoneError::NotRegistered(name.into()))?;
-        let record: ClusterRecord = parse_json(&ck, &raw)?;
+        let stored = stored_record(&self.keys, &ck, &raw, &anchor)?;
+        let record = stored
+            .record
+            .ok_or_else(|| ZoneError::NotRegistered(name.into()))?;
+        let tombstone = Statement::<Registration> {
+            subject: subject(&self.keys, &ck),
+            seq: next_seq(SystemTime::now(), stored.seq),
+            value: None,
+            x5c: vec![],
+        };
+        let tombstone = seal(tombstone, Signer::Anchor(self.anchor()?))?.to_json();
         let txn = Txn::new()
             .when([Compare::mod_revision(ck.as_str(), CompareOp::Equal, rev)])
             .and_then([
-                TxnOp::delete(ck.as_str(), None),
+                TxnOp::put(ck.as_str(), tombstone, None),
                 TxnOp::delete(self.keys.bundle(&record.trust_domain), None),
                 TxnOp::delete(self.keys.alive(name), None),
                 TxnOp::delete(self.keys.seen(name), None),
@@ -350,13 +466,36 @@ impl GlobalZone {
         Ok(kvs)
     }
 
+    /// The whole zone as this handle's trust believes it: every record and
+    /// export passed through a [`Gate`], with what it refused.
+    pub async fn believed(&mut self) -> Result<Believed, ZoneError> {
+        let mut gate = Gate::new(self.keys.clone(), self.trust.clone());
+        let mut records = Vec::new();
+        for kind in ["clusters/", "alive/", "seen/", "bundles/", "policies/"] {
+            records.extend(self.list(kind).await?);
+        }
+        let records = gate.admit_records(records, SystemTime::now());
+        let mut by_cluster: std::collections::BTreeMap<String, Vec<RawKv>> = Default::default();
+        for kv in self.list("exports/").await? {
+            if let Some((c, ..)) = self.keys.parse_export(&kv.key) {
+                by_cluster.entry(c.to_owned()).or_default().push(kv);
+            }
+        }
+        let mut exports = Vec::new();
+        for (cluster, kvs) in by_cluster {
+            exports.extend(gate.admit_exports(&cluster, kvs).kvs);
+        }
+        Ok(Believed {
+            keys: self.keys.clone(),
+            records,
+            exports,
+            refused: gate.refused().clone(),
+        })
+    }
+
     /// Every registered cluster, by name.
     pub async fn clusters(&mut self) -> Result<Vec<ClusterRecord>, ZoneError> {
-        self.list("clusters/")
-            .await?
-            .iter()
-            .map(|kv| parse_json(&kv.key, &kv.value))
-            .collect()
+        self.believed().await?.clusters()
     }
 
     /// The liveness of each of `clusters` as of `now`, from the `alive`
@@ -366,55 +505,193 @@ impl GlobalZone {
         clusters: &[ClusterRecord],
         now: time::OffsetDateTime,
     ) -> Result<Vec<Liveness>, ZoneError> {
-        let alive: std::collections::BTreeSet<String> = self
-            .list("alive/")
-            .await?
-            .iter()
-            .filter_map(|kv| match self.keys.parse(&kv.key) {
-                Some(GlobalKey::Alive(c)) => Some(c),
-                _ => None,
-            })
-            .collect();
-        let mut seen = std::collections::BTreeMap::new();
-        for kv in self.list("seen/").await? {
-            if let Some(GlobalKey::Seen(c)) = self.keys.parse(&kv.key) {
-                seen.insert(c, parse_json::<SeenRecord>(&kv.key, &kv.value)?);
-            }
-        }
-        Ok(clusters
-            .iter()
-            .map(|c| Liveness::of(alive.contains(&c.name), seen.get(&c.name), now))
-            .collect())
+        self.believed().await?.liveness(clusters, now)
     }
 
     /// Every export: (cluster, namespace, service, summary).
     pub async fn exports(
         &mut self,
     ) -> Result<Vec<(String, String, String, ExportSummary)>, ZoneError> {
-        let mut out = Vec::new();
-        for kv in self.list("exports/").await? {
-            if let Some(GlobalKey::Export {
-                cluster,
-                namespace,
-                service,
-            }) = self.keys.parse(&kv.key)
-            {
-                out.push((cluster, namespace, service, parse_json(&kv.key, &kv.value)?));
-            }
-        }
-        Ok(out)
+        self.believed().await?.exports()
     }
 
     /// Every published bundle.
     pub async fn bundles(&mut self) -> Result<Vec<Bundle>, ZoneError> {
-        let mut out = Vec::new();
-        for kv in self.list("bundles/").await? {
-            if let Some(GlobalKey::Bundle(td)) = self.keys.parse(&kv.key) {
-                out.push(decode_bundle(&td, &kv.key, &kv.value)?);
-            }
-        }
+        self.believed().await?.bundles()
+    }
+}
+
+/// What a handle's trust believes of the zone at one listing (plain values),
+/// and what it refused, by key.
+#[derive(Debug, Clone)]
+pub struct Believed {
+    keys: KeySpace,
+    pub records: Vec<RawKv>,
+    pub exports: Vec<RawKv>,
+    pub refused: std::collections::BTreeMap<String, Refused>,
+}
+
+impl Believed {
+    fn each<T>(
+        &self,
+        kvs: &[RawKv],
+        mut pick: impl FnMut(GlobalKey, &RawKv) -> Option<Result<T, ZoneError>>,
+    ) -> Result<Vec<T>, ZoneError> {
+        kvs.iter()
+            .filter_map(|kv| pick(self.keys.parse(&kv.key)?, kv))
+            .collect()
+    }
+
+    pub fn clusters(&self) -> Result<Vec<ClusterRecord>, ZoneError> {
+        let mut out = self.each(&self.records, |k, kv| match k {
+            GlobalKey::Cluster(_) => Some(parse_json(&kv.key, &kv.value)),
+            _ => None,
+        })?;
+        out.sort_by(|a: &ClusterRecord, b| a.name.cmp(&b.name));
         Ok(out)
     }
+
+    pub fn liveness(
+        &self,
+        clusters: &[ClusterRecord],
+        now: time::OffsetDateTime,
+    ) -> Result<Vec<Liveness>, ZoneError> {
+        let alive: std::collections::BTreeSet<String> = self
+            .each(&self.records, |k, _| match k {
+                GlobalKey::Alive(c) => Some(Ok(c)),
+                _ => None,
+            })?
+            .into_iter()
+            .collect();
+        let seen: std::collections::BTreeMap<String, SeenRecord> = self
+            .each(&self.records, |k, kv| match k {
+                GlobalKey::Seen(c) => Some(parse_json(&kv.key, &kv.value).map(|s| (c, s))),
+                _ => None,
+            })?
+            .into_iter()
+            .collect();
+        Ok(clusters
+            .iter()
+            .map(|c| Liveness::of(alive.contains(&c.name), seen.get(&c.name), now))
+            .collect())
+    }
+
+    pub fn exports(&self) -> Result<Vec<(String, String, String, ExportSummary)>, ZoneError> {
+        self.each(&self.exports, |k, kv| match k {
+            GlobalKey::Export {
+                cluster,
+                namespace,
+                service,
+            } => Some(parse_json(&kv.key, &kv.value).map(|s| (cluster, namespace, service, s))),
+            _ => None,
+        })
+    }
+
+    pub fn bundles(&self) -> Result<Vec<Bundle>, ZoneError> {
+        self.each(&self.records, |k, kv| match k {
+            GlobalKey::Bundle(td) => Some(decode_bundle(&td, &kv.key, &kv.value)),
+            _ => None,
+        })
+    }
+}
+
+/// A stored `clusters/<c>`: signed by the anchor (verified), or plain as
+/// written before signing (`seq` None); `record` None for a signed
+/// deletion. A value that is neither is refused: registration never builds
+/// on a forged record.
+struct StoredRecord {
+    record: Option<ClusterRecord>,
+    seq: Option<u64>,
+}
+
+fn stored_record(
+    keys: &KeySpace,
+    key: &str,
+    raw: &[u8],
+    anchor: &fedmesh_seal::AnchorPublic,
+) -> Result<StoredRecord, ZoneError> {
+    let anchors = std::slice::from_ref(anchor);
+    match open_anchored::<Registration>(raw, &subject(keys, key), anchors) {
+        Ok(o) => Ok(StoredRecord {
+            record: o.value.map(|r| r.record),
+            seq: Some(o.seq),
+        }),
+        Err(Refusal::Unsigned(_)) => Ok(StoredRecord {
+            record: Some(parse_json(key, raw)?),
+            seq: None,
+        }),
+        Err(refusal) => Err(ZoneError::Untrusted {
+            key: key.into(),
+            refusal,
+        }),
+    }
+}
+
+/// A stored bundle for the conflict checks of registration, signed or not
+/// (not verified: registration only compares it with the CA it holds).
+struct StoredBundle {
+    bundle: Bundle,
+    seq: Option<u64>,
+}
+
+fn stored_bundle(td: &str, key: &str, raw: &[u8]) -> Result<StoredBundle, ZoneError> {
+    match Envelope::parse(raw) {
+        Ok(env) => {
+            let corrupt = |reason: String| ZoneError::Corrupt {
+                key: key.into(),
+                reason,
+            };
+            let payload = env.payload().map_err(|e| corrupt(e.to_string()))?;
+            let statement: Statement<serde_json::Value> =
+                serde_json::from_slice(&payload).map_err(|e| corrupt(e.to_string()))?;
+            let doc = statement
+                .value
+                .ok_or_else(|| corrupt("a deleted bundle".into()))?;
+            Ok(StoredBundle {
+                bundle: decode_bundle(td, key, doc.to_string().as_bytes())?,
+                seq: Some(statement.seq),
+            })
+        }
+        Err(_) => Ok(StoredBundle {
+            bundle: decode_bundle(td, key, raw)?,
+            seq: None,
+        }),
+    }
+}
+
+/// The bundle a stored value holds, signed or not, **without checking the
+/// signature**: for tools that watch a publication happen (a drill waiting
+/// for a rotation), never for trusting it (that is the gate's).
+pub fn unverified_bundle(td: &str, key: &str, raw: &[u8]) -> Result<Bundle, ZoneError> {
+    stored_bundle(td, key, raw).map(|b| b.bundle)
+}
+
+/// `bundle`, signed by `ca`'s root, after `after`; and its sequence.
+pub fn signed_bundle(
+    keys: &KeySpace,
+    bundle: &Bundle,
+    ca: &ClusterCa,
+    after: Option<u64>,
+) -> Result<(String, u64), ZoneError> {
+    let key = keys.bundle(bundle.trust_domain().as_str());
+    let doc: serde_json::Value =
+        serde_json::from_str(&bundle.to_document()).map_err(|e| ZoneError::Corrupt {
+            key: key.clone(),
+            reason: e.to_string(),
+        })?;
+    let seq = next_seq(SystemTime::now(), after);
+    let statement = Statement {
+        subject: subject(keys, &key),
+        seq,
+        value: Some(doc),
+        x5c: vec![],
+    };
+    Ok((seal(statement, Signer::Root(ca))?.to_json(), seq))
+}
+
+/// A key without the zone's prefix: what a statement names.
+pub fn subject(keys: &KeySpace, key: &str) -> String {
+    key.strip_prefix(keys.prefix()).unwrap_or(key).to_owned()
 }
 
 /// Sizes the pages of listings. Large listings are read in pages so that
@@ -507,11 +784,6 @@ pub(crate) fn prefix_end(prefix: &[u8]) -> Vec<u8> {
         }
     }
     vec![0] // every key
-}
-
-pub(crate) fn to_json<T: serde::Serialize>(v: &T) -> String {
-    // Plain records always serialise.
-    serde_json::to_string(v).unwrap_or_default()
 }
 
 pub fn parse_json<T: serde::de::DeserializeOwned>(key: &str, raw: &[u8]) -> Result<T, ZoneError> {

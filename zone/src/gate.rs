@@ -177,6 +177,8 @@ pub struct Gate {
     removed_policies: BTreeMap<String, u64>,
     bundles: BTreeMap<String, HeldBundle>,
     manifests: BTreeMap<String, HeldManifest>,
+    /// `seen/<c>` of clusters read unsigned (`trust_unsigned`).
+    unsigned_seen: BTreeMap<String, RawKv>,
     policies: BTreeMap<String, Held>,
     refused: BTreeMap<String, Refused>,
     /// Refusals since the last [`Gate::drain_refusals`], for counters.
@@ -206,6 +208,7 @@ impl Gate {
             removed_policies: BTreeMap::new(),
             bundles: BTreeMap::new(),
             manifests: BTreeMap::new(),
+            unsigned_seen: BTreeMap::new(),
             policies: BTreeMap::new(),
             refused: BTreeMap::new(),
             fresh: Vec::new(),
@@ -333,6 +336,7 @@ impl Gate {
         out.extend(self.clusters.values().map(|c| c.held.kv.clone()));
         out.extend(self.bundles.values().map(|b| b.held.kv.clone()));
         out.extend(self.manifests.values().map(|m| m.kv.clone()));
+        out.extend(self.unsigned_seen.values().cloned());
         out.extend(self.policies.values().map(|p| p.kv.clone()));
         out
     }
@@ -720,6 +724,7 @@ impl Gate {
             }
             Err(Refusal::Unsigned(_)) if self.trust_unsigned_cluster(cluster) => {
                 // An unsigned federation's `seen` is the plain record.
+                self.unsigned_seen.insert(cluster.to_owned(), kv.clone());
                 Some(RawEvent::Put(kv))
             }
             Err(r) => {
@@ -735,6 +740,9 @@ impl Gate {
         kv: &RawKv,
         now: SystemTime,
     ) -> Result<(u64, ExportManifest), Refusal> {
+        // Unsigned is told apart first: an unsigned federation's `seen` is
+        // the plain record, whatever else is missing.
+        fedmesh_seal::Envelope::parse(&kv.value)?;
         let c = self
             .clusters
             .get(cluster)

@@ -11,6 +11,8 @@ use fedmesh_trust::ca::write_private;
 use fedmesh_trust::{CaError, ClusterCa, TrustDomain};
 use serde::{Deserialize, Serialize};
 
+use fedmesh_seal::{ANCHOR_PUB_FILE, AnchorPublic};
+
 use crate::access::EtcdTls;
 
 pub const CLUSTER_FILE: &str = "cluster.json";
@@ -83,6 +85,10 @@ pub struct JoinDir {
     pub cluster: ClusterRecord,
     pub etcd: EtcdAccess,
     pub ca: ClusterCa,
+    /// The federation anchor, pinned at registration (`anchor.pub`): the
+    /// only key the controller believes cluster records and policies from.
+    /// `None` in a directory written before records were signed.
+    pub anchor: Option<AnchorPublic>,
 }
 
 impl JoinDir {
@@ -113,6 +119,10 @@ impl JoinDir {
             fs::write(tmp.join(BUNDLE_FILE), bundle.to_document())
                 .map_err(io(&tmp.join(BUNDLE_FILE)))?;
             write_private(&tmp.join(CLUSTER_FILE), &pretty(&self.cluster))?;
+            if let Some(anchor) = &self.anchor {
+                fs::write(tmp.join(ANCHOR_PUB_FILE), anchor.to_pem())
+                    .map_err(io(&tmp.join(ANCHOR_PUB_FILE)))?;
+            }
             let etcd = EtcdAccess {
                 tls: self.copy_tls(&tmp)?,
                 ..self.etcd.clone()
@@ -154,7 +164,22 @@ impl JoinDir {
             reason: format!("trustDomain {e}"),
         })?;
         let ca = ClusterCa::load(&dir.join(CA_DIR), &td)?;
-        Ok(Self { cluster, etcd, ca })
+        let anchor_path = dir.join(ANCHOR_PUB_FILE);
+        let anchor = match anchor_path.exists() {
+            true => Some(
+                AnchorPublic::load(&anchor_path).map_err(|e| JoinError::Invalid {
+                    path: anchor_path,
+                    reason: e.to_string(),
+                })?,
+            ),
+            false => None,
+        };
+        Ok(Self {
+            cluster,
+            etcd,
+            ca,
+            anchor,
+        })
     }
 
     /// Copies the etcd TLS files into `dir` (the key 0600), returning their
@@ -409,8 +434,10 @@ mod rotation_tests {
                 tls: None,
             },
             ca: ClusterCa::generate(&td, &CaOptions::default(), now).unwrap(),
+            anchor: Some(fedmesh_seal::AnchorKey::generate().unwrap().public()),
         };
         join.write(&dir).unwrap();
+        assert_eq!(JoinDir::load(&dir).unwrap().anchor, join.anchor, "pinned");
         // The bundle proxies bootstrap from: the CA's root.
         let doc = fs::read(dir.join(BUNDLE_FILE)).unwrap();
         let bundle = fedmesh_trust::Bundle::from_document(td.clone(), &doc, "bundle.json").unwrap();

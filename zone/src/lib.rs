@@ -22,8 +22,8 @@ pub mod tokens;
 
 pub use access::{AccessError, EtcdTls, check_endpoints, connect_options};
 pub use client::{
-    GlobalZone, Pager, RawEvent, RawKv, RegisterOutcome, ZoneError, cluster_role, decode_bundle,
-    list_range,
+    Believed, GlobalZone, Pager, RawEvent, RawKv, RegisterOutcome, ZoneError, cluster_role,
+    decode_bundle, list_range,
 };
 pub use join::{EtcdAccess, JoinDir};
 pub use policies::{HistoryEntry, PolicyChange, PolicyHistory, StoredPolicies, StoredPolicy};

@@ -13,13 +13,19 @@ use std::time::Duration;
 use etcd_client::{Compare, CompareOp, EventType, GetOptions, Txn, TxnOp, WatchOptions};
 use fedmesh_api::policy::GlobalTrafficPolicy;
 
-use crate::client::{GlobalZone, ZoneError, prefix_end, to_json};
+use std::time::SystemTime;
+
+use fedmesh_seal::{Refusal, Signer, Statement, next_seq, open_anchored, seal};
+
+use crate::client::{GlobalZone, ZoneError, prefix_end, subject};
 
 /// One stored policy: its value (or why it cannot be read) and revision.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StoredPolicy {
     pub policy: Result<GlobalTrafficPolicy, String>,
     pub mod_revision: i64,
+    /// The sequence it was signed with (None: unsigned or unreadable).
+    pub seq: Option<u64>,
 }
 
 /// Every stored policy, by name, as of `revision`.
@@ -27,6 +33,8 @@ pub struct StoredPolicy {
 pub struct StoredPolicies {
     pub revision: i64,
     pub policies: BTreeMap<String, StoredPolicy>,
+    /// Policies deleted by a signed deletion: (mod_revision, sequence).
+    pub deleted: BTreeMap<String, (i64, u64)>,
 }
 
 /// A change `write_policies` makes.
@@ -65,9 +73,11 @@ pub struct PolicyHistory {
 /// 128, and the transaction also compares.
 pub const MAX_CHANGES: usize = 100;
 
-fn decode(key: &str, raw: &[u8]) -> Result<GlobalTrafficPolicy, String> {
-    let p: GlobalTrafficPolicy =
-        serde_json::from_slice(raw).map_err(|e| format!("{key}: not a policy: {e}"))?;
+/// What a stored policy value says: a policy, a signed deletion (`None`),
+/// or why it is not believed; and the sequence it was signed with.
+type Decoded = (Option<Result<GlobalTrafficPolicy, String>>, Option<u64>);
+
+fn check(key: &str, p: GlobalTrafficPolicy) -> Result<GlobalTrafficPolicy, String> {
     p.validate().map_err(|e| format!("{key}: {e}"))?;
     Ok(p)
 }
@@ -78,6 +88,23 @@ fn denied(e: &etcd_client::Error) -> bool {
 }
 
 impl GlobalZone {
+    /// Reads a stored policy with this handle's trust: signed by the anchor,
+    /// or (only when trusting unsigned values) plain.
+    fn decode(&self, key: &str, raw: &[u8]) -> Decoded {
+        let trust = self.trust();
+        match open_anchored::<GlobalTrafficPolicy>(raw, &subject(self.keys(), key), &trust.anchors)
+        {
+            Ok(o) => (o.value.map(|p| check(key, p)), Some(o.seq)),
+            Err(Refusal::Unsigned(_)) if trust.trust_unsigned => {
+                let p = serde_json::from_slice(raw)
+                    .map_err(|e| format!("{key}: not a policy: {e}"))
+                    .and_then(|p| check(key, p));
+                (Some(p), None)
+            }
+            Err(r) => (Some(Err(format!("{key}: {r}"))), None),
+        }
+    }
+
     /// Every policy, at one revision.
     pub async fn policies(&mut self) -> Result<StoredPolicies, ZoneError> {
         let prefix = self.keys().policy("");
@@ -87,18 +114,31 @@ impl GlobalZone {
             .await?;
         let revision = resp.header().map_or(0, |h| h.revision());
         let mut policies = BTreeMap::new();
+        let mut deleted = BTreeMap::new();
         for kv in resp.kvs() {
             let key = String::from_utf8_lossy(kv.key()).into_owned();
             let name = key[prefix.len()..].to_owned();
-            policies.insert(
-                name,
-                StoredPolicy {
-                    policy: decode(&key, kv.value()),
-                    mod_revision: kv.mod_revision(),
-                },
-            );
+            match self.decode(&key, kv.value()) {
+                (None, seq) => {
+                    deleted.insert(name, (kv.mod_revision(), seq.unwrap_or(0)));
+                }
+                (Some(policy), seq) => {
+                    policies.insert(
+                        name,
+                        StoredPolicy {
+                            policy,
+                            mod_revision: kv.mod_revision(),
+                            seq,
+                        },
+                    );
+                }
+            }
         }
-        Ok(StoredPolicies { revision, policies })
+        Ok(StoredPolicies {
+            revision,
+            policies,
+            deleted,
+        })
     }
 
     /// Writes `changes` in one transaction, which applies only if no policy
@@ -124,16 +164,29 @@ impl GlobalZone {
             Compare::mod_revision(prefix.as_str(), CompareOp::Less, read.revision + 1)
                 .with_range(prefix_end(prefix.as_bytes())),
         ];
+        let anchor = self.anchor()?;
         let mut ops = Vec::with_capacity(changes.len());
         for c in changes {
             let key = self.keys().policy(c.name());
             // ...and each key written is as read (this catches a deletion).
-            let seen = read.policies.get(c.name()).map_or(0, |p| p.mod_revision);
+            let (seen, after) = match (read.policies.get(c.name()), read.deleted.get(c.name())) {
+                (Some(p), _) => (p.mod_revision, p.seq),
+                (None, Some((rev, seq))) => (*rev, Some(*seq)),
+                (None, None) => (0, None),
+            };
             when.push(Compare::mod_revision(key.as_str(), CompareOp::Equal, seen));
-            ops.push(match c {
-                PolicyChange::Put(p) => TxnOp::put(key.as_str(), to_json(p), None),
-                PolicyChange::Delete(_) => TxnOp::delete(key.as_str(), None),
-            });
+            // A deletion is signed too: readers obey no other.
+            let statement = Statement {
+                subject: subject(self.keys(), &key),
+                seq: next_seq(SystemTime::now(), after),
+                value: match c {
+                    PolicyChange::Put(p) => Some(p.as_ref().clone()),
+                    PolicyChange::Delete(_) => None,
+                },
+                x5c: vec![],
+            };
+            let value = seal(statement, Signer::Anchor(anchor))?.to_json();
+            ops.push(TxnOp::put(key.as_str(), value, None));
         }
         let txn = Txn::new().when(when).and_then(ops);
         match self.client().txn(txn).await {
@@ -165,7 +218,10 @@ impl GlobalZone {
                 Some(GetOptions::new().with_revision(revision)),
             )
             .await?;
-        Ok(resp.kvs().first().map(|kv| decode(&key, kv.value())))
+        Ok(resp
+            .kvs()
+            .first()
+            .and_then(|kv| self.decode(&key, kv.value()).0))
     }
 
     /// Every revision of `name` etcd still holds, oldest first: puts and
@@ -233,7 +289,7 @@ impl GlobalZone {
                     entries.push(HistoryEntry {
                         revision: kv.mod_revision(),
                         policy: match ev.event_type() {
-                            EventType::Put => Some(decode(&key, kv.value())),
+                            EventType::Put => self.decode(&key, kv.value()).0,
                             EventType::Delete => None,
                         },
                     });

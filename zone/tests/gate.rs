@@ -593,8 +593,12 @@ fn trust_unsigned_reads_an_older_federation() {
     );
     let doc = Bundle::with_roots(f.aws.td.clone(), [f.aws.ca.cert_der().clone()]).to_document();
     let bundle = f.kv(f.keys.bundle("aws.test"), doc);
-    let out = gate.admit_records(vec![rec, bundle], SystemTime::now());
-    assert_eq!(out.len(), 2, "{:?}", gate.refused());
+    let seen = f.kv(
+        f.keys.seen("aws"),
+        br#"{"at":"2026-12-07T10:00:00Z"}"#.to_vec(),
+    );
+    let out = gate.admit_records(vec![rec, bundle, seen], SystemTime::now());
+    assert_eq!(out.len(), 3, "{:?}", gate.refused());
     let export = f.kv(f.keys.export("aws", "shop", "cart"), Fed::export_value(1));
     assert_eq!(gate.admit_exports("aws", vec![export]).kvs.len(), 1);
 }

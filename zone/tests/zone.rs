@@ -27,10 +27,18 @@ fn record(name: &str, td: &str) -> ClusterRecord {
     }
 }
 
-fn ca_bundle(td: &str) -> Bundle {
+fn ca(td: &str) -> ClusterCa {
     let td = TrustDomain::new(td).unwrap();
-    let ca = ClusterCa::generate(&td, &CaOptions::default(), SystemTime::now()).unwrap();
-    Bundle::with_roots(td, [ca.cert_der().clone()])
+    ClusterCa::generate(&td, &CaOptions::default(), SystemTime::now()).unwrap()
+}
+
+fn bundle_of(ca: &ClusterCa) -> Bundle {
+    Bundle::with_roots(ca.trust_domain().clone(), [ca.cert_der().clone()])
+}
+
+/// The operator's handle: signs with the test anchor.
+fn operator(client: Client, keys: KeySpace) -> GlobalZone {
+    GlobalZone::new(client, keys).with_anchor(fedmesh_test_support::anchor())
 }
 
 async fn revision(c: &mut Client) -> i64 {
@@ -41,13 +49,14 @@ async fn revision(c: &mut Client) -> i64 {
 async fn register_is_one_transaction_and_idempotent() {
     let etcd = Etcd::start().await.unwrap();
     let mut raw = etcd.client().await.unwrap();
-    let mut zone = GlobalZone::new(raw.clone(), KeySpace::default());
+    let mut zone = operator(raw.clone(), KeySpace::default());
     let rec = record("aws-use1", "aws-use1.fedmesh.test");
-    let bundle = ca_bundle("aws-use1.fedmesh.test");
+    let ca = ca("aws-use1.fedmesh.test");
+    let bundle = bundle_of(&ca);
 
     let before = revision(&mut raw).await;
     assert_eq!(
-        zone.register(&rec, &bundle).await.unwrap(),
+        zone.register(&rec, &ca).await.unwrap(),
         RegisterOutcome::Created
     );
     // Both keys appeared in a single revision.
@@ -61,7 +70,7 @@ async fn register_is_one_transaction_and_idempotent() {
     again.registered_at = OffsetDateTime::now_utc() + time::Duration::hours(1);
     let rev = revision(&mut raw).await;
     assert_eq!(
-        zone.register(&again, &bundle).await.unwrap(),
+        zone.register(&again, &ca).await.unwrap(),
         RegisterOutcome::Unchanged
     );
     assert_eq!(revision(&mut raw).await, rev);
@@ -70,7 +79,7 @@ async fn register_is_one_transaction_and_idempotent() {
     let mut moved = rec.clone();
     moved.gateways.push("127.0.1.2:15443".parse().unwrap());
     assert_eq!(
-        zone.register(&moved, &bundle).await.unwrap(),
+        zone.register(&moved, &ca).await.unwrap(),
         RegisterOutcome::Updated
     );
     let stored = zone.clusters().await.unwrap().remove(0);
@@ -82,17 +91,17 @@ async fn register_is_one_transaction_and_idempotent() {
 async fn conflicts_are_refused_and_write_nothing() {
     let etcd = Etcd::start().await.unwrap();
     let mut raw = etcd.client().await.unwrap();
-    let mut zone = GlobalZone::new(raw.clone(), KeySpace::default());
+    let mut zone = operator(raw.clone(), KeySpace::default());
     let a = record("aws-use1", "aws.fedmesh.test");
-    let a_bundle = ca_bundle("aws.fedmesh.test");
-    zone.register(&a, &a_bundle).await.unwrap();
+    let a_ca = ca("aws.fedmesh.test");
+    zone.register(&a, &a_ca).await.unwrap();
     let rev = revision(&mut raw).await;
 
     // The name is taken with another trust domain.
     let err = zone
         .register(
             &record("aws-use1", "other.fedmesh.test"),
-            &ca_bundle("other.fedmesh.test"),
+            &ca("other.fedmesh.test"),
         )
         .await
         .unwrap_err();
@@ -103,7 +112,7 @@ async fn conflicts_are_refused_and_write_nothing() {
     let err = zone
         .register(
             &record("gcp-euw1", "aws.fedmesh.test"),
-            &ca_bundle("aws.fedmesh.test"),
+            &ca("aws.fedmesh.test"),
         )
         .await
         .unwrap_err();
@@ -111,7 +120,7 @@ async fn conflicts_are_refused_and_write_nothing() {
 
     // Same name and trust domain, but another CA.
     let err = zone
-        .register(&a, &ca_bundle("aws.fedmesh.test"))
+        .register(&a, &ca("aws.fedmesh.test"))
         .await
         .unwrap_err();
     assert!(matches!(err, ZoneError::ForeignCa { .. }), "{err}");
@@ -119,13 +128,13 @@ async fn conflicts_are_refused_and_write_nothing() {
     // Invalid input is refused before anything is read or written.
     let mut bad = record("AWS", "x.fedmesh.test");
     assert!(matches!(
-        zone.register(&bad, &ca_bundle("x.fedmesh.test")).await,
+        zone.register(&bad, &ca("x.fedmesh.test")).await,
         Err(ZoneError::Invalid(_))
     ));
     bad = record("ok", "x.fedmesh.test");
     bad.zones.clear();
     assert!(matches!(
-        zone.register(&bad, &ca_bundle("x.fedmesh.test")).await,
+        zone.register(&bad, &ca("x.fedmesh.test")).await,
         Err(ZoneError::Invalid(_))
     ));
 
@@ -138,11 +147,12 @@ async fn deregister_removes_everything_of_the_cluster_and_nothing_else() {
     let etcd = Etcd::start().await.unwrap();
     let mut raw = etcd.client().await.unwrap();
     let keys = KeySpace::default();
-    let mut zone = GlobalZone::new(raw.clone(), keys.clone());
-    zone.register(&record("a", "a.fedmesh.test"), &ca_bundle("a.fedmesh.test"))
+    let mut zone = operator(raw.clone(), keys.clone());
+    let a_ca = ca("a.fedmesh.test");
+    zone.register(&record("a", "a.fedmesh.test"), &a_ca)
         .await
         .unwrap();
-    zone.register(&record("b", "b.fedmesh.test"), &ca_bundle("b.fedmesh.test"))
+    zone.register(&record("b", "b.fedmesh.test"), &ca("b.fedmesh.test"))
         .await
         .unwrap();
     for c in ["a", "b"] {
@@ -173,14 +183,32 @@ async fn deregister_removes_everything_of_the_cluster_and_nothing_else() {
         [
             "/fedmesh/v1/alive/b",
             "/fedmesh/v1/bundles/b.fedmesh.test",
+            // A signed deletion: the only removal readers obey.
+            "/fedmesh/v1/clusters/a",
             "/fedmesh/v1/clusters/b",
             "/fedmesh/v1/exports/b/shop/cart",
         ]
     );
+    let names: Vec<String> = zone
+        .clusters()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|c| c.name)
+        .collect();
+    assert_eq!(names, ["b"]);
     assert!(matches!(
         zone.deregister("a").await,
         Err(ZoneError::NotRegistered(_))
     ));
+    // Registered again: its record outranks the deletion.
+    assert_eq!(
+        zone.register(&record("a", "a.fedmesh.test"), &a_ca)
+            .await
+            .unwrap(),
+        RegisterOutcome::Created
+    );
+    assert_eq!(zone.clusters().await.unwrap().len(), 2);
 }
 
 async fn login(etcd: &Etcd, user: &str, password: &str) -> Client {
@@ -201,12 +229,9 @@ async fn with_auth_a_cluster_can_write_only_its_own_keys() {
     .await
     .unwrap();
     let keys = KeySpace::default();
-    let mut admin = GlobalZone::new(etcd.client().await.unwrap(), keys.clone());
+    let mut admin = operator(etcd.client().await.unwrap(), keys.clone());
     for (c, td) in [("a", "a.fedmesh.test"), ("b", "b.fedmesh.test")] {
-        admin
-            .register(&record(c, td), &ca_bundle(td))
-            .await
-            .unwrap();
+        admin.register(&record(c, td), &ca(td)).await.unwrap();
         admin
             .ensure_cluster_access(c, td, Some(&format!("pw-{c}")))
             .await
@@ -219,7 +244,7 @@ async fn with_auth_a_cluster_can_write_only_its_own_keys() {
         .await
         .unwrap();
     b.put(keys.alive("b"), "{}", None).await.unwrap();
-    let b_doc = ca_bundle("b.fedmesh.test").to_document();
+    let b_doc = bundle_of(&ca("b.fedmesh.test")).to_document();
     b.put(keys.bundle("b.fedmesh.test"), b_doc, None)
         .await
         .unwrap();

@@ -3,6 +3,9 @@
 use clap::ValueEnum;
 use serde::Serialize;
 
+use fedmesh_zone::Believed;
+use fedmesh_zone::gate::Kind;
+
 use super::{EtcdFlags, connect};
 
 #[derive(ValueEnum, Debug, Clone, Copy)]
@@ -32,6 +35,7 @@ struct ClusterRow {
     #[serde(flatten)]
     record: fedmesh_api::ClusterRecord,
     liveness: fedmesh_api::Liveness,
+    trust: String,
 }
 
 #[derive(Serialize)]
@@ -44,6 +48,7 @@ struct ServiceRow {
     healthy: u64,
     total: u64,
     generation: u64,
+    trust: String,
 }
 
 #[derive(Serialize)]
@@ -53,26 +58,60 @@ struct BundleRow {
     roots: usize,
     sequence: u64,
     document: serde_json::Value,
+    trust: String,
+}
+
+/// `ok`, or why the value stored now is not believed (the row shows the
+/// last believed one): `FORGED`, `UNSIGNED`, `ROLLBACK`, `INVALID`,
+/// `BUDGET`.
+fn trust(believed: &Believed, key: &str) -> String {
+    believed
+        .refused
+        .get(key)
+        .map_or("ok", |r| r.refusal.label())
+        .to_owned()
+}
+
+/// Says, on stderr, which stored values of `kinds` are not believed at
+/// all, and why: a forged key that never held a believed value has no row.
+fn report_refused(believed: &Believed, kinds: &[Kind], shown: &[String]) {
+    for (key, r) in &believed.refused {
+        if kinds.contains(&r.kind) && !shown.contains(key) {
+            eprintln!("not believed: {key}: {}", r.refusal);
+        }
+    }
 }
 
 pub async fn get(what: GetWhat, output: Output, flags: &EtcdFlags) -> anyhow::Result<()> {
+    match what {
+        GetWhat::Policies => return super::policy::get(None, output, flags).await,
+        GetWhat::Proxies => anyhow::bail!("`get proxies` needs its controllers' admin ports"),
+        _ => {}
+    }
     let mut zone = connect(flags).await?;
+    let keys = zone.keys().clone();
+    let believed = zone.believed().await?;
     match what {
         GetWhat::Clusters => {
-            let records = zone.clusters().await?;
-            let liveness = zone
-                .liveness(&records, time::OffsetDateTime::now_utc())
-                .await?;
+            let records = believed.clusters()?;
+            let liveness = believed.liveness(&records, time::OffsetDateTime::now_utc())?;
             let rows: Vec<ClusterRow> = records
                 .into_iter()
                 .zip(liveness)
-                .map(|(record, liveness)| ClusterRow { record, liveness })
+                .map(|(record, liveness)| ClusterRow {
+                    trust: trust(&believed, &keys.cluster(&record.name)),
+                    record,
+                    liveness,
+                })
                 .collect();
+            let shown: Vec<String> = rows.iter().map(|r| keys.cluster(&r.record.name)).collect();
+            report_refused(&believed, &[Kind::Cluster, Kind::Manifest], &shown);
             print_rows(
                 output,
                 &rows,
                 &[
                     "NAME",
+                    "TRUST",
                     "LIVENESS",
                     "CLOUD",
                     "REGION",
@@ -84,9 +123,11 @@ pub async fn get(what: GetWhat, output: Output, flags: &EtcdFlags) -> anyhow::Re
                 |ClusterRow {
                      record: c,
                      liveness,
+                     trust,
                  }| {
                     vec![
                         c.name.clone(),
+                        trust.clone(),
                         liveness.to_string(),
                         c.cloud.clone(),
                         c.region.clone(),
@@ -103,11 +144,11 @@ pub async fn get(what: GetWhat, output: Output, flags: &EtcdFlags) -> anyhow::Re
             )
         }
         GetWhat::Services => {
-            let rows: Vec<ServiceRow> = zone
-                .exports()
-                .await?
+            let rows: Vec<ServiceRow> = believed
+                .exports()?
                 .into_iter()
                 .map(|(cluster, namespace, service, s)| ServiceRow {
+                    trust: trust(&believed, &keys.export(&cluster, &namespace, &service)),
                     cluster,
                     namespace,
                     service,
@@ -117,15 +158,28 @@ pub async fn get(what: GetWhat, output: Output, flags: &EtcdFlags) -> anyhow::Re
                     generation: s.generation,
                 })
                 .collect();
+            let shown: Vec<String> = rows
+                .iter()
+                .map(|r| keys.export(&r.cluster, &r.namespace, &r.service))
+                .collect();
+            report_refused(&believed, &[Kind::Export], &shown);
             print_rows(
                 output,
                 &rows,
-                &["CLUSTER", "NAMESPACE", "SERVICE", "PORTS", "HEALTHY"],
+                &[
+                    "CLUSTER",
+                    "NAMESPACE",
+                    "SERVICE",
+                    "TRUST",
+                    "PORTS",
+                    "HEALTHY",
+                ],
                 |r| {
                     vec![
                         r.cluster.clone(),
                         r.namespace.clone(),
                         r.service.clone(),
+                        r.trust.clone(),
                         r.ports
                             .iter()
                             .map(ToString::to_string)
@@ -136,27 +190,34 @@ pub async fn get(what: GetWhat, output: Output, flags: &EtcdFlags) -> anyhow::Re
                 },
             )
         }
-        GetWhat::Policies => super::policy::get(None, output, flags).await,
-        GetWhat::Proxies => anyhow::bail!("`get proxies` needs its controllers' admin ports"),
+        GetWhat::Policies | GetWhat::Proxies => Ok(()), // answered above
         GetWhat::Bundles => {
-            let rows: Vec<BundleRow> = zone
-                .bundles()
-                .await?
+            let rows: Vec<BundleRow> = believed
+                .bundles()?
                 .into_iter()
                 .map(|b| BundleRow {
+                    trust: trust(&believed, &keys.bundle(b.trust_domain().as_str())),
                     trust_domain: b.trust_domain().to_string(),
                     roots: b.roots().len(),
                     sequence: b.sequence,
                     document: serde_json::from_str(&b.to_document()).unwrap_or_default(),
                 })
                 .collect();
-            print_rows(output, &rows, &["TRUST DOMAIN", "ROOTS", "SEQUENCE"], |r| {
-                vec![
-                    r.trust_domain.clone(),
-                    r.roots.to_string(),
-                    r.sequence.to_string(),
-                ]
-            })
+            let shown: Vec<String> = rows.iter().map(|r| keys.bundle(&r.trust_domain)).collect();
+            report_refused(&believed, &[Kind::Bundle], &shown);
+            print_rows(
+                output,
+                &rows,
+                &["TRUST DOMAIN", "TRUST", "ROOTS", "SEQUENCE"],
+                |r| {
+                    vec![
+                        r.trust_domain.clone(),
+                        r.trust.clone(),
+                        r.roots.to_string(),
+                        r.sequence.to_string(),
+                    ]
+                },
+            )
         }
     }
 }

@@ -56,6 +56,15 @@ pub struct EtcdFlags {
     /// Key prefix of the global zone.
     #[arg(long, default_value = DEFAULT_PREFIX)]
     pub prefix: String,
+    /// The federation anchor: its private key signs cluster records and
+    /// policies, its public key is what every value read is checked
+    /// against [default: $HOME/.fedmesh/anchor].
+    #[arg(long, env = "FEDMESH_ANCHOR_DIR")]
+    pub anchor_dir: Option<std::path::PathBuf>,
+    /// Also believe unsigned values: to read or adopt a federation created
+    /// before records were signed.
+    #[arg(long)]
+    pub trust_unsigned: bool,
 }
 
 impl EtcdFlags {
@@ -115,7 +124,42 @@ pub async fn connect(flags: &EtcdFlags) -> anyhow::Result<GlobalZone> {
         .status()
         .await
         .with_context(|| format!("connecting to etcd at {endpoints}"))?;
-    Ok(GlobalZone::new(client, KeySpace::new(&flags.prefix)))
+    let zone = GlobalZone::new(client, KeySpace::new(&flags.prefix));
+    with_anchor(zone, flags)
+}
+
+/// `zone`, signing with the anchor in `--anchor-dir` when its private key is
+/// there, or believing its public key only; `--trust-unsigned` adds
+/// unsigned values.
+pub fn with_anchor(zone: GlobalZone, flags: &EtcdFlags) -> anyhow::Result<GlobalZone> {
+    use fedmesh_seal::{ANCHOR_KEY_FILE, ANCHOR_PUB_FILE, AnchorKey, AnchorPublic};
+    let dir = flags.anchor_dir.clone().unwrap_or_else(anchor::default_dir);
+    let (key, public) = (dir.join(ANCHOR_KEY_FILE), dir.join(ANCHOR_PUB_FILE));
+    let mut zone = if key.exists() {
+        zone.with_anchor(std::sync::Arc::new(AnchorKey::load(&key)?))
+    } else if public.exists() {
+        let trust = fedmesh_zone::gate::GateConfig {
+            anchors: vec![AnchorPublic::load(&public)?],
+            ..zone.trust().clone()
+        };
+        zone.trusting(trust)
+    } else if flags.trust_unsigned {
+        zone
+    } else {
+        anyhow::bail!(
+            "no federation anchor in {}: create one (fedmesh anchor init), point --anchor-dir \
+             (FEDMESH_ANCHOR_DIR) at it, or read an unsigned federation with --trust-unsigned",
+            dir.display()
+        );
+    };
+    if flags.trust_unsigned {
+        let trust = fedmesh_zone::gate::GateConfig {
+            trust_unsigned: true,
+            ..zone.trust().clone()
+        };
+        zone = zone.trusting(trust);
+    }
+    Ok(zone)
 }
 
 /// A duration flag: `90s`, `15m`, `24h`, `7d`.

@@ -6,7 +6,7 @@ use std::time::SystemTime;
 use anyhow::Context;
 use clap::Args;
 use fedmesh_api::{ClusterRecord, EgressMode, GatewayAddress, validate_label};
-use fedmesh_trust::{Bundle, CaOptions, ClusterCa, TrustDomain};
+use fedmesh_trust::{CaOptions, ClusterCa, TrustDomain};
 use fedmesh_zone::EtcdTls;
 use fedmesh_zone::RegisterOutcome;
 use fedmesh_zone::client::cluster_role;
@@ -137,12 +137,11 @@ fn load_or_create_ca(args: &RegisterCluster, plan: &Plan) -> anyhow::Result<Clus
 pub async fn register(args: RegisterCluster) -> anyhow::Result<()> {
     let plan = plan(&args)?;
     let ca = load_or_create_ca(&args, &plan)?;
-    let bundle = Bundle::with_roots(plan.trust_domain.clone(), [ca.cert_der().clone()]);
     let mut zone = connect(&args.etcd).await?;
     let what = || format!("registering cluster {:?}", plan.record.name);
     // Conflicts first: a refused registration must not replace the join
     // directory (and the CA key in it).
-    zone.check_registration(&plan.record, &bundle)
+    zone.check_registration(&plan.record, &ca)
         .await
         .with_context(what)?;
 
@@ -170,13 +169,14 @@ pub async fn register(args: RegisterCluster) -> anyhow::Result<()> {
         cluster: plan.record.clone(),
         etcd: access,
         ca,
+        anchor: zone.trust().anchors.first().cloned(),
     };
     // The CA key is on disk before its root is published: a bundle in etcd
     // whose key is nowhere would lock the cluster out of its own name.
     join.write(&plan.out)
         .with_context(|| format!("writing the join directory {}", plan.out.display()))?;
     let outcome = zone
-        .register(&plan.record, &bundle)
+        .register(&plan.record, &join.ca)
         .await
         .with_context(what)?;
     if args.etcd.etcd_user.is_some() {

@@ -23,6 +23,8 @@ pub const PKI_DIR: &str = "etcd-pki";
 /// join tokens): longer than any run.
 pub const RUN_LIFETIME: Duration = fedmesh_trust::pki::LOCAL_PKI_LIFETIME;
 pub const ENV_FILE: &str = "etcd.env";
+/// Where a `fedmesh up` keeps its federation anchor.
+pub const ANCHOR_DIR: &str = "anchor";
 pub const ROOT_USER: &str = "root";
 const PASSWORD_FILE: &str = "root.password";
 
@@ -31,6 +33,9 @@ const PASSWORD_FILE: &str = "root.password";
 pub struct UpPki {
     pki: LocalPki,
     dir: PathBuf,
+    /// The run's federation anchor (`<state>/anchor`), which signs its
+    /// cluster records and policies.
+    anchor: PathBuf,
 }
 
 impl UpPki {
@@ -43,7 +48,13 @@ impl UpPki {
         pki.client(ROOT_USER)?;
         let password = fedmesh_trust::random_hex(16)?;
         write_private(&dir.join(PASSWORD_FILE), password.as_bytes())?;
-        Ok(Self { pki, dir })
+        // One anchor for the life of the state directory: a new one would
+        // disown what the last run signed.
+        let anchor = state.join(ANCHOR_DIR);
+        if !anchor.join(fedmesh_seal::ANCHOR_KEY_FILE).exists() {
+            fedmesh_seal::AnchorKey::generate()?.save_new(&anchor)?;
+        }
+        Ok(Self { pki, dir, anchor })
     }
 
     /// The serving certificate of the etcd member at `client` and `peer`.
@@ -112,6 +123,7 @@ impl UpPki {
             lines.push(format!("FEDMESH_ETCD_KEY={}", k.display()));
         }
         lines.push(format!("FEDMESH_ETCD_USER={ROOT_USER}"));
+        lines.push(format!("FEDMESH_ANCHOR_DIR={}", self.anchor.display()));
         lines.push(format!(
             "FEDMESH_ETCD_PASSWORD_FILE={}",
             self.dir.join(PASSWORD_FILE).display()
@@ -142,6 +154,8 @@ impl UpPki {
             path(&mine.cert),
             "--cluster-etcd-key".into(),
             path(&mine.key),
+            "--anchor-dir".into(),
+            path(&self.anchor),
         ])
     }
 }

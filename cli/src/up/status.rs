@@ -109,7 +109,15 @@ pub async fn liveness(s: &State, dir: &Path) -> BTreeMap<String, fedmesh_api::Li
         let client = super::etcd::client(dir, &endpoints, Duration::from_secs(2))
             .await
             .ok()?;
-        let mut zone = fedmesh_zone::GlobalZone::new(client, Default::default());
+        let anchor = dir
+            .join(super::etcd::ANCHOR_DIR)
+            .join(fedmesh_seal::ANCHOR_PUB_FILE);
+        let trust = fedmesh_zone::gate::GateConfig {
+            anchors: vec![fedmesh_seal::AnchorPublic::load(&anchor).ok()?],
+            trust_unsigned: false,
+            budget: Default::default(),
+        };
+        let mut zone = fedmesh_zone::GlobalZone::new(client, Default::default()).trusting(trust);
         let records = zone.clusters().await.ok()?;
         let live = zone
             .liveness(&records, time::OffsetDateTime::now_utc())

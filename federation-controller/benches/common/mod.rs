@@ -33,7 +33,8 @@ pub async fn register(client: &Client, endpoint: &str, name: &str, n: usize) -> 
     let td = TrustDomain::new(&rec.trust_domain).unwrap();
     let ca = ClusterCa::generate(&td, &CaOptions::default(), SystemTime::now()).unwrap();
     GlobalZone::new(client.clone(), KeySpace::default())
-        .register(&rec, &Bundle::with_roots(td, [ca.cert_der().clone()]))
+        .with_anchor(fedmesh_test_support::anchor())
+        .register(&rec, &ca)
         .await
         .unwrap();
     JoinDir {
@@ -46,6 +47,7 @@ pub async fn register(client: &Client, endpoint: &str, name: &str, n: usize) -> 
             tls: None,
         },
         ca,
+        anchor: Some(fedmesh_test_support::anchor().public()),
     }
 }
 

@@ -61,6 +61,12 @@ struct Args {
     #[arg(long)]
     tokens: Option<PathBuf>,
     /// TTL of this cluster's liveness key, in seconds.
+    /// Believe unsigned values in the global zone, for the one step of
+    /// upgrading a federation created before records were signed (then
+    /// `fedmesh anchor adopt`, and restart without it). Any cluster's etcd
+    /// credentials can forge what this believes.
+    #[arg(long)]
+    trust_unsigned: bool,
     #[arg(long, default_value_t = 10)]
     alive_ttl: u64,
 }
@@ -113,6 +119,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     config.admin_addr = Some(args.admin);
     config.join_dir = Some(args.join.clone());
+    config.trust_unsigned = args.trust_unsigned;
     config.alive_ttl = Duration::from_secs(args.alive_ttl.max(2));
     if let Some(path) = &args.tokens {
         config.tokens = Tokens::from_file(path.clone())?;
