@@ -86,6 +86,7 @@ struct RawFault {
     wan: Option<WanFault>,
     rotate_ca: Option<Rotation>,
     poison: Option<Poison>,
+    forge: Option<Forge>,
 }
 
 impl TryFrom<RawFault> for Fault {
@@ -99,6 +100,7 @@ impl TryFrom<RawFault> for Fault {
             r.wan.map(Action::Wan),
             r.rotate_ca.map(Action::RotateCa),
             r.poison.map(Action::Poison),
+            r.forge.map(Action::Forge),
         ];
         let mut given = actions.into_iter().flatten();
         match (given.next(), given.next()) {
@@ -107,9 +109,10 @@ impl TryFrom<RawFault> for Fault {
                 at: r.at,
                 recover: r.recover,
             }),
-            _ => {
-                Err("fault: give exactly one of kill, freeze, flap, wan, rotate_ca, poison".into())
-            }
+            _ => Err(
+                "fault: give exactly one of kill, freeze, flap, wan, rotate_ca, poison, forge"
+                    .into(),
+            ),
         }
     }
 }
@@ -138,6 +141,12 @@ pub enum Action {
     /// Overwrites what the global zone holds with bytes that do not parse;
     /// recovery puts the original back.
     Poison(Poison),
+    /// Writes, with one cluster's own etcd credentials inside a nested
+    /// transaction (which the etcd we install lets past key permissions),
+    /// values that claim to be another's: a bundle of the forger's root, a
+    /// record moving gateways, an export withdrawn, a policy closing a
+    /// service; recovery puts back what was there.
+    Forge(Forge),
 }
 
 /// One target or several.
@@ -215,6 +224,62 @@ pub enum Poison {
     Policy(String),
 }
 
+/// What a forger writes, as the cluster `by` (its join directory's etcd
+/// certificate and CA). At least one of the targets.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Forge {
+    /// The forging cluster.
+    #[serde(rename = "as")]
+    pub by: String,
+    /// A cluster whose bundle is replaced by one of the forger's root,
+    /// signed by it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bundle: Option<String>,
+    /// A cluster whose record is replaced by one naming the forger's
+    /// gateways, signed by the forger's root.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub record: Option<String>,
+    /// `<cluster>/<namespace>/<name>`: that export is deleted, with the
+    /// manifest that vouches for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub export: Option<String>,
+    /// `<namespace>/<name>`: a policy closing that service to every other
+    /// cluster (`export.allow: []`), signed by the forger's root.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
+}
+
+impl Forge {
+    fn resolve(&self, r: impl Fn(&String) -> String) -> Forge {
+        Forge {
+            by: r(&self.by),
+            bundle: self.bundle.as_ref().map(&r),
+            record: self.record.as_ref().map(&r),
+            export: self.export.as_ref().map(&r),
+            policy: self.policy.as_ref().map(&r),
+        }
+    }
+}
+
+impl std::fmt::Display for Forge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} forges", self.by)?;
+        let parts = [
+            self.bundle.as_ref().map(|c| format!("the bundle of {c}")),
+            self.record.as_ref().map(|c| format!("the record of {c}")),
+            self.export
+                .as_ref()
+                .map(|e| format!("the withdrawal of {e}")),
+            self.policy
+                .as_ref()
+                .map(|p| format!("a policy closing {p}")),
+        ];
+        let parts: Vec<String> = parts.into_iter().flatten().collect();
+        write!(f, " {}", parts.join(", "))
+    }
+}
+
 /// What a drill must show to pass. Unset, a threshold is not judged.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -265,6 +330,7 @@ impl Action {
             Action::Poison(Poison::Export(p)) => Action::Poison(Poison::Export(r(p))),
             Action::Poison(Poison::Bundle(c)) => Action::Poison(Poison::Bundle(r(c))),
             Action::Poison(Poison::Policy(n)) => Action::Poison(Poison::Policy(r(n))),
+            Action::Forge(fg) => Action::Forge(fg.resolve(r)),
         }
     }
 
@@ -311,6 +377,7 @@ impl std::fmt::Display for Action {
             Action::Poison(Poison::Export(p)) => write!(f, "poison the export {p}"),
             Action::Poison(Poison::Bundle(c)) => write!(f, "poison the bundle of {c}"),
             Action::Poison(Poison::Policy(n)) => write!(f, "write the bad policy {n}"),
+            Action::Forge(fg) => write!(f, "{fg}"),
         }
     }
 }

@@ -27,6 +27,7 @@ pub const SHIPPED: &[(&str, &str)] = &[
         include_str!("../drills/service-outage.yaml"),
     ),
     ("zone-outage", include_str!("../drills/zone-outage.yaml")),
+    ("forged-zone", include_str!("../drills/forged-zone.yaml")),
     ("ca-rotation", include_str!("../drills/ca-rotation.yaml")),
     (
         "cluster-outage",

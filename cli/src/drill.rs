@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use etcd_client::Client;
 use fedmesh_api::KeySpace;
-use fedmesh_chaos::drill::{Poison, Protocol, WanFault};
+use fedmesh_chaos::drill::{Forge, Poison, Protocol, WanFault};
 use fedmesh_chaos::{Action, Drill, Federation, Report};
 use tokio::time::Instant;
 
@@ -305,6 +305,111 @@ impl UpFederation {
     }
 }
 
+impl UpFederation {
+    /// Writes `fg`'s forgeries in one nested transaction with the forging
+    /// cluster's own etcd credentials, after noting what each key held.
+    async fn forge(&mut self, fg: &Forge) -> anyhow::Result<()> {
+        use etcd_client::{Txn, TxnOp};
+        use fedmesh_seal::{Signer, Statement, seal};
+        let ks = KeySpace::default();
+        let join = fedmesh_zone::JoinDir::load(&up::join_dir_of(&self.dir, &fg.by)?)
+            .with_context(|| format!("forge.as: {}'s join directory", fg.by))?;
+        // Dated a day ahead: it would outrank every genuine statement.
+        let seq = fedmesh_seal::next_seq(
+            std::time::SystemTime::now() + Duration::from_secs(86_400),
+            None,
+        );
+        let sealed = |key: &str, value: serde_json::Value| -> anyhow::Result<Vec<u8>> {
+            let statement = Statement {
+                subject: key.strip_prefix(ks.prefix()).unwrap_or(key).to_owned(),
+                seq,
+                value: Some(value),
+                x5c: vec![],
+            };
+            Ok(seal(statement, Signer::Root(&join.ca))?
+                .to_json()
+                .into_bytes())
+        };
+        let trust_domain = |c: &str| {
+            self.state
+                .clusters
+                .iter()
+                .find(|x| x.name == c)
+                .map(|x| x.trust_domain.clone())
+                .with_context(|| format!("forge: no cluster {c:?}"))
+        };
+        let mut writes: Vec<(String, Option<Vec<u8>>)> = Vec::new();
+        if let Some(c) = &fg.bundle {
+            let td = fedmesh_trust::TrustDomain::new(&trust_domain(c)?)?;
+            let doc = fedmesh_trust::Bundle::with_roots(td.clone(), [join.ca.cert_der().clone()])
+                .to_document();
+            let key = ks.bundle(td.as_str());
+            writes.push((
+                key.clone(),
+                Some(sealed(&key, serde_json::from_str(&doc)?)?),
+            ));
+        }
+        if let Some(c) = &fg.record {
+            let key = ks.cluster(c);
+            let record = serde_json::json!({
+                "name": c, "cloud": "forged", "region": "forged", "zones": ["forged"],
+                "trustDomain": trust_domain(c)?, "gateways": join.cluster.gateways,
+                "registeredAt": "2026-01-01T00:00:00Z",
+            });
+            writes.push((key.clone(), Some(sealed(&key, record)?)));
+        }
+        if let Some(path) = &fg.export {
+            let key = self.poison_key(&Poison::Export(path.clone()))?;
+            let cluster = path.split('/').next().unwrap_or_default();
+            writes.push((key, None));
+            writes.push((ks.seen(cluster), None));
+        }
+        if let Some(service) = &fg.policy {
+            let name = format!("forged-by-{}", fg.by);
+            let key = ks.policy(&name);
+            let policy = serde_json::json!({
+                "apiVersion": "fedmesh.io/v1", "kind": "GlobalTrafficPolicy",
+                "metadata": {"name": name},
+                "spec": {"service": service, "export": {"allow": []}},
+            });
+            writes.push((key.clone(), Some(sealed(&key, policy)?)));
+        }
+        anyhow::ensure!(
+            !writes.is_empty(),
+            "forge: name at least one of bundle, record, export, policy"
+        );
+        let mut operator = self.etcd().await?;
+        let mut ops = Vec::with_capacity(writes.len());
+        for (key, value) in writes {
+            let before = operator
+                .get(key.as_str(), None)
+                .await?
+                .kvs()
+                .first()
+                .map(|kv| kv.value().to_vec());
+            self.poisoned.push((key.clone(), before));
+            ops.push(match value {
+                Some(v) => TxnOp::put(key, v, None),
+                None => TxnOp::delete(key, None),
+            });
+        }
+        // The forger is known to etcd by its own client certificate.
+        let opts = fedmesh_zone::connect_options(&join.etcd, Duration::from_secs(5))?;
+        let mut forger = Client::connect(&join.etcd.endpoints, Some(opts)).await?;
+        let nested = Txn::new().and_then([TxnOp::txn(Txn::new().and_then(ops))]);
+        let resp = forger
+            .txn(nested)
+            .await
+            .with_context(|| format!("{}'s nested transaction", fg.by))?;
+        anyhow::ensure!(
+            resp.succeeded(),
+            "{}'s nested transaction did not apply",
+            fg.by
+        );
+        Ok(())
+    }
+}
+
 /// What a poisoned key holds: bytes that are no JSON at all.
 const POISON: &[u8] = b"{\"poisoned by fedmesh drill\": \x00\xff";
 
@@ -391,6 +496,7 @@ impl Federation for UpFederation {
                 self.poisoned.push((key, before));
                 Ok(())
             }
+            Action::Forge(fg) => self.forge(fg).await,
             Action::RotateCa(rot) => {
                 let join = crate::up::join_dir_of(&self.dir, &rot.cluster)?;
                 let (td, next) = crate::cmd::rotate::stage(&join, rot.propagation)?;
@@ -436,7 +542,7 @@ impl Federation for UpFederation {
                 }
                 self.wan(w, Change::Reset).await
             }
-            Action::Poison(_) => {
+            Action::Poison(_) | Action::Forge(_) => {
                 let mut etcd = self.etcd().await?;
                 for (key, before) in std::mem::take(&mut self.poisoned) {
                     match before {
