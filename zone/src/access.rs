@@ -248,3 +248,47 @@ mod tests {
         assert!(e.contains("junk.pem") && e.contains("no PEM"), "{e}");
     }
 }
+
+/// Why an etcd of `version` (as its status reports it, `3.4.23`) cannot
+/// be trusted to keep one cluster's role off another's keys, naming the
+/// advisories; `None` when none we know of applies. The releases named are
+/// the first of each line after its fixes for nested transactions; the zone
+/// stays safe either way (signatures, not etcd roles, keep it), but an
+/// operator should know what etcd's own roles are worth.
+pub fn rbac_advisories(version: &str) -> Option<String> {
+    let mut parts = version.trim_start_matches('v').split('.');
+    let mut next = || parts.next().and_then(|p| p.parse::<u32>().ok());
+    let (major, minor, patch) = (next()?, next()?, next().unwrap_or(0));
+    let fixed = match (major, minor) {
+        (3, 4) => 44,
+        (3, 5) => 30,
+        (3, 6) => 11,
+        (3, m) if m < 4 => u32::MAX,
+        _ => return None,
+    };
+    (patch < fixed).then(|| {
+        format!(
+            "etcd {version} lets a user past its key permissions inside transactions \
+             (GHSA-rfx7-8w68-q57q, GHSA-q8m4-xhhv-38mg, GHSA-x35m-3gp4-4fh5; fixed in \
+             3.4.44, 3.5.30, 3.6.11): any cluster's credentials can write any key. \
+             fedmesh readers believe only signed values, so this moves no traffic, but \
+             upgrade etcd when you can"
+        )
+    })
+}
+
+#[cfg(test)]
+mod advisories {
+    use super::rbac_advisories;
+
+    #[test]
+    fn versions_before_the_fixes_are_named() {
+        for v in ["3.4.23", "v3.5.29", "3.6.10", "3.3.27"] {
+            let w = rbac_advisories(v).unwrap();
+            assert!(w.contains(v) && w.contains("GHSA-rfx7-8w68-q57q"), "{w}");
+        }
+        for v in ["3.4.44", "3.5.30", "3.6.11", "3.7.0", "4.0.0", "nonsense"] {
+            assert_eq!(rbac_advisories(v), None, "{v}");
+        }
+    }
+}

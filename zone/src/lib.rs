@@ -20,7 +20,7 @@ pub mod join;
 pub mod policies;
 pub mod tokens;
 
-pub use access::{AccessError, EtcdTls, check_endpoints, connect_options};
+pub use access::{AccessError, EtcdTls, check_endpoints, connect_options, rbac_advisories};
 pub use client::{
     Believed, GlobalZone, Pager, RawEvent, RawKv, RegisterOutcome, ZoneError, cluster_role,
     decode_bundle, list_range,

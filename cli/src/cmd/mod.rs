@@ -120,10 +120,13 @@ pub async fn connect(flags: &EtcdFlags) -> anyhow::Result<GlobalZone> {
         .with_context(|| format!("connecting to etcd at {endpoints}"))?;
     // The client connects lazily; ask once so that an unreachable etcd is
     // reported as such, before anything else is attempted.
-    client
+    let status = client
         .status()
         .await
         .with_context(|| format!("connecting to etcd at {endpoints}"))?;
+    if let Some(warning) = fedmesh_zone::rbac_advisories(status.version()) {
+        eprintln!("warning: {warning}");
+    }
     let zone = GlobalZone::new(client, KeySpace::new(&flags.prefix));
     with_anchor(zone, flags)
 }

@@ -211,6 +211,14 @@ impl Launch<'_> {
                 .arg(format!("--initial-advertise-peer-urls=https://{}", e.peer))
                 .arg(format!("--initial-cluster={}", initial.join(",")))
                 .arg("--initial-cluster-state=new")
+                // A bounded zone that compacts itself: one cluster cannot fill
+                // it and make it read-only for all (readers hold a budget per
+                // cluster too), and `fedmesh history` keeps an hour.
+                .arg(format!("--quota-backend-bytes={}", 1u64 << 30))
+                .args([
+                    "--auto-compaction-mode=periodic",
+                    "--auto-compaction-retention=1h",
+                ])
                 .args(pki.member_args(&serving));
             let log = logs.join(format!("{}.log", e.name));
             let command = supervise::argv(&cmd);
@@ -241,6 +249,10 @@ impl Launch<'_> {
         probe::wait_for_etcd(self.dir, &endpoints).await?;
         pki.enable_auth(&endpoints).await?;
         pki.write_env(self.dir, &endpoints)?;
+        let mut c = etcd::client(self.dir, &endpoints, Duration::from_secs(5)).await?;
+        if let Some(warning) = fedmesh_zone::rbac_advisories(c.status().await?.version()) {
+            println!("warning: {warning}");
+        }
         println!(
             "etcd: {} member(s) on {} (TLS, auth; `set -a; . {}` to use it)",
             plan.etcd.len(),
