@@ -46,8 +46,8 @@ async fn main() {
     let join_b = register(&client, &etcd.endpoint(), "c1", 1).await;
     for n in 2..clusters {
         let name = format!("c{n}");
-        register(&client, &etcd.endpoint(), &name, n).await;
-        load_exports(&mut client, &name, services).await;
+        let join = register(&client, &etcd.endpoint(), &name, n).await;
+        load_exports(&mut client, &join, services).await;
     }
     let (a_tx, a_rx) = watch::channel(local_services(services, None));
     let a = Controller::start(ControllerConfig::new(

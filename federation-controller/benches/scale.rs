@@ -77,6 +77,7 @@ fn cpu_s(pid: u32) -> f64 {
 }
 
 struct Measured {
+    signed: bool,
     clusters: usize,
     services: usize,
     load_s: f64,
@@ -117,9 +118,9 @@ fn build_clients() {
             "--release",
             "--bins",
             "-p",
-            "proxy",
+            "fedmesh-proxy",
             "-p",
-            "east-west-gateway",
+            "fedmesh-gateway",
         ])
         .status()
         .unwrap();
@@ -233,7 +234,16 @@ async fn measure_clients(dir: &std::path::Path, join: &JoinDir, discovery: &str,
     }
 }
 
-async fn measure(clusters: usize, services: usize, changes: usize, n: u8) -> Measured {
+/// One size, `signed` (every record signed, exports vouched for by signed
+/// manifests, the controller checking them) or not (a federation from
+/// before signing, read with `--trust-unsigned`).
+async fn measure(
+    signed: bool,
+    clusters: usize,
+    services: usize,
+    changes: usize,
+    n: u8,
+) -> Measured {
     let etcd = Etcd::start_with(EtcdOptions {
         extra_args: vec!["--quota-backend-bytes=8589934592".into()],
         ..Default::default()
@@ -242,11 +252,23 @@ async fn measure(clusters: usize, services: usize, changes: usize, n: u8) -> Mea
     .unwrap();
     let mut client = etcd.client().await.unwrap();
     let load = Instant::now();
-    let observer = register(&client, &etcd.endpoint(), "c0", 0).await;
+    let observer = match signed {
+        true => register(&client, &etcd.endpoint(), "c0", 0).await,
+        false => register_unsigned(&client, &etcd.endpoint(), "c0", 0).await,
+    };
+    let mut changer = None;
     for c in 1..clusters {
         let name = format!("c{c}");
-        register(&client, &etcd.endpoint(), &name, c).await;
-        load_exports(&mut client, &name, services).await;
+        if signed {
+            let join = register(&client, &etcd.endpoint(), &name, c).await;
+            let publisher = load_exports(&mut client, &join, services).await;
+            if c == 1 {
+                changer = Some(publisher);
+            }
+        } else {
+            register_unsigned(&client, &etcd.endpoint(), &name, c).await;
+            load_unsigned_exports(&mut client, &name, services).await;
+        }
     }
     let load_s = load.elapsed().as_secs_f64();
 
@@ -283,6 +305,7 @@ async fn measure(clusters: usize, services: usize, changes: usize, n: u8) -> Mea
         .args(["--listen", &format!("127.0.{n}.2:0"), "--admin", &admin])
         .arg("--tokens")
         .arg(dir.path().join("tokens.yaml"))
+        .args((!signed).then_some("--trust-unsigned"))
         .env("RUST_LOG", log.as_deref().unwrap_or("error"))
         .stdout(Stdio::piped())
         .spawn()
@@ -326,10 +349,19 @@ async fn measure(clusters: usize, services: usize, changes: usize, n: u8) -> Mea
     for i in 0..changes {
         let t0 = Instant::now();
         let healthy = if i % 2 == 0 { 2 } else { 3 };
-        client
-            .put(keys.export("c1", "bench", "svc-0"), summary(healthy), None)
-            .await
-            .unwrap();
+        match &mut changer {
+            // With the manifest that vouches for it, as its controller writes it.
+            Some(p) => client
+                .txn(etcd_client::Txn::new().and_then(p.put("svc-0", &summary(healthy))))
+                .await
+                .map(drop)
+                .unwrap(),
+            None => client
+                .put(keys.export("c1", "bench", "svc-0"), summary(healthy), None)
+                .await
+                .map(drop)
+                .unwrap(),
+        }
         loop {
             if let Some(v) = ready_version(&admin).await
                 && v > version
@@ -350,6 +382,7 @@ async fn measure(clusters: usize, services: usize, changes: usize, n: u8) -> Mea
     let _ = child.kill();
     let _ = child.wait();
     Measured {
+        signed,
         clusters,
         services,
         load_s,
@@ -372,25 +405,30 @@ async fn main() {
     fedmesh_trust::install_default_provider();
     build_clients();
     let changes = env("CHANGES", 10).max(1);
-    let small = measure(
-        env("SMALL_CLUSTERS", 10),
-        env("SMALL_SERVICES", 1000),
-        changes,
-        1,
-    )
-    .await;
-    let large = measure(env("CLUSTERS", 100), env("SERVICES", 10000), changes, 2).await;
-    println!(
-        "| global zone | exports | load into etcd (s) | cold sync (s) | CPU during sync: controller + etcd (s) | RSS after sync (MB) | peak RSS (MB) | one change, median (ms) |"
+    let (small, large) = (
+        (env("SMALL_CLUSTERS", 10), env("SMALL_SERVICES", 1000)),
+        (env("CLUSTERS", 100), env("SERVICES", 10000)),
     );
-    println!("|---|---|---|---|---|---|---|---|");
-    let mut rows = [small, large];
+    // Signed and unsigned side by side, at both sizes, in one run.
+    let mut rows = Vec::new();
+    for (i, (signed, (clusters, services))) in
+        [(false, small), (true, small), (false, large), (true, large)]
+            .into_iter()
+            .enumerate()
+    {
+        rows.push(measure(signed, clusters, services, changes, 1 + i as u8).await);
+    }
+    println!(
+        "| global zone | signed | exports | load into etcd (s) | cold sync (s) | CPU during sync: controller + etcd (s) | RSS after sync (MB) | peak RSS (MB) | one change, median (ms) |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
     for m in rows.iter_mut() {
         let med = median(&mut m.change_ms);
         println!(
-            "| {} clusters x {} services | {} | {:.1} | {:.2} | {:.2} + {:.2} | {:.0} | {:.0} | {:.1} |",
+            "| {} clusters x {} services | {} | {} | {:.1} | {:.2} | {:.2} + {:.2} | {:.0} | {:.0} | {:.1} |",
             m.clusters,
             m.services,
+            if m.signed { "yes" } else { "no" },
             (m.clusters - 1) * m.services,
             m.load_s,
             m.cold_sync_s,
@@ -401,11 +439,28 @@ async fn main() {
             med
         );
     }
-    let ratio = median(&mut rows[1].change_ms) / median(&mut rows[0].change_ms);
-    let size_ratio = ((rows[1].clusters - 1) * rows[1].services) as f64
-        / ((rows[0].clusters - 1) * rows[0].services) as f64;
+    for signed in [false, true] {
+        let of = |size: usize| {
+            rows.iter()
+                .filter(|m| m.signed == signed)
+                .nth(size)
+                .unwrap()
+        };
+        let (s, l) = (of(0), of(1));
+        let ratio = median(&mut l.change_ms.clone()) / median(&mut s.change_ms.clone());
+        let size_ratio =
+            ((l.clusters - 1) * l.services) as f64 / ((s.clusters - 1) * s.services) as f64;
+        println!(
+            "{}: one change costs {ratio:.1}x more at {size_ratio:.0}x the size (O(change) would be ~1x)",
+            if signed { "signed" } else { "unsigned" }
+        );
+    }
+    let (u, g) = (&rows[2], &rows[3]);
     println!(
-        "one change costs {ratio:.1}x more at {size_ratio:.0}x the size (O(change) would be ~1x)"
+        "signed / unsigned at the large size: cold sync {:.2}x, RSS {:.2}x, one change {:.2}x",
+        g.cold_sync_s / u.cold_sync_s,
+        g.rss_mb / u.rss_mb,
+        median(&mut g.change_ms.clone()) / median(&mut u.change_ms.clone())
     );
     println!();
     println!(
@@ -415,9 +470,10 @@ async fn main() {
     for m in &rows {
         let c = &m.clients;
         println!(
-            "| {} clusters x {} services | {:.2} | {:.1} | {:.1} | {:.1} | {:.2} | {:.1} | {:.2} | {:.1} |",
+            "| {} clusters x {} services{} | {:.2} | {:.1} | {:.1} | {:.1} | {:.2} | {:.1} | {:.2} | {:.1} |",
             m.clusters,
             m.services,
+            if m.signed { ", signed" } else { "" },
             c.scoped.ready_s,
             c.scoped.rss_mb,
             c.first_ms,

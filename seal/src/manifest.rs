@@ -64,68 +64,100 @@ fn truncate(full: &[u8]) -> Digest {
 }
 
 /// A set of exports as (service, value digest): what a controller has
-/// published, or what a reader listed.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// published, or what a reader listed. Kept by bucket, with each bucket's
+/// root cached until it changes, so that a change costs the hashing of its
+/// own bucket only (a 64th of the cluster's exports).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExportSet {
-    entries: BTreeMap<String, Digest>,
+    buckets: Vec<BTreeMap<String, Digest>>,
+    /// Roots of clean, non-empty buckets.
+    roots: BTreeMap<u8, Digest>,
+    dirty: std::collections::BTreeSet<u8>,
+    len: usize,
+}
+
+impl Default for ExportSet {
+    fn default() -> Self {
+        Self {
+            buckets: vec![BTreeMap::new(); usize::from(BUCKETS)],
+            roots: BTreeMap::new(),
+            dirty: Default::default(),
+            len: 0,
+        }
+    }
 }
 
 impl ExportSet {
     pub fn insert(&mut self, service: String, digest: Digest) {
-        self.entries.insert(service, digest);
+        let b = bucket_of(&service);
+        if self.buckets[usize::from(b)]
+            .insert(service, digest)
+            .is_none()
+        {
+            self.len += 1;
+        }
+        self.dirty.insert(b);
     }
 
     pub fn remove(&mut self, service: &str) {
-        self.entries.remove(service);
+        let b = bucket_of(service);
+        if self.buckets[usize::from(b)].remove(service).is_some() {
+            self.len -= 1;
+            self.dirty.insert(b);
+        }
     }
 
     pub fn get(&self, service: &str) -> Option<&Digest> {
-        self.entries.get(service)
+        self.buckets[usize::from(bucket_of(service))].get(service)
     }
 
     pub fn len(&self) -> usize {
-        self.entries.len()
+        self.len
     }
 
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.len == 0
     }
 
-    /// The root of every non-empty bucket: one pass in name order.
-    pub fn roots(&self) -> BTreeMap<u8, Digest> {
-        let mut hashers: BTreeMap<u8, digest::Context> = BTreeMap::new();
-        for (service, d) in &self.entries {
-            let h = hashers
-                .entry(bucket_of(service))
-                .or_insert_with(|| digest::Context::new(&digest::SHA256));
-            // Length-prefixed, so no two sets hash the same bytes.
-            h.update(&(service.len() as u32).to_be_bytes());
-            h.update(service.as_bytes());
-            h.update(d);
+    /// The root of every non-empty bucket; only buckets changed since the
+    /// last call are hashed again.
+    pub fn roots(&mut self) -> &BTreeMap<u8, Digest> {
+        for b in std::mem::take(&mut self.dirty) {
+            let entries = &self.buckets[usize::from(b)];
+            if entries.is_empty() {
+                self.roots.remove(&b);
+                continue;
+            }
+            let mut h = digest::Context::new(&digest::SHA256);
+            for (service, d) in entries {
+                // Length-prefixed, so no two sets hash the same bytes.
+                h.update(&(service.len() as u32).to_be_bytes());
+                h.update(service.as_bytes());
+                h.update(d);
+            }
+            self.roots.insert(b, truncate(h.finish().as_ref()));
         }
-        hashers
-            .into_iter()
-            .map(|(b, h)| (b, truncate(h.finish().as_ref())))
-            .collect()
+        &self.roots
     }
 
     /// The manifest of this set, following `prev`, listing `changes`.
-    pub fn manifest(&self, prev: u64, changes: BTreeMap<String, Option<String>>) -> ExportManifest {
+    pub fn manifest(
+        &mut self,
+        prev: u64,
+        changes: BTreeMap<String, Option<String>>,
+    ) -> ExportManifest {
+        let count = self.len as u32;
         ExportManifest {
             prev,
-            count: self.entries.len() as u32,
-            buckets: self
-                .roots()
-                .into_iter()
-                .map(|(b, d)| (b, hex(&d)))
-                .collect(),
+            count,
+            buckets: self.roots().iter().map(|(b, d)| (*b, hex(d))).collect(),
             changes,
         }
     }
 
     /// The buckets whose roots differ from `manifest`'s: a bucket missing
     /// on either side counts as differing.
-    pub fn mismatched(&self, manifest: &ExportManifest) -> Vec<u8> {
+    pub fn mismatched(&mut self, manifest: &ExportManifest) -> Vec<u8> {
         let mine = self.roots();
         (0..BUCKETS)
             .filter(|b| mine.get(b).map(|d| hex(d)) != manifest.buckets.get(b).cloned())
@@ -147,7 +179,7 @@ mod tests {
 
     #[test]
     fn a_listing_matches_the_manifest_of_the_same_set() {
-        let s = set(&[("shop/cart", b"1"), ("shop/web", b"2"), ("pay/api", b"3")]);
+        let mut s = set(&[("shop/cart", b"1"), ("shop/web", b"2"), ("pay/api", b"3")]);
         let m = s.manifest(0, BTreeMap::new());
         assert_eq!(m.count, 3);
         assert!(s.mismatched(&m).is_empty());
@@ -156,7 +188,7 @@ mod tests {
 
     #[test]
     fn a_change_spoils_only_its_own_bucket() {
-        let s = set(&[("shop/cart", b"1"), ("shop/web", b"2"), ("pay/api", b"3")]);
+        let mut s = set(&[("shop/cart", b"1"), ("shop/web", b"2"), ("pay/api", b"3")]);
         let m = s.manifest(0, BTreeMap::new());
         for (svc, forged) in [
             ("shop/cart", Some(&b"forged"[..])),
@@ -170,5 +202,21 @@ mod tests {
             }
             assert_eq!(t.mismatched(&m), vec![bucket_of(svc)], "{svc}");
         }
+    }
+
+    #[test]
+    fn cached_roots_follow_every_change() {
+        let mut s = set(&[("shop/cart", b"1"), ("shop/web", b"2")]);
+        let before = s.roots().clone();
+        s.insert("shop/cart".into(), value_digest(b"changed"));
+        s.remove("shop/web");
+        s.remove("shop/absent");
+        // The same set built from scratch has the same roots.
+        let mut fresh = set(&[("shop/cart", b"changed")]);
+        assert_eq!(s.roots(), fresh.roots());
+        assert_ne!(s.roots(), &before);
+        assert_eq!(s.len(), 1);
+        s.remove("shop/cart");
+        assert!(s.roots().is_empty() && s.is_empty());
     }
 }

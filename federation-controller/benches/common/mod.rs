@@ -64,8 +64,9 @@ pub fn summary(healthy: u32) -> String {
 }
 
 /// Writes `services` exports for `cluster` straight into etcd, 128 per txn
-/// (etcd's default limit of operations per transaction).
-pub async fn load_exports(client: &mut Client, cluster: &str, services: usize) {
+/// (etcd's default limit of operations per transaction), unsigned: what a
+/// federation from before signing holds.
+pub async fn load_unsigned_exports(client: &mut Client, cluster: &str, services: usize) {
     let keys = KeySpace::default();
     let value = summary(3);
     let all: Vec<usize> = (0..services).collect();
@@ -81,6 +82,121 @@ pub async fn load_exports(client: &mut Client, cluster: &str, services: usize) {
             })
             .collect();
         client.txn(Txn::new().and_then(ops)).await.unwrap();
+    }
+}
+
+/// Signs a cluster's export manifests as its controller would.
+pub struct Publisher {
+    cluster: String,
+    svid: fedmesh_trust::Svid,
+    set: fedmesh_seal::ExportSet,
+    seq: Option<u64>,
+}
+
+impl Publisher {
+    /// The controller identity of `join`'s cluster, from its CA.
+    pub fn new(join: &JoinDir) -> Self {
+        let td = join.ca.trust_domain().clone();
+        let id = fedmesh_trust::SpiffeId::controller(&td, &join.cluster.name).unwrap();
+        let svid = join
+            .ca
+            .issue(
+                &id,
+                &fedmesh_trust::SvidPolicy::default(),
+                SystemTime::now(),
+            )
+            .unwrap();
+        Self {
+            cluster: join.cluster.name.clone(),
+            svid,
+            set: Default::default(),
+            seq: None,
+        }
+    }
+
+    /// The put of `service`'s export with `value`, and the signed manifest
+    /// that vouches for it: one transaction's operations.
+    pub fn put(&mut self, service: &str, value: &str) -> Vec<TxnOp> {
+        let keys = KeySpace::default();
+        let digest = fedmesh_seal::value_digest(value.as_bytes());
+        self.set.insert(format!("bench/{service}"), digest);
+        let changes = BTreeMap::from([(
+            format!("bench/{service}"),
+            Some(fedmesh_seal::manifest::digest_hex(&digest)),
+        )]);
+        vec![
+            TxnOp::put(keys.export(&self.cluster, "bench", service), value, None),
+            self.manifest(changes),
+        ]
+    }
+
+    fn manifest(&mut self, changes: BTreeMap<String, Option<String>>) -> TxnOp {
+        let seq = fedmesh_seal::next_seq(SystemTime::now(), self.seq);
+        let statement = fedmesh_seal::Statement {
+            subject: format!("seen/{}", self.cluster),
+            seq,
+            value: Some(self.set.manifest(self.seq.unwrap_or(0), changes)),
+            x5c: vec![],
+        };
+        self.seq = Some(seq);
+        let env = fedmesh_seal::seal(statement, fedmesh_seal::Signer::Svid(&self.svid)).unwrap();
+        TxnOp::put(KeySpace::default().seen(&self.cluster), env.to_json(), None)
+    }
+}
+
+/// Writes `services` exports for `join`'s cluster straight into etcd, 127
+/// per txn, and then the manifest its controller signs for them all.
+/// Returns the publisher, to sign later changes with.
+pub async fn load_exports(client: &mut Client, join: &JoinDir, services: usize) -> Publisher {
+    let mut publisher = Publisher::new(join);
+    let keys = KeySpace::default();
+    let value = summary(3);
+    let digest = fedmesh_seal::value_digest(value.as_bytes());
+    let all: Vec<usize> = (0..services).collect();
+    for chunk in all.chunks(127) {
+        let ops: Vec<TxnOp> = chunk
+            .iter()
+            .map(|i| {
+                let service = format!("svc-{i}");
+                publisher.set.insert(format!("bench/{service}"), digest);
+                TxnOp::put(
+                    keys.export(&join.cluster.name, "bench", &service),
+                    value.clone(),
+                    None,
+                )
+            })
+            .collect();
+        client.txn(Txn::new().and_then(ops)).await.unwrap();
+    }
+    let manifest = publisher.manifest(BTreeMap::new());
+    client.txn(Txn::new().and_then([manifest])).await.unwrap();
+    publisher
+}
+
+/// Registers a cluster as a federation from before signing did: plain
+/// record and bundle.
+pub async fn register_unsigned(client: &Client, endpoint: &str, name: &str, n: usize) -> JoinDir {
+    let rec = record(name, n);
+    let td = TrustDomain::new(&rec.trust_domain).unwrap();
+    let ca = ClusterCa::generate(&td, &CaOptions::default(), SystemTime::now()).unwrap();
+    let keys = KeySpace::default();
+    let bundle = Bundle::with_roots(td.clone(), [ca.cert_der().clone()]);
+    let ops = [
+        TxnOp::put(keys.cluster(name), serde_json::to_vec(&rec).unwrap(), None),
+        TxnOp::put(keys.bundle(td.as_str()), bundle.to_document(), None),
+    ];
+    client.clone().txn(Txn::new().and_then(ops)).await.unwrap();
+    JoinDir {
+        cluster: rec,
+        etcd: EtcdAccess {
+            endpoints: vec![endpoint.into()],
+            prefix: keys.prefix().into(),
+            user: None,
+            password: None,
+            tls: None,
+        },
+        ca,
+        anchor: None,
     }
 }
 
