@@ -140,7 +140,10 @@ async fn main() {
     );
 
     let svc = ServiceKey::new("bench", "svc-0");
-    let mut zone = GlobalZone::new(client.clone(), KeySpace::default());
+    // The operator's handle: every policy signed by the federation anchor,
+    // which each controller's join directory pins.
+    let mut zone = GlobalZone::new(client.clone(), KeySpace::default())
+        .with_anchor(fedmesh_test_support::anchor());
     let mut hist = Histogram::<u64>::new(3).unwrap();
     let mut carried = Histogram::<u64>::new(3).unwrap();
     let started = Instant::now();
