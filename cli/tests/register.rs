@@ -98,6 +98,14 @@ async fn register_get_and_deregister() {
     let join = fedmesh_zone::join::JoinDir::load(Path::new(out_a)).unwrap();
     assert_eq!(join.cluster.name, "aws-use1");
     assert_eq!(join.etcd.endpoints, vec![ep.to_string()]);
+    // The record as the anchor signed it, for the controller to write back.
+    let signed = std::fs::read(Path::new(out_a).join("record.json")).unwrap();
+    assert!(signed.starts_with(b"{\"payload\""), "an envelope");
+    assert_eq!(
+        join.anchor,
+        Some(fedmesh_test_support::anchor().public()),
+        "pinned"
+    );
 
     // Again: idempotent, nothing written, the same CA kept.
     let ca_before = std::fs::read(Path::new(out_a).join("ca/ca.crt")).unwrap();

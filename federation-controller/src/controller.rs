@@ -181,7 +181,7 @@ impl Controller {
         let gate = Gate::new(
             KeySpace::new(&etcd.prefix),
             GateConfig {
-                anchors: anchor.into_iter().collect(),
+                anchors: anchor.iter().cloned().collect(),
                 trust_unsigned: config.trust_unsigned,
                 budget: Default::default(),
             },
@@ -293,6 +293,8 @@ impl Controller {
         if let Some(dir) = config.join_dir.clone() {
             tasks.spawn(rotation::run(
                 dir,
+                cluster.name.clone(),
+                anchor.clone(),
                 authority.clone(),
                 own_tx,
                 client.clone(),

@@ -8,7 +8,11 @@
 //!   has expired), retrying until etcd takes it;
 //! - tells the controller's own TLS (and Certify) the new bundle;
 //! - once the new root signs, makes it the join directory's CA, so that a
-//!   restarted controller signs with it too.
+//!   restarted controller signs with it too;
+//! - every [`HEAL`], puts the cluster's own record (as the anchor signed it,
+//!   kept in the join directory) and its bundle back when the zone has lost
+//!   them or holds something else (an etcd wiped or restored from an old
+//!   backup, a raw delete): the owners rebuild the zone.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -16,6 +20,7 @@ use std::time::{Duration, SystemTime};
 
 use etcd_client::Client;
 use fedmesh_api::KeySpace;
+use fedmesh_seal::{AnchorPublic, open_anchored, open_by_root, root_keyid};
 use fedmesh_trust::{Authority, Bundle};
 use fedmesh_zone::join::JoinDir;
 use tokio::sync::watch;
@@ -24,9 +29,15 @@ use tokio::sync::watch;
 /// retried.
 pub const POLL: Duration = Duration::from_secs(1);
 
-/// Runs until the task is dropped.
+/// How often the cluster's own record and bundle are checked in etcd.
+pub const HEAL: Duration = Duration::from_secs(30);
+
+/// Runs until the task is dropped. `anchor` is the one the join directory
+/// pins: without it the cluster's record is not checked.
 pub async fn run(
     join_dir: PathBuf,
+    cluster: String,
+    anchor: Option<AnchorPublic>,
     authority: Arc<Mutex<Authority>>,
     own: watch::Sender<Bundle>,
     mut etcd: Client,
@@ -40,10 +51,22 @@ pub async fn run(
     let mut last_error = String::new();
     let mut tick = tokio::time::interval(POLL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut heal_due = tokio::time::Instant::now() + HEAL;
     loop {
         tick.tick().await;
         let now = SystemTime::now();
         let td = lock().trust_domain().clone();
+        if tokio::time::Instant::now() >= heal_due {
+            heal_due += HEAL;
+            if let Some(anchor) = &anchor {
+                heal_record(&mut etcd, &keys, &cluster, &join_dir, anchor).await;
+            }
+            let bundle = lock().bundle();
+            if !holds_our_bundle(&mut etcd, &keys, &bundle).await {
+                tracing::info!(trust_domain = %td, "the global zone lacks our bundle; publishing it again");
+                unpublished = true;
+            }
+        }
         match JoinDir::staged_rotation(&join_dir, &td) {
             Ok(Some((next, delay))) => {
                 let mut a = lock();
@@ -119,6 +142,69 @@ pub async fn run(
             }
         }
     }
+}
+
+/// Puts the record `register` left in the join directory back at
+/// `clusters/<cluster>` when etcd has none, or one the anchor did not sign,
+/// or an older one. A newer signed record or deletion (the operator's) stays.
+async fn heal_record(
+    etcd: &mut Client,
+    keys: &KeySpace,
+    cluster: &str,
+    join_dir: &std::path::Path,
+    anchor: &AnchorPublic,
+) {
+    let Some(ours) = JoinDir::signed_record(join_dir) else {
+        return;
+    };
+    let key = keys.cluster(cluster);
+    let subject = format!("clusters/{cluster}");
+    let anchors = std::slice::from_ref(anchor);
+    let Ok(our_seq) = open_anchored::<serde_json::Value>(&ours, &subject, anchors).map(|o| o.seq)
+    else {
+        tracing::warn!(path = %join_dir.display(), "the join directory's signed record does not verify; not writing it back");
+        return;
+    };
+    let stored = match etcd.get(key.as_str(), None).await {
+        Ok(r) => r.kvs().first().map(|kv| kv.value().to_vec()),
+        Err(_) => return, // etcd away: next time
+    };
+    let put_back = match stored {
+        None => true,
+        Some(raw) => open_anchored::<serde_json::Value>(&raw, &subject, anchors)
+            .map_or(true, |o| o.seq < our_seq),
+    };
+    if put_back {
+        match etcd.put(key.as_str(), ours, None).await {
+            Ok(_) => tracing::info!(%key, "wrote the cluster's signed record back"),
+            Err(e) => tracing::warn!(%key, error = %e, "writing the cluster's record back failed"),
+        }
+    }
+}
+
+/// Whether etcd holds `bundle`, signed by one of its own roots.
+async fn holds_our_bundle(etcd: &mut Client, keys: &KeySpace, bundle: &Bundle) -> bool {
+    let key = keys.bundle(bundle.trust_domain().as_str());
+    let Ok(resp) = etcd.get(key.as_str(), None).await else {
+        return true; // etcd away: nothing to tell
+    };
+    let Some(raw) = resp.kvs().first().map(|kv| kv.value().to_vec()) else {
+        return false;
+    };
+    let trusted: Vec<String> = bundle.roots().iter().filter_map(root_keyid).collect();
+    let subject = key.strip_prefix(keys.prefix()).unwrap_or(&key);
+    open_by_root::<serde_json::Value>(&raw, subject, &trusted, bundle.roots())
+        .ok()
+        .and_then(|o| o.value)
+        .and_then(|doc| {
+            Bundle::from_document(
+                bundle.trust_domain().clone(),
+                doc.to_string().as_bytes(),
+                &key,
+            )
+            .ok()
+        })
+        .is_some_and(|b| b.roots() == bundle.roots())
 }
 
 /// Logs `msg` unless it is what was logged last: a bad staged CA is looked

@@ -101,6 +101,12 @@ async fn cluster_with(
     // takes up CA rotations staged there.
     let join_dir = dir.path().join("join");
     join.write(&join_dir).unwrap();
+    let signed = zone
+        .stored(&KeySpace::default().cluster(name))
+        .await
+        .unwrap()
+        .unwrap();
+    JoinDir::save_signed_record(&join_dir, &signed).unwrap();
     let registry = dir.path().join("registry.yaml");
     std::fs::write(&registry, services).unwrap();
     let source = source.unwrap_or(LocalSource::File {
@@ -686,6 +692,53 @@ fn signed_by_root(
     .ok()?;
     let doc = serde_json::to_vec(&opened.value?).ok()?;
     Bundle::from_document(TrustDomain::new(td).ok()?, &doc, key).ok()
+}
+
+/// The zone loses aws's record and bundle (a raw delete, an etcd wiped or
+/// restored from an old backup): aws's controller writes both back, signed
+/// as before, within a minute.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_controller_writes_back_its_record_and_bundle_when_the_zone_loses_them() {
+    let etcd = Etcd::start().await.unwrap();
+    let c = cluster(&etcd, "aws", 45, &registry_doc(1)).await;
+    let keys = KeySpace::default();
+    let (ck, bk) = (keys.cluster("aws"), keys.bundle(c.td.as_str()));
+    let mut kv = etcd.client().await.unwrap();
+    let record = kv.get(ck.as_str(), None).await.unwrap().kvs()[0]
+        .value()
+        .to_vec();
+    kv.delete(ck.as_str(), None).await.unwrap();
+    kv.delete(bk.as_str(), None).await.unwrap();
+    let root = c.ca_bundle.roots()[0].clone();
+    eventually(
+        "aws's record and bundle back",
+        Duration::from_secs(70),
+        || {
+            let (mut kv, ck, bk, root) = (kv.clone(), ck.clone(), bk.clone(), root.clone());
+            let (td, record) = (c.td.clone(), record.clone());
+            async move {
+                let back = kv
+                    .get(ck.as_str(), None)
+                    .await
+                    .ok()?
+                    .kvs()
+                    .first()?
+                    .value()
+                    .to_vec();
+                let raw = kv
+                    .get(bk.as_str(), None)
+                    .await
+                    .ok()?
+                    .kvs()
+                    .first()?
+                    .value()
+                    .to_vec();
+                let bundle = signed_by_root(td.as_str(), &bk, &raw, &root)?;
+                (back == record && bundle.roots() == [root]).then_some(())
+            }
+        },
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -185,6 +185,11 @@ impl GlobalZone {
         &mut self.client
     }
 
+    /// The value stored at `key`, as stored (an envelope, say).
+    pub async fn stored(&mut self, key: &str) -> Result<Option<Vec<u8>>, ZoneError> {
+        Ok(self.get_one(key).await?.map(|(v, _)| v))
+    }
+
     async fn get_one(&mut self, key: &str) -> Result<Option<(Vec<u8>, i64)>, ZoneError> {
         let resp = self.client.get(key, None).await?;
         Ok(resp

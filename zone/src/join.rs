@@ -18,6 +18,9 @@ use crate::access::EtcdTls;
 pub const CLUSTER_FILE: &str = "cluster.json";
 pub const ETCD_FILE: &str = "etcd.json";
 pub const CA_DIR: &str = "ca";
+/// The cluster's record as the anchor signed it (the envelope stored in
+/// etcd): what its controller writes back when the zone has lost it.
+pub const RECORD_FILE: &str = "record.json";
 /// The cluster's SPIFFE bundle document (its root), public: what proxies
 /// and gateways verify the controller with before their first SVID.
 pub const BUNDLE_FILE: &str = "bundle.json";
@@ -219,6 +222,16 @@ impl JoinDir {
                 .map(|k| copy(k, "client-key.pem"))
                 .transpose()?,
         }))
+    }
+
+    /// Keeps the anchor-signed record (`record.json`).
+    pub fn save_signed_record(dir: &Path, envelope: &[u8]) -> Result<(), JoinError> {
+        write_private(&dir.join(RECORD_FILE), envelope).map_err(JoinError::from)
+    }
+
+    /// The anchor-signed record `register` left, if any.
+    pub fn signed_record(dir: &Path) -> Option<Vec<u8>> {
+        fs::read(dir.join(RECORD_FILE)).ok()
     }
 
     /// Only the CA, if `dir` holds one for `td`; used to keep registration

@@ -179,6 +179,13 @@ pub async fn register(args: RegisterCluster) -> anyhow::Result<()> {
         .register(&plan.record, &join.ca)
         .await
         .with_context(what)?;
+    // The record as signed, for the cluster's controller to write back if
+    // the zone ever loses it.
+    let ck = zone.keys().cluster(&plan.record.name);
+    if let Some(signed) = zone.stored(&ck).await? {
+        JoinDir::save_signed_record(&plan.out, &signed)
+            .with_context(|| format!("writing the join directory {}", plan.out.display()))?;
+    }
     if args.etcd.etcd_user.is_some() {
         zone.ensure_cluster_access(
             &plan.record.name,
