@@ -279,9 +279,10 @@ impl Gate {
                     .push((format!("{namespace}/{service}"), event)),
                 GlobalKey::Seen(ref cluster) => {
                     let before = self.manifests.get(cluster).map(|m| m.seq);
-                    if let Some(e) = self.judge(&key, event, now) {
+                    let events = self.judge(&key, event, now);
+                    if !events.is_empty() {
                         changed_manifests.push((cluster.clone(), before));
-                        out.events.push(e);
+                        out.events.extend(events);
                     }
                 }
                 other => out.events.extend(self.judge(&other, event, now)),
@@ -438,25 +439,27 @@ impl Gate {
         self.refused.insert(key.to_owned(), r);
     }
 
-    /// Judges one record event; the plain event to hand on, if any.
-    fn judge(&mut self, key: &GlobalKey, event: RawEvent, now: SystemTime) -> Option<RawEvent> {
+    /// Judges one record event; the plain events to hand on (a
+    /// deregistration takes the cluster's bundle and `seen` with it).
+    fn judge(&mut self, key: &GlobalKey, event: RawEvent, now: SystemTime) -> Vec<RawEvent> {
         let kv = match event {
             RawEvent::Put(kv) => kv,
             RawEvent::Delete {
                 key: k,
                 mod_revision,
             } => {
-                return self.raw_delete(key, &k, mod_revision);
+                return self.raw_delete(key, &k, mod_revision).into_iter().collect();
             }
         };
-        match key {
+        let one = match key {
             GlobalKey::Alive(_) => Some(RawEvent::Put(kv)),
-            GlobalKey::Cluster(c) => self.judge_cluster(c, kv),
+            GlobalKey::Cluster(c) => return self.judge_cluster(c, kv),
             GlobalKey::Bundle(td) => self.judge_bundle(td, kv),
             GlobalKey::Seen(c) => self.judge_manifest(c, kv, now),
             GlobalKey::Policy(p) => self.judge_policy(p, kv),
             GlobalKey::Export { .. } => None,
-        }
+        };
+        one.into_iter().collect()
     }
 
     /// A raw delete: obeyed only for values believed unsigned (the upgrade
@@ -526,7 +529,7 @@ impl Gate {
         key.strip_prefix(self.keys.prefix()).unwrap_or(key)
     }
 
-    fn judge_cluster(&mut self, name: &str, kv: RawKv) -> Option<RawEvent> {
+    fn judge_cluster(&mut self, name: &str, kv: RawKv) -> Vec<RawEvent> {
         let opened = self
             .open_anchored_or_unsigned::<Registration>(&kv)
             .and_then(|o| {
@@ -549,30 +552,38 @@ impl Gate {
             Ok(o) => o,
             Err(r) => {
                 self.refuse(&kv.key, Kind::Cluster, name, r);
-                return None;
+                return Vec::new();
             }
         };
         self.refused.remove(&kv.key);
         let seq = (o.signer != "unsigned").then_some(o.seq);
+        let gone = |key: String| RawEvent::Delete {
+            key,
+            mod_revision: kv.mod_revision,
+        };
         match o.value {
             None => {
-                // Deregistered: the cluster, its bundle trust and its
-                // exports go.
+                // Deregistered: the cluster, its bundle (unless another
+                // cluster of its trust domain remains), its `seen` and its
+                // exports go, whatever the raw deletes beside it say: the
+                // revocation of its identities rides on the bundle going.
                 let held = self.clusters.remove(name);
                 self.removed.insert(name.to_owned(), o.seq);
-                self.manifests.remove(name);
+                let mut out = vec![gone(kv.key.clone())];
+                if self.manifests.remove(name).is_some() | self.unsigned_seen.remove(name).is_some()
+                {
+                    out.push(gone(self.keys.seen(name)));
+                }
                 if let Some(h) = held
                     && !self
                         .clusters
                         .values()
                         .any(|c| c.trust_domain == h.trust_domain)
+                    && self.bundles.remove(&h.trust_domain).is_some()
                 {
-                    self.bundles.remove(&h.trust_domain);
+                    out.push(gone(self.keys.bundle(&h.trust_domain)));
                 }
-                Some(RawEvent::Delete {
-                    key: kv.key,
-                    mod_revision: kv.mod_revision,
-                })
+                out
             }
             Some(reg) => {
                 self.removed.remove(name);
@@ -592,7 +603,7 @@ impl Gate {
                         roots: reg.roots,
                     },
                 );
-                Some(RawEvent::Put(plain))
+                vec![RawEvent::Put(plain)]
             }
         }
     }
