@@ -694,6 +694,34 @@ fn signed_by_root(
     Bundle::from_document(TrustDomain::new(td).ok()?, &doc, key).ok()
 }
 
+/// `fedmesh deregister cluster gcp`: aws's controller stops trusting gcp's
+/// root (the bundle set its TLS and its clients verify with), though the
+/// deregistration's raw delete of the bundle is, like any raw delete, not
+/// what it obeys: the signed deletion of the record is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signed_deregistration_revokes_the_clusters_root() {
+    let etcd = Etcd::start().await.unwrap();
+    let aws = cluster(&etcd, "aws", 46, &registry_doc(1)).await;
+    let gcp = cluster(&etcd, "gcp", 47, &registry_doc(1)).await;
+    let mut bundles = aws.controller.bundles.clone();
+    bundles
+        .wait_for(|b| b.get(&gcp.td).is_some())
+        .await
+        .unwrap();
+    GlobalZone::new(etcd.client().await.unwrap(), KeySpace::default())
+        .with_anchor(fedmesh_test_support::anchor())
+        .deregister("gcp")
+        .await
+        .unwrap();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        bundles.wait_for(|b| b.get(&gcp.td).is_none()),
+    )
+    .await
+    .expect("gcp's root is still trusted after its deregistration")
+    .unwrap();
+}
+
 /// The zone loses aws's record and bundle (a raw delete, an etcd wiped or
 /// restored from an old backup): aws's controller writes both back, signed
 /// as before, within a minute.
