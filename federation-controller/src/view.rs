@@ -145,6 +145,9 @@ pub struct GlobalView {
     /// Keys whose latest value could not be read, with the reason. Their last
     /// good value (if any) stays in the view.
     pub invalid: OrdMap<String, String>,
+    /// The next listing comes from another etcd: its revisions say nothing
+    /// of ours, so every listed value is taken afresh.
+    rewound: bool,
 }
 
 /// A checked global traffic policy and the revision it was read at.
@@ -169,7 +172,17 @@ impl GlobalView {
             by_service: OrdMap::new(),
             policies: OrdMap::new(),
             invalid: OrdMap::new(),
+            rewound: false,
         }
+    }
+
+    /// Forgets every revision: the next listing comes from another etcd (a
+    /// new one, or one restored from a backup), whose revisions start anew.
+    /// The values stay until that listing settles them.
+    pub fn rewind(&mut self) {
+        self.revision = 0;
+        self.seen.clear();
+        self.rewound = true;
     }
 
     /// The policy for `service` ("*" for the default): with two (written
@@ -341,6 +354,7 @@ impl GlobalView {
             self.names.remove(&n);
         }
         self.revision = self.revision.max(revision);
+        self.rewound = false;
         removed
     }
 
@@ -428,6 +442,7 @@ impl GlobalView {
             by_service,
             names,
             export_counts,
+            rewound,
             ..
         } = self;
         let (read, held) = match by_service.get_mut(&svc) {
@@ -435,6 +450,7 @@ impl GlobalView {
                 let at = exporters.find(cluster);
                 if let Ok(i) = at
                     && exporters.0[i].mod_revision == kv.mod_revision
+                    && !*rewound
                 {
                     return Put::Unchanged;
                 }

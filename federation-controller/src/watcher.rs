@@ -71,6 +71,9 @@ enum Resume {
     Watch,
     /// The resume revision is gone: list again.
     List,
+    /// etcd's revision is behind the view's: this is another etcd (a new
+    /// one, or one restored from a backup). List it as new.
+    Replaced,
 }
 
 /// Runs until every receiver of `tx` is dropped.
@@ -104,6 +107,17 @@ pub async fn run(
                     revision = view.revision(),
                     "resume revision compacted; listing again"
                 );
+                need_list = true;
+                backoff.reset();
+                continue;
+            }
+            Ok(Resume::Replaced) => {
+                stats.compaction_relists.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    revision = view.revision(),
+                    "etcd's revision is behind the view's: a new or restored etcd; listing it as new (what it lacks stays believed)"
+                );
+                view.rewind();
                 need_list = true;
                 backoff.reset();
                 continue;
@@ -246,6 +260,14 @@ async fn watch_until_broken(
         };
         if resp.compact_revision() > 0 {
             return Ok(Resume::List);
+        }
+        // Watching from a revision etcd has not reached would wait, silent,
+        // until it gets there: only another etcd is behind us.
+        if resp.created()
+            && let Some(h) = resp.header()
+            && h.revision() < view.revision()
+        {
+            return Ok(Resume::Replaced);
         }
         if resp.canceled() {
             tracing::warn!(reason = resp.cancel_reason(), "etcd cancelled the watch");

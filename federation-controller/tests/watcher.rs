@@ -147,6 +147,46 @@ async fn lists_then_follows_changes() {
     assert_eq!(w.stats.compaction_relists.load(Ordering::Relaxed), 0);
 }
 
+/// etcd is replaced (wiped and started empty, as a restore from an old
+/// backup would leave it): its revisions start again below the view's. The
+/// watcher notices, lists it as new and follows it, instead of waiting,
+/// silent, for a revision the new etcd will take long to reach.
+#[tokio::test]
+async fn a_replaced_etcd_is_listed_as_new_and_followed() {
+    let (mut etcd, mut c) = seeded().await;
+    let keys = KeySpace::default();
+    // Move the revision well ahead of what a new etcd starts from.
+    for generation in 2..40 {
+        c.put(keys.export("a", "shop", "cart"), summary(generation), None)
+            .await
+            .unwrap();
+    }
+    let w = start_watcher(etcd.endpoint()).await;
+    let rx = w.rx.clone();
+    until_generation("the listed export", &rx, "a", Some(39)).await;
+
+    etcd.kill();
+    for entry in std::fs::read_dir(etcd.data_dir()).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::remove_dir_all(&path)
+            .or_else(|_| std::fs::remove_file(&path))
+            .unwrap();
+    }
+    etcd.restart().await.unwrap();
+    let mut c = etcd.client().await.unwrap();
+    record(&mut c, "b").await;
+    c.put(keys.export("b", "shop", "cart"), summary(5), None)
+        .await
+        .unwrap();
+    until_generation("b's export in the new etcd", &rx, "b", Some(5)).await;
+    assert!(w.stats.compaction_relists.load(Ordering::Relaxed) >= 1);
+    // Later changes are followed too.
+    c.put(keys.export("b", "shop", "cart"), summary(6), None)
+        .await
+        .unwrap();
+    until_generation("a later change", &rx, "b", Some(6)).await;
+}
+
 /// A stale cluster's age comes from `seen/<c>`, which a listing must read:
 /// before it did, a controller that started (or re-listed) against a zone
 /// knew no cluster's last liveness until that cluster's next `seen` write.
