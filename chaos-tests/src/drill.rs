@@ -144,8 +144,8 @@ pub enum Action {
     /// Writes, with one cluster's own etcd credentials inside a nested
     /// transaction (which the etcd we install lets past key permissions),
     /// values that claim to be another's: a bundle of the forger's root, a
-    /// record moving gateways, an export withdrawn, a policy closing a
-    /// service; recovery puts back what was there.
+    /// record moving gateways, an export withdrawn, a policy taking a
+    /// service to the forger; recovery puts back what was there.
     Forge(Forge),
 }
 
@@ -244,8 +244,8 @@ pub struct Forge {
     /// manifest that vouches for it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub export: Option<String>,
-    /// `<namespace>/<name>`: a policy closing that service to every other
-    /// cluster (`export.allow: []`), signed by the forger's root.
+    /// `<namespace>/<name>`: a policy by which only the forger exports that
+    /// service (`export.clusters: [<as>]`), signed by the forger's root.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy: Option<String>,
 }
@@ -273,7 +273,7 @@ impl std::fmt::Display for Forge {
                 .map(|e| format!("the withdrawal of {e}")),
             self.policy
                 .as_ref()
-                .map(|p| format!("a policy closing {p}")),
+                .map(|p| format!("a policy exporting {p} from {} alone", self.by)),
         ];
         let parts: Vec<String> = parts.into_iter().flatten().collect();
         write!(f, " {}", parts.join(", "))

@@ -370,7 +370,7 @@ impl UpFederation {
             let policy = serde_json::json!({
                 "apiVersion": "fedmesh.io/v1", "kind": "GlobalTrafficPolicy",
                 "metadata": {"name": name},
-                "spec": {"service": service, "export": {"allow": []}},
+                "spec": {"service": service, "export": {"clusters": [fg.by]}},
             });
             writes.push((key.clone(), Some(sealed(&key, policy)?)));
         }
