@@ -190,6 +190,16 @@ struct Unwrapped<T> {
     signatures: Vec<(String, Vec<u8>)>,
 }
 
+/// The statement inside `raw`, **without checking any signature**: for
+/// finding what a signature must be checked against (the certificate of a
+/// bundle's signing root is in the bundle), or what a writer builds on.
+/// Never a reason to believe the value.
+pub fn peek<T: DeserializeOwned>(raw: &[u8]) -> Result<Statement<T>, Refusal> {
+    let payload = Envelope::parse(raw)?.payload()?;
+    serde_json::from_slice(&payload)
+        .map_err(|e| Refusal::Invalid(format!("the signed payload: {e}")))
+}
+
 fn unwrap<T: DeserializeOwned>(raw: &[u8], subject: &str) -> Result<Unwrapped<T>, Refusal> {
     let env = Envelope::parse(raw)?;
     let payload = env.payload()?;

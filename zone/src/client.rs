@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use fedmesh_seal::{
-    AnchorKey, Envelope, Refusal, Signer, Statement, next_seq, open_anchored, root_keyid, seal,
+    AnchorKey, Refusal, Signer, Statement, next_seq, open_anchored, root_keyid, seal,
 };
 use fedmesh_trust::{Bundle, BundleError, ClusterCa, TrustDomain};
 
@@ -640,26 +640,24 @@ struct StoredBundle {
 }
 
 fn stored_bundle(td: &str, key: &str, raw: &[u8]) -> Result<StoredBundle, ZoneError> {
-    match Envelope::parse(raw) {
-        Ok(env) => {
-            let corrupt = |reason: String| ZoneError::Corrupt {
+    match fedmesh_seal::peek::<serde_json::Value>(raw) {
+        Ok(statement) => {
+            let doc = statement.value.ok_or_else(|| ZoneError::Corrupt {
                 key: key.into(),
-                reason,
-            };
-            let payload = env.payload().map_err(|e| corrupt(e.to_string()))?;
-            let statement: Statement<serde_json::Value> =
-                serde_json::from_slice(&payload).map_err(|e| corrupt(e.to_string()))?;
-            let doc = statement
-                .value
-                .ok_or_else(|| corrupt("a deleted bundle".into()))?;
+                reason: "a deleted bundle".into(),
+            })?;
             Ok(StoredBundle {
                 bundle: decode_bundle(td, key, doc.to_string().as_bytes())?,
                 seq: Some(statement.seq),
             })
         }
-        Err(_) => Ok(StoredBundle {
+        Err(Refusal::Unsigned(_)) => Ok(StoredBundle {
             bundle: decode_bundle(td, key, raw)?,
             seq: None,
+        }),
+        Err(refusal) => Err(ZoneError::Corrupt {
+            key: key.into(),
+            reason: refusal.to_string(),
         }),
     }
 }

@@ -673,41 +673,33 @@ impl Gate {
         let held = self.bundles.get(td).and_then(|b| b.held.seq);
         // The document itself is needed to find the signing root's
         // certificate; nothing in it is believed before the signature is.
-        let (seq, doc) = match fedmesh_seal::Envelope::parse(&kv.value) {
-            Ok(env) => {
-                let payload = env.payload().map_err(Refusal::from)?;
-                let statement: fedmesh_seal::Statement<serde_json::Value> =
-                    serde_json::from_slice(&payload)
-                        .map_err(|e| Refusal::Invalid(format!("the signed payload: {e}")))?;
+        let decode = |doc: &[u8]| {
+            Bundle::from_document(trust_domain.clone(), doc, &kv.key)
+                .map_err(|e| Refusal::Invalid(e.to_string()))
+        };
+        let (seq, bundle, doc) = match fedmesh_seal::peek::<serde_json::Value>(&kv.value) {
+            Ok(statement) => {
                 let doc = statement
                     .value
-                    .as_ref()
-                    .map(|v| serde_json::to_vec(v).unwrap_or_default())
+                    .map(|v| serde_json::to_vec(&v).unwrap_or_default())
                     .ok_or_else(|| {
                         Refusal::Invalid("a bundle cannot be deleted on its own".into())
                     })?;
-                let candidate = Bundle::from_document(trust_domain.clone(), &doc, &kv.key)
-                    .map_err(|e| Refusal::Invalid(e.to_string()))?;
+                // Its roots are where the signing root's certificate may
+                // be; nothing in it is believed before the signature is.
+                let candidate = decode(&doc)?;
                 let (trusted, mut certs) = self.trusted_roots(td);
                 certs.extend(candidate.roots().iter().cloned());
                 let opened =
                     open_by_root::<serde_json::Value>(&kv.value, subject, &trusted, &certs)?;
-                (Some(opened.seq), doc)
+                check_seq(held, opened.seq)?;
+                (Some(opened.seq), candidate, doc)
             }
-            Err(e) => {
-                let r = Refusal::from(e);
-                if matches!(r, Refusal::Unsigned(_)) && self.config.trust_unsigned {
-                    (None, kv.value.clone())
-                } else {
-                    return Err(r);
-                }
+            Err(Refusal::Unsigned(_)) if self.config.trust_unsigned => {
+                (None, decode(&kv.value)?, kv.value.clone())
             }
+            Err(r) => return Err(r),
         };
-        if let Some(seq) = seq {
-            check_seq(held, seq)?;
-        }
-        let bundle = Bundle::from_document(trust_domain, &doc, &kv.key)
-            .map_err(|e| Refusal::Invalid(e.to_string()))?;
         Ok((seq, bundle, doc))
     }
 
