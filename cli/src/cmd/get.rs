@@ -3,6 +3,7 @@
 use clap::ValueEnum;
 use serde::Serialize;
 
+use fedmesh_api::KeySpace;
 use fedmesh_zone::Believed;
 use fedmesh_zone::gate::Kind;
 
@@ -83,143 +84,148 @@ fn report_refused(believed: &Believed, kinds: &[Kind], shown: &[String]) {
 }
 
 pub async fn get(what: GetWhat, output: Output, flags: &EtcdFlags) -> anyhow::Result<()> {
-    match what {
+    let show = match what {
         GetWhat::Policies => return super::policy::get(None, output, flags).await,
         GetWhat::Proxies => anyhow::bail!("`get proxies` needs its controllers' admin ports"),
-        _ => {}
-    }
+        GetWhat::Clusters => clusters,
+        GetWhat::Services => services,
+        GetWhat::Bundles => bundles,
+    };
     let mut zone = connect(flags).await?;
     let keys = zone.keys().clone();
-    let believed = zone.believed().await?;
-    match what {
-        GetWhat::Clusters => {
-            let records = believed.clusters()?;
-            let liveness = believed.liveness(&records, time::OffsetDateTime::now_utc())?;
-            let rows: Vec<ClusterRow> = records
-                .into_iter()
-                .zip(liveness)
-                .map(|(record, liveness)| ClusterRow {
-                    trust: trust(&believed, &keys.cluster(&record.name)),
-                    record,
-                    liveness,
-                })
-                .collect();
-            let shown: Vec<String> = rows.iter().map(|r| keys.cluster(&r.record.name)).collect();
-            report_refused(&believed, &[Kind::Cluster, Kind::Manifest], &shown);
-            print_rows(
-                output,
-                &rows,
-                &[
-                    "NAME",
-                    "TRUST",
-                    "LIVENESS",
-                    "CLOUD",
-                    "REGION",
-                    "ZONES",
-                    "TRUST DOMAIN",
-                    "GATEWAYS",
-                    "EGRESS",
-                ],
-                |ClusterRow {
-                     record: c,
-                     liveness,
-                     trust,
-                 }| {
-                    vec![
-                        c.name.clone(),
-                        trust.clone(),
-                        liveness.to_string(),
-                        c.cloud.clone(),
-                        c.region.clone(),
-                        c.zones.join(","),
-                        c.trust_domain.clone(),
-                        c.gateways
-                            .iter()
-                            .map(ToString::to_string)
-                            .collect::<Vec<_>>()
-                            .join(","),
-                        c.egress.to_string(),
-                    ]
-                },
-            )
-        }
-        GetWhat::Services => {
-            let rows: Vec<ServiceRow> = believed
-                .exports()?
-                .into_iter()
-                .map(|(cluster, namespace, service, s)| ServiceRow {
-                    trust: trust(&believed, &keys.export(&cluster, &namespace, &service)),
-                    cluster,
-                    namespace,
-                    service,
-                    ports: s.ports.clone(),
-                    healthy: s.healthy(),
-                    total: s.localities.iter().map(|l| u64::from(l.total)).sum(),
-                    generation: s.generation,
-                })
-                .collect();
-            let shown: Vec<String> = rows
-                .iter()
-                .map(|r| keys.export(&r.cluster, &r.namespace, &r.service))
-                .collect();
-            report_refused(&believed, &[Kind::Export], &shown);
-            print_rows(
-                output,
-                &rows,
-                &[
-                    "CLUSTER",
-                    "NAMESPACE",
-                    "SERVICE",
-                    "TRUST",
-                    "PORTS",
-                    "HEALTHY",
-                ],
-                |r| {
-                    vec![
-                        r.cluster.clone(),
-                        r.namespace.clone(),
-                        r.service.clone(),
-                        r.trust.clone(),
-                        r.ports
-                            .iter()
-                            .map(ToString::to_string)
-                            .collect::<Vec<_>>()
-                            .join(","),
-                        format!("{}/{}", r.healthy, r.total),
-                    ]
-                },
-            )
-        }
-        GetWhat::Policies | GetWhat::Proxies => Ok(()), // answered above
-        GetWhat::Bundles => {
-            let rows: Vec<BundleRow> = believed
-                .bundles()?
-                .into_iter()
-                .map(|b| BundleRow {
-                    trust: trust(&believed, &keys.bundle(b.trust_domain().as_str())),
-                    trust_domain: b.trust_domain().to_string(),
-                    roots: b.roots().len(),
-                    sequence: b.sequence,
-                    document: serde_json::from_str(&b.to_document()).unwrap_or_default(),
-                })
-                .collect();
-            let shown: Vec<String> = rows.iter().map(|r| keys.bundle(&r.trust_domain)).collect();
-            report_refused(&believed, &[Kind::Bundle], &shown);
-            print_rows(
-                output,
-                &rows,
-                &["TRUST DOMAIN", "TRUST", "ROOTS", "SEQUENCE"],
-                |r| {
-                    vec![
-                        r.trust_domain.clone(),
-                        r.trust.clone(),
-                        r.roots.to_string(),
-                        r.sequence.to_string(),
-                    ]
-                },
-            )
-        }
-    }
+    show(&zone.believed().await?, &keys, output)
+}
+
+/// `get clusters`: records, liveness, trust.
+fn clusters(believed: &Believed, keys: &KeySpace, output: Output) -> anyhow::Result<()> {
+    let records = believed.clusters()?;
+    let liveness = believed.liveness(&records, time::OffsetDateTime::now_utc())?;
+    let rows: Vec<ClusterRow> = records
+        .into_iter()
+        .zip(liveness)
+        .map(|(record, liveness)| ClusterRow {
+            trust: trust(believed, &keys.cluster(&record.name)),
+            record,
+            liveness,
+        })
+        .collect();
+    let shown: Vec<String> = rows.iter().map(|r| keys.cluster(&r.record.name)).collect();
+    report_refused(believed, &[Kind::Cluster, Kind::Manifest], &shown);
+    print_rows(
+        output,
+        &rows,
+        &[
+            "NAME",
+            "TRUST",
+            "LIVENESS",
+            "CLOUD",
+            "REGION",
+            "ZONES",
+            "TRUST DOMAIN",
+            "GATEWAYS",
+            "EGRESS",
+        ],
+        |ClusterRow {
+             record: c,
+             liveness,
+             trust,
+         }| {
+            vec![
+                c.name.clone(),
+                trust.clone(),
+                liveness.to_string(),
+                c.cloud.clone(),
+                c.region.clone(),
+                c.zones.join(","),
+                c.trust_domain.clone(),
+                c.gateways
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(","),
+                c.egress.to_string(),
+            ]
+        },
+    )
+}
+
+/// `get services`: every believed export.
+fn services(believed: &Believed, keys: &KeySpace, output: Output) -> anyhow::Result<()> {
+    let rows: Vec<ServiceRow> = believed
+        .exports()?
+        .into_iter()
+        .map(|(cluster, namespace, service, s)| ServiceRow {
+            trust: trust(believed, &keys.export(&cluster, &namespace, &service)),
+            cluster,
+            namespace,
+            service,
+            ports: s.ports.clone(),
+            healthy: s.healthy(),
+            total: s.localities.iter().map(|l| u64::from(l.total)).sum(),
+            generation: s.generation,
+        })
+        .collect();
+    let shown: Vec<String> = rows
+        .iter()
+        .map(|r| keys.export(&r.cluster, &r.namespace, &r.service))
+        .collect();
+    report_refused(believed, &[Kind::Export], &shown);
+    print_rows(
+        output,
+        &rows,
+        &[
+            "CLUSTER",
+            "NAMESPACE",
+            "SERVICE",
+            "TRUST",
+            "PORTS",
+            "HEALTHY",
+        ],
+        |r| {
+            vec![
+                r.cluster.clone(),
+                r.namespace.clone(),
+                r.service.clone(),
+                r.trust.clone(),
+                r.ports
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(","),
+                format!("{}/{}", r.healthy, r.total),
+            ]
+        },
+    )
+}
+
+/// `get bundles`.
+fn bundles(believed: &Believed, keys: &KeySpace, output: Output) -> anyhow::Result<()> {
+    let rows: Vec<BundleRow> = believed
+        .bundles()?
+        .into_iter()
+        .map(|b| BundleRow {
+            trust: trust(believed, &keys.bundle(b.trust_domain().as_str())),
+            trust_domain: b.trust_domain().to_string(),
+            roots: b.roots().len(),
+            sequence: b.sequence,
+            document: serde_json::from_str(&b.to_document()).unwrap_or_default(),
+        })
+        .collect();
+    let shown: Vec<String> = rows.iter().map(|r| keys.bundle(&r.trust_domain)).collect();
+    report_refused(believed, &[Kind::Bundle], &shown);
+    print_rows(
+        output,
+        &rows,
+        &["TRUST DOMAIN", "TRUST", "ROOTS", "SEQUENCE"],
+        |r| {
+            vec![
+                r.trust_domain.clone(),
+                r.trust.clone(),
+                r.roots.to_string(),
+                r.sequence.to_string(),
+            ]
+        },
+    )
 }
 
 pub(crate) fn print_rows<T: Serialize>(
