@@ -64,7 +64,14 @@ pub struct ControllerConfig {
     /// them): the one step of upgrading a federation created before
     /// records were signed (`--trust-unsigned`). Off by default.
     pub trust_unsigned: bool,
+    /// What must outlive a restart (`--state-dir`): the last good view of
+    /// the global zone ([`LAST_GOOD_FILE`]) and the cluster's newest signed
+    /// record. `None`: a restart starts from etcd alone.
+    pub state_dir: Option<PathBuf>,
 }
+
+/// The last good view's file in the state directory.
+pub const LAST_GOOD_FILE: &str = "last-good-view.json";
 
 impl ControllerConfig {
     pub fn new(join: JoinDir, source: LocalSource, discovery_addr: SocketAddr) -> Self {
@@ -81,6 +88,7 @@ impl ControllerConfig {
             join_dir: None,
             kube: None,
             trust_unsigned: false,
+            state_dir: None,
         }
     }
 }
@@ -258,12 +266,16 @@ impl Controller {
 
         // The global zone.
         let (view_tx, view_rx) = watch::channel(Arc::new(GlobalView::new(keys.clone())));
+        let mut watcher_config = config.watcher;
+        if let Some(dir) = &config.state_dir {
+            watcher_config.last_good = Some(dir.join(LAST_GOOD_FILE));
+        }
         tasks.spawn(watcher::run(
             client.clone(),
             GlobalView::new(keys.clone()),
             gate,
             view_tx,
-            config.watcher,
+            watcher_config,
             metrics.watch.clone(),
         ));
         tasks.spawn(publish::run_exports(
@@ -291,10 +303,14 @@ impl Controller {
             stop_rx.clone(),
         ));
         if let Some(dir) = config.join_dir.clone() {
+            let own_record = rotation::OwnRecord {
+                cluster: cluster.name.clone(),
+                join_dir: dir,
+                state_dir: config.state_dir.clone(),
+                anchor: anchor.clone(),
+            };
             tasks.spawn(rotation::run(
-                dir,
-                cluster.name.clone(),
-                anchor.clone(),
+                own_record,
                 authority.clone(),
                 own_tx,
                 client.clone(),
@@ -459,9 +475,10 @@ async fn build_mesh(
         let g = global.borrow_and_update().clone();
         let l = local.borrow_and_update().clone();
         metrics.view_revision.store(g.revision(), Ordering::Relaxed);
-        // Never publish before the first complete listing: an empty mesh
-        // would tell proxies that nothing exists anywhere.
-        if g.revision() > 0 {
+        // Never publish before the first complete listing (of etcd, or the
+        // last good view on disk): an empty mesh would tell proxies that
+        // nothing exists anywhere.
+        if g.is_complete() {
             let own = Arc::new(own_bundle.borrow_and_update().clone());
             let inputs = mesh::MeshInputs {
                 cluster: cluster.clone(),

@@ -7,6 +7,9 @@
 //! - [`publish`]: this cluster's export summaries and its liveness lease.
 //! - [`view`] and [`watcher`]: everyone else's records, listed then watched,
 //!   with resume and re-list after compaction. `view` is I/O-free.
+//! - [`lastgood`]: the last good view, kept on disk and read back through
+//!   the gate at start, so a restart against an empty or partial zone
+//!   withdraws nothing.
 //! - [`mesh`]: what a local proxy sees, and which services a change touches.
 //!   I/O-free.
 //! - [`discovery`]: the gRPC discovery stream (incremental, ACK/NACK) and
@@ -26,6 +29,7 @@ pub mod discovery;
 mod follow;
 pub mod guard;
 pub mod kubernetes;
+pub mod lastgood;
 pub mod mesh;
 pub mod publish;
 pub mod registry;

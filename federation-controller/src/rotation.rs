@@ -9,12 +9,16 @@
 //! - tells the controller's own TLS (and Certify) the new bundle;
 //! - once the new root signs, makes it the join directory's CA, so that a
 //!   restarted controller signs with it too;
-//! - every [`HEAL`], puts the cluster's own record (as the anchor signed it,
-//!   kept in the join directory) and its bundle back when the zone has lost
-//!   them or holds something else (an etcd wiped or restored from an old
-//!   backup, a raw delete): the owners rebuild the zone.
+//! - every [`HEAL`], puts the cluster's own record (as the anchor signed it:
+//!   the newest of the join directory's and the one kept in the state
+//!   directory) and its bundle back when the zone has lost them or holds
+//!   something older or unsigned (an etcd wiped or restored from an old
+//!   backup, a raw delete): the owners rebuild the zone. A newer signed
+//!   record seen in etcd (the operator re-signed it: `fedmesh anchor
+//!   adopt`, a new gateway address) is kept in the state directory, so it
+//!   is the one written back after the next loss.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -32,17 +36,28 @@ pub const POLL: Duration = Duration::from_secs(1);
 /// How often the cluster's own record and bundle are checked in etcd.
 pub const HEAL: Duration = Duration::from_secs(30);
 
-/// Runs until the task is dropped. `anchor` is the one the join directory
-/// pins: without it the cluster's record is not checked.
+/// Where the cluster's own signed record is kept, and who signs it.
+#[derive(Debug, Clone)]
+pub struct OwnRecord {
+    pub cluster: String,
+    pub join_dir: PathBuf,
+    /// The controller's state directory (`--state-dir`): the newest signed
+    /// record seen goes there. `None`: only the join directory's.
+    pub state_dir: Option<PathBuf>,
+    /// The anchor the join directory pins: without it the record is not
+    /// checked.
+    pub anchor: Option<AnchorPublic>,
+}
+
+/// Runs until the task is dropped.
 pub async fn run(
-    join_dir: PathBuf,
-    cluster: String,
-    anchor: Option<AnchorPublic>,
+    own_record: OwnRecord,
     authority: Arc<Mutex<Authority>>,
     own: watch::Sender<Bundle>,
     mut etcd: Client,
     keys: KeySpace,
 ) {
+    let join_dir = own_record.join_dir.clone();
     let lock = || authority.lock().unwrap_or_else(|p| p.into_inner());
     let mut signing = lock().active().cert_der().clone();
     let mut unpublished = false;
@@ -58,8 +73,8 @@ pub async fn run(
         let td = lock().trust_domain().clone();
         if tokio::time::Instant::now() >= heal_due {
             heal_due += HEAL;
-            if let Some(anchor) = &anchor {
-                heal_record(&mut etcd, &keys, &cluster, &join_dir, anchor).await;
+            if let Some(anchor) = &own_record.anchor {
+                heal_record(&mut etcd, &keys, &own_record, anchor).await;
             }
             let bundle = lock().bundle();
             if !holds_our_bundle(&mut etcd, &keys, &bundle).await {
@@ -144,40 +159,64 @@ pub async fn run(
     }
 }
 
-/// Puts the record `register` left in the join directory back at
-/// `clusters/<cluster>` when etcd has none, or one the anchor did not sign,
-/// or an older one. A newer signed record or deletion (the operator's) stays.
-async fn heal_record(
-    etcd: &mut Client,
-    keys: &KeySpace,
-    cluster: &str,
-    join_dir: &std::path::Path,
-    anchor: &AnchorPublic,
-) {
-    let Some(ours) = JoinDir::signed_record(join_dir) else {
-        return;
-    };
-    let key = keys.cluster(cluster);
-    let subject = format!("clusters/{cluster}");
+/// Puts the cluster's newest signed record back at `clusters/<cluster>`
+/// when etcd has none, or one the anchor did not sign, or an older one; a
+/// newer one in etcd (the operator's) is kept for next time instead. A
+/// signed deletion in etcd stays, and is never written over.
+async fn heal_record(etcd: &mut Client, keys: &KeySpace, own: &OwnRecord, anchor: &AnchorPublic) {
+    let subject = format!("clusters/{}", own.cluster);
     let anchors = std::slice::from_ref(anchor);
-    let Ok(our_seq) = open_anchored::<serde_json::Value>(&ours, &subject, anchors).map(|o| o.seq)
-    else {
-        tracing::warn!(path = %join_dir.display(), "the join directory's signed record does not verify; not writing it back");
-        return;
+    // (seq, value present) of a value the anchor signed.
+    let open = |raw: &[u8]| {
+        open_anchored::<serde_json::Value>(raw, &subject, anchors)
+            .ok()
+            .map(|o| (o.seq, o.value.is_some()))
     };
+    let kept = [Some(own.join_dir.as_path()), own.state_dir.as_deref()]
+        .into_iter()
+        .flatten()
+        .filter_map(JoinDir::signed_record)
+        .filter_map(|raw| {
+            open(&raw)
+                .filter(|(_, live)| *live)
+                .map(|(seq, _)| (seq, raw))
+        })
+        .max_by_key(|(seq, _)| *seq);
+    let key = keys.cluster(&own.cluster);
     let stored = match etcd.get(key.as_str(), None).await {
         Ok(r) => r.kvs().first().map(|kv| kv.value().to_vec()),
         Err(_) => return, // etcd away: next time
     };
-    let put_back = match stored {
-        None => true,
-        Some(raw) => open_anchored::<serde_json::Value>(&raw, &subject, anchors)
-            .map_or(true, |o| o.seq < our_seq),
-    };
-    if put_back {
-        match etcd.put(key.as_str(), ours, None).await {
-            Ok(_) => tracing::info!(%key, "wrote the cluster's signed record back"),
-            Err(e) => tracing::warn!(%key, error = %e, "writing the cluster's record back failed"),
+    let in_etcd = stored.as_deref().and_then(open);
+    let newer_than_kept = |theirs: u64| kept.as_ref().is_none_or(|(ours, _)| theirs > *ours);
+    match in_etcd {
+        // The operator's newer record: the one to write back next time.
+        Some((theirs, true)) if newer_than_kept(theirs) => {
+            if let (Some(dir), Some(raw)) = (&own.state_dir, &stored) {
+                keep_newer(dir, raw);
+            }
+        }
+        // Ours, or a signed deletion at least as new: stays.
+        Some((theirs, _)) if kept.as_ref().is_none_or(|(ours, _)| theirs >= *ours) => {}
+        // None, unsigned, forged or older.
+        _ => {
+            let Some((_, raw)) = kept else { return };
+            match etcd.put(key.as_str(), raw, None).await {
+                Ok(_) => tracing::info!(%key, "wrote the cluster's signed record back"),
+                Err(e) => {
+                    tracing::warn!(%key, error = %e, "writing the cluster's record back failed")
+                }
+            }
+        }
+    }
+}
+
+/// Keeps a newer signed record of the cluster in its state directory.
+fn keep_newer(dir: &Path, raw: &[u8]) {
+    match JoinDir::save_signed_record(dir, raw) {
+        Ok(()) => tracing::info!(path = %dir.display(), "kept the cluster's newer signed record"),
+        Err(e) => {
+            tracing::warn!(path = %dir.display(), error = %e, "keeping the cluster's newer signed record failed")
         }
     }
 }

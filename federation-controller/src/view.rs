@@ -148,6 +148,9 @@ pub struct GlobalView {
     /// The next listing comes from another etcd: its revisions say nothing
     /// of ours, so every listed value is taken afresh.
     rewound: bool,
+    /// A whole listing (of etcd, or of the last good view on disk) has
+    /// been applied: the view may be served.
+    complete: bool,
 }
 
 /// A checked global traffic policy and the revision it was read at.
@@ -173,7 +176,42 @@ impl GlobalView {
             policies: OrdMap::new(),
             invalid: OrdMap::new(),
             rewound: false,
+            complete: false,
         }
+    }
+
+    /// Whether a whole listing has been applied: before that, an empty view
+    /// would tell proxies that nothing exists anywhere.
+    pub fn is_complete(&self) -> bool {
+        self.complete
+    }
+
+    /// Every export as the plain value its cluster wrote (the view keeps
+    /// all of it), for the last good view on disk.
+    pub fn export_kvs(&self) -> impl Iterator<Item = RawKv> + '_ {
+        self.by_service.iter().flat_map(move |(svc, exporters)| {
+            exporters.iter().map(move |e| {
+                let summary = fedmesh_api::ExportSummary {
+                    ports: e.ports.to_vec(),
+                    localities: e
+                        .localities
+                        .iter()
+                        .map(|l| fedmesh_api::ZoneCapacity {
+                            zone: l.zone.to_string(),
+                            healthy: l.healthy,
+                            total: l.total,
+                            weight: l.weight,
+                        })
+                        .collect(),
+                    generation: e.generation,
+                };
+                RawKv {
+                    key: self.keys.export(&e.cluster, &svc.namespace, &svc.name),
+                    value: serde_json::to_vec(&summary).unwrap_or_default(),
+                    mod_revision: e.mod_revision,
+                }
+            })
+        })
     }
 
     /// Forgets every revision: the next listing comes from another etcd (a
@@ -355,6 +393,7 @@ impl GlobalView {
         }
         self.revision = self.revision.max(revision);
         self.rewound = false;
+        self.complete = true;
         removed
     }
 

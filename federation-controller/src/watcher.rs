@@ -6,6 +6,7 @@
 //! a view is only ever replaced by a complete, newer one.
 
 use std::collections::VecDeque;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -14,6 +15,7 @@ use etcd_client::{Client, EventType, WatchOptions};
 use fedmesh_api::retry::Backoff;
 use tokio::sync::watch;
 
+use crate::lastgood::{self, Keeper};
 use crate::view::{GlobalView, Listing, RawEvent, RawKv};
 use fedmesh_zone::gate::{Gate, Refused};
 use fedmesh_zone::{Pager, list_range};
@@ -54,6 +56,11 @@ impl WatchStats {
 pub struct WatcherConfig {
     pub initial_backoff: Duration,
     pub max_backoff: Duration,
+    /// Where the last good view is kept ([`crate::lastgood`]); `None`: a
+    /// restart starts from etcd alone.
+    pub last_good: Option<PathBuf>,
+    /// How long a change waits before the last good view is written.
+    pub save_every: Duration,
 }
 
 impl Default for WatcherConfig {
@@ -61,6 +68,8 @@ impl Default for WatcherConfig {
         Self {
             initial_backoff: Duration::from_millis(200),
             max_backoff: Duration::from_secs(5),
+            last_good: None,
+            save_every: Duration::from_secs(5),
         }
     }
 }
@@ -87,6 +96,14 @@ pub async fn run(
 ) {
     let mut backoff = Backoff::new(config.initial_backoff, config.max_backoff);
     let mut need_list = true;
+    let mut keeper = config.last_good.map(|path| {
+        lastgood::restore(&path, &mut gate, &mut view, std::time::SystemTime::now());
+        Keeper::new(path, config.save_every)
+    });
+    // Served at once, etcd or not: a restart keeps what was believed.
+    if view.is_complete() {
+        publish(&tx, &view, &stats);
+    }
     loop {
         if tx.is_closed() {
             return;
@@ -96,8 +113,11 @@ pub async fn run(
                 list(&mut client, &mut view, &mut gate, &stats).await?;
                 need_list = false;
                 publish(&tx, &view, &stats);
+                if let Some(k) = keeper.as_mut() {
+                    k.changed();
+                }
             }
-            watch_until_broken(&mut client, &mut view, &mut gate, &tx, &stats).await
+            watch_until_broken(&mut client, &mut view, &mut gate, &tx, &stats, &mut keeper).await
         }
         .await;
         match step {
@@ -244,6 +264,7 @@ async fn watch_until_broken(
     gate: &mut Gate,
     tx: &watch::Sender<Arc<GlobalView>>,
     stats: &WatchStats,
+    keeper: &mut Option<Keeper>,
 ) -> Result<Resume, etcd_client::Error> {
     let opts = WatchOptions::new()
         .with_prefix()
@@ -254,6 +275,12 @@ async fn watch_until_broken(
         let msg = tokio::select! {
             m = stream.message() => m?,
             _ = tx.closed() => return Ok(Resume::Watch),
+            _ = save_due(keeper.as_ref()) => {
+                if let Some(k) = keeper.as_mut() {
+                    k.save(gate, view);
+                }
+                continue;
+            }
         };
         let Some(resp) = msg else {
             return Ok(Resume::Watch);
@@ -304,6 +331,9 @@ async fn watch_until_broken(
         }
         if changed {
             publish(tx, view, stats);
+            if let Some(k) = keeper.as_mut() {
+                k.changed();
+            }
         }
         if admitted.relist {
             return Ok(Resume::List);
@@ -317,6 +347,13 @@ async fn watch_until_broken(
         {
             view.advance(h.revision());
         }
+    }
+}
+
+async fn save_due(keeper: Option<&Keeper>) {
+    match keeper {
+        Some(k) => k.due().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -112,6 +112,8 @@ async fn starts_from_a_join_directory_becomes_ready_and_stops_on_sigterm() {
             "--tokens",
             tokens.to_str().unwrap(),
         ])
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .spawn()
@@ -143,6 +145,16 @@ async fn starts_from_a_join_directory_becomes_ready_and_stops_on_sigterm() {
             .kvs()
             .is_empty()
     );
+    // Its state directory is private, and keeps its last good view.
+    let state = dir.path().join("state");
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(&state).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o700);
+    eventually("the last good view on disk", Duration::from_secs(15), || {
+        let written = state.join("last-good-view.json").is_file();
+        async move { written.then_some(()) }
+    })
+    .await;
 
     let status = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
@@ -285,6 +297,8 @@ async fn the_discovery_listener_survives_running_out_of_descriptors() {
         .args(["--registry", registry.to_str().unwrap()])
         .args(["--listen", "127.0.1.2:0", "--admin", "127.0.1.2:0"])
         .args(["--tokens", tokens.to_str().unwrap()])
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .spawn()

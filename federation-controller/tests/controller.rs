@@ -46,6 +46,7 @@ fn registry_doc(healthy: usize) -> String {
 
 struct Cluster {
     name: String,
+    n: u8,
     td: TrustDomain,
     ca_bundle: Bundle,
     registry: PathBuf,
@@ -123,11 +124,13 @@ async fn cluster_with(
     config.watcher = WatcherConfig {
         initial_backoff: Duration::from_millis(50),
         max_backoff: Duration::from_millis(500),
+        ..Default::default()
     };
     tune(&mut config);
     let controller = Controller::start(config).await.unwrap();
     Cluster {
         name: name.into(),
+        n,
         td,
         ca_bundle,
         registry,
@@ -1150,4 +1153,105 @@ async fn certify_takes_a_service_account_token_that_the_api_server_vouches_for()
     .await
     .unwrap_err();
     assert!(err.message().contains("--kube"), "{}", err.message());
+}
+
+/// `c`'s controller stopped and started again on its join directory,
+/// with `state_dir` as its `--state-dir`.
+async fn restart(c: &mut Cluster, state_dir: Option<PathBuf>) {
+    let join_dir = c._dir.path().join("join");
+    let join = JoinDir::load(&join_dir).unwrap();
+    let source = LocalSource::File {
+        path: c.registry.clone(),
+        poll: Duration::from_millis(20),
+    };
+    let addr = format!("127.0.{}.2:0", c.n).parse().unwrap();
+    let mut config = ControllerConfig::new(join, source, addr);
+    config.join_dir = Some(join_dir);
+    config.state_dir = state_dir;
+    config.watcher = WatcherConfig {
+        initial_backoff: Duration::from_millis(50),
+        max_backoff: Duration::from_millis(500),
+        save_every: Duration::from_millis(50),
+        ..Default::default()
+    };
+    let old = std::mem::replace(&mut c.controller, Controller::start(config).await.unwrap());
+    old.shutdown().await;
+}
+
+/// Whether `c` serves gcp's shop/cart in its first mesh built on a listing
+/// of etcd (a view from disk alone has revision 0).
+async fn serves_gcp_cart_after_listing(c: &Cluster) -> bool {
+    let snaps = c.controller.snapshots.clone();
+    eventually(
+        "a mesh built on etcd's listing",
+        Duration::from_secs(15),
+        || {
+            let s = snaps.borrow().clone();
+            async move { s.filter(|s| s.inputs.global.revision() > 0) }
+        },
+    )
+    .await
+    .inputs
+    .global
+    .export("gcp", "shop", "cart")
+    .is_some()
+}
+
+/// etcd is wiped while gcp's controller is away (so nothing heals it):
+/// aws's controller restarted with its state directory still serves gcp's
+/// service, from its last good view on disk, judged again by its gate;
+/// restarted without one, it serves nothing of gcp (what the state
+/// directory is for).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_controller_restarted_on_a_wiped_zone_keeps_what_it_believed() {
+    let mut etcd = Etcd::start().await.unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let gcp = cluster(&etcd, "gcp", 51, &registry_doc(2)).await;
+    let mut aws = cluster(&etcd, "aws", 52, "").await;
+    restart(&mut aws, Some(state.path().to_path_buf())).await;
+    let file = state
+        .path()
+        .join(fedmesh_controller::controller::LAST_GOOD_FILE);
+    let cart = KeySpace::default().export("gcp", "shop", "cart");
+    eventually(
+        "gcp's cart in aws's last good view",
+        Duration::from_secs(15),
+        || {
+            let holds = std::fs::read_to_string(&file).is_ok_and(|t| t.contains(&cart));
+            async move { holds.then_some(()) }
+        },
+    )
+    .await;
+    assert!(serves_gcp_cart_after_listing(&aws).await);
+    gcp.controller.shutdown().await;
+
+    // A new, empty etcd on the same address.
+    etcd.kill();
+    for entry in std::fs::read_dir(etcd.data_dir()).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            std::fs::remove_dir_all(path).unwrap();
+        }
+    }
+    etcd.restart().await.unwrap();
+    let mut kv = etcd.client().await.unwrap();
+    let listed = kv
+        .get(
+            KeySpace::default().prefix(),
+            Some(etcd_client::GetOptions::new().with_prefix()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(listed.kvs().len(), 0, "etcd is empty");
+
+    restart(&mut aws, None).await;
+    assert!(
+        !serves_gcp_cart_after_listing(&aws).await,
+        "without its state directory, aws starts from the empty etcd"
+    );
+    restart(&mut aws, Some(state.path().to_path_buf())).await;
+    assert!(
+        serves_gcp_cart_after_listing(&aws).await,
+        "with it, aws keeps serving gcp's cart"
+    );
 }

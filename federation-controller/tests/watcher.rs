@@ -42,6 +42,7 @@ async fn start_watcher(endpoint: String) -> Running {
     let config = WatcherConfig {
         initial_backoff: Duration::from_millis(50),
         max_backoff: Duration::from_millis(400),
+        ..Default::default()
     };
     // These tests are about listing and watching: they write the plain
     // values of a federation from before signing, which the gate believes

@@ -479,20 +479,17 @@ impl GlobalZone {
         for kind in ["clusters/", "alive/", "seen/", "bundles/", "policies/"] {
             records.extend(self.list(kind).await?);
         }
-        let records = gate.admit_records(records, SystemTime::now());
-        let mut by_cluster: std::collections::BTreeMap<String, Vec<RawKv>> = Default::default();
-        for kv in self.list("exports/").await? {
-            if let Some((c, ..)) = self.keys.parse_export(&kv.key) {
-                by_cluster.entry(c.to_owned()).or_default().push(kv);
-            }
-        }
-        let mut exports = Vec::new();
-        for (cluster, kvs) in by_cluster {
-            exports.extend(gate.admit_exports(&cluster, kvs).kvs);
-        }
+        let listed = crate::dump::admit(
+            &mut gate,
+            records,
+            self.list("exports/").await?,
+            SystemTime::now(),
+        );
+        let exports: Vec<RawKv> = listed.exports.into_values().flat_map(|l| l.kvs).collect();
         Ok(Believed {
             keys: self.keys.clone(),
-            records,
+            records: listed.records,
+            signed: gate.signed_records(),
             exports,
             refused: gate.refused().clone(),
         })
@@ -532,6 +529,8 @@ impl GlobalZone {
 pub struct Believed {
     keys: KeySpace,
     pub records: Vec<RawKv>,
+    /// The believed records as signed (see [`Gate::signed_records`]).
+    pub signed: Vec<RawKv>,
     pub exports: Vec<RawKv>,
     pub refused: std::collections::BTreeMap<String, Refused>,
 }

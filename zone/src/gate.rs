@@ -180,6 +180,10 @@ pub struct Gate {
     /// `seen/<c>` of clusters read unsigned (`trust_unsigned`).
     unsigned_seen: BTreeMap<String, RawKv>,
     policies: BTreeMap<String, Held>,
+    /// What etcd held (or should hold) for every believed record and
+    /// signed deletion, by key, as signed: what a controller keeps on disk
+    /// and `fedmesh zone backup` writes, re-judged when read back.
+    signed: BTreeMap<String, Vec<u8>>,
     refused: BTreeMap<String, Refused>,
     /// Refusals since the last [`Gate::drain_refusals`], for counters.
     fresh: Vec<Refused>,
@@ -210,6 +214,7 @@ impl Gate {
             manifests: BTreeMap::new(),
             unsigned_seen: BTreeMap::new(),
             policies: BTreeMap::new(),
+            signed: BTreeMap::new(),
             refused: BTreeMap::new(),
             fresh: Vec::new(),
         }
@@ -340,6 +345,20 @@ impl Gate {
         out.extend(self.unsigned_seen.values().cloned());
         out.extend(self.policies.values().map(|p| p.kv.clone()));
         out
+    }
+
+    /// Every believed record and signed deletion as it was signed (plain
+    /// values for what `trust_unsigned` let in), with no revision: what a
+    /// gate fed them again believes what this one does.
+    pub fn signed_records(&self) -> Vec<RawKv> {
+        self.signed
+            .iter()
+            .map(|(key, value)| RawKv {
+                key: key.clone(),
+                value: value.clone(),
+                mod_revision: 0,
+            })
+            .collect()
     }
 
     /// Judges a listing of one cluster's exports against its manifest.
@@ -481,6 +500,9 @@ impl Gate {
             key: raw_key.to_owned(),
             mod_revision,
         };
+        if unsigned {
+            self.signed.remove(raw_key);
+        }
         match key {
             GlobalKey::Alive(_) => Some(delete),
             GlobalKey::Cluster(c) if unsigned => {
@@ -556,6 +578,7 @@ impl Gate {
             }
         };
         self.refused.remove(&kv.key);
+        self.signed.insert(kv.key.clone(), kv.value.clone());
         let seq = (o.signer != "unsigned").then_some(o.seq);
         let gone = |key: String| RawEvent::Delete {
             key,
@@ -572,6 +595,7 @@ impl Gate {
                 let mut out = vec![gone(kv.key.clone())];
                 if self.manifests.remove(name).is_some() | self.unsigned_seen.remove(name).is_some()
                 {
+                    self.signed.remove(&self.keys.seen(name));
                     out.push(gone(self.keys.seen(name)));
                 }
                 if let Some(h) = held
@@ -581,6 +605,7 @@ impl Gate {
                         .any(|c| c.trust_domain == h.trust_domain)
                     && self.bundles.remove(&h.trust_domain).is_some()
                 {
+                    self.signed.remove(&self.keys.bundle(&h.trust_domain));
                     out.push(gone(self.keys.bundle(&h.trust_domain)));
                 }
                 out
@@ -618,6 +643,7 @@ impl Gate {
         match self.open_bundle(td, &kv) {
             Ok((seq, bundle, doc)) => {
                 self.refused.remove(&kv.key);
+                self.signed.insert(kv.key.clone(), kv.value.clone());
                 let plain = RawKv {
                     key: kv.key.clone(),
                     value: doc,
@@ -707,6 +733,7 @@ impl Gate {
         match self.open_manifest(cluster, &kv, now) {
             Ok((seq, manifest)) => {
                 self.refused.remove(&kv.key);
+                self.signed.insert(kv.key.clone(), kv.value.clone());
                 let seen = SeenRecord {
                     at: time::OffsetDateTime::from(seq_time(seq)),
                 };
@@ -727,6 +754,7 @@ impl Gate {
             }
             Err(Refusal::Unsigned(_)) if self.trust_unsigned_cluster(cluster) => {
                 // An unsigned federation's `seen` is the plain record.
+                self.signed.insert(kv.key.clone(), kv.value.clone());
                 self.unsigned_seen.insert(cluster.to_owned(), kv.clone());
                 Some(RawEvent::Put(kv))
             }
@@ -872,6 +900,7 @@ impl Gate {
             }
         };
         self.refused.remove(&kv.key);
+        self.signed.insert(kv.key.clone(), kv.value.clone());
         let seq = (o.signer != "unsigned").then_some(o.seq);
         match o.value {
             None => {

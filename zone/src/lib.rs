@@ -9,12 +9,15 @@
 //! - [`join`]: the join directory `fedmesh register cluster` writes and
 //!   `fedmesh-controller --join` reads;
 //! - [`tokens`]: join tokens (hashed, expiring, optionally single-use);
-//! - [`gate`]: what a reader believes of the signed global zone, I/O-free.
+//! - [`gate`]: what a reader believes of the signed global zone, I/O-free;
+//! - [`dump`]: the zone written down as signed (a controller's last good
+//!   view, `fedmesh zone backup`), believed only through a gate.
 //!
 //! The key layout is in `fedmesh-api` (ARCHITECTURE.md §3.1).
 
 pub mod access;
 pub mod client;
+pub mod dump;
 pub mod gate;
 pub mod join;
 pub mod policies;

@@ -613,3 +613,78 @@ fn trust_unsigned_reads_an_older_federation() {
     let export = f.kv(f.keys.export("aws", "shop", "cart"), Fed::export_value(1));
     assert_eq!(gate.admit_exports("aws", vec![export]).kvs.len(), 1);
 }
+
+/// What a gate believes, written down as signed and read back by a new
+/// gate (a restarted controller, `fedmesh zone restore`), is believed
+/// again: records, signed deletions (an older record stays refused) and
+/// exports, each judged anew; a tampered export is not.
+#[test]
+fn a_dump_read_back_through_a_new_gate_is_believed_as_before_and_no_more() {
+    let mut f = Fed::new();
+    let mut gate = f.gate();
+    f.registered(&mut gate);
+    let now = SystemTime::now();
+    // aws exports shop/cart; azure is deregistered.
+    let value = Fed::export_value(2);
+    let mut set = ExportSet::default();
+    set.insert("shop/cart".into(), value_digest(&value));
+    let changes = BTreeMap::from([(
+        "shop/cart".to_owned(),
+        Some(digest_hex(&value_digest(&value))),
+    )]);
+    let m = set.manifest(f.s(10), changes);
+    let export = f.kv(f.keys.export("aws", "shop", "cart"), value.clone());
+    let mut manifest = f.manifest("aws", "aws", 11, m);
+    manifest.mod_revision = export.mod_revision;
+    let batch = vec![RawEvent::Put(manifest), RawEvent::Put(export.clone())];
+    assert_eq!(
+        gate.admit(batch, now).events.len(),
+        2,
+        "{:?}",
+        gate.refused()
+    );
+    let tomb =
+        f.sealed::<Registration>("clusters/azure".into(), 5, None, Signer::Anchor(&f.anchor));
+    let kv = f.kv(f.keys.cluster("azure"), tomb);
+    gate.admit(vec![RawEvent::Put(kv)], now);
+
+    let dump = fedmesh_zone::dump::ZoneDump::new(
+        f.keys.prefix(),
+        gate.signed_records(),
+        vec![export.clone()],
+        now,
+    );
+    let path = std::path::Path::new("last-good-view.json");
+    let bytes = serde_json::to_vec(&dump).unwrap();
+    let read = fedmesh_zone::dump::ZoneDump::parse(&bytes, path, f.keys.prefix()).unwrap();
+
+    let mut fresh = f.gate();
+    let admitted = read.admit(&mut fresh, now);
+    assert!(fresh.refused().is_empty(), "{:?}", fresh.refused());
+    assert_eq!(fresh.clusters().collect::<Vec<_>>(), ["aws"]);
+    assert_eq!(admitted.records.len(), gate.believed_records().len());
+    assert_eq!(admitted.exports["aws"].kvs.len(), 1);
+    assert!(admitted.exports["aws"].held.is_empty());
+    // The deletion came back with it: azure's older record is a rollback.
+    let old = f.registration("azure", 1, "127.0.2.1");
+    assert!(fresh.admit(vec![RawEvent::Put(old)], now).events.is_empty());
+    assert_eq!(
+        fresh.refused()[&f.keys.cluster("azure")].refusal.label(),
+        "ROLLBACK"
+    );
+
+    // The same dump with the export's value changed: its bucket is held.
+    let mut tampered = read.clone();
+    tampered.exports[0].value = String::from_utf8(Fed::export_value(3)).unwrap();
+    let mut fresh = f.gate();
+    let admitted = tampered.admit(&mut fresh, now);
+    assert!(admitted.exports["aws"].kvs.is_empty());
+    assert_eq!(admitted.exports["aws"].held.len(), 1);
+
+    // Another prefix, another format: refused, naming the file.
+    let e = fedmesh_zone::dump::ZoneDump::parse(&bytes, path, "/other/").unwrap_err();
+    assert!(e.to_string().starts_with("last-good-view.json: "), "{e}");
+    let e =
+        fedmesh_zone::dump::ZoneDump::parse(b"{\"format\": 1", path, f.keys.prefix()).unwrap_err();
+    assert!(e.to_string().contains("not a global-zone dump"), "{e}");
+}

@@ -210,8 +210,9 @@ pub async fn register(args: RegisterCluster) -> anyhow::Result<()> {
     );
     println!("join directory: {}", plan.out.display());
     println!(
-        "next: fedmesh-controller --join {} --registry <services.yaml>",
-        plan.out.display()
+        "next: fedmesh-controller --join {} --registry <services.yaml> --state-dir /var/lib/fedmesh/{}",
+        plan.out.display(),
+        plan.record.name
     );
     Ok(())
 }

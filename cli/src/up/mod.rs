@@ -476,7 +476,9 @@ impl Launch<'_> {
             .arg("--admin")
             .arg(cp.controller_admin.to_string())
             .arg("--tokens")
-            .arg(cdir.join("tokens.yaml"));
+            .arg(cdir.join("tokens.yaml"))
+            .arg("--state-dir")
+            .arg(cdir.join("controller-state"));
         let log = self.logs.join(format!("{}.log", cs.controller.name));
         cs.controller.command = supervise::argv(&cmd);
         cs.controller.pid = spawn(cmd, &log)?;

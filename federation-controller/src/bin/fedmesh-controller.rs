@@ -60,13 +60,20 @@ struct Args {
     /// (hashes, expiries, single-use). Re-read when it changes.
     #[arg(long)]
     tokens: Option<PathBuf>,
-    /// TTL of this cluster's liveness key, in seconds.
+    /// Where the controller keeps what must outlive a restart: its last
+    /// good view of the global zone, and the cluster's newest signed
+    /// record. With it, a controller restarted while etcd is down, empty or
+    /// restored from an old backup keeps serving every remote cluster it
+    /// served; without it, a restart starts from etcd alone. Created 0700.
+    #[arg(long, value_name = "DIR", env = "FEDMESH_STATE_DIR")]
+    state_dir: Option<PathBuf>,
     /// Believe unsigned values in the global zone, for the one step of
     /// upgrading a federation created before records were signed (then
     /// `fedmesh anchor adopt`, and restart without it). Any cluster's etcd
     /// credentials can forge what this believes.
     #[arg(long)]
     trust_unsigned: bool,
+    /// TTL of this cluster's liveness key, in seconds.
     #[arg(long, default_value_t = 10)]
     alive_ttl: u64,
 }
@@ -120,6 +127,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
     config.admin_addr = Some(args.admin);
     config.join_dir = Some(args.join.clone());
     config.trust_unsigned = args.trust_unsigned;
+    match &args.state_dir {
+        Some(dir) => {
+            create_private_dir(dir)
+                .with_context(|| format!("--state-dir: creating {}", dir.display()))?;
+            config.state_dir = Some(dir.clone());
+        }
+        None => tracing::warn!(
+            "no --state-dir: a restart while etcd is down, empty or restored from an old backup starts from what etcd holds, and may withdraw remote clusters until their owners publish again"
+        ),
+    }
     config.alive_ttl = Duration::from_secs(args.alive_ttl.max(2));
     if let Some(path) = &args.tokens {
         config.tokens = Tokens::from_file(path.clone())?;
@@ -170,4 +187,15 @@ fn service_account(s: &str) -> anyhow::Result<fedmesh_kube::ServiceAccount> {
         namespace: key.namespace,
         name: key.name,
     })
+}
+
+/// `dir` (and its parents), private to this user.
+fn create_private_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
 }
