@@ -152,6 +152,12 @@ enum Command {
         #[arg(long)]
         state_dir: Option<PathBuf>,
     },
+    /// Back up the global zone as signed, or put back what a wiped or
+    /// rolled-back etcd lacks.
+    Zone {
+        #[command(subcommand)]
+        what: cmd::zone::ZoneCommand,
+    },
     /// The federation anchor: the operator's key that signs cluster
     /// records and global traffic policies.
     Anchor {
@@ -465,6 +471,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Start { target, state_dir } => {
             up::stop_start(&up::find_state_dir(state_dir)?, &target, true).await
         }
+        Command::Zone { what } => cmd::zone::run(what).await,
         Command::Anchor { what } => cmd::anchor::run(what),
         Command::Token { what } => cmd::token::run(what),
         Command::RotateCa {

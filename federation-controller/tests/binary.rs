@@ -150,10 +150,14 @@ async fn starts_from_a_join_directory_becomes_ready_and_stops_on_sigterm() {
     use std::os::unix::fs::PermissionsExt as _;
     let mode = std::fs::metadata(&state).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o700);
-    eventually("the last good view on disk", Duration::from_secs(15), || {
-        let written = state.join("last-good-view.json").is_file();
-        async move { written.then_some(()) }
-    })
+    eventually(
+        "the last good view on disk",
+        Duration::from_secs(15),
+        || {
+            let written = state.join("last-good-view.json").is_file();
+            async move { written.then_some(()) }
+        },
+    )
     .await;
 
     let status = Command::new("kill")

@@ -1226,14 +1226,7 @@ async fn a_controller_restarted_on_a_wiped_zone_keeps_what_it_believed() {
     gcp.controller.shutdown().await;
 
     // A new, empty etcd on the same address.
-    etcd.kill();
-    for entry in std::fs::read_dir(etcd.data_dir()).unwrap() {
-        let path = entry.unwrap().path();
-        if path.is_dir() {
-            std::fs::remove_dir_all(path).unwrap();
-        }
-    }
-    etcd.restart().await.unwrap();
+    etcd.wipe().await.unwrap();
     let mut kv = etcd.client().await.unwrap();
     let listed = kv
         .get(

@@ -322,6 +322,19 @@ impl Etcd {
         self.spawn_and_wait().await
     }
 
+    /// Kills the member and starts it again with no data: a new, empty
+    /// etcd on the same address, with auth off. [`Etcd::root_password`]
+    /// still gives the password auth had (what a restore turns auth back
+    /// on with); [`Etcd::client`] uses it again, so it works once auth is.
+    pub async fn wipe(&mut self) -> Result<(), HarnessError> {
+        self.kill();
+        std::fs::remove_dir_all(self.data_dir.path().join("data"))?;
+        let password = self.root_password.take();
+        let started = self.spawn_and_wait().await;
+        self.root_password = password;
+        started
+    }
+
     fn log_path(&self) -> PathBuf {
         self.data_dir.path().join("etcd.log")
     }

@@ -457,7 +457,7 @@ impl GlobalZone {
     }
 
     /// Every key under `<prefix><kind>`, paginated.
-    async fn list(&mut self, kind: &str) -> Result<Vec<RawKv>, ZoneError> {
+    pub(crate) async fn list(&mut self, kind: &str) -> Result<Vec<RawKv>, ZoneError> {
         let mut kvs = Vec::new();
         let prefix = format!("{}{kind}", self.keys.prefix());
         list_range(
@@ -805,7 +805,7 @@ pub fn decode_bundle(td: &str, key: &str, raw: &[u8]) -> Result<Bundle, ZoneErro
     Ok(Bundle::from_document(td, raw, key)?)
 }
 
-fn is_exists(e: &etcd_client::Error) -> bool {
+pub(crate) fn is_exists(e: &etcd_client::Error) -> bool {
     e.to_string().contains("already exists")
 }
 

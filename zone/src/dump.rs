@@ -217,3 +217,77 @@ fn open_private(path: &Path) -> std::io::Result<std::fs::File> {
 fn open_private(path: &Path) -> std::io::Result<std::fs::File> {
     std::fs::File::create(path)
 }
+
+/// What `fedmesh zone restore` writes, in order: never a record older than
+/// the one etcd holds, and only what the reader's gate believes of the
+/// dump.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct RestorePlan {
+    /// Records (cluster records and bundles first), each cluster's exports
+    /// before its manifest, policies last. `None`: a delete (an export etcd
+    /// holds that the restored manifest does not list).
+    pub writes: Vec<(String, Option<Vec<u8>>)>,
+    /// Records written back.
+    pub records: usize,
+    /// Exports written back or deleted.
+    pub exports: usize,
+    /// Records etcd already holds (as new as the dump's, or newer).
+    pub kept: usize,
+    /// Clusters whose exports are restored.
+    pub clusters: Vec<String>,
+}
+
+/// Plans a restore. `merged` has believed the dump, then what etcd holds
+/// (so the newer of each wins, and etcd's signed deletions take what they
+/// take); `dump` is what it believed of the dump; `etcd` are etcd's
+/// believed records as signed, `etcd_exports` its raw exports by cluster.
+/// Every record `merged` believes that etcd does not hold as such is
+/// written; a manifest with the dump's exports of its cluster.
+pub fn plan_restore(
+    merged: &Gate,
+    dump: &Admitted,
+    etcd: &[RawKv],
+    etcd_exports: &BTreeMap<String, Vec<RawKv>>,
+) -> RestorePlan {
+    let keys = merged.keys();
+    let in_etcd: BTreeMap<&str, &[u8]> = etcd
+        .iter()
+        .map(|kv| (kv.key.as_str(), &kv.value[..]))
+        .collect();
+    let rank = |key: &str| match keys.parse(key) {
+        Some(fedmesh_api::GlobalKey::Cluster(_)) => 0,
+        Some(fedmesh_api::GlobalKey::Bundle(_)) => 1,
+        Some(fedmesh_api::GlobalKey::Seen(_)) => 2,
+        _ => 3,
+    };
+    let mut records = merged.signed_records();
+    records.sort_by_key(|kv| rank(&kv.key));
+    let mut plan = RestorePlan::default();
+    for kv in records {
+        if in_etcd.get(kv.key.as_str()) == Some(&&kv.value[..]) {
+            plan.kept += 1;
+            continue;
+        }
+        if let Some(fedmesh_api::GlobalKey::Seen(cluster)) = keys.parse(&kv.key) {
+            // The manifest comes back with the exports it vouches for, and
+            // without those it does not list.
+            let ours = dump.exports.get(&cluster).map_or(&[][..], |l| &l.kvs[..]);
+            let listed: std::collections::BTreeSet<&str> =
+                ours.iter().map(|e| e.key.as_str()).collect();
+            for stale in etcd_exports.get(&cluster).into_iter().flatten() {
+                if !listed.contains(stale.key.as_str()) {
+                    plan.writes.push((stale.key.clone(), None));
+                    plan.exports += 1;
+                }
+            }
+            for e in ours {
+                plan.writes.push((e.key.clone(), Some(e.value.clone())));
+                plan.exports += 1;
+            }
+            plan.clusters.push(cluster);
+        }
+        plan.writes.push((kv.key, Some(kv.value)));
+        plan.records += 1;
+    }
+    plan
+}

@@ -11,11 +11,13 @@
 //! - [`tokens`]: join tokens (hashed, expiring, optionally single-use);
 //! - [`gate`]: what a reader believes of the signed global zone, I/O-free;
 //! - [`dump`]: the zone written down as signed (a controller's last good
-//!   view, `fedmesh zone backup`), believed only through a gate.
+//!   view, `fedmesh zone backup`), believed only through a gate;
+//! - [`backup`]: `fedmesh zone backup|restore` on a live etcd.
 //!
 //! The key layout is in `fedmesh-api` (ARCHITECTURE.md §3.1).
 
 pub mod access;
+pub mod backup;
 pub mod client;
 pub mod dump;
 pub mod gate;

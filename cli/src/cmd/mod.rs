@@ -9,6 +9,7 @@ pub mod proxies;
 pub mod register;
 pub mod rotate;
 pub mod token;
+pub mod zone;
 
 use std::time::Duration;
 
