@@ -87,6 +87,7 @@ struct RawFault {
     rotate_ca: Option<Rotation>,
     poison: Option<Poison>,
     forge: Option<Forge>,
+    wipe_etcd: Option<WipeEtcd>,
 }
 
 impl TryFrom<RawFault> for Fault {
@@ -101,6 +102,7 @@ impl TryFrom<RawFault> for Fault {
             r.rotate_ca.map(Action::RotateCa),
             r.poison.map(Action::Poison),
             r.forge.map(Action::Forge),
+            r.wipe_etcd.map(Action::WipeEtcd),
         ];
         let mut given = actions.into_iter().flatten();
         match (given.next(), given.next()) {
@@ -110,7 +112,7 @@ impl TryFrom<RawFault> for Fault {
                 recover: r.recover,
             }),
             _ => Err(
-                "fault: give exactly one of kill, freeze, flap, wan, rotate_ca, poison, forge"
+                "fault: give exactly one of kill, freeze, flap, wan, rotate_ca, poison, forge, wipe_etcd"
                     .into(),
             ),
         }
@@ -147,6 +149,23 @@ pub enum Action {
     /// record moving gateways, an export withdrawn, a policy taking a
     /// service to the forger; recovery puts back what was there.
     Forge(Forge),
+    /// Empties the global zone's etcd under load (every member stopped,
+    /// its data removed, started again), gives it back its users, roles
+    /// and auth as `fedmesh up` does, then restarts every controller one by
+    /// one. Nothing to undo: the owners rebuild the zone.
+    WipeEtcd(WipeEtcd),
+}
+
+/// How the global zone's etcd comes back.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct WipeEtcd {
+    /// Put back from a backup older than the zone (`fedmesh zone backup`
+    /// taken first; then the operator re-signs every record, `fedmesh
+    /// anchor adopt`): an etcd restored from an old snapshot. Otherwise
+    /// empty.
+    #[serde(default)]
+    pub from_old_backup: bool,
 }
 
 /// One target or several.
@@ -303,6 +322,11 @@ pub struct Thresholds {
     /// A request slower than this counts as not yet recovered (500 ms).
     #[serde(default, with = "humantime_serde")]
     pub slow: Option<Duration>,
+    /// Time from the fault until the global zone, read as `fedmesh get`
+    /// reads it, holds again every cluster record, bundle and export it
+    /// held before the fault, none of them older.
+    #[serde(default, with = "humantime_serde")]
+    pub healed: Option<Duration>,
 }
 
 impl Action {
@@ -331,6 +355,7 @@ impl Action {
             Action::Poison(Poison::Bundle(c)) => Action::Poison(Poison::Bundle(r(c))),
             Action::Poison(Poison::Policy(n)) => Action::Poison(Poison::Policy(r(n))),
             Action::Forge(fg) => Action::Forge(fg.resolve(r)),
+            Action::WipeEtcd(w) => Action::WipeEtcd(w.clone()),
         }
     }
 
@@ -378,6 +403,11 @@ impl std::fmt::Display for Action {
             Action::Poison(Poison::Bundle(c)) => write!(f, "poison the bundle of {c}"),
             Action::Poison(Poison::Policy(n)) => write!(f, "write the bad policy {n}"),
             Action::Forge(fg) => write!(f, "{fg}"),
+            Action::WipeEtcd(w) if w.from_old_backup => write!(
+                f,
+                "restore etcd from a backup older than the zone, then restart every controller"
+            ),
+            Action::WipeEtcd(_) => write!(f, "empty etcd, then restart every controller"),
         }
     }
 }
@@ -507,6 +537,8 @@ thresholds: {failed: 0, rto: 1s}
             "{rotate_ca: {cluster: gcp-usc1, propagation: 2s}, at: 1s}",
             "{poison: {export: gcp-usc1/shop/payments}, at: 1s}",
             "{poison: {bundle: gcp-usc1}, at: 1s}",
+            "{wipe_etcd: {}, at: 1s}",
+            "{wipe_etcd: {from_old_backup: true}, at: 1s}",
         ] {
             let yaml = ZONE.replace("{kill: aws-use1@use1-az1, at: 3s, recover: 6s}", fault);
             Drill::parse(&yaml, "d.yaml").unwrap_or_else(|e| panic!("{fault}: {e}"));

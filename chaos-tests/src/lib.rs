@@ -64,6 +64,11 @@ pub const SHIPPED: &[(&str, &str)] = &[
     ),
     ("wan-rebind", include_str!("../drills/wan-rebind.yaml")),
     ("etcd-outage", include_str!("../drills/etcd-outage.yaml")),
+    ("etcd-wiped", include_str!("../drills/etcd-wiped.yaml")),
+    (
+        "etcd-restored",
+        include_str!("../drills/etcd-restored.yaml"),
+    ),
     (
         "etcd-leader-outage",
         include_str!("../drills/etcd-leader-outage.yaml"),

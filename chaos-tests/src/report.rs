@@ -67,6 +67,10 @@ pub struct Report {
     pub during: Percentiles,
     pub after: Percentiles,
     pub timeline: Vec<Bucket>,
+    /// From the fault until the global zone was whole again (`None`: not
+    /// within the drill, or not asked for).
+    #[serde(default, with = "humantime_serde")]
+    pub healed: Option<Duration>,
     pub verdict: Verdict,
 }
 
@@ -229,10 +233,20 @@ impl Report {
             during: percentiles(&during),
             after: percentiles(&after),
             timeline: timeline(records, drill.duration),
+            healed: None,
             verdict: Verdict::default(),
         };
         report.verdict = judge(&report, &drill.thresholds);
         report
+    }
+}
+
+impl Report {
+    /// This report with the time the zone took to heal, judged again.
+    pub fn with_healed(mut self, healed: Option<Duration>, t: &Thresholds) -> Report {
+        self.healed = healed;
+        self.verdict = judge(&self, t);
+        self
     }
 }
 
@@ -353,6 +367,17 @@ fn judge(r: &Report, t: &Thresholds) -> Verdict {
             _ => {}
         }
     }
+    if let Some(max) = t.healed {
+        match r.healed {
+            None => missed.push("the global zone was not whole again within the drill".into()),
+            Some(h) if h > max => missed.push(format!(
+                "the zone healed in {} (at most {})",
+                ms(h),
+                ms(max)
+            )),
+            _ => {}
+        }
+    }
     Verdict {
         passed: missed.is_empty(),
         missed,
@@ -409,6 +434,32 @@ thresholds: {thresholds}
                 }
             })
             .collect()
+    }
+
+    #[test]
+    fn a_zone_that_heals_late_or_never_misses_healed() {
+        let d = drill("{failed: 0, healed: 10s}");
+        let recs = records(|_| Some("aws"));
+        let judged = |h| Report::new(&d, &recs).with_healed(h, &d.thresholds);
+        assert!(judged(Some(Duration::from_secs(4))).verdict.passed);
+        let late = judged(Some(Duration::from_secs(12)));
+        assert_eq!(
+            late.verdict.missed,
+            ["the zone healed in 12.00 s (at most 10.00 s)"]
+        );
+        let never = judged(None);
+        assert_eq!(
+            never.verdict.missed,
+            ["the global zone was not whole again within the drill"]
+        );
+        // Not asked for: not judged.
+        let d = drill("{failed: 0}");
+        assert!(
+            Report::new(&d, &recs)
+                .with_healed(None, &d.thresholds)
+                .verdict
+                .passed
+        );
     }
 
     #[test]

@@ -25,7 +25,15 @@ pub trait Federation {
     fn inject(&mut self, action: &Action) -> impl Future<Output = anyhow::Result<()>>;
     /// Undoes `action`; returns once what it broke runs again.
     fn recover(&mut self, action: &Action) -> impl Future<Output = anyhow::Result<()>>;
+    /// Whether the global zone holds again all it held before the last
+    /// injected fault (for the `healed` threshold).
+    fn zone_whole(&mut self) -> impl Future<Output = anyhow::Result<bool>> {
+        async { Ok(true) }
+    }
 }
+
+/// How often the zone is looked at for the `healed` threshold.
+const HEAL_POLL: Duration = Duration::from_millis(500);
 
 /// Where a drill is, for a progress line.
 #[derive(Debug, Clone)]
@@ -105,6 +113,21 @@ pub async fn run<F: Federation>(
         .inject(&fault.action)
         .await
         .context("injecting the fault");
+    let mut healed = None;
+    if result.is_ok() && drill.thresholds.healed.is_some() {
+        let fault_at = actual.fault.at;
+        while start.elapsed() < drill.duration {
+            match fed.zone_whole().await {
+                Ok(true) => {
+                    healed = Some(start.elapsed().saturating_sub(fault_at));
+                    break;
+                }
+                Ok(false) => {}
+                Err(e) => note_unreadable(&e),
+            }
+            wait_until(Instant::now() + HEAL_POLL, || tell("healing")).await;
+        }
+    }
     if result.is_ok() {
         let until = fault.recover.map_or(drill.duration, |r| r);
         if let Action::Flap(flap) = &fault.action {
@@ -144,7 +167,13 @@ pub async fn run<F: Federation>(
         result = result.and(undo.context("recovering after the drill"));
     }
     result?;
-    Ok((Report::new(&actual, &records), records))
+    let report = Report::new(&actual, &records).with_healed(healed, &drill.thresholds);
+    Ok((report, records))
+}
+
+/// A failed look at the zone is not a verdict: it is looked at again.
+fn note_unreadable(e: &anyhow::Error) {
+    eprintln!("      the zone could not be read ({e:#}); looking again");
 }
 
 /// Sleeps until `at`, calling `tick` every half second.

@@ -63,6 +63,9 @@ pub fn text(r: &Report) -> String {
         opt(r.after.p99, "-"),
     );
     let _ = writeln!(s, "      served by: {}", serving(r));
+    if let Some(h) = r.healed {
+        let _ = writeln!(s, "      zone whole again {} after the fault", ms(h));
+    }
     for m in &r.verdict.missed {
         let _ = writeln!(s, "      missed: {m}");
     }

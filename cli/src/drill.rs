@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use etcd_client::Client;
 use fedmesh_api::KeySpace;
-use fedmesh_chaos::drill::{Forge, Poison, Protocol, WanFault};
+use fedmesh_chaos::drill::{Forge, Poison, Protocol, WanFault, WipeEtcd};
 use fedmesh_chaos::{Action, Drill, Federation, Report};
 use tokio::time::Instant;
 
@@ -44,7 +44,12 @@ pub struct UpFederation {
     poisoned: Vec<(String, Option<Vec<u8>>)>,
     /// Members a kill or freeze took down, to bring back on recovery.
     down: Vec<Member>,
+    /// What the zone held before a wipe: each cluster record's and
+    /// bundle's sequence, and each export (0), by key.
+    census: Option<Census>,
 }
+
+type Census = std::collections::BTreeMap<String, u64>;
 
 impl UpFederation {
     pub fn open(dir: &Path) -> anyhow::Result<Self> {
@@ -58,6 +63,7 @@ impl UpFederation {
             bins: binaries()?,
             poisoned: Vec::new(),
             down: Vec::new(),
+            census: None,
         })
     }
 
@@ -410,6 +416,124 @@ impl UpFederation {
     }
 }
 
+impl UpFederation {
+    /// What a fresh reader (`fedmesh get`) believes of the zone: each
+    /// cluster record's and bundle's sequence, and each export, by key;
+    /// refused values count as absent.
+    async fn census(&self) -> anyhow::Result<Census> {
+        let mut zone = up::etcd::operator_zone(&self.dir, &self.state.etcd_endpoints()).await?;
+        let believed = zone.believed().await?;
+        let ks = KeySpace::default();
+        let mut census = Census::new();
+        for kv in &believed.signed {
+            if matches!(
+                ks.parse(&kv.key),
+                Some(fedmesh_api::GlobalKey::Cluster(_) | fedmesh_api::GlobalKey::Bundle(_))
+            ) && let Ok(s) = fedmesh_seal::peek::<serde_json::Value>(&kv.value)
+                && s.value.is_some()
+            {
+                census.insert(kv.key.clone(), s.seq);
+            }
+        }
+        for kv in &believed.exports {
+            census.insert(kv.key.clone(), 0);
+        }
+        Ok(census)
+    }
+
+    /// Empties etcd (every member), gives it back what `fedmesh up` gives
+    /// a new etcd (and, `from_old_backup`, a backup taken before the
+    /// operator re-signed every record), then restarts every controller
+    /// one by one.
+    async fn wipe_etcd(&mut self, w: &WipeEtcd) -> anyhow::Result<()> {
+        let endpoints = self.state.etcd_endpoints();
+        let old = if w.from_old_backup {
+            let mut zone = up::etcd::operator_zone(&self.dir, &endpoints).await?;
+            let (dump, _) = zone.backup().await?;
+            let signed = zone.adopt().await?;
+            eprintln!(
+                "      the operator re-signed {} records after the backup",
+                signed.len()
+            );
+            self.until_views_hold_their_records(&mut zone).await?;
+            Some(dump)
+        } else {
+            None
+        };
+        self.census = Some(self.census().await?);
+        let members: Vec<Member> = self
+            .state
+            .etcd
+            .iter()
+            .map(|e| Member::Etcd(e.name.clone()))
+            .collect();
+        self.signal_all(&members, "KILL").await?;
+        for e in &self.state.etcd {
+            let data = self.dir.join(&e.name);
+            std::fs::remove_dir_all(&data)
+                .with_context(|| format!("emptying {}", data.display()))?;
+        }
+        self.restart(&members).await?;
+        up::probe::wait_for_etcd(&self.dir, &endpoints).await?;
+        let clusters: Vec<(String, String)> = self
+            .state
+            .clusters
+            .iter()
+            .map(|c| (c.name.clone(), c.trust_domain.clone()))
+            .collect();
+        up::etcd::restore_access(&self.dir, &endpoints, &clusters, old.as_ref()).await?;
+        let controllers: Vec<Member> = self
+            .state
+            .clusters
+            .iter()
+            .map(|c| Member::Controller(c.controller.name.clone()))
+            .collect();
+        for c in controllers {
+            let one = [c];
+            self.signal_all(&one, "KILL").await?;
+            self.restart(&one).await?;
+        }
+        Ok(())
+    }
+
+    /// Waits (10 s at most) until each controller's last good view holds
+    /// its cluster's record as etcd holds it now.
+    async fn until_views_hold_their_records(
+        &self,
+        zone: &mut fedmesh_zone::GlobalZone,
+    ) -> anyhow::Result<()> {
+        let ks = KeySpace::default();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for c in &self.state.clusters {
+            let key = ks.cluster(&c.name);
+            let now = zone.stored(&key).await?.unwrap_or_default();
+            let file = self
+                .dir
+                .join(&c.name)
+                .join(up::CONTROLLER_STATE_DIR)
+                .join(fedmesh_zone::dump::LAST_GOOD_FILE);
+            loop {
+                let held = fedmesh_zone::dump::ZoneDump::read(&file, ks.prefix())
+                    .ok()
+                    .and_then(|d| d.records.into_iter().find(|r| r.key == key))
+                    .is_some_and(|r| r.value.as_bytes() == now);
+                if held {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    bail!(
+                        "{}'s last good view ({}) did not take up its re-signed record within 10 s",
+                        c.name,
+                        file.display()
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// What a poisoned key holds: bytes that are no JSON at all.
 const POISON: &[u8] = b"{\"poisoned by fedmesh drill\": \x00\xff";
 
@@ -497,6 +621,7 @@ impl Federation for UpFederation {
                 Ok(())
             }
             Action::Forge(fg) => self.forge(fg).await,
+            Action::WipeEtcd(w) => self.wipe_etcd(w).await,
             Action::RotateCa(rot) => {
                 let join = crate::up::join_dir_of(&self.dir, &rot.cluster)?;
                 let (td, next) = crate::cmd::rotate::stage(&join, rot.propagation)?;
@@ -552,9 +677,20 @@ impl Federation for UpFederation {
                 }
                 Ok(())
             }
-            // A rotation is not undone: the cluster keeps its new CA.
-            Action::RotateCa(_) => Ok(()),
+            // A rotation is not undone: the cluster keeps its new CA; a
+            // wiped zone is rebuilt by its owners.
+            Action::RotateCa(_) | Action::WipeEtcd(_) => Ok(()),
         }
+    }
+
+    async fn zone_whole(&mut self) -> anyhow::Result<bool> {
+        let Some(before) = &self.census else {
+            return Ok(true);
+        };
+        let now = self.census().await?;
+        Ok(before
+            .iter()
+            .all(|(key, seq)| now.get(key).is_some_and(|s| s >= seq)))
     }
 }
 

@@ -472,7 +472,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             up::stop_start(&up::find_state_dir(state_dir)?, &target, true).await
         }
         Command::Zone { what } => cmd::zone::run(what).await,
-        Command::Anchor { what } => cmd::anchor::run(what),
+        Command::Anchor { what } => cmd::anchor::run(what).await,
         Command::Token { what } => cmd::token::run(what),
         Command::RotateCa {
             cluster,

@@ -560,6 +560,23 @@ async fn over_tls_a_cluster_gets_its_own_certificate_and_only_its_keys() {
         .unwrap_err()
         .to_string();
     assert!(denied.contains("permission denied"), "{denied}");
+    // Its own record (to put back what the anchor signed), not another's.
+    let record = c
+        .get("/fedmesh/v1/clusters/aws-use1", None)
+        .await
+        .unwrap()
+        .kvs()[0]
+        .value()
+        .to_vec();
+    c.put("/fedmesh/v1/clusters/aws-use1", record.clone(), None)
+        .await
+        .unwrap();
+    let denied = c
+        .put("/fedmesh/v1/clusters/gcp-usc1", record, None)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(denied.contains("permission denied"), "{denied}");
 
     // Commands reach a TLS etcd only with its CA, and never over http://.
     let e = err(&fedmesh(&["get", "clusters", "--etcd", &ep]));

@@ -185,3 +185,98 @@ async fn a_wiped_etcd_is_restored_whole_and_never_older() {
         "{stderr}"
     );
 }
+
+/// A federation written before records were signed: `fedmesh anchor adopt
+/// --trust-unsigned` signs its cluster records and policies, after which a
+/// reader with the anchor alone believes them.
+#[tokio::test]
+async fn adopt_signs_an_unsigned_federations_records_and_policies() {
+    let etcd = Etcd::start_with(EtcdOptions {
+        auth: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    register("aws", dir.path(), &etcd);
+    // As an older fedmesh wrote them: plain JSON.
+    let mut kv = etcd.client().await.unwrap();
+    let key = "/fedmesh/v1/clusters/aws";
+    let signed = kv.get(key, None).await.unwrap().kvs()[0].value().to_vec();
+    let envelope: serde_json::Value = serde_json::from_slice(&signed).unwrap();
+    let statement = fedmesh_seal::peek::<serde_json::Value>(&signed).unwrap();
+    assert!(envelope["signatures"].is_array());
+    let mut record = statement.value.unwrap();
+    record.as_object_mut().unwrap().remove("roots");
+    kv.put(key, record.to_string(), None).await.unwrap();
+    let bundles = kv
+        .get(
+            "/fedmesh/v1/bundles/",
+            Some(etcd_client::GetOptions::new().with_prefix()),
+        )
+        .await
+        .unwrap();
+    let bundle = &bundles.kvs()[0];
+    let doc = fedmesh_seal::peek::<serde_json::Value>(bundle.value())
+        .unwrap()
+        .value
+        .unwrap();
+    kv.put(bundle.key(), doc.to_string(), None).await.unwrap();
+    let policy = serde_json::json!({"apiVersion": "fedmesh.io/v1", "kind": "GlobalTrafficPolicy",
+        "metadata": {"name": "pay"}, "spec": {"service": "shop/payments", "weights": {"aws": 1}}});
+    kv.put("/fedmesh/v1/policies/pay", policy.to_string(), None)
+        .await
+        .unwrap();
+
+    let out = fedmesh(&["get", "clusters"], &etcd);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("not believed: /fedmesh/v1/clusters/aws"),
+        "{stderr}"
+    );
+
+    let said = ok(&fedmesh(&["anchor", "adopt", "--trust-unsigned"], &etcd));
+    assert!(said.contains("signed 2 records"), "{said}");
+    let clusters = ok(&fedmesh(&["get", "clusters"], &etcd));
+    assert_eq!(
+        column_of(&clusters, "aws", "TRUST").as_deref(),
+        Some("ok"),
+        "{clusters}"
+    );
+    let out = fedmesh(&["get", "policies"], &etcd);
+    let (policies, stderr) = (ok(&out), String::from_utf8_lossy(&out.stderr).into_owned());
+    assert!(
+        policies.contains("pay") && !stderr.contains("not believed"),
+        "{policies}{stderr}"
+    );
+    // The record pins the root of the bundle it was adopted with.
+    let now = kv.get(key, None).await.unwrap().kvs()[0].value().to_vec();
+    let adopted = fedmesh_seal::peek::<serde_json::Value>(&now).unwrap();
+    assert_eq!(
+        adopted.value.unwrap()["roots"],
+        statement_roots(&signed),
+        "the roots the registration pinned"
+    );
+    // Without the anchor's private key, nothing is signed.
+    let out = Command::new(env!("CARGO_BIN_EXE_fedmesh"))
+        .args([
+            "anchor",
+            "adopt",
+            "--anchor-dir",
+            dir.path().to_str().unwrap(),
+        ])
+        .env("FEDMESH_ETCD", etcd.endpoint())
+        .env("FEDMESH_ETCD_USER", "root")
+        .env("FEDMESH_ETCD_PASSWORD", etcd.root_password().unwrap())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+}
+
+fn statement_roots(signed: &[u8]) -> serde_json::Value {
+    fedmesh_seal::peek::<serde_json::Value>(signed)
+        .unwrap()
+        .value
+        .unwrap()["roots"]
+        .clone()
+}

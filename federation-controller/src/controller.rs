@@ -65,13 +65,12 @@ pub struct ControllerConfig {
     /// records were signed (`--trust-unsigned`). Off by default.
     pub trust_unsigned: bool,
     /// What must outlive a restart (`--state-dir`): the last good view of
-    /// the global zone ([`LAST_GOOD_FILE`]) and the cluster's newest signed
-    /// record. `None`: a restart starts from etcd alone.
+    /// the global zone ([`LAST_GOOD_FILE`]), with the cluster's newest
+    /// signed record. `None`: a restart starts from etcd alone.
     pub state_dir: Option<PathBuf>,
 }
 
-/// The last good view's file in the state directory.
-pub const LAST_GOOD_FILE: &str = "last-good-view.json";
+pub use fedmesh_zone::dump::LAST_GOOD_FILE;
 
 impl ControllerConfig {
     pub fn new(join: JoinDir, source: LocalSource, discovery_addr: SocketAddr) -> Self {
@@ -306,7 +305,7 @@ impl Controller {
             let own_record = rotation::OwnRecord {
                 cluster: cluster.name.clone(),
                 join_dir: dir,
-                state_dir: config.state_dir.clone(),
+                last_good: config.state_dir.as_ref().map(|d| d.join(LAST_GOOD_FILE)),
                 anchor: anchor.clone(),
             };
             tasks.spawn(rotation::run(

@@ -9,16 +9,14 @@
 //! - tells the controller's own TLS (and Certify) the new bundle;
 //! - once the new root signs, makes it the join directory's CA, so that a
 //!   restarted controller signs with it too;
-//! - every [`HEAL`], puts the cluster's own record (as the anchor signed it:
-//!   the newest of the join directory's and the one kept in the state
-//!   directory) and its bundle back when the zone has lost them or holds
-//!   something older or unsigned (an etcd wiped or restored from an old
-//!   backup, a raw delete): the owners rebuild the zone. A newer signed
-//!   record seen in etcd (the operator re-signed it: `fedmesh anchor
-//!   adopt`, a new gateway address) is kept in the state directory, so it
-//!   is the one written back after the next loss.
+//! - at start and every [`HEAL`], puts the cluster's own record (as the
+//!   anchor signed it: the newest of the join directory's and the one in
+//!   the last good view, which follows the operator's re-signing, `fedmesh
+//!   anchor adopt`) and its bundle back when the zone has lost them or
+//!   holds something older or unsigned (an etcd wiped or restored from an
+//!   old backup, a raw delete): the owners rebuild the zone.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -26,6 +24,7 @@ use etcd_client::Client;
 use fedmesh_api::KeySpace;
 use fedmesh_seal::{AnchorPublic, open_anchored, open_by_root, root_keyid};
 use fedmesh_trust::{Authority, Bundle};
+use fedmesh_zone::dump::ZoneDump;
 use fedmesh_zone::join::JoinDir;
 use tokio::sync::watch;
 
@@ -41,9 +40,10 @@ pub const HEAL: Duration = Duration::from_secs(30);
 pub struct OwnRecord {
     pub cluster: String,
     pub join_dir: PathBuf,
-    /// The controller's state directory (`--state-dir`): the newest signed
-    /// record seen goes there. `None`: only the join directory's.
-    pub state_dir: Option<PathBuf>,
+    /// The last good view ([`crate::lastgood`]), which holds the newest
+    /// signed record of the cluster a reader believed. `None`: only the
+    /// join directory's.
+    pub last_good: Option<PathBuf>,
     /// The anchor the join directory pins: without it the record is not
     /// checked.
     pub anchor: Option<AnchorPublic>,
@@ -66,7 +66,9 @@ pub async fn run(
     let mut last_error = String::new();
     let mut tick = tokio::time::interval(POLL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut heal_due = tokio::time::Instant::now() + HEAL;
+    // A (re)started controller looks at once: it may be starting on a
+    // zone that lost its keys.
+    let mut heal_due = tokio::time::Instant::now();
     loop {
         tick.tick().await;
         let now = SystemTime::now();
@@ -160,64 +162,47 @@ pub async fn run(
 }
 
 /// Puts the cluster's newest signed record back at `clusters/<cluster>`
-/// when etcd has none, or one the anchor did not sign, or an older one; a
-/// newer one in etcd (the operator's) is kept for next time instead. A
-/// signed deletion in etcd stays, and is never written over.
+/// when etcd has none, or one the anchor did not sign, or an older one. A
+/// newer one, or a signed deletion at least as new, stays.
 async fn heal_record(etcd: &mut Client, keys: &KeySpace, own: &OwnRecord, anchor: &AnchorPublic) {
+    let key = keys.cluster(&own.cluster);
     let subject = format!("clusters/{}", own.cluster);
     let anchors = std::slice::from_ref(anchor);
-    // (seq, value present) of a value the anchor signed.
+    // (seq, whether it registers) of a value the anchor signed.
     let open = |raw: &[u8]| {
         open_anchored::<serde_json::Value>(raw, &subject, anchors)
             .ok()
             .map(|o| (o.seq, o.value.is_some()))
     };
-    let kept = [Some(own.join_dir.as_path()), own.state_dir.as_deref()]
+    let from_view = own.last_good.as_deref().and_then(|path| {
+        let dump = ZoneDump::read(path, keys.prefix()).ok()?;
+        let kv = dump.records.into_iter().find(|r| r.key == key)?;
+        Some(kv.value.into_bytes())
+    });
+    let kept = JoinDir::signed_record(&own.join_dir)
         .into_iter()
-        .flatten()
-        .filter_map(JoinDir::signed_record)
+        .chain(from_view)
         .filter_map(|raw| {
             open(&raw)
                 .filter(|(_, live)| *live)
                 .map(|(seq, _)| (seq, raw))
         })
         .max_by_key(|(seq, _)| *seq);
-    let key = keys.cluster(&own.cluster);
+    let Some((ours, raw)) = kept else { return };
     let stored = match etcd.get(key.as_str(), None).await {
         Ok(r) => r.kvs().first().map(|kv| kv.value().to_vec()),
         Err(_) => return, // etcd away: next time
     };
-    let in_etcd = stored.as_deref().and_then(open);
-    let newer_than_kept = |theirs: u64| kept.as_ref().is_none_or(|(ours, _)| theirs > *ours);
-    match in_etcd {
-        // The operator's newer record: the one to write back next time.
-        Some((theirs, true)) if newer_than_kept(theirs) => {
-            if let (Some(dir), Some(raw)) = (&own.state_dir, &stored) {
-                keep_newer(dir, raw);
-            }
-        }
-        // Ours, or a signed deletion at least as new: stays.
-        Some((theirs, _)) if kept.as_ref().is_none_or(|(ours, _)| theirs >= *ours) => {}
-        // None, unsigned, forged or older.
-        _ => {
-            let Some((_, raw)) = kept else { return };
-            match etcd.put(key.as_str(), raw, None).await {
-                Ok(_) => tracing::info!(%key, "wrote the cluster's signed record back"),
-                Err(e) => {
-                    tracing::warn!(%key, error = %e, "writing the cluster's record back failed")
-                }
-            }
-        }
+    if stored
+        .as_deref()
+        .and_then(open)
+        .is_some_and(|(theirs, _)| theirs >= ours)
+    {
+        return;
     }
-}
-
-/// Keeps a newer signed record of the cluster in its state directory.
-fn keep_newer(dir: &Path, raw: &[u8]) {
-    match JoinDir::save_signed_record(dir, raw) {
-        Ok(()) => tracing::info!(path = %dir.display(), "kept the cluster's newer signed record"),
-        Err(e) => {
-            tracing::warn!(path = %dir.display(), error = %e, "keeping the cluster's newer signed record failed")
-        }
+    match etcd.put(key.as_str(), raw, None).await {
+        Ok(_) => tracing::info!(%key, "wrote the cluster's signed record back"),
+        Err(e) => tracing::warn!(%key, error = %e, "writing the cluster's record back failed"),
     }
 }
 

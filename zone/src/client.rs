@@ -405,8 +405,11 @@ impl GlobalZone {
 
     /// Creates (or refreshes) the etcd user and role of a cluster. The role may
     /// read the whole global zone and write only `alive/<c>`, `seen/<c>`,
-    /// `exports/<c>/` and `bundles/<its trust domain>`. Without a password,
-    /// the cluster proves who it is with its client certificate.
+    /// `exports/<c>/`, `bundles/<its trust domain>` and `clusters/<c>` (its
+    /// record is the anchor's to sign: the cluster can only put back what
+    /// the operator signed, as its controller does when the zone loses it).
+    /// Without a password, the cluster proves who it is with its client
+    /// certificate.
     pub async fn ensure_cluster_access(
         &mut self,
         cluster: &str,
@@ -421,6 +424,7 @@ impl GlobalZone {
             Permission::read_write(self.keys.seen(cluster)),
             Permission::read_write(self.keys.exports_of(cluster)).with_prefix(),
             Permission::read_write(self.keys.bundle(trust_domain)),
+            Permission::read_write(self.keys.cluster(cluster)),
         ];
         for perm in grants {
             self.client

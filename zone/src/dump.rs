@@ -19,6 +19,9 @@ use time::OffsetDateTime;
 use crate::client::RawKv;
 use crate::gate::{Gate, ListedExports};
 
+/// A controller's last good view, in its state directory.
+pub const LAST_GOOD_FILE: &str = "last-good-view.json";
+
 /// The dump format this build writes and reads.
 pub const FORMAT: u32 = 1;
 

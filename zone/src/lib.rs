@@ -12,11 +12,13 @@
 //! - [`gate`]: what a reader believes of the signed global zone, I/O-free;
 //! - [`dump`]: the zone written down as signed (a controller's last good
 //!   view, `fedmesh zone backup`), believed only through a gate;
-//! - [`backup`]: `fedmesh zone backup|restore` on a live etcd.
+//! - [`backup`]: `fedmesh zone backup|restore` on a live etcd;
+//!   [`adopt`]: `fedmesh anchor adopt`, every record signed again.
 //!
 //! The key layout is in `fedmesh-api` (ARCHITECTURE.md §3.1).
 
 pub mod access;
+pub mod adopt;
 pub mod backup;
 pub mod client;
 pub mod dump;

@@ -1,4 +1,4 @@
-//! `fedmesh anchor init|show`: the operator's federation anchor, the key
+//! `fedmesh anchor init|show|adopt`: the operator's federation anchor, the key
 //! that signs cluster records and global traffic policies (ARCHITECTURE.md
 //! §3.1, signed records). It lives on the operator's machine only.
 
@@ -23,6 +23,30 @@ pub enum AnchorCommand {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+    /// Sign again, with the anchor (--anchor-dir), every cluster record
+    /// and policy the global zone holds: the one step that signs a
+    /// federation created before records were (with --trust-unsigned),
+    /// and after which any older copy (an old backup or snapshot) is a
+    /// rollback to every reader. Controllers keep the newest record of
+    /// their own cluster in their last good view.
+    Adopt {
+        #[command(flatten)]
+        etcd: super::EtcdFlags,
+    },
+}
+
+/// `fedmesh anchor adopt`.
+pub async fn adopt(etcd: &super::EtcdFlags) -> anyhow::Result<()> {
+    let mut zone = super::connect(etcd).await?;
+    let written = zone.adopt().await.context("signing the zone's records")?;
+    for key in &written {
+        println!("signed {key}");
+    }
+    println!(
+        "signed {} records with the federation anchor",
+        written.len()
+    );
+    Ok(())
 }
 
 /// `$HOME/.fedmesh/anchor`, or `./.fedmesh/anchor` without a home.
@@ -33,8 +57,9 @@ pub fn default_dir() -> PathBuf {
         .join("anchor")
 }
 
-pub fn run(cmd: AnchorCommand) -> anyhow::Result<()> {
+pub async fn run(cmd: AnchorCommand) -> anyhow::Result<()> {
     match cmd {
+        AnchorCommand::Adopt { etcd } => adopt(&etcd).await,
         AnchorCommand::Init { dir } => {
             let dir = dir.unwrap_or_else(default_dir);
             let key = AnchorKey::generate()?;

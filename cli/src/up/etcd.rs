@@ -96,17 +96,7 @@ impl UpPki {
     /// Turns etcd's auth on, with `root` as the operator (by password, and
     /// by the CN of the operator's certificate).
     pub async fn enable_auth(&self, endpoints: &[String]) -> anyhow::Result<()> {
-        let password = std::fs::read_to_string(self.dir.join(PASSWORD_FILE))?;
-        let access = operator(&self.dir, endpoints, false);
-        let opts = fedmesh_zone::connect_options(&access, Duration::from_secs(5))?
-            .with_timeout(Duration::from_secs(10));
-        let mut c = etcd_client::Client::connect(endpoints, Some(opts)).await?;
-        c.user_add(ROOT_USER, password.trim(), None)
-            .await
-            .context("adding etcd's root user")?;
-        c.user_grant_role(ROOT_USER, "root").await?;
-        c.auth_enable().await.context("enabling etcd auth")?;
-        Ok(())
+        enable_auth(&self.dir, endpoints).await
     }
 
     /// `etcd.env` in the state directory: what a shell sources to act as
@@ -158,6 +148,64 @@ impl UpPki {
             path(&self.anchor),
         ])
     }
+}
+
+async fn enable_auth(pki: &Path, endpoints: &[String]) -> anyhow::Result<()> {
+    let password = std::fs::read_to_string(pki.join(PASSWORD_FILE))?;
+    let mut zone = operator_zone_in(pki, endpoints).await?;
+    zone.enable_auth(ROOT_USER, password.trim())
+        .await
+        .context("enabling etcd auth")
+}
+
+/// The global zone of the `fedmesh up` in `state`, as the operator (by
+/// certificate: it works whether auth is on or not), signing with the
+/// run's anchor.
+pub async fn operator_zone(
+    state: &Path,
+    endpoints: &[String],
+) -> anyhow::Result<fedmesh_zone::GlobalZone> {
+    let anchor =
+        fedmesh_seal::AnchorKey::load(&state.join(ANCHOR_DIR).join(fedmesh_seal::ANCHOR_KEY_FILE))?;
+    Ok(operator_zone_in(&state.join(PKI_DIR), endpoints)
+        .await?
+        .with_anchor(std::sync::Arc::new(anchor)))
+}
+
+async fn operator_zone_in(
+    pki: &Path,
+    endpoints: &[String],
+) -> anyhow::Result<fedmesh_zone::GlobalZone> {
+    let opts =
+        fedmesh_zone::connect_options(&operator(pki, endpoints, false), Duration::from_secs(5))?
+            .with_timeout(Duration::from_secs(10));
+    let client = etcd_client::Client::connect(endpoints, Some(opts))
+        .await
+        .with_context(|| format!("connecting to etcd at {}", endpoints.join(",")))?;
+    Ok(fedmesh_zone::GlobalZone::new(client, KeySpace::default()))
+}
+
+/// What `fedmesh up` gives a new, empty etcd of its federation: the
+/// records of `backup` it lacks (see `fedmesh zone restore`), each
+/// cluster's etcd user and role (`(name, trust domain)`), then auth.
+pub async fn restore_access(
+    state: &Path,
+    endpoints: &[String],
+    clusters: &[(String, String)],
+    backup: Option<&fedmesh_zone::dump::ZoneDump>,
+) -> anyhow::Result<()> {
+    let mut zone = operator_zone(state, endpoints).await?;
+    if let Some(dump) = backup {
+        zone.restore(dump, false)
+            .await
+            .context("restoring the backup")?;
+    }
+    for (name, td) in clusters {
+        zone.ensure_cluster_access(name, td, None)
+            .await
+            .with_context(|| format!("the etcd user of {name}"))?;
+    }
+    enable_auth(&state.join(PKI_DIR), endpoints).await
 }
 
 fn operator_pair(dir: &Path) -> PemPair {

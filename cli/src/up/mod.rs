@@ -478,7 +478,7 @@ impl Launch<'_> {
             .arg("--tokens")
             .arg(cdir.join("tokens.yaml"))
             .arg("--state-dir")
-            .arg(cdir.join("controller-state"));
+            .arg(cdir.join(CONTROLLER_STATE_DIR));
         let log = self.logs.join(format!("{}.log", cs.controller.name));
         cs.controller.command = supervise::argv(&cmd);
         cs.controller.pid = spawn(cmd, &log)?;
@@ -562,6 +562,9 @@ fn from_controller(cp: &ClusterPlan, cdir: &Path, token: &str) -> render::FromCo
         join_token_file: cdir.join(token),
     }
 }
+
+/// A controller's `--state-dir`, in its cluster's directory.
+pub const CONTROLLER_STATE_DIR: &str = "controller-state";
 
 /// The join directory of `cluster` in the federation in `dir`.
 pub fn join_dir_of(dir: &Path, cluster: &str) -> anyhow::Result<PathBuf> {
