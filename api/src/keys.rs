@@ -29,6 +29,8 @@ pub enum GlobalKey {
         service: String,
     },
     Policy(String),
+    /// `anchor/chain`: the federation anchor's history.
+    AnchorChain,
 }
 
 impl KeySpace {
@@ -75,6 +77,11 @@ impl KeySpace {
         format!("{}policies/{name}", self.prefix)
     }
 
+    /// The federation anchor's history (`fedmesh_seal::chain`).
+    pub fn anchor_chain(&self) -> String {
+        format!("{}anchor/chain", self.prefix)
+    }
+
     /// Reads a key back. `None` for keys outside the prefix or of unknown
     /// shape, which a watcher should ignore (a newer version may add kinds).
     pub fn parse(&self, key: &str) -> Option<GlobalKey> {
@@ -87,6 +94,7 @@ impl KeySpace {
             "seen" => single(rest).map(GlobalKey::Seen),
             "bundles" => single(rest).map(GlobalKey::Bundle),
             "policies" => single(rest).map(GlobalKey::Policy),
+            "anchor" => (rest == "chain").then_some(GlobalKey::AnchorChain),
             "exports" => {
                 let (c, n, s) = export_parts(rest)?;
                 Some(GlobalKey::Export {

@@ -280,3 +280,107 @@ fn statement_roots(signed: &[u8]) -> serde_json::Value {
         .unwrap()["roots"]
         .clone()
 }
+
+/// `fedmesh anchor rotate`: the zone is signed with a new key, the old one
+/// is retired; a reader still pinned to the old key follows the chain and
+/// believes what the new key signs, and no longer what the old one signs.
+#[tokio::test]
+async fn a_rotated_anchor_is_followed_by_readers_pinned_to_the_old_one() {
+    let etcd = Etcd::start_with(EtcdOptions {
+        auth: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    // An anchor of this test's own, and a reader's copy of its public key.
+    let anchor = dir.path().join("anchor");
+    let old = fedmesh_seal::AnchorKey::generate().unwrap();
+    old.save_new(&anchor).unwrap();
+    let pinned = dir.path().join("pinned");
+    std::fs::create_dir_all(&pinned).unwrap();
+    std::fs::copy(anchor.join("anchor.pub"), pinned.join("anchor.pub")).unwrap();
+    let with = |dir: &Path, args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_fedmesh"))
+            .args(args)
+            .env("FEDMESH_ANCHOR_DIR", dir)
+            .env("FEDMESH_ETCD", etcd.endpoint())
+            .env("FEDMESH_ETCD_USER", "root")
+            .env("FEDMESH_ETCD_PASSWORD", etcd.root_password().unwrap())
+            .output()
+            .unwrap()
+    };
+    let out = dir.path().join("aws");
+    ok(&with(
+        &anchor,
+        &[
+            "register",
+            "cluster",
+            "aws",
+            "--cloud",
+            "aws",
+            "--region",
+            "r1",
+            "--zones",
+            "az1",
+            "--gateway",
+            "127.0.1.1:15443",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    ));
+
+    let said = ok(&with(&anchor, &["anchor", "rotate"]));
+    assert!(said.contains("signed 1 records"), "{said}");
+    let retired = std::fs::read_dir(anchor.join("retired")).unwrap().count();
+    assert_eq!(retired, 2, "the old key and its public half");
+    let new = fedmesh_seal::AnchorKey::load(&anchor.join("anchor.key")).unwrap();
+    assert_ne!(new.public(), old.public());
+
+    // The old key's reader follows the chain to the new key.
+    let out = with(&pinned, &["get", "clusters"]);
+    let clusters = ok(&out);
+    assert_eq!(
+        column_of(&clusters, "aws", "TRUST").as_deref(),
+        Some("ok"),
+        "{clusters}"
+    );
+    // A policy applied with the new key is believed; one the old key signs
+    // is not, even by the reader pinned to it.
+    let policy = dir.path().join("p.yaml");
+    std::fs::write(
+        &policy,
+        "apiVersion: fedmesh.io/v1\nkind: GlobalTrafficPolicy\nmetadata: {name: pay}\nspec:\n  service: shop/payments\n  weights: {aws: 1}\n",
+    )
+    .unwrap();
+    ok(&with(&anchor, &["apply", "-f", policy.to_str().unwrap()]));
+    let out = with(&pinned, &["get", "policies"]);
+    assert!(ok(&out).contains("pay"));
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("not believed"));
+    let mut kv = etcd.client().await.unwrap();
+    let stale = fedmesh_seal::seal(
+        fedmesh_seal::Statement {
+            subject: "policies/evil".into(),
+            seq: fedmesh_seal::next_seq(std::time::SystemTime::now(), None),
+            value: Some(serde_json::json!({"apiVersion": "fedmesh.io/v1",
+                "kind": "GlobalTrafficPolicy", "metadata": {"name": "evil"},
+                "spec": {"service": "*", "weights": {"aws": 1}}})),
+            x5c: vec![],
+        },
+        fedmesh_seal::Signer::Anchor(&old),
+    )
+    .unwrap()
+    .to_json();
+    kv.put("/fedmesh/v1/policies/evil", stale, None)
+        .await
+        .unwrap();
+    let listed = ok(&with(&pinned, &["get", "policies"]));
+    let evil = listed
+        .lines()
+        .find(|l| l.starts_with("evil"))
+        .unwrap_or_default();
+    assert!(
+        evil.contains("UNREADABLE") && evil.contains("forged"),
+        "{listed}"
+    );
+}

@@ -25,6 +25,7 @@ use fedmesh_api::KeySpace;
 use fedmesh_seal::{AnchorPublic, open_anchored, open_by_root, root_keyid};
 use fedmesh_trust::{Authority, Bundle};
 use fedmesh_zone::dump::ZoneDump;
+use fedmesh_zone::gate::current_anchor;
 use fedmesh_zone::join::JoinDir;
 use tokio::sync::watch;
 
@@ -167,18 +168,36 @@ pub async fn run(
 async fn heal_record(etcd: &mut Client, keys: &KeySpace, own: &OwnRecord, anchor: &AnchorPublic) {
     let key = keys.cluster(&own.cluster);
     let subject = format!("clusters/{}", own.cluster);
-    let anchors = std::slice::from_ref(anchor);
+    let view = own
+        .last_good
+        .as_deref()
+        .and_then(|path| ZoneDump::read(path, keys.prefix()).ok());
+    let stored_in_view = |k: &str| {
+        let dump = view.as_ref()?;
+        let kv = dump.records.iter().find(|r| r.key == k)?;
+        Some(kv.value.clone().into_bytes())
+    };
+    // The anchor chain (a rotated anchor) from the last good view, else
+    // from etcd: records count from its newest key.
+    let chain = match stored_in_view(&keys.anchor_chain()) {
+        Some(raw) => Some(raw),
+        None => etcd
+            .get(keys.anchor_chain(), None)
+            .await
+            .ok()
+            .and_then(|r| r.kvs().first().map(|kv| kv.value().to_vec())),
+    };
+    let current = chain
+        .and_then(|raw| current_anchor(std::slice::from_ref(anchor), &raw).ok())
+        .map_or_else(|| anchor.clone(), |(_, k)| k);
+    let anchors = std::slice::from_ref(&current);
     // (seq, whether it registers) of a value the anchor signed.
     let open = |raw: &[u8]| {
         open_anchored::<serde_json::Value>(raw, &subject, anchors)
             .ok()
             .map(|o| (o.seq, o.value.is_some()))
     };
-    let from_view = own.last_good.as_deref().and_then(|path| {
-        let dump = ZoneDump::read(path, keys.prefix()).ok()?;
-        let kv = dump.records.into_iter().find(|r| r.key == key)?;
-        Some(kv.value.into_bytes())
-    });
+    let from_view = stored_in_view(&key);
     let kept = JoinDir::signed_record(&own.join_dir)
         .into_iter()
         .chain(from_view)

@@ -435,6 +435,8 @@ impl GlobalView {
             return false; // A replay: this key already holds that revision.
         }
         let result = match &parsed {
+            // The gate's business: it never reaches the view.
+            GlobalKey::AnchorChain => return false,
             GlobalKey::Cluster(name) => json::<ClusterRecord>(&kv.value)
                 .and_then(|r| match r.validate() {
                     Ok(()) if r.name == *name => Ok(r),
@@ -533,6 +535,7 @@ impl GlobalView {
         self.invalid.remove(key);
         let parsed = self.keys.parse(key)?;
         match &parsed {
+            GlobalKey::AnchorChain => None,
             GlobalKey::Cluster(n) => self.clusters.remove(n).map(drop),
             GlobalKey::Alive(n) => self.alive.remove(n).map(drop),
             GlobalKey::Seen(n) => self.last_seen.remove(n).map(drop),

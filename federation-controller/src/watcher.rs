@@ -179,7 +179,14 @@ async fn list(
     // `seen/` too: a stale cluster's age comes from it, and a listing
     // drops every record it does not contain.
     let mut records = Vec::new();
-    for kind in ["clusters/", "alive/", "seen/", "bundles/", "policies/"] {
+    for kind in [
+        "anchor/",
+        "clusters/",
+        "alive/",
+        "seen/",
+        "bundles/",
+        "policies/",
+    ] {
         let range = format!("{prefix}{kind}");
         list_range(
             client,

@@ -2,6 +2,8 @@
 //! (ARCHITECTURE.md §3.1, "signed records"): etcd gives availability and
 //! ordering, and every reader checks a signature before it believes a value.
 //!
+//! - [`chain`]: the anchor's history (each new key signed by the old), so
+//!   that the anchor can be rotated;
 //! - [`envelope`]: DSSE envelopes, the stored form of every signed value;
 //! - [`anchor`]: the operator's federation anchor (Ed25519), which signs
 //!   cluster records and policies;
@@ -16,11 +18,13 @@
 //! own business.
 
 pub mod anchor;
+pub mod chain;
 pub mod envelope;
 pub mod manifest;
 pub mod statement;
 
 pub use anchor::{ANCHOR_KEY_FILE, ANCHOR_PUB_FILE, AnchorError, AnchorKey, AnchorPublic};
+pub use chain::{AnchorChain, CHAIN_SUBJECT};
 pub use envelope::{Envelope, EnvelopeError};
 pub use manifest::{BUCKETS, Digest, ExportManifest, ExportSet, bucket_of, value_digest};
 pub use statement::{

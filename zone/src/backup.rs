@@ -47,7 +47,7 @@ impl GlobalZone {
         let admitted = dump.admit(&mut gate, now);
         let refused = gate.refused().clone();
         let mut records = Vec::new();
-        for kind in ["clusters/", "seen/", "bundles/", "policies/"] {
+        for kind in ["anchor/", "clusters/", "seen/", "bundles/", "policies/"] {
             records.extend(self.list(kind).await?);
         }
         let mut etcd_exports: BTreeMap<String, Vec<RawKv>> = BTreeMap::new();

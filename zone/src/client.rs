@@ -121,6 +121,16 @@ pub fn cluster_role(cluster: &str) -> String {
     format!("fedmesh-cluster-{cluster}")
 }
 
+/// Where a handle's pinned anchors lead through the anchor chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FollowedAnchors {
+    /// What values count from now: the chain's newest key.
+    pub current: Vec<fedmesh_seal::AnchorPublic>,
+    /// Every key from the pinned one to the newest: what signed genuine
+    /// values in the past (a policy's history).
+    pub followed: Vec<fedmesh_seal::AnchorPublic>,
+}
+
 /// A handle on the global zone.
 #[derive(Clone)]
 pub struct GlobalZone {
@@ -163,6 +173,44 @@ impl GlobalZone {
         self
     }
 
+    /// Signs with `next` from now on, and believes it alone (an anchor
+    /// rotation).
+    pub(crate) fn replace_anchor(&mut self, next: Arc<AnchorKey>) {
+        self.trust.anchors = vec![next.public()];
+        self.anchor = Some(next);
+    }
+
+    /// Where this handle's anchors lead through the anchor chain in etcd
+    /// (`fedmesh_seal::chain`): a chain that does not verify from them is
+    /// ignored, as a reader's gate ignores it.
+    pub async fn anchor_chain(&mut self) -> Result<FollowedAnchors, ZoneError> {
+        let pinned = self.trust.anchors.clone();
+        let key = self.keys.anchor_chain();
+        let followed = match self.get_one(&key).await? {
+            Some((raw, _)) => crate::gate::current_anchor(&pinned, &raw)
+                .ok()
+                .and_then(|_| {
+                    let chain = fedmesh_seal::peek::<fedmesh_seal::AnchorChain>(&raw)
+                        .ok()?
+                        .value?;
+                    let keys = chain.keys().ok()?;
+                    let from = keys.iter().rposition(|k| pinned.contains(k))?;
+                    Some(keys[from..].to_vec())
+                }),
+            None => None,
+        };
+        Ok(match followed {
+            Some(keys) => FollowedAnchors {
+                current: keys.last().cloned().into_iter().collect(),
+                followed: keys,
+            },
+            None => FollowedAnchors {
+                current: pinned.clone(),
+                followed: pinned,
+            },
+        })
+    }
+
     /// Reads believe what `trust` says (the anchor given before is kept).
     pub fn trusting(mut self, trust: GateConfig) -> Self {
         self.trust = trust;
@@ -175,6 +223,10 @@ impl GlobalZone {
 
     pub(crate) fn anchor(&self) -> Result<&AnchorKey, ZoneError> {
         self.anchor.as_deref().ok_or(ZoneError::NoAnchor)
+    }
+
+    pub(crate) fn anchor_key(&self) -> Result<Arc<AnchorKey>, ZoneError> {
+        self.anchor.clone().ok_or(ZoneError::NoAnchor)
     }
 
     pub fn keys(&self) -> &KeySpace {
@@ -190,7 +242,7 @@ impl GlobalZone {
         Ok(self.get_one(key).await?.map(|(v, _)| v))
     }
 
-    async fn get_one(&mut self, key: &str) -> Result<Option<(Vec<u8>, i64)>, ZoneError> {
+    pub(crate) async fn get_one(&mut self, key: &str) -> Result<Option<(Vec<u8>, i64)>, ZoneError> {
         let resp = self.client.get(key, None).await?;
         Ok(resp
             .kvs()
@@ -480,7 +532,14 @@ impl GlobalZone {
     pub async fn believed(&mut self) -> Result<Believed, ZoneError> {
         let mut gate = Gate::new(self.keys.clone(), self.trust.clone());
         let mut records = Vec::new();
-        for kind in ["clusters/", "alive/", "seen/", "bundles/", "policies/"] {
+        for kind in [
+            "anchor/",
+            "clusters/",
+            "alive/",
+            "seen/",
+            "bundles/",
+            "policies/",
+        ] {
             records.extend(self.list(kind).await?);
         }
         let listed = crate::dump::admit(

@@ -257,14 +257,12 @@ pub fn plan_restore(
         .iter()
         .map(|kv| (kv.key.as_str(), &kv.value[..]))
         .collect();
-    let rank = |key: &str| match keys.parse(key) {
-        Some(fedmesh_api::GlobalKey::Cluster(_)) => 0,
-        Some(fedmesh_api::GlobalKey::Bundle(_)) => 1,
-        Some(fedmesh_api::GlobalKey::Seen(_)) => 2,
-        _ => 3,
-    };
     let mut records = merged.signed_records();
-    records.sort_by_key(|kv| rank(&kv.key));
+    records.sort_by_key(|kv| {
+        keys.parse(&kv.key)
+            .as_ref()
+            .map_or(u8::MAX, crate::gate::rank)
+    });
     let mut plan = RestorePlan::default();
     for kv in records {
         if in_etcd.get(kv.key.as_str()) == Some(&&kv.value[..]) {

@@ -38,8 +38,9 @@ use std::time::SystemTime;
 use fedmesh_api::{ClusterRecord, GlobalKey, KeySpace, SeenRecord};
 use fedmesh_seal::manifest::digest_hex;
 use fedmesh_seal::{
-    AnchorPublic, ExportManifest, ExportSet, Opened, Refusal, bucket_of, check_seq, open_anchored,
-    open_by_root, open_by_svid, root_keyid, seq_time, value_digest,
+    AnchorChain, AnchorPublic, CHAIN_SUBJECT, ExportManifest, ExportSet, Opened, Refusal,
+    bucket_of, check_seq, open_anchored, open_by_root, open_by_svid, root_keyid, seq_time,
+    value_digest,
 };
 use fedmesh_trust::{Bundle, SpiffeId, TrustDomain};
 use rustls_pki_types::CertificateDer;
@@ -91,6 +92,7 @@ pub struct Registration {
 /// The kind of a refused record, as the metric labels it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Kind {
+    Anchor,
     Cluster,
     Bundle,
     Manifest,
@@ -101,6 +103,7 @@ pub enum Kind {
 impl Kind {
     pub fn as_str(self) -> &'static str {
         match self {
+            Kind::Anchor => "anchor",
             Kind::Cluster => "cluster",
             Kind::Bundle => "bundle",
             Kind::Manifest => "manifest",
@@ -180,6 +183,9 @@ pub struct Gate {
     /// `seen/<c>` of clusters read unsigned (`trust_unsigned`).
     unsigned_seen: BTreeMap<String, RawKv>,
     policies: BTreeMap<String, Held>,
+    /// The anchor the believed chain ends at, and the chain's sequence:
+    /// once one is believed, the only key records and policies count from.
+    current_anchor: Option<(u64, AnchorPublic)>,
     /// What etcd held (or should hold) for every believed record and
     /// signed deletion, by key, as signed: what a controller keeps on disk
     /// and `fedmesh zone backup` writes, re-judged when read back.
@@ -189,16 +195,31 @@ pub struct Gate {
     fresh: Vec<Refused>,
 }
 
+/// The newest key of the anchor chain `raw` (an envelope at
+/// `anchor/chain`) that a reader pinned to `pinned` follows, with the
+/// chain's sequence, if the chain follows from one of them and its newest
+/// key signed it.
+pub fn current_anchor(pinned: &[AnchorPublic], raw: &[u8]) -> Result<(u64, AnchorPublic), Refusal> {
+    let statement = fedmesh_seal::peek::<AnchorChain>(raw)?;
+    let chain = statement
+        .value
+        .ok_or_else(|| Refusal::Invalid("the anchor chain cannot be deleted".into()))?;
+    let newest = chain.follow(pinned)?;
+    let opened = open_anchored::<AnchorChain>(raw, CHAIN_SUBJECT, std::slice::from_ref(&newest))?;
+    Ok((opened.seq, newest))
+}
+
 /// Order in which one batch or listing is judged: what vouches for a key
 /// comes before it.
-fn rank(key: &GlobalKey) -> u8 {
+pub fn rank(key: &GlobalKey) -> u8 {
     match key {
-        GlobalKey::Cluster(_) => 0,
-        GlobalKey::Bundle(_) => 1,
-        GlobalKey::Seen(_) => 2,
-        GlobalKey::Export { .. } => 3,
-        GlobalKey::Policy(_) => 4,
-        GlobalKey::Alive(_) => 5,
+        GlobalKey::AnchorChain => 0,
+        GlobalKey::Cluster(_) => 1,
+        GlobalKey::Bundle(_) => 2,
+        GlobalKey::Seen(_) => 3,
+        GlobalKey::Export { .. } => 4,
+        GlobalKey::Policy(_) => 5,
+        GlobalKey::Alive(_) => 6,
     }
 }
 
@@ -214,6 +235,7 @@ impl Gate {
             manifests: BTreeMap::new(),
             unsigned_seen: BTreeMap::new(),
             policies: BTreeMap::new(),
+            current_anchor: None,
             signed: BTreeMap::new(),
             refused: BTreeMap::new(),
             fresh: Vec::new(),
@@ -476,6 +498,7 @@ impl Gate {
             GlobalKey::Bundle(td) => self.judge_bundle(td, kv),
             GlobalKey::Seen(c) => self.judge_manifest(c, kv, now),
             GlobalKey::Policy(p) => self.judge_policy(p, kv),
+            GlobalKey::AnchorChain => self.judge_chain(kv),
             GlobalKey::Export { .. } => None,
         };
         one.into_iter().collect()
@@ -533,7 +556,7 @@ impl Gate {
         kv: &RawKv,
     ) -> Result<Opened<T>, Refusal> {
         let subject = self.subject(&kv.key);
-        match open_anchored::<T>(&kv.value, subject, &self.config.anchors) {
+        match open_anchored::<T>(&kv.value, subject, &self.anchors()) {
             Err(Refusal::Unsigned(_)) if self.config.trust_unsigned => {
                 let value = serde_json::from_slice(&kv.value)
                     .map_err(|e| Refusal::Invalid(e.to_string()))?;
@@ -545,6 +568,39 @@ impl Gate {
             }
             r => r,
         }
+    }
+
+    /// The keys records and policies are believed from: the newest of the
+    /// believed anchor chain, else those pinned.
+    pub fn anchors(&self) -> Vec<AnchorPublic> {
+        match &self.current_anchor {
+            Some((_, current)) => vec![current.clone()],
+            None => self.config.anchors.clone(),
+        }
+    }
+
+    /// The anchor chain (`anchor/chain`): believed when it follows from a
+    /// pinned key (or from the newest key believed so far) and its newest
+    /// key signs it. It is never deleted.
+    fn judge_chain(&mut self, kv: RawKv) -> Option<RawEvent> {
+        let mut pinned = self.config.anchors.clone();
+        pinned.extend(self.current_anchor.as_ref().map(|(_, k)| k.clone()));
+        let opened = current_anchor(&pinned, &kv.value).and_then(|(seq, current)| {
+            check_seq(self.current_anchor.as_ref().map(|(s, _)| *s), seq)?;
+            Ok((seq, current))
+        });
+        match opened {
+            Ok(current) => {
+                self.refused.remove(&kv.key);
+                self.signed.insert(kv.key.clone(), kv.value.clone());
+                if self.current_anchor.as_ref().map(|(_, k)| k) != Some(&current.1) {
+                    tracing::info!(anchor = %current.1.keyid(), "following the federation anchor's chain");
+                }
+                self.current_anchor = Some(current);
+            }
+            Err(r) => self.refuse(&kv.key, Kind::Anchor, "", r),
+        }
+        None
     }
 
     fn subject<'k>(&self, key: &'k str) -> &'k str {

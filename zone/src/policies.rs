@@ -15,7 +15,7 @@ use fedmesh_api::policy::GlobalTrafficPolicy;
 
 use std::time::SystemTime;
 
-use fedmesh_seal::{Refusal, Signer, Statement, next_seq, open_anchored, seal};
+use fedmesh_seal::{AnchorPublic, Refusal, Signer, Statement, next_seq, open_anchored, seal};
 
 use crate::client::{GlobalZone, ZoneError, prefix_end, subject};
 
@@ -88,12 +88,11 @@ fn denied(e: &etcd_client::Error) -> bool {
 }
 
 impl GlobalZone {
-    /// Reads a stored policy with this handle's trust: signed by the anchor,
-    /// or (only when trusting unsigned values) plain.
-    fn decode(&self, key: &str, raw: &[u8]) -> Decoded {
+    /// Reads a stored policy with this handle's trust: signed by one of
+    /// `anchors`, or (only when trusting unsigned values) plain.
+    fn decode(&self, key: &str, raw: &[u8], anchors: &[AnchorPublic]) -> Decoded {
         let trust = self.trust();
-        match open_anchored::<GlobalTrafficPolicy>(raw, &subject(self.keys(), key), &trust.anchors)
-        {
+        match open_anchored::<GlobalTrafficPolicy>(raw, &subject(self.keys(), key), anchors) {
             Ok(o) => (o.value.map(|p| check(key, p)), Some(o.seq)),
             Err(Refusal::Unsigned(_)) if trust.trust_unsigned => {
                 let p = serde_json::from_slice(raw)
@@ -113,12 +112,13 @@ impl GlobalZone {
             .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
             .await?;
         let revision = resp.header().map_or(0, |h| h.revision());
+        let anchors = self.anchor_chain().await?.current;
         let mut policies = BTreeMap::new();
         let mut deleted = BTreeMap::new();
         for kv in resp.kvs() {
             let key = String::from_utf8_lossy(kv.key()).into_owned();
             let name = key[prefix.len()..].to_owned();
-            match self.decode(&key, kv.value()) {
+            match self.decode(&key, kv.value(), &anchors) {
                 (None, seq) => {
                     deleted.insert(name, (kv.mod_revision(), seq.unwrap_or(0)));
                 }
@@ -211,6 +211,9 @@ impl GlobalZone {
         revision: i64,
     ) -> Result<Option<Result<GlobalTrafficPolicy, String>>, ZoneError> {
         let key = self.keys().policy(name);
+        // A revision from before a rotation was signed by a key since
+        // retired; it was genuine then.
+        let anchors = self.anchor_chain().await?.followed;
         let resp = self
             .client()
             .get(
@@ -221,7 +224,7 @@ impl GlobalZone {
         Ok(resp
             .kvs()
             .first()
-            .and_then(|kv| self.decode(&key, kv.value()).0))
+            .and_then(|kv| self.decode(&key, kv.value(), &anchors).0))
     }
 
     /// Every revision of `name` etcd still holds, oldest first: puts and
@@ -232,6 +235,7 @@ impl GlobalZone {
     /// replayed, so those alone prove nothing).
     pub async fn policy_history(&mut self, name: &str) -> Result<PolicyHistory, ZoneError> {
         let key = self.keys().policy(name);
+        let anchors = self.anchor_chain().await?.followed;
         let current = self
             .client()
             .get(key.as_str(), None)
@@ -289,7 +293,7 @@ impl GlobalZone {
                     entries.push(HistoryEntry {
                         revision: kv.mod_revision(),
                         policy: match ev.event_type() {
-                            EventType::Put => self.decode(&key, kv.value()).0,
+                            EventType::Put => self.decode(&key, kv.value(), &anchors).0,
                             EventType::Delete => None,
                         },
                     });

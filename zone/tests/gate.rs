@@ -688,3 +688,89 @@ fn a_dump_read_back_through_a_new_gate_is_believed_as_before_and_no_more() {
         fedmesh_zone::dump::ZoneDump::parse(b"{\"format\": 1", path, f.keys.prefix()).unwrap_err();
     assert!(e.to_string().contains("not a global-zone dump"), "{e}");
 }
+
+/// The anchor rotated: a reader pinned to the old key follows the chain
+/// (the new key endorsed by the old, the chain signed by the new), then
+/// believes records and policies from the new key alone; a chain a cluster
+/// forges leads nowhere, and an older chain is a rollback.
+#[test]
+fn a_rotated_anchor_is_followed_from_the_pinned_key_and_the_old_key_stops_counting() {
+    let mut f = Fed::new();
+    let mut gate = f.gate();
+    f.registered(&mut gate);
+    let now = SystemTime::now();
+    let next = AnchorKey::generate().unwrap();
+    let chain = AnchorChain::starting_at(&f.anchor.public())
+        .rotated(&f.anchor, &next.public())
+        .unwrap();
+    let sealed_chain = |f: &Fed, seq: u64, chain: &AnchorChain, by: &AnchorKey| {
+        f.sealed(
+            CHAIN_SUBJECT.into(),
+            seq,
+            Some(chain.clone()),
+            Signer::Anchor(by),
+        )
+    };
+    // Signed by the old key, not the newest: refused.
+    let by_old = sealed_chain(&f, 2, &chain, &f.anchor);
+    let kv = f.kv(f.keys.anchor_chain(), by_old);
+    gate.admit(vec![RawEvent::Put(kv)], now);
+    assert_eq!(gate.anchors(), [f.anchor.public()]);
+    assert_eq!(gate.refused()[&f.keys.anchor_chain()].kind, Kind::Anchor);
+
+    let genuine = sealed_chain(&f, 2, &chain, &next);
+    let kv = f.kv(f.keys.anchor_chain(), genuine);
+    gate.admit(vec![RawEvent::Put(kv)], now);
+    assert_eq!(gate.anchors(), [next.public()]);
+    assert!(gate.refused().is_empty(), "{:?}", gate.refused());
+
+    // Records count from the new key alone now.
+    let reg = |f: &Fed, seq: u64, by: &AnchorKey| {
+        let c = &f.aws;
+        let reg = Registration {
+            record: record(c, "127.0.1.9"),
+            roots: vec![root_keyid(c.ca.cert_der()).unwrap()],
+        };
+        f.sealed("clusters/aws".into(), seq, Some(reg), Signer::Anchor(by))
+    };
+    let old_signed = reg(&f, 7, &f.anchor);
+    let kv = f.kv(f.keys.cluster("aws"), old_signed);
+    assert!(gate.admit(vec![RawEvent::Put(kv)], now).events.is_empty());
+    let new_signed = reg(&f, 8, &next);
+    let kv = f.kv(f.keys.cluster("aws"), new_signed);
+    assert_eq!(
+        puts(&gate.admit(vec![RawEvent::Put(kv)], now).events).len(),
+        1
+    );
+
+    // A cluster's CA cannot extend it, nor can a chain that does not
+    // follow from the pinned key; the chain believed before is a rollback.
+    let stranger = AnchorKey::generate().unwrap();
+    let forged = AnchorChain::starting_at(&stranger.public());
+    let forged = sealed_chain(&f, 9, &forged, &stranger);
+    let kv = f.kv(f.keys.anchor_chain(), forged);
+    gate.admit(vec![RawEvent::Put(kv)], now);
+    assert_eq!(gate.anchors(), [next.public()]);
+    let by_ca = f.sealed(
+        CHAIN_SUBJECT.into(),
+        9,
+        Some(chain.clone()),
+        Signer::Root(&f.aws.ca),
+    );
+    let kv = f.kv(f.keys.anchor_chain(), by_ca);
+    gate.admit(vec![RawEvent::Put(kv)], now);
+    assert_eq!(gate.anchors(), [next.public()]);
+    let older = sealed_chain(&f, 1, &chain, &next);
+    let kv = f.kv(f.keys.anchor_chain(), older);
+    gate.admit(vec![RawEvent::Put(kv)], now);
+    assert_eq!(
+        gate.refused()[&f.keys.anchor_chain()].refusal.label(),
+        "ROLLBACK"
+    );
+
+    // A gate that starts from what this one believes follows the chain too.
+    let mut fresh = f.gate();
+    fresh.admit_records(gate.signed_records(), now);
+    assert_eq!(fresh.anchors(), [next.public()]);
+    assert!(fresh.clusters().any(|c| c == "aws"));
+}

@@ -250,13 +250,19 @@ async fn with_auth_a_cluster_can_write_only_its_own_keys() {
         .unwrap();
     assert_eq!(b.get(keys.cluster("a"), None).await.unwrap().kvs().len(), 1);
 
+    // B may write its own record key (so that its controller can put back
+    // what the anchor signed), and nothing it writes there is believed.
+    b.put(keys.cluster("b"), "evil", None).await.unwrap();
+    let believed = admin.believed().await.unwrap();
+    assert!(believed.refused.contains_key(&keys.cluster("b")));
+    assert!(!believed.clusters().unwrap().iter().any(|c| c.name == "b"));
+
     // B cannot overwrite A's exports, liveness, bundle or record.
     for key in [
         keys.export("a", "shop", "cart"),
         keys.alive("a"),
         keys.bundle("a.fedmesh.test"),
         keys.cluster("a"),
-        keys.cluster("b"),
     ] {
         let err = b.put(key.as_str(), "evil", None).await.unwrap_err();
         assert!(
