@@ -331,6 +331,7 @@ impl UpFederation {
                 seq,
                 value: Some(value),
                 x5c: vec![],
+                endorsements: vec![],
             };
             Ok(seal(statement, Signer::Root(&join.ca))?
                 .to_json()

@@ -186,6 +186,7 @@ async fn register_get_and_deregister() {
             seq: fedmesh_seal::next_seq(then, None),
             value: Some(fedmesh_seal::ExportSet::default().manifest(0, Default::default())),
             x5c: vec![],
+            endorsements: vec![],
         },
         fedmesh_seal::Signer::Svid(&svid),
     )

@@ -227,7 +227,7 @@ fn a_bad_topology_is_refused_with_its_line_and_column() {
 
 /// Every live process whose command line names `dir` (etcd, controllers,
 /// gateways and proxies are given paths in it) or `block` (the demo
-/// backends listen there).
+/// backends listen there), but `fedmesh up` itself.
 fn processes_under(dir: &std::path::Path, block: &str) -> Vec<String> {
     let needle = dir.to_string_lossy().into_owned();
     let mut out = Vec::new();
@@ -244,7 +244,8 @@ fn processes_under(dir: &std::path::Path, block: &str) -> Vec<String> {
             })
             .unwrap_or(true);
         let ours = cmd.contains(&needle) || cmd.contains(block);
-        if ours && !zombie && !cmd.contains("--state-dir") {
+        let up = cmd.split_whitespace().nth(1) == Some("up");
+        if ours && !zombie && !up {
             out.push(cmd);
         }
     }

@@ -366,6 +366,7 @@ async fn a_rotated_anchor_is_followed_by_readers_pinned_to_the_old_one() {
                 "kind": "GlobalTrafficPolicy", "metadata": {"name": "evil"},
                 "spec": {"service": "*", "weights": {"aws": 1}}})),
             x5c: vec![],
+            endorsements: vec![],
         },
         fedmesh_seal::Signer::Anchor(&old),
     )

@@ -240,6 +240,7 @@ async fn write(
             seq,
             value: Some(manifest),
             x5c: vec![],
+            endorsements: vec![],
         };
         let svid = signer.svid.borrow().clone();
         let envelope = seal(statement, Signer::Svid(&svid))?;

@@ -64,6 +64,9 @@ pub async fn run(
     let mut unpublished = false;
     // The sequence of the bundle we last signed: each one rises past it.
     let mut signed_seq: Option<u64> = None;
+    // The roots last published. Certify polls the authority too, so a root
+    // dropped there is seen here only as a bundle that differs.
+    let mut published = lock().bundle().roots().to_vec();
     let mut last_error = String::new();
     let mut tick = tokio::time::interval(POLL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -116,15 +119,19 @@ pub async fn run(
                 }
             }
             let bundle = a.bundle();
+            unpublished |= bundle.roots() != published.as_slice();
             // Signed by the root that signs now, which readers already
             // trust: the old one while the new is only published, then the
             // new one, which they hold by then.
             let signed = match unpublished {
+                // With the endorsements that lead a reader who pins only
+                // the first root to this one.
                 true => Some(fedmesh_zone::client::signed_bundle(
                     &keys,
                     &bundle,
                     a.active(),
                     signed_seq,
+                    JoinDir::endorsements(&join_dir),
                 )),
                 false => None,
             };
@@ -151,6 +158,7 @@ pub async fn run(
                 Ok(seq) => {
                     tracing::info!(key = %bundle_key, roots = bundle.roots().len(), sequence = bundle.sequence, "published the cluster's bundle");
                     signed_seq = Some(seq);
+                    published = bundle.roots().to_vec();
                     unpublished = false;
                 }
                 Err(e) => warn_once(

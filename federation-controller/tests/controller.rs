@@ -1248,3 +1248,56 @@ async fn a_controller_restarted_on_a_wiped_zone_keeps_what_it_believed() {
         "with it, aws keeps serving gcp's cart"
     );
 }
+
+/// After aws's CA rotation is over (the old root gone from its bundle, the
+/// bundle signed by the new one), a reader that has never seen aws's bundle
+/// trusts only the first root, pinned in aws's record, and still believes
+/// it: the old root's endorsement of the new one, kept in the join
+/// directory when the rotation was staged, travels with the bundle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_reader_believes_a_bundle_whose_pinned_root_has_rotated_away() {
+    let etcd = Etcd::start().await.unwrap();
+    let c = cluster_with(&etcd, "aws", 53, &registry_doc(1), None, |config| {
+        config.svid = fedmesh_trust::SvidPolicy {
+            lifetime: Duration::from_secs(3),
+            clock_skew: Duration::ZERO,
+        };
+    })
+    .await;
+    let join = c._dir.path().join("join");
+    let next = ClusterCa::generate(&c.td, &CaOptions::default(), SystemTime::now()).unwrap();
+    JoinDir::stage_rotation(&join, &next, Duration::from_secs(1)).unwrap();
+    let new_root = next.cert_der().clone();
+    let kv = etcd.client().await.unwrap();
+    let key = KeySpace::default().bundle(c.td.as_str());
+    eventually(
+        "the bundle holds the new root alone, signed by it",
+        Duration::from_secs(30),
+        || {
+            let (mut kv, key, td, new_root) =
+                (kv.clone(), key.clone(), c.td.clone(), new_root.clone());
+            async move {
+                let resp = kv.get(key.as_str(), None).await.ok()?;
+                let raw = resp.kvs().first()?.value().to_vec();
+                let b = signed_by_root(td.as_str(), &key, &raw, &new_root)?;
+                (b.roots() == [new_root]).then_some(())
+            }
+        },
+    )
+    .await;
+    let mut fresh = GlobalZone::new(etcd.client().await.unwrap(), KeySpace::default())
+        .with_anchor(fedmesh_test_support::anchor());
+    let believed = fresh.believed().await.unwrap();
+    assert!(
+        !believed.refused.contains_key(&key),
+        "{:?}",
+        believed.refused
+    );
+    let bundles = believed.bundles().unwrap();
+    assert!(
+        bundles
+            .iter()
+            .any(|b| b.trust_domain() == &c.td && b.roots() == [new_root.clone()]),
+        "{bundles:?}"
+    );
+}

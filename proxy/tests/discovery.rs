@@ -337,6 +337,7 @@ async fn a_forged_global_zone_moves_no_traffic() {
                 .unwrap(),
             ),
             x5c: vec![],
+            endorsements: vec![],
         },
         Signer::Root(&attacker),
     )
@@ -366,6 +367,7 @@ async fn a_forged_global_zone_moves_no_traffic() {
             seq: u64::MAX / 2,
             value: Some(policy),
             x5c: vec![],
+            endorsements: vec![],
         },
         Signer::Anchor(&rogue_anchor),
     )

@@ -28,6 +28,6 @@ pub use chain::{AnchorChain, CHAIN_SUBJECT};
 pub use envelope::{Envelope, EnvelopeError};
 pub use manifest::{BUCKETS, Digest, ExportManifest, ExportSet, bucket_of, value_digest};
 pub use statement::{
-    Opened, Refusal, SealError, Signer, Statement, check_seq, next_seq, open_anchored,
-    open_by_root, open_by_svid, peek, root_keyid, seal, seq_time,
+    Endorsement, Opened, Refusal, SealError, Signer, Statement, check_seq, endorse, next_seq,
+    open_anchored, open_by_root, open_by_svid, peek, root_keyid, seal, seq_time,
 };

@@ -49,6 +49,83 @@ pub struct Statement<T> {
     /// signer is an SVID.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub x5c: Vec<String>,
+    /// For a bundle: each root since the first, endorsed by the root before
+    /// it (`fedmesh rotate-ca`), so that a reader who trusts only the first
+    /// (pinned in the cluster's record) follows every rotation.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub endorsements: Vec<Endorsement>,
+}
+
+/// A CA root vouching for the next root of its trust domain.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Endorsement {
+    /// The endorsed root, base64 DER.
+    pub root: String,
+    /// The endorsing root, base64 DER.
+    pub by: String,
+    /// `by`'s signature over the subject and `root`.
+    pub sig: String,
+}
+
+fn endorsement_message(subject: &str, root: &[u8]) -> Vec<u8> {
+    let mut msg = format!("fedmesh root endorsement v1\n{subject}\n").into_bytes();
+    msg.extend_from_slice(root);
+    msg
+}
+
+/// `by` (the root that signs now) endorses `root` (the next) for the
+/// bundle at `subject` (`bundles/<td>`).
+pub fn endorse(
+    by: &ClusterCa,
+    subject: &str,
+    root: &CertificateDer<'_>,
+) -> Result<Endorsement, SealError> {
+    Ok(Endorsement {
+        root: STANDARD.encode(root),
+        by: STANDARD.encode(by.cert_der()),
+        sig: STANDARD.encode(by.sign(&endorsement_message(subject, root))?),
+    })
+}
+
+/// Extends `trusted` (keyids) and `certificates` with every root that a
+/// trusted root endorses for `subject`, in as many steps as the chain has.
+fn follow_endorsements(
+    subject: &str,
+    endorsements: &[Endorsement],
+    trusted: &mut Vec<String>,
+    certificates: &mut Vec<CertificateDer<'static>>,
+) {
+    let decoded: Vec<(CertificateDer<'static>, CertificateDer<'static>, Vec<u8>)> = endorsements
+        .iter()
+        .filter_map(|e| {
+            let d = |s: &str| STANDARD.decode(s).ok();
+            Some((
+                CertificateDer::from(d(&e.root)?),
+                CertificateDer::from(d(&e.by)?),
+                d(&e.sig)?,
+            ))
+        })
+        .collect();
+    loop {
+        let mut grew = false;
+        for (root, by, sig) in &decoded {
+            let (Some(root_id), Some(by_id)) = (root_keyid(root), root_keyid(by)) else {
+                continue;
+            };
+            if trusted.contains(&root_id) || !trusted.contains(&by_id) {
+                continue;
+            }
+            if verify_with_cert(by, &endorsement_message(subject, root), sig) {
+                trusted.push(root_id);
+                certificates.push(root.clone());
+                grew = true;
+            }
+        }
+        if !grew {
+            return;
+        }
+    }
 }
 
 /// Why a stored value is not believed. The label is what `fedmesh get`
@@ -270,6 +347,17 @@ pub fn open_by_root<T: DeserializeOwned>(
     certificates: &[CertificateDer<'_>],
 ) -> Result<Opened<T>, Refusal> {
     let u = unwrap::<T>(raw, subject)?;
+    let mut trusted = trusted.to_vec();
+    let mut certificates: Vec<CertificateDer<'static>> = certificates
+        .iter()
+        .map(|c| c.clone().into_owned())
+        .collect();
+    follow_endorsements(
+        subject,
+        &u.statement.endorsements,
+        &mut trusted,
+        &mut certificates,
+    );
     for (keyid, sig) in &u.signatures {
         if !trusted.contains(keyid) {
             continue;

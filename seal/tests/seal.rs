@@ -16,6 +16,7 @@ fn statement(subject: &str, seq: u64, value: Option<Value>) -> Statement<Value> 
         seq,
         value,
         x5c: vec![],
+        endorsements: vec![],
     }
 }
 
@@ -167,6 +168,7 @@ fn a_manifest_opens_only_with_its_controllers_svid() {
             seq,
             value: Some(manifest.clone()),
             x5c: vec![],
+            endorsements: vec![],
         },
         Signer::Svid(&svid),
     )
@@ -193,6 +195,7 @@ fn a_manifest_opens_only_with_its_controllers_svid() {
             seq,
             value: Some(manifest.clone()),
             x5c: vec![],
+            endorsements: vec![],
         },
         Signer::Svid(&gw),
     )
@@ -215,6 +218,7 @@ fn a_manifest_opens_only_with_its_controllers_svid() {
             seq: next_seq(now + Duration::from_secs(3600), None),
             value: Some(manifest),
             x5c: vec![],
+            endorsements: vec![],
         },
         Signer::Svid(&svid),
     )

@@ -76,6 +76,7 @@ impl GlobalZone {
             seq: next_seq(SystemTime::now(), held),
             value: Some(chain),
             x5c: vec![],
+            endorsements: vec![],
         };
         let sealed = seal(statement, Signer::Anchor(&next))?.to_json();
         let txn = Txn::new()
@@ -144,6 +145,7 @@ impl GlobalZone {
                 seq: next_seq(SystemTime::now(), seq),
                 value: Some(value),
                 x5c: vec![],
+                endorsements: vec![],
             };
             let sealed = seal(statement, Signer::Anchor(self.anchor()?))?.to_json();
             let rev = revisions.get(&kv.key).copied().unwrap_or(0);

@@ -333,7 +333,7 @@ impl GlobalZone {
                     ),
                     TxnOp::put(
                         bk.as_str(),
-                        signed_bundle(&self.keys, &bundle, ca, None)?.0,
+                        signed_bundle(&self.keys, &bundle, ca, None, vec![])?.0,
                         None,
                     ),
                 ]);
@@ -383,7 +383,7 @@ impl GlobalZone {
             when.push(Compare::mod_revision(bk.as_str(), CompareOp::Equal, *brev));
             ops.push(TxnOp::put(
                 bk.as_str(),
-                signed_bundle(&self.keys, &b.bundle, ca, None)?.0,
+                signed_bundle(&self.keys, &b.bundle, ca, None, vec![])?.0,
                 None,
             ));
         }
@@ -411,6 +411,7 @@ impl GlobalZone {
             seq: next_seq(SystemTime::now(), after),
             value: Some(reg),
             x5c: vec![],
+            endorsements: vec![],
         };
         Ok(seal(statement, Signer::Anchor(self.anchor()?))?.to_json())
     }
@@ -434,6 +435,7 @@ impl GlobalZone {
             seq: next_seq(SystemTime::now(), stored.seq),
             value: None,
             x5c: vec![],
+            endorsements: vec![],
         };
         let tombstone = seal(tombstone, Signer::Anchor(self.anchor()?))?.to_json();
         let txn = Txn::new()
@@ -732,11 +734,14 @@ pub fn unverified_bundle(td: &str, key: &str, raw: &[u8]) -> Result<Bundle, Zone
 }
 
 /// `bundle`, signed by `ca`'s root, after `after`; and its sequence.
+/// `bundle`, signed by `ca` after `after`, carrying the `endorsements`
+/// that lead from the cluster's first root to `ca`'s.
 pub fn signed_bundle(
     keys: &KeySpace,
     bundle: &Bundle,
     ca: &ClusterCa,
     after: Option<u64>,
+    endorsements: Vec<fedmesh_seal::Endorsement>,
 ) -> Result<(String, u64), ZoneError> {
     let key = keys.bundle(bundle.trust_domain().as_str());
     let doc: serde_json::Value =
@@ -750,6 +755,7 @@ pub fn signed_bundle(
         seq,
         value: Some(doc),
         x5c: vec![],
+        endorsements,
     };
     Ok((seal(statement, Signer::Root(ca))?.to_json(), seq))
 }

@@ -21,6 +21,10 @@ pub const CA_DIR: &str = "ca";
 /// The cluster's record as the anchor signed it (the envelope stored in
 /// etcd): what its controller writes back when the zone has lost it.
 pub const RECORD_FILE: &str = "record.json";
+/// The roots' endorsements (`fedmesh_seal::Endorsement`), first rotation
+/// first: what lets a reader that pins the cluster's first root follow its
+/// rotations.
+pub const ENDORSEMENTS_FILE: &str = "endorsements.json";
 /// The cluster's SPIFFE bundle document (its root), public: what proxies
 /// and gateways verify the controller with before their first SVID.
 pub const BUNDLE_FILE: &str = "bundle.json";
@@ -229,6 +233,28 @@ impl JoinDir {
         write_private(&dir.join(RECORD_FILE), envelope).map_err(JoinError::from)
     }
 
+    /// Appends `e` to the join directory's endorsements (as the next CA is
+    /// staged).
+    fn add_endorsement(dir: &Path, e: &fedmesh_seal::Endorsement) -> Result<(), JoinError> {
+        let mut all = Self::endorsements(dir);
+        all.push(e.clone());
+        write_private(&dir.join(ENDORSEMENTS_FILE), &pretty(&all)).map_err(JoinError::from)
+    }
+
+    /// The endorsements of the cluster's roots so far; none if the file is
+    /// missing or unreadable (readers then trust the pinned root and the
+    /// bundle they hold, as before).
+    pub fn endorsements(dir: &Path) -> Vec<fedmesh_seal::Endorsement> {
+        let path = dir.join(ENDORSEMENTS_FILE);
+        match fs::read(&path) {
+            Ok(raw) => serde_json::from_slice(&raw).unwrap_or_else(|e| {
+                tracing::warn!(path = %path.display(), error = %e, "unreadable root endorsements; publishing the bundle without them");
+                Vec::new()
+            }),
+            Err(_) => Vec::new(),
+        }
+    }
+
     /// The anchor-signed record `register` left, if any.
     pub fn signed_record(dir: &Path) -> Option<Vec<u8>> {
         fs::read(dir.join(RECORD_FILE)).ok()
@@ -273,9 +299,22 @@ impl JoinDir {
         let schedule = Staged {
             propagation_ms: u64::try_from(propagation.as_millis()).unwrap_or(u64::MAX),
         };
+        // The root that signs now vouches for the next, so that a reader
+        // that trusts only the cluster's first root (pinned in its record)
+        // follows the rotation.
+        let current = ClusterCa::load(&dir.join(CA_DIR), next.trust_domain())?;
+        let subject = format!("bundles/{}", next.trust_domain());
+        let endorsement =
+            fedmesh_seal::endorse(&current, &subject, next.cert_der()).map_err(|e| {
+                JoinError::Invalid {
+                    path: dir.join(CA_DIR),
+                    reason: format!("endorsing the next root: {e}"),
+                }
+            })?;
         let result = (|| {
             next.save(&tmp)?;
             write_private(&tmp.join(ROTATION_FILE), &pretty(&schedule))?;
+            Self::add_endorsement(dir, &endorsement)?;
             fs::rename(&tmp, &staged).map_err(|source| JoinError::Io {
                 path: staged.clone(),
                 source,

@@ -184,6 +184,7 @@ impl GlobalZone {
                     PolicyChange::Delete(_) => None,
                 },
                 x5c: vec![],
+                endorsements: vec![],
             };
             let value = seal(statement, Signer::Anchor(anchor))?.to_json();
             ops.push(TxnOp::put(key.as_str(), value, None));

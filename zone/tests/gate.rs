@@ -104,6 +104,7 @@ impl Fed {
                 seq,
                 value,
                 x5c: vec![],
+                endorsements: vec![],
             },
             signer,
         )
@@ -167,6 +168,7 @@ impl Fed {
                 seq,
                 value: Some(m),
                 x5c: vec![],
+                endorsements: vec![],
             },
             Signer::Svid(svid),
         )
@@ -773,4 +775,72 @@ fn a_rotated_anchor_is_followed_from_the_pinned_key_and_the_old_key_stops_counti
     fresh.admit_records(gate.signed_records(), now);
     assert_eq!(fresh.anchors(), [next.public()]);
     assert!(fresh.clusters().any(|c| c == "aws"));
+}
+
+/// Two CA rotations later, aws's bundle holds only its third root, signed
+/// by it. A reader that has never seen aws's bundle (a new controller,
+/// `fedmesh get`) trusts only the first root, pinned in aws's record: it
+/// follows the endorsements (each root vouching for the next) to the third,
+/// and believes nothing without them, nor endorsements by another root.
+#[test]
+fn a_fresh_reader_follows_a_clusters_rotations_through_endorsements() {
+    let mut f = Fed::new();
+    let now = SystemTime::now();
+    let subject = "bundles/aws.test";
+    let second = ClusterCa::generate(&f.aws.td, &CaOptions::default(), now).unwrap();
+    let third = ClusterCa::generate(&f.aws.td, &CaOptions::default(), now).unwrap();
+    let chain = vec![
+        endorse(&f.aws.ca, subject, second.cert_der()).unwrap(),
+        endorse(&second, subject, third.cert_der()).unwrap(),
+    ];
+    let doc: serde_json::Value = serde_json::from_str(
+        &Bundle::with_roots(f.aws.td.clone(), [third.cert_der().clone()]).to_document(),
+    )
+    .unwrap();
+    let bundle = |endorsements: Vec<Endorsement>| {
+        let statement = Statement {
+            subject: subject.into(),
+            seq: 5,
+            value: Some(doc.clone()),
+            x5c: vec![],
+            endorsements,
+        };
+        seal(statement, Signer::Root(&third)).unwrap().to_json()
+    };
+    let fresh = |f: &mut Fed, value: String| {
+        let mut gate = f.gate();
+        let record = f.registration("aws", 1, "127.0.1.1");
+        let kv = f.kv(f.keys.bundle("aws.test"), value);
+        gate.admit_records(vec![record, kv], SystemTime::now());
+        gate
+    };
+
+    let gate = fresh(&mut f, bundle(chain.clone()));
+    assert!(gate.refused().is_empty(), "{:?}", gate.refused());
+
+    // Without the endorsements, or with only the last: not believed.
+    for partial in [vec![], chain[1..].to_vec()] {
+        let gate = fresh(&mut f, bundle(partial));
+        assert_eq!(
+            gate.refused()[&f.keys.bundle("aws.test")].refusal.label(),
+            "FORGED"
+        );
+    }
+    // azure's root endorsing the third: not believed either.
+    let by_azure = vec![endorse(&f.azure.ca, subject, third.cert_der()).unwrap()];
+    let gate = fresh(&mut f, bundle(by_azure));
+    assert_eq!(
+        gate.refused()[&f.keys.bundle("aws.test")].refusal.label(),
+        "FORGED"
+    );
+    // Endorsements for another trust domain's key do not carry over.
+    let elsewhere = vec![
+        endorse(&f.aws.ca, "bundles/azure.test", second.cert_der()).unwrap(),
+        endorse(&second, "bundles/azure.test", third.cert_der()).unwrap(),
+    ];
+    let gate = fresh(&mut f, bundle(elsewhere));
+    assert_eq!(
+        gate.refused()[&f.keys.bundle("aws.test")].refusal.label(),
+        "FORGED"
+    );
 }

@@ -137,6 +137,7 @@ impl Publisher {
             seq,
             value: Some(self.set.manifest(self.seq.unwrap_or(0), changes)),
             x5c: vec![],
+            endorsements: vec![],
         };
         self.seq = Some(seq);
         let env = fedmesh_seal::seal(statement, fedmesh_seal::Signer::Svid(&self.svid)).unwrap();
