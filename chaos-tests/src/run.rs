@@ -113,21 +113,14 @@ pub async fn run<F: Federation>(
         .inject(&fault.action)
         .await
         .context("injecting the fault");
-    let mut healed = None;
-    if result.is_ok() && drill.thresholds.healed.is_some() {
-        let fault_at = actual.fault.at;
-        while start.elapsed() < drill.duration {
-            match fed.zone_whole().await {
-                Ok(true) => {
-                    healed = Some(start.elapsed().saturating_sub(fault_at));
-                    break;
-                }
-                Ok(false) => {}
-                Err(e) => note_unreadable(&e),
-            }
-            wait_until(Instant::now() + HEAL_POLL, || tell("healing")).await;
-        }
+    let healed = match result.is_ok() && drill.thresholds.healed.is_some() {
+        true => time_to_heal(fed, start + drill.duration, || tell("healing")).await,
+        false => None,
     }
+    .map(|at| {
+        at.saturating_duration_since(start)
+            .saturating_sub(actual.fault.at)
+    });
     if result.is_ok() {
         let until = fault.recover.map_or(drill.duration, |r| r);
         if let Action::Flap(flap) = &fault.action {
@@ -171,9 +164,22 @@ pub async fn run<F: Federation>(
     Ok((report, records))
 }
 
-/// A failed look at the zone is not a verdict: it is looked at again.
-fn note_unreadable(e: &anyhow::Error) {
-    eprintln!("      the zone could not be read ({e:#}); looking again");
+/// When `fed`'s zone was first found whole again, looking every
+/// [`HEAL_POLL`] until `end`; a failed look is not a verdict.
+async fn time_to_heal<F: Federation>(
+    fed: &mut F,
+    end: Instant,
+    mut tick: impl FnMut(),
+) -> Option<Instant> {
+    while Instant::now() < end {
+        match fed.zone_whole().await {
+            Ok(true) => return Some(Instant::now()),
+            Ok(false) => {}
+            Err(e) => eprintln!("      the zone could not be read ({e:#}); looking again"),
+        }
+        wait_until(Instant::now() + HEAL_POLL, &mut tick).await;
+    }
+    None
 }
 
 /// Sleeps until `at`, calling `tick` every half second.

@@ -235,6 +235,13 @@ async fn adopt_signs_an_unsigned_federations_records_and_policies() {
         "{stderr}"
     );
 
+    let policies = ok(&fedmesh(&["get", "policies"], &etcd));
+    assert_eq!(
+        column_of(&policies, "pay", "TRUST").as_deref(),
+        Some("UNSIGNED"),
+        "{policies}"
+    );
+
     let said = ok(&fedmesh(&["anchor", "adopt", "--trust-unsigned"], &etcd));
     assert!(said.contains("signed 2 records"), "{said}");
     let clusters = ok(&fedmesh(&["get", "clusters"], &etcd));

@@ -26,6 +26,9 @@ pub struct StoredPolicy {
     pub mod_revision: i64,
     /// The sequence it was signed with (None: unsigned or unreadable).
     pub seq: Option<u64>,
+    /// `ok`, or why the value is not believed (`FORGED`, `UNSIGNED`,
+    /// `INVALID`, …): `fedmesh get policies`' TRUST column.
+    pub trust: &'static str,
 }
 
 /// Every stored policy, by name, as of `revision`.
@@ -74,8 +77,13 @@ pub struct PolicyHistory {
 pub const MAX_CHANGES: usize = 100;
 
 /// What a stored policy value says: a policy, a signed deletion (`None`),
-/// or why it is not believed; and the sequence it was signed with.
-type Decoded = (Option<Result<GlobalTrafficPolicy, String>>, Option<u64>);
+/// or why it is not believed; the sequence it was signed with; and its
+/// trust label.
+type Decoded = (
+    Option<Result<GlobalTrafficPolicy, String>>,
+    Option<u64>,
+    &'static str,
+);
 
 fn check(key: &str, p: GlobalTrafficPolicy) -> Result<GlobalTrafficPolicy, String> {
     p.validate().map_err(|e| format!("{key}: {e}"))?;
@@ -92,15 +100,26 @@ impl GlobalZone {
     /// `anchors`, or (only when trusting unsigned values) plain.
     fn decode(&self, key: &str, raw: &[u8], anchors: &[AnchorPublic]) -> Decoded {
         let trust = self.trust();
+        let label = |p: &Option<Result<GlobalTrafficPolicy, String>>| match p {
+            Some(Err(_)) => "INVALID",
+            _ => "ok",
+        };
         match open_anchored::<GlobalTrafficPolicy>(raw, &subject(self.keys(), key), anchors) {
-            Ok(o) => (o.value.map(|p| check(key, p)), Some(o.seq)),
-            Err(Refusal::Unsigned(_)) if trust.trust_unsigned => {
-                let p = serde_json::from_slice(raw)
-                    .map_err(|e| format!("{key}: not a policy: {e}"))
-                    .and_then(|p| check(key, p));
-                (Some(p), None)
+            Ok(o) => {
+                let p = o.value.map(|p| check(key, p));
+                let trust = label(&p);
+                (p, Some(o.seq), trust)
             }
-            Err(r) => (Some(Err(format!("{key}: {r}"))), None),
+            Err(Refusal::Unsigned(_)) if trust.trust_unsigned => {
+                let p = Some(
+                    serde_json::from_slice(raw)
+                        .map_err(|e| format!("{key}: not a policy: {e}"))
+                        .and_then(|p| check(key, p)),
+                );
+                let trust = label(&p);
+                (p, None, trust)
+            }
+            Err(r) => (Some(Err(format!("{key}: {r}"))), None, r.label()),
         }
     }
 
@@ -119,16 +138,17 @@ impl GlobalZone {
             let key = String::from_utf8_lossy(kv.key()).into_owned();
             let name = key[prefix.len()..].to_owned();
             match self.decode(&key, kv.value(), &anchors) {
-                (None, seq) => {
+                (None, seq, _) => {
                     deleted.insert(name, (kv.mod_revision(), seq.unwrap_or(0)));
                 }
-                (Some(policy), seq) => {
+                (Some(policy), seq, trust) => {
                     policies.insert(
                         name,
                         StoredPolicy {
                             policy,
                             mod_revision: kv.mod_revision(),
                             seq,
+                            trust,
                         },
                     );
                 }

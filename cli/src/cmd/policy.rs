@@ -186,6 +186,9 @@ pub async fn delete(name: &str, flags: &EtcdFlags) -> anyhow::Result<()> {
 #[serde(rename_all = "camelCase")]
 struct PolicyRow {
     name: String,
+    /// `ok`, or why the stored value is not believed (`get policies`).
+    #[serde(skip_serializing_if = "str::is_empty")]
+    trust: &'static str,
     revision: i64,
     #[serde(skip_serializing_if = "Option::is_none")]
     policy: Option<GlobalTrafficPolicy>,
@@ -234,6 +237,7 @@ pub async fn get(name: Option<&str>, output: Output, flags: &EtcdFlags) -> anyho
             };
             PolicyRow {
                 name,
+                trust: s.trust,
                 revision: s.mod_revision,
                 policy,
                 error,
@@ -250,16 +254,18 @@ pub async fn get(name: Option<&str>, output: Output, flags: &EtcdFlags) -> anyho
     print_rows(
         output,
         &rows,
-        &["NAME", "SERVICE", "REVISION", "SUMMARY"],
+        &["NAME", "TRUST", "SERVICE", "REVISION", "SUMMARY"],
         |r| match &r.policy {
             Some(p) => vec![
                 r.name.clone(),
+                r.trust.into(),
                 p.spec.service.clone(),
                 r.revision.to_string(),
                 summary(p),
             ],
             None => vec![
                 r.name.clone(),
+                r.trust.into(),
                 "?".into(),
                 r.revision.to_string(),
                 format!("UNREADABLE: {}", r.error.as_deref().unwrap_or("")),
@@ -279,6 +285,7 @@ pub async fn history(name: &str, output: Output, flags: &EtcdFlags) -> anyhow::R
         .iter()
         .map(|e| PolicyRow {
             name: name.into(),
+            trust: "",
             revision: e.revision,
             policy: e.policy.clone().and_then(Result::ok),
             error: match &e.policy {
