@@ -514,10 +514,11 @@ impl UpFederation {
                 .join(up::CONTROLLER_STATE_DIR)
                 .join(fedmesh_zone::dump::LAST_GOOD_FILE);
             loop {
-                let held = fedmesh_zone::dump::ZoneDump::read(&file, ks.prefix())
+                let held = fedmesh_zone::dump::DumpReader::open(&file, ks.prefix())
+                    .and_then(|mut d| d.records())
                     .ok()
-                    .and_then(|d| d.records.into_iter().find(|r| r.key == key))
-                    .is_some_and(|r| r.value.as_bytes() == now);
+                    .and_then(|records| records.into_iter().find(|r| r.key == key))
+                    .is_some_and(|r| r.value == now);
                 if held {
                     break;
                 }

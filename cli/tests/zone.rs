@@ -145,13 +145,19 @@ async fn a_wiped_etcd_is_restored_whole_and_never_older() {
     );
 
     // A tampered backup: a byte of the policy changed in the file.
+    // A backup is JSON lines: a header, then a {"key", "value"} per line.
     let text = std::fs::read_to_string(&backup).unwrap();
-    let mut dump: serde_json::Value = serde_json::from_str(&text).unwrap();
-    let record = dump["records"]
-        .as_array_mut()
-        .unwrap()
+    let mut lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let record = lines
         .iter_mut()
-        .find(|r| r["key"].as_str().unwrap().ends_with("/policies/pay"))
+        .find(|r| {
+            r["key"]
+                .as_str()
+                .is_some_and(|k| k.ends_with("/policies/pay"))
+        })
         .unwrap();
     let envelope: serde_json::Value =
         serde_json::from_str(record["value"].as_str().unwrap()).unwrap();
@@ -160,8 +166,9 @@ async fn a_wiped_etcd_is_restored_whole_and_never_older() {
     payload[40] = if payload[40] == 'a' { 'b' } else { 'a' };
     tampered["payload"] = serde_json::Value::String(payload.into_iter().collect());
     record["value"] = serde_json::Value::String(tampered.to_string());
+    let dump: String = lines.iter().map(|l| format!("{l}\n")).collect();
     let forged = dir.path().join("forged.json");
-    std::fs::write(&forged, dump.to_string()).unwrap();
+    std::fs::write(&forged, dump).unwrap();
     ok(&fedmesh(&["delete", "policy", "pay"], &etcd));
     let out = fedmesh(&["zone", "restore", forged.to_str().unwrap()], &etcd);
     ok(&out);

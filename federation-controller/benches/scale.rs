@@ -2,8 +2,10 @@
 //! what one later change costs; then its clients: a scoped proxy (ten named
 //! services, more on demand), an unscoped one (every service), and a
 //! gateway (its own cluster's exports), each a real process, with how long
-//! each takes to be ready and its RSS. The same measurements at a small
-//! size in the same run show what grows with the federation.
+//! each takes to be ready and its RSS; and last, the controller restarted
+//! with etcd down, from its last good view on disk alone. The same
+//! measurements at a small size in the same run show what grows with the
+//! federation.
 //!
 //! Run: `cargo bench -p fedmesh-controller --bench scale`
 //! (CLUSTERS=100 SERVICES=10000 by default; SMALL_CLUSTERS=10 SMALL_SERVICES=1000;
@@ -88,6 +90,16 @@ struct Measured {
     peak_mb: f64,
     change_ms: Vec<f64>,
     clients: Clients,
+    restart: Restart,
+}
+
+/// A restart from the last good view on disk, with etcd down.
+#[derive(Debug, Default, Clone, Copy)]
+struct Restart {
+    file_mb: f64,
+    /// From the process start until `/ready` reports a view.
+    ready_s: f64,
+    rss_mb: f64,
 }
 
 /// A discovery client's start: until it serves, and its RSS then.
@@ -293,42 +305,10 @@ async fn measure(
     .save(&dir.path().join("tokens.yaml"))
     .unwrap();
     let admin = format!("127.0.{n}.2:{}", 20000 + u16::from(n));
-    let log = std::env::var("CONTROLLER_LOG").ok();
     let etcd_pid = etcd.pid().unwrap();
     let etcd_cpu_before = cpu_s(etcd_pid);
     let started = Instant::now();
-    let mut child: Child = Command::new(env!("CARGO_BIN_EXE_fedmesh-controller"))
-        .arg("--join")
-        .arg(dir.path().join("join"))
-        .arg("--registry")
-        .arg(dir.path().join("registry.yaml"))
-        .args(["--listen", &format!("127.0.{n}.2:0"), "--admin", &admin])
-        .arg("--tokens")
-        .arg(dir.path().join("tokens.yaml"))
-        .args((!signed).then_some("--trust-unsigned"))
-        .env("RUST_LOG", log.as_deref().unwrap_or("error"))
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    // Its first line names the discovery address; the rest (its log, with
-    // CONTROLLER_LOG) is passed through.
-    let discovery = {
-        use std::io::BufRead;
-        let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
-        let found = loop {
-            let line = lines.next().unwrap().unwrap();
-            if let Some(rest) = line.split("discovery on ").nth(1) {
-                break rest.split(',').next().unwrap().to_string();
-            }
-            println!("{line}");
-        };
-        std::thread::spawn(move || {
-            for l in lines.map_while(Result::ok) {
-                println!("{l}");
-            }
-        });
-        found
-    };
+    let (mut child, discovery) = start_controller(dir.path(), n, &admin, signed);
     let mut version = loop {
         if let Some(v) = ready_version(&admin).await {
             break v;
@@ -377,8 +357,47 @@ async fn measure(
         }
         change_ms.push(t0.elapsed().as_secs_f64() * 1000.0);
     }
+    let last_change = std::time::SystemTime::now();
     let clients = measure_clients(dir.path(), &observer, &discovery, n).await;
     let peak = rss_mb(child.id(), "VmHWM:");
+
+    // The last good view on disk: once it holds the last change, the
+    // controller restarts while etcd is down and serves from it alone.
+    let file = dir
+        .path()
+        .join("state")
+        .join(fedmesh_zone::dump::LAST_GOOD_FILE);
+    let saved = Instant::now();
+    let file_mb = loop {
+        if let Ok(m) = std::fs::metadata(&file)
+            && m.modified().is_ok_and(|t| t > last_change)
+        {
+            break m.len() as f64 / 1e6;
+        }
+        assert!(
+            saved.elapsed() < Duration::from_secs(120),
+            "the last good view was never written"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    let mut etcd = etcd;
+    etcd.kill();
+    let restarted = Instant::now();
+    let (mut child, _) = start_controller(dir.path(), n, &admin, signed);
+    while ready_version(&admin).await.is_none() {
+        assert!(
+            restarted.elapsed() < Duration::from_secs(600),
+            "no restart from disk"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let restart = Restart {
+        file_mb,
+        ready_s: restarted.elapsed().as_secs_f64(),
+        rss_mb: rss_mb(child.id(), "VmRSS:"),
+    };
     let _ = child.kill();
     let _ = child.wait();
     Measured {
@@ -392,7 +411,45 @@ async fn measure(
         peak_mb: peak,
         change_ms,
         clients,
+        restart,
     }
+}
+
+/// Starts the controller of `dir` (with `--state-dir dir/state`); returns
+/// it and its discovery address, from the first line it prints. The rest
+/// (its log, with CONTROLLER_LOG) is passed through.
+fn start_controller(dir: &std::path::Path, n: u8, admin: &str, signed: bool) -> (Child, String) {
+    let log = std::env::var("CONTROLLER_LOG").ok();
+    let mut child: Child = Command::new(env!("CARGO_BIN_EXE_fedmesh-controller"))
+        .arg("--join")
+        .arg(dir.join("join"))
+        .arg("--registry")
+        .arg(dir.join("registry.yaml"))
+        .args(["--listen", &format!("127.0.{n}.2:0"), "--admin", admin])
+        .arg("--tokens")
+        .arg(dir.join("tokens.yaml"))
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .args((!signed).then_some("--trust-unsigned"))
+        .env("RUST_LOG", log.as_deref().unwrap_or("error"))
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::BufRead;
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let discovery = loop {
+        let line = lines.next().unwrap().unwrap();
+        if let Some(rest) = line.split("discovery on ").nth(1) {
+            break rest.split(',').next().unwrap().to_string();
+        }
+        println!("{line}");
+    };
+    std::thread::spawn(move || {
+        for l in lines.map_while(Result::ok) {
+            println!("{l}");
+        }
+    });
+    (child, discovery)
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -462,6 +519,24 @@ async fn main() {
         g.rss_mb / u.rss_mb,
         median(&mut g.change_ms.clone()) / median(&mut u.change_ms.clone())
     );
+    println!();
+    println!(
+        "| global zone | signed | last good view on disk (MB) | restart with etcd down: ready (s) | cold sync from etcd (s) | restart / cold sync | RSS after restart (MB) |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    for m in &rows {
+        println!(
+            "| {} clusters x {} services | {} | {:.1} | {:.2} | {:.2} | {:.2}x | {:.0} |",
+            m.clusters,
+            m.services,
+            if m.signed { "yes" } else { "no" },
+            m.restart.file_mb,
+            m.restart.ready_s,
+            m.cold_sync_s,
+            m.restart.ready_s / m.cold_sync_s,
+            m.restart.rss_mb,
+        );
+    }
     println!();
     println!(
         "| global zone | scoped proxy (10 services): ready (s) | RSS (MB) | first request to an unheld service (ms) | second (ms) | unscoped proxy: ready (s) | RSS (MB) | gateway: ready (s) | RSS (MB) |"

@@ -24,7 +24,7 @@ use etcd_client::Client;
 use fedmesh_api::KeySpace;
 use fedmesh_seal::{AnchorPublic, open_anchored, open_by_root, root_keyid};
 use fedmesh_trust::{Authority, Bundle};
-use fedmesh_zone::dump::ZoneDump;
+use fedmesh_zone::dump::DumpReader;
 use fedmesh_zone::gate::current_anchor;
 use fedmesh_zone::join::JoinDir;
 use tokio::sync::watch;
@@ -176,14 +176,15 @@ pub async fn run(
 async fn heal_record(etcd: &mut Client, keys: &KeySpace, own: &OwnRecord, anchor: &AnchorPublic) {
     let key = keys.cluster(&own.cluster);
     let subject = format!("clusters/{}", own.cluster);
-    let view = own
-        .last_good
-        .as_deref()
-        .and_then(|path| ZoneDump::read(path, keys.prefix()).ok());
+    // The records of the last good view only: they come first.
+    let view = own.last_good.as_deref().and_then(|path| {
+        DumpReader::open(path, keys.prefix())
+            .and_then(|mut r| r.records())
+            .ok()
+    });
     let stored_in_view = |k: &str| {
-        let dump = view.as_ref()?;
-        let kv = dump.records.iter().find(|r| r.key == k)?;
-        Some(kv.value.clone().into_bytes())
+        let kv = view.as_ref()?.iter().find(|r| r.key == k)?;
+        Some(kv.value.clone())
     };
     // The anchor chain (a rotated anchor) from the last good view, else
     // from etcd: records count from its newest key.

@@ -187,10 +187,12 @@ impl GlobalView {
     }
 
     /// Every export as the plain value its cluster wrote (the view keeps
-    /// all of it), for the last good view on disk.
+    /// all of it), cluster by cluster, for the last good view on disk.
+    /// Lazy: a million exports are never copied at once.
     pub fn export_kvs(&self) -> impl Iterator<Item = RawKv> + '_ {
-        self.by_service.iter().flat_map(move |(svc, exporters)| {
-            exporters.iter().map(move |e| {
+        self.export_counts.keys().flat_map(move |cluster| {
+            self.by_service.iter().filter_map(move |(svc, exporters)| {
+                let e = exporters.get(cluster)?;
                 let summary = fedmesh_api::ExportSummary {
                     ports: e.ports.to_vec(),
                     localities: e
@@ -205,11 +207,11 @@ impl GlobalView {
                         .collect(),
                     generation: e.generation,
                 };
-                RawKv {
-                    key: self.keys.export(&e.cluster, &svc.namespace, &svc.name),
+                Some(RawKv {
+                    key: self.keys.export(cluster, &svc.namespace, &svc.name),
                     value: serde_json::to_vec(&summary).unwrap_or_default(),
                     mod_revision: e.mod_revision,
-                }
+                })
             })
         })
     }

@@ -657,7 +657,7 @@ fn a_dump_read_back_through_a_new_gate_is_believed_as_before_and_no_more() {
         now,
     );
     let path = std::path::Path::new("last-good-view.json");
-    let bytes = serde_json::to_vec(&dump).unwrap();
+    let bytes = dump.to_bytes();
     let read = fedmesh_zone::dump::ZoneDump::parse(&bytes, path, f.keys.prefix()).unwrap();
 
     let mut fresh = f.gate();

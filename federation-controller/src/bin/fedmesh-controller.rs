@@ -189,13 +189,17 @@ fn service_account(s: &str) -> anyhow::Result<fedmesh_kube::ServiceAccount> {
     })
 }
 
-/// `dir` (and its parents), private to this user.
+/// `dir` (and its parents), private to this user when it is ours to make
+/// so: a mounted volume (a Kubernetes emptyDir) belongs to root, and the
+/// files written in it are 0600 anyway.
 fn create_private_dir(dir: &std::path::Path) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt as _;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+        if let Err(e) = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)) {
+            tracing::warn!(dir = %dir.display(), error = %e, "the state directory cannot be made private; its files are written 0600");
+        }
     }
     Ok(())
 }
