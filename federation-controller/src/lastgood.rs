@@ -4,8 +4,10 @@
 //! restored from an old snapshot, or unreachable) must not withdraw the
 //! remote clusters it served a moment ago. So the watcher writes what its
 //! gate believes to a file (a `fedmesh_zone::dump`: records as signed,
-//! exports as written, a line each, streamed both ways), at most every few seconds, and a starting controller reads it
-//! back through its gate before it reaches etcd. Nothing in the file is
+//! exports as written, a line each, streamed both ways) at most every few
+//! seconds, and a starting controller reads it back through its gate
+//! before it reaches etcd. A file damaged part way gives what its good
+//! part verifies, and no more. Nothing in the file is
 //! believed for being there: every value is judged again, so a stale or
 //! tampered file can only offer what its signatures allow, and a newer
 //! value in etcd still wins.

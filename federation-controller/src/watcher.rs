@@ -96,10 +96,21 @@ pub async fn run(
 ) {
     let mut backoff = Backoff::new(config.initial_backoff, config.max_backoff);
     let mut need_list = true;
-    let mut keeper = config.last_good.map(|path| {
-        lastgood::restore(&path, &mut gate, &mut view, std::time::SystemTime::now());
-        Keeper::new(path, config.save_every)
-    });
+    let mut keeper = None;
+    if let Some(path) = config.last_good {
+        // Seconds of file reading at scale: off the async threads.
+        let restored = tokio::task::spawn_blocking(move || {
+            lastgood::restore(&path, &mut gate, &mut view, std::time::SystemTime::now());
+            (path, gate, view)
+        })
+        .await;
+        let Ok((path, g, v)) = restored else {
+            tracing::error!("restoring the last good view panicked; the watcher stops");
+            return;
+        };
+        (gate, view) = (g, v);
+        keeper = Some(Keeper::new(path, config.save_every));
+    }
     // Served at once, etcd or not: a restart keeps what was believed.
     if view.is_complete() {
         publish(&tx, &view, &stats);

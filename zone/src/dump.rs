@@ -71,6 +71,14 @@ pub struct DumpedKv {
 }
 
 impl DumpedKv {
+    fn into_raw(self) -> RawKv {
+        RawKv {
+            key: self.key,
+            value: self.value.into_bytes(),
+            mod_revision: 0,
+        }
+    }
+
     /// `kv`, if its value is text: believed values are JSON, anything else
     /// is not kept.
     fn of(kv: RawKv) -> Option<Self> {
@@ -327,7 +335,11 @@ impl<R: std::io::BufRead> DumpReader<R> {
 
     /// The records (as signed), read up to the first export.
     pub fn records(&mut self) -> Result<Vec<RawKv>, DumpError> {
-        Ok(self.records_dumped()?.iter().map(DumpedKv::raw).collect())
+        Ok(self
+            .records_dumped()?
+            .into_iter()
+            .map(DumpedKv::into_raw)
+            .collect())
     }
 
     /// The next cluster's exports, after [`Self::records`].
@@ -338,13 +350,13 @@ impl<R: std::io::BufRead> DumpReader<R> {
         };
         let cluster_of = |k: &str| keys.parse_export(k).map(|(c, ..)| c.to_owned());
         let cluster = cluster_of(&first.key).unwrap_or_default();
-        let mut kvs = vec![first.raw()];
+        let mut kvs = vec![first.into_raw()];
         while let Some(kv) = self.next_kv()? {
             if cluster_of(&kv.key).as_deref() != Some(cluster.as_str()) {
                 self.pending = Some(kv);
                 break;
             }
-            kvs.push(kv.raw());
+            kvs.push(kv.into_raw());
         }
         Ok(Some((cluster, kvs)))
     }
