@@ -187,17 +187,8 @@ async fn list(
     let prefix = view.keys().prefix().to_owned();
     let mut revision = 0;
     let mut listing = Listing::default();
-    // `seen/` too: a stale cluster's age comes from it, and a listing
-    // drops every record it does not contain.
     let mut records = Vec::new();
-    for kind in [
-        "anchor/",
-        "clusters/",
-        "alive/",
-        "seen/",
-        "bundles/",
-        "policies/",
-    ] {
+    for kind in fedmesh_zone::RECORD_KINDS {
         let range = format!("{prefix}{kind}");
         list_range(
             client,

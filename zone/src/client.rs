@@ -131,6 +131,18 @@ pub struct FollowedAnchors {
     pub followed: Vec<fedmesh_seal::AnchorPublic>,
 }
 
+/// The ranges (under the prefix) a reader lists besides the exports, in
+/// the order a gate judges them: what vouches for a key comes first. `seen/`
+/// too: a stale cluster's age comes from it.
+pub const RECORD_KINDS: [&str; 6] = [
+    "anchor/",
+    "clusters/",
+    "alive/",
+    "seen/",
+    "bundles/",
+    "policies/",
+];
+
 /// A handle on the global zone.
 #[derive(Clone)]
 pub struct GlobalZone {
@@ -534,14 +546,7 @@ impl GlobalZone {
     pub async fn believed(&mut self) -> Result<Believed, ZoneError> {
         let mut gate = Gate::new(self.keys.clone(), self.trust.clone());
         let mut records = Vec::new();
-        for kind in [
-            "anchor/",
-            "clusters/",
-            "alive/",
-            "seen/",
-            "bundles/",
-            "policies/",
-        ] {
+        for kind in RECORD_KINDS {
             records.extend(self.list(kind).await?);
         }
         let listed = crate::dump::admit(

@@ -29,8 +29,8 @@ pub mod tokens;
 
 pub use access::{AccessError, EtcdTls, check_endpoints, connect_options, rbac_advisories};
 pub use client::{
-    Believed, GlobalZone, Pager, RawEvent, RawKv, RegisterOutcome, ZoneError, cluster_role,
-    decode_bundle, list_range,
+    Believed, GlobalZone, Pager, RECORD_KINDS, RawEvent, RawKv, RegisterOutcome, ZoneError,
+    cluster_role, decode_bundle, list_range,
 };
 pub use join::{EtcdAccess, JoinDir};
 pub use policies::{HistoryEntry, PolicyChange, PolicyHistory, StoredPolicies, StoredPolicy};
