@@ -4,6 +4,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -47,6 +48,12 @@ pub async fn accept(
                 tracing::warn!(listener = what, %error, retry_in = ?backoff, "accept failed; still listening");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(1));
+                // Readiness must not wait for a client to prove accepting
+                // works again: a descriptor that can be had now is enough.
+                if let Ok(probe) = listener.as_fd().try_clone_to_owned() {
+                    drop(probe);
+                    stats.failing.store(false, Ordering::Relaxed);
+                }
             }
         }
     }

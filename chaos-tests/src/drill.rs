@@ -306,16 +306,27 @@ pub struct Thresholds {
     /// Failed requests, at most.
     #[serde(default)]
     pub failed: Option<u64>,
+    /// Failed requests due after the fault was detected (the first request
+    /// that showed it ended), at most.
+    #[serde(default)]
+    pub failed_after_detect: Option<u64>,
     /// Time from the fault until requests succeed again at the steady rate.
     #[serde(default, with = "humantime_serde")]
     pub rto: Option<Duration>,
-    /// Requests served, while the fault lasts, by a cluster that served
-    /// none before it (0: traffic must not move at all).
+    /// The most any cluster's share of the traffic may change, in any
+    /// second of the fault, from its share before (0.05: five points).
     #[serde(default)]
-    pub moved: Option<u64>,
+    pub max_share_shift: Option<f64>,
     /// p99 while the fault lasts, at most.
     #[serde(default, with = "humantime_serde")]
     pub p99_during: Option<Duration>,
+    /// p99 while the fault lasts, at most this much above the p99 before.
+    #[serde(default)]
+    pub p99_vs_before: Option<RelativeP99>,
+    /// From this long after recovery to the end, every cluster's share is
+    /// back within ten points of its share before the fault.
+    #[serde(default, with = "humantime_serde")]
+    pub recovered_share: Option<Duration>,
     /// Time after recovery until traffic is back where it was.
     #[serde(default, with = "humantime_serde")]
     pub failback: Option<Duration>,
@@ -327,6 +338,15 @@ pub struct Thresholds {
     /// held before the fault, none of them older.
     #[serde(default, with = "humantime_serde")]
     pub healed: Option<Duration>,
+}
+
+/// `times` × the p99 before the fault, plus `plus`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RelativeP99 {
+    pub times: f64,
+    #[serde(with = "humantime_serde")]
+    pub plus: Duration,
 }
 
 impl Action {
@@ -468,7 +488,7 @@ impl Drill {
                 f.at, self.duration
             ));
         }
-        match &f.action {
+        let action: Result<(), String> = match &f.action {
             Action::Kill(t) | Action::Freeze(t) if t.list().iter().any(String::is_empty) => {
                 Err("fault: an empty target".into())
             }
@@ -488,7 +508,34 @@ impl Drill {
                 Ok(())
             }
             _ => Ok(()),
+        };
+        action?;
+        self.check_thresholds()
+    }
+
+    fn check_thresholds(&self) -> Result<(), String> {
+        let t = &self.thresholds;
+        if t.max_share_shift.is_some_and(|x| !(0.0..=1.0).contains(&x)) {
+            return Err("thresholds.max_share_shift: a share in [0, 1]".into());
         }
+        if t.p99_vs_before
+            .as_ref()
+            .is_some_and(|r| !(r.times.is_finite() && r.times >= 1.0))
+        {
+            return Err("thresholds.p99_vs_before.times: a factor of at least 1".into());
+        }
+        if let Some(within) = t.recovered_share {
+            let Some(at) = self.fault.recover else {
+                return Err("thresholds.recovered_share: the fault has no recover time".into());
+            };
+            if at + within + crate::report::SHARE_WINDOW > self.duration {
+                return Err(format!(
+                    "thresholds.recovered_share: {within:?} after recovery at {at:?} leaves less than a second of the drill ({:?}) to compare shares",
+                    self.duration
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// When the fault is put right, or the end of the drill.

@@ -14,7 +14,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -242,23 +242,36 @@ async fn http_once(http: &Http, load: &Load) -> (Outcome, Option<(String, String
     (Outcome::Ok, served)
 }
 
-/// One exchange with a TCP echo: a line out, the same line back.
+/// One exchange with a demo TCP echo: its greeting (`fedmesh-echo
+/// <cluster> <zone>`, where it runs), then a line out and the same line
+/// back.
 async fn tcp_once(target: SocketAddr, i: u64) -> (Outcome, Option<(String, String)>) {
-    let Ok(mut stream) = tokio::net::TcpStream::connect(target).await else {
+    let Ok(stream) = tokio::net::TcpStream::connect(target).await else {
         return (Outcome::Failed("connect".into()), None);
     };
     let _ = stream.set_nodelay(true);
+    let mut stream = tokio::io::BufReader::new(stream);
+    let mut banner = String::new();
+    let served = match stream.read_line(&mut banner).await {
+        Ok(n) if n > 0 => banner
+            .strip_prefix("fedmesh-echo ")
+            .and_then(|rest| rest.trim_end().split_once(' '))
+            .map(|(c, z)| (c.to_string(), z.to_string())),
+        _ => return (Outcome::Failed("reset".into()), None),
+    };
+    if served.is_none() {
+        return (Outcome::Failed("mismatch".into()), None);
+    }
     let line = format!("fedmesh drill {i:>16}\n");
-    if stream.write_all(line.as_bytes()).await.is_err() {
+    if stream.get_mut().write_all(line.as_bytes()).await.is_err() {
         return (Outcome::Failed("reset".into()), None);
     }
     let mut back = vec![0u8; line.len()];
-    let outcome = match stream.read_exact(&mut back).await {
-        Ok(_) if back == line.as_bytes() => Outcome::Ok,
-        Ok(_) => Outcome::Failed("mismatch".into()),
-        Err(_) => Outcome::Failed("reset".into()),
-    };
-    (outcome, None)
+    match stream.read_exact(&mut back).await {
+        Ok(_) if back == line.as_bytes() => (Outcome::Ok, served),
+        Ok(_) => (Outcome::Failed("mismatch".into()), None),
+        Err(_) => (Outcome::Failed("reset".into()), None),
+    }
 }
 
 #[cfg(test)]
@@ -359,6 +372,63 @@ mod tests {
                     .all(|r| r.outcome == Outcome::Failed("connect".into())),
                 "{protocol:?}: {records:?}"
             );
+        }
+    }
+
+    /// A TCP exchange records where the echo said it runs; an echo that
+    /// does not greet, or answers other bytes, fails the exchange.
+    #[tokio::test]
+    async fn a_tcp_exchange_records_the_serving_cluster() {
+        async fn echo(banner: &'static [u8], flip: bool) -> SocketAddr {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            tokio::spawn(async move {
+                loop {
+                    let (mut s, _) = listener.accept().await.unwrap();
+                    tokio::spawn(async move {
+                        s.write_all(banner).await.unwrap();
+                        let mut buf = [0u8; 64];
+                        while let Ok(n) = s.read(&mut buf).await {
+                            if n == 0 {
+                                break;
+                            }
+                            if flip {
+                                buf[0] ^= 1;
+                            }
+                            if s.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                        }
+                    });
+                }
+            });
+            addr
+        }
+        for (banner, flip, want) in [
+            (
+                &b"fedmesh-echo gcp-usc1 usc1-a\n"[..],
+                false,
+                Some("gcp-usc1"),
+            ),
+            (&b"hello\n"[..], false, None),
+            (&b"fedmesh-echo gcp-usc1 usc1-a\n"[..], true, None),
+        ] {
+            let records = start(Load {
+                target: echo(banner, flip).await,
+                host: String::new(),
+                protocol: Protocol::Tcp,
+                rate: 50,
+                duration: Duration::from_millis(100),
+                timeout: Duration::from_secs(2),
+            })
+            .finish()
+            .await
+            .unwrap();
+            assert_eq!(records.len(), 5);
+            for r in &records {
+                assert_eq!(r.cluster.as_deref(), want, "{r:?}");
+                assert_eq!(r.outcome.ok(), want.is_some(), "{r:?}");
+            }
         }
     }
 }

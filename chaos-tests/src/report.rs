@@ -8,7 +8,13 @@
 //!   one due after the last of them has its answer (0 when no request was
 //!   ever bad);
 //! - **failback**: from recovery until a request is served again by the
-//!   cluster and zone that served most before the fault.
+//!   cluster and zone that served most before the fault;
+//! - **share shift**: the most any cluster's share of the traffic moved, in
+//!   any second of the fault, from its share in the two seconds before it
+//!   ("no change in traffic" is this, near zero);
+//! - **recovered shift**: the same, over the end of the drill from a stated
+//!   time after recovery (a cluster starved after a gray failure shows
+//!   here).
 //!
 //! A request is *good* when it succeeded within the drill's `slow` bound.
 
@@ -25,6 +31,19 @@ pub const HOME_WINDOW: Duration = Duration::from_secs(1);
 
 /// The width of one step of the timeline.
 pub const BUCKET: Duration = Duration::from_millis(250);
+
+/// The traffic before the fault that shares and the p99 before are taken
+/// from: late enough that connections are warm.
+pub const BASELINE: Duration = Duration::from_secs(2);
+
+/// Shares are compared over a second, slid by one bucket: one bucket holds
+/// 50 requests at 200/s, whose split between two clusters varies by seven
+/// points by chance alone; a second, by three and a half.
+pub const SHARE_WINDOW: Duration = Duration::from_secs(1);
+
+/// How close to its share before the fault a cluster's share must be to
+/// count as back.
+pub const RECOVERED_POINTS: f64 = 0.10;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Report {
@@ -43,6 +62,11 @@ pub struct Report {
     pub duration: Duration,
     pub requests: u64,
     pub failed: u64,
+    /// Failed requests due after the fault was detected (a TCP connection
+    /// open when its backend dies breaks, as bytes cannot be replayed; one
+    /// opened after the fault showed must not).
+    #[serde(default)]
+    pub failed_after_detect: u64,
     /// Failures by status or kind (`503`, `timeout`, …).
     pub failed_by: BTreeMap<String, u64>,
     pub longest_failure_run: Run,
@@ -54,15 +78,24 @@ pub struct Report {
     /// `None`: traffic never moved, or never came back.
     #[serde(with = "humantime_serde")]
     pub failback: Option<Duration>,
-    /// Requests served, while the fault lasted, by a cluster that served
-    /// none before it.
-    pub moved: u64,
+    /// The largest change of any cluster's share of the traffic, in any
+    /// [`SHARE_WINDOW`] within the fault, from its share in the
+    /// [`BASELINE`] (0.38: a cluster gained or lost 38 points).
+    pub share_shift: Option<f64>,
+    /// Where that window started.
+    #[serde(with = "humantime_serde")]
+    pub share_shift_at: Option<Duration>,
+    /// The same change over the traffic from `recovered_share` after
+    /// recovery to the end (asked for by that threshold).
+    #[serde(default)]
+    pub recovered_shift: Option<f64>,
     /// Whether any request was served by a cluster or zone that was not
     /// home.
     pub left_home: bool,
     /// Where most requests were served before the fault:
     /// `cluster/zone`.
     pub home: Option<String>,
+    /// Over the [`BASELINE`].
     pub before: Percentiles,
     pub during: Percentiles,
     pub after: Percentiles,
@@ -130,6 +163,11 @@ impl Report {
         let done = |r: &Record| r.due + r.latency;
 
         let before: Vec<&Record> = records.iter().filter(|r| r.due < fault).collect();
+        let baseline: Vec<&Record> = before
+            .iter()
+            .copied()
+            .filter(|r| r.due + BASELINE >= fault)
+            .collect();
         let during: Vec<&Record> = records
             .iter()
             .filter(|r| r.due >= fault && r.due < end_of_fault)
@@ -158,19 +196,7 @@ impl Report {
             .max_by_key(|(_, n)| **n)
             .map(|(p, _)| p.clone());
         homes.retain(|_, n| *n * 20 >= counted);
-        // Every cluster that served anything before the fault: traffic
-        // going to one of them has not moved.
-        let served_before: Vec<&str> = before
-            .iter()
-            .filter(|r| r.outcome.ok())
-            .filter_map(|r| r.cluster.as_deref())
-            .collect();
         let elsewhere = |r: &Record| place(r).is_some_and(|p| !homes.contains_key(&p));
-        let other_cluster = |r: &Record| {
-            r.cluster
-                .as_deref()
-                .is_some_and(|c| !served_before.contains(&c))
-        };
 
         let detect = during
             .iter()
@@ -189,11 +215,16 @@ impl Report {
                 })
             }
         };
-        // While the fault lasts: what recovery itself does is failback's.
-        let moved = during
-            .iter()
-            .filter(|r| r.outcome.ok() && other_cluster(r))
-            .count() as u64;
+        let split_before = split(&baseline);
+        let (share_shift, share_shift_at) =
+            largest_shift(records, &split_before, fault, end_of_fault);
+        let recovered_shift = match (recover, drill.thresholds.recovered_share) {
+            (Some(at), Some(within)) => {
+                let late: Vec<&Record> = records.iter().filter(|r| r.due >= at + within).collect();
+                shift(&split_before, &split(&late))
+            }
+            _ => None,
+        };
         let left_home = records.iter().any(|r| r.outcome.ok() && elsewhere(r));
         let failback = match (recover, &home) {
             (Some(at), Some(home)) if left_home => after
@@ -208,6 +239,12 @@ impl Report {
             *failed_by.entry(r.outcome.label()).or_default() += 1;
         }
         let failed = failed_by.values().sum();
+        let failed_after_detect = detect.map_or(0, |d| {
+            records
+                .iter()
+                .filter(|r| r.due >= fault + d && !r.outcome.ok())
+                .count() as u64
+        });
 
         let mut report = Report {
             drill: drill.name.clone(),
@@ -221,15 +258,18 @@ impl Report {
             duration: drill.duration,
             requests: records.len() as u64,
             failed,
+            failed_after_detect,
             failed_by,
             longest_failure_run: longest_run(records),
             detect,
             rto,
             failback,
-            moved,
+            share_shift,
+            share_shift_at,
+            recovered_shift,
             left_home,
             home,
-            before: percentiles(&before),
+            before: percentiles(&baseline),
             during: percentiles(&during),
             after: percentiles(&after),
             timeline: timeline(records, drill.duration),
@@ -257,6 +297,67 @@ fn place(r: &Record) -> Option<String> {
         Some(z) => format!("{c}/{z}"),
         None => c.to_string(),
     })
+}
+
+/// Each cluster's share of the successes among `records` (`?`: served
+/// where the record does not say); empty when none succeeded.
+fn split(records: &[&Record]) -> BTreeMap<String, f64> {
+    let mut counts: BTreeMap<String, u64> = BTreeMap::new();
+    for r in records.iter().filter(|r| r.outcome.ok()) {
+        let c = r.cluster.clone().unwrap_or_else(|| "?".into());
+        *counts.entry(c).or_default() += 1;
+    }
+    let total = counts.values().sum::<u64>() as f64;
+    counts
+        .into_iter()
+        .map(|(c, n)| (c, n as f64 / total))
+        .collect()
+}
+
+/// The largest difference of any cluster's share between two splits;
+/// `None` when either has no success to compare.
+fn shift(a: &BTreeMap<String, f64>, b: &BTreeMap<String, f64>) -> Option<f64> {
+    if a.is_empty() || b.is_empty() {
+        return None;
+    }
+    let share = |m: &BTreeMap<String, f64>, c: &String| m.get(c).copied().unwrap_or(0.0);
+    a.keys()
+        .chain(b.keys())
+        .map(|c| (share(a, c) - share(b, c)).abs())
+        .reduce(f64::max)
+}
+
+/// The largest [`shift`] from `before` of any [`SHARE_WINDOW`] in
+/// `[from, to)` (the whole span when it is shorter), and where that window
+/// starts. `records` are in the order they were due.
+fn largest_shift(
+    records: &[Record],
+    before: &BTreeMap<String, f64>,
+    from: Duration,
+    to: Duration,
+) -> (Option<f64>, Option<Duration>) {
+    let window = |start: Duration, end: Duration| {
+        let lo = records.partition_point(|r| r.due < start);
+        let hi = records.partition_point(|r| r.due < end);
+        let rs: Vec<&Record> = records[lo..hi].iter().collect();
+        shift(before, &split(&rs))
+    };
+    let mut starts = vec![from];
+    let mut s = from + BUCKET;
+    while s + SHARE_WINDOW <= to {
+        starts.push(s);
+        s += BUCKET;
+    }
+    let mut best: (Option<f64>, Option<Duration>) = (None, None);
+    for start in starts {
+        let end = (start + SHARE_WINDOW).min(to);
+        if let Some(x) = window(start, end)
+            && best.0.is_none_or(|b| x > b)
+        {
+            best = (Some(x), Some(start));
+        }
+    }
+    best
 }
 
 fn longest_run(records: &[Record]) -> Run {
@@ -332,6 +433,14 @@ fn judge(r: &Report, t: &Thresholds) -> Verdict {
     {
         missed.push(format!("{} requests failed (at most {max})", r.failed));
     }
+    if let Some(max) = t.failed_after_detect
+        && r.failed_after_detect > max
+    {
+        missed.push(format!(
+            "{} requests due after the fault was detected failed (at most {max})",
+            r.failed_after_detect
+        ));
+    }
     if let Some(max) = t.rto {
         match r.rto {
             None => missed.push("requests never recovered while the fault lasted".into()),
@@ -339,12 +448,14 @@ fn judge(r: &Report, t: &Thresholds) -> Verdict {
             _ => {}
         }
     }
-    if let Some(max) = t.moved
-        && r.moved > max
+    if let (Some(max), Some(x), Some(at)) = (t.max_share_shift, r.share_shift, r.share_shift_at)
+        && x > max
     {
         missed.push(format!(
-            "{} requests moved to another cluster (at most {max})",
-            r.moved
+            "a cluster's share moved {} in the second from {} (at most {})",
+            points(x),
+            ms(at),
+            points(max)
         ));
     }
     if let (Some(max), Some(p99)) = (t.p99_during, r.during.p99)
@@ -355,6 +466,35 @@ fn judge(r: &Report, t: &Thresholds) -> Verdict {
             ms(p99),
             ms(max)
         ));
+    }
+    if let (Some(rel), Some(before), Some(during)) = (&t.p99_vs_before, r.before.p99, r.during.p99)
+    {
+        let max = before.mul_f64(rel.times) + rel.plus;
+        if during > max {
+            missed.push(format!(
+                "p99 during the fault {} (at most {}× the {} before + {} = {})",
+                ms(during),
+                rel.times,
+                ms(before),
+                ms(rel.plus),
+                ms(max)
+            ));
+        }
+    }
+    if let Some(within) = t.recovered_share {
+        match r.recovered_shift {
+            None => missed.push(format!(
+                "no request succeeded from {} after recovery to compare shares",
+                ms(within)
+            )),
+            Some(x) if x > RECOVERED_POINTS => missed.push(format!(
+                "from {} after recovery a cluster's share was still {} from before the fault (at most {})",
+                ms(within),
+                points(x),
+                points(RECOVERED_POINTS)
+            )),
+            _ => {}
+        }
     }
     if let Some(max) = t.failback
         && r.left_home
@@ -382,6 +522,11 @@ fn judge(r: &Report, t: &Thresholds) -> Verdict {
         passed: missed.is_empty(),
         missed,
     }
+}
+
+/// A share's change as people read it: `12 points`.
+pub fn points(x: f64) -> String {
+    format!("{:.0} points", x * 100.0)
 }
 
 /// A duration as people read it in a report: `0 ms`, `840 ms`, `2.31 s`.
@@ -477,7 +622,7 @@ thresholds: {thresholds}
         assert_eq!(r.home.as_deref(), Some("aws/z"));
         assert_eq!(r.detect, Some(305 * MS));
         assert_eq!(r.rto, Some(Duration::ZERO), "no request was ever bad");
-        assert_eq!(r.moved, 170, "while the fault lasted");
+        assert_eq!(r.share_shift, Some(1.0), "all of it went to gcp");
         assert_eq!(r.failback, Some(505 * MS));
         assert!(r.verdict.passed, "{:?}", r.verdict);
         assert_eq!(r.timeline.len(), 24);
@@ -494,6 +639,10 @@ thresholds: {thresholds}
         });
         let r = Report::new(&drill("{failed: 0, rto: 500ms, failback: 1s}"), &recs);
         assert_eq!(r.failed, 60);
+        assert_eq!(
+            r.failed_after_detect, 59,
+            "all but the first, which showed it"
+        );
         assert_eq!(r.failed_by.get("503"), Some(&60));
         assert_eq!(r.longest_failure_run.requests, 60);
         assert_eq!(r.longest_failure_run.from, 2000 * MS);
@@ -522,28 +671,99 @@ thresholds: {thresholds}
         {
             r.latency = 3500 * MS - r.due;
         }
-        let r = Report::new(&drill("{failed: 0, rto: 1s, moved: 0}"), &recs);
+        let r = Report::new(&drill("{failed: 0, rto: 1s, max_share_shift: 0.05}"), &recs);
         assert_eq!(r.failed, 0);
         assert_eq!(r.rto, Some(1500 * MS), "until the stalled ones ended");
         assert_eq!(r.during.p99, Some(1480 * MS));
-        assert_eq!(r.moved, 0);
+        assert_eq!(r.share_shift, Some(0.0));
         assert_eq!(r.verdict.missed, ["RTO 1.50 s (at most 1.00 s)"]);
         let r = Report::new(&drill("{p99_during: 100ms}"), &recs);
         assert_eq!(
             r.verdict.missed,
             ["p99 during the fault 1.48 s (at most 100 ms)"]
         );
+        let r = Report::new(&drill("{p99_vs_before: {times: 2, plus: 5ms}}"), &recs);
+        assert_eq!(
+            r.verdict.missed,
+            ["p99 during the fault 1.48 s (at most 2× the 5 ms before + 5 ms = 15 ms)"]
+        );
     }
 
     #[test]
     fn traffic_that_moves_when_it_must_not_fails_the_drill() {
         let recs = records(|t| Some(if t < 3000 * MS { "aws" } else { "gcp" }));
-        let r = Report::new(&drill("{moved: 0}"), &recs);
-        assert_eq!(r.moved, 100);
+        let r = Report::new(&drill("{max_share_shift: 0.05}"), &recs);
+        assert_eq!(r.share_shift, Some(1.0));
         assert_eq!(
             r.verdict.missed,
-            ["100 requests moved to another cluster (at most 0)"]
+            ["a cluster's share moved 100 points in the second from 3.00 s (at most 5 points)"]
         );
+    }
+
+    /// Two clusters both serve before the fault (gcp 40%, azure 60%).
+    fn split_40_60(i: u128) -> &'static str {
+        if i % 5 < 2 { "gcp" } else { "azure" }
+    }
+
+    /// The case a count of requests served by clusters new to the traffic
+    /// missed: traffic moving between two clusters that both served before.
+    #[test]
+    fn a_shift_from_gcp_to_azure_fails_no_change_in_traffic() {
+        let d = drill("{failed: 0, max_share_shift: 0.05}");
+        let steady = records(|t| Some(split_40_60(t.as_millis() / 10)));
+        let r = Report::new(&d, &steady);
+        assert_eq!(r.share_shift, Some(0.0));
+        assert!(r.verdict.passed, "{:?}", r.verdict);
+        // From 2.5 s to 3.5 s azure takes everything.
+        let shifted = records(|t| {
+            Some(if (2500 * MS..3500 * MS).contains(&t) {
+                "azure"
+            } else {
+                split_40_60(t.as_millis() / 10)
+            })
+        });
+        let r = Report::new(&d, &shifted);
+        assert_eq!(r.failed, 0);
+        let x = r.share_shift.unwrap();
+        assert!((x - 0.4).abs() < 1e-9, "{x}");
+        assert_eq!(r.share_shift_at, Some(2500 * MS));
+        assert_eq!(
+            r.verdict.missed,
+            ["a cluster's share moved 40 points in the second from 2.50 s (at most 5 points)"]
+        );
+    }
+
+    /// After a gray failure azure is well again but gets nothing: recovery
+    /// of the share is judged, not only of failures.
+    #[test]
+    fn a_cluster_starved_after_recovery_misses_recovered_share() {
+        let d = drill("{failed: 0, recovered_share: 1s}");
+        let starved = records(|t| {
+            Some(if t < 2000 * MS {
+                split_40_60(t.as_millis() / 10)
+            } else {
+                "gcp"
+            })
+        });
+        let r = Report::new(&d, &starved);
+        let x = r.recovered_shift.unwrap();
+        assert!((x - 0.6).abs() < 1e-9, "{x}");
+        assert_eq!(
+            r.verdict.missed,
+            [
+                "from 1.00 s after recovery a cluster's share was still 60 points from before the fault (at most 10 points)"
+            ]
+        );
+        let back = records(|t| {
+            Some(if (2000 * MS..4500 * MS).contains(&t) {
+                "gcp"
+            } else {
+                split_40_60(t.as_millis() / 10)
+            })
+        });
+        let r = Report::new(&d, &back);
+        assert_eq!(r.recovered_shift, Some(0.0));
+        assert!(r.verdict.passed, "{:?}", r.verdict);
     }
 
     /// A balancer's occasional request elsewhere before the fault does not
@@ -559,11 +779,11 @@ thresholds: {thresholds}
                 "gcp"
             })
         });
-        let r = Report::new(&drill("{moved: 0}"), &recs);
+        let r = Report::new(&drill("{max_share_shift: 0.05}"), &recs);
         assert_eq!(r.home.as_deref(), Some("aws/z"));
         assert_eq!(r.detect, Some(5 * MS), "gcp is not home");
         assert!(r.left_home);
-        assert_eq!(r.moved, 0, "but it had served before: no cluster is new");
+        assert!(!r.verdict.passed, "gcp served 2% before, all of it after");
     }
 
     #[test]
@@ -574,6 +794,26 @@ thresholds: {thresholds}
         assert_eq!(
             r.verdict.missed,
             ["requests never recovered while the fault lasted"]
+        );
+    }
+
+    /// TCP: the exchanges open when the backend died may break; one due
+    /// after the first failure showed the fault must not.
+    #[test]
+    fn a_failure_after_detection_fails_the_drill() {
+        let d = drill("{failed_after_detect: 0}");
+        // Only the exchange due at 2 s breaks.
+        let broken_then = records(|t| (t != 2000 * MS).then_some("aws"));
+        let r = Report::new(&d, &broken_then);
+        assert_eq!((r.failed, r.failed_after_detect), (1, 0));
+        assert!(r.verdict.passed, "{:?}", r.verdict);
+        // And one more, due at 2.5 s: the mesh still sent it to the dead one.
+        let late = records(|t| (t != 2000 * MS && t != 2500 * MS).then_some("aws"));
+        let r = Report::new(&d, &late);
+        assert_eq!((r.failed, r.failed_after_detect), (2, 1));
+        assert_eq!(
+            r.verdict.missed,
+            ["1 requests due after the fault was detected failed (at most 0)"]
         );
     }
 }

@@ -2,7 +2,7 @@
 
 use std::fmt::Write as _;
 
-use crate::report::{Report, ms};
+use crate::report::{Report, ms, points};
 
 /// A few lines per drill: the verdict first, then the figures.
 pub fn text(r: &Report) -> String {
@@ -42,7 +42,7 @@ pub fn text(r: &Report) -> String {
     );
     let _ = writeln!(
         s,
-        "      detect {}  RTO {}  failback {}  moved {}",
+        "      detect {}  RTO {}  failback {}  share shift {}",
         opt(r.detect, "-"),
         opt(r.rto, "never"),
         match (r.left_home, r.failback) {
@@ -50,7 +50,7 @@ pub fn text(r: &Report) -> String {
             (true, None) => "never".to_string(),
             (true, Some(d)) => ms(d),
         },
-        r.moved,
+        r.share_shift.map_or("-".into(), points),
     );
     let _ = writeln!(
         s,

@@ -1,6 +1,7 @@
 //! The demo backend `fedmesh up` runs for each replica: an HTTP echo whose
 //! JSON answer says where it runs (`cluster`, `zone`, `service`), or for a
-//! TCP service, a byte echo. Tests and drills assert on what it reports.
+//! TCP service, a byte echo that first greets with where it runs
+//! ([`tcp_banner`]). Tests and drills assert on what it reports.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -23,6 +24,12 @@ pub fn answer(cluster: &str, zone: &str, service: &str, path: &str) -> String {
     .to_string()
 }
 
+/// The line a TCP demo backend greets each connection with, before it
+/// echoes: `fedmesh-echo <cluster> <zone>`.
+pub fn tcp_banner(cluster: &str, zone: &str) -> String {
+    format!("fedmesh-echo {cluster} {zone}\n")
+}
+
 pub async fn run(
     listen: SocketAddr,
     cluster: String,
@@ -38,9 +45,13 @@ pub async fn run(
         let (stream, _) = listener.accept().await?;
         let _ = stream.set_nodelay(true);
         if tcp {
+            let banner = tcp_banner(&cluster, &zone);
             tokio::spawn(async move {
+                use tokio::io::AsyncWriteExt;
                 let (mut r, mut w) = stream.into_split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
+                if w.write_all(banner.as_bytes()).await.is_ok() {
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                }
             });
             continue;
         }

@@ -577,13 +577,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 change,
             };
             wan::command(&dir, &cmd).await?;
-            println!(
-                "{} {} {}: {:?}",
-                cmd.from,
-                if one_way { "→" } else { "↔" },
-                cmd.to,
-                cmd.change
-            );
+            println!("{cmd}");
             Ok(())
         }
         Command::DemoBackend {

@@ -161,6 +161,38 @@ pub struct Impairment {
     pub bandwidth: Option<u64>,
 }
 
+/// What `fedmesh wan` says it did: `aws ↔ azure: latency 0 ms, jitter 0
+/// ms`.
+impl std::fmt::Display for WanCommand {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let arrow = if self.both_ways { "↔" } else { "→" };
+        write!(f, "{} {arrow} {}: ", self.from, self.to)?;
+        let ms = |d: Duration| format!("{} ms", d.as_millis());
+        match &self.change {
+            Change::Reset => write!(f, "the topology's link again"),
+            Change::Rebind => write!(f, "every flow rebound to a new source address"),
+            Change::Impair(i) => {
+                let parts: Vec<String> = [
+                    i.latency.map(|l| format!("latency {}", ms(l))),
+                    i.jitter.map(|j| format!("jitter {}", ms(j))),
+                    i.loss
+                        .map(|l| format!("loss {}%", (l * 1000.0).round() / 10.0)),
+                    i.blackhole.then(|| "every datagram dropped".to_string()),
+                    i.bandwidth.map(|b| format!("bandwidth {b} bit/s")),
+                ]
+                .into_iter()
+                .flatten()
+                .collect();
+                if parts.is_empty() {
+                    write!(f, "the topology's link (nothing given to change)")
+                } else {
+                    write!(f, "{}", parts.join(", "))
+                }
+            }
+        }
+    }
+}
+
 impl Impairment {
     fn on(&self, base: Link) -> Link {
         Link {
@@ -453,6 +485,39 @@ mod tests {
     use super::*;
 
     const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn a_command_reads_as_words() {
+        let cmd = |both_ways, change| WanCommand {
+            from: "aws".into(),
+            to: "azure".into(),
+            both_ways,
+            change,
+        };
+        let zero = Impairment {
+            latency: Some(Duration::ZERO),
+            jitter: Some(Duration::ZERO),
+            ..Impairment::default()
+        };
+        assert_eq!(
+            cmd(true, Change::Impair(zero)).to_string(),
+            "aws ↔ azure: latency 0 ms, jitter 0 ms"
+        );
+        let cut = Impairment {
+            loss: Some(0.3),
+            blackhole: true,
+            bandwidth: Some(1_000_000),
+            ..Impairment::default()
+        };
+        assert_eq!(
+            cmd(false, Change::Impair(cut)).to_string(),
+            "aws → azure: loss 30%, every datagram dropped, bandwidth 1000000 bit/s"
+        );
+        assert_eq!(
+            cmd(true, Change::Reset).to_string(),
+            "aws ↔ azure: the topology's link again"
+        );
+    }
 
     fn latency(ms: u32) -> Link {
         Link {

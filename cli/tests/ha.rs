@@ -27,17 +27,27 @@ const AWS_PROXY: &str = "127.0.110.5:4140";
 const AWS_DB: &str = "127.0.110.5:5432";
 
 /// Bytes through the mesh's TCP listener come back from the db's demo
-/// backend, a byte echo.
-async fn echo_through(listener: &str) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(listener).await.unwrap();
-    s.write_all(b"select 1").await.unwrap();
-    let mut back = [0u8; 8];
-    tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut back))
+/// backend, a byte echo that first says where it runs; returns that
+/// cluster.
+async fn echo_through(listener: &str) -> String {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+    let s = tokio::net::TcpStream::connect(listener).await.unwrap();
+    let mut s = tokio::io::BufReader::new(s);
+    let exchange = async {
+        let mut banner = String::new();
+        s.read_line(&mut banner).await.unwrap();
+        s.get_mut().write_all(b"select 1").await.unwrap();
+        let mut back = [0u8; 8];
+        s.read_exact(&mut back).await.unwrap();
+        assert_eq!(&back, b"select 1");
+        banner
+    };
+    let banner = tokio::time::timeout(Duration::from_secs(10), exchange)
         .await
-        .expect("an echo within 10 s")
-        .unwrap();
-    assert_eq!(&back, b"select 1");
+        .expect("an echo within 10 s");
+    let mut words = banner.split_whitespace();
+    assert_eq!(words.next(), Some("fedmesh-echo"), "{banner:?}");
+    words.next().unwrap().to_string()
 }
 
 /// The pid of `cluster`'s gateway `i`, from the state `up` keeps.
@@ -103,8 +113,10 @@ async fn killing_one_gateway_on_either_side_fails_no_get() {
         failures.len(),
         &failures[..failures.len().min(5)]
     );
-    // The longest pause in traffic after the first kill: the gateways'
-    // QUIC idle timeout is 700 ms; allow as much again for a loaded machine.
+    // The longest pause in traffic after the first kill: a dead gateway's
+    // connections are given up after the QUIC idle timeout at the latest
+    // (the proxies' and gateways' default; failover is usually far sooner,
+    // on the refused or reset stream).
     let longest = answers
         .windows(2)
         .filter(|w| w[0].at >= t1)
@@ -112,9 +124,10 @@ async fn killing_one_gateway_on_either_side_fails_no_get() {
         .max()
         .unwrap_or_default();
     println!("longest pause after the first kill: {longest:?}");
+    let idle = fedmesh_proxy::config::Settings::default().quic_idle_timeout;
     assert!(
-        longest <= Duration::from_millis(1400),
-        "traffic paused for {longest:?}"
+        longest <= idle,
+        "traffic paused for {longest:?} (idle timeout {idle:?})"
     );
 
     // The TCP service, through aws's proxy listener: from aws's own db,
@@ -124,14 +137,15 @@ async fn killing_one_gateway_on_either_side_fails_no_get() {
         status.contains(AWS_DB),
         "status names the listener: {status}"
     );
-    echo_through(AWS_DB).await;
+    assert_eq!(echo_through(AWS_DB).await, "aws-use1");
     fedmesh_ok(&["stop", "aws-use1/shop/db"], state.path());
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         // The proxy learns of the stop from its controller; until then a
         // connection may still go to the stopped backend and be refused.
         let tried = tokio::spawn(echo_through(AWS_DB)).await;
-        if tried.is_ok() {
+        if let Ok(cluster) = tried {
+            assert_eq!(cluster, "gcp-usc1");
             break;
         }
         assert!(

@@ -178,6 +178,109 @@ async fn apply_diff_history_rollback_and_delete() {
     );
 }
 
+/// etcd compacts its history (as `fedmesh up`'s does every hour): history
+/// starts at the compaction and says older revisions are gone; rollback to
+/// one of them is refused by name, changing nothing; rollback to a revision
+/// still held works.
+#[tokio::test]
+async fn history_and_rollback_after_etcd_compacts() {
+    let etcd = Etcd::start().await.unwrap();
+    let ep = etcd.endpoint();
+    let dir = tempfile::tempdir().unwrap();
+    let mut revisions = Vec::new();
+    for aws in [90, 70, 50] {
+        let f = write(
+            dir.path(),
+            &format!("v{aws}.yaml"),
+            &[policy(
+                "checkout",
+                "shop/checkout",
+                &format!("  weights: {{aws: {aws}, gcp: {}}}\n", 100 - aws),
+            )],
+        );
+        ok(&fedmesh(&["apply", "-f", &f], &ep));
+        let h = ok(&fedmesh(
+            &["history", "policy", "checkout", "-o", "json"],
+            &ep,
+        ));
+        let rows: serde_json::Value = serde_json::from_str(&h).unwrap();
+        revisions.push(
+            rows.as_array().unwrap().last().unwrap()["revision"]
+                .as_i64()
+                .unwrap(),
+        );
+    }
+    // Compact at the second revision: the first is gone.
+    let mut client = etcd.client().await.unwrap();
+    client
+        .compact(
+            revisions[1],
+            Some(etcd_client::CompactionOptions::new().with_physical()),
+        )
+        .await
+        .unwrap();
+
+    let out = fedmesh(&["history", "policy", "checkout", "-o", "json"], &ep);
+    let rows: serde_json::Value = serde_json::from_str(&ok(&out)).unwrap();
+    let shown: Vec<i64> = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["revision"].as_i64().unwrap())
+        .collect();
+    assert_eq!(shown, revisions[1..], "history from the compaction on");
+    assert!(
+        text(&out.stderr).contains(&format!(
+            "etcd has compacted revisions before {}",
+            revisions[1]
+        )),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let gone = fedmesh(
+        &[
+            "rollback",
+            "policy",
+            "checkout",
+            "--to",
+            &revisions[0].to_string(),
+        ],
+        &ep,
+    );
+    assert!(!gone.status.success());
+    assert!(
+        text(&gone.stderr).contains(&format!(
+            "revision {} of policy \"checkout\" is gone: etcd has compacted it",
+            revisions[0]
+        )),
+        "{}",
+        text(&gone.stderr)
+    );
+    let yaml = ok(&fedmesh(
+        &["get", "policies", "checkout", "-o", "yaml"],
+        &ep,
+    ));
+    assert!(yaml.contains("aws: 50"), "nothing changed: {yaml}");
+
+    let back = ok(&fedmesh(
+        &[
+            "rollback",
+            "policy",
+            "checkout",
+            "--to",
+            &revisions[1].to_string(),
+        ],
+        &ep,
+    ));
+    assert!(back.contains("rolled back"), "{back}");
+    let yaml = ok(&fedmesh(
+        &["get", "policies", "checkout", "-o", "yaml"],
+        &ep,
+    ));
+    assert!(yaml.contains("aws: 70"), "{yaml}");
+}
+
 #[tokio::test]
 async fn nothing_is_written_unless_everything_passes() {
     let etcd = Etcd::start().await.unwrap();

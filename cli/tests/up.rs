@@ -122,6 +122,7 @@ async fn three_clouds_fail_over_from_aws_and_back() {
             tokio::time::sleep(std::time::Duration::from_millis(200)).await;
         }
     }
+    after_a_crash_start_restarts_what_died(state.path());
     drills_run_against_what_is_up(state.path());
 
     fedmesh_ok(&["down"], state.path());
@@ -129,6 +130,77 @@ async fn three_clouds_fail_over_from_aws_and_back() {
         TcpStream::connect(proxy).await.is_err(),
         "the proxy is gone"
     );
+}
+
+/// azure's payments backends and its proxy are killed (SIGKILL, not
+/// `fedmesh stop`): `status` shows them dead; `start` starts exactly what
+/// died and says so; `stop` of what is already stopped says it was not
+/// running.
+fn after_a_crash_start_restarts_what_died(state: &std::path::Path) {
+    let raw = std::fs::read(state.join("state.json")).unwrap();
+    let s: serde_json::Value = serde_json::from_slice(&raw).unwrap();
+    let azure = &s["clusters"][2];
+    assert_eq!(azure["name"], "azure-eus");
+    let payments: Vec<u64> = azure["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|b| b["service"] == "shop/payments")
+        .map(|b| b["pid"].as_u64().unwrap())
+        .collect();
+    let proxy = azure["proxy"]["pid"].as_u64().unwrap();
+    assert!(!payments.is_empty());
+    for pid in payments.iter().chain([&proxy]) {
+        let ok = std::process::Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success(), "kill -9 {pid}");
+    }
+    let status = |state: &std::path::Path| -> serde_json::Value {
+        let out = fedmesh(&["status", "-o", "json"], state);
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    // The killed processes are reaped by the supervisor: poll until the
+    // status sees them gone.
+    let n = payments.len();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let st = status(state);
+        let shown = st[2]["services"]["shop/payments"].clone();
+        if shown == format!("0/{n} ({n} dead)") && st[2]["proxy_health"] == "dead" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "status after kill -9: {shown}, proxy {}",
+            st[2]["proxy_health"]
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let said = fedmesh_ok(&["start", "azure-eus/shop/payments"], state);
+    assert_eq!(
+        said.lines()
+            .filter(|l| l.starts_with("started azure-eus/shop/payments"))
+            .count(),
+        n,
+        "{said}"
+    );
+    let said = fedmesh_ok(&["start", "azure-eus/proxy"], state);
+    assert_eq!(said.trim(), "started azure-eus-proxy");
+    let st = status(state);
+    assert_eq!(st[2]["services"]["shop/payments"], format!("{n}/{n}"));
+    assert_eq!(st[2]["proxy_health"], "up");
+    let said = fedmesh_ok(&["start", "azure-eus/proxy"], state);
+    assert_eq!(said.trim(), "azure-eus-proxy was already running");
+    // Stopped twice: the second says so.
+    fedmesh_ok(&["stop", "azure-eus/shop/payments@eus-1"], state);
+    let said = fedmesh_ok(&["stop", "azure-eus/shop/payments@eus-1"], state);
+    assert!(
+        said.lines().all(|l| l.ends_with("was not running")),
+        "{said}"
+    );
+    fedmesh_ok(&["start", "azure-eus/shop/payments@eus-1"], state);
 }
 
 /// `fedmesh drill` on the federation that is up: a drill file of the
@@ -185,6 +257,14 @@ thresholds: {failed: 0}
     let out = fedmesh(&["wan", "aws", "mars", "--latency", "100ms"], state);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("\"mars\""), "{err}");
+    // A change that is made is said in words.
+    let said = fedmesh_ok(
+        &["wan", "aws", "azure", "--latency", "0ms", "--jitter", "0ms"],
+        state,
+    );
+    assert_eq!(said.trim(), "aws ↔ azure: latency 0 ms, jitter 0 ms");
+    let said = fedmesh_ok(&["wan", "aws", "azure", "--reset"], state);
+    assert_eq!(said.trim(), "aws ↔ azure: the topology's link again");
 }
 
 #[test]

@@ -318,6 +318,12 @@ async fn the_discovery_listener_survives_running_out_of_descriptors() {
         .unwrap()
         .parse()
         .unwrap();
+    let admin = line
+        .split("admin on ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .unwrap()
+        .to_string();
     let warned = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let w = warned.clone();
     std::thread::spawn(move || {
@@ -340,9 +346,25 @@ async fn the_discovery_listener_survives_running_out_of_descriptors() {
         async move { w.load(std::sync::atomic::Ordering::Relaxed).then_some(()) }
     })
     .await;
+    // Out of descriptors, the controller is not ready (or cannot even
+    // answer its probe).
+    assert!(!http_get(&admin, "/ready").await.starts_with("HTTP/1.1 200"));
     drop(hogs);
 
-    // Descriptors are free again: Certify works over a fresh connection.
+    // Descriptors are free again: ready again by itself, before any
+    // discovery client comes back.
+    eventually("ready again", Duration::from_secs(10), || {
+        let admin = admin.clone();
+        async move {
+            http_get(&admin, "/ready")
+                .await
+                .starts_with("HTTP/1.1 200")
+                .then_some(())
+        }
+    })
+    .await;
+
+    // Certify works over a fresh connection.
     let access = fedmesh_discovery::ControllerAccess {
         address: discovery,
         controller: "spiffe://aws.fedmesh.test/fedmesh/controller/aws"

@@ -26,6 +26,10 @@ pub struct BalancerPolicy {
     pub failback_hold: Duration,
     pub outlier: OutlierPolicy,
     pub ewma_decay: Duration,
+    /// A target with nothing outstanding and no sample for this long costs
+    /// as a new one: the next choice between it and another probes it,
+    /// so a target that recovered is measured again.
+    pub probe_after: Duration,
     /// Steady shares of the weighted clusters ([`Target::group`] indexes
     /// it); empty: by priority alone.
     pub weights: Vec<u32>,
@@ -38,6 +42,7 @@ impl Default for BalancerPolicy {
             failback_hold: Duration::from_secs(30),
             outlier: OutlierPolicy::default(),
             ewma_decay: Duration::from_secs(10),
+            probe_after: Duration::from_secs(5),
             weights: Vec::new(),
         }
     }
@@ -240,8 +245,14 @@ impl<K: Hash + Eq + Clone> Balancer<K> {
                     .get(&t.key)
                     .copied()
                     .unwrap_or((PeakEwma::new(now), 0));
+                let stale = now.saturating_duration_since(ewma.sampled_at());
+                let latency = if pending == 0 && stale >= self.policy.probe_after {
+                    PeakEwma::new(now).get(now, self.policy.ewma_decay)
+                } else {
+                    ewma.get(now, self.policy.ewma_decay)
+                };
                 Candidate {
-                    latency: ewma.get(),
+                    latency,
                     pending,
                     weight: u32::try_from(t.healthy).unwrap_or(u32::MAX),
                 }
@@ -586,5 +597,46 @@ mod tests {
         assert_eq!(c.get("gcp"), None, "held back: {c:?}");
         let c = share(&mut b, &t, t0 + 40 * S);
         assert_eq!(c.get("gcp").copied().unwrap_or(0), 100, "{c:?}");
+    }
+
+    /// A gray failure: azure (10 ms closer) spikes to 300 ms, then is well
+    /// again. With both clusters compared on every choice, azure must be
+    /// measured again and win its share back; it used to keep its peak
+    /// estimate, never be chosen, and serve nothing for good.
+    #[test]
+    fn a_cluster_regains_its_share_after_a_latency_spike() {
+        let t0 = Instant::now();
+        let mut b = Balancer::new(BalancerPolicy::default());
+        let t = vec![remote("gcp", 3, 3), remote("azure", 3, 3)];
+        let ms = Duration::from_millis(1);
+        let rtt = |k: &str, spiking: bool| match k {
+            "azure" if spiking => 300 * ms,
+            "azure" => 10 * ms,
+            _ => 20 * ms,
+        };
+        // One request every 10 ms (virtual), each answered before the next.
+        let run = |b: &mut Balancer<&'static str>, from: u32, to: u32, spiking: bool| {
+            let mut azure = 0;
+            for i in from..to {
+                let now = t0 + i * 10 * ms;
+                let draw = Draw {
+                    level: 0.0,
+                    weight: 0.5,
+                    a: i as usize * 7,
+                    b: i as usize * 13,
+                };
+                let k = b.choose(&t, &[], draw, now).unwrap();
+                azure += usize::from(k == "azure");
+                b.started(&k, now);
+                b.finished(&k, Ok(rtt(k, spiking)), &t, now);
+            }
+            azure
+        };
+        assert!(run(&mut b, 0, 500, false) > 250, "azure is closer");
+        run(&mut b, 500, 1000, true);
+        // Well again: within 10 s (1,000 requests) azure serves most again.
+        run(&mut b, 1000, 2000, false);
+        let after = run(&mut b, 2000, 2500, false);
+        assert!(after > 250, "azure served {after} of 500 after the spike");
     }
 }

@@ -2,6 +2,11 @@
 //! of latency, scaled by outstanding requests and divided by weight (a
 //! remote cluster weighs its healthy capacity). Randomness is passed in,
 //! so choices are reproducible in tests.
+//!
+//! An estimate decays when it is read, not only when a sample arrives: with
+//! two candidates p2c compares both every time, so a target whose stored
+//! estimate stayed high after a spike would never be chosen, never
+//! measured, and starved for good.
 
 use std::time::{Duration, Instant};
 
@@ -25,20 +30,38 @@ impl PeakEwma {
         }
     }
 
+    /// The weight the stored estimate keeps after `now - self.at`.
+    fn kept(&self, now: Instant, decay: Duration) -> f64 {
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        (-elapsed / decay.as_secs_f64().max(1e-9)).exp()
+    }
+
+    /// A peak counts at once; a faster sample is blended into the estimate
+    /// as read now, weighing more the longer the estimate went unsampled.
     pub fn observe(&mut self, rtt: Duration, now: Instant, decay: Duration) {
         let sample = rtt.as_nanos() as f64;
-        if sample > self.nanos {
+        let current = self.get(now, decay).as_nanos() as f64;
+        if sample > current {
             self.nanos = sample;
         } else {
-            let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
-            let w = (-elapsed / decay.as_secs_f64().max(1e-9)).exp();
-            self.nanos = self.nanos * w + sample * (1.0 - w);
+            let w = self.kept(now, decay);
+            self.nanos = current * w + sample * (1.0 - w);
         }
         self.at = now;
     }
 
-    pub fn get(&self) -> Duration {
-        Duration::from_nanos(self.nanos as u64)
+    /// The estimate at `now`: the last one, relaxed toward
+    /// [`DEFAULT_RTT`] (what is assumed of a target never measured) by the
+    /// time since it was taken.
+    pub fn get(&self, now: Instant, decay: Duration) -> Duration {
+        let w = self.kept(now, decay);
+        let prior = DEFAULT_RTT.as_nanos() as f64;
+        Duration::from_nanos((self.nanos * w + prior * (1.0 - w)) as u64)
+    }
+
+    /// When the last sample was taken.
+    pub fn sampled_at(&self) -> Instant {
+        self.at
     }
 }
 
@@ -90,12 +113,31 @@ mod tests {
         let decay = Duration::from_secs(10);
         let mut e = PeakEwma::new(t0);
         e.observe(100 * MS, t0, decay);
-        assert_eq!(e.get(), 100 * MS);
-        e.observe(MS, t0 + Duration::from_secs(10), decay);
-        let after = e.get();
-        assert!(after < 40 * MS && after > 30 * MS, "{after:?}");
-        e.observe(MS, t0 + Duration::from_secs(60), decay);
-        assert!(e.get() < 2 * MS);
+        assert_eq!(e.get(t0, decay), 100 * MS);
+        let t1 = t0 + Duration::from_secs(10);
+        e.observe(MS, t1, decay);
+        // Read at 10 s the peak is 37.4 ms; the sample weighs 1 - e^-1.
+        let after = e.get(t1, decay);
+        assert!(after < 15 * MS && after > 14 * MS, "{after:?}");
+        let t2 = t0 + Duration::from_secs(60);
+        e.observe(MS, t2, decay);
+        assert!(e.get(t2, decay) < 2 * MS);
+    }
+
+    /// A spike with no sample after it fades on its own: the estimate read
+    /// later is lower though nothing was observed (it used to stay at the
+    /// peak until the next sample, which never came).
+    #[test]
+    fn an_estimate_fades_without_new_samples() {
+        let t0 = Instant::now();
+        let decay = Duration::from_secs(10);
+        let mut e = PeakEwma::new(t0);
+        e.observe(300 * MS, t0, decay);
+        let later = e.get(t0 + Duration::from_secs(10), decay);
+        assert!(later < 120 * MS && later > 100 * MS, "{later:?}");
+        let much_later = e.get(t0 + Duration::from_secs(60), decay);
+        assert!(much_later < 2 * MS, "{much_later:?}");
+        assert_eq!(e.sampled_at(), t0);
     }
 
     fn cand(ms: u32, pending: u32, weight: u32) -> Candidate {

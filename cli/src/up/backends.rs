@@ -44,6 +44,39 @@ pub fn component(target: &str) -> Option<String> {
     (known && !cluster.is_empty()).then(|| format!("{cluster}-{what}"))
 }
 
+/// What `stop` or `start` did to one process, as it tells the user.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Did {
+    Started,
+    Stopped,
+    WasRunning,
+    WasNotRunning,
+}
+
+impl Did {
+    /// `started aws/shop/cart@az1#0`, `aws-proxy was already running`, …
+    pub fn say(self, what: &str) -> String {
+        match self {
+            Did::Started => format!("started {what}"),
+            Did::Stopped => format!("stopped {what}"),
+            Did::WasRunning => format!("{what} was already running"),
+            Did::WasNotRunning => format!("{what} was not running"),
+        }
+    }
+}
+
+/// What to do with a process of recorded `pid` (0 or `None`: stopped) that
+/// is or is not `alive`: a process that died is started again whatever
+/// stopped it, and stopping one not running does nothing.
+fn plan(start: bool, recorded: bool, alive: bool) -> Did {
+    match (start, recorded && alive) {
+        (true, true) => Did::WasRunning,
+        (true, false) => Did::Started,
+        (false, true) => Did::Stopped,
+        (false, false) => Did::WasNotRunning,
+    }
+}
+
 /// Stops or starts again one of the federation's own processes, from the
 /// command it was first started with. Started, it is waited for until it
 /// listens (a gateway: its admin port).
@@ -52,24 +85,23 @@ async fn stop_start_process(
     dir: &Path,
     name: &str,
     start: bool,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Did> {
     let started = s.started.clone();
     let ours = |pid| super::state::ours(&started, pid);
     let topology = s.topology.clone();
     let Some(p) = s.proc_mut(name) else {
         bail!("{name:?} names no process of {topology}");
     };
+    let did = plan(start, p.pid != 0, ours(p.pid));
+    match did {
+        Did::Stopped => stop_all(&[p.pid], Duration::from_secs(10)).await,
+        Did::Started => respawn(p, dir).await?,
+        Did::WasRunning | Did::WasNotRunning => {}
+    }
     if !start {
-        if ours(p.pid) {
-            stop_all(&[p.pid], Duration::from_secs(10)).await;
-        }
         p.pid = 0;
-        return Ok(());
     }
-    if ours(p.pid) {
-        return Ok(());
-    }
-    respawn(p, dir).await
+    Ok(did)
 }
 
 /// Starts `p` again from the command it was first started with; returns
@@ -114,50 +146,59 @@ pub async fn stop_start(dir: &Path, target: &str, start: bool) -> anyhow::Result
     if let Some(name) = component(target) {
         let result = stop_start_process(&mut s, dir, &name, start).await;
         s.save(dir)?;
-        result?;
-        println!("{} {name}", if start { "started" } else { "stopped" });
+        println!("{}", result?.say(&name));
         return Ok(());
     }
     let started = s.started.clone();
     let ours = |pid| super::state::ours(&started, pid);
     let bins = binaries()?;
-    let mut touched = Vec::new();
+    let mut said = Vec::new();
+    let mut failed = None;
     for c in &mut s.clusters {
         let mut changed = false;
         for b in &mut c.backends {
             if !matches(target, &c.name, b)? {
                 continue;
             }
-            touched.push(b.id.clone());
-            match (start, b.pid) {
-                (false, Some(pid)) => {
-                    if ours(pid) {
-                        stop_all(&[pid], Duration::from_secs(5)).await;
+            let did = plan(start, b.pid.is_some(), b.pid.is_some_and(ours));
+            match did {
+                Did::Stopped => {
+                    stop_all(
+                        &b.pid.into_iter().collect::<Vec<_>>(),
+                        Duration::from_secs(5),
+                    )
+                    .await
+                }
+                Did::Started => {
+                    if let Err(e) = respawn_backend(b, &c.name, &bins, dir).await {
+                        failed = Some(e.context(format!("starting {}", b.id)));
+                        break;
                     }
-                    b.pid = None;
-                    changed = true;
                 }
-                (true, None) => {
-                    respawn_backend(b, &c.name, &bins, dir).await?;
-                    changed = true;
-                }
-                _ => {}
+                Did::WasRunning | Did::WasNotRunning => {}
             }
+            if !start {
+                b.pid = None;
+            }
+            changed |= did != Did::WasRunning;
+            said.push(did.say(&b.id));
         }
+        // Also after a failure: what did start is healthy in the registry.
         if changed {
             render::write_registry(c)?;
         }
+        if failed.is_some() {
+            break;
+        }
     }
-    if touched.is_empty() {
+    if said.is_empty() && failed.is_none() {
         bail!("{target:?} names no backend of {}", s.topology);
     }
     s.save(dir)?;
-    println!(
-        "{} {}",
-        if start { "started" } else { "stopped" },
-        touched.join(", ")
-    );
-    Ok(())
+    for line in &said {
+        println!("{line}");
+    }
+    failed.map_or(Ok(()), Err)
 }
 
 #[cfg(test)]
@@ -173,6 +214,21 @@ mod tests {
             tcp: false,
             pid: None,
         }
+    }
+
+    #[test]
+    fn start_restarts_whatever_is_not_running_and_stop_says_what_was_not() {
+        // start, a pid recorded, that pid alive.
+        assert_eq!(plan(true, true, true), Did::WasRunning);
+        assert_eq!(plan(true, true, false), Did::Started, "it crashed");
+        assert_eq!(plan(true, false, false), Did::Started, "it was stopped");
+        assert_eq!(plan(false, true, true), Did::Stopped);
+        assert_eq!(plan(false, true, false), Did::WasNotRunning, "it crashed");
+        assert_eq!(plan(false, false, false), Did::WasNotRunning);
+        assert_eq!(
+            Did::WasNotRunning.say("aws-proxy"),
+            "aws-proxy was not running"
+        );
     }
 
     #[test]

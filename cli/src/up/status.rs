@@ -15,8 +15,10 @@ use super::state::{Proc, State};
 /// A process's health.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Health {
-    /// Not running.
+    /// Stopped (by `fedmesh stop`).
     Down,
+    /// Started, and no longer running: it crashed or was killed.
+    Dead,
     /// Running, but its `/ready` does not answer 200.
     NotReady,
     /// Running, and ready (or running, for one without an admin port).
@@ -27,6 +29,7 @@ impl Health {
     pub fn label(self) -> &'static str {
         match self {
             Health::Down => "down",
+            Health::Dead => "dead",
             Health::NotReady => "not ready",
             Health::Up => "up",
         }
@@ -46,8 +49,11 @@ pub struct Observed {
 }
 
 async fn health(s: &State, p: &Proc) -> Health {
-    if !s.ours(p.pid) {
+    if p.pid == 0 {
         return Health::Down;
+    }
+    if !s.ours(p.pid) {
+        return Health::Dead;
     }
     match p.admin {
         None => Health::Up,
@@ -85,7 +91,7 @@ pub struct ClusterStatus {
     pub name: String,
     pub cloud: String,
     pub region: String,
-    /// `up`, `not ready` or `down`, from its `/ready`.
+    /// `up`, `not ready` (from its `/ready`), `down` (stopped) or `dead`.
     pub controller: &'static str,
     pub gateways_up: usize,
     pub gateways: usize,
@@ -94,6 +100,8 @@ pub struct ClusterStatus {
     /// The proxy's listener for each TCP service.
     pub proxy_tcp: BTreeMap<String, SocketAddr>,
     pub backends_up: usize,
+    /// Started and no longer running (stopped ones are not dead).
+    pub backends_dead: usize,
     pub backends: usize,
     pub services: BTreeMap<String, String>,
     /// `LIVE`, or `STALE` with its age, from the global zone; absent when
@@ -136,15 +144,19 @@ pub async fn liveness(s: &State, dir: &Path) -> BTreeMap<String, fedmesh_api::Li
 pub fn status_of(s: &State, o: &Observed) -> Vec<ClusterStatus> {
     let health = |p: &Proc| o.health.get(&p.name).copied().unwrap_or(Health::Down);
     let running = |pid: Option<u32>| pid.is_some_and(|p| o.alive.contains(&p));
+    let dead = |pid: Option<u32>| pid.is_some() && !running(pid);
     s.clusters
         .iter()
         .map(|c| {
-            let mut services: BTreeMap<String, (usize, usize)> = BTreeMap::new();
+            // Running, dead, all.
+            let mut services: BTreeMap<String, (usize, usize, usize)> = BTreeMap::new();
             for b in &c.backends {
                 let e = services.entry(b.service.clone()).or_default();
-                e.1 += 1;
+                e.2 += 1;
                 if running(b.pid) {
                     e.0 += 1;
+                } else if dead(b.pid) {
+                    e.1 += 1;
                 }
             }
             ClusterStatus {
@@ -162,10 +174,14 @@ pub fn status_of(s: &State, o: &Observed) -> Vec<ClusterStatus> {
                 proxy_health: health(&c.proxy).label(),
                 proxy_tcp: c.proxy_tcp.clone(),
                 backends_up: c.backends.iter().filter(|b| running(b.pid)).count(),
+                backends_dead: c.backends.iter().filter(|b| dead(b.pid)).count(),
                 backends: c.backends.len(),
                 services: services
                     .into_iter()
-                    .map(|(k, (up, all))| (k, format!("{up}/{all}")))
+                    .map(|(k, (up, dead, all))| match dead {
+                        0 => (k, format!("{up}/{all}")),
+                        _ => (k, format!("{up}/{all} ({dead} dead)")),
+                    })
                     .collect(),
                 liveness: o.liveness.get(&c.name).copied(),
             }
@@ -269,7 +285,7 @@ mod tests {
             health: [
                 ("aws-controller", Health::Up),
                 ("aws-gateway-0", Health::Up),
-                ("aws-gateway-1", Health::NotReady),
+                ("aws-gateway-1", Health::Dead),
                 ("aws-proxy", Health::NotReady),
             ]
             .into_iter()
@@ -281,10 +297,13 @@ mod tests {
         };
         let [c] = status_of(&state(), &o).try_into().unwrap();
         assert_eq!(c.controller, "up");
-        assert_eq!((c.gateways_up, c.gateways), (1, 2), "not ready is not up");
+        assert_eq!((c.gateways_up, c.gateways), (1, 2), "dead is not up");
         assert_eq!(c.proxy_health, "not ready");
-        assert_eq!((c.backends_up, c.backends), (2, 4));
-        assert_eq!(c.services["shop/cart"], "1/3");
+        assert_eq!((c.backends_up, c.backends_dead, c.backends), (2, 1, 4));
+        assert_eq!(
+            c.services["shop/cart"], "1/3 (1 dead)",
+            "21 died, one stopped"
+        );
         assert_eq!(c.services["shop/web"], "1/1");
         assert_eq!(c.liveness, None, "etcd did not answer");
     }
@@ -297,5 +316,18 @@ mod tests {
         assert_eq!((c.controller, c.proxy_health), ("down", "down"));
         assert_eq!(c.gateways_up, 0);
         assert_eq!(c.backends_up, 0);
+    }
+
+    /// A process `fedmesh stop` stopped has pid 0 and is down; one that is
+    /// gone without being stopped is dead (no process has a pid above
+    /// Linux's limit of 2^22).
+    #[tokio::test]
+    async fn a_stopped_process_is_down_and_a_vanished_one_dead() {
+        let s = state();
+        let mut stopped = proc("aws-proxy", 0);
+        stopped.admin = Some("127.0.1.1:9".parse().unwrap());
+        assert_eq!(health(&s, &stopped).await.label(), "down");
+        let gone = proc("aws-proxy", u32::MAX - 1);
+        assert_eq!(health(&s, &gone).await.label(), "dead");
     }
 }

@@ -320,7 +320,6 @@ pub async fn discovery_client(
     .await
     .unwrap();
     let stream = DiscoveryClient::new(ch)
-        .max_decoding_message_size(256 << 20)
         .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await
         .unwrap()
