@@ -47,9 +47,11 @@ pub mod trace;
 pub mod upstream;
 
 use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Duration;
 
+use fedmesh_dataplane::handoff::{HandoffError, Inherited, Offering};
 use fedmesh_trust::{AllowIds, BundleSet, SpiffeId, Svid};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -91,6 +93,34 @@ pub struct Extras {
     /// Asks the controller for services the table lacks, at their first
     /// request (discovery with a listed scope).
     pub on_demand: Option<fedmesh_discovery::OnDemand>,
+    /// Listeners taken over from the proxy this one replaces: each listen
+    /// address found here is served on that very socket, not bound again.
+    pub inherited: Option<Inherited>,
+}
+
+/// Where the listeners come from: inherited, or bound here. A copy of each
+/// is kept to hand over at the next restart.
+struct Binder {
+    inherited: Option<Inherited>,
+    kept: Vec<(SocketAddr, OwnedFd)>,
+}
+
+impl Binder {
+    async fn bind(
+        &mut self,
+        what: &'static str,
+        addr: SocketAddr,
+    ) -> Result<TcpListener, StartError> {
+        let e = |source| StartError::Bind { what, addr, source };
+        let l = match self.inherited.as_mut().and_then(|i| i.take(addr)) {
+            Some(taken) => TcpListener::from_std(taken.map_err(e)?).map_err(e)?,
+            None => TcpListener::bind(addr).await.map_err(e)?,
+        };
+        let local = l.local_addr().map_err(e)?;
+        self.kept
+            .push((local, l.as_fd().try_clone_to_owned().map_err(e)?));
+        Ok(l)
+    }
 }
 
 /// A running proxy. Dropping it stops its listeners at once; [`Proxy::drain`]
@@ -105,13 +135,25 @@ pub struct Proxy {
     shutdown: watch::Sender<bool>,
     /// The listeners, which end by themselves on shutdown.
     serving: Vec<JoinHandle<()>>,
-    /// Admin and housekeeping, which are stopped.
+    /// Housekeeping, which is stopped.
     background: Vec<JoinHandle<()>>,
+    /// The admin port, which stops at a drain: probes then reach the
+    /// process that took over, or fail.
+    admin_task: Option<JoinHandle<()>>,
+    /// A copy of each listener, for [`Proxy::offer`].
+    listeners: Vec<(SocketAddr, OwnedFd)>,
+    /// Listeners taken over at start, until [`Proxy::accepting`].
+    inherited: Option<Inherited>,
 }
 
 impl Drop for Proxy {
     fn drop(&mut self) {
-        for t in self.serving.iter().chain(&self.background) {
+        for t in self
+            .serving
+            .iter()
+            .chain(&self.background)
+            .chain(&self.admin_task)
+        {
             t.abort();
         }
     }
@@ -141,6 +183,7 @@ impl Proxy {
             tracer,
             discovery,
             on_demand,
+            inherited,
         } = extras;
         let me = &common.me;
         let egress_id = SpiffeId::gateway(&me.trust_domain, &me.cluster)
@@ -187,16 +230,15 @@ impl Proxy {
         shared.on_demand = on_demand;
         let shared = Arc::new(shared);
         let (shutdown, stop) = watch::channel(false);
-        let bind = |what, addr| async move {
-            TcpListener::bind(addr)
-                .await
-                .map_err(|source| StartError::Bind { what, addr, source })
+        let mut binder = Binder {
+            inherited,
+            kept: Vec::new(),
         };
         let mut tasks = Vec::new();
         let mut background = Vec::new();
         let mut http_addr = None;
         if let Some(addr) = common.listen.http {
-            let l = bind("http", addr).await?;
+            let l = binder.bind("http", addr).await?;
             http_addr = l.local_addr().ok();
             tasks.push(tokio::spawn(http::serve(
                 l,
@@ -207,18 +249,20 @@ impl Proxy {
         }
         let mut tcp_addrs = Vec::new();
         for t in &common.listen.tcp {
-            let l = bind("tcp", t.address).await?;
+            let l = binder.bind("tcp", t.address).await?;
             tcp_addrs.push(l.local_addr().unwrap_or(t.address));
             tasks.push(tokio::spawn(tcp::serve(
                 l,
                 t.service.clone(),
                 shared.clone(),
                 stop.clone(),
+                common.settings.drain_timeout,
             )));
         }
         let mut admin_addr = None;
+        let mut admin_task = None;
         if let Some(addr) = common.listen.admin {
-            let l = bind("admin", addr).await?;
+            let l = binder.bind("admin", addr).await?;
             admin_addr = l.local_addr().ok();
             let mut registry = prometheus_client::registry::Registry::default();
             metrics.register(&mut registry);
@@ -230,7 +274,7 @@ impl Proxy {
                 let n = t.borrow().services.len();
                 Ok(format!("{n} services"))
             });
-            background.push(tokio::spawn(fedmesh_admin::serve(
+            admin_task = Some(tokio::spawn(fedmesh_admin::serve(
                 l,
                 Arc::new(registry),
                 ready,
@@ -246,12 +290,40 @@ impl Proxy {
             shutdown,
             serving: tasks,
             background,
+            admin_task,
+            listeners: binder.kept,
+            inherited: binder.inherited,
         })
     }
 
-    /// Stops accepting, and lets live HTTP requests finish for up to the
-    /// drain timeout.
+    /// Tells the proxy this one replaced that it accepts on every listener
+    /// it took: that one stops accepting and drains. Nothing to do on a
+    /// first start.
+    pub fn accepting(&mut self) -> std::io::Result<()> {
+        self.inherited.take().map_or(Ok(()), Inherited::accepting)
+    }
+
+    /// Offers this proxy's listeners on `path` to the one that will
+    /// replace it ([`fedmesh_dataplane::handoff`]).
+    pub fn offer(&self, path: &std::path::Path) -> Result<Offering, HandoffError> {
+        let fds: Vec<_> = self
+            .listeners
+            .iter()
+            .map(|(a, fd)| (*a, fd.as_fd()))
+            .collect();
+        Offering::bind(path, &fds)
+    }
+
+    /// Stops accepting, and lets live requests and TCP connections finish
+    /// for up to the drain timeout. Drop the [`Offering`] first if nothing
+    /// took over: its copies would keep the sockets open.
     pub async fn drain(mut self) {
+        // The serving tasks close their listeners; these copies must not
+        // keep them open.
+        self.listeners.clear();
+        if let Some(admin) = self.admin_task.take() {
+            admin.abort();
+        }
         let _ = self.shutdown.send(true);
         let deadline = self.shared.settings.drain_timeout;
         // The HTTP task ends once its connections have drained.

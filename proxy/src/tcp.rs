@@ -4,10 +4,12 @@
 //! tried until the request timeout), then bytes are copied both ways.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use fedmesh_api::ServiceKey;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
+use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use crate::attempts::{AttemptPolicy, Attempts, Ending, Next, Replay};
@@ -15,24 +17,32 @@ use crate::metrics::TcpLabels;
 use crate::runtime::{Shared, stopped};
 use crate::upstream::{TunnelAsk, Upstream};
 
-/// Serves `service` on `listener` until `shutdown` turns true. Live
-/// connections are left to end by themselves, bounded by the caller's
-/// drain deadline.
+/// Serves `service` on `listener` until `shutdown` turns true; then stops
+/// accepting and waits up to `drain` for live connections to end (a TCP
+/// stream cannot be moved to another process, so it is given time).
 pub async fn serve(
     listener: TcpListener,
     service: ServiceKey,
     shared: Arc<Shared>,
     mut shutdown: watch::Receiver<bool>,
+    drain: Duration,
 ) {
     let stats = fedmesh_admin::AcceptStats::default();
+    let mut live = JoinSet::new();
     loop {
         let (tcp, _) = tokio::select! {
             c = fedmesh_admin::accept(&listener, "tcp", &stats) => c,
-            _ = stopped(&mut shutdown) => return,
+            Some(_) = live.join_next(), if !live.is_empty() => continue,
+            _ = stopped(&mut shutdown) => break,
         };
         let _ = tcp.set_nodelay(true);
         let (shared, service) = (shared.clone(), service.clone());
-        tokio::spawn(async move { proxy(&shared, &service, tcp).await });
+        live.spawn(async move { proxy(&shared, &service, tcp).await });
+    }
+    drop(listener);
+    let ended = tokio::time::timeout(drain, async { while live.join_next().await.is_some() {} });
+    if ended.await.is_err() {
+        tracing::warn!(service = %service, open = live.len(), ?drain, "drain deadline passed with TCP connections open");
     }
 }
 

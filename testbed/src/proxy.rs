@@ -127,6 +127,13 @@ impl Client {
         Ok(Self { tx })
     }
 
+    /// Whether the connection can take another request: false once the
+    /// proxy closed it (after a `Connection: close` answer, say), which a
+    /// pooling client sees before it sends anything.
+    pub async fn usable(&mut self) -> bool {
+        self.tx.ready().await.is_ok()
+    }
+
     pub async fn get(&mut self, host: &str) -> Result<Answer, String> {
         self.tx.ready().await.map_err(|e| e.to_string())?;
         let req = Request::get("/")
@@ -513,6 +520,13 @@ impl ProxyProcess {
     pub async fn start(config: &Path, rust_log: &str) -> Self {
         let mut cmd = tokio::process::Command::new(crate::binary("fedmesh-proxy"));
         cmd.arg("--config").arg(config);
+        Self::spawn(cmd, rust_log).await
+    }
+
+    /// [`Self::start`], with more arguments.
+    pub async fn start_with_args(config: &Path, rust_log: &str, args: &[&std::ffi::OsStr]) -> Self {
+        let mut cmd = tokio::process::Command::new(crate::binary("fedmesh-proxy"));
+        cmd.arg("--config").arg(config).args(args);
         Self::spawn(cmd, rust_log).await
     }
 

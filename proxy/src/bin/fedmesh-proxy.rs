@@ -2,6 +2,8 @@
 //! in the file it takes its SVID, bundles and services from the cluster's
 //! controller; without, it runs standalone from the file, which is re-read
 //! when it (or a file it names) changes. SIGTERM or Ctrl-C drains it.
+//! With `--handoff`, a proxy started with the same path takes over its
+//! listeners, and it drains: a restart that drops nothing.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -29,6 +31,11 @@ struct Args {
     /// How often a static config is checked for changes.
     #[arg(long, default_value = "2s", value_parser = duration_arg)]
     reload_interval: Duration,
+    /// A Unix socket for restarts that drop nothing: a proxy started while
+    /// another serves this path takes that one's listening sockets once it
+    /// is ready, and that one drains; then it serves the path itself.
+    #[arg(long)]
+    handoff: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -119,8 +126,13 @@ async fn run(args: Args, config: ProxyConfig) -> anyhow::Result<()> {
         tracer,
         discovery: source.status(),
         on_demand: source.on_demand().filter(|_| on_demand),
+        inherited: take_over(args.handoff.as_deref()).await?,
     };
-    let proxy = Proxy::start_with(&common, feeds.config, feeds.svid, feeds.bundles, extras).await?;
+    let mut proxy =
+        Proxy::start_with(&common, feeds.config, feeds.svid, feeds.bundles, extras).await?;
+    proxy
+        .accepting()
+        .context("telling the proxy taken over from that this one accepts")?;
     let show = |a: Option<std::net::SocketAddr>| a.map_or("-".to_string(), |a| a.to_string());
     let tcp: Vec<String> = proxy.tcp.iter().map(|a| a.to_string()).collect();
     println!(
@@ -129,7 +141,7 @@ async fn run(args: Args, config: ProxyConfig) -> anyhow::Result<()> {
         tcp.join(", "),
         show(proxy.admin)
     );
-    shutdown_signal().await?;
+    until_stopped(&proxy, args.handoff.as_deref()).await?;
     tracing::info!("draining");
     proxy.drain().await;
     if let Some(p) = provider {
@@ -139,6 +151,42 @@ async fn run(args: Args, config: ProxyConfig) -> anyhow::Result<()> {
     drop(source);
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The listeners of the proxy serving `handoff`, if one does; taken once
+/// this one is ready (its config is loaded by now).
+async fn take_over(
+    handoff: Option<&Path>,
+) -> anyhow::Result<Option<fedmesh_dataplane::handoff::Inherited>> {
+    let Some(path) = handoff.map(Path::to_path_buf) else {
+        return Ok(None);
+    };
+    let taken = tokio::task::spawn_blocking(move || fedmesh_dataplane::handoff::take_over(&path))
+        .await
+        .context("taking over the listeners")??;
+    if let Some(t) = &taken {
+        tracing::info!(listeners = ?t.addresses(), "taking over the running proxy's listeners");
+    }
+    Ok(taken)
+}
+
+/// Until SIGTERM or Ctrl-C, or until a proxy started with the same
+/// `handoff` path has taken the listeners and accepts on them.
+async fn until_stopped(proxy: &Proxy, handoff: Option<&Path>) -> anyhow::Result<()> {
+    let Some(path) = handoff else {
+        return shutdown_signal().await;
+    };
+    let offering = proxy.offer(path)?;
+    tokio::select! {
+        // The offering, dropped here, lets the sockets close as the drain
+        // stops accepting.
+        r = shutdown_signal() => r,
+        r = offering.wait() => {
+            r?;
+            tracing::info!("a new proxy took over the listeners");
+            Ok(())
+        }
+    }
 }
 
 /// A static config's table, its services' policies over the file's

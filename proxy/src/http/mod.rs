@@ -19,6 +19,7 @@ mod respond;
 
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use std::sync::Mutex;
@@ -29,7 +30,6 @@ use http_body_util::combinators::BoxBody;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, watch};
-use tokio::time::timeout;
 
 pub use forward::handle;
 pub use pool::{Pool, PoolKey};
@@ -76,8 +76,19 @@ async fn sweep(conns: Conns, header: Duration, idle: Duration) {
     }
 }
 
+/// While draining, a downstream connection idle this long is closed. A
+/// client's pool reuses its most recent connections first, so the ones it
+/// leaves idle are those it is least likely to be sending on as they close.
+pub const DRAIN_IDLE: Duration = Duration::from_millis(500);
+
 /// Serves HTTP on `listener` until `shutdown` turns true; then stops
-/// accepting and lets live connections finish for up to `drain`.
+/// accepting and drains for up to `drain`:
+///
+/// - every HTTP/1 response from then on says `Connection: close`, so a
+///   client learns of the close with an answer instead of racing its next
+///   request against it, and the connection ends after it;
+/// - a connection idle for [`DRAIN_IDLE`] is closed;
+/// - what is left at the deadline is shut down (h2: GOAWAY).
 pub async fn serve(
     listener: TcpListener,
     shared: Arc<Shared>,
@@ -100,6 +111,7 @@ pub async fn serve(
         settings.downstream_header_timeout,
         settings.downstream_idle_timeout,
     ));
+    let draining = Arc::new(AtomicBool::new(false));
     loop {
         let (tcp, _) = tokio::select! {
             c = fedmesh_admin::accept(&listener, "http", &stats) => c,
@@ -111,13 +123,20 @@ pub async fn serve(
         if let Some(v) = victim {
             v.notify_one();
         }
-        let (shared, held) = (shared.clone(), conns.clone());
-        let svc = hyper::service::service_fn(move |req| {
-            let (shared, held) = (shared.clone(), held.clone());
+        let (shared, held, draining) = (shared.clone(), conns.clone(), draining.clone());
+        let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+            let (shared, held, draining) = (shared.clone(), held.clone(), draining.clone());
             async move {
                 lock(&held).started(id);
                 let guard = InFlight(held, id);
-                let resp = handle(&shared, req).await;
+                let h1 = req.version() < hyper::Version::HTTP_2;
+                let mut resp = handle(&shared, req).await;
+                if h1 && draining.load(Ordering::Relaxed) {
+                    resp.headers_mut().insert(
+                        hyper::header::CONNECTION,
+                        hyper::header::HeaderValue::from_static("close"),
+                    );
+                }
                 let resp = resp.map(|b| {
                     b.map_frame(move |f| {
                         let _held = &guard;
@@ -143,9 +162,19 @@ pub async fn serve(
             lock(&conns).closed(id);
         });
     }
-    sweeper.abort();
+    let deadline = tokio::time::Instant::now() + drain;
     drop(listener);
-    if timeout(drain, graceful.shutdown()).await.is_err() {
+    draining.store(true, Ordering::Relaxed);
+    sweeper.abort();
+    let sweeper = tokio::spawn(sweep(conns.clone(), DRAIN_IDLE, DRAIN_IDLE));
+    while !lock(&conns).is_empty() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    sweeper.abort();
+    if tokio::time::timeout_at(deadline, graceful.shutdown())
+        .await
+        .is_err()
+    {
         tracing::warn!(?drain, "drain deadline passed with requests still live");
     }
 }
