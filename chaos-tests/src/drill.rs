@@ -34,14 +34,15 @@ pub struct Drill {
     pub about: String,
     /// The name of the topology it is written for (`three-clouds`).
     pub topology: String,
-    /// The cluster whose proxy the load goes through.
-    pub client: String,
+    /// The cluster whose proxy the load goes through; several share the
+    /// load in turn (request `i` through the `i mod n`-th).
+    pub client: Targets,
     /// `namespace/name`.
     pub service: String,
     #[serde(default)]
     pub protocol: Protocol,
-    /// Requests (or TCP exchanges) a second, sent on schedule whatever
-    /// the answers do.
+    /// Requests (or TCP exchanges) a second, from all clients together,
+    /// sent on schedule whatever the answers do.
     pub rate: u32,
     #[serde(with = "humantime_serde")]
     pub duration: Duration,
@@ -88,6 +89,7 @@ struct RawFault {
     poison: Option<Poison>,
     forge: Option<Forge>,
     wipe_etcd: Option<WipeEtcd>,
+    restart: Option<Targets>,
 }
 
 impl TryFrom<RawFault> for Fault {
@@ -103,6 +105,7 @@ impl TryFrom<RawFault> for Fault {
             r.poison.map(Action::Poison),
             r.forge.map(Action::Forge),
             r.wipe_etcd.map(Action::WipeEtcd),
+            r.restart.map(Action::Restart),
         ];
         let mut given = actions.into_iter().flatten();
         match (given.next(), given.next()) {
@@ -112,7 +115,7 @@ impl TryFrom<RawFault> for Fault {
                 recover: r.recover,
             }),
             _ => Err(
-                "fault: give exactly one of kill, freeze, flap, wan, rotate_ca, poison, forge, wipe_etcd"
+                "fault: give exactly one of kill, freeze, flap, wan, rotate_ca, poison, forge, wipe_etcd, restart"
                     .into(),
             ),
         }
@@ -154,6 +157,10 @@ pub enum Action {
     /// and auth as `fedmesh up` does, then restarts every controller one by
     /// one. Nothing to undo: the owners rebuild the zone.
     WipeEtcd(WipeEtcd),
+    /// Restarts each process named, gracefully (`fedmesh restart`), one
+    /// after another, each ready before the next; a cluster names its
+    /// controller, gateways and proxy. Nothing to undo.
+    Restart(Targets),
 }
 
 /// How the global zone's etcd comes back.
@@ -376,6 +383,7 @@ impl Action {
             Action::Poison(Poison::Policy(n)) => Action::Poison(Poison::Policy(r(n))),
             Action::Forge(fg) => Action::Forge(fg.resolve(r)),
             Action::WipeEtcd(w) => Action::WipeEtcd(w.clone()),
+            Action::Restart(t) => Action::Restart(Targets::Many(t.list().iter().map(r).collect())),
         }
     }
 
@@ -428,6 +436,7 @@ impl std::fmt::Display for Action {
                 "restore etcd from a backup older than the zone, then restart every controller"
             ),
             Action::WipeEtcd(_) => write!(f, "empty etcd, then restart every controller"),
+            Action::Restart(t) => write!(f, "restart {}, one by one", t.list().join(", ")),
         }
     }
 }
@@ -452,6 +461,10 @@ impl Drill {
     }
 
     fn check(&self) -> Result<(), String> {
+        let clients = self.client.list();
+        if clients.is_empty() || clients.iter().any(String::is_empty) {
+            return Err("client: name at least one cluster".into());
+        }
         if self.name.is_empty() || self.name.contains(['/', ' ']) {
             return Err(format!(
                 "name: {:?} must be a word (letters, digits, '-')",
@@ -489,10 +502,12 @@ impl Drill {
             ));
         }
         let action: Result<(), String> = match &f.action {
-            Action::Kill(t) | Action::Freeze(t) if t.list().iter().any(String::is_empty) => {
+            Action::Kill(t) | Action::Freeze(t) | Action::Restart(t)
+                if t.list().iter().any(String::is_empty) =>
+            {
                 Err("fault: an empty target".into())
             }
-            Action::Kill(t) | Action::Freeze(t) if t.list().is_empty() => {
+            Action::Kill(t) | Action::Freeze(t) | Action::Restart(t) if t.list().is_empty() => {
                 Err("fault: no target".into())
             }
             Action::Flap(flap) if flap.period < Duration::from_millis(100) => {
@@ -586,6 +601,7 @@ thresholds: {failed: 0, rto: 1s}
             "{poison: {bundle: gcp-usc1}, at: 1s}",
             "{wipe_etcd: {}, at: 1s}",
             "{wipe_etcd: {from_old_backup: true}, at: 1s}",
+            "{restart: [aws-use1/proxy, gcp-usc1], at: 1s}",
         ] {
             let yaml = ZONE.replace("{kill: aws-use1@use1-az1, at: 3s, recover: 6s}", fault);
             Drill::parse(&yaml, "d.yaml").unwrap_or_else(|e| panic!("{fault}: {e}"));

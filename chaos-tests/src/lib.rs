@@ -98,6 +98,11 @@ pub const SHIPPED: &[(&str, &str)] = &[
         "tcp-service-outage",
         include_str!("../drills/tcp-service-outage.yaml"),
     ),
+    ("wan-gray", include_str!("../drills/wan-gray.yaml")),
+    (
+        "rolling-restart",
+        include_str!("../drills/rolling-restart.yaml"),
+    ),
 ];
 
 /// The shipped drill called `name`.

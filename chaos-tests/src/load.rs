@@ -63,12 +63,20 @@ impl Outcome {
     }
 }
 
+impl Load {
+    /// Where request `i` goes.
+    pub fn target(&self, i: u64) -> SocketAddr {
+        let n = self.targets.len().max(1) as u64;
+        self.targets[usize::try_from(i % n).unwrap_or(0)]
+    }
+}
+
 /// What load to send, and where.
 #[derive(Debug, Clone)]
 pub struct Load {
-    /// The client cluster's proxy: its HTTP listener, or the service's TCP
-    /// listener.
-    pub target: SocketAddr,
+    /// The client clusters' proxies: their HTTP listeners, or the
+    /// service's TCP listeners. Request `i` goes to the `i mod n`-th.
+    pub targets: Vec<SocketAddr>,
     /// The Host header (`name.namespace`).
     pub host: String,
     pub protocol: Protocol,
@@ -161,9 +169,10 @@ async fn drive(load: Load, start: Instant, counters: Arc<Counters>) -> Vec<Recor
         );
         tokio::spawn(async move {
             let attempt = async {
+                let target = load.target(i);
                 match load.protocol {
-                    Protocol::Http => http_once(&http, &load).await,
-                    Protocol::Tcp => tcp_once(load.target, i).await,
+                    Protocol::Http => http_once(&http, target, &load.host).await,
+                    Protocol::Tcp => tcp_once(target, i).await,
                 }
             };
             let (outcome, served) = tokio::time::timeout(load.timeout, attempt)
@@ -217,9 +226,13 @@ struct Served {
     zone: String,
 }
 
-async fn http_once(http: &Http, load: &Load) -> (Outcome, Option<(String, String)>) {
-    let request = hyper::Request::get(format!("http://{}/drill", load.target))
-        .header(hyper::header::HOST, &load.host)
+async fn http_once(
+    http: &Http,
+    target: SocketAddr,
+    host: &str,
+) -> (Outcome, Option<(String, String)>) {
+    let request = hyper::Request::get(format!("http://{target}/drill"))
+        .header(hyper::header::HOST, host)
         .body(Empty::new());
     let Ok(request) = request else {
         return (Outcome::Failed("request".into()), None);
@@ -317,7 +330,7 @@ mod tests {
         let stall = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let target = backend(stall.clone()).await;
         let running = start(Load {
-            target,
+            targets: vec![target],
             host: "frontend.shop".into(),
             protocol: Protocol::Http,
             rate: 100,
@@ -355,7 +368,7 @@ mod tests {
             .unwrap();
         for protocol in [Protocol::Http, Protocol::Tcp] {
             let records = start(Load {
-                target: closed,
+                targets: vec![closed],
                 host: "frontend.shop".into(),
                 protocol,
                 rate: 50,
@@ -414,7 +427,7 @@ mod tests {
             (&b"fedmesh-echo gcp-usc1 usc1-a\n"[..], true, None),
         ] {
             let records = start(Load {
-                target: echo(banner, flip).await,
+                targets: vec![echo(banner, flip).await],
                 host: String::new(),
                 protocol: Protocol::Tcp,
                 rate: 50,

@@ -249,7 +249,7 @@ impl Report {
         let mut report = Report {
             drill: drill.name.clone(),
             about: drill.about.clone(),
-            client: drill.client.clone(),
+            client: drill.client.list().join(", "),
             service: drill.service.clone(),
             rate: drill.rate,
             fault: drill.fault.action.to_string(),

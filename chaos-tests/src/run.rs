@@ -17,8 +17,8 @@ use crate::report::Report;
 
 /// A running federation that faults can be injected into.
 pub trait Federation {
-    /// Where the client cluster's proxy takes the drill's service.
-    fn entry(&self, drill: &Drill) -> anyhow::Result<SocketAddr>;
+    /// Where each client cluster's proxy takes the drill's service.
+    fn entries(&self, drill: &Drill) -> anyhow::Result<Vec<SocketAddr>>;
     /// The cloud a cluster runs in.
     fn cloud_of(&self, cluster: &str) -> Option<String>;
     /// Breaks what `action` names; returns once it is broken.
@@ -56,10 +56,10 @@ pub async fn run<F: Federation>(
     fed: &mut F,
     mut progress: impl FnMut(&Progress),
 ) -> anyhow::Result<(Report, Vec<Record>)> {
-    let target = fed.entry(drill)?;
+    let targets = fed.entries(drill)?;
     let (namespace, name) = drill.service.split_once('/').unwrap_or(("", ""));
     let load = Load {
-        target,
+        targets,
         host: format!("{name}.{namespace}"),
         protocol: drill.protocol,
         rate: drill.rate,
@@ -208,9 +208,9 @@ pub async fn steady(load: &Load) -> anyhow::Result<()> {
         };
         if Instant::now() > deadline {
             bail!(
-                "{} through {} does not answer steadily before the fault (for example: {})",
+                "{} through {:?} does not answer steadily before the fault (for example: {})",
                 load.host,
-                load.target,
+                load.targets,
                 bad.outcome.label()
             );
         }
@@ -233,8 +233,8 @@ mod tests {
     }
 
     impl Federation for OneServer {
-        fn entry(&self, _: &Drill) -> anyhow::Result<SocketAddr> {
-            Ok(self.addr)
+        fn entries(&self, _: &Drill) -> anyhow::Result<Vec<SocketAddr>> {
+            Ok(vec![self.addr])
         }
         fn cloud_of(&self, cluster: &str) -> Option<String> {
             (cluster == "c1").then(|| "cloud1".to_string())

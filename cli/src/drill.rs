@@ -540,19 +540,47 @@ impl UpFederation {
 const POISON: &[u8] = b"{\"poisoned by fedmesh drill\": \x00\xff";
 
 impl Federation for UpFederation {
-    fn entry(&self, drill: &Drill) -> anyhow::Result<SocketAddr> {
+    fn entries(&self, drill: &Drill) -> anyhow::Result<Vec<SocketAddr>> {
+        drill
+            .client
+            .list()
+            .iter()
+            .map(|client| self.entry(drill, client))
+            .collect()
+    }
+
+    fn cloud_of(&self, cluster: &str) -> Option<String> {
+        let c = self.state.clusters.iter().find(|c| c.name == cluster)?;
+        Some(c.cloud.clone())
+    }
+
+    async fn inject(&mut self, action: &Action) -> anyhow::Result<()> {
+        // Another shell may have stopped or started something since.
+        self.state = State::load(&self.dir)?;
+        match action {
+            Action::Restart(targets) => self.restart_gracefully(&targets.list()).await,
+            _ => self.inject_fault(action).await,
+        }
+    }
+
+    async fn recover(&mut self, action: &Action) -> anyhow::Result<()> {
+        self.recover_fault(action).await
+    }
+
+    async fn zone_whole(&mut self) -> anyhow::Result<bool> {
+        self.zone_is_whole().await
+    }
+}
+
+impl UpFederation {
+    /// Where `client`'s proxy takes the drill's service.
+    fn entry(&self, drill: &Drill, client: &str) -> anyhow::Result<SocketAddr> {
         let c = self
             .state
             .clusters
             .iter()
-            .find(|c| c.name == drill.client)
-            .with_context(|| {
-                format!(
-                    "client: no cluster {:?} in {}",
-                    drill.client,
-                    self.topology()
-                )
-            })?;
+            .find(|c| c.name == client)
+            .with_context(|| format!("client: no cluster {client:?} in {}", self.topology()))?;
         match drill.protocol {
             Protocol::Http => Ok(c.proxy.address),
             Protocol::Tcp => c.proxy_tcp.get(&drill.service).copied().with_context(|| {
@@ -566,15 +594,31 @@ impl Federation for UpFederation {
         }
     }
 
-    fn cloud_of(&self, cluster: &str) -> Option<String> {
-        let c = self.state.clusters.iter().find(|c| c.name == cluster)?;
-        Some(c.cloud.clone())
+    /// Restarts every process `targets` name, one after another, each
+    /// ready before the next (`fedmesh restart`); a cluster names its
+    /// controller, gateways and proxy, not its demo backends.
+    async fn restart_gracefully(&mut self, targets: &[String]) -> anyhow::Result<()> {
+        for t in targets {
+            for m in self.resolve(t).await? {
+                let name = match &m {
+                    Member::Backend(_) => continue,
+                    Member::Etcd(n)
+                    | Member::Controller(n)
+                    | Member::Gateway(n)
+                    | Member::Proxy(n) => n.clone(),
+                };
+                let result = up::restart::restart_proc(&mut self.state, &self.dir, &name).await;
+                self.state.save(&self.dir)?;
+                let (old, new) = result.with_context(|| format!("restarting {name}"))?;
+                eprintln!("      restarted {name} (pid {old} → {new})");
+            }
+        }
+        Ok(())
     }
 
-    async fn inject(&mut self, action: &Action) -> anyhow::Result<()> {
-        // Another shell may have stopped or started something since.
-        self.state = State::load(&self.dir)?;
+    async fn inject_fault(&mut self, action: &Action) -> anyhow::Result<()> {
         match action {
+            Action::Restart(_) => Ok(()),
             Action::Kill(targets) | Action::Freeze(targets) => {
                 let mut members = Vec::new();
                 for t in targets.list() {
@@ -653,7 +697,7 @@ impl Federation for UpFederation {
         }
     }
 
-    async fn recover(&mut self, action: &Action) -> anyhow::Result<()> {
+    async fn recover_fault(&mut self, action: &Action) -> anyhow::Result<()> {
         match action {
             Action::Kill(_) | Action::Flap(_) => {
                 let members = std::mem::take(&mut self.down);
@@ -680,12 +724,12 @@ impl Federation for UpFederation {
                 Ok(())
             }
             // A rotation is not undone: the cluster keeps its new CA; a
-            // wiped zone is rebuilt by its owners.
-            Action::RotateCa(_) | Action::WipeEtcd(_) => Ok(()),
+            // wiped zone is rebuilt by its owners; what was restarted runs.
+            Action::RotateCa(_) | Action::WipeEtcd(_) | Action::Restart(_) => Ok(()),
         }
     }
 
-    async fn zone_whole(&mut self) -> anyhow::Result<bool> {
+    async fn zone_is_whole(&mut self) -> anyhow::Result<bool> {
         let Some(before) = &self.census else {
             return Ok(true);
         };

@@ -152,6 +152,15 @@ enum Command {
         #[arg(long)]
         state_dir: Option<PathBuf>,
     },
+    /// Restart one of the federation's own processes gracefully, as an
+    /// upgrade would (etcd-<i>, <cluster>/controller, <cluster>/proxy,
+    /// <cluster>/gateway-<i>): a proxy hands its listeners to the new one
+    /// and drains, dropping nothing; the rest stop (SIGTERM) and start.
+    Restart {
+        target: String,
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+    },
     /// Back up the global zone as signed, or put back what a wiped or
     /// rolled-back etcd lacks.
     Zone {
@@ -218,6 +227,10 @@ enum Command {
         /// Where each drill's SVG timeline goes [default: <state dir>/drills].
         #[arg(long)]
         svg_dir: Option<PathBuf>,
+        /// Requests a second for every drill, instead of each drill's own
+        /// rate (200 for the shipped ones).
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=5000))]
+        rate: Option<u32>,
     },
     /// Change the WAN between two clouds of a running federation, live:
     /// latency, jitter, loss, a blackhole, a bandwidth cap, or a NAT
@@ -471,6 +484,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Start { target, state_dir } => {
             up::stop_start(&up::find_state_dir(state_dir)?, &target, true).await
         }
+        Command::Restart { target, state_dir } => {
+            up::restart(&up::find_state_dir(state_dir)?, &target).await
+        }
         Command::Zone { what } => cmd::zone::run(what).await,
         Command::Anchor { what } => cmd::anchor::run(what).await,
         Command::Token { what } => cmd::token::run(what),
@@ -505,6 +521,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             egress,
             output,
             svg_dir,
+            rate,
         } => {
             if list {
                 for (name, _) in fedmesh_chaos::SHIPPED {
@@ -513,7 +530,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 return Ok(());
             }
-            let chosen = drill::drills(&drills)?;
+            let mut chosen = drill::drills(&drills)?;
+            if let Some(rate) = rate {
+                chosen.iter_mut().for_each(|d| d.rate = rate);
+            }
             let all = drills.iter().any(|d| d == "all");
             let passed = match topology {
                 None => {

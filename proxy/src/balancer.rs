@@ -28,7 +28,9 @@ pub struct BalancerPolicy {
     pub ewma_decay: Duration,
     /// A target with nothing outstanding and no sample for this long costs
     /// as a new one: the next choice between it and another probes it,
-    /// so a target that recovered is measured again.
+    /// so a target that recovered is measured again. The probe's sample
+    /// replaces the old estimate rather than blending into it: a spike
+    /// that long ago says less than one answer now.
     pub probe_after: Duration,
     /// Steady shares of the weighted clusters ([`Target::group`] indexes
     /// it); empty: by priority alone.
@@ -295,7 +297,12 @@ impl<K: Hash + Eq + Clone> Balancer<K> {
         entry.1 = entry.1.saturating_sub(1);
         match outcome {
             Ok(rtt) => {
-                entry.0.observe(rtt, now, decay);
+                let stale = now.saturating_duration_since(entry.0.sampled_at());
+                if stale >= self.policy.probe_after {
+                    entry.0 = PeakEwma::sampled(rtt, now);
+                } else {
+                    entry.0.observe(rtt, now, decay);
+                }
                 self.outliers.success(k, now);
             }
             Err(()) => {
@@ -634,9 +641,10 @@ mod tests {
         };
         assert!(run(&mut b, 0, 500, false) > 250, "azure is closer");
         run(&mut b, 500, 1000, true);
-        // Well again: within 10 s (1,000 requests) azure serves most again.
-        run(&mut b, 1000, 2000, false);
-        let after = run(&mut b, 2000, 2500, false);
+        // Well again at 10 s: from 16 s (a probe, at most 5 s apart, has
+        // measured it) azure serves most again.
+        run(&mut b, 1000, 1600, false);
+        let after = run(&mut b, 1600, 2100, false);
         assert!(after > 250, "azure served {after} of 500 after the spike");
     }
 }

@@ -30,6 +30,15 @@ impl PeakEwma {
         }
     }
 
+    /// An estimate of one sample: what replaces one too old to weigh (see
+    /// `BalancerPolicy::probe_after`).
+    pub fn sampled(rtt: Duration, now: Instant) -> Self {
+        Self {
+            nanos: rtt.as_nanos() as f64,
+            at: now,
+        }
+    }
+
     /// The weight the stored estimate keeps after `now - self.at`.
     fn kept(&self, now: Instant, decay: Duration) -> f64 {
         let elapsed = now.saturating_duration_since(self.at).as_secs_f64();

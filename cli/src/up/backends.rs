@@ -107,20 +107,32 @@ async fn stop_start_process(
 /// Starts `p` again from the command it was first started with; returns
 /// once it listens (a gateway: its admin port).
 pub async fn respawn(p: &mut Proc, dir: &Path) -> anyhow::Result<()> {
-    let name = p.name.clone();
+    let pid = spawn_again(p, dir)?;
+    let log = log_of(dir, &p.name);
+    listening(p.admin.unwrap_or(p.address), &p.name, pid, &log).await
+}
+
+fn log_of(dir: &Path, name: &str) -> std::path::PathBuf {
+    dir.join("logs").join(format!("{name}.log"))
+}
+
+/// Starts `p` from the command it was first started with, without waiting
+/// for it, and records its pid. The log of the run before is kept as
+/// `<name>.log.1`.
+pub fn spawn_again(p: &mut Proc, dir: &Path) -> anyhow::Result<u32> {
     let Some((program, args)) = p.command.split_first() else {
         bail!(
-            "{name} was started by an older fedmesh that did not record how; bring the federation down and up again"
+            "{} was started by an older fedmesh that did not record how; bring the federation down and up again",
+            p.name
         );
     };
-    let log = dir.join("logs").join(format!("{name}.log"));
-    // Keep the log of the run that ended.
+    let log = log_of(dir, &p.name);
     let _ = std::fs::rename(&log, log.with_extension("log.1"));
     let mut cmd = std::process::Command::new(program);
     cmd.args(args);
     let pid = spawn(cmd, &log)?;
     p.pid = pid;
-    listening(p.admin.unwrap_or(p.address), &name, pid, &log).await
+    Ok(pid)
 }
 
 /// Starts demo backend `b` of `cluster` again; returns once it listens.

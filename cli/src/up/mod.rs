@@ -20,6 +20,7 @@ pub mod backends;
 pub mod etcd;
 pub mod probe;
 pub mod render;
+pub mod restart;
 pub mod state;
 pub mod status;
 pub mod supervise;
@@ -40,6 +41,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 pub use backends::stop_start;
+pub use restart::restart;
 pub use state::{State, find_state_dir, load_topology, state_dir_for};
 pub use status::{observe, print_status, status_of};
 
@@ -349,7 +351,14 @@ impl Launch<'_> {
             render::write_yaml(&config, &render::gateway(c, td.as_str(), zone, g, &from))?;
             let name = format!("{}-gateway-{i}", c.name);
             let (pid, command) = self
-                .run(&self.bins.gateway, &config, &name, g.egress, "a gateway")
+                .run(
+                    &self.bins.gateway,
+                    &config,
+                    &name,
+                    g.egress,
+                    "a gateway",
+                    &[],
+                )
                 .await?;
             cs.gateways.push(Proc {
                 name,
@@ -364,8 +373,19 @@ impl Launch<'_> {
         let config = cdir.join("proxy.yaml");
         render::write_yaml(&config, &render::proxy(c, td.as_str(), cp, &from))?;
         let name = cs.proxy.name.clone();
+        // `fedmesh restart <cluster>/proxy` starts the same command: the new
+        // proxy takes this one's listeners through the handoff socket.
+        let handoff = cdir.join(PROXY_HANDOFF);
+        let extra = [std::ffi::OsStr::new("--handoff"), handoff.as_os_str()];
         (cs.proxy.pid, cs.proxy.command) = self
-            .run(&self.bins.proxy, &config, &name, cp.proxy_http, "the proxy")
+            .run(
+                &self.bins.proxy,
+                &config,
+                &name,
+                cp.proxy_http,
+                "the proxy",
+                &extra,
+            )
             .await?;
         for b in &cs.backends {
             listening(
@@ -515,9 +535,10 @@ impl Launch<'_> {
         name: &str,
         addr: SocketAddr,
         what: &str,
+        extra: &[&std::ffi::OsStr],
     ) -> anyhow::Result<(u32, Vec<String>)> {
         let mut cmd = std::process::Command::new(bin);
-        cmd.arg("--config").arg(config);
+        cmd.arg("--config").arg(config).args(extra);
         let command = supervise::argv(&cmd);
         let log = self.logs.join(format!("{name}.log"));
         let pid = spawn(cmd, &log)?;
@@ -565,6 +586,10 @@ fn from_controller(cp: &ClusterPlan, cdir: &Path, token: &str) -> render::FromCo
 
 /// A controller's `--state-dir`, in its cluster's directory.
 pub const CONTROLLER_STATE_DIR: &str = "controller-state";
+
+/// The proxy's handoff socket in its cluster's directory: a proxy started
+/// while another serves it takes that one's listeners.
+pub const PROXY_HANDOFF: &str = "proxy.handoff";
 
 /// The join directory of `cluster` in the federation in `dir`.
 pub fn join_dir_of(dir: &Path, cluster: &str) -> anyhow::Result<PathBuf> {

@@ -176,7 +176,14 @@ async fn until_stopped(proxy: &Proxy, handoff: Option<&Path>) -> anyhow::Result<
     let Some(path) = handoff else {
         return shutdown_signal().await;
     };
-    let offering = proxy.offer(path)?;
+    let offering = match proxy.offer(path) {
+        Ok(o) => o,
+        Err(e) => {
+            // Serving matters more than a graceful next restart.
+            tracing::warn!(error = %e, "cannot offer the listeners to a successor; a restart will drop connections");
+            return shutdown_signal().await;
+        }
+    };
     tokio::select! {
         // The offering, dropped here, lets the sockets close as the drain
         // stops accepting.
