@@ -35,6 +35,8 @@ pub(crate) struct GatewayState {
     pub metrics: Arc<Metrics>,
     pub streams: Arc<Streams>,
     pub draining: AtomicBool,
+    /// Turns true at the drain: idle tunnels close after [`DRAIN_IDLE`].
+    pub drain_signal: watch::Sender<bool>,
     /// Rotates choices among equals (endpoints, gateways).
     pub spread: AtomicUsize,
     /// Live inbound connections, per peer cluster.
@@ -111,7 +113,14 @@ impl GatewayState {
             from_peer: bytes("from_peer"),
         };
         active.inc();
-        let idle = self.settings.stream_idle_timeout;
+        let idle = fedmesh_tunnel::splice::IdleLimit {
+            idle: self.settings.stream_idle_timeout,
+            drain: Some(fedmesh_tunnel::splice::Drain {
+                draining: self.drain_signal.subscribe(),
+                idle: DRAIN_IDLE,
+                opened_by_peer: direction == "ingress",
+            }),
+        };
         let result = splice::splice(r, w, send, recv, idle, &counters).await;
         active.dec();
         match result {
@@ -125,6 +134,13 @@ impl GatewayState {
         }
     }
 }
+
+/// While draining, a tunnel with no byte moving for this long since its
+/// last answer is closed: a client's pooled, idle upstream connection would
+/// otherwise hold the drain until its deadline. One whose request awaits
+/// its answer is left to finish. (A request racing the close fails before
+/// any answer, and the proxy retries it elsewhere.)
+pub const DRAIN_IDLE: Duration = Duration::from_millis(500);
 
 /// Live streams: per peer cluster (for the limit) and in all (for drain).
 #[derive(Debug, Default)]
@@ -247,6 +263,7 @@ impl Gateway {
             metrics,
             streams: Arc::default(),
             draining: AtomicBool::new(false),
+            drain_signal: watch::Sender::new(false),
             spread: AtomicUsize::new(fastrand::usize(..)),
             peer_connections: Counts::default(),
             source_streams: Counts::default(),
@@ -376,6 +393,7 @@ impl Gateway {
     /// many streams were still live at the deadline.
     pub async fn shutdown(self) -> usize {
         self.shared.draining.store(true, Ordering::SeqCst);
+        self.shared.drain_signal.send_replace(true);
         self.endpoint.set_server_config(None);
         let _ = self.stop_egress.send(true);
         let streams = &self.shared.streams;

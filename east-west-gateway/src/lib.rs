@@ -36,6 +36,6 @@ pub use fedmesh_tunnel::{backoff, dns, frame};
 
 pub use config::{Settings, StaticConfig};
 pub use fedmesh_tunnel::pool::{Opened, PeerPool};
-pub use gateway::{Gateway, GatewayOptions, StartError};
+pub use gateway::{DRAIN_IDLE, Gateway, GatewayOptions, StartError};
 pub use metrics::Metrics;
 pub use routes::Routes;

@@ -674,22 +674,31 @@ async fn draining_finishes_live_streams_and_refuses_new_ones() {
     assert_eq!(gw_b.gateway.active_streams(), 1);
     let drain = tokio::spawn(async move { gw_b.gateway.shutdown().await });
     // New streams are refused (OVERLOADED, which the egress passes on)
-    // while the live one goes on.
-    let refused = eventually(
-        "new streams to be refused",
-        Duration::from_secs(10),
-        || async {
-            let (_, a) = open_tunnel(
-                gw_a.egress(),
-                proxy.clone(),
-                &open_msg(ECHO, 8080, "gcp-usc1"),
-            )
-            .await
-            .ok()?;
-            (a.status != Status::Ok as i32).then_some(a)
-        },
-    )
-    .await;
+    // while the live one goes on, talking every 100 ms (one left idle
+    // after an answer would be closed as a pooled one).
+    let refusal = tokio::spawn(async move {
+        let refused = eventually(
+            "new streams to be refused",
+            Duration::from_secs(10),
+            || async {
+                let (_, a) = open_tunnel(
+                    gw_a.egress(),
+                    proxy.clone(),
+                    &open_msg(ECHO, 8080, "gcp-usc1"),
+                )
+                .await
+                .ok()?;
+                (a.status != Status::Ok as i32).then_some(a)
+            },
+        )
+        .await;
+        (refused, gw_a)
+    });
+    while !refusal.is_finished() {
+        ping(&mut s, b"while refusing").await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (refused, _gw_a) = refusal.await.unwrap();
     assert!(
         [Status::Overloaded as i32, Status::Unreachable as i32].contains(&refused.status),
         "{refused:?}"
@@ -701,6 +710,37 @@ async fn draining_finishes_live_streams_and_refuses_new_ones() {
     s.read_to_end(&mut rest).await.unwrap();
     let left = drain.await.unwrap();
     assert_eq!(left, 0, "the live stream was cut short");
+}
+
+/// A tunnel a client keeps open but idle (a pooled upstream connection)
+/// does not hold a drain until its deadline: it is closed once idle for
+/// `DRAIN_IDLE`, and the drain ends with nothing cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn draining_closes_idle_tunnels_instead_of_waiting_for_them() {
+    let p = pair(Settings {
+        drain_timeout: Duration::from_secs(30),
+        ..Settings::default()
+    })
+    .await;
+    let (mut s, a) = p.open(&open_msg(ECHO, 8080, "gcp-usc1")).await;
+    assert_eq!(a.status, Status::Ok as i32);
+    ping(&mut s, b"then idle").await;
+    let Pair { gw_b, .. } = p;
+    assert_eq!(gw_b.gateway.active_streams(), 1);
+    let began = tokio::time::Instant::now();
+    let left = tokio::time::timeout(Duration::from_secs(10), gw_b.gateway.shutdown())
+        .await
+        .expect("the drain waited on an idle tunnel");
+    assert_eq!(left, 0);
+    assert!(
+        began.elapsed() >= fedmesh_gateway::DRAIN_IDLE,
+        "closed only once idle for DRAIN_IDLE"
+    );
+    // The client sees its tunnel end.
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest))
+        .await
+        .expect("the idle tunnel was closed");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

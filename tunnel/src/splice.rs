@@ -4,7 +4,7 @@
 //! reader stops the writer's credit instead of filling memory.
 
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -26,6 +26,44 @@ pub trait Tally: Sync {
 impl Tally for () {
     fn sent(&self, _: u64) {}
     fn received(&self, _: u64) {}
+}
+
+/// How long a splice may sit with no byte moving: `idle`; and once
+/// `drain` turns true, its shorter limit, if the last bytes went to the
+/// side that opened the tunnel. A draining gateway so closes the tunnels a
+/// client keeps pooled and idle after an answer, instead of waiting out its
+/// drain timeout for them, and never one whose request awaits its answer.
+#[derive(Debug, Clone)]
+pub struct IdleLimit {
+    pub idle: Duration,
+    pub drain: Option<Drain>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Drain {
+    pub draining: tokio::sync::watch::Receiver<bool>,
+    pub idle: Duration,
+    /// The opener is the peer (a gateway's ingress), not the local side
+    /// (its egress): answers go to the peer.
+    pub opened_by_peer: bool,
+}
+
+impl From<Duration> for IdleLimit {
+    fn from(idle: Duration) -> Self {
+        Self { idle, drain: None }
+    }
+}
+
+impl IdleLimit {
+    /// The limit now, given which way the last bytes went.
+    fn now(&self, last_to_peer: bool) -> Duration {
+        match &self.drain {
+            Some(d) if *d.draining.borrow() && last_to_peer == d.opened_by_peer => {
+                self.idle.min(d.idle)
+            }
+            _ => self.idle,
+        }
+    }
 }
 
 /// How a splice ended.
@@ -50,7 +88,7 @@ const CHUNK: usize = 64 * 1024;
 const MIN_READ: usize = 4 * 1024;
 
 /// Splices `(r, w)` with `(send, recv)` until both directions have ended
-/// cleanly, one fails, or neither moves for `idle`. On failure the QUIC
+/// cleanly, one fails, or neither moves for `idle` ([`IdleLimit`]). On failure the QUIC
 /// stream is reset (never silently finished: the far end must not take a
 /// truncated stream for a complete one).
 pub async fn splice(
@@ -58,12 +96,15 @@ pub async fn splice(
     w: impl AsyncWrite + Unpin,
     send: &mut SendStream,
     recv: &mut RecvStream,
-    idle: Duration,
+    idle: impl Into<IdleLimit>,
     counters: &impl Tally,
 ) -> Result<Spliced, SpliceError> {
+    let mut idle = idle.into();
     let activity = Activity {
         start: Instant::now(),
         last: AtomicU64::new(0),
+        // Nothing answered yet: a fresh tunnel awaits its first request.
+        last_to_peer: AtomicBool::new(idle.drain.as_ref().is_some_and(|d| !d.opened_by_peer)),
     };
     let result = tokio::select! {
         r = async {
@@ -72,13 +113,13 @@ pub async fn splice(
                 from_peer(recv, w, &activity, counters),
             )
         } => r,
-        e = activity.idle_for(idle) => Err(e),
+        e = activity.idle_for(&mut idle) => Err(e),
     };
     match result {
         Ok((to_peer, from_peer)) => {
             // Done once the peer has acknowledged the last byte: a drain
             // that closed the connection earlier would cut the tail off.
-            let _ = tokio::time::timeout(idle, send.stopped()).await;
+            let _ = tokio::time::timeout(idle.idle, send.stopped()).await;
             Ok(Spliced { to_peer, from_peer })
         }
         Err(e) => {
@@ -93,28 +134,46 @@ pub async fn splice(
     }
 }
 
-/// When a splice last moved a byte either way.
+/// When a splice last moved a byte, and which way.
 struct Activity {
     start: Instant,
     /// Milliseconds since `start`.
     last: AtomicU64,
+    last_to_peer: AtomicBool,
 }
 
 impl Activity {
-    fn touch(&self) {
+    fn touch(&self, to_peer: bool) {
         self.last
             .store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+        self.last_to_peer.store(to_peer, Ordering::Relaxed);
     }
 
-    /// Resolves once nothing has moved for `idle`.
-    async fn idle_for(&self, idle: Duration) -> SpliceError {
+    /// Resolves once nothing has moved for the limit `idle` sets.
+    async fn idle_for(&self, idle: &mut IdleLimit) -> SpliceError {
         loop {
+            let limit = idle.now(self.last_to_peer.load(Ordering::Relaxed));
             let seen = Duration::from_millis(self.last.load(Ordering::Relaxed));
-            let due = self.start + seen + idle;
+            let due = self.start + seen + limit;
             if Instant::now() >= due {
-                return SpliceError::Idle(idle);
+                return SpliceError::Idle(limit);
             }
-            tokio::time::sleep_until(due).await;
+            match &mut idle.drain {
+                Some(d) if !*d.draining.borrow() => {
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(due) => {}
+                        // A closed sender never drains: plain idle from here.
+                        r = d.draining.changed() => if r.is_err() { idle.drain = None },
+                    }
+                }
+                // Draining: bytes may flip which limit holds; look again
+                // at least every 100 ms.
+                Some(_) => {
+                    tokio::time::sleep_until(due.min(Instant::now() + Duration::from_millis(100)))
+                        .await
+                }
+                None => tokio::time::sleep_until(due).await,
+            }
         }
     }
 }
@@ -142,7 +201,7 @@ async fn to_peer(
                 .map_err(|e| SpliceError::Peer(e.to_string()))?;
             return Ok(n);
         }
-        activity.touch();
+        activity.touch(true);
         n += got as u64;
         counters.sent(got as u64);
         send.write_chunk(buf.split().freeze())
@@ -166,7 +225,7 @@ async fn from_peer(
     loop {
         match recv.read(&mut buf).await {
             Ok(Some(got)) => {
-                activity.touch();
+                activity.touch(false);
                 n += got as u64;
                 counters.received(got as u64);
                 w.write_all(&buf[..got]).await.map_err(SpliceError::Local)?;
