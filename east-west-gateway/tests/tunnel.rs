@@ -743,6 +743,73 @@ async fn draining_closes_idle_tunnels_instead_of_waiting_for_them() {
         .expect("the idle tunnel was closed");
 }
 
+/// A request that takes its backend longer than `DRAIN_IDLE` to answer is
+/// not cut by the drain: nothing moves meanwhile, but the last bytes were
+/// the request, so the tunnel awaits its answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn draining_leaves_a_tunnel_awaiting_its_answer_alone() {
+    let a = Domain::new("aws-use1", "aws.example", 54);
+    let b = Domain::new("gcp-usc1", "gcp.example", 55);
+    // A backend that answers each read after 1.5 s.
+    let slow = tokio::net::TcpListener::bind((b.ip(10), 0)).await.unwrap();
+    let slow_addr = slow.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut c, _)) = slow.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 64];
+                while let Ok(n) = c.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(1500)).await;
+                    if c.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    let mut rb = b.routes("usc1-a");
+    rb.peers.extend([a.as_peer(vec![])]);
+    export(&mut rb, "shop/slow", 8080, &[(slow_addr, "usc1-a")]);
+    let settings = Settings {
+        drain_timeout: Duration::from_secs(30),
+        ..Settings::default()
+    };
+    let gw_b = start_gateway(&b, 1, false, bundles(&[&a, &b]), rb, settings).await;
+    let mut ra = a.routes("use1-a");
+    ra.peers.extend([b.as_peer(vec![gw_b.quic()])]);
+    let gw_a = start_gateway(&a, 1, true, bundles(&[&a, &b]), ra, Settings::default()).await;
+    let proxy = proxy_tls(a.workload_svid("shop", "web"), bundles(&[&a]), &a);
+    let (mut live, accept) = open_tunnel(
+        gw_a.egress(),
+        proxy,
+        &open_msg("shop/slow", 8080, "gcp-usc1"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(accept.status(), Status::Ok);
+    live.write_all(b"slow question").await.unwrap();
+    // Let the request reach the backend before the drain starts.
+    eventually("the request in flight", Duration::from_secs(5), || async {
+        (gw_b.gateway.active_streams() == 1).then_some(())
+    })
+    .await;
+    let drain = tokio::spawn(async move { gw_b.gateway.shutdown().await });
+    let mut answer = [0u8; 13];
+    tokio::time::timeout(Duration::from_secs(10), live.read_exact(&mut answer))
+        .await
+        .expect("an answer")
+        .expect("the tunnel was cut while its answer was due");
+    assert_eq!(&answer, b"slow question");
+    // Answered and then idle: now it closes, and the drain ends.
+    let left = tokio::time::timeout(Duration::from_secs(10), drain)
+        .await
+        .expect("the drain ended")
+        .unwrap();
+    assert_eq!(left, 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateway_that_leaves_the_routes_is_let_go_after_its_last_stream() {
     let a = Domain::new("aws-use1", "aws.example", 51);

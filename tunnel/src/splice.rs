@@ -29,10 +29,11 @@ impl Tally for () {
 }
 
 /// How long a splice may sit with no byte moving: `idle`; and once
-/// `drain` turns true, its shorter limit, if the last bytes went to the
-/// side that opened the tunnel. A draining gateway so closes the tunnels a
-/// client keeps pooled and idle after an answer, instead of waiting out its
-/// drain timeout for them, and never one whose request awaits its answer.
+/// `drain` turns true, its shorter limit, if nothing is in flight (no byte
+/// yet, or the last bytes went to the side that opened the tunnel). A
+/// draining gateway so closes the tunnels a client keeps pooled and idle,
+/// instead of waiting out its drain timeout for them, and never one whose
+/// request awaits its answer.
 #[derive(Debug, Clone)]
 pub struct IdleLimit {
     pub idle: Duration,
@@ -103,8 +104,9 @@ pub async fn splice(
     let activity = Activity {
         start: Instant::now(),
         last: AtomicU64::new(0),
-        // Nothing answered yet: a fresh tunnel awaits its first request.
-        last_to_peer: AtomicBool::new(idle.drain.as_ref().is_some_and(|d| !d.opened_by_peer)),
+        // Nothing in flight yet: a tunnel opened and left unused (a pool's
+        // spare connection) is as closable as one idle after an answer.
+        last_to_peer: AtomicBool::new(idle.drain.as_ref().is_some_and(|d| d.opened_by_peer)),
     };
     let result = tokio::select! {
         r = async {
