@@ -135,12 +135,14 @@ impl GatewayState {
     }
 }
 
-/// While draining, a tunnel with no byte moving for this long since its
-/// last answer is closed: a client's pooled, idle upstream connection would
-/// otherwise hold the drain until its deadline. One whose request awaits
-/// its answer is left to finish. (A request racing the close fails before
-/// any answer, and the proxy retries it elsewhere.)
-pub const DRAIN_IDLE: Duration = Duration::from_millis(500);
+/// While draining, a tunnel quiet for this long since its last answer is
+/// closed: a client's pooled upstream connection, busy or idle, would
+/// otherwise go on carrying requests (nothing in a raw tunnel can tell it
+/// the gateway is going) and hold the drain to its deadline. A tunnel whose
+/// request awaits its answer is never closed. A request that races the
+/// close fails before any answer; the proxy replays a bodiless request
+/// whose reused connection was reset, through another path.
+pub const DRAIN_IDLE: Duration = Duration::from_millis(20);
 
 /// Live streams: per peer cluster (for the limit) and in all (for drain).
 #[derive(Debug, Default)]

@@ -56,6 +56,20 @@ impl From<Duration> for IdleLimit {
 }
 
 impl IdleLimit {
+    /// Resolves the drain's idle limit after draining begins; never
+    /// without a drain.
+    async fn drained(&mut self) {
+        let Some(d) = &mut self.drain else {
+            return std::future::pending().await;
+        };
+        while !*d.draining.borrow_and_update() {
+            if d.draining.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+        }
+        tokio::time::sleep(d.idle).await;
+    }
+
     /// The limit now, given which way the last bytes went.
     fn now(&self, last_to_peer: bool) -> Duration {
         match &self.drain {
@@ -121,7 +135,13 @@ pub async fn splice(
         Ok((to_peer, from_peer)) => {
             // Done once the peer has acknowledged the last byte: a drain
             // that closed the connection earlier would cut the tail off.
-            let _ = tokio::time::timeout(idle.idle, send.stopped()).await;
+            // Draining, the wait is short: a peer that never acknowledges
+            // must not hold the drain for the whole idle timeout.
+            tokio::select! {
+                _ = send.stopped() => {}
+                _ = tokio::time::sleep(idle.idle) => {}
+                _ = idle.drained() => {}
+            }
             Ok(Spliced { to_peer, from_peer })
         }
         Err(e) => {
