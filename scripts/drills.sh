@@ -6,8 +6,10 @@
 #   direct`, the client cluster's mode in three-clouds): the outages
 #   (service, zone, cluster, cloud), a CA rotation, a gateway crash, a WAN
 #   partition, a controller crash, an etcd outage, a bad policy, a global
-#   zone forged with one cluster's credentials, and an etcd emptied (and
-#   one restored from a backup older than the zone) under load;
+#   zone forged with one cluster's credentials, an etcd emptied (and
+#   one restored from a backup older than the zone) under load, and a
+#   rolling restart of every controller, gateway and proxy under load from
+#   every cluster;
 # - through local egress gateways (`--egress gateway`): the cross-cluster
 #   ones again (gateway crash, cluster outage, WAN partition).
 # Fails when any drill misses its thresholds. Reports and SVG timelines stay
@@ -20,7 +22,7 @@ fedmesh="${CARGO_TARGET_DIR:-target}/release/fedmesh"
 "$fedmesh" drill \
   service-outage zone-outage ca-rotation cluster-outage cloud-outage gateway-crash \
   wan-partition controller-crash etcd-outage bad-policy forged-zone \
-  etcd-wiped etcd-restored \
+  etcd-wiped etcd-restored rolling-restart \
   --topology topologies/three-clouds.yaml --state-dir .fedmesh/drills-ci "$@"
 "$fedmesh" drill gateway-crash cluster-outage wan-partition \
   --topology topologies/three-clouds.yaml --egress gateway \

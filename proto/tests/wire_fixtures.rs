@@ -115,8 +115,11 @@ fn snapshot() -> d::MeshSnapshot {
     }
 }
 
+/// Decodes a message's bytes to its debug form, to compare.
+type Decode = fn(&[u8]) -> Result<String, prost::DecodeError>;
+
 /// Every message, with every field set, as its fixture holds it.
-fn samples() -> Vec<(&'static str, Vec<u8>, fn(&[u8]) -> Result<String, prost::DecodeError>)> {
+fn samples() -> Vec<(&'static str, Vec<u8>, Decode)> {
     fn dbg<M: Message + Default + std::fmt::Debug>(b: &[u8]) -> Result<String, prost::DecodeError> {
         M::decode(b).map(|m| format!("{m:?}"))
     }
@@ -207,7 +210,11 @@ fn every_fixture_decodes_to_the_message_it_was_written_from() {
             .unwrap_or_else(|e| panic!("{}: {e} (a message without a fixture)", path.display()));
         let old = unhex(&stored);
         let want = decode(&bytes).unwrap();
-        assert_eq!(decode(&old).unwrap(), want, "{name}: v0.1's bytes decode differently");
+        assert_eq!(
+            decode(&old).unwrap(),
+            want,
+            "{name}: v0.1's bytes decode differently"
+        );
         assert_eq!(
             decode(&with_unknown_fields(old)).unwrap(),
             want,

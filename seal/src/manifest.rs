@@ -28,9 +28,10 @@ pub const BUCKETS: u8 = 64;
 /// The first 16 bytes of a SHA-256.
 pub type Digest = [u8; 16];
 
-/// The signed value of `seen/<cluster>`.
+/// The signed value of `seen/<cluster>`. Fields this version does not know
+/// (a newer controller's) are ignored: clusters one version apart federate.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct ExportManifest {
     /// The sequence of the manifest this one follows (0: none).
     pub prev: u64,
