@@ -99,6 +99,11 @@ pub const SHIPPED: &[(&str, &str)] = &[
         include_str!("../drills/tcp-service-outage.yaml"),
     ),
     ("wan-gray", include_str!("../drills/wan-gray.yaml")),
+    ("etcd-freeze", include_str!("../drills/etcd-freeze.yaml")),
+    (
+        "controller-freeze",
+        include_str!("../drills/controller-freeze.yaml"),
+    ),
     (
         "rolling-restart",
         include_str!("../drills/rolling-restart.yaml"),

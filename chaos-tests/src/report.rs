@@ -427,6 +427,17 @@ fn timeline(records: &[Record], duration: Duration) -> Vec<Bucket> {
 }
 
 fn judge(r: &Report, t: &Thresholds) -> Verdict {
+    let mut missed = judge_traffic(r, t);
+    missed.extend(judge_recovery(r, t));
+    Verdict {
+        passed: missed.is_empty(),
+        missed,
+    }
+}
+
+/// Failures, how long they lasted, where traffic went and how slow it was
+/// while the fault lasted.
+fn judge_traffic(r: &Report, t: &Thresholds) -> Vec<String> {
     let mut missed = Vec::new();
     if let Some(max) = t.failed
         && r.failed > max
@@ -481,6 +492,12 @@ fn judge(r: &Report, t: &Thresholds) -> Verdict {
             ));
         }
     }
+    missed
+}
+
+/// What recovery brought back: the shares, the home, the zone.
+fn judge_recovery(r: &Report, t: &Thresholds) -> Vec<String> {
+    let mut missed = Vec::new();
     if let Some(within) = t.recovered_share {
         match r.recovered_shift {
             None => missed.push(format!(
@@ -518,10 +535,7 @@ fn judge(r: &Report, t: &Thresholds) -> Verdict {
             _ => {}
         }
     }
-    Verdict {
-        passed: missed.is_empty(),
-        missed,
-    }
+    missed
 }
 
 /// A share's change as people read it: `12 points`.

@@ -123,8 +123,11 @@ async fn serve_peer(
     // a label kept after its connection would grow without bound.
     let _forget = Forget(&sh.metrics, labels);
     let (mut routes, mut bundles) = (sh.routes.clone(), sh.bundles.clone());
-    // Held by each of this connection's streams, to know when they are done.
+    // Held by each of this connection's streams, to know when they are done;
+    // a stream that ends says so, so that a revoked connection closes as its
+    // last stream ends (not at the next tick).
     let live = Arc::new(());
+    let ended = Arc::new(tokio::sync::Notify::new());
     let mut standing = Standing::default();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
@@ -139,10 +142,11 @@ async fn serve_peer(
                         tokio::spawn(async move { refuse(&mut send, &mut recv, &peer, &sh, r).await });
                     }
                     None => {
-                        let live = live.clone();
+                        let (live, ended) = (live.clone(), ended.clone());
                         tokio::spawn(async move {
-                            let _live = live;
-                            stream(send, recv, peer, sh).await
+                            stream(send, recv, peer, sh).await;
+                            drop(live);
+                            ended.notify_one();
                         });
                     }
                 }
@@ -161,6 +165,7 @@ async fn serve_peer(
             _ = tick.tick() => {
                 rtt.set(conn.rtt().as_secs_f64());
             }
+            _ = ended.notified(), if !verified => {}
         }
         let streams = Arc::strong_count(&live) - 1;
         if let Some(why) = standing.must_close(streams, Instant::now(), sh.settings.drain_timeout) {

@@ -162,10 +162,21 @@ pub async fn serve(
             lock(&conns).closed(id);
         });
     }
-    let deadline = tokio::time::Instant::now() + drain;
     drop(listener);
     draining.store(true, Ordering::Relaxed);
     sweeper.abort();
+    drain_connections(conns, graceful, drain).await;
+}
+
+/// The drain after accepting stopped (`Connection: close` is already on):
+/// idle connections close after [`DRAIN_IDLE`]; what is left at the
+/// deadline is shut down.
+async fn drain_connections(
+    conns: Conns,
+    graceful: hyper_util::server::graceful::GracefulShutdown,
+    drain: Duration,
+) {
+    let deadline = tokio::time::Instant::now() + drain;
     let sweeper = tokio::spawn(sweep(conns.clone(), DRAIN_IDLE, DRAIN_IDLE));
     while !lock(&conns).is_empty() && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
