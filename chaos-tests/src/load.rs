@@ -360,6 +360,21 @@ mod tests {
         }
     }
 
+    /// Five requests to `target` over 100 ms, all recorded.
+    async fn five(target: SocketAddr, protocol: Protocol) -> Vec<Record> {
+        start(Load {
+            targets: vec![target],
+            host: "frontend.shop".into(),
+            protocol,
+            rate: 50,
+            duration: Duration::from_millis(100),
+            timeout: Duration::from_secs(2),
+        })
+        .finish()
+        .await
+        .unwrap()
+    }
+
     #[tokio::test]
     async fn nothing_listening_is_recorded_as_a_failure_to_connect() {
         let closed = std::net::TcpListener::bind("127.0.0.1:0")
@@ -367,17 +382,7 @@ mod tests {
             .local_addr()
             .unwrap();
         for protocol in [Protocol::Http, Protocol::Tcp] {
-            let records = start(Load {
-                targets: vec![closed],
-                host: "frontend.shop".into(),
-                protocol,
-                rate: 50,
-                duration: Duration::from_millis(100),
-                timeout: Duration::from_secs(2),
-            })
-            .finish()
-            .await
-            .unwrap();
+            let records = five(closed, protocol).await;
             assert_eq!(records.len(), 5);
             assert!(
                 records
@@ -426,17 +431,7 @@ mod tests {
             (&b"hello\n"[..], false, None),
             (&b"fedmesh-echo gcp-usc1 usc1-a\n"[..], true, None),
         ] {
-            let records = start(Load {
-                targets: vec![echo(banner, flip).await],
-                host: String::new(),
-                protocol: Protocol::Tcp,
-                rate: 50,
-                duration: Duration::from_millis(100),
-                timeout: Duration::from_secs(2),
-            })
-            .finish()
-            .await
-            .unwrap();
+            let records = five(echo(banner, flip).await, Protocol::Tcp).await;
             assert_eq!(records.len(), 5);
             for r in &records {
                 assert_eq!(r.cluster.as_deref(), want, "{r:?}");

@@ -86,6 +86,17 @@ async fn http_get(addr: &str, path: &str) -> String {
     out
 }
 
+/// Polls the admin port's `/ready` until it answers 200, for up to `within`.
+async fn until_ready(admin: &str, what: &str, within: Duration) {
+    eventually(what, within, || async move {
+        http_get(admin, "/ready")
+            .await
+            .starts_with("HTTP/1.1 200")
+            .then_some(())
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn starts_from_a_join_directory_becomes_ready_and_stops_on_sigterm() {
     let etcd = Etcd::start().await.unwrap();
@@ -125,16 +136,7 @@ async fn starts_from_a_join_directory_becomes_ready_and_stops_on_sigterm() {
     let admin = line.trim().rsplit(' ').next().unwrap().to_string();
     assert!(line.contains("discovery on 127.0.1.2:"), "{line}");
 
-    eventually("/ready", Duration::from_secs(15), || {
-        let admin = admin.clone();
-        async move {
-            http_get(&admin, "/ready")
-                .await
-                .starts_with("HTTP/1.1 200")
-                .then_some(())
-        }
-    })
-    .await;
+    until_ready(&admin, "/ready", Duration::from_secs(15)).await;
     // It published its export.
     let mut c = etcd.client().await.unwrap();
     export_in_etcd(&c).await;
@@ -353,16 +355,7 @@ async fn the_discovery_listener_survives_running_out_of_descriptors() {
 
     // Descriptors are free again: ready again by itself, before any
     // discovery client comes back.
-    eventually("ready again", Duration::from_secs(10), || {
-        let admin = admin.clone();
-        async move {
-            http_get(&admin, "/ready")
-                .await
-                .starts_with("HTTP/1.1 200")
-                .then_some(())
-        }
-    })
-    .await;
+    until_ready(&admin, "ready again", Duration::from_secs(10)).await;
 
     // Certify works over a fresh connection.
     let access = fedmesh_discovery::ControllerAccess {
