@@ -711,6 +711,27 @@ async fn draining_refuses_new_streams_and_ends_with_nothing_cut() {
         .expect("the idle tunnel was closed");
 }
 
+/// aws's egress gateway and gcp's ingress (`settings`), gcp exporting
+/// `service` on port 8080 at `backend` in usc1-a; and a proxy's TLS to
+/// aws's egress.
+async fn exporting(
+    a: &Domain,
+    b: &Domain,
+    service: &str,
+    backend: SocketAddr,
+    settings: Settings,
+) -> (Gw, Gw, Arc<rustls::ClientConfig>) {
+    let mut rb = b.routes("usc1-a");
+    rb.peers.extend([a.as_peer(vec![])]);
+    export(&mut rb, service, 8080, &[(backend, "usc1-a")]);
+    let gw_b = start_gateway(b, 1, false, bundles(&[a, b]), rb, settings).await;
+    let mut ra = a.routes("use1-a");
+    ra.peers.extend([b.as_peer(vec![gw_b.quic()])]);
+    let gw_a = start_gateway(a, 1, true, bundles(&[a, b]), ra, Settings::default()).await;
+    let proxy = proxy_tls(a.workload_svid("shop", "web"), bundles(&[a]), a);
+    (gw_a, gw_b, proxy)
+}
+
 /// A request that takes its backend longer than `DRAIN_IDLE` to answer is
 /// not cut by the drain: nothing moves meanwhile, but the last bytes were
 /// the request, so the tunnel awaits its answer.
@@ -737,18 +758,11 @@ async fn draining_leaves_a_tunnel_awaiting_its_answer_alone() {
             });
         }
     });
-    let mut rb = b.routes("usc1-a");
-    rb.peers.extend([a.as_peer(vec![])]);
-    export(&mut rb, "shop/slow", 8080, &[(slow_addr, "usc1-a")]);
     let settings = Settings {
         drain_timeout: Duration::from_secs(30),
         ..Settings::default()
     };
-    let gw_b = start_gateway(&b, 1, false, bundles(&[&a, &b]), rb, settings).await;
-    let mut ra = a.routes("use1-a");
-    ra.peers.extend([b.as_peer(vec![gw_b.quic()])]);
-    let gw_a = start_gateway(&a, 1, true, bundles(&[&a, &b]), ra, Settings::default()).await;
-    let proxy = proxy_tls(a.workload_svid("shop", "web"), bundles(&[&a]), &a);
+    let (gw_a, gw_b, proxy) = exporting(&a, &b, "shop/slow", slow_addr, settings).await;
     let (mut live, accept) = open_tunnel(
         gw_a.egress(),
         proxy,
@@ -783,14 +797,7 @@ async fn a_gateway_that_leaves_the_routes_is_let_go_after_its_last_stream() {
     let a = Domain::new("aws-use1", "aws.example", 51);
     let b = Domain::new("gcp-usc1", "gcp.example", 52);
     let echo = Echo::start(b.ip(10)).await;
-    let mut rb = b.routes("usc1-a");
-    rb.peers.extend([a.as_peer(vec![])]);
-    export(&mut rb, "shop/echo", 8080, &[(echo.addr, "usc1-a")]);
-    let gw_b = start_gateway(&b, 1, false, bundles(&[&a, &b]), rb, Settings::default()).await;
-    let mut ra = a.routes("use1-a");
-    ra.peers.extend([b.as_peer(vec![gw_b.quic()])]);
-    let gw_a = start_gateway(&a, 1, true, bundles(&[&a, &b]), ra, Settings::default()).await;
-    let proxy = proxy_tls(a.workload_svid("shop", "web"), bundles(&[&a]), &a);
+    let (gw_a, gw_b, proxy) = exporting(&a, &b, "shop/echo", echo.addr, Settings::default()).await;
     let (mut live, accept) = open_tunnel(
         gw_a.egress(),
         proxy.clone(),

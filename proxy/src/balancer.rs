@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use crate::locality::{Capacity, DEFAULT_FAILOVER_THRESHOLD, Failback, health, shares};
 use crate::outlier::{OutlierPolicy, Outliers};
-use crate::pick::{Candidate, PeakEwma, p2c};
+use crate::pick::{Candidate, DEFAULT_RTT, PeakEwma, p2c};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct BalancerPolicy {
@@ -249,7 +249,7 @@ impl<K: Hash + Eq + Clone> Balancer<K> {
                     .unwrap_or((PeakEwma::new(now), 0));
                 let stale = now.saturating_duration_since(ewma.sampled_at());
                 let latency = if pending == 0 && stale >= self.policy.probe_after {
-                    PeakEwma::new(now).get(now, self.policy.ewma_decay)
+                    DEFAULT_RTT
                 } else {
                     ewma.get(now, self.policy.ewma_decay)
                 };
