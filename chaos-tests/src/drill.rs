@@ -47,6 +47,12 @@ pub struct Drill {
     #[serde(with = "humantime_serde")]
     pub duration: Duration,
     pub fault: Fault,
+    /// Faults on the same timeline that are not judged by themselves: the
+    /// conditions the judged fault happens under (etcd frozen while a
+    /// backend stops; a gateway restarted after a CA rotation). Each
+    /// follows the traffic as `fault` does, resolved at the first fault.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub also: Vec<Fault>,
     #[serde(default)]
     pub thresholds: Thresholds,
 }
@@ -345,6 +351,10 @@ pub struct Thresholds {
     /// held before the fault, none of them older.
     #[serde(default, with = "humantime_serde")]
     pub healed: Option<Duration>,
+    /// QUIC handshakes refused for trust (a certificate or TLS alert) by
+    /// any gateway or proxy during the drill, at most.
+    #[serde(default)]
+    pub handshakes_failed: Option<u64>,
 }
 
 /// `times` × the p99 before the fault, plus `plus`.
@@ -486,10 +496,18 @@ impl Drill {
         if self.duration.is_zero() || self.duration > Duration::from_secs(600) {
             return Err("duration: must be more than 0 and at most 10m".into());
         }
-        let f = &self.fault;
+        self.check_fault(&self.fault, "fault")?;
+        for (i, f) in self.also.iter().enumerate() {
+            self.check_fault(f, &format!("also[{i}]"))?;
+        }
+        self.check_thresholds()
+    }
+
+    /// Checks one fault; errors name it as `field`.
+    fn check_fault(&self, f: &Fault, field: &str) -> Result<(), String> {
         if f.at.is_zero() || f.at >= self.duration {
             return Err(format!(
-                "fault.at: {:?} must fall within the drill (after 0, before {:?}) so that there is load before it",
+                "{field}.at: {:?} must fall within the drill (after 0, before {:?}) so that there is load before it",
                 f.at, self.duration
             ));
         }
@@ -497,35 +515,35 @@ impl Drill {
             && (r <= f.at || r >= self.duration)
         {
             return Err(format!(
-                "fault.recover: {r:?} must come after fault.at ({:?}) and before the end ({:?})",
+                "{field}.recover: {r:?} must come after {field}.at ({:?}) and before the end ({:?})",
                 f.at, self.duration
             ));
         }
-        let action: Result<(), String> = match &f.action {
+        match &f.action {
             Action::Kill(t) | Action::Freeze(t) | Action::Restart(t)
                 if t.list().iter().any(String::is_empty) =>
             {
-                Err("fault: an empty target".into())
+                Err(format!("{field}: an empty target"))
             }
             Action::Kill(t) | Action::Freeze(t) | Action::Restart(t) if t.list().is_empty() => {
-                Err("fault: no target".into())
+                Err(format!("{field}: no target"))
             }
             Action::Flap(flap) if flap.period < Duration::from_millis(100) => {
-                Err("fault.flap.period: at least 100ms".into())
+                Err(format!("{field}.flap.period: at least 100ms"))
             }
-            Action::Wan(w) => {
-                if w.loss.is_some_and(|l| !(0.0..1.0).contains(&l)) {
-                    return Err("fault.wan.loss: a share in [0, 1)".into());
-                }
-                if w.bandwidth == Some(0) {
-                    return Err("fault.wan.bandwidth: bits a second, more than 0 (use blackhole: true to cut the link)".into());
-                }
-                Ok(())
+            Action::Wan(w) if w.loss.is_some_and(|l| !(0.0..1.0).contains(&l)) => {
+                Err(format!("{field}.wan.loss: a share in [0, 1)"))
             }
+            Action::Wan(w) if w.bandwidth == Some(0) => Err(format!(
+                "{field}.wan.bandwidth: bits a second, more than 0 (use blackhole: true to cut the link)"
+            )),
             _ => Ok(()),
-        };
-        action?;
-        self.check_thresholds()
+        }
+    }
+
+    /// The judged fault, then the others.
+    pub fn faults(&self) -> impl Iterator<Item = &Fault> {
+        std::iter::once(&self.fault).chain(&self.also)
     }
 
     fn check_thresholds(&self) -> Result<(), String> {
@@ -609,6 +627,20 @@ thresholds: {failed: 0, rto: 1s}
     }
 
     #[test]
+    fn other_faults_share_the_timeline() {
+        let yaml = ZONE.replace(
+            "thresholds: {failed: 0, rto: 1s}",
+            "also: [{freeze: etcd-0, at: 1s, recover: 8s}, {restart: \"{serving}/gateway-0\", at: 4s}]
+thresholds: {handshakes_failed: 0}",
+        );
+        let d = Drill::parse(&yaml, "d.yaml").unwrap();
+        let at: Vec<Duration> = d.faults().map(|f| f.at).collect();
+        assert_eq!(at, [3, 1, 4].map(Duration::from_secs));
+        assert!(d.also[1].action.follows_traffic());
+        assert_eq!(d.thresholds.handshakes_failed, Some(0));
+    }
+
+    #[test]
     fn serving_stands_for_where_the_traffic_goes() {
         let yaml = ZONE.replace(
             "{kill: aws-use1@use1-az1, at: 3s, recover: 6s}",
@@ -638,6 +670,16 @@ thresholds: {failed: 0, rto: 1s}
             ("kill:", "explode:", "explode"),
             ("failed: 0", "failures: 0", "failures"),
             ("duration: 9s", "duration: soon", "duration"),
+            (
+                "thresholds:",
+                "also: [{freeze: etcd-0, at: 1s, recover: 20s}]\nthresholds:",
+                "also[0].recover",
+            ),
+            (
+                "thresholds:",
+                "also: [{kill: [\"\"], at: 1s}]\nthresholds:",
+                "also[0]: an empty target",
+            ),
         ] {
             let e = Drill::parse(&ZONE.replace(from, to), "zone.yaml")
                 .unwrap_err()

@@ -30,6 +30,10 @@ pub const SHIPPED: &[(&str, &str)] = &[
     ("forged-zone", include_str!("../drills/forged-zone.yaml")),
     ("ca-rotation", include_str!("../drills/ca-rotation.yaml")),
     (
+        "ca-rotation-proxy",
+        include_str!("../drills/ca-rotation-proxy.yaml"),
+    ),
+    (
         "cluster-outage",
         include_str!("../drills/cluster-outage.yaml"),
     ),
@@ -100,6 +104,10 @@ pub const SHIPPED: &[(&str, &str)] = &[
     ),
     ("wan-gray", include_str!("../drills/wan-gray.yaml")),
     ("etcd-freeze", include_str!("../drills/etcd-freeze.yaml")),
+    (
+        "etcd-freeze-failover",
+        include_str!("../drills/etcd-freeze-failover.yaml"),
+    ),
     (
         "controller-freeze",
         include_str!("../drills/controller-freeze.yaml"),

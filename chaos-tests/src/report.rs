@@ -104,7 +104,18 @@ pub struct Report {
     /// within the drill, or not asked for).
     #[serde(default, with = "humantime_serde")]
     pub healed: Option<Duration>,
+    /// Handshakes refused for trust during the drill (`None`: not asked
+    /// for).
+    #[serde(default)]
+    pub handshakes_failed: Option<u64>,
     pub verdict: Verdict,
+}
+
+/// What the runner measured of the federation rather than of the load.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Observed {
+    pub healed: Option<Duration>,
+    pub handshakes_failed: Option<u64>,
 }
 
 /// Consecutive failed requests, in the order they were due.
@@ -252,7 +263,7 @@ impl Report {
             client: drill.client.list().join(", "),
             service: drill.service.clone(),
             rate: drill.rate,
-            fault: drill.fault.action.to_string(),
+            fault: fault_text(drill),
             fault_at: fault,
             recover_at: recover,
             duration: drill.duration,
@@ -274,6 +285,7 @@ impl Report {
             after: percentiles(&after),
             timeline: timeline(records, drill.duration),
             healed: None,
+            handshakes_failed: None,
             verdict: Verdict::default(),
         };
         report.verdict = judge(&report, &drill.thresholds);
@@ -282,12 +294,26 @@ impl Report {
 }
 
 impl Report {
-    /// This report with the time the zone took to heal, judged again.
-    pub fn with_healed(mut self, healed: Option<Duration>, t: &Thresholds) -> Report {
-        self.healed = healed;
+    /// This report with what was measured of the federation, judged
+    /// again.
+    pub fn with_observed(mut self, o: Observed, t: &Thresholds) -> Report {
+        self.healed = o.healed;
+        self.handshakes_failed = o.handshakes_failed;
         self.verdict = judge(&self, t);
         self
     }
+}
+
+/// The judged fault, then each other one with its times.
+fn fault_text(drill: &Drill) -> String {
+    let mut text = drill.fault.action.to_string();
+    for f in &drill.also {
+        text.push_str(&format!("; also {} at {}", f.action, ms(f.at)));
+        if let Some(r) = f.recover {
+            text.push_str(&format!(" until {}", ms(r)));
+        }
+    }
+    text
 }
 
 /// Where a request was served: `cluster/zone`, or the cluster alone.
@@ -524,6 +550,15 @@ fn judge_recovery(r: &Report, t: &Thresholds) -> Vec<String> {
             _ => {}
         }
     }
+    if let Some(max) = t.handshakes_failed {
+        match r.handshakes_failed {
+            None => missed.push("handshakes were not counted".into()),
+            Some(n) if n > max => missed.push(format!(
+                "{n} handshakes were refused for trust (at most {max})"
+            )),
+            _ => {}
+        }
+    }
     if let Some(max) = t.healed {
         match r.healed {
             None => missed.push("the global zone was not whole again within the drill".into()),
@@ -599,7 +634,13 @@ thresholds: {thresholds}
     fn a_zone_that_heals_late_or_never_misses_healed() {
         let d = drill("{failed: 0, healed: 10s}");
         let recs = records(|_| Some("aws"));
-        let judged = |h| Report::new(&d, &recs).with_healed(h, &d.thresholds);
+        let judged = |h| {
+            let o = Observed {
+                healed: h,
+                ..Observed::default()
+            };
+            Report::new(&d, &recs).with_observed(o, &d.thresholds)
+        };
         assert!(judged(Some(Duration::from_secs(4))).verdict.passed);
         let late = judged(Some(Duration::from_secs(12)));
         assert_eq!(
@@ -615,10 +656,30 @@ thresholds: {thresholds}
         let d = drill("{failed: 0}");
         assert!(
             Report::new(&d, &recs)
-                .with_healed(None, &d.thresholds)
+                .with_observed(Observed::default(), &d.thresholds)
                 .verdict
                 .passed
         );
+    }
+
+    #[test]
+    fn a_refused_handshake_fails_handshakes_failed() {
+        let d = drill("{failed: 0, handshakes_failed: 0}");
+        let recs = records(|_| Some("aws"));
+        let judged = |n| {
+            let o = Observed {
+                handshakes_failed: n,
+                ..Observed::default()
+            };
+            Report::new(&d, &recs).with_observed(o, &d.thresholds)
+        };
+        assert!(judged(Some(0)).verdict.passed);
+        assert_eq!(
+            judged(Some(1)).verdict.missed,
+            ["1 handshakes were refused for trust (at most 0)"]
+        );
+        // Asked for but not counted: not a pass.
+        assert_eq!(judged(None).verdict.missed, ["handshakes were not counted"]);
     }
 
     #[test]

@@ -11,9 +11,9 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use tokio::time::Instant;
 
-use crate::drill::{Action, Drill};
+use crate::drill::{Action, Drill, Fault};
 use crate::load::{self, Load, Record};
-use crate::report::Report;
+use crate::report::{Observed, Report};
 
 /// A running federation that faults can be injected into.
 pub trait Federation {
@@ -29,6 +29,12 @@ pub trait Federation {
     /// injected fault (for the `healed` threshold).
     fn zone_whole(&mut self) -> impl Future<Output = anyhow::Result<bool>> {
         async { Ok(true) }
+    }
+    /// QUIC handshakes refused for trust (a certificate or TLS alert) so
+    /// far, summed over every gateway and proxy, counting those of
+    /// processes since restarted (for the `handshakes_failed` threshold).
+    fn handshake_failures(&mut self) -> impl Future<Output = anyhow::Result<u64>> {
+        async { bail!("this federation does not count handshakes") }
     }
 }
 
@@ -80,16 +86,24 @@ pub async fn run<F: Federation>(
             failed: counters.failed.load(Ordering::Relaxed),
         })
     };
-    let mut fault = drill.fault.clone();
+    let handshakes_before = match drill.thresholds.handshakes_failed {
+        Some(_) => Some(
+            fed.handshake_failures()
+                .await
+                .context("counting handshakes")?,
+        ),
+        None => None,
+    };
     let mut actual = drill.clone();
 
-    // Where the traffic goes in the last second before the fault, for a
-    // fault that follows it.
+    // Where the traffic goes in the last second before the first fault,
+    // for faults that follow it.
+    let first = drill.faults().map(|f| f.at).min().unwrap_or(drill.fault.at);
     let second = Duration::from_secs(1);
-    wait_until(start + fault.at.saturating_sub(second), || tell("steady")).await;
+    wait_until(start + first.saturating_sub(second), || tell("steady")).await;
     let earlier = counters.served();
-    wait_until(start + fault.at, || tell("steady")).await;
-    if fault.action.follows_traffic() {
+    wait_until(start + first, || tell("steady")).await;
+    if drill.faults().any(|f| f.action.follows_traffic()) {
         let now = counters.served();
         let serving = now
             .iter()
@@ -104,82 +118,177 @@ pub async fn run<F: Federation>(
         let cloud = fed
             .cloud_of(&serving)
             .with_context(|| format!("{serving} is no cluster of this federation"))?;
-        fault.action = fault.action.resolve(&serving, &cloud);
-        actual.fault.action = fault.action.clone();
-    }
-    actual.fault.at = start.elapsed();
-    let mut broken = true;
-    let mut result = fed
-        .inject(&fault.action)
-        .await
-        .context("injecting the fault");
-    let healed = match result.is_ok() && drill.thresholds.healed.is_some() {
-        true => time_to_heal(fed, start + drill.duration, || tell("healing")).await,
-        false => None,
-    }
-    .map(|at| {
-        at.saturating_duration_since(start)
-            .saturating_sub(actual.fault.at)
-    });
-    if result.is_ok() {
-        let until = fault.recover.map_or(drill.duration, |r| r);
-        if let Action::Flap(flap) = &fault.action {
-            // Down and up again every period until recovery.
-            let mut next = start.elapsed() + flap.period;
-            while result.is_ok() && next < until {
-                wait_until(start + next, || tell("fault")).await;
-                result = if broken {
-                    fed.recover(&fault.action).await
-                } else {
-                    fed.inject(&fault.action).await
-                };
-                broken = !broken;
-                next += flap.period;
-            }
+        for f in std::iter::once(&mut actual.fault).chain(&mut actual.also) {
+            f.action = f.action.resolve(&serving, &cloud);
         }
-        if result.is_ok()
-            && let Some(at) = fault.recover
-        {
-            wait_until(start + at, || tell("fault")).await;
+    }
+    let faults: Vec<Fault> = actual.faults().cloned().collect();
+    let mut broken = vec![false; faults.len()];
+    let mut healing = Healing::new(drill.thresholds.healed.is_some());
+    let mut result = Ok(());
+    for (at, i, step) in timeline(&faults, drill.duration) {
+        healing
+            .wait(fed, start + at, start + drill.duration, || {
+                tell(phase(&broken))
+            })
+            .await;
+        let action = &faults[i].action;
+        let judged = i == 0;
+        result = match step {
+            Step::Break if !broken[i] => {
+                if judged {
+                    actual.fault.at = start.elapsed();
+                    healing.start();
+                }
+                broken[i] = true;
+                fed.inject(action)
+                    .await
+                    .with_context(|| format!("injecting {action}"))
+            }
+            Step::Recover | Step::Mend if broken[i] => {
+                broken[i] = false;
+                fed.recover(action)
+                    .await
+                    .with_context(|| format!("recovering from {action}"))
+            }
+            _ => Ok(()),
+        };
+        if judged && step == Step::Recover {
             actual.fault.recover = Some(start.elapsed());
-            if broken {
-                result = fed.recover(&fault.action).await.context("recovering");
-                broken = false;
-            }
+        }
+        if result.is_err() {
+            break;
         }
     }
     if result.is_ok() {
-        wait_until(start + drill.duration, || tell("recovered")).await;
+        healing
+            .wait(fed, start + drill.duration, start + drill.duration, || {
+                tell("recovered")
+            })
+            .await;
     }
     let records = running.finish().await?;
     tell("done");
-    if broken {
-        // Left broken by the drill's design (no `recover`) or by an error:
-        // the federation is put right for whatever runs next.
-        let undo = fed.recover(&fault.action).await;
-        result = result.and(undo.context("recovering after the drill"));
+    // Left broken by the drill's design (no `recover`) or by an error: the
+    // federation is put right for whatever runs next, last fault first.
+    for (i, f) in faults.iter().enumerate().rev() {
+        if broken[i] {
+            let undo = fed.recover(&f.action).await;
+            result = result
+                .and(undo.with_context(|| format!("recovering from {} after the drill", f.action)));
+        }
     }
     result?;
-    let report = Report::new(&actual, &records).with_healed(healed, &drill.thresholds);
+    let handshakes_failed = match handshakes_before {
+        Some(before) => {
+            let after = fed
+                .handshake_failures()
+                .await
+                .context("counting handshakes")?;
+            Some(after.saturating_sub(before))
+        }
+        None => None,
+    };
+    let observed = Observed {
+        healed: healing.took(start, actual.fault.at),
+        handshakes_failed,
+    };
+    let report = Report::new(&actual, &records).with_observed(observed, &drill.thresholds);
     Ok((report, records))
 }
 
-/// When `fed`'s zone was first found whole again, looking every
-/// [`HEAL_POLL`] until `end`; a failed look is not a verdict.
-async fn time_to_heal<F: Federation>(
-    fed: &mut F,
-    end: Instant,
-    mut tick: impl FnMut(),
-) -> Option<Instant> {
-    while Instant::now() < end {
-        match fed.zone_whole().await {
-            Ok(true) => return Some(Instant::now()),
-            Ok(false) => {}
-            Err(e) => eprintln!("      the zone could not be read ({e:#}); looking again"),
+/// What the runner does to one fault at one moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    /// Injects it, unless it is in effect.
+    Break,
+    /// A flap's way up: recovers it, if it is in effect.
+    Mend,
+    /// Its `recover` time: recovers it, if it is in effect.
+    Recover,
+}
+
+/// Every step of `faults`, in the order they happen (a tie in the order
+/// the drill lists them): each fault at its `at`, a flap's every period
+/// until recovery, each recovery at its `recover`.
+fn timeline(faults: &[Fault], duration: Duration) -> Vec<(Duration, usize, Step)> {
+    let mut steps = Vec::new();
+    for (i, f) in faults.iter().enumerate() {
+        steps.push((f.at, i, Step::Break));
+        let until = f.recover.unwrap_or(duration);
+        if let Action::Flap(flap) = &f.action {
+            let (mut next, mut down) = (f.at + flap.period, true);
+            while next < until {
+                steps.push((next, i, if down { Step::Mend } else { Step::Break }));
+                (next, down) = (next + flap.period, !down);
+            }
         }
-        wait_until(Instant::now() + HEAL_POLL, &mut tick).await;
+        if let Some(r) = f.recover {
+            steps.push((r, i, Step::Recover));
+        }
     }
-    None
+    steps.sort_by_key(|&(at, i, _)| (at, i));
+    steps
+}
+
+/// The progress phase: while any fault is in effect, "fault".
+fn phase(broken: &[bool]) -> &'static str {
+    if broken.iter().any(|&b| b) {
+        "fault"
+    } else {
+        "steady"
+    }
+}
+
+/// Looks at the zone every [`HEAL_POLL`] after the judged fault, for the
+/// `healed` threshold, until it is found whole; a failed look is not a
+/// verdict.
+struct Healing {
+    asked: bool,
+    looking: bool,
+    found: Option<Instant>,
+}
+
+impl Healing {
+    fn new(asked: bool) -> Self {
+        Self {
+            asked,
+            looking: false,
+            found: None,
+        }
+    }
+
+    fn start(&mut self) {
+        self.looking = self.asked;
+    }
+
+    /// Waits until `at`, looking at the zone meanwhile (never after `end`).
+    async fn wait<F: Federation>(
+        &mut self,
+        fed: &mut F,
+        at: Instant,
+        end: Instant,
+        mut tick: impl FnMut(),
+    ) {
+        while self.looking && self.found.is_none() && Instant::now() < at.min(end) {
+            match fed.zone_whole().await {
+                Ok(true) => self.found = Some(Instant::now()),
+                Ok(false) => {}
+                Err(e) => eprintln!("      the zone could not be read ({e:#}); looking again"),
+            }
+            if self.found.is_none() {
+                wait_until(at.min(Instant::now() + HEAL_POLL), &mut tick).await;
+            }
+        }
+        wait_until(at, tick).await;
+    }
+
+    /// From the fault (`fault_at` after `start`) until the zone was found
+    /// whole.
+    fn took(&self, start: Instant, fault_at: Duration) -> Option<Duration> {
+        let at = self.found?;
+        Some(at.saturating_duration_since(start).saturating_sub(fault_at))
+    }
 }
 
 /// Sleeps until `at`, calling `tick` every half second.
@@ -245,9 +354,10 @@ mod tests {
                 .push((format!("inject: {action}"), self.t0.elapsed()));
             Ok(())
         }
-        async fn recover(&mut self, _: &Action) -> anyhow::Result<()> {
+        async fn recover(&mut self, action: &Action) -> anyhow::Result<()> {
             self.broken.store(false, Ordering::Relaxed);
-            self.log.push(("recover".into(), self.t0.elapsed()));
+            self.log
+                .push((format!("recover: {action}"), self.t0.elapsed()));
             Ok(())
         }
     }
@@ -324,7 +434,7 @@ thresholds: {{failed: 0}}
         assert_eq!(records.len(), 200);
         assert_eq!(
             fed.log.iter().map(|(w, _)| w.as_str()).collect::<Vec<_>>(),
-            ["inject: kill c1/x", "recover"]
+            ["inject: kill c1/x", "recover: kill c1/x"]
         );
         assert_eq!(report.fault, "kill c1/x", "the report says what was hit");
         // About half a second of 503s, and the drill fails on them.
@@ -353,6 +463,39 @@ thresholds: {{failed: 0}}
         // Down at 0.4, up 0.7, down 1.0, up 1.3; at 1.5 it is already up.
         assert_eq!(steps, ["inject", "recover", "inject", "recover"]);
         assert!(!broken.load(Ordering::Relaxed));
+    }
+
+    /// Other faults run on the same timeline, follow the traffic too, are
+    /// named in the report, and are undone after the drill, last first.
+    #[tokio::test]
+    async fn other_faults_interleave_and_are_undone_after() {
+        let mut fed = OneServer::start().await;
+        let d = drill(
+            "{kill: c1/x, at: 1s, recover: 1500ms}\nalso: [{freeze: \"{serving}/y\", at: 500ms}, {kill: c1/z, at: 1200ms}]",
+        );
+        let (report, _) = run(&d, &mut fed, |_| {}).await.unwrap();
+        let steps: Vec<&str> = fed.log.iter().map(|(w, _)| w.as_str()).collect();
+        assert_eq!(
+            steps,
+            [
+                "inject: freeze c1/y",
+                "inject: kill c1/x",
+                "inject: kill c1/z",
+                "recover: kill c1/x",
+                "recover: kill c1/z",
+                "recover: freeze c1/y",
+            ]
+        );
+        assert!(
+            report
+                .fault
+                .starts_with("kill c1/x; also freeze c1/y at 500 ms"),
+            "{}",
+            report.fault
+        );
+        // The judged fault's times are its own.
+        assert!(report.fault_at >= Duration::from_secs(1));
+        assert!(report.recover_at.unwrap() >= Duration::from_millis(1500));
     }
 
     #[tokio::test]

@@ -42,8 +42,12 @@ pub struct UpFederation {
     bins: Binaries,
     /// What a poisoning overwrote: (key, original value) to put back.
     poisoned: Vec<(String, Option<Vec<u8>>)>,
-    /// Members a kill or freeze took down, to bring back on recovery.
-    down: Vec<Member>,
+    /// Members each kill, freeze or flap in effect took down, to bring
+    /// back on its recovery.
+    down: Vec<(Action, Vec<Member>)>,
+    /// Trust handshake failures counted by gateways and proxies since
+    /// restarted (their counters start again at 0).
+    handshakes_banked: u64,
     /// What the zone held before a wipe: each cluster record's and
     /// bundle's sequence, and each export (0), by key.
     census: Option<Census>,
@@ -63,6 +67,7 @@ impl UpFederation {
             bins: binaries()?,
             poisoned: Vec::new(),
             down: Vec::new(),
+            handshakes_banked: 0,
             census: None,
         })
     }
@@ -85,7 +90,9 @@ impl UpFederation {
             all
         };
         let mut out = Vec::new();
-        if target == "etcd-leader" {
+        if target == "etcd" {
+            out.extend(s.etcd.iter().map(|e| Member::Etcd(e.name.clone())));
+        } else if target == "etcd-leader" {
             let leader = self.etcd_leader().await?;
             eprintln!("      etcd-leader is {leader}");
             out.push(Member::Etcd(leader));
@@ -138,7 +145,7 @@ impl UpFederation {
         if out.is_empty() {
             bail!(
                 "{target:?} names nothing in {}: use <cluster>, cloud:<cloud>, <cluster>@<zone>, \
-                 <cluster>/controller|proxy|gateway-<i>, etcd-<i>, etcd-leader or \
+                 <cluster>/controller|proxy|gateway-<i>, etcd, etcd-<i>, etcd-leader or \
                  <cluster>/<namespace>/<name>[@zone]",
                 s.topology
             );
@@ -570,6 +577,41 @@ impl Federation for UpFederation {
     async fn zone_whole(&mut self) -> anyhow::Result<bool> {
         self.zone_is_whole().await
     }
+
+    async fn handshake_failures(&mut self) -> anyhow::Result<u64> {
+        self.state = State::load(&self.dir)?;
+        let names: Vec<String> = self
+            .state
+            .clusters
+            .iter()
+            .flat_map(|c| c.gateways.iter().chain([&c.proxy]))
+            .map(|p| p.name.clone())
+            .collect();
+        let mut total = self.handshakes_banked;
+        for n in names {
+            total += self.handshakes_of(&n).await;
+        }
+        Ok(total)
+    }
+}
+
+/// The sum of a gateway's or proxy's handshake failure counters whose
+/// reason is trust (`certificate`, `tls`), from its Prometheus text; a
+/// timeout or a refused connection is not a trust failure.
+fn trust_handshake_failures(metrics: &str) -> u64 {
+    metrics
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (name, labels) = series.split_once('{')?;
+            let trust =
+                labels.contains("reason=\"certificate\"") || labels.contains("reason=\"tls\"");
+            (name.ends_with("handshake_failures_total") && trust)
+                .then(|| value.parse::<f64>().ok())?
+        })
+        .map(|v| v as u64)
+        .sum()
 }
 
 impl UpFederation {
@@ -607,6 +649,10 @@ impl UpFederation {
                     | Member::Gateway(n)
                     | Member::Proxy(n) => n.clone(),
                 };
+                // Its counters die with it.
+                if matches!(m, Member::Gateway(_) | Member::Proxy(_)) {
+                    self.handshakes_banked += self.handshakes_of(&name).await;
+                }
                 let result = up::restart::restart_proc(&mut self.state, &self.dir, &name).await;
                 self.state.save(&self.dir)?;
                 let (old, new) = result.with_context(|| format!("restarting {name}"))?;
@@ -629,15 +675,13 @@ impl UpFederation {
                 } else {
                     "STOP"
                 };
-                self.signal_all(&members, sig).await?;
-                self.down = members;
-                Ok(())
+                self.down.push((action.clone(), members.clone()));
+                self.signal_all(&members, sig).await
             }
             Action::Flap(flap) => {
                 let members = self.resolve(&flap.target).await?;
-                self.signal_all(&members, "KILL").await?;
-                self.down = members;
-                Ok(())
+                self.down.push((action.clone(), members.clone()));
+                self.signal_all(&members, "KILL").await
             }
             Action::Wan(w) => {
                 let change = if w.rebind {
@@ -700,11 +744,11 @@ impl UpFederation {
     async fn recover_fault(&mut self, action: &Action) -> anyhow::Result<()> {
         match action {
             Action::Kill(_) | Action::Flap(_) => {
-                let members = std::mem::take(&mut self.down);
+                let members = self.took_down(action);
                 self.restart(&members).await
             }
             Action::Freeze(_) => {
-                let members = std::mem::take(&mut self.down);
+                let members = self.took_down(action);
                 self.signal_all(&members, "CONT").await
             }
             Action::Wan(w) => {
@@ -726,6 +770,31 @@ impl UpFederation {
             // A rotation is not undone: the cluster keeps its new CA; a
             // wiped zone is rebuilt by its owners; what was restarted runs.
             Action::RotateCa(_) | Action::WipeEtcd(_) | Action::Restart(_) => Ok(()),
+        }
+    }
+
+    /// What `action` took down, no longer counted as down.
+    fn took_down(&mut self, action: &Action) -> Vec<Member> {
+        match self.down.iter().position(|(a, _)| a == action) {
+            Some(i) => self.down.remove(i).1,
+            None => Vec::new(),
+        }
+    }
+
+    /// Trust handshake failures `name` (a gateway or proxy) counts now;
+    /// 0 when it has no admin port or does not answer.
+    async fn handshakes_of(&self, name: &str) -> u64 {
+        let Some(admin) = self
+            .state
+            .procs()
+            .find(|p| p.name == name)
+            .and_then(|p| p.admin)
+        else {
+            return 0;
+        };
+        match up::probe::get(admin, "admin", "/metrics", Duration::from_secs(2)).await {
+            Ok((200, text)) => trust_handshake_failures(&text),
+            _ => 0,
         }
     }
 
@@ -842,4 +911,23 @@ pub async fn run_all(
         Output::Json => println!("{}", serde_json::to_string_pretty(&reports)?),
     }
     Ok(reports.iter().all(|r| r.verdict.passed))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_trust_failures_of_handshake_counters_are_summed() {
+        let text = r#"# HELP fedmesh_gateway_handshake_failures Failed handshakes.
+# TYPE fedmesh_gateway_handshake_failures counter
+fedmesh_gateway_handshake_failures_total{direction="ingress",peer_cluster="unknown",reason="certificate"} 3
+fedmesh_gateway_handshake_failures_total{direction="egress",peer_cluster="local",reason="tls"} 2
+fedmesh_gateway_handshake_failures_total{direction="egress",peer_cluster="gcp-usc1",reason="timeout"} 7
+fedmesh_proxy_gateway_handshake_failures_total{cluster="gcp-usc1",reason="certificate"} 1
+fedmesh_gateway_refused_total{direction="ingress",peer_cluster="gcp-usc1",reason="tls"} 9
+"#;
+        assert_eq!(trust_handshake_failures(text), 6);
+        assert_eq!(trust_handshake_failures(""), 0);
+    }
 }

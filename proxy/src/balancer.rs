@@ -647,4 +647,62 @@ mod tests {
         let after = run(&mut b, 1600, 2100, false);
         assert!(after > 250, "azure served {after} of 500 after the spike");
     }
+
+    /// The same gray failure at 1,000 req/s with requests outstanding:
+    /// azure (20 ms; 600 ms, one answer in ten 2 s, for 7 s) stays cheaper
+    /// now and then than gcp (60 ms) with its requests piled up, so it is
+    /// sampled every few milliseconds and never stale enough to be probed.
+    /// Its share must still come back within 5 s of healing (by time alone,
+    /// its 2 s peak took tens of seconds of fast answers to fade: 89%
+    /// before, 31% after).
+    #[test]
+    fn under_load_a_cluster_regains_its_share_soon_after_a_spike() {
+        use std::cmp::Reverse;
+        use std::collections::BinaryHeap;
+        let t0 = Instant::now();
+        let ms = Duration::from_millis(1);
+        let mut b = Balancer::new(BalancerPolicy::default());
+        let t = vec![remote("gcp", 3, 3), remote("azure", 3, 3)];
+        let spike = 5_000..12_000u32;
+        let mut outstanding = BinaryHeap::new();
+        let (mut before, mut after) = ([0usize; 2], [0usize; 2]);
+        for i in 0..20_000u32 {
+            let now = t0 + i * ms;
+            while let Some(Reverse((at, k, rtt))) = outstanding.peek().copied() {
+                if at > now {
+                    break;
+                }
+                outstanding.pop();
+                b.finished(&k, Ok(rtt), &t, at);
+            }
+            let draw = Draw {
+                level: 0.0,
+                weight: 0.5,
+                a: (i as usize).wrapping_mul(2_654_435_761) >> 7,
+                b: (i as usize).wrapping_mul(40_503) >> 3,
+            };
+            let k = b.choose(&t, &[], draw, now).unwrap();
+            let rtt = match k {
+                "azure" if spike.contains(&i) && i % 10 == 0 => 2000 * ms,
+                "azure" if spike.contains(&i) => 600 * ms,
+                "azure" => 20 * ms,
+                _ => 60 * ms,
+            };
+            b.started(&k, now);
+            outstanding.push(Reverse((now + rtt, k, rtt)));
+            let slot = usize::from(k == "azure");
+            if i < spike.start {
+                before[slot] += 1;
+            } else if i >= spike.end + 5_000 {
+                after[slot] += 1;
+            }
+        }
+        let pct = |c: [usize; 2]| 100 * c[1] / (c[0] + c[1]);
+        let (was, is) = (pct(before), pct(after));
+        assert!(was > 50, "azure is closer: {was}%");
+        assert!(
+            was.abs_diff(is) <= 10,
+            "azure served {was}% before, {is}% after"
+        );
+    }
 }

@@ -7,6 +7,11 @@
 //! two candidates p2c compares both every time, so a target whose stored
 //! estimate stayed high after a spike would never be chosen, never
 //! measured, and starved for good.
+//!
+//! A faster sample also weighs at least [`PeakEwma::WINDOW`]th: under load a
+//! target is sampled every few milliseconds, and a purely time-based weight
+//! would hold a seconds-long peak for tens of seconds of fast answers (a
+//! healed cluster kept a fifth of its share for 15 s at 1,000 req/s).
 
 use std::time::{Duration, Instant};
 
@@ -39,6 +44,10 @@ impl PeakEwma {
         }
     }
 
+    /// A faster sample weighs at least 1/WINDOW: the estimate follows the
+    /// last few dozen answers when they come faster than `decay`.
+    pub const WINDOW: f64 = 32.0;
+
     /// The weight the stored estimate keeps after `now - self.at`.
     fn kept(&self, now: Instant, decay: Duration) -> f64 {
         let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
@@ -53,7 +62,7 @@ impl PeakEwma {
         if sample > current {
             self.nanos = sample;
         } else {
-            let w = self.kept(now, decay);
+            let w = self.kept(now, decay).min(1.0 - 1.0 / Self::WINDOW);
             self.nanos = current * w + sample * (1.0 - w);
         }
         self.at = now;
@@ -147,6 +156,26 @@ mod tests {
         let much_later = e.get(t0 + Duration::from_secs(60), decay);
         assert!(much_later < 2 * MS, "{much_later:?}");
         assert_eq!(e.sampled_at(), t0);
+    }
+
+    /// Fast answers a millisecond apart bring a peak down within a few
+    /// windows of samples, not a few decays of time (by time alone, 200
+    /// samples over 200 ms would keep 98% of the peak).
+    #[test]
+    fn a_stream_of_fast_answers_brings_a_peak_down() {
+        let t0 = Instant::now();
+        let decay = Duration::from_secs(10);
+        let mut e = PeakEwma::new(t0);
+        e.observe(2000 * MS, t0, decay);
+        for i in 1..=200u32 {
+            e.observe(20 * MS, t0 + i * MS, decay);
+        }
+        let now = t0 + 200 * MS;
+        let got = e.get(now, decay);
+        assert!(got < 40 * MS, "{got:?}");
+        // A slower answer in the stream still counts at once.
+        e.observe(500 * MS, now, decay);
+        assert_eq!(e.get(now, decay), 500 * MS);
     }
 
     fn cand(ms: u32, pending: u32, weight: u32) -> Candidate {
