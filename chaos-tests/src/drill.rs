@@ -446,6 +446,7 @@ impl std::fmt::Display for Action {
                 "restore etcd from a backup older than the zone, then restart every controller"
             ),
             Action::WipeEtcd(_) => write!(f, "empty etcd, then restart every controller"),
+            Action::Restart(t) if t.list().len() == 1 => write!(f, "restart {}", t.list()[0]),
             Action::Restart(t) => write!(f, "restart {}, one by one", t.list().join(", ")),
         }
     }

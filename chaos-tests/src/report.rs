@@ -58,6 +58,9 @@ pub struct Report {
     pub fault_at: Duration,
     #[serde(with = "humantime_serde")]
     pub recover_at: Option<Duration>,
+    /// The drill's other faults, with their times (not judged).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub also: Vec<String>,
     #[serde(with = "humantime_serde")]
     pub duration: Duration,
     pub requests: u64,
@@ -263,7 +266,8 @@ impl Report {
             client: drill.client.list().join(", "),
             service: drill.service.clone(),
             rate: drill.rate,
-            fault: fault_text(drill),
+            fault: drill.fault.action.to_string(),
+            also: also_text(drill),
             fault_at: fault,
             recover_at: recover,
             duration: drill.duration,
@@ -304,16 +308,18 @@ impl Report {
     }
 }
 
-/// The judged fault, then each other one with its times.
-fn fault_text(drill: &Drill) -> String {
-    let mut text = drill.fault.action.to_string();
-    for f in &drill.also {
-        text.push_str(&format!("; also {} at {}", f.action, ms(f.at)));
-        if let Some(r) = f.recover {
-            text.push_str(&format!(" until {}", ms(r)));
-        }
-    }
-    text
+/// Each other fault with its times: `freeze etcd at 3.0 s, undone at
+/// 23.0 s`.
+fn also_text(drill: &Drill) -> Vec<String> {
+    let secs = |d: Duration| format!("{:.1} s", d.as_secs_f64());
+    drill
+        .also
+        .iter()
+        .map(|f| match f.recover {
+            Some(r) => format!("{} at {}, undone at {}", f.action, secs(f.at), secs(r)),
+            None => format!("{} at {}", f.action, secs(f.at)),
+        })
+        .collect()
 }
 
 /// Where a request was served: `cluster/zone`, or the cluster alone.

@@ -486,13 +486,8 @@ thresholds: {{failed: 0}}
                 "recover: freeze c1/y",
             ]
         );
-        assert!(
-            report
-                .fault
-                .starts_with("kill c1/x; also freeze c1/y at 500 ms"),
-            "{}",
-            report.fault
-        );
+        assert_eq!(report.fault, "kill c1/x");
+        assert_eq!(report.also, ["freeze c1/y at 0.5 s", "kill c1/z at 1.2 s"]);
         // The judged fault's times are its own.
         assert!(report.fault_at >= Duration::from_secs(1));
         assert!(report.recover_at.unwrap() >= Duration::from_millis(1500));

@@ -18,6 +18,9 @@ pub fn text(r: &Report) -> String {
         r.fault,
         r.fault_at.as_secs_f64()
     );
+    for a in &r.also {
+        let _ = writeln!(s, "      also: {a}");
+    }
     let opt = |d: Option<std::time::Duration>, none: &str| d.map_or(none.to_string(), ms);
     let failures = if r.failed_by.is_empty() {
         String::new()
@@ -65,6 +68,9 @@ pub fn text(r: &Report) -> String {
     let _ = writeln!(s, "      served by: {}", serving(r));
     if let Some(h) = r.healed {
         let _ = writeln!(s, "      zone whole again {} after the fault", ms(h));
+    }
+    if let Some(n) = r.handshakes_failed {
+        let _ = writeln!(s, "      handshakes refused for trust: {n}");
     }
     for m in &r.verdict.missed {
         let _ = writeln!(s, "      missed: {m}");

@@ -59,6 +59,12 @@ async fn connection(
     let _ = tcp.set_nodelay(true);
     let mut tls = match timeout(sh.settings.header_timeout, acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => tls,
+        // A connection closed before or during the handshake without an
+        // alert (a TCP port probe) is not a trust failure.
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            sh.metrics.handshake_failed(DIRECTION, "local", "closed");
+            return;
+        }
         Ok(Err(e)) => {
             tracing::info!(%remote, error = %e, "local proxy TLS handshake failed");
             sh.metrics.handshake_failed(DIRECTION, "local", "tls");

@@ -357,6 +357,47 @@ async fn malformed_headers_are_bad_requests() {
     assert!(a.message.contains("protocol version"), "{}", a.message);
 }
 
+/// The egress counts a local client refused for its certificate as a
+/// trust failure (`tls`), and a TCP port probe that closes without a word
+/// as `closed`: drills judge the first, and probes must not trip them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_egress_tells_a_port_probe_from_a_refused_certificate() {
+    let p = pair(Settings::default()).await;
+    let series = |reason: &str| {
+        format!(
+            "fedmesh_gateway_handshake_failures_total{{direction=\"egress\",peer_cluster=\"local\",reason=\"{reason}\"}}"
+        )
+    };
+    drop(
+        tokio::net::TcpStream::connect(p.gw_a.egress())
+            .await
+            .unwrap(),
+    );
+    eventually(
+        "the probe to be counted",
+        Duration::from_secs(5),
+        || async { (p.gw_a.sample(&series("closed")) >= 1.0).then_some(()) },
+    )
+    .await;
+    assert_eq!(p.gw_a.sample(&series("tls")), 0.0);
+
+    // A workload of a domain the gateway does not trust.
+    let stranger = Domain::new("evil", "evil.example", 9);
+    let tls = proxy_tls(
+        stranger.workload_svid("shop", "web"),
+        bundles(&[&p.a, &stranger]),
+        &p.a,
+    );
+    let r = open_tunnel(p.gw_a.egress(), tls, &open_msg(ECHO, 8080, "gcp-usc1")).await;
+    assert!(r.is_err(), "a stranger got an answer: {r:?}");
+    eventually(
+        "the refusal to be counted",
+        Duration::from_secs(5),
+        || async { (p.gw_a.sample(&series("tls")) >= 1.0).then_some(()) },
+    )
+    .await;
+}
+
 /// A QUIC client holding `svid`, that accepts only `peer`.
 async fn raw_connect(
     ip: std::net::IpAddr,
