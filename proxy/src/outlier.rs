@@ -1,6 +1,10 @@
 //! Outlier detection: an endpoint (or a remote cluster's virtual endpoint)
 //! that fails `consecutive_failures` times in a row is ejected. Each
-//! ejection lasts longer than the one before, up to a cap; never more than
+//! ejection lasts longer than the one before, up to a cap, and each
+//! `base_ejection` spent out of ejection forgives one (as Envoy's
+//! multiplier decreases while a host stays healthy): a cluster that failed
+//! in the morning is not ejected for minutes by one gray failure in the
+//! afternoon. Never more than
 //! `max_ejection_percent` of a service's endpoints are out at once; and a
 //! returning endpoint is on probation, so one more failure ejects it again
 //! at once.
@@ -12,7 +16,8 @@ use std::time::{Duration, Instant};
 #[derive(Debug, Clone, PartialEq)]
 pub struct OutlierPolicy {
     pub consecutive_failures: u32,
-    /// The first ejection's length; the n-th lasts n times as long.
+    /// The first ejection's length; the n-th lasts n times as long. As
+    /// long again out of ejection forgives one.
     pub base_ejection: Duration,
     pub max_ejection: Duration,
     /// Of a service's endpoints, at most this share is ejected at once
@@ -36,10 +41,10 @@ struct Host {
     consecutive: u32,
     ejected_until: Option<Instant>,
     times_ejected: u32,
+    /// When the last ejection ended (or ends).
+    back_at: Option<Instant>,
     /// Back from an ejection, and not yet proven healthy.
     probation: bool,
-    /// Since when the host has answered without failing.
-    healthy_since: Option<Instant>,
 }
 
 #[derive(Debug, Clone)]
@@ -77,7 +82,6 @@ impl<K: Hash + Eq + Clone> Outliers<K> {
         if h.ejected_until.is_some_and(|u| now >= u) {
             h.ejected_until = None;
         }
-        h.healthy_since.get_or_insert(now);
     }
 
     /// Records a failure of `k`, one of `total` endpoints of its service,
@@ -108,7 +112,6 @@ impl<K: Hash + Eq + Clone> Outliers<K> {
             h.probation = true;
         }
         h.consecutive += 1;
-        h.healthy_since = None;
         if !h.probation && h.consecutive < policy.consecutive_failures {
             return None;
         }
@@ -132,6 +135,7 @@ impl<K: Hash + Eq + Clone> Outliers<K> {
                 return None;
             };
             released.ejected_until = Some(now);
+            released.back_at = Some(now);
             others_usable += 1;
             ejected_now -= 1;
         }
@@ -139,28 +143,23 @@ impl<K: Hash + Eq + Clone> Outliers<K> {
             return None;
         }
         let h = self.hosts.entry(k.clone()).or_default();
+        if let Some(back) = h.back_at {
+            let out = now.saturating_duration_since(back).as_nanos();
+            let forgiven = out / policy.base_ejection.as_nanos().max(1);
+            h.times_ejected = h
+                .times_ejected
+                .saturating_sub(u32::try_from(forgiven).unwrap_or(u32::MAX));
+        }
         h.times_ejected += 1;
         let length = policy
             .base_ejection
             .saturating_mul(h.times_ejected)
             .min(policy.max_ejection);
         h.ejected_until = Some(now + length);
+        h.back_at = h.ejected_until;
         h.consecutive = 0;
         h.probation = false;
         Some(length)
-    }
-
-    /// Forgets past ejections of hosts healthy for longer than the longest
-    /// ejection, so an endpoint that failed once long ago starts afresh.
-    pub fn decay(&mut self, now: Instant) {
-        let quiet = self.policy.max_ejection;
-        for h in self.hosts.values_mut() {
-            if h.healthy_since
-                .is_some_and(|s| now.duration_since(s) >= quiet)
-            {
-                h.times_ejected = 0;
-            }
-        }
     }
 }
 
@@ -230,11 +229,28 @@ mod tests {
         o.success(&"a", t0 + 30 * S);
         // One failure is no longer enough.
         assert_eq!(o.failure(&"a", 4, 3, t0 + 31 * S), None);
-        // Healthy for longer than the longest ejection: the next ejection
-        // is a first one again (30 s, not 60 s).
+        // Long out of ejection: the next ejection is a first one again
+        // (30 s, not 60 s).
         o.success(&"a", t0 + 32 * S);
-        o.decay(t0 + 400 * S);
         assert_eq!(fail_n(&mut o, "a", 5, 4, t0 + 400 * S), Some(30 * S));
+    }
+
+    /// Each base ejection's worth of time out of ejection forgives one: a
+    /// host ejected three times in a row, then well for a minute, is
+    /// ejected next as for its second time, not its fourth.
+    #[test]
+    fn time_out_of_ejection_forgives_one_ejection_per_base() {
+        let t0 = Instant::now();
+        let mut o = Outliers::new(OutlierPolicy::default());
+        assert_eq!(fail_n(&mut o, "a", 5, 4, t0), Some(30 * S));
+        assert_eq!(o.failure(&"a", 4, 3, t0 + 30 * S), Some(60 * S));
+        assert_eq!(o.failure(&"a", 4, 3, t0 + 90 * S), Some(90 * S));
+        o.success(&"a", t0 + 180 * S);
+        // Back at 180 s; 60 s later two of three are forgiven.
+        assert_eq!(fail_n(&mut o, "a", 5, 4, t0 + 240 * S), Some(60 * S));
+        // 29 s after that one ends forgives nothing.
+        o.success(&"a", t0 + 300 * S);
+        assert_eq!(fail_n(&mut o, "a", 5, 4, t0 + 329 * S), Some(90 * S));
     }
 
     #[test]
