@@ -34,6 +34,10 @@ pub struct Record {
     /// Where it was served, as the demo backend says (HTTP only).
     pub cluster: Option<String>,
     pub zone: Option<String>,
+    /// For a failed status, the first line of the answer (a fedmesh proxy
+    /// says which attempt failed and why).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub why: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -156,6 +160,7 @@ async fn drive(load: Load, start: Instant, counters: Arc<Counters>) -> Vec<Recor
                 outcome: Outcome::Failed("overload".into()),
                 cluster: None,
                 zone: None,
+                why: None,
             });
             continue;
         }
@@ -172,12 +177,15 @@ async fn drive(load: Load, start: Instant, counters: Arc<Counters>) -> Vec<Recor
                 let target = load.target(i);
                 match load.protocol {
                     Protocol::Http => http_once(&http, target, &load.host).await,
-                    Protocol::Tcp => tcp_once(target, i).await,
+                    Protocol::Tcp => {
+                        let (outcome, served) = tcp_once(target, i).await;
+                        (outcome, served, None)
+                    }
                 }
             };
-            let (outcome, served) = tokio::time::timeout(load.timeout, attempt)
+            let (outcome, served, why) = tokio::time::timeout(load.timeout, attempt)
                 .await
-                .unwrap_or((Outcome::Failed("timeout".into()), None));
+                .unwrap_or((Outcome::Failed("timeout".into()), None, None));
             let counter = if outcome.ok() {
                 &counters.ok
             } else {
@@ -195,6 +203,7 @@ async fn drive(load: Load, start: Instant, counters: Arc<Counters>) -> Vec<Recor
                 outcome,
                 cluster,
                 zone,
+                why,
             });
             in_flight.fetch_sub(1, Ordering::Relaxed);
         });
@@ -230,29 +239,31 @@ async fn http_once(
     http: &Http,
     target: SocketAddr,
     host: &str,
-) -> (Outcome, Option<(String, String)>) {
+) -> (Outcome, Option<(String, String)>, Option<String>) {
     let request = hyper::Request::get(format!("http://{target}/drill"))
         .header(hyper::header::HOST, host)
         .body(Empty::new());
     let Ok(request) = request else {
-        return (Outcome::Failed("request".into()), None);
+        return (Outcome::Failed("request".into()), None, None);
     };
     let response = match http.request(request).await {
         Ok(r) => r,
-        Err(e) if e.is_connect() => return (Outcome::Failed("connect".into()), None),
-        Err(_) => return (Outcome::Failed("reset".into()), None),
+        Err(e) if e.is_connect() => return (Outcome::Failed("connect".into()), None, None),
+        Err(_) => return (Outcome::Failed("reset".into()), None, None),
     };
     let status = response.status();
     let Ok(body) = response.into_body().collect().await else {
-        return (Outcome::Failed("reset".into()), None);
+        return (Outcome::Failed("reset".into()), None, None);
     };
     if !status.is_success() {
-        return (Outcome::Status(status.as_u16()), None);
+        let text = String::from_utf8_lossy(&body.to_bytes()).into_owned();
+        let why = text.lines().next().map(|l| l.chars().take(200).collect());
+        return (Outcome::Status(status.as_u16()), None, why);
     }
     let served = serde_json::from_slice::<Served>(&body.to_bytes())
         .ok()
         .map(|s| (s.cluster, s.zone));
-    (Outcome::Ok, served)
+    (Outcome::Ok, served, None)
 }
 
 /// One exchange with a demo TCP echo: its greeting (`fedmesh-echo

@@ -72,6 +72,10 @@ pub struct Report {
     pub failed_after_detect: u64,
     /// Failures by status or kind (`503`, `timeout`, …).
     pub failed_by: BTreeMap<String, u64>,
+    /// What the first failed answers said, up to [`FAILED_WHY`] different
+    /// ones (a fedmesh proxy names the attempt that failed and why).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failed_why: Vec<String>,
     pub longest_failure_run: Run,
     #[serde(with = "humantime_serde")]
     pub detect: Option<Duration>,
@@ -120,6 +124,9 @@ pub struct Observed {
     pub healed: Option<Duration>,
     pub handshakes_failed: Option<u64>,
 }
+
+/// How many different failed answers a report keeps.
+pub const FAILED_WHY: usize = 3;
 
 /// Consecutive failed requests, in the order they were due.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -249,8 +256,15 @@ impl Report {
         };
 
         let mut failed_by = BTreeMap::new();
+        let mut failed_why: Vec<String> = Vec::new();
         for r in records.iter().filter(|r| !r.outcome.ok()) {
             *failed_by.entry(r.outcome.label()).or_default() += 1;
+            if let Some(why) = &r.why
+                && failed_why.len() < FAILED_WHY
+                && !failed_why.contains(why)
+            {
+                failed_why.push(why.clone());
+            }
         }
         let failed = failed_by.values().sum();
         let failed_after_detect = detect.map_or(0, |d| {
@@ -275,6 +289,7 @@ impl Report {
             failed,
             failed_after_detect,
             failed_by,
+            failed_why,
             longest_failure_run: longest_run(records),
             detect,
             rto,
@@ -631,6 +646,7 @@ thresholds: {thresholds}
                     outcome: at.map_or(Outcome::Status(503), |_| Outcome::Ok),
                     cluster: at.map(str::to_string),
                     zone: at.map(|_| "z".to_string()),
+                    why: None,
                 }
             })
             .collect()

@@ -384,14 +384,14 @@ mod tests {
                 let broken = broken.clone();
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |_| {
-                        let status = if broken.load(Ordering::Relaxed) {
-                            503
+                        let (status, body) = if broken.load(Ordering::Relaxed) {
+                            (503, &b"broken: c1 is down\nmore\n"[..])
                         } else {
-                            200
+                            (200, &br#"{"cluster":"c1","zone":"z1"}"#[..])
                         };
                         async move {
                             let mut r = hyper::Response::new(http_body_util::Full::new(
-                                bytes::Bytes::from_static(br#"{"cluster":"c1","zone":"z1"}"#),
+                                bytes::Bytes::from_static(body),
                             ));
                             *r.status_mut() = hyper::StatusCode::from_u16(status).unwrap();
                             Ok::<_, Infallible>(r)
@@ -444,6 +444,11 @@ thresholds: {{failed: 0}}
             report.failed
         );
         assert_eq!(report.failed_by.keys().collect::<Vec<_>>(), ["503"]);
+        assert_eq!(
+            report.failed_why,
+            ["broken: c1 is down"],
+            "the answer's first line"
+        );
         assert!(!report.verdict.passed);
         assert!(report.fault_at >= Duration::from_millis(500));
         assert!(report.recover_at.unwrap() >= Duration::from_secs(1));

@@ -279,6 +279,7 @@ thresholds: {failed: 0, rto: 1s}
                     outcome,
                     cluster: cluster.map(str::to_string),
                     zone: cluster.map(|_| "a".to_string()),
+                    why: None,
                 }
             })
             .collect();

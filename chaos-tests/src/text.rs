@@ -72,6 +72,9 @@ pub fn text(r: &Report) -> String {
     if let Some(n) = r.handshakes_failed {
         let _ = writeln!(s, "      handshakes refused for trust: {n}");
     }
+    for why in &r.failed_why {
+        let _ = writeln!(s, "      a failed answer: {why}");
+    }
     for m in &r.verdict.missed {
         let _ = writeln!(s, "      missed: {m}");
     }
