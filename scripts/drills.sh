@@ -20,7 +20,7 @@ scripts/setup.sh
 cargo build --release --bins --quiet
 fedmesh="${CARGO_TARGET_DIR:-target}/release/fedmesh"
 "$fedmesh" drill \
-  service-outage zone-outage ca-rotation cluster-outage cloud-outage gateway-crash \
+  service-outage zone-outage ca-rotation ca-rotation-proxy cluster-outage cloud-outage gateway-crash \
   wan-partition controller-crash etcd-outage bad-policy forged-zone \
   etcd-wiped etcd-restored rolling-restart \
   --topology topologies/three-clouds.yaml --state-dir .fedmesh/drills-ci "$@"

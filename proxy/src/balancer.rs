@@ -270,6 +270,11 @@ impl<K: Hash + Eq + Clone> Balancer<K> {
             .1 += 1;
     }
 
+    /// Attempts outstanding on `k`.
+    pub fn pending(&self, k: &K) -> u32 {
+        self.load.get(k).map_or(0, |e| e.1)
+    }
+
     /// An attempt on `k` was given up before it reached `k` (a breaker
     /// refused it): it no longer counts as outstanding, and says nothing
     /// of `k`'s health or latency.

@@ -101,17 +101,7 @@ impl Shared {
                 return s.clone();
             }
         }
-        let p = &svc.policy;
-        let mut balancer = p.balancer.clone();
-        balancer.weights = p.weights.iter().map(|(_, w)| *w).collect();
-        let state = Arc::new(ServiceState {
-            lb: Mutex::new(Lb {
-                balancer: Balancer::new(balancer),
-                budget: RetryBudget::new(p.budget.clone(), Instant::now().into_std()),
-            }),
-            breakers: Breakers::new(p.limits.clone()),
-            policy: Mutex::new(p.clone()),
-        });
+        let state = Arc::new(ServiceState::new(svc.policy.clone()));
         states.insert(svc.key.clone(), state.clone());
         state
     }
@@ -123,6 +113,32 @@ impl Shared {
 }
 
 impl ServiceState {
+    fn new(p: Arc<ServicePolicy>) -> Self {
+        let mut balancer = p.balancer.clone();
+        balancer.weights = p.weights.iter().map(|(_, w)| *w).collect();
+        Self {
+            lb: Mutex::new(Lb {
+                balancer: Balancer::new(balancer),
+                budget: RetryBudget::new(p.budget.clone(), Instant::now().into_std()),
+            }),
+            breakers: Breakers::new(p.limits.clone()),
+            policy: Mutex::new(p),
+        }
+    }
+
+    /// Holds the attempt on `k` (already counted as started) outstanding
+    /// until [`Outstanding::reported`]; dropped before that (the caller
+    /// went away mid-request, and hyper dropped the request's future), it
+    /// is released as cancelled. Otherwise each such request would stay
+    /// outstanding on `k` for good, and p2c, which scales cost by
+    /// outstanding requests, would starve `k`.
+    pub fn outstanding(&self, k: &TargetKey) -> Outstanding<'_> {
+        Outstanding {
+            state: self,
+            target: Some(k.clone()),
+        }
+    }
+
     /// The next target, counted as started; `None` when nothing usable is
     /// left untried.
     pub fn choose(&self, svc: &Routable, tried: &[TargetKey]) -> Option<TargetKey> {
@@ -171,8 +187,56 @@ impl ServiceState {
     }
 }
 
+/// An attempt outstanding on its target; see [`ServiceState::outstanding`].
+#[must_use = "dropped at once, it releases the attempt"]
+pub struct Outstanding<'a> {
+    state: &'a ServiceState,
+    target: Option<TargetKey>,
+}
+
+impl Outstanding<'_> {
+    /// The attempt reported its end (finished or cancelled) itself.
+    pub fn reported(mut self) {
+        self.target = None;
+    }
+}
+
+impl Drop for Outstanding<'_> {
+    fn drop(&mut self) {
+        if let Some(k) = self.target.take() {
+            self.state.cancelled(&k);
+        }
+    }
+}
+
 /// Resolves once `shutdown` turns true (or its sender is gone).
 pub async fn stopped(shutdown: &mut watch::Receiver<bool>) {
     // The guard `wait_for` returns must not live across an await.
     let _ = shutdown.wait_for(|s| *s).await.map(|_| ());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A request whose caller goes away mid-attempt (its future dropped)
+    /// leaves nothing outstanding; one that reports keeps its own count.
+    #[test]
+    fn a_dropped_attempt_is_no_longer_outstanding() {
+        let state = ServiceState::new(Arc::new(ServicePolicy::of(&Settings::default())));
+        let azure = TargetKey::Remote("azure-eus".into());
+        let pending = |s: &ServiceState| lock(&s.lb).balancer.pending(&azure);
+        for _ in 0..3 {
+            state.again(&azure);
+            drop(state.outstanding(&azure));
+        }
+        assert_eq!(pending(&state), 0);
+        state.again(&azure);
+        state.outstanding(&azure).reported();
+        assert_eq!(
+            pending(&state),
+            1,
+            "reported: its end is the attempt's to say"
+        );
+    }
 }

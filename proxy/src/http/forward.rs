@@ -240,7 +240,10 @@ impl Forward<'_> {
             if attempt.fresh_connection {
                 state.again(&attempt.target);
             }
-            match self.attempt(&attempt, now).await {
+            let outstanding = state.outstanding(&attempt.target);
+            let step = self.attempt(&attempt, now).await;
+            outstanding.reported();
+            match step {
                 Step::Failed => continue,
                 Step::Overloaded(reason) => {
                     state.cancelled(&attempt.target);
