@@ -188,6 +188,7 @@ impl ServiceState {
 }
 
 /// An attempt outstanding on its target; see [`ServiceState::outstanding`].
+#[derive(Debug)]
 #[must_use = "dropped at once, it releases the attempt"]
 pub struct Outstanding<'a> {
     state: &'a ServiceState,
