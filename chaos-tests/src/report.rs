@@ -255,17 +255,7 @@ impl Report {
             _ => None,
         };
 
-        let mut failed_by = BTreeMap::new();
-        let mut failed_why: Vec<String> = Vec::new();
-        for r in records.iter().filter(|r| !r.outcome.ok()) {
-            *failed_by.entry(r.outcome.label()).or_default() += 1;
-            if let Some(why) = &r.why
-                && failed_why.len() < FAILED_WHY
-                && !failed_why.contains(why)
-            {
-                failed_why.push(why.clone());
-            }
-        }
+        let (failed_by, failed_why) = failures(records);
         let failed = failed_by.values().sum();
         let failed_after_detect = detect.map_or(0, |d| {
             records
@@ -335,6 +325,23 @@ fn also_text(drill: &Drill) -> Vec<String> {
             None => format!("{} at {}", f.action, secs(f.at)),
         })
         .collect()
+}
+
+/// Failed requests by label, and the first [`FAILED_WHY`] different
+/// answers they got.
+fn failures(records: &[Record]) -> (BTreeMap<String, u64>, Vec<String>) {
+    let mut by = BTreeMap::new();
+    let mut why: Vec<String> = Vec::new();
+    for r in records.iter().filter(|r| !r.outcome.ok()) {
+        *by.entry(r.outcome.label()).or_default() += 1;
+        if let Some(w) = &r.why
+            && why.len() < FAILED_WHY
+            && !why.contains(w)
+        {
+            why.push(w.clone());
+        }
+    }
+    (by, why)
 }
 
 /// Where a request was served: `cluster/zone`, or the cluster alone.

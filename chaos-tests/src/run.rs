@@ -95,89 +95,22 @@ pub async fn run<F: Federation>(
         None => None,
     };
     let mut actual = drill.clone();
-
-    // Where the traffic goes in the last second before the first fault,
-    // for faults that follow it.
-    let first = drill.faults().map(|f| f.at).min().unwrap_or(drill.fault.at);
-    let second = Duration::from_secs(1);
-    wait_until(start + first.saturating_sub(second), || tell("steady")).await;
-    let earlier = counters.served();
-    wait_until(start + first, || tell("steady")).await;
-    if drill.faults().any(|f| f.action.follows_traffic()) {
-        let now = counters.served();
-        let serving = now
-            .iter()
-            .map(|(c, n)| (c, n - earlier.get(c).copied().unwrap_or(0)))
-            .max_by_key(|(_, n)| *n)
-            .filter(|(_, n)| *n > 0)
-            .map(|(c, _)| c.clone());
-        let Some(serving) = serving else {
-            let _ = running.finish().await;
-            bail!("the fault follows the traffic, but nothing was served in the second before it");
-        };
-        let cloud = fed
-            .cloud_of(&serving)
-            .with_context(|| format!("{serving} is no cluster of this federation"))?;
-        for f in std::iter::once(&mut actual.fault).chain(&mut actual.also) {
-            f.action = f.action.resolve(&serving, &cloud);
-        }
+    if let Err(e) = follow_traffic(&mut actual, fed, start, &counters, &mut tell).await {
+        let _ = running.finish().await;
+        return Err(e);
     }
-    let faults: Vec<Fault> = actual.faults().cloned().collect();
-    let mut broken = vec![false; faults.len()];
+    let mut faults = Faults::new(&actual);
     let mut healing = Healing::new(drill.thresholds.healed.is_some());
-    let mut result = Ok(());
-    for (at, i, step) in timeline(&faults, drill.duration) {
-        healing
-            .wait(fed, start + at, start + drill.duration, || {
-                tell(phase(&broken))
-            })
-            .await;
-        let action = &faults[i].action;
-        let judged = i == 0;
-        result = match step {
-            Step::Break if !broken[i] => {
-                if judged {
-                    actual.fault.at = start.elapsed();
-                    healing.start();
-                }
-                broken[i] = true;
-                fed.inject(action)
-                    .await
-                    .with_context(|| format!("injecting {action}"))
-            }
-            Step::Recover | Step::Mend if broken[i] => {
-                broken[i] = false;
-                fed.recover(action)
-                    .await
-                    .with_context(|| format!("recovering from {action}"))
-            }
-            _ => Ok(()),
-        };
-        if judged && step == Step::Recover {
-            actual.fault.recover = Some(start.elapsed());
-        }
-        if result.is_err() {
-            break;
-        }
-    }
+    let end = start + drill.duration;
+    let mut result = faults
+        .drive(fed, &mut actual.fault, &mut healing, start, end, &mut tell)
+        .await;
     if result.is_ok() {
-        healing
-            .wait(fed, start + drill.duration, start + drill.duration, || {
-                tell("recovered")
-            })
-            .await;
+        healing.wait(fed, end, end, || tell("recovered")).await;
     }
     let records = running.finish().await?;
     tell("done");
-    // Left broken by the drill's design (no `recover`) or by an error: the
-    // federation is put right for whatever runs next, last fault first.
-    for (i, f) in faults.iter().enumerate().rev() {
-        if broken[i] {
-            let undo = fed.recover(&f.action).await;
-            result = result
-                .and(undo.with_context(|| format!("recovering from {} after the drill", f.action)));
-        }
-    }
+    result = result.and(faults.undo(fed).await);
     result?;
     let handshakes_failed = match handshakes_before {
         Some(before) => {
@@ -195,6 +128,124 @@ pub async fn run<F: Federation>(
     };
     let report = Report::new(&actual, &records).with_observed(observed, &drill.thresholds);
     Ok((report, records))
+}
+
+/// Waits until the first fault and, if any fault names `{serving}` or
+/// `{serving-cloud}`, resolves every one to the cluster that served most
+/// in the second before it.
+async fn follow_traffic<F: Federation>(
+    drill: &mut Drill,
+    fed: &F,
+    start: Instant,
+    counters: &load::Counters,
+    tell: &mut impl FnMut(&'static str),
+) -> anyhow::Result<()> {
+    let first = drill.faults().map(|f| f.at).min().unwrap_or(drill.fault.at);
+    let second = Duration::from_secs(1);
+    wait_until(start + first.saturating_sub(second), || tell("steady")).await;
+    let earlier = counters.served();
+    wait_until(start + first, || tell("steady")).await;
+    if !drill.faults().any(|f| f.action.follows_traffic()) {
+        return Ok(());
+    }
+    let serving = counters
+        .served()
+        .into_iter()
+        .map(|(c, n)| {
+            let before = earlier.get(&c).copied().unwrap_or(0);
+            (c, n - before)
+        })
+        .max_by_key(|(_, n)| *n)
+        .filter(|(_, n)| *n > 0)
+        .map(|(c, _)| c)
+        .context("the fault follows the traffic, but nothing was served in the second before it")?;
+    let cloud = fed
+        .cloud_of(&serving)
+        .with_context(|| format!("{serving} is no cluster of this federation"))?;
+    for f in std::iter::once(&mut drill.fault).chain(&mut drill.also) {
+        f.action = f.action.resolve(&serving, &cloud);
+    }
+    Ok(())
+}
+
+/// A drill's faults (the judged one first) and which are in effect.
+struct Faults {
+    list: Vec<Fault>,
+    broken: Vec<bool>,
+}
+
+impl Faults {
+    fn new(drill: &Drill) -> Self {
+        let list: Vec<Fault> = drill.faults().cloned().collect();
+        let broken = vec![false; list.len()];
+        Self { list, broken }
+    }
+
+    /// Runs the timeline until `end`, recording in `judged` when the judged
+    /// fault was injected and recovered; stops at the first error.
+    async fn drive<F: Federation>(
+        &mut self,
+        fed: &mut F,
+        judged: &mut Fault,
+        healing: &mut Healing,
+        start: Instant,
+        end: Instant,
+        tell: &mut impl FnMut(&'static str),
+    ) -> anyhow::Result<()> {
+        for (at, i, step) in timeline(&self.list, end - start) {
+            let phase = self.phase();
+            healing.wait(fed, start + at, end, || tell(phase)).await;
+            let action = &self.list[i].action;
+            match step {
+                Step::Break if !self.broken[i] => {
+                    if i == 0 {
+                        judged.at = start.elapsed();
+                        healing.start();
+                    }
+                    self.broken[i] = true;
+                    fed.inject(action)
+                        .await
+                        .with_context(|| format!("injecting {action}"))?;
+                }
+                Step::Recover | Step::Mend if self.broken[i] => {
+                    self.broken[i] = false;
+                    fed.recover(action)
+                        .await
+                        .with_context(|| format!("recovering from {action}"))?;
+                }
+                _ => {}
+            }
+            if i == 0 && step == Step::Recover {
+                judged.recover = Some(start.elapsed());
+            }
+        }
+        Ok(())
+    }
+
+    /// Undoes what is still in effect, left so by the drill's design (no
+    /// `recover`) or by an error, last fault first: the federation is put
+    /// right for whatever runs next.
+    async fn undo<F: Federation>(&mut self, fed: &mut F) -> anyhow::Result<()> {
+        let mut result = Ok(());
+        for (f, broken) in self.list.iter().zip(&mut self.broken).rev() {
+            if std::mem::take(broken) {
+                let undo = fed.recover(&f.action).await;
+                result = result.and(
+                    undo.with_context(|| format!("recovering from {} after the drill", f.action)),
+                );
+            }
+        }
+        result
+    }
+
+    /// The progress phase: while any fault is in effect, "fault".
+    fn phase(&self) -> &'static str {
+        if self.broken.iter().any(|&b| b) {
+            "fault"
+        } else {
+            "steady"
+        }
+    }
 }
 
 /// What the runner does to one fault at one moment.
@@ -229,15 +280,6 @@ fn timeline(faults: &[Fault], duration: Duration) -> Vec<(Duration, usize, Step)
     }
     steps.sort_by_key(|&(at, i, _)| (at, i));
     steps
-}
-
-/// The progress phase: while any fault is in effect, "fault".
-fn phase(broken: &[bool]) -> &'static str {
-    if broken.iter().any(|&b| b) {
-        "fault"
-    } else {
-        "steady"
-    }
 }
 
 /// Looks at the zone every [`HEAL_POLL`] after the judged fault, for the

@@ -57,23 +57,8 @@ async fn connection(
 ) {
     let sh = &*sh;
     let _ = tcp.set_nodelay(true);
-    let mut tls = match timeout(sh.settings.header_timeout, acceptor.accept(tcp)).await {
-        Ok(Ok(tls)) => tls,
-        // A connection closed before or during the handshake without an
-        // alert (a TCP port probe) is not a trust failure.
-        Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-            sh.metrics.handshake_failed(DIRECTION, "local", "closed");
-            return;
-        }
-        Ok(Err(e)) => {
-            tracing::info!(%remote, error = %e, "local proxy TLS handshake failed");
-            sh.metrics.handshake_failed(DIRECTION, "local", "tls");
-            return;
-        }
-        Err(_) => {
-            sh.metrics.handshake_failed(DIRECTION, "local", "timeout");
-            return;
-        }
+    let Some(mut tls) = handshake(tcp, remote, acceptor, sh).await else {
+        return;
     };
     let (_, session) = tls.get_ref();
     let source = fedmesh_trust::peer_spiffe_id(session.peer_certificates());
@@ -177,6 +162,29 @@ async fn read_request(
         )));
     }
     Ok(req)
+}
+
+/// A local proxy's TLS handshake, within the header timeout; a failure is
+/// counted by its reason.
+async fn handshake(
+    tcp: TcpStream,
+    remote: SocketAddr,
+    acceptor: TlsAcceptor,
+    sh: &GatewayState,
+) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
+    let reason = match timeout(sh.settings.header_timeout, acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => return Some(tls),
+        // Closed before or during the handshake without an alert (a TCP
+        // port probe): not a trust failure.
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => "closed",
+        Ok(Err(e)) => {
+            tracing::info!(%remote, error = %e, "local proxy TLS handshake failed");
+            "tls"
+        }
+        Err(_) => "timeout",
+    };
+    sh.metrics.handshake_failed(DIRECTION, "local", reason);
+    None
 }
 
 async fn answer(tls: &mut tokio_rustls::server::TlsStream<TcpStream>, a: &TunnelAccept) {
