@@ -659,16 +659,21 @@ thresholds: {thresholds}
             .collect()
     }
 
+    /// A drill with `thresholds` whose traffic all went well, judged with
+    /// what was `observed` of the federation.
+    fn observed(thresholds: &str, observed: Observed) -> Report {
+        let d = drill(thresholds);
+        Report::new(&d, &records(|_| Some("aws"))).with_observed(observed, &d.thresholds)
+    }
+
     #[test]
     fn a_zone_that_heals_late_or_never_misses_healed() {
-        let d = drill("{failed: 0, healed: 10s}");
-        let recs = records(|_| Some("aws"));
-        let judged = |h| {
+        let judged = |healed| {
             let o = Observed {
-                healed: h,
+                healed,
                 ..Observed::default()
             };
-            Report::new(&d, &recs).with_observed(o, &d.thresholds)
+            observed("{failed: 0, healed: 10s}", o)
         };
         assert!(judged(Some(Duration::from_secs(4))).verdict.passed);
         let late = judged(Some(Duration::from_secs(12)));
@@ -682,25 +687,17 @@ thresholds: {thresholds}
             ["the global zone was not whole again within the drill"]
         );
         // Not asked for: not judged.
-        let d = drill("{failed: 0}");
-        assert!(
-            Report::new(&d, &recs)
-                .with_observed(Observed::default(), &d.thresholds)
-                .verdict
-                .passed
-        );
+        assert!(observed("{failed: 0}", Observed::default()).verdict.passed);
     }
 
     #[test]
     fn a_refused_handshake_fails_handshakes_failed() {
-        let d = drill("{failed: 0, handshakes_failed: 0}");
-        let recs = records(|_| Some("aws"));
-        let judged = |n| {
+        let judged = |handshakes_failed| {
             let o = Observed {
-                handshakes_failed: n,
+                handshakes_failed,
                 ..Observed::default()
             };
-            Report::new(&d, &recs).with_observed(o, &d.thresholds)
+            observed("{failed: 0, handshakes_failed: 0}", o)
         };
         assert!(judged(Some(0)).verdict.passed);
         assert_eq!(
