@@ -48,6 +48,9 @@ pub struct UpFederation {
     /// Trust handshake failures counted by gateways and proxies since
     /// restarted (their counters start again at 0).
     handshakes_banked: u64,
+    /// Why a restarted process's counters could not be read, if one's
+    /// could not: the count is then unknown, not zero.
+    handshakes_lost: Option<String>,
     /// What the zone held before a wipe: each cluster record's and
     /// bundle's sequence, and each export (0), by key.
     census: Option<Census>,
@@ -68,6 +71,7 @@ impl UpFederation {
             poisoned: Vec::new(),
             down: Vec::new(),
             handshakes_banked: 0,
+            handshakes_lost: None,
             census: None,
         })
     }
@@ -587,9 +591,12 @@ impl Federation for UpFederation {
             .flat_map(|c| c.gateways.iter().chain([&c.proxy]))
             .map(|p| p.name.clone())
             .collect();
+        if let Some(why) = &self.handshakes_lost {
+            bail!("a restarted process's handshake counters were lost ({why})");
+        }
         let mut total = self.handshakes_banked;
         for n in names {
-            total += self.handshakes_of(&n).await;
+            total += self.handshakes_of(&n).await?;
         }
         Ok(total)
     }
@@ -651,7 +658,10 @@ impl UpFederation {
                 };
                 // Its counters die with it.
                 if matches!(m, Member::Gateway(_) | Member::Proxy(_)) {
-                    self.handshakes_banked += self.handshakes_of(&name).await;
+                    match self.handshakes_of(&name).await {
+                        Ok(n) => self.handshakes_banked += n,
+                        Err(e) => self.handshakes_lost = Some(format!("{e:#}")),
+                    }
                 }
                 let result = up::restart::restart_proc(&mut self.state, &self.dir, &name).await;
                 self.state.save(&self.dir)?;
@@ -781,21 +791,23 @@ impl UpFederation {
         }
     }
 
-    /// Trust handshake failures `name` (a gateway or proxy) counts now;
-    /// 0 when it has no admin port or does not answer.
-    async fn handshakes_of(&self, name: &str) -> u64 {
-        let Some(admin) = self
-            .state
-            .procs()
-            .find(|p| p.name == name)
-            .and_then(|p| p.admin)
-        else {
-            return 0;
+    /// Trust handshake failures `name` (a gateway or proxy) counts now; 0
+    /// when it is stopped or has no admin port. One that runs but does not
+    /// answer is an error: a count not read must not pass for none.
+    async fn handshakes_of(&self, name: &str) -> anyhow::Result<u64> {
+        let Some(p) = self.state.procs().find(|p| p.name == name) else {
+            return Ok(0);
         };
-        match up::probe::get(admin, "admin", "/metrics", Duration::from_secs(2)).await {
-            Ok((200, text)) => trust_handshake_failures(&text),
-            _ => 0,
+        let Some(admin) = p.admin.filter(|_| p.pid != 0) else {
+            return Ok(0);
+        };
+        let (status, text) = up::probe::get(admin, "admin", "/metrics", Duration::from_secs(2))
+            .await
+            .with_context(|| format!("reading {name}'s handshake counters"))?;
+        if status != 200 {
+            bail!("reading {name}'s handshake counters: /metrics answered {status}");
         }
+        Ok(trust_handshake_failures(&text))
     }
 
     async fn zone_is_whole(&mut self) -> anyhow::Result<bool> {
